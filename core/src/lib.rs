@@ -1,0 +1,25 @@
+//! # pipecloud-core
+//!
+//! The pure causal engine of PipeCloud-rs (DESIGN §3): plain data structures and
+//! functions, no I/O, no clock reads, no threads. Drivers (NBD, NFQUEUE, sockets,
+//! files, time) live in the `pipecloud` agent and the `backup-server` and call in here.
+//!
+//! One module per concept:
+//! - [`vector`]: count vectors (pending / committed).
+//! - [`commit`]: per-writer commit tracking (contiguous prefix of out-of-order acks, generations).
+//! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
+//! - [`cut`]: the largest causally closed cut over journaled writes (failover).
+//! - [`ipopt`]: the IPv4 option that carries a vector between protected machines.
+//! - [`wire`] and [`codec`]: the replication protocol frames and their byte encoding.
+//! - [`topology`]: the gray-box description of one application (TOML).
+
+pub mod codec;
+pub mod commit;
+pub mod cut;
+pub mod ipopt;
+pub mod netqueue;
+pub mod topology;
+pub mod vector;
+pub mod wire;
+
+pub use vector::{CountVector, Seq, WriterId, EPOCH_ENTRY, MAX_WRITERS, VECTOR_LEN};

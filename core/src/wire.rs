@@ -1,0 +1,163 @@
+//! Replication wire format shared by the agent and the backup server.
+//!
+//! CONTRACT (the agent and the backup server are written against these types;
+//! change them only together with both sides).
+//!
+//! A stream starts with the agent sending [`Frame::Hello`]; the server answers
+//! [`Frame::Welcome`] (or [`Frame::Reject`] and closes). Afterwards the agent
+//! sends `Write`/`Heartbeat`, the server sends `Ack`/`Committed`/`HeartbeatReply`.
+//!
+//! On the byte level every frame is `[len: u32 LE][crc32c: u32 LE][body]` where
+//! `body` is the postcard encoding of [`Frame`], `len` is the body length
+//! (at most [`MAX_FRAME_BODY`]) and the CRC32C covers the body.
+
+use crate::vector::{CountVector, Seq, WriterId};
+use serde::{Deserialize, Serialize};
+
+/// Current protocol version.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Largest data payload of one write frame. Larger guest writes are split by the agent.
+pub const MAX_WRITE_PAYLOAD: usize = 1 << 20;
+/// Largest frame body accepted by the decoder (payload plus generous metadata room).
+pub const MAX_FRAME_BODY: usize = MAX_WRITE_PAYLOAD + 64 * 1024;
+/// Bytes of the frame header (`len` + `crc32c`).
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Longest name (group, disk, agent) accepted on the wire.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most disks one agent may announce in a hello.
+pub const MAX_DISKS_PER_HELLO: usize = 64;
+
+/// Generation of a writer's sequence space. A restarted writer picks a new,
+/// larger generation so that acks for an old incarnation can never be confused
+/// with the new one.
+pub type Generation = u64;
+
+/// One protected disk an agent announces (index in `Hello::disks` = the `disk` field of writes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskHello {
+    /// Disk name from the topology (validated: `[A-Za-z0-9_.-]`, 1..=MAX_NAME_LEN, not `.`/`..`).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The writer (machine) that owns this disk.
+    pub writer: WriterId,
+    /// Generation of that writer's seq space.
+    pub generation: Generation,
+}
+
+/// First frame of every agent connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// Protection group name (must match the group of the agent's TLS certificate).
+    pub group: String,
+    /// Numeric group id carried in the IPv4 option.
+    pub group_id: u16,
+    /// Agent (host) name, for logs and status.
+    pub agent: String,
+    /// Disks whose writes this connection will carry (may be empty: an agent of
+    /// outbound machines only, which just wants committed vectors).
+    pub disks: Vec<DiskHello>,
+}
+
+/// Per-writer state the server reports in its welcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterState {
+    pub writer: WriterId,
+    pub generation: Generation,
+    /// Highest seq such that all of `1..=seq` of this generation are durable.
+    /// The agent resends everything above it that it still buffers.
+    pub durable: Seq,
+}
+
+/// Server's answer to a hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u16,
+    pub writers: Vec<WriterState>,
+    /// The group's committed vector right now.
+    pub committed: CountVector,
+}
+
+/// What a write does to its disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteKind {
+    /// Write these bytes at the offset (len = data.len(), at most MAX_WRITE_PAYLOAD).
+    Data(Vec<u8>),
+    /// Write `len` zero bytes.
+    Zeroes { len: u64 },
+    /// Discard `len` bytes (the backup may zero them).
+    Trim { len: u64 },
+}
+
+/// One guest disk write, tagged with the writer's pending vector at issue time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    pub writer: WriterId,
+    pub generation: Generation,
+    /// `vector.get(writer.index()) == seq` always holds.
+    pub seq: Seq,
+    /// Index into the connection's `Hello::disks`.
+    pub disk: u16,
+    pub offset: u64,
+    /// The writer's pending vector when the write was issued (its dependencies).
+    pub vector: CountVector,
+    pub kind: WriteKind,
+}
+
+/// Acknowledges that writes are durable in the backup journal. Acks may arrive
+/// out of order and duplicated; only contiguous prefixes make progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub writer: WriterId,
+    pub generation: Generation,
+    /// Inclusive range of seqs now durable.
+    pub first: Seq,
+    pub last: Seq,
+}
+
+/// Frame types of the later full-state (checkpoint) mode; reserved now so the
+/// format does not change when that mode lands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Checkpoint {
+    /// Start of the state of `epoch` for `machine`.
+    Begin { machine: String, epoch: u64 },
+    /// A chunk of memory or device state of `epoch`.
+    State {
+        epoch: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// All of `epoch` (memory, device state, disk writes) has been sent.
+    Commit { epoch: u64 },
+    /// The backup holds `epoch` durably (entry EPOCH_ENTRY of the committed vector).
+    Ack { epoch: u64 },
+}
+
+/// Every frame of the replication protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    /// Refusal with a human-readable reason; the sender closes afterwards.
+    Reject {
+        reason: String,
+    },
+    Write(Write),
+    Ack(Ack),
+    /// The group's committed vector (pushed to every agent of the group).
+    Committed {
+        vector: CountVector,
+    },
+    /// Liveness probe; the peer answers with `HeartbeatReply` carrying the same nonce.
+    Heartbeat {
+        nonce: u64,
+    },
+    HeartbeatReply {
+        nonce: u64,
+    },
+    Checkpoint(Checkpoint),
+}

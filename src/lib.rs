@@ -1,0 +1,13 @@
+//! # pipecloud: the PipeCloud-rs host agent
+//!
+//! The privileged agent of a primary host: serves protected disks over NBD, replicates
+//! their writes to the backup server, tags inter-machine packets and holds client-bound
+//! packets (NFQUEUE) until the writes they depend on are committed at the backup.
+//! The causal logic itself lives in [`pipecloud_core`] (re-exported as [`core`]).
+
+pub use pipecloud_core as core;
+
+pub mod nbd;
+pub mod netfilter;
+pub mod nfq;
+pub mod replication;

@@ -1,0 +1,4 @@
+//! `pipecloud`: the host agent and operator CLI.
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

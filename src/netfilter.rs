@@ -1,0 +1,1 @@
+//! Netfilter rule management for protected machines. (in progress)

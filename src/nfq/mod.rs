@@ -1,0 +1,1 @@
+//! NFQUEUE netlink driver. (in progress)

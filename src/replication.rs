@@ -1,0 +1,1 @@
+//! Replication client: streams writes to the backup server. (in progress)
