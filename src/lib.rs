@@ -9,5 +9,11 @@ pub use pipecloud_core as core;
 
 pub mod nbd;
 pub mod netfilter;
+pub mod netpath;
 pub mod nfq;
 pub mod replication;
+pub mod disk;
+pub mod ctl;
+pub mod block;
+pub mod causal;
+pub mod image;

@@ -1,4 +1,138 @@
 //! `pipecloud`: the host agent and operator CLI.
-fn main() -> anyhow::Result<()> {
-    Ok(())
+//!
+//! ```text
+//! pipecloud topology check FILE...          validate topology files, print summaries
+//! pipecloud agent --topology FILE --host N  run the host agent (not yet implemented)
+//! pipecloud ctl [--socket PATH] status      query a running agent (not yet implemented)
+//! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode (not yet implemented)
+//! ```
+//!
+//! Exit status: 0 on success, 1 on failure (invalid topology, I/O error), 2 on
+//! bad usage. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use pipecloud::core::topology::Mode;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// PipeCloud-rs: pipelined synchronous disaster-recovery replication.
+#[derive(Parser, Debug)]
+#[command(name = "pipecloud", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Topology files.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Run the host agent for one primary host of a topology.
+    Agent(AgentArgs),
+    /// Talk to a running agent over its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologyCommand {
+    /// Validate topology files; print a summary of each valid one, and every
+    /// error (file:line:column, field, what is expected) of the others.
+    Check {
+        /// Topology files (TOML).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// The topology file of the protection group.
+    #[arg(long, value_name = "FILE")]
+    topology: PathBuf,
+    /// Which `[[host]]` of the topology this agent runs.
+    #[arg(long, value_name = "NAME")]
+    host: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The agent's control socket (default: the host's `ctl_socket` in the topology).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Print the group's state: mode, pending and committed vectors, held packets.
+    Status,
+    /// Switch the group's replication mode.
+    Mode {
+        /// async | sync | pipelined | checkpoint
+        #[arg(value_parser = parse_mode)]
+        mode: Mode,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse::<Mode>().map_err(|e| e.to_string())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second initialisation (impossible here) would only be ignored.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Topology(TopologyCommand::Check { files }) => {
+            Ok(if cli::topology::check(&files) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        // PLACEHOLDER(agent): load the topology with `cli::topology::load_valid`, pick
+        // the host, then start NBD exports, NFQUEUE and the replication stream.
+        Command::Agent(args) => {
+            let topology = cli::topology::load_valid(&args.topology)?;
+            if topology.host(&args.host).is_none() {
+                let hosts: Vec<&str> = topology.hosts.iter().map(|h| h.name.as_str()).collect();
+                anyhow::bail!(
+                    "host `{}` is not declared in {} (its hosts: {})",
+                    args.host,
+                    args.topology.display(),
+                    hosts.join(", ")
+                );
+            }
+            tracing::debug!(?args, "agent requested");
+            anyhow::bail!("`pipecloud agent` is not yet implemented")
+        }
+        // PLACEHOLDER(ctl): connect to the agent's control socket and send the request.
+        Command::Ctl(args) => {
+            tracing::debug!(?args, "ctl requested");
+            anyhow::bail!("`pipecloud ctl` is not yet implemented")
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pipecloud: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,4 +1,286 @@
 //! `backup-server`: the unprivileged backup site of PipeCloud-rs.
-fn main() -> anyhow::Result<()> {
-    Ok(())
+//!
+//! ```text
+//! backup-server certs --dir DIR --server-name NAME --group G [--group G2]
+//! backup-server serve --config FILE
+//! backup-server status   (--config FILE | --data-dir DIR)
+//! backup-server failover --group G --out DIR (--config FILE | --data-dir DIR)
+//! backup-server restore  --group G --at <RFC3339 | cut> --out DIR (--config | --data-dir)
+//! backup-server unfence  --group G (--config | --data-dir)
+//! backup-server bench    [--writes N] [--dir DIR]
+//! ```
+
+mod bench;
+
+use anyhow::{anyhow, bail, Context};
+use backup_server::config::{Config, Limits};
+use backup_server::control::{self, fmt_ms, At, Reply, Request};
+use backup_server::daemon::Daemon;
+use backup_server::store::{Group, Store, StoreError};
+use backup_server::volume::Materialised;
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "backup-server", version, about = "PipeCloud-rs backup server (unprivileged)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Where {
+    /// Server config file (its data_dir is used).
+    #[arg(long, conflicts_with = "data_dir")]
+    config: Option<PathBuf>,
+    /// Data directory (instead of --config).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create a test CA, server and per-group agent certificates, and a config.
+    Certs {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        #[arg(long = "group", required = true)]
+        groups: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+    },
+    /// Per group: agents, journal bytes, lag, committed vector, oldest restorable point.
+    Status {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Stop ingest for a group and write its volumes at the largest causally closed cut.
+    Failover {
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Write a group's volumes at the latest closed cut not after a time (or at a cut).
+    Restore {
+        #[arg(long)]
+        group: String,
+        /// RFC 3339 time (2024-05-01T12:00:00Z) or a cut ([3,0,7]).
+        #[arg(long)]
+        at: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        r#where: Where,
+    },
+    /// Allow ingest for a fenced group again.
+    Unfence {
+        #[arg(long)]
+        group: String,
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Measure ingest throughput and ack latency against a raw fdatasync baseline.
+    Bench {
+        /// Writes per measurement.
+        #[arg(long, default_value_t = 20000)]
+        writes: u64,
+        /// Directory for the temporary data (default: a temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn data_dir(w: &Where) -> anyhow::Result<(PathBuf, Limits)> {
+    match (&w.config, &w.data_dir) {
+        (Some(c), _) => {
+            let cfg = Config::load(c)?;
+            Ok((cfg.data_dir, cfg.limits))
+        }
+        (None, Some(d)) => Ok((d.clone(), Limits::default())),
+        (None, None) => bail!("give --config FILE or --data-dir DIR"),
+    }
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+/// Runs `req` on a running server, or directly on the data dir when none runs.
+fn dispatch(w: &Where, req: Request) -> anyhow::Result<Reply> {
+    let (dir, limits) = data_dir(w)?;
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut shown = false;
+    let mut progress = |done: u64, total: u64| {
+        if !shown {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            shown = true;
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    if let Some(r) = control::call(&dir, &req, &mut progress) {
+        bar.finish_and_clear();
+        return r.map_err(|e| anyhow!(e));
+    }
+    let (store, _) = match Store::open(&dir, limits) {
+        Ok(s) => s,
+        Err(StoreError::Locked(d)) => bail!(
+            "a backup-server holds {} but its control socket does not answer",
+            d.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let r = match req {
+        Request::Status => Reply::Status(control::status(&store)),
+        Request::Failover { group, out } => {
+            let fence = |g: &Arc<Group>| g.fence().map_err(|e| e.to_string());
+            match control::failover(&store, &group, &out, &fence, &mut progress) {
+                Ok(m) => Reply::Done(m),
+                Err(e) => Reply::Error(e),
+            }
+        }
+        Request::Restore { group, at, out } => match control::restore(&store, &group, &at, &out, &mut progress) {
+            Ok(m) => Reply::Done(m),
+            Err(e) => Reply::Error(e),
+        },
+        Request::Unfence { group } => match store.group(&group) {
+            Some(g) => match g.unfence() {
+                Ok(()) => Reply::Ok(format!("group {group} unfenced")),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            None => Reply::Error(format!("no group named {group:?}")),
+        },
+    };
+    bar.finish_and_clear();
+    Ok(r)
+}
+
+fn print_done(m: &Materialised) {
+    println!("group: {}", m.group);
+    println!("cut: {}", m.cut);
+    println!("cut time: {}", fmt_ms(m.cut_time_ms));
+    println!("writes applied from journal: {}", m.writes_applied);
+    for i in &m.images {
+        println!("image: {}", i.display());
+    }
+    println!("time taken: {:.3} s", m.elapsed.as_secs_f64());
+}
+
+fn finish(r: Reply) -> anyhow::Result<()> {
+    match r {
+        Reply::Done(m) => {
+            print_done(&m);
+            Ok(())
+        }
+        Reply::Ok(s) => {
+            println!("{s}");
+            Ok(())
+        }
+        Reply::Error(e) => bail!(e),
+        Reply::Status(gs) => {
+            if gs.is_empty() {
+                println!("no groups");
+            }
+            for g in gs {
+                println!("group {}{}", g.name, if g.fenced { " (FENCED)" } else { "" });
+                if let Some(f) = &g.failed {
+                    println!("  JOURNAL FAILED: {f}");
+                }
+                println!("  connected agents: {} {:?}", g.agents.len(), g.agents);
+                println!("  journal: {} bytes in {} segments", g.journal_bytes, g.segments);
+                println!("  committed vector: {}", g.committed);
+                println!("  failover cut now: {}", g.durable_cut);
+                println!(
+                    "  lag: {} writes not yet applied to the base volumes, {} held back by the causal cut",
+                    g.apply_lag_writes, g.held_by_cut_writes
+                );
+                println!(
+                    "  oldest restorable point: {} (cut {})",
+                    if g.oldest_cut.is_zero() { "the beginning".to_string() } else { fmt_ms(g.oldest_time_ms) },
+                    g.oldest_cut
+                );
+                for w in g.writers {
+                    println!(
+                        "  {}: generation {} durable {} applied {} beyond-hole {}",
+                        w.writer, w.generation, w.durable, w.applied, w.ahead
+                    );
+                }
+            }
+            Ok(())
+        }
+        Reply::Progress { .. } => bail!("unexpected progress reply"),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            let d = Daemon::start(&cfg).context("starting backup-server")?;
+            d.wait_for_signal();
+            Ok(())
+        }
+        Cmd::Certs {
+            dir,
+            server_name,
+            groups,
+            listen,
+        } => {
+            let g = backup_server::certs::generate(&dir, &server_name, &groups, &listen)?;
+            for f in &g.files {
+                println!("wrote {}", f.display());
+            }
+            println!("start the server with: backup-server serve --config {}", g.config.display());
+            Ok(())
+        }
+        Cmd::Status { at } => finish(dispatch(&at, Request::Status)?),
+        Cmd::Failover { group, out, at } => {
+            let out = absolute(&out)?;
+            finish(dispatch(&at, Request::Failover { group, out })?)
+        }
+        Cmd::Restore {
+            group,
+            at,
+            out,
+            r#where,
+        } => {
+            let at: At = control::parse_at(&at).map_err(|e| anyhow!(e))?;
+            let out = absolute(&out)?;
+            finish(dispatch(&r#where, Request::Restore { group, at, out })?)
+        }
+        Cmd::Unfence { group, at } => finish(dispatch(&at, Request::Unfence { group })?),
+        Cmd::Bench { writes, dir } => bench::run(writes, dir),
+    }
 }

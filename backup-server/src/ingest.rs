@@ -1,0 +1,412 @@
+//! The journal thread: group commit, acks and committed-vector fan-out.
+//!
+//! Connections hand validated writes (and hello registrations and fences) to one
+//! dedicated thread through a bounded channel ([`INGEST_QUEUE`] requests, plus a
+//! byte budget of [`INGEST_BUDGET_KIB`] KiB held by the requests in flight; a
+//! connection that cannot get either stops reading its TCP stream, which pushes
+//! back on the agent). The thread:
+//!
+//! 1. takes one request, then drains whatever else is queued (up to
+//!    [`MAX_BATCH`] writes / [`MAX_BATCH_BYTES`]);
+//! 2. drops writes of fenced / failed groups and of stale generations (logged),
+//!    recognises resends of journaled writes (acked again, not re-journaled);
+//! 3. appends all new records to the groups' active segments, then issues **one
+//!    fdatasync per touched segment** for the whole batch;
+//! 4. indexes the records, sends every writer's connection its `Ack`s (coalesced
+//!    into seq ranges) and publishes the new committed vector, which every
+//!    connection of the group forwards as `Frame::Committed`.
+//!
+//! Registrations and fences are processed in channel order between batches, so a
+//! fence is a clean cut in the stream of writes. A journal I/O error marks the group
+//! failed: nothing of the batch is acked, its connections are closed and hellos are
+//! refused until restart (recovery then keeps whatever made it to disk intact).
+
+use crate::index::{Entry, Insert, Loc, MAX_AHEAD};
+use crate::journal::ActiveSegment;
+use crate::metrics::Metrics;
+use crate::record::{self, RecordHead, RecordKind};
+use crate::store::{lock, Group, Store};
+use pipecloud_core::wire::{Ack, Frame, Hello, Welcome, Write, WriteKind};
+use pipecloud_core::{Seq, WriterId};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+use tracing::{error, warn};
+
+/// Requests the ingest channel holds.
+pub const INGEST_QUEUE: usize = 4096;
+/// KiB of write payload in flight between connections and the journal thread.
+pub const INGEST_BUDGET_KIB: usize = 128 * 1024;
+/// Most writes in one group-commit batch.
+pub const MAX_BATCH: usize = 4096;
+/// Most payload bytes in one batch.
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// The sending side of one agent connection.
+#[derive(Debug)]
+pub struct ConnOut {
+    pub id: u64,
+    pub agent: String,
+    /// Outbound frames (bounded; see `server::OUTBOUND_QUEUE`).
+    pub tx: mpsc::Sender<Frame>,
+    /// Set to `true` when the connection must be closed (outbound queue full).
+    pub kill: watch::Sender<bool>,
+    pub killed: AtomicBool,
+}
+
+impl ConnOut {
+    /// Queues a frame; if the queue is full the connection is closed (the agent
+    /// reconnects and resends what was not acked).
+    pub fn send_or_kill(&self, f: Frame) -> bool {
+        match self.tx.try_send(f) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.killed.swap(true, Ordering::Relaxed) {
+                    warn!(conn = self.id, agent = %self.agent, "outbound queue full (agent not reading); closing connection");
+                    self.kill.send_replace(true);
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// A validated write on its way to the journal.
+#[derive(Debug)]
+pub struct WriteReq {
+    pub group: Arc<Group>,
+    pub conn: Arc<ConnOut>,
+    /// Disk index within the group.
+    pub disk: u32,
+    pub disk_name: String,
+    pub write: Write,
+    pub recv_ms: u64,
+    pub recv_at: Instant,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Work for the journal thread.
+#[derive(Debug)]
+pub enum Req {
+    Write(WriteReq),
+    Register {
+        group: Arc<Group>,
+        hello: Hello,
+        version: u16,
+        reply: oneshot::Sender<Result<Welcome, String>>,
+    },
+    Fence {
+        group: Arc<Group>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Runs the journal thread until every sender is gone.
+pub fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Req>, metrics: Arc<Metrics>) {
+    let mut pending: Vec<WriteReq> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        let mut bytes = 0usize;
+        while let Some(req) = next.take() {
+            match req {
+                Req::Write(w) => {
+                    bytes += payload_len(&w.write);
+                    pending.push(w);
+                }
+                Req::Register {
+                    group,
+                    hello,
+                    version,
+                    reply,
+                } => {
+                    commit_batch(&store, &mut pending, &metrics);
+                    let r = group.register(&hello, version).map_err(|e| e.to_string());
+                    let _ = reply.send(r);
+                }
+                Req::Fence { group, reply } => {
+                    commit_batch(&store, &mut pending, &metrics);
+                    let r = group.fence().map_err(|e| e.to_string());
+                    let _ = reply.send(r);
+                }
+            }
+            if pending.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        commit_batch(&store, &mut pending, &metrics);
+    }
+}
+
+fn payload_len(w: &Write) -> usize {
+    match &w.kind {
+        WriteKind::Data(d) => d.len(),
+        _ => 0,
+    }
+}
+
+struct Staged {
+    req: WriteReq,
+    loc: Option<Loc>,
+}
+
+/// Per-group append state within one batch.
+struct GroupBatch {
+    group: Arc<Group>,
+    staged: Vec<Staged>,
+    buf: Vec<u8>,
+    /// Segments rolled during this batch (synced before acking).
+    closed: Vec<ActiveSegment>,
+    failed: bool,
+}
+
+fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
+    if pending.is_empty() {
+        return;
+    }
+    metrics.batches.fetch_add(1, Ordering::Relaxed);
+    let mut batches: BTreeMap<String, GroupBatch> = BTreeMap::new();
+    let mut seen: HashSet<(String, WriterId, Seq)> = HashSet::new();
+    for req in pending.drain(..) {
+        let g = req.group.clone();
+        let w = &req.write;
+        // Classify under the state lock.
+        let verdict = {
+            let st = lock(&g.state);
+            if st.meta.fenced || st.failed.is_some() {
+                Verdict::Drop("group fenced or journal failed")
+            } else {
+                match st.writers.get(&w.writer) {
+                    None => Verdict::Drop("writer not registered"),
+                    Some(ix) if ix.generation != w.generation => Verdict::Drop("stale generation (writer re-registered)"),
+                    Some(ix) if ix.contains(w.seq) => Verdict::Duplicate,
+                    Some(ix) if w.seq > ix.durable() + MAX_AHEAD => Verdict::Drop("too far beyond the durable prefix"),
+                    Some(_) => Verdict::Append,
+                }
+            }
+        };
+        let verdict = if matches!(verdict, Verdict::Append) && !seen.insert((g.name.clone(), w.writer, w.seq)) {
+            Verdict::Duplicate
+        } else {
+            verdict
+        };
+        let gb = batches.entry(g.name.clone()).or_insert_with(|| GroupBatch {
+            group: g.clone(),
+            staged: Vec::new(),
+            buf: Vec::new(),
+            closed: Vec::new(),
+            failed: false,
+        });
+        match verdict {
+            Verdict::Drop(why) => {
+                warn!(group = %g.name, agent = %req.conn.agent, writer = %w.writer, generation = w.generation, seq = w.seq,
+                    reason = why, "write not journaled");
+                metrics.rejections.fetch_add(1, Ordering::Relaxed);
+            }
+            Verdict::Duplicate => {
+                metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                gb.staged.push(Staged { req, loc: None });
+            }
+            Verdict::Append => {
+                if gb.failed {
+                    continue;
+                }
+                match stage(store, gb, &req) {
+                    Ok(loc) => gb.staged.push(Staged { req, loc: Some(loc) }),
+                    Err(e) => fail_group(gb, &e),
+                }
+            }
+        }
+    }
+    // Write and sync every group's batch.
+    for gb in batches.values_mut() {
+        if gb.failed {
+            continue;
+        }
+        if let Err(e) = flush_group(gb, metrics) {
+            fail_group(gb, &e);
+        }
+    }
+    // Index, ack, publish.
+    let mut acks: BTreeMap<u64, (Arc<crate::ingest::ConnOut>, BTreeMap<(WriterId, u64), Vec<Seq>>)> = BTreeMap::new();
+    for gb in batches.into_values() {
+        if gb.failed {
+            continue;
+        }
+        let g = gb.group;
+        let mut st = lock(&g.state);
+        let mut appended_bytes = 0u64;
+        for s in gb.staged {
+            let w = &s.req.write;
+            if let Some(loc) = s.loc {
+                let (kind, len) = kind_len(&w.kind);
+                let entry = Entry {
+                    loc,
+                    disk: s.req.disk,
+                    offset: w.offset,
+                    kind,
+                    len,
+                    recv_ms: s.req.recv_ms,
+                    vector: w.vector,
+                    prefix_deps: pipecloud_core::CountVector::ZERO,
+                    prefix_time: 0,
+                };
+                appended_bytes += u64::from(loc.len);
+                if let Some(info) = st.segments.get_mut(&loc.segment) {
+                    info.bytes = info.bytes.max(loc.offset + u64::from(loc.len));
+                }
+                match st.index_record(w.writer, w.seq, entry) {
+                    Insert::Added => {
+                        metrics.writes.fetch_add(1, Ordering::Relaxed);
+                        metrics.write_bytes.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Insert::Duplicate => {}
+                    Insert::TooFarAhead => continue,
+                }
+            }
+            metrics.ack_latency.observe(s.req.recv_at.elapsed());
+            metrics.acks.fetch_add(1, Ordering::Relaxed);
+            acks.entry(s.req.conn.id)
+                .or_insert_with(|| (s.req.conn.clone(), BTreeMap::new()))
+                .1
+                .entry((w.writer, w.generation))
+                .or_default()
+                .push(w.seq);
+        }
+        g.journal_bytes.fetch_add(appended_bytes, Ordering::Relaxed);
+        g.publish(&st);
+    }
+    for (_, (conn, per_writer)) in acks {
+        for ((writer, generation), mut seqs) in per_writer {
+            seqs.sort_unstable();
+            seqs.dedup();
+            let mut i = 0;
+            while i < seqs.len() {
+                let first = seqs[i];
+                let mut last = first;
+                while i + 1 < seqs.len() && seqs[i + 1] == last + 1 {
+                    i += 1;
+                    last = seqs[i];
+                }
+                i += 1;
+                conn.send_or_kill(Frame::Ack(Ack {
+                    writer,
+                    generation,
+                    first,
+                    last,
+                }));
+            }
+        }
+    }
+}
+
+enum Verdict {
+    Append,
+    Duplicate,
+    Drop(&'static str),
+}
+
+fn kind_len(k: &WriteKind) -> (RecordKind, u64) {
+    match k {
+        WriteKind::Data(d) => (RecordKind::Data, d.len() as u64),
+        WriteKind::Zeroes { len } => (RecordKind::Zeroes, *len),
+        WriteKind::Trim { len } => (RecordKind::Trim, *len),
+    }
+}
+
+/// Encodes the record into the group's batch buffer, rolling the segment if needed.
+fn stage(store: &Store, gb: &mut GroupBatch, req: &WriteReq) -> Result<Loc, String> {
+    let w = &req.write;
+    let (kind, len) = kind_len(&w.kind);
+    let head = RecordHead {
+        recv_ms: req.recv_ms,
+        writer: w.writer,
+        generation: w.generation,
+        seq: w.seq,
+        disk: req.disk_name.clone(),
+        offset: w.offset,
+        kind,
+        len,
+        vector: w.vector,
+    };
+    let payload: &[u8] = match &w.kind {
+        WriteKind::Data(d) => d,
+        _ => &[],
+    };
+    let mut rec = Vec::with_capacity(payload.len() + 256);
+    let (rec_len, _) = record::encode(&head, payload, &mut rec).map_err(|e| e.to_string())?;
+    let g = gb.group.clone();
+    let jdir = g.journal_dir();
+    let mut tail = lock(&g.tail);
+    let need_roll = match &tail.active {
+        None => true,
+        Some(a) => a.len + gb.buf.len() as u64 + rec_len as u64 > store.limits.segment_bytes
+            && a.len + gb.buf.len() as u64 > crate::journal::SEGMENT_HEADER_LEN,
+    };
+    if need_roll {
+        if let Some(mut old) = tail.active.take() {
+            old.append(&gb.buf).map_err(|e| format!("append to segment {}: {e}", old.number))?;
+            gb.buf.clear();
+            gb.closed.push(old);
+        }
+        let n = tail.next_number;
+        let seg = ActiveSegment::create(&jdir, n).map_err(|e| format!("create segment {n}: {e}"))?;
+        tail.next_number = n + 1;
+        tail.active = Some(seg);
+        let mut st = lock(&g.state);
+        st.active_segment = Some(n);
+        st.segments.entry(n).or_default().bytes = crate::journal::SEGMENT_HEADER_LEN;
+        g.journal_bytes
+            .fetch_add(crate::journal::SEGMENT_HEADER_LEN, Ordering::Relaxed);
+    }
+    let a = tail
+        .active
+        .as_ref()
+        .ok_or_else(|| "no active segment".to_string())?;
+    let loc = Loc {
+        segment: a.number,
+        offset: a.len + gb.buf.len() as u64,
+        len: rec_len as u32,
+    };
+    gb.buf.extend_from_slice(&rec);
+    Ok(loc)
+}
+
+fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<(), String> {
+    let g = gb.group.clone();
+    let mut tail = lock(&g.tail);
+    let mut synced_active = false;
+    if let Some(a) = tail.active.as_mut() {
+        if !gb.buf.is_empty() {
+            let before = a.len;
+            if let Err(e) = a.append(&gb.buf) {
+                let _ = a.truncate(before);
+                return Err(format!("append to segment {}: {e}", a.number));
+            }
+            gb.buf.clear();
+        }
+        if gb.staged.iter().any(|s| s.loc.is_some()) {
+            a.sync().map_err(|e| format!("fdatasync segment {}: {e}", a.number))?;
+            metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
+            synced_active = true;
+        }
+    }
+    for c in gb.closed.drain(..) {
+        c.sync().map_err(|e| format!("fdatasync segment {}: {e}", c.number))?;
+        metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    let _ = synced_active;
+    Ok(())
+}
+
+fn fail_group(gb: &mut GroupBatch, e: &str) {
+    gb.failed = true;
+    let g = &gb.group;
+    error!(group = %g.name, error = %e, "JOURNAL I/O FAILURE: nothing of this batch is acked; ingest for the group stops until restart");
+    let mut st = lock(&g.state);
+    st.failed = Some(e.to_string());
+    g.publish(&st);
+}

@@ -1,0 +1,353 @@
+//! The site builder: a primary site, a WAN and a backup site out of network
+//! namespaces on one machine (DESIGN §5).
+//!
+//! ```text
+//!  [client] ──┐                                  ┌── [machine web] (10.10.0.2)
+//!             │   lan bridge 10.200.0.0/24       │
+//!  [dom0-a] ──┼── (ns lan, br0) ──┬── [wan] ──── [backup] 10.99.0.2
+//!  [dom0-b] ──┘                   │   NFQUEUE delay RTT/2 each way
+//!       └── [machine db] (10.10.1.3)
+//! ```
+//!
+//! - every protected machine is a namespace with one veth (`eth0`) to its host's
+//!   dom0 namespace; the machine's default route goes via 169.254.0.1 (an address
+//!   every dom0 veth carries), so all guest traffic crosses dom0's FORWARD chain,
+//!   where the host's `pipecloud agent` tags, merges and holds packets;
+//! - the dom0s, the client and the WAN router share a LAN bridge; traffic between
+//!   machines on different hosts crosses the LAN (so the IP option really crosses a wire);
+//! - the WAN router namespace delays every forwarded packet by RTT/2 in each
+//!   direction (NFQUEUE verdicts held in userspace: netem is absent here) and is the
+//!   only way to the backup namespace, where `backup-server` runs as `nobody`.
+//!
+//! Everything is named with the run's prefix and removed on drop, in the order that
+//! works (NOTES.md): servers, mounts, loop devices, FUSE, agents, backup, namespaces.
+
+use crate::netns::{addr, route, veth, Netns};
+use crate::sys::{sh, sh_quiet, wait_until, Guarded};
+use anyhow::{bail, Context, Result};
+use pipecloud_core::topology::{Mode, Topology};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Address of the backup server inside the emulated WAN.
+pub const BACKUP_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// Port of the backup server.
+pub const BACKUP_PORT: u16 = 7800;
+/// Address of the WAN router on the backup side.
+pub const WAN_BACKUP_SIDE: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// Address of the WAN router on the LAN.
+pub const WAN_LAN_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 254);
+/// Address of the client on the LAN.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+/// Gateway address every dom0 veth towards a machine carries.
+pub const MACHINE_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+
+/// LAN address of host `i`.
+pub fn host_lan_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, 0, (i + 1) as u8)
+}
+
+/// Names of the namespaces of one run.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn client(&self) -> String {
+        format!("{}-client", self.prefix)
+    }
+    pub fn lan(&self) -> String {
+        format!("{}-lan", self.prefix)
+    }
+    pub fn wan(&self) -> String {
+        format!("{}-wan", self.prefix)
+    }
+    pub fn backup(&self) -> String {
+        format!("{}-backup", self.prefix)
+    }
+    pub fn host(&self, i: usize) -> String {
+        format!("{}-h{i}", self.prefix)
+    }
+    pub fn machine(&self, j: usize) -> String {
+        format!("{}-m{j}", self.prefix)
+    }
+}
+
+/// The network of a site: namespaces, links, addresses, routes. No processes.
+pub struct Network {
+    pub names: Names,
+    /// Dropped last-to-first: machines, hosts, client, wan, backup, lan.
+    pub namespaces: Vec<Netns>,
+}
+
+impl Network {
+    /// Builds the namespaces and links for `topo`.
+    pub fn build(topo: &Topology, prefix: &str) -> Result<Network> {
+        let names = Names {
+            prefix: prefix.to_string(),
+        };
+        let mut namespaces = Vec::new();
+        let lan = Netns::new(&names.lan())?;
+        lan.sh(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        lan.sh(&["ip", "link", "set", "br0", "up"])?;
+        let backup = Netns::new(&names.backup())?;
+        let wan = Netns::new(&names.wan())?;
+        let client = Netns::new(&names.client())?;
+        // WAN router: LAN side + backup side.
+        veth(&wan, "lan0", &lan, "pwan")?;
+        lan.sh(&["ip", "link", "set", "pwan", "master", "br0"])?;
+        addr(&wan, "lan0", WAN_LAN_SIDE, 24)?;
+        veth(&wan, "bk0", &backup, "eth0")?;
+        addr(&wan, "bk0", WAN_BACKUP_SIDE, 24)?;
+        addr(&backup, "eth0", BACKUP_IP, 24)?;
+        wan.sysctl("net.ipv4.ip_forward", "1")?;
+        route(&backup, "10.0.0.0/8", "eth0", Some(WAN_BACKUP_SIDE))?;
+        // Client on the LAN.
+        veth(&client, "eth0", &lan, "pcli")?;
+        lan.sh(&["ip", "link", "set", "pcli", "master", "br0"])?;
+        addr(&client, "eth0", CLIENT_IP, 24)?;
+        let mut host_ns = Vec::new();
+        for (i, h) in topo.hosts.iter().enumerate() {
+            let ns = Netns::new(&names.host(i))?;
+            let lan_if = format!("ph{i}");
+            veth(&ns, "lan0", &lan, &lan_if)?;
+            lan.sh(&["ip", "link", "set", &lan_if, "master", "br0"])?;
+            addr(&ns, "lan0", host_lan_ip(i), 24)?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            route(&ns, "10.99.0.0/24", "lan0", Some(WAN_LAN_SIDE))?;
+            let _ = h;
+            host_ns.push(ns);
+        }
+        let mut machine_ns = Vec::new();
+        for (j, m) in topo.machines.iter().enumerate() {
+            let hi = topo
+                .hosts
+                .iter()
+                .position(|h| h.name == m.host)
+                .context("machine on unknown host")?;
+            let ns = Netns::new(&names.machine(j))?;
+            let dev = format!("m{j}");
+            veth(&ns, "eth0", &host_ns[hi], &dev)?;
+            addr(&ns, "eth0", m.ip, 32)?;
+            ns.sh(&["ip", "route", "add", &MACHINE_GW.to_string(), "dev", "eth0"])?;
+            ns.sh(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &MACHINE_GW.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+            addr(&host_ns[hi], &dev, MACHINE_GW, 32)?;
+            host_ns[hi].sh(&["ip", "route", "add", &format!("{}/32", m.ip), "dev", &dev])?;
+            // Machines on other hosts: via their host over the LAN.
+            for (i, hns) in host_ns.iter().enumerate() {
+                if i != hi {
+                    route(hns, &format!("{}/32", m.ip), "lan0", Some(host_lan_ip(hi)))?;
+                }
+            }
+            route(&client, &format!("{}/32", m.ip), "eth0", Some(host_lan_ip(hi)))?;
+            machine_ns.push(ns);
+        }
+        namespaces.push(lan);
+        namespaces.push(backup);
+        namespaces.push(wan);
+        namespaces.push(client);
+        namespaces.extend(host_ns);
+        namespaces.extend(machine_ns);
+        Ok(Network { names, namespaces })
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
+        }
+    }
+}
+
+/// Renders a topology (with the run's paths and backup endpoint) back to TOML.
+pub fn render_topology(topo: &Topology, mode: Mode, certs: &Path, work: &Path) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "[group]\nname = \"{}\"\nid = {}\nmode = \"{}\"\n",
+        topo.group.name,
+        topo.group.id,
+        mode.as_str()
+    );
+    let g = &topo.group.name;
+    let _ = writeln!(
+        s,
+        "[backup]\nendpoint = \"{BACKUP_IP}:{BACKUP_PORT}\"\nserver_name = \"backup.pipecloud.test\"\n\
+         ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        certs.join("ca.pem").display(),
+        certs.join(format!("{g}-agent.pem")).display(),
+        certs.join(format!("{g}-agent.key")).display(),
+    );
+    let p = &topo.policy;
+    let _ = writeln!(
+        s,
+        "[policy]\non_backup_loss = \"stall\"\nmax_inflight_bytes = {}\nnetqueue_max_packets = {}\nnetqueue_max_bytes = {}\n",
+        p.max_inflight_bytes, p.netqueue_max_packets, p.netqueue_max_bytes
+    );
+    for (i, h) in topo.hosts.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "[[host]]\nname = \"{}\"\nnbd_dir = \"{}\"\n",
+            h.name,
+            work.join(format!("h{i}")).display()
+        );
+    }
+    for m in &topo.machines {
+        let _ = writeln!(
+            s,
+            "[[machine]]\nname = \"{}\"\nip = \"{}\"\nhost = \"{}\"\noutbound = {}\n",
+            m.name, m.ip, m.host, m.outbound
+        );
+    }
+    for d in &topo.disks {
+        let _ = writeln!(
+            s,
+            "[[disk]]\nname = \"{}\"\nmachine = \"{}\"\nimage = \"{}\"\nsize = {}\n",
+            d.name,
+            d.machine,
+            work.join("images").join(format!("{}.img", d.name)).display(),
+            d.size
+        );
+    }
+    s
+}
+
+/// One protected disk mounted on the primary: NBD -> nbdfuse -> loop -> ext4.
+pub struct MountedDisk {
+    pub name: String,
+    pub fuse_dir: PathBuf,
+    pub loopdev: String,
+    pub mountpoint: PathBuf,
+    pub nbdfuse: Option<Guarded>,
+    mounted: bool,
+}
+
+impl MountedDisk {
+    /// Attaches the agent's export `sock` and mounts it at `mountpoint`
+    /// (creating an ext4 file system first when `mkfs`).
+    pub fn attach(
+        name: &str,
+        sock: &Path,
+        work: &Path,
+        mountpoint: &Path,
+        mkfs: bool,
+    ) -> Result<MountedDisk> {
+        let fuse_dir = work.join(format!("fuse-{name}"));
+        std::fs::create_dir_all(&fuse_dir)?;
+        std::fs::create_dir_all(mountpoint)?;
+        let mut cmd = Command::new("nbdfuse");
+        cmd.args(["-C", "1"])
+            .arg(fuse_dir.join("disk"))
+            .arg("--unix")
+            .arg(sock);
+        let nbdfuse = Guarded::spawn(
+            &format!("nbdfuse-{name}"),
+            &mut cmd,
+            &work.join(format!("nbdfuse-{name}.log")),
+        )?;
+        let disk_file = fuse_dir.join("disk");
+        let mut d = MountedDisk {
+            name: name.to_string(),
+            fuse_dir: fuse_dir.clone(),
+            loopdev: String::new(),
+            mountpoint: mountpoint.to_path_buf(),
+            nbdfuse: Some(nbdfuse),
+            mounted: false,
+        };
+        wait_until(Duration::from_secs(20), "nbdfuse to expose the disk", || {
+            disk_file.exists()
+        })?;
+        let out = sh(&[
+            "losetup",
+            "-f",
+            "--show",
+            "--direct-io=on",
+            &disk_file.to_string_lossy(),
+        ])?;
+        d.loopdev = out.trim().to_string();
+        if mkfs {
+            sh(&["mkfs.ext4", "-q", "-F", "-E", "nodiscard", &d.loopdev])?;
+        }
+        sh(&[
+            "mount",
+            "-t",
+            "ext4",
+            "-o",
+            "data=ordered",
+            &d.loopdev,
+            &mountpoint.to_string_lossy(),
+        ])?;
+        d.mounted = true;
+        Ok(d)
+    }
+
+    /// Tears down in the order that works (NOTES.md).
+    pub fn detach(&mut self) {
+        if self.mounted {
+            sh_quiet(&["umount", "-l", &self.mountpoint.to_string_lossy()]);
+            self.mounted = false;
+        }
+        if !self.loopdev.is_empty() {
+            sh_quiet(&["losetup", "-d", &self.loopdev]);
+            let dev = self.loopdev.trim_start_matches("/dev/").to_string();
+            let _ = wait_until(Duration::from_secs(10), "loop device release", || {
+                !Path::new(&format!("/sys/block/{dev}/loop/backing_file")).exists()
+            });
+            self.loopdev.clear();
+        }
+        sh_quiet(&["fusermount3", "-u", "-z", &self.fuse_dir.to_string_lossy()]);
+        if let Some(mut p) = self.nbdfuse.take() {
+            p.kill();
+        }
+    }
+}
+
+impl Drop for MountedDisk {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// Mounts a raw image file (a recovered volume) read-write via a loop device.
+pub struct MountedImage {
+    pub loopdev: String,
+    pub mountpoint: PathBuf,
+}
+
+impl MountedImage {
+    pub fn mount(image: &Path, mountpoint: &Path) -> Result<MountedImage> {
+        std::fs::create_dir_all(mountpoint)?;
+        let out = sh(&["losetup", "-f", "--show", &image.to_string_lossy()])?;
+        let loopdev = out.trim().to_string();
+        let m = MountedImage {
+            loopdev: loopdev.clone(),
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        // ext4 journal replay happens at mount.
+        if let Err(e) = sh(&["mount", "-t", "ext4", &loopdev, &mountpoint.to_string_lossy()]) {
+            bail!("mounting recovered image {}: {e:#}", image.display());
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for MountedImage {
+    fn drop(&mut self) {
+        sh_quiet(&["umount", "-l", &self.mountpoint.to_string_lossy()]);
+        sh_quiet(&["losetup", "-d", &self.loopdev]);
+    }
+}

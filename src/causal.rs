@@ -1,0 +1,108 @@
+//! The agent's causal state for one protection group on this host (DESIGN §3).
+//!
+//! Shared by the block path (which assigns each write its seq and vector) and the
+//! network path (which tags, merges and holds packets). The rules live in
+//! [`pipecloud_core`]; this module only puts them behind locks so the two paths,
+//! running on different threads, see one consistent set of pending vectors.
+//!
+//! - `pending[m]`: pending vector of local machine `m` (index into the topology's
+//!   machine list). Grows by writes of `m` (if `m` is a writer) and by merging the
+//!   tags of packets that arrive at `m`.
+//! - `committed`: the group's committed vector as last pushed by the backup server
+//!   (monotone; published through a `watch` channel so the netqueue driver wakes).
+
+use pipecloud_core::{CountVector, Seq, WriterId};
+use std::sync::Mutex;
+use tokio::sync::watch;
+
+/// Causal state of the machines of one group that run on this host.
+pub struct CausalState {
+    /// Pending vector per machine of the topology (indexed by machine index).
+    pending: Vec<Mutex<CountVector>>,
+    committed: watch::Sender<CountVector>,
+}
+
+impl CausalState {
+    /// State for `machines` machines (the topology's machine count), all vectors zero.
+    pub fn new(machines: usize) -> Self {
+        let (committed, _) = watch::channel(CountVector::ZERO);
+        CausalState {
+            pending: (0..machines).map(|_| Mutex::new(CountVector::ZERO)).collect(),
+            committed,
+        }
+    }
+
+    fn slot(&self, machine: usize) -> std::sync::MutexGuard<'_, CountVector> {
+        // A poisoned lock only means another thread panicked while holding a plain
+        // vector; the vector itself is always valid, so keep going.
+        self.pending[machine]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writer `writer` (running on machine `machine`) issues a write: bumps its own
+    /// entry and returns `(seq, vector)`, where `vector` is the machine's pending
+    /// vector including this write. Call this BEFORE the write completes to the guest.
+    pub fn issue_write(&self, machine: usize, writer: WriterId) -> (Seq, CountVector) {
+        let mut p = self.slot(machine);
+        let seq = p.bump(writer);
+        (seq, *p)
+    }
+
+    /// Makes sure the writer's own entry is at least `seq` (used when a new writer
+    /// generation starts numbering after what the backup already holds).
+    pub fn raise_writer(&self, machine: usize, writer: WriterId, seq: Seq) {
+        self.slot(machine).raise(writer.index(), seq);
+    }
+
+    /// A packet tagged `tag` arrived at machine `machine`: merge (element-wise max).
+    pub fn merge(&self, machine: usize, tag: &CountVector) -> bool {
+        self.slot(machine).merge(tag)
+    }
+
+    /// Current pending vector of `machine` (the tag for a packet it sends now).
+    pub fn pending(&self, machine: usize) -> CountVector {
+        *self.slot(machine)
+    }
+
+    /// Adopts a committed vector from the backup (never lowers any entry).
+    pub fn publish_committed(&self, v: &CountVector) {
+        self.committed.send_if_modified(|c| c.merge(v));
+    }
+
+    /// The committed vector now.
+    pub fn committed(&self) -> CountVector {
+        *self.committed.borrow()
+    }
+
+    /// Subscribes to committed-vector updates.
+    pub fn subscribe_committed(&self) -> watch::Receiver<CountVector> {
+        self.committed.subscribe()
+    }
+
+    /// Number of machines tracked.
+    pub fn machines(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_merge_then_commit() {
+        let s = CausalState::new(2);
+        let (seq, v) = s.issue_write(1, WriterId(0));
+        assert_eq!(seq, 1);
+        assert_eq!(v.get(0), 1);
+        assert!(s.merge(0, &v));
+        assert_eq!(s.pending(0), v);
+        let mut rx = s.subscribe_committed();
+        s.publish_committed(&v);
+        assert!(rx.has_changed().unwrap_or(false));
+        assert!(s.committed().dominates(&v));
+        s.publish_committed(&CountVector::ZERO);
+        assert!(s.committed().dominates(&v), "committed never lowers");
+    }
+}

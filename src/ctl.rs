@@ -1,0 +1,323 @@
+//! Control interface of the agent: a unix socket answering one-line requests.
+//!
+//! Requests (one line each, the connection is closed after the answer):
+//!
+//! - `status`: one table row per replicated disk (group, disk, writer, mode,
+//!   written and acked seq, lag in writes, in-flight bytes and writes, age of the
+//!   oldest unacked write, connection state) followed by one summary line per group.
+//! - `mode MODE [GROUP]`: switches the mode (`async`, `sync`, `pipelined`) of
+//!   `GROUP` (may be omitted when the agent serves a single group) at run time.
+//!   Guest I/O keeps flowing: see [`ModeSwitch`].
+//!
+//! Answers start with a line `ok` or `error: <reason>`; the rest is the payload.
+//! The socket is created with mode 0600 (the agent runs as root; so must `ctl`).
+//!
+//! Bounds: at most [`MAX_CONNECTIONS`] requests are served at once (more are
+//! answered `error: busy`), a request line is at most [`MAX_REQUEST_LEN`] bytes
+//! and must arrive within [`REQUEST_TIMEOUT`].
+//!
+//! The CLI (`pipecloud ctl ...`) calls the blocking client functions [`request`],
+//! [`status`] and [`set_mode`].
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+use crate::replication::{Mode, ModeSwitch, ReplicationClient};
+
+/// Requests served concurrently; more are refused with `error: busy`.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Longest request line in bytes.
+pub const MAX_REQUEST_LEN: usize = 4096;
+/// Time a client has to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer the client function accepts.
+pub const MAX_ANSWER_LEN: u64 = 4 << 20;
+
+/// Errors of the control interface.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Socket setup or I/O failed.
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// Another agent already answers on the socket.
+    #[error("control socket {0} is in use by a running agent")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket (refusing to remove it).
+    #[error("control socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// The agent answered with an error.
+    #[error("agent: {0}")]
+    Remote(String),
+    /// The agent's answer is not in the expected format.
+    #[error("malformed answer from the agent: {0:?}")]
+    Malformed(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CtlError + '_ {
+    move |source| CtlError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One protection group as seen by the control interface.
+#[derive(Clone)]
+pub struct ControlGroup {
+    /// The group's replication client (its status).
+    pub client: Arc<ReplicationClient>,
+    /// The group's mode.
+    pub mode: ModeSwitch,
+}
+
+/// What the control interface can see and change: the agent's groups.
+#[derive(Clone, Default)]
+pub struct Control {
+    groups: Vec<ControlGroup>,
+}
+
+impl Control {
+    /// A control interface over `groups`.
+    pub fn new(groups: Vec<ControlGroup>) -> Self {
+        Control { groups }
+    }
+
+    /// Answers one request line (see the module documentation).
+    pub fn handle(&self, line: &str) -> String {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("status"), None, ..) => format!("ok\n{}", self.status_table()),
+            (Some("mode"), Some(mode), group, None) => match self.switch(mode, group) {
+                Ok(msg) => format!("ok\n{msg}\n"),
+                Err(e) => format!("error: {e}\n"),
+            },
+            (Some("help"), None, ..) => "ok\nrequests: status | mode async|sync|pipelined [GROUP]\n".into(),
+            _ => format!(
+                "error: unknown request {:?} (expected `status` or `mode MODE [GROUP]`)\n",
+                line.trim()
+            ),
+        }
+    }
+
+    fn switch(&self, mode: &str, group: Option<&str>) -> Result<String, String> {
+        let mode: Mode = mode.parse().map_err(|e: crate::replication::UnknownMode| e.to_string())?;
+        let g = match group {
+            Some(name) => self
+                .groups
+                .iter()
+                .find(|g| g.client.group() == name)
+                .ok_or_else(|| format!("this agent serves no group {name:?}"))?,
+            None => match self.groups.as_slice() {
+                [only] => only,
+                [] => return Err("this agent serves no group".into()),
+                _ => return Err("this agent serves several groups: name one (mode MODE GROUP)".into()),
+            },
+        };
+        let old = g.mode.set(mode);
+        tracing::warn!(group = %g.client.group(), from = %old, to = %mode, "replication mode switched");
+        Ok(format!("group {}: mode {old} -> {mode}", g.client.group()))
+    }
+
+    /// The status table (see the module documentation).
+    pub fn status_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:<9} {:<8}",
+            "GROUP", "DISK", "W", "MODE", "WRITTEN", "ACKED", "LAG", "INFL_BYTES", "INFL_WR",
+            "OLDEST_MS", "CONNECTED", "DEGRADED"
+        );
+        for g in &self.groups {
+            let s = g.client.status();
+            let mode = g.mode.get();
+            for d in &s.disks {
+                let w = s.writers.iter().find(|w| w.writer == d.writer);
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:<9} {:<8}",
+                    s.group,
+                    d.name,
+                    d.writer.0,
+                    mode.as_str(),
+                    w.map_or(0, |w| w.written),
+                    w.map_or(0, |w| w.acked),
+                    w.map_or(0, |w| w.lag()),
+                    d.inflight_bytes,
+                    d.inflight_writes,
+                    w.and_then(|w| w.oldest_unacked_age)
+                        .map_or(0, |a| a.as_millis()),
+                    yes_no(s.connected),
+                    yes_no(s.degraded),
+                );
+            }
+        }
+        for g in &self.groups {
+            let s = g.client.status();
+            let _ = writeln!(
+                out,
+                "group {}: mode={} endpoint={} connected={} degraded={} degrade_events={} \
+                 sessions={} rtt_ms={} silent_ms={} inflight={}/{} committed={} policy={:?}{}",
+                s.group,
+                g.mode.get(),
+                s.endpoint,
+                yes_no(s.connected),
+                yes_no(s.degraded),
+                s.degrade_events,
+                s.sessions,
+                s.last_rtt
+                    .map_or_else(|| "-".to_owned(), |r| format!("{:.3}", r.as_secs_f64() * 1e3)),
+                s.silent_for.as_millis(),
+                s.inflight_bytes,
+                s.max_inflight_bytes,
+                s.committed,
+                s.policy,
+                s.last_error
+                    .as_deref()
+                    .map_or_else(String::new, |e| format!(" last_error={e:?}")),
+            );
+        }
+        out
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The server side: a bound control socket. Dropping it removes the socket file.
+pub struct CtlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    control: Arc<Control>,
+}
+
+impl CtlServer {
+    /// Binds the socket at `path` (mode 0600). A stale socket file left by a dead
+    /// agent is replaced; a socket a live agent answers on is an error.
+    pub fn bind(path: &Path, control: Arc<Control>) -> Result<Self, CtlError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(CtlError::InUse(path.to_owned()));
+                }
+                std::fs::remove_file(path).map_err(io_err(path))?;
+            }
+            Ok(_) => return Err(CtlError::NotASocket(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(io_err(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(path))?;
+        Ok(CtlServer {
+            listener,
+            path: path.to_owned(),
+            control,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves requests until the future is dropped.
+    pub async fn run(&self) -> Result<(), CtlError> {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (stream, _) = self.listener.accept().await.map_err(io_err(&self.path))?;
+            let control = Arc::clone(&self.control);
+            match Arc::clone(&slots).try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_one(stream, &control).await {
+                            tracing::debug!("control request failed: {e}");
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(async move {
+                        let mut stream = stream;
+                        let _ = stream.write_all(b"error: busy\n").await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CtlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_one(stream: UnixStream, control: &Control) -> io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    let mut rd = tokio::io::BufReader::new(rd.take(MAX_REQUEST_LEN as u64 + 1));
+    let answer = match tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line)).await {
+        Err(_) => "error: no request within the timeout\n".to_owned(),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => "error: request is not UTF-8\n".to_owned(),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST_LEN => {
+            format!("error: request longer than {MAX_REQUEST_LEN} bytes\n")
+        }
+        Ok(Ok(_)) => control.handle(&line),
+    };
+    wr.write_all(answer.as_bytes()).await?;
+    wr.shutdown().await
+}
+
+/// Client: sends `line` to the agent's control socket at `path` and returns the
+/// payload of an `ok` answer (blocking; for the CLI). An `error:` answer is
+/// [`CtlError::Remote`].
+pub fn request(path: &Path, line: &str) -> Result<String, CtlError> {
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(io_err(path))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io_err(path))?;
+    s.set_write_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(io_err(path))?;
+    let mut req = line.trim_end_matches(['\r', '\n']).to_owned();
+    req.push('\n');
+    s.write_all(req.as_bytes()).map_err(io_err(path))?;
+    let mut rd = BufReader::new(s.take(MAX_ANSWER_LEN));
+    let mut first = String::new();
+    rd.read_line(&mut first).map_err(io_err(path))?;
+    let mut rest = String::new();
+    rd.read_to_string(&mut rest).map_err(io_err(path))?;
+    let first = first.trim_end();
+    if first == "ok" {
+        Ok(rest)
+    } else if let Some(msg) = first.strip_prefix("error: ") {
+        Err(CtlError::Remote(msg.to_owned()))
+    } else {
+        Err(CtlError::Malformed(first.to_owned()))
+    }
+}
+
+/// Client: the status table (`pipecloud ctl status`).
+pub fn status(path: &Path) -> Result<String, CtlError> {
+    request(path, "status")
+}
+
+/// Client: switches the mode of `group` (or of the agent's only group)
+/// (`pipecloud ctl mode MODE [GROUP]`). Returns the agent's confirmation line.
+pub fn set_mode(path: &Path, mode: Mode, group: Option<&str>) -> Result<String, CtlError> {
+    match group {
+        Some(g) => request(path, &format!("mode {mode} {g}")),
+        None => request(path, &format!("mode {mode}")),
+    }
+}

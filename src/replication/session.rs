@@ -1,0 +1,343 @@
+//! The connection driver: connect (TCP + mutual TLS), hello/welcome, then stream
+//! buffered writes and heartbeats while reading acks, committed vectors and
+//! heartbeat replies; on any failure drop the connection, back off and start
+//! again. Every unacked write is re-sent on the next connection.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pipecloud_core::codec::{encode_frame, FrameReader};
+use pipecloud_core::wire::{
+    DiskHello, Frame, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use pipecloud_core::{Seq, WriterId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::Shared;
+
+/// Most bytes of write frames gathered into one socket write.
+const MAX_BATCH_BYTES: u64 = 4 << 20;
+/// Read buffer size.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a session ended (logged, and kept as the status' last error).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connecting to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {endpoint}: timed out after {after:?}")]
+    ConnectTimeout { endpoint: String, after: Duration },
+    #[error("backup rejected the hello: {0}")]
+    Rejected(String),
+    #[error("connection I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("backup closed the connection")]
+    Closed,
+    #[error("backup sent an undecodable frame: {0}")]
+    Codec(#[from] pipecloud_core::codec::CodecError),
+    #[error(transparent)]
+    Protocol(#[from] super::state::ProtocolViolation),
+    #[error("unexpected {0} frame from the backup")]
+    Unexpected(&'static str),
+    #[error("backup silent for {0:?} (heartbeat timeout)")]
+    Silent(Duration),
+    #[error("client shut down")]
+    Shutdown,
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "hello",
+        Frame::Welcome(_) => "welcome",
+        Frame::Reject { .. } => "reject",
+        Frame::Write(_) => "write",
+        Frame::Ack(_) => "ack",
+        Frame::Committed { .. } => "committed",
+        Frame::Heartbeat { .. } => "heartbeat",
+        Frame::HeartbeatReply { .. } => "heartbeat-reply",
+        Frame::Checkpoint(_) => "checkpoint",
+    }
+}
+
+/// Runs sessions until the client shuts down.
+pub async fn run(shared: Arc<Shared>) {
+    let cfg = &shared.config;
+    let mut backoff = cfg.reconnect_min;
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        let result = tokio::select! {
+            r = session(&shared) => r,
+            _ = shutdown.changed() => Err(SessionError::Shutdown),
+        };
+        let established = match result {
+            Err(SessionError::Shutdown) => return,
+            Ok(()) => true,
+            Err(e) => {
+                let established = shared.lock().connected();
+                let msg = e.to_string();
+                if established {
+                    tracing::warn!(group = %cfg.group, endpoint = %cfg.endpoint, "replication session ended: {msg}");
+                    shared.lock().disconnected(msg);
+                } else {
+                    tracing::warn!(group = %cfg.group, endpoint = %cfg.endpoint, retry_in = ?backoff, "cannot reach the backup: {msg}");
+                    shared.lock().connect_failed(msg);
+                }
+                established
+            }
+        };
+        if established {
+            backoff = cfg.reconnect_min;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        if !established {
+            backoff = (backoff * 2).min(cfg.reconnect_max);
+        }
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SessionError> {
+    let cfg = &shared.config;
+    let endpoint = cfg.endpoint.clone();
+    let fut = async {
+        let tcp = TcpStream::connect(&cfg.endpoint)
+            .await
+            .map_err(|source| SessionError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+        tcp.set_nodelay(true)?;
+        let tls = shared
+            .tls
+            .connect(shared.server_name.clone(), tcp)
+            .await
+            .map_err(|source| SessionError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+        Ok::<_, SessionError>(tls)
+    };
+    tokio::time::timeout(cfg.connect_timeout, fut)
+        .await
+        .map_err(|_| SessionError::ConnectTimeout {
+            endpoint: endpoint.clone(),
+            after: cfg.connect_timeout,
+        })?
+}
+
+fn hello(shared: &Shared) -> Frame {
+    let cfg = &shared.config;
+    Frame::Hello(Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        group: cfg.group.clone(),
+        group_id: cfg.group_id,
+        agent: cfg.agent.clone(),
+        disks: cfg
+            .disks
+            .iter()
+            .map(|d| DiskHello {
+                name: d.name.clone(),
+                size: d.size,
+                writer: d.writer,
+                generation: cfg.generation,
+            })
+            .collect(),
+    })
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    frame: &Frame,
+    buf: &mut Vec<u8>,
+) -> Result<(), SessionError> {
+    buf.clear();
+    encode_frame(frame, buf)?;
+    wr.write_all(buf).await?;
+    wr.flush().await?;
+    Ok(())
+}
+
+/// Reads until the reader yields one frame.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    reader: &mut FrameReader,
+    pending: &mut Vec<u8>,
+) -> Result<Frame, SessionError> {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        // Push leftovers first (bytes the reader had no room for).
+        while !pending.is_empty() {
+            let took = reader.push(pending);
+            pending.drain(..took);
+            if took == 0 {
+                break;
+            }
+        }
+        if let Some(f) = reader.next()? {
+            return Ok(f);
+        }
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            return Err(SessionError::Closed);
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// One connection: hello, welcome, then the streaming loop. Returns only with an error.
+async fn session(shared: &Arc<Shared>) -> Result<(), SessionError> {
+    let cfg = &shared.config;
+    let stream = connect(shared).await?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut out = Vec::new();
+    write_frame(&mut wr, &hello(shared), &mut out).await?;
+    let mut reader = FrameReader::new();
+    let mut pending = Vec::new();
+    let welcome = tokio::time::timeout(
+        cfg.heartbeat_timeout.max(cfg.connect_timeout),
+        read_frame(&mut rd, &mut reader, &mut pending),
+    )
+    .await
+    .map_err(|_| SessionError::Silent(cfg.heartbeat_timeout.max(cfg.connect_timeout)))??;
+    let next = match welcome {
+        Frame::Welcome(w) => {
+            let next = shared.lock().on_welcome(&w, &shared.causal, Instant::now())?;
+            tracing::info!(group = %cfg.group, endpoint = %cfg.endpoint, committed = %w.committed,
+                "connected to the backup; re-sending unacked writes");
+            next
+        }
+        Frame::Reject { reason } => return Err(SessionError::Rejected(reason)),
+        other => return Err(SessionError::Unexpected(frame_name(&other))),
+    };
+    let _ = shared.ready.send_replace(true);
+    shared.wake_sender.notify_one();
+
+    tokio::select! {
+        r = receive(shared, &mut rd, &mut reader, &mut pending) => r,
+        r = send(shared, &mut wr, next) => r,
+        r = watchdog(shared) => r,
+    }
+}
+
+/// Reads and handles frames from the backup until the connection fails.
+async fn receive<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    rd: &mut R,
+    reader: &mut FrameReader,
+    pending: &mut Vec<u8>,
+) -> Result<(), SessionError> {
+    loop {
+        let frame = read_frame(rd, reader, pending).await?;
+        let now = Instant::now();
+        let mut st = shared.lock();
+        match frame {
+            Frame::Ack(a) => {
+                st.on_ack(&a, &shared.causal, now)?;
+            }
+            Frame::Committed { vector } => st.on_committed(&vector, &shared.causal, now),
+            Frame::HeartbeatReply { nonce } => {
+                if let Some(rtt) = st.heartbeat_reply(nonce, now) {
+                    tracing::trace!(?rtt, "heartbeat reply");
+                }
+            }
+            Frame::Heartbeat { .. } => st.heard(now),
+            Frame::Reject { reason } => return Err(SessionError::Rejected(reason)),
+            Frame::Checkpoint(_) => {
+                st.heard(now);
+                tracing::debug!("checkpoint frame ignored (full-state mode not implemented)");
+            }
+            other @ (Frame::Hello(_) | Frame::Welcome(_) | Frame::Write(_)) => {
+                return Err(SessionError::Unexpected(frame_name(&other)))
+            }
+        }
+        let change = st.check_degrade(shared.config.backup_loss, now);
+        drop(st);
+        if let Some(c) = change {
+            super::report_degrade_change(&shared.config, c);
+        }
+    }
+}
+
+/// Sends buffered writes (from `next` on, per writer) as they are issued, and heartbeats.
+async fn send<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    wr: &mut W,
+    mut next: BTreeMap<WriterId, Seq>,
+) -> Result<(), SessionError> {
+    let interval = shared.config.heartbeat_interval;
+    let mut last_heartbeat = Instant::now();
+    let mut nonce: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        out.clear();
+        let now = Instant::now();
+        if now.saturating_duration_since(last_heartbeat) >= interval {
+            nonce = nonce.wrapping_add(1);
+            shared.lock().heartbeat_sent(nonce, now);
+            encode_frame(&Frame::Heartbeat { nonce }, &mut out)?;
+            last_heartbeat = now;
+        }
+        let batch = shared.lock().unsent(&mut next, MAX_BATCH_BYTES);
+        for f in &batch {
+            encode_frame(f, &mut out)?;
+        }
+        drop(batch);
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            wr.flush().await?;
+            continue;
+        }
+        let until_heartbeat = interval.saturating_sub(last_heartbeat.elapsed());
+        tokio::select! {
+            _ = shared.wake_sender.notified() => {}
+            _ = tokio::time::sleep(until_heartbeat) => {}
+        }
+    }
+}
+
+/// Ends the session when the backup stays silent longer than the heartbeat timeout.
+async fn watchdog(shared: &Shared) -> Result<(), SessionError> {
+    let timeout = shared.config.heartbeat_timeout;
+    let tick = (timeout / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(tick).await;
+        let silent = shared.lock().silent_for(Instant::now());
+        if silent >= timeout {
+            return Err(SessionError::Silent(silent));
+        }
+    }
+}
+
+/// Applies the backup-loss policy periodically (runs for the client's lifetime).
+pub async fn degrade_watch(shared: Arc<Shared>) {
+    let super::BackupLossPolicy::DegradeToAsync { after } = shared.config.backup_loss else {
+        return;
+    };
+    let tick = (after / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.changed() => return,
+        }
+        let change = shared
+            .lock()
+            .check_degrade(shared.config.backup_loss, Instant::now());
+        if let Some(c) = change {
+            super::report_degrade_change(&shared.config, c);
+        }
+    }
+}
