@@ -1,15 +1,26 @@
 //! `pipecloud-harness`: builds emulated primary/WAN/backup sites out of network
 //! namespaces on one machine and runs real servers, clients and disasters in them.
+//!
+//! Every command ends with one line `RESULT key=value ...`.
 
 mod app;
 mod client;
+mod disaster;
 mod netns;
 mod pg;
+mod run;
 mod site;
 mod sys;
+mod wan;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pipecloud_core::topology::Mode;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Prefix of every namespace the harness creates (`site down` removes them all).
+const PREFIX: &str = "pch";
 
 #[derive(Parser)]
 #[command(name = "pipecloud-harness", about = "PipeCloud-rs integration harness")]
@@ -19,7 +30,61 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum SiteCmd {
+    /// Build the site and keep it running until Ctrl-C.
+    Up {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
+        #[arg(long, default_value = "pipelined")]
+        mode: Mode,
+    },
+    /// Remove everything a site (or a crashed run) left behind.
+    Down,
+}
+
+#[derive(Subcommand)]
 enum Cmd {
+    /// Build or remove an emulated site.
+    Site {
+        #[command(subcommand)]
+        cmd: SiteCmd,
+    },
+    /// Randomized disasters: CV ⊆ SV check per point.
+    Disaster {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long, default_value = "pipelined")]
+        mode: Mode,
+        #[arg(long, default_value_t = 5)]
+        points: usize,
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
+        /// Seed of the disaster instants.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Client threads.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Shortest and longest run before the disaster, in ms.
+        #[arg(long, default_value_t = 1000)]
+        min_ms: u64,
+        #[arg(long, default_value_t = 4000)]
+        max_ms: u64,
+        /// Fail (exit 1) unless some point shows unsafe replies (for the async control).
+        #[arg(long)]
+        expect_unsafe: bool,
+    },
+    /// Build only the network and the WAN emulation, and measure the achieved RTT.
+    Wan {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
     /// Runs one CompDB tier (used inside a machine's namespace).
     Compdb {
         #[arg(long)]
@@ -35,7 +100,22 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
+fn work_dir(tag: &str) -> PathBuf {
+    let base = std::env::var_os("PIPECLOUD_WORK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/pipecloud-harness"));
+    base.join(format!("{tag}-{}", std::process::id()))
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        println!("RESULT status=error error={:?}", format!("{e:#}").lines().next().unwrap_or(""));
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Compdb {
@@ -56,5 +136,152 @@ fn main() -> Result<()> {
                 compute_ms,
             })
         }
+        Cmd::Wan {
+            topology,
+            rtt_ms,
+            samples,
+        } => {
+            let text = std::fs::read_to_string(&topology)?;
+            let topo = pipecloud_core::topology::Topology::parse(&text, &topology.display().to_string())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let prefix = format!("{PREFIX}{}", std::process::id());
+            let net = site::Network::build(&topo, &prefix)?;
+            let probe = std::net::SocketAddr::new(site::BACKUP_IP.into(), 7990);
+            let (_wan, r) = wan::start_calibrated(
+                &net.names.wan(),
+                Duration::from_millis(rtt_ms),
+                &net.names.host(0),
+                &net.names.backup(),
+                probe,
+                samples,
+            )?;
+            println!(
+                "RESULT target_rtt_ms={rtt_ms} samples={} median_ms={:.3} mean_ms={:.3} p99_ms={:.3}",
+                r.samples,
+                run::ms(r.median),
+                run::ms(r.mean),
+                run::ms(r.p99)
+            );
+            Ok(())
+        }
+        Cmd::Site { cmd: SiteCmd::Down } => {
+            netns::cleanup_prefix(PREFIX);
+            println!("RESULT status=ok cleaned_prefix={PREFIX}");
+            Ok(())
+        }
+        Cmd::Site {
+            cmd: SiteCmd::Up {
+                topology,
+                rtt_ms,
+                mode,
+            },
+        } => {
+            sys::ensure_private_mount_ns()?;
+            let work = work_dir("site");
+            let opts = site_opts(rtt_ms, mode);
+            let site = run::Site::up(&topology, &work, &format!("{PREFIX}{}", std::process::id()), &opts)?;
+            println!(
+                "RESULT status=up rtt_ms={:.2} work={} front={}",
+                run::ms(site.rtt.median),
+                work.display(),
+                site.front()
+            );
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s2 = stop.clone();
+            ctrlc_flag(s2);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            drop(site);
+            Ok(())
+        }
+        Cmd::Disaster {
+            topology,
+            mode,
+            points,
+            rtt_ms,
+            seed,
+            workers,
+            min_ms,
+            max_ms,
+            expect_unsafe,
+        } => {
+            sys::ensure_private_mount_ns()?;
+            let name = topology
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let base = work_dir(&format!("disaster-{name}-{mode}"));
+            let opts = site_opts(rtt_ms, mode);
+            let mut rng = disaster::Rng(seed);
+            let (mut cv, mut sv, mut pv, mut unsafe_total, mut unsafe_points) = (0, 0, 0, 0, 0);
+            for i in 0..points {
+                let run_for = Duration::from_millis(rng.range(min_ms, max_ms));
+                let dir = disaster::point_dir(&base, i);
+                let r = disaster::run_point(
+                    &topology,
+                    &dir,
+                    &format!("{PREFIX}{}", std::process::id()),
+                    &opts,
+                    run_for,
+                    workers,
+                )
+                .with_context(|| format!("disaster point {i} (work dir {})", dir.display()))?;
+                println!(
+                    "point {i}: run {:?} issued={} cv={} sv={} pv={} unsafe={} last500: cv={} sv={} pv={} failover={}ms {}",
+                    run_for, r.issued, r.cv, r.sv, r.pv, r.unsafe_replies, r.window_cv,
+                    r.window_sv, r.window_pv, r.failover_ms, r.cut
+                );
+                cv += r.cv;
+                sv += r.sv;
+                pv += r.pv;
+                unsafe_total += r.unsafe_replies;
+                if r.unsafe_replies > 0 {
+                    unsafe_points += 1;
+                }
+                if std::env::var_os("PIPECLOUD_KEEP").is_none() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+            println!(
+                "RESULT topology={name} mode={mode} points={points} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv}"
+            );
+            let safe_mode = matches!(mode, Mode::Sync | Mode::Pipelined);
+            if safe_mode && unsafe_total > 0 {
+                anyhow::bail!("{unsafe_total} unsafe replies in mode {mode}: client view ⊄ secondary view");
+            }
+            if expect_unsafe && unsafe_total == 0 {
+                anyhow::bail!("mode {mode} showed no unsafe reply in {points} points: the test is too weak to fail");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn site_opts(rtt_ms: u64, mode: Mode) -> run::SiteOptions {
+    run::SiteOptions {
+        rtt: Duration::from_millis(rtt_ms),
+        mode,
+        compute_ms: Vec::new(),
+        tiers: true,
+        rtt_tolerance: Duration::from_millis(1),
+        outbound_override: None,
+    }
+}
+
+/// Sets `flag` on SIGINT/SIGTERM.
+fn ctrlc_flag(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    static FLAG: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+        std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as libc::sighandler_t);
     }
 }

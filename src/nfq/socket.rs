@@ -453,3 +453,12 @@ mod tests {
         assert_eq!(split_runs(&buf, 1).len(), 10);
     }
 }
+
+/// The raw descriptor, for callers that wait with their own poll (e.g. a
+/// precise-timeout `ppoll` in the harness's WAN emulator). Reading through it
+/// directly bypasses the configuration backlog: use [`NfqSocket::try_recv`].
+impl AsRawFd for NfqSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+}

@@ -1,0 +1,374 @@
+//! A running emulated site: the network of [`crate::site`] plus its processes —
+//! the WAN delay, the backup server (as `nobody`), one `pipecloud agent` per
+//! primary host, the protected disks mounted through NBD -> nbdfuse -> loop ->
+//! ext4, a stock PostgreSQL per writer machine, and the CompDB tiers.
+//!
+//! Dropping a [`Site`] tears everything down in the order that works (NOTES.md):
+//! clients and servers, mounts, loop devices, FUSE, agents, backup, namespaces.
+
+use crate::netns::{cleanup_prefix, spawn_in};
+use crate::pg::{initdb, Postgres};
+use crate::site::{render_topology, MountedDisk, Network, BACKUP_IP, BACKUP_PORT, CLIENT_IP};
+use crate::sys::{ns_cmd, run, sh, sh_quiet, wait_until, Guarded};
+use crate::wan::{start_calibrated, RttReport, WanDelay};
+use anyhow::{bail, Context, Result};
+use pipecloud_core::topology::{Mode, Topology};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Port of the CompDB tier service on every machine.
+pub const TIER_PORT: u16 = 8080;
+/// Port of PostgreSQL on every writer machine.
+pub const PG_PORT: u16 = 5432;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct SiteOptions {
+    pub rtt: Duration,
+    pub mode: Mode,
+    /// Computation per request in each tier (CompDB), by machine index.
+    pub compute_ms: Vec<u64>,
+    /// Start CompDB tiers (otherwise only PostgreSQL).
+    pub tiers: bool,
+    /// Refuse to run when the measured RTT is off by more than this.
+    pub rtt_tolerance: Duration,
+    /// Treat these machines as outbound in addition to the topology's (the
+    /// "naive" variant of figure (b) protects only the DB tier's machine).
+    pub outbound_override: Option<Vec<String>>,
+}
+
+/// Paths of the harness's own binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(name));
+    me.parent()
+        .map(|d| d.join(name))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// A running site.
+pub struct Site {
+    pub topo: Topology,
+    pub work: PathBuf,
+    pub topo_file: PathBuf,
+    pub certs: PathBuf,
+    pub backup_data: PathBuf,
+    pub rtt: RttReport,
+    // Drop order = field order (top first).
+    pub tiers: Vec<Guarded>,
+    pub dbs: Vec<Option<Postgres>>,
+    pub disks: Vec<MountedDisk>,
+    pub agents: Vec<Guarded>,
+    pub backup: Option<Guarded>,
+    pub wan: Option<WanDelay>,
+    pub net: Network,
+}
+
+impl Site {
+    /// Builds and starts everything.
+    pub fn up(topo_path: &Path, work: &Path, prefix: &str, opts: &SiteOptions) -> Result<Site> {
+        let text = std::fs::read_to_string(topo_path)
+            .with_context(|| format!("reading {}", topo_path.display()))?;
+        let mut topo = Topology::parse(&text, &topo_path.display().to_string())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(out) = &opts.outbound_override {
+            for m in &mut topo.machines {
+                m.outbound = out.contains(&m.name);
+            }
+        }
+        cleanup_prefix(prefix);
+        std::fs::create_dir_all(work)?;
+        let net = Network::build(&topo, prefix)?;
+        let names = net.names.clone();
+        let mut site = Site {
+            topo: topo.clone(),
+            work: work.to_path_buf(),
+            topo_file: work.join("topology.toml"),
+            certs: work.join("certs"),
+            backup_data: work.join("backup"),
+            rtt: RttReport {
+                samples: 0,
+                median: Duration::ZERO,
+                mean: Duration::ZERO,
+                p99: Duration::ZERO,
+            },
+            tiers: Vec::new(),
+            dbs: Vec::new(),
+            disks: Vec::new(),
+            agents: Vec::new(),
+            backup: None,
+            wan: None,
+            net,
+        };
+        // WAN delay and its measurement.
+        let probe = SocketAddr::new(BACKUP_IP.into(), 7990);
+        let (wan, rtt) = start_calibrated(
+            &names.wan(),
+            opts.rtt,
+            &names.host(0),
+            &names.backup(),
+            probe,
+            100,
+        )?;
+        site.wan = Some(wan);
+        site.rtt = rtt;
+        let err = if site.rtt.median > opts.rtt {
+            site.rtt.median - opts.rtt
+        } else {
+            opts.rtt - site.rtt.median
+        };
+        eprintln!(
+            "harness: WAN rtt target {:?}, measured median {:.2} ms, mean {:.2} ms, p99 {:.2} ms",
+            opts.rtt,
+            ms(site.rtt.median),
+            ms(site.rtt.mean),
+            ms(site.rtt.p99)
+        );
+        if err > opts.rtt_tolerance {
+            bail!(
+                "measured RTT {:.2} ms is off the configured {:.2} ms by more than {:?}: refusing to run",
+                ms(site.rtt.median),
+                ms(opts.rtt),
+                opts.rtt_tolerance
+            );
+        }
+        // Certificates, backup server (unprivileged).
+        let g = topo.group.name.clone();
+        run(Command::new(bin("backup-server"))
+            .args(["certs", "--dir"])
+            .arg(&site.certs)
+            .args(["--server-name", "backup.pipecloud.test", "--group", &g])
+            .args(["--listen", &format!("{BACKUP_IP}:{BACKUP_PORT}")]))?;
+        std::fs::create_dir_all(&site.backup_data)?;
+        let cfg = site.work.join("backup.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"{BACKUP_IP}:{BACKUP_PORT}\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                site.backup_data.display(),
+                site.certs.join("ca.pem").display(),
+                site.certs.join("server.pem").display(),
+                site.certs.join("server.key").display()
+            ),
+        )?;
+        // The backup server runs as nobody: it owns only its data dir and reads the certs.
+        sh(&["chown", "-R", "nobody:nogroup", &site.backup_data.to_string_lossy()])?;
+        sh(&["chmod", "-R", "a+rX", &site.certs.to_string_lossy()])?;
+        sh(&["chmod", "a+x", &site.work.to_string_lossy()])?;
+        let mut cmd = ns_cmd(&names.backup(), "setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin("backup-server"))
+            .args(["serve", "--config"])
+            .arg(&cfg);
+        site.backup = Some(Guarded::spawn(
+            "backup-server",
+            &mut cmd,
+            &site.work.join("backup-server.log"),
+        )?);
+        // Agents.
+        std::fs::create_dir_all(site.work.join("images"))?;
+        std::fs::write(
+            &site.topo_file,
+            render_topology(&topo, opts.mode, &site.certs, &site.work),
+        )?;
+        for (i, h) in topo.hosts.iter().enumerate() {
+            std::fs::create_dir_all(site.work.join(format!("h{i}")))?;
+            let mut cmd = ns_cmd(&names.host(i), &bin("pipecloud").to_string_lossy());
+            cmd.args(["agent", "--topology"])
+                .arg(&site.topo_file)
+                .args(["--host", &h.name])
+                .env("RUST_LOG", "info");
+            site.agents.push(Guarded::spawn(
+                &format!("agent-{}", h.name),
+                &mut cmd,
+                &site.work.join(format!("agent-{}.log", h.name)),
+            )?);
+        }
+        // Disks: wait for each export, attach, mkfs, mount.
+        for (i, h) in topo.hosts.iter().enumerate() {
+            for d in topo.disks_on(&h.name) {
+                let sock = site.work.join(format!("h{i}")).join(format!("{}.sock", d.name));
+                wait_until(Duration::from_secs(60), "the agent's NBD socket", || {
+                    sock.exists()
+                })
+                .with_context(|| {
+                    format!(
+                        "agent log:\n{}",
+                        std::fs::read_to_string(site.work.join(format!("agent-{}.log", h.name)))
+                            .unwrap_or_default()
+                    )
+                })?;
+                let mnt = site.work.join("mnt").join(&d.name);
+                site.disks
+                    .push(MountedDisk::attach(&d.name, &sock, &site.work, &mnt, true)?);
+            }
+        }
+        // PostgreSQL on each writer machine (its first disk).
+        for (j, m) in topo.machines.iter().enumerate() {
+            let disk = topo.disks_of(&m.name).first().map(|d| d.name.clone());
+            let Some(disk) = disk else {
+                site.dbs.push(None);
+                continue;
+            };
+            let datadir = site.work.join("mnt").join(&disk).join("pgdata");
+            initdb(&datadir)?;
+            sh(&["sync"])?;
+            let pg = Postgres::start(
+                &m.name,
+                &names.machine(j),
+                m.ip,
+                PG_PORT,
+                &datadir,
+                &site.work.join(format!("pg-{}.log", m.name)),
+                &[],
+            )?;
+            pg.psql(
+                "CREATE TABLE IF NOT EXISTS req (id bigint NOT NULL, tier text NOT NULL, at timestamptz DEFAULT now())",
+            )?;
+            site.dbs.push(Some(pg));
+        }
+        // CompDB tiers: a chain in machine order, starting at the first outbound machine.
+        if opts.tiers {
+            let n = topo.machines.len();
+            for j in (0..n).rev() {
+                let m = &topo.machines[j];
+                let next = if j + 1 < n {
+                    Some(SocketAddr::new(topo.machines[j + 1].ip.into(), TIER_PORT))
+                } else {
+                    None
+                };
+                let mut cmd = ns_cmd(&names.machine(j), &bin("pipecloud-harness").to_string_lossy());
+                cmd.args(["compdb", "--tier", &m.name])
+                    .args(["--listen", &format!("{}:{TIER_PORT}", m.ip)])
+                    .args([
+                        "--compute-ms",
+                        &opts.compute_ms.get(j).copied().unwrap_or(0).to_string(),
+                    ]);
+                if site.dbs.get(j).map(|d| d.is_some()).unwrap_or(false) {
+                    cmd.args([
+                        "--db",
+                        &format!("host={} port={PG_PORT} user=postgres dbname=postgres", m.ip),
+                    ]);
+                }
+                if let Some(nx) = next {
+                    cmd.args(["--next", &nx.to_string()]);
+                }
+                site.tiers.push(Guarded::spawn(
+                    &format!("tier-{}", m.name),
+                    &mut cmd,
+                    &site.work.join(format!("tier-{}.log", m.name)),
+                )?);
+                let addr = SocketAddr::new(m.ip.into(), TIER_PORT);
+                let ns = names.machine(j);
+                let ok = spawn_in(&ns, move || {
+                    wait_until(Duration::from_secs(30), "tier to listen", || {
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                            .is_ok()
+                    })
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("panic"))?;
+                ok.with_context(|| format!("tier {} did not start", m.name))?;
+            }
+        }
+        let _ = CLIENT_IP;
+        Ok(site)
+    }
+
+    /// The address clients use: the front tier (first machine) or its database.
+    pub fn front(&self) -> SocketAddr {
+        let m = &self.topo.machines[0];
+        SocketAddr::new(m.ip.into(), TIER_PORT)
+    }
+
+    /// Namespace of the client.
+    pub fn client_ns(&self) -> String {
+        self.net.names.client()
+    }
+
+    /// The disaster: the whole primary site dies at once (agents, machines, WAN link).
+    pub fn disaster(&mut self) {
+        // Cut the WAN first, so nothing more reaches the backup after "the instant".
+        let wan = self.net.names.wan();
+        sh_quiet(&["ip", "netns", "exec", &wan, "ip", "link", "set", "lan0", "down"]);
+        for a in &mut self.agents {
+            a.signal(libc::SIGKILL);
+        }
+        for t in &mut self.tiers {
+            t.signal(libc::SIGKILL);
+        }
+        for pg in self.dbs.iter_mut().flatten() {
+            pg.crash();
+        }
+        for a in &mut self.agents {
+            a.kill();
+        }
+    }
+
+    /// Stops the primary's processes and unmounts its disks (after a disaster).
+    pub fn teardown_primary(&mut self) {
+        self.tiers.clear();
+        for pg in self.dbs.iter_mut().flatten() {
+            pg.crash();
+        }
+        self.dbs.clear();
+        for d in &mut self.disks {
+            d.detach();
+        }
+        self.disks.clear();
+        self.agents.clear();
+    }
+
+    /// Runs `backup-server failover` for the group into `out` (as the server's user,
+    /// through its control socket); returns its output.
+    pub fn failover(&self, out: &Path) -> Result<String> {
+        std::fs::create_dir_all(out)?;
+        sh(&["chown", "nobody:nogroup", &out.to_string_lossy()])?;
+        run(Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin("backup-server"))
+            .args(["failover", "--group", &self.topo.group.name, "--out"])
+            .arg(out)
+            .arg("--data-dir")
+            .arg(&self.backup_data))
+    }
+
+    /// Runs `backup-server restore --at` for the group into `out`.
+    pub fn restore(&self, at: &str, out: &Path) -> Result<String> {
+        std::fs::create_dir_all(out)?;
+        sh(&["chown", "nobody:nogroup", &out.to_string_lossy()])?;
+        run(Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin("backup-server"))
+            .args(["restore", "--group", &self.topo.group.name, "--at", at, "--out"])
+            .arg(out)
+            .arg("--data-dir")
+            .arg(&self.backup_data))
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.tiers.clear();
+        self.dbs.clear();
+        for d in &mut self.disks {
+            d.detach();
+        }
+        self.disks.clear();
+        for a in &mut self.agents {
+            a.stop(Duration::from_secs(5));
+        }
+        self.agents.clear();
+        if let Some(mut b) = self.backup.take() {
+            b.stop(Duration::from_secs(5));
+        }
+        self.wan = None;
+    }
+}
+
+/// Milliseconds as f64.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
