@@ -84,7 +84,7 @@ fn write_frame(len: usize) -> Frame {
 fn frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame");
     g.measurement_time(Duration::from_secs(3)).sample_size(20);
-    for len in [4096usize] {
+    for len in [4096usize, 64 * 1024] {
         let frame = write_frame(len);
         let mut bytes = Vec::new();
         encode_frame(&frame, &mut bytes).expect("encode");

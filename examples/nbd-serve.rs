@@ -48,7 +48,9 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         Some('T' | 't') => (&s[..s.len() - 1], 40),
         _ => (s, 0),
     };
-    let n: u64 = digits.parse().with_context(|| format!("invalid size {s:?}"))?;
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("invalid size {s:?}"))?;
     n.checked_mul(1u64 << shift)
         .with_context(|| format!("size {s:?} overflows"))
 }
@@ -56,8 +58,7 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

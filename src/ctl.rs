@@ -98,7 +98,9 @@ impl Control {
                 Ok(msg) => format!("ok\n{msg}\n"),
                 Err(e) => format!("error: {e}\n"),
             },
-            (Some("help"), None, ..) => "ok\nrequests: status | mode async|sync|pipelined [GROUP]\n".into(),
+            (Some("help"), None, ..) => {
+                "ok\nrequests: status | mode async|sync|pipelined [GROUP]\n".into()
+            }
             _ => format!(
                 "error: unknown request {:?} (expected `status` or `mode MODE [GROUP]`)\n",
                 line.trim()
@@ -107,7 +109,9 @@ impl Control {
     }
 
     fn switch(&self, mode: &str, group: Option<&str>) -> Result<String, String> {
-        let mode: Mode = mode.parse().map_err(|e: crate::replication::UnknownMode| e.to_string())?;
+        let mode: Mode = mode
+            .parse()
+            .map_err(|e: crate::replication::UnknownMode| e.to_string())?;
         let g = match group {
             Some(name) => self
                 .groups
@@ -117,7 +121,11 @@ impl Control {
             None => match self.groups.as_slice() {
                 [only] => only,
                 [] => return Err("this agent serves no group".into()),
-                _ => return Err("this agent serves several groups: name one (mode MODE GROUP)".into()),
+                _ => {
+                    return Err(
+                        "this agent serves several groups: name one (mode MODE GROUP)".into(),
+                    )
+                }
             },
         };
         let old = g.mode.set(mode);
@@ -131,8 +139,18 @@ impl Control {
         let _ = writeln!(
             out,
             "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:<9} {:<8}",
-            "GROUP", "DISK", "W", "MODE", "WRITTEN", "ACKED", "LAG", "INFL_BYTES", "INFL_WR",
-            "OLDEST_MS", "CONNECTED", "DEGRADED"
+            "GROUP",
+            "DISK",
+            "W",
+            "MODE",
+            "WRITTEN",
+            "ACKED",
+            "LAG",
+            "INFL_BYTES",
+            "INFL_WR",
+            "OLDEST_MS",
+            "CONNECTED",
+            "DEGRADED"
         );
         for g in &self.groups {
             let s = g.client.status();
@@ -171,8 +189,10 @@ impl Control {
                 yes_no(s.degraded),
                 s.degrade_events,
                 s.sessions,
-                s.last_rtt
-                    .map_or_else(|| "-".to_owned(), |r| format!("{:.3}", r.as_secs_f64() * 1e3)),
+                s.last_rtt.map_or_else(
+                    || "-".to_owned(),
+                    |r| format!("{:.3}", r.as_secs_f64() * 1e3)
+                ),
                 s.silent_for.as_millis(),
                 s.inflight_bytes,
                 s.max_inflight_bytes,
@@ -270,7 +290,9 @@ async fn serve_one(stream: UnixStream, control: &Control) -> io::Result<()> {
     let mut rd = tokio::io::BufReader::new(rd.take(MAX_REQUEST_LEN as u64 + 1));
     let answer = match tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line)).await {
         Err(_) => "error: no request within the timeout\n".to_owned(),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => "error: request is not UTF-8\n".to_owned(),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            "error: request is not UTF-8\n".to_owned()
+        }
         Ok(Err(e)) => return Err(e),
         Ok(Ok(_)) if line.len() > MAX_REQUEST_LEN => {
             format!("error: request longer than {MAX_REQUEST_LEN} bytes\n")
@@ -319,5 +341,154 @@ pub fn set_mode(path: &Path, mode: Mode, group: Option<&str>) -> Result<String, 
     match group {
         Some(g) => request(path, &format!("mode {mode} {g}")),
         None => request(path, &format!("mode {mode}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::causal::CausalState;
+    use crate::replication::{DiskSpec, ReplicationConfig, TlsFiles};
+    use pipecloud_core::WriterId;
+
+    /// A client whose backup never answers (nothing listens on its endpoint):
+    /// enough for the control interface, which only reads status and switches modes.
+    fn client(dir: &Path, group: &str) -> Arc<ReplicationClient> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        std::fs::write(dir.join("c.pem"), cert.pem()).expect("write cert");
+        std::fs::write(dir.join("c.key"), key.serialize_pem()).expect("write key");
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        let endpoint = probe.local_addr().expect("addr").to_string();
+        drop(probe);
+        let cfg = ReplicationConfig {
+            endpoint,
+            server_name: "localhost".into(),
+            tls: TlsFiles {
+                ca: dir.join("c.pem"),
+                cert: dir.join("c.pem"),
+                key: dir.join("c.key"),
+            },
+            group: group.into(),
+            group_id: 1,
+            agent: "a".into(),
+            disks: vec![DiskSpec {
+                name: format!("{group}-disk"),
+                size: 1 << 20,
+                writer: WriterId(0),
+                machine: 0,
+            }],
+            ..ReplicationConfig::default()
+        };
+        Arc::new(ReplicationClient::start(cfg, Arc::new(CausalState::new(1))).expect("client"))
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pipecloud-ctl-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch");
+        d
+    }
+
+    #[tokio::test]
+    async fn requests_switch_modes_and_report_status() {
+        let dir = scratch("handle");
+        let g1 = ControlGroup {
+            client: client(&dir, "g1"),
+            mode: ModeSwitch::new(Mode::Pipelined),
+        };
+        let control = Control::new(vec![g1.clone()]);
+        assert_eq!(
+            control.handle("mode sync\n"),
+            "ok\ngroup g1: mode pipelined -> sync\n"
+        );
+        assert_eq!(g1.mode.get(), Mode::Sync);
+        assert!(control
+            .handle("mode checkpoint")
+            .starts_with("error: unknown replication mode"));
+        assert!(control
+            .handle("mode async g2")
+            .starts_with("error: this agent serves no group"));
+        assert!(control
+            .handle("frobnicate")
+            .starts_with("error: unknown request"));
+        assert!(control.handle("mode").starts_with("error:"));
+        assert_eq!(g1.mode.get(), Mode::Sync, "failed requests change nothing");
+        let status = control.handle("status");
+        assert!(status.starts_with("ok\nGROUP"), "{status}");
+        let row = status
+            .lines()
+            .find(|l| l.contains("g1-disk"))
+            .expect("a row per disk");
+        assert!(row.contains(" sync ") && row.contains(" no "), "{row}");
+        assert!(status.contains("connected=no"), "{status}");
+
+        // Two groups: the group must be named.
+        let g2 = ControlGroup {
+            client: client(&dir, "g2"),
+            mode: ModeSwitch::new(Mode::Async),
+        };
+        let control = Control::new(vec![g1.clone(), g2.clone()]);
+        assert!(control
+            .handle("mode sync")
+            .starts_with("error: this agent serves several groups"));
+        assert!(control.handle("mode pipelined g2").starts_with("ok\n"));
+        assert_eq!(
+            (g1.mode.get(), g2.mode.get()),
+            (Mode::Sync, Mode::Pipelined)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn socket_round_trip_stale_socket_and_in_use() {
+        let dir = scratch("sock");
+        let g = ControlGroup {
+            client: client(&dir, "g1"),
+            mode: ModeSwitch::new(Mode::Pipelined),
+        };
+        let control = Arc::new(Control::new(vec![g.clone()]));
+        let path = dir.join("ctl.sock");
+        // A stale socket file (nobody listening) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        let server = CtlServer::bind(&path, Arc::clone(&control)).expect("bind over stale socket");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let task = tokio::spawn(async move {
+            let _ = server.run().await;
+        });
+        let p = path.clone();
+        let (answer, status, err, in_use) = tokio::task::spawn_blocking(move || {
+            (
+                set_mode(&p, Mode::Async, None),
+                status(&p),
+                request(&p, "mode nonsense"),
+                CtlServer::bind(&p, Arc::new(Control::default())).err(),
+            )
+        })
+        .await
+        .expect("client");
+        assert_eq!(
+            answer.expect("set_mode"),
+            "group g1: mode pipelined -> async\n"
+        );
+        assert_eq!(g.mode.get(), Mode::Async);
+        assert!(status.expect("status").contains("g1-disk"));
+        assert!(matches!(err, Err(CtlError::Remote(_))));
+        assert!(matches!(in_use, Some(CtlError::InUse(_))));
+        // A path that is not a socket is never removed.
+        let file = dir.join("plain");
+        std::fs::write(&file, b"x").expect("file");
+        assert!(matches!(
+            CtlServer::bind(&file, Arc::new(Control::default())),
+            Err(CtlError::NotASocket(_))
+        ));
+        assert!(file.exists());
+        task.abort();
+        let _ = task.await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

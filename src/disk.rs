@@ -198,13 +198,23 @@ impl<B: BlockBackend> BlockBackend for ReplicatedDisk<B> {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
-        let frames = vec![(offset, WriteKind::Zeroes { len: u64::from(len) })];
+        let frames = vec![(
+            offset,
+            WriteKind::Zeroes {
+                len: u64::from(len),
+            },
+        )];
         self.complete(self.local.write_zeroes(offset, len, fua), frames)
             .await
     }
 
     async fn trim(&self, offset: u64, len: u32) -> io::Result<()> {
-        let frames = vec![(offset, WriteKind::Trim { len: u64::from(len) })];
+        let frames = vec![(
+            offset,
+            WriteKind::Trim {
+                len: u64::from(len),
+            },
+        )];
         self.complete(self.local.trim(offset, len), frames).await
     }
 

@@ -64,7 +64,11 @@ pub struct ImageOptions {
 
 impl Default for ImageOptions {
     fn default() -> Self {
-        Self { force_thread_pool: false, queue_depth: 128, channel_depth: 1024 }
+        Self {
+            force_thread_pool: false,
+            queue_depth: 128,
+            channel_depth: 1024,
+        }
     }
 }
 
@@ -102,12 +106,21 @@ impl LocalImage {
     }
 
     /// [`LocalImage::open`] with explicit options.
-    pub fn open_with(path: impl AsRef<Path>, size: u64, options: ImageOptions) -> io::Result<LocalImage> {
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        size: u64,
+        options: ImageOptions,
+    ) -> io::Result<LocalImage> {
         let path = path.as_ref().to_path_buf();
         if size == 0 {
-            return Err(invalid(format!("image {}: size must be > 0", path.display())));
+            return Err(invalid(format!(
+                "image {}: size must be > 0",
+                path.display()
+            )));
         }
-        let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+        let ctx = |what: &str, e: io::Error| {
+            io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+        };
         let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
@@ -119,7 +132,10 @@ impl LocalImage {
             .map_err(|e| ctx("opening image", e))?;
         let meta = file.metadata().map_err(|e| ctx("stat of image", e))?;
         if !meta.file_type().is_file() {
-            return Err(invalid(format!("image {} is not a regular file", path.display())));
+            return Err(invalid(format!(
+                "image {} is not a regular file",
+                path.display()
+            )));
         }
         if meta.len() > size {
             return Err(invalid(format!(
@@ -190,7 +206,9 @@ impl LocalImage {
         let mut done = 0u32;
         while done < len {
             let n = (len - done).min(ZERO_CHUNK);
-            self.engine.write(offset + u64::from(done), vec![0u8; n as usize], false).await?;
+            self.engine
+                .write(offset + u64::from(done), vec![0u8; n as usize], false)
+                .await?;
             done += n;
         }
         Ok(())
@@ -199,7 +217,10 @@ impl LocalImage {
 
 /// `fallocate` modes a file system may not support.
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
 }
 
 impl BlockBackend for LocalImage {
@@ -216,7 +237,8 @@ impl BlockBackend for LocalImage {
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
-        let len = u32::try_from(data.len()).map_err(|_| invalid("write larger than 4 GiB".into()))?;
+        let len =
+            u32::try_from(data.len()).map_err(|_| invalid("write larger than 4 GiB".into()))?;
         self.check_range(offset, len, libc::ENOSPC)?;
         if len == 0 {
             return if fua { self.flush().await } else { Ok(()) };
@@ -291,7 +313,9 @@ enum Engine {
     Pool(Arc<File>),
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| io::Error::other(format!("blocking I/O task failed: {e}")))?
@@ -300,7 +324,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 
 impl Engine {
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         match self {
-            Engine::Uring(r) => r.submit(uring::OpKind::Read { buf: vec![0u8; len as usize], done: 0 }, offset).await,
+            Engine::Uring(r) => {
+                r.submit(
+                    uring::OpKind::Read {
+                        buf: vec![0u8; len as usize],
+                        done: 0,
+                    },
+                    offset,
+                )
+                .await
+            }
             Engine::Pool(f) => {
                 let f = Arc::clone(f);
                 blocking(move || {
@@ -315,7 +348,17 @@ impl Engine {
 
     async fn write(&self, offset: u64, data: Vec<u8>, dsync: bool) -> io::Result<()> {
         match self {
-            Engine::Uring(r) => r.submit(uring::OpKind::Write { buf: data, done: 0, dsync }, offset).await.map(drop),
+            Engine::Uring(r) => r
+                .submit(
+                    uring::OpKind::Write {
+                        buf: data,
+                        done: 0,
+                        dsync,
+                    },
+                    offset,
+                )
+                .await
+                .map(drop),
             Engine::Pool(f) => {
                 let f = Arc::clone(f);
                 blocking(move || {
@@ -342,11 +385,15 @@ impl Engine {
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u32) -> io::Result<()> {
         match self {
-            Engine::Uring(r) => r.submit(uring::OpKind::Fallocate { mode, len }, offset).await.map(drop),
+            Engine::Uring(r) => r
+                .submit(uring::OpKind::Fallocate { mode, len }, offset)
+                .await
+                .map(drop),
             Engine::Pool(f) => {
                 let f = Arc::clone(f);
                 blocking(move || {
-                    let off = i64::try_from(offset).map_err(|_| invalid("offset too large".into()))?;
+                    let off =
+                        i64::try_from(offset).map_err(|_| invalid("offset too large".into()))?;
                     // SAFETY: plain syscall on a valid fd owned by `f`.
                     let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, i64::from(len)) };
                     if rc == 0 {
@@ -368,10 +415,20 @@ mod uring {
 
     /// One operation. Buffers are owned here until the kernel is done with them.
     pub(super) enum OpKind {
-        Read { buf: Vec<u8>, done: usize },
-        Write { buf: Vec<u8>, done: usize, dsync: bool },
+        Read {
+            buf: Vec<u8>,
+            done: usize,
+        },
+        Write {
+            buf: Vec<u8>,
+            done: usize,
+            dsync: bool,
+        },
         Fsync,
-        Fallocate { mode: i32, len: u32 },
+        Fallocate {
+            mode: i32,
+            len: u32,
+        },
     }
 
     pub(super) struct Op {
@@ -411,7 +468,10 @@ mod uring {
                 ("FALLOCATE", opcode::Fallocate::CODE),
             ] {
                 if !probe.is_supported(code) {
-                    return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring lacks {name}")));
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        format!("io_uring lacks {name}"),
+                    ));
                 }
             }
             // SAFETY: eventfd returns a new fd or -1.
@@ -433,7 +493,13 @@ mod uring {
             let stopped = || io::Error::other("io_uring thread stopped");
             let (reply, done) = oneshot::channel();
             let tx = self.tx.as_ref().ok_or_else(stopped)?;
-            tx.send(Op { kind, offset, reply }).await.map_err(|_| stopped())?;
+            tx.send(Op {
+                kind,
+                offset,
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
             wake(&self.wake);
             done.await.map_err(|_| stopped())?
         }
@@ -455,7 +521,9 @@ mod uring {
         let entry = match &mut op.kind {
             OpKind::Read { buf, done } => {
                 let rest = &mut buf[*done..];
-                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32).offset(op.offset + *done as u64).build()
+                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+                    .offset(op.offset + *done as u64)
+                    .build()
             }
             OpKind::Write { buf, done, dsync } => {
                 let rest = &buf[*done..];
@@ -465,10 +533,13 @@ mod uring {
                     .rw_flags(flags)
                     .build()
             }
-            OpKind::Fsync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            OpKind::Fallocate { mode, len } => {
-                opcode::Fallocate::new(fd, u64::from(*len)).offset(op.offset).mode(*mode).build()
-            }
+            OpKind::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            OpKind::Fallocate { mode, len } => opcode::Fallocate::new(fd, u64::from(*len))
+                .offset(op.offset)
+                .mode(*mode)
+                .build(),
         };
         push_entry(ring, &entry.user_data(idx as u64));
     }
@@ -523,7 +594,13 @@ mod uring {
         }
     }
 
-    fn run(mut ring: IoUring, file: Arc<File>, mut rx: mpsc::Receiver<Op>, wake_fd: Arc<OwnedFd>, depth: usize) {
+    fn run(
+        mut ring: IoUring,
+        file: Arc<File>,
+        mut rx: mpsc::Receiver<Op>,
+        wake_fd: Arc<OwnedFd>,
+        depth: usize,
+    ) {
         let fd = types::Fd(file.as_raw_fd());
         let mut slots: Vec<Option<Op>> = (0..depth).map(|_| None).collect();
         let mut free: Vec<usize> = (0..depth).rev().collect();
@@ -619,11 +696,20 @@ mod tests {
     }
 
     fn engines() -> [ImageOptions; 2] {
-        [ImageOptions::default(), ImageOptions { force_thread_pool: true, ..ImageOptions::default() }]
+        [
+            ImageOptions::default(),
+            ImageOptions {
+                force_thread_pool: true,
+                ..ImageOptions::default()
+            },
+        ]
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     #[test]
@@ -656,7 +742,10 @@ mod tests {
         // file larger than the configured size
         let e = LocalImage::open(&p, 1 << 20).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-        assert_eq!(LocalImage::open(&p, 0).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            LocalImage::open(&p, 0).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
         // a directory is not an image
         assert!(LocalImage::open(&t.0, 4096).is_err());
     }
@@ -698,13 +787,19 @@ mod tests {
         for opts in engines() {
             let t = TempDir::new();
             let img = Arc::new(LocalImage::open_with(t.0.join("d.img"), 8 << 20, opts).unwrap());
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 let mut set = tokio::task::JoinSet::new();
                 for i in 0..256u64 {
                     let img = Arc::clone(&img);
                     set.spawn(async move {
-                        img.write(i * 32768, vec![i as u8; 32768], i % 7 == 0).await.unwrap();
+                        img.write(i * 32768, vec![i as u8; 32768], i % 7 == 0)
+                            .await
+                            .unwrap();
                         if i % 16 == 0 {
                             img.flush().await.unwrap();
                         }
@@ -714,7 +809,10 @@ mod tests {
                     r.unwrap();
                 }
                 for i in 0..256u64 {
-                    assert_eq!(img.read(i * 32768, 32768).await.unwrap(), vec![i as u8; 32768]);
+                    assert_eq!(
+                        img.read(i * 32768, 32768).await.unwrap(),
+                        vec![i as u8; 32768]
+                    );
                 }
             });
         }
@@ -734,7 +832,11 @@ mod tests {
     fn model_op() -> impl Strategy<Value = ModelOp> {
         let off = 0..MODEL_SIZE;
         prop_oneof![
-            (off.clone(), proptest::collection::vec(any::<u8>(), 1..20000), any::<bool>())
+            (
+                off.clone(),
+                proptest::collection::vec(any::<u8>(), 1..20000),
+                any::<bool>()
+            )
                 .prop_map(|(o, d, f)| ModelOp::Write(o, d, f)),
             (off.clone(), 1u32..70000, any::<bool>()).prop_map(|(o, l, f)| ModelOp::Zero(o, l, f)),
             (off.clone(), 1u32..70000).prop_map(|(o, l)| ModelOp::Trim(o, l)),

@@ -424,7 +424,8 @@ impl RuleManager {
     /// Whether the group's chain exists now.
     pub fn is_installed(&self) -> Result<bool, NetfilterError> {
         let current = self.save_mangle()?;
-        Ok(declared_chains(&current).any(|c| c == self.chain))
+        let installed = declared_chains(&current).any(|c| c == self.chain);
+        Ok(installed)
     }
 
     fn save_mangle(&self) -> Result<String, NetfilterError> {
@@ -729,7 +730,7 @@ mod tests {
             Err(NetfilterError::NoLocalMachines { .. })
         ));
         assert!(matches!(
-            RuleManager::new(&topo(), cfg("a", 600)),
+            RuleManager::new(&topo(), cfg("a", 560)),
             Err(NetfilterError::MtuTooSmall { .. })
         ));
         let mut t = topo();

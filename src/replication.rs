@@ -441,7 +441,10 @@ impl ReplicationClient {
         for (i, d) in config.disks.iter().enumerate() {
             validate_name(&d.name).map_err(|e| cfg_err(format!("disk name: {e}")))?;
             if d.writer.index() >= MAX_WRITERS {
-                return Err(cfg_err(format!("disk {}: writer {} out of range", d.name, d.writer)));
+                return Err(cfg_err(format!(
+                    "disk {}: writer {} out of range",
+                    d.name, d.writer
+                )));
             }
             if d.machine >= causal.machines() {
                 return Err(cfg_err(format!(
@@ -469,7 +472,9 @@ impl ReplicationClient {
                 config.max_inflight_bytes
             )));
         }
-        if config.heartbeat_interval.is_zero() || config.heartbeat_timeout <= config.heartbeat_interval {
+        if config.heartbeat_interval.is_zero()
+            || config.heartbeat_timeout <= config.heartbeat_interval
+        {
             return Err(cfg_err(
                 "heartbeat interval must be non-zero and below the heartbeat timeout".into(),
             ));

@@ -231,7 +231,7 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
         }
     }
     // Index, ack, publish.
-    let mut acks: BTreeMap<u64, (Arc<crate::ingest::ConnOut>, BTreeMap<(WriterId, u64), Vec<Seq>>)> = BTreeMap::new();
+    let mut acks: BTreeMap<u64, (Arc<ConnOut>, AcksOf)> = BTreeMap::new();
     for gb in batches.into_values() {
         if gb.failed {
             continue;
@@ -302,6 +302,9 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
         }
     }
 }
+
+/// Seqs to ack per (writer, generation) of one connection.
+type AcksOf = BTreeMap<(WriterId, u64), Vec<Seq>>;
 
 enum Verdict {
     Append,

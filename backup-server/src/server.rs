@@ -201,7 +201,7 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let agent = hello.agent.clone();
-    if !groups.iter().any(|g| *g == hello.group) {
+    if !groups.contains(&hello.group) {
         let reason = format!(
             "certificate is bound to group(s) {groups:?}; hello names group {:?}",
             hello.group

@@ -41,7 +41,7 @@ fn apply_one(jdir: &Path, disks: &[DiskMeta], files: &[File], w: WriterId, seq: 
     let f = files
         .get(e.disk as usize)
         .ok_or_else(|| format!("{w} seq {seq}: no file for disk {}", disk.name))?;
-    let end = e.offset.checked_add(e.len).unwrap_or(u64::MAX);
+    let end = e.offset.saturating_add(e.len);
     if end > disk.size {
         return Err(format!(
             "{w} seq {seq}: write {}+{} beyond disk {} of {} bytes",

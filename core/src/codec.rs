@@ -290,6 +290,55 @@ pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Result<u16, CodecError
     Ok(hi)
 }
 
+/// Serde representation of byte payloads (`WriteKind::Data`, `Checkpoint::State::data`):
+/// `serialize_bytes` / `deserialize_byte_buf` instead of serde's default
+/// element-by-element sequence. For postcard both are "varint length, then the
+/// bytes", so the wire encoding is identical; the payload is copied with one
+/// `memcpy` instead of one call per byte. Used as
+/// `#[serde(with = "crate::codec::payload_bytes")]` in [`crate::wire`].
+pub mod payload_bytes {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+    use std::fmt;
+
+    /// Serializes `bytes` as a byte string.
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    /// Deserializes a byte string (or, for self-describing formats, a sequence of u8).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // Pre-allocate at most 64 KiB on the peer's word; grow as bytes really arrive.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64 * 1024));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
 /// postcard output flavor that appends to a borrowed `Vec` (copies slices with
 /// one `extend_from_slice`, keeps the caller's buffer on error).
 struct AppendVec<'a>(&'a mut Vec<u8>);
@@ -438,7 +487,11 @@ impl FrameReader {
         if self.failed.is_some() {
             return 0;
         }
-        if self.start > 0 && (self.buf.len() + bytes.len() > MAX_BUFFERED || self.start >= 4096) {
+        // Compact when room is needed, or when the consumed prefix is large and at
+        // least as long as what must move (copying stays amortised O(1) per byte).
+        let needs_room = self.buf.len() + bytes.len() > MAX_BUFFERED;
+        let worth_it = self.start >= 4096 && self.start >= self.buffered();
+        if self.start > 0 && (needs_room || worth_it) {
             self.buf.drain(..self.start);
             self.start = 0;
         }
@@ -1038,6 +1091,170 @@ mod tests {
             prop_assert_eq!(r.push(&bytes), bytes.len());
             let _ = r.next();
             prop_assert!(r.buffered() <= MAX_BUFFERED);
+        }
+    }
+
+    #[test]
+    fn payload_bytes_keep_the_default_postcard_encoding() {
+        // What serde's default Vec<u8> (sequence of u8) would produce.
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        enum DefaultKind {
+            Data(Vec<u8>),
+            Zeroes { len: u64 },
+            Trim { len: u64 },
+        }
+        for len in [0usize, 1, 127, 128, 300, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31) as u8).collect();
+            let ours = postcard::to_allocvec(&WriteKind::Data(data.clone())).unwrap();
+            let default = postcard::to_allocvec(&DefaultKind::Data(data.clone())).unwrap();
+            assert_eq!(ours, default, "len {len}");
+            let back: WriteKind = postcard::from_bytes(&default).unwrap();
+            assert_eq!(back, WriteKind::Data(data));
+        }
+    }
+
+    /// Peak of live heap bytes allocated by the current thread since [`alloc_probe::reset`].
+    mod alloc_probe {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static LIVE: Cell<isize> = const { Cell::new(0) };
+            static PEAK: Cell<isize> = const { Cell::new(0) };
+        }
+
+        fn add(delta: isize) {
+            let _ = LIVE.try_with(|l| {
+                let now = l.get() + delta;
+                l.set(now);
+                let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+            });
+        }
+
+        /// Counts the test binary's allocations per thread (test-only global allocator).
+        pub struct Probe;
+
+        // SAFETY: forwards every call to `System` unchanged; only counts sizes.
+        unsafe impl GlobalAlloc for Probe {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                add(layout.size() as isize);
+                System.alloc(layout)
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                add(-(layout.size() as isize));
+                System.dealloc(ptr, layout)
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+                add(new as isize - layout.size() as isize);
+                System.realloc(ptr, layout, new)
+            }
+        }
+
+        /// Starts a measurement on this thread.
+        pub fn reset() {
+            let _ = LIVE.try_with(|l| l.set(0));
+            let _ = PEAK.try_with(|p| p.set(0));
+        }
+
+        /// Peak live bytes since `reset`.
+        pub fn peak() -> usize {
+            PEAK.try_with(|p| p.get().max(0) as usize).unwrap_or(0)
+        }
+    }
+
+    #[global_allocator]
+    static PROBE: alloc_probe::Probe = alloc_probe::Probe;
+
+    /// Decodes `bytes` with both entry points and checks the heap high-water mark:
+    /// never more than the buffered input plus a bounded multiple of it (decoded
+    /// frame, serde's capped pre-allocation), and never more than two maximal frames.
+    fn decode_within_bound(bytes: &[u8]) -> Result<(), TestCaseError> {
+        alloc_probe::reset();
+        let _ = decode_frame(bytes);
+        let peak = alloc_probe::peak();
+        prop_assert!(
+            peak <= 64 * bytes.len() + 4096,
+            "decode_frame of {} bytes peaked at {} heap bytes",
+            bytes.len(),
+            peak
+        );
+        alloc_probe::reset();
+        let mut r = FrameReader::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = r.push(rest);
+            rest = &rest[n..];
+            match r.next() {
+                Ok(Some(_)) => {}
+                Ok(None) if n > 0 => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let peak = alloc_probe::peak();
+        prop_assert!(
+            peak <= 2 * MAX_BUFFERED && peak <= 64 * bytes.len() + 4096,
+            "FrameReader over {} bytes peaked at {} heap bytes",
+            bytes.len(),
+            peak
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn hostile_lengths_stay_within_allocation_bound() {
+        // A maximal length header with a little body: nothing is allocated for the
+        // announced size (FrameReader buffers only what was pushed).
+        let mut b = (MAX_FRAME_BODY as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(&[0; 100]);
+        decode_within_bound(&b).unwrap();
+        // Hello claiming 2^60 disks inside a valid CRC.
+        let mut body = vec![0u8, 1, 1, 1, b'g', 0, 1, b'a'];
+        body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        body.extend_from_slice(&[0; 64]);
+        decode_within_bound(&raw_frame(&body)).unwrap();
+        // Hello whose disk count equals the remaining bytes (postcard's size hint
+        // then passes it to serde, which caps the pre-allocation).
+        let mut body = vec![0u8, 1, 1, 1, b'g', 0, 1, b'a', 0xe8, 0x07];
+        body.extend_from_slice(&[0; 1000]);
+        decode_within_bound(&raw_frame(&body)).unwrap();
+        // A maximal legal write: the decoded payload is the only big allocation.
+        let mut big = Vec::new();
+        encode_frame(&data_write(1, MAX_WRITE_PAYLOAD), &mut big).unwrap();
+        alloc_probe::reset();
+        let (f, _) = decode_frame(&big).unwrap().unwrap();
+        assert!(
+            alloc_probe::peak() <= MAX_WRITE_PAYLOAD + 4096,
+            "{}",
+            alloc_probe::peak()
+        );
+        drop(f);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_input_stays_within_allocation_bound(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            body in proptest::collection::vec(any::<u8>(), 0..1024),
+        ) {
+            decode_within_bound(&bytes)?;
+            decode_within_bound(&raw_frame(&body))?;
+        }
+
+        #[test]
+        fn mutated_frames_stay_within_allocation_bound(
+            f in frame(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let mut body = postcard::to_allocvec(&f).unwrap();
+            if !body.is_empty() {
+                for (pos, byte) in edits {
+                    let i = pos.index(body.len());
+                    body[i] = byte;
+                }
+            }
+            decode_within_bound(&raw_frame(&body))?;
         }
     }
 

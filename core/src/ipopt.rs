@@ -1238,7 +1238,10 @@ mod tests {
                 prop_assert_eq!(p.len(), bytes.len() + added);
                 let hl = usize::from(p[0] & 0xf) * 4;
                 prop_assert!(header_checksum_ok(&p[..hl]));
-                prop_assert!(matches!(classify(&p), Classify::Tagged { .. }), "not tagged after insert");
+                prop_assert!(
+                    matches!(classify(&p), Classify::Tagged { .. }),
+                    "not tagged after insert"
+                );
                 prop_assert!(strip_tag(&mut p).unwrap().is_some());
                 prop_assert_eq!(&p, &bytes);
             }
@@ -1249,7 +1252,10 @@ mod tests {
             Ok(Some(_)) => {
                 let hl = usize::from(s[0] & 0xf) * 4;
                 prop_assert!(header_checksum_ok(&s[..hl]));
-                prop_assert!(!matches!(classify(&s), Classify::Tagged { .. }), "still tagged after strip");
+                prop_assert!(
+                    !matches!(classify(&s), Classify::Tagged { .. }),
+                    "still tagged after strip"
+                );
             }
             Ok(None) | Err(_) => prop_assert_eq!(&s, &bytes),
         }

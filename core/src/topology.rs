@@ -597,6 +597,11 @@ pub fn nbd_socket_path(nbd_dir: &Path, disk: &str) -> PathBuf {
     nbd_dir.join(format!("{disk}.sock"))
 }
 
+/// The control socket of a host that does not name one: `<nbd_dir>/ctl.sock`.
+pub fn default_ctl_socket(nbd_dir: &Path) -> PathBuf {
+    nbd_dir.join("ctl.sock")
+}
+
 /// Formats a MAC address as `02:00:00:00:00:03`.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.iter()
@@ -1578,57 +1583,8 @@ fn list_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
-    if cx.text.len() > MAX_TOPOLOGY_BYTES {
-        cx.error_at_start(
-            "",
-            format!(
-                "the file is {} bytes; expected at most {MAX_TOPOLOGY_BYTES}",
-                cx.text.len()
-            ),
-        );
-        return None;
-    }
-    let root: Node = match toml::from_str(cx.text) {
-        Ok(root) => root,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            let mut message = e.message().trim().replace('\n', "; ");
-            if !message.contains("expected") {
-                message.push_str("; expected valid TOML (https://toml.io)");
-            }
-            cx.error(&span, "", format!("TOML syntax: {message}"));
-            return None;
-        }
-    };
-    let Node::Table(root_table) = &root else {
-        cx.error_at_start("", "the document is not a table");
-        return None;
-    };
-    let mut root = TableReader::new(String::new(), 0..0, root_table, ROOT_KEYS);
-
-    let group = parse_group(cx, root.take("group"));
-    let backup = parse_backup(cx, root.take("backup"));
-    let policy = parse_policy(cx, root.take("policy"));
-    let host_tables = array_of_tables(cx, &mut root, "host", MAX_HOSTS);
-    let machine_tables = array_of_tables(cx, &mut root, "machine", MAX_MACHINES);
-    let disk_tables = array_of_tables(cx, &mut root, "disk", MAX_DISKS);
-    root.finish(cx);
-
-    let hosts: Vec<RawHost> = host_tables
-        .into_iter()
-        .map(|(i, span, t)| parse_host(cx, i, span, t))
-        .collect();
-    let machines: Vec<RawMachine> = machine_tables
-        .into_iter()
-        .map(|(i, span, t)| parse_machine(cx, i, span, t))
-        .collect();
-    let disks: Vec<RawDisk> = disk_tables
-        .into_iter()
-        .map(|(i, span, t)| parse_disk(cx, i, span, t))
-        .collect();
-
-    // --- hosts -----------------------------------------------------------
+/// At least one host; unique host names; control socket paths fit `sun_path`.
+fn check_hosts<'a>(cx: &mut Cx<'_>, hosts: &'a [RawHost]) -> Vec<&'a str> {
     if hosts.is_empty() {
         cx.error_at_start(
             "host",
@@ -1636,7 +1592,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
         );
     }
     let mut seen = HashMap::new();
-    for h in &hosts {
+    for h in hosts {
         if let Some(name) = &h.name {
             check_unique(
                 cx,
@@ -1652,25 +1608,39 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
                 },
             );
         }
-        if let Some(ctl) = &h.ctl_socket {
-            if ctl.value.as_os_str().len() > MAX_UNIX_SOCKET_PATH {
+        // The explicit path, or the default under nbd_dir (reported at nbd_dir).
+        let ctl = match (&h.ctl_socket, &h.nbd_dir) {
+            (Some(ctl), _) => Some((ctl.value.clone(), &ctl.span, &ctl.field)),
+            (None, Some(dir)) => Some((default_ctl_socket(&dir.value), &dir.span, &dir.field)),
+            (None, None) => None,
+        };
+        if let Some((path, span, field)) = ctl {
+            let len = path.as_os_str().len();
+            if len > MAX_UNIX_SOCKET_PATH {
                 cx.error(
-                    &ctl.span,
-                    &ctl.field,
+                    span,
+                    field,
                     format!(
-                        "the path is {} bytes; expected at most {MAX_UNIX_SOCKET_PATH} (Unix socket path limit)",
-                        ctl.value.as_os_str().len()
+                        "control socket {} would be {len} bytes; expected at most {MAX_UNIX_SOCKET_PATH} (Unix socket path limit)",
+                        path.display()
                     ),
                 );
             }
         }
     }
-    let host_names: Vec<&str> = hosts
+    hosts
         .iter()
         .filter_map(|h| h.name.as_ref().map(|n| n.value.as_str()))
-        .collect();
+        .collect()
+}
 
-    // --- machines --------------------------------------------------------
+/// At least one machine and one outbound machine; unique names, IPs and MACs;
+/// every machine on a declared host.
+fn check_machines<'a>(
+    cx: &mut Cx<'_>,
+    machines: &'a [RawMachine],
+    host_names: &[&str],
+) -> Vec<&'a str> {
     if machines.is_empty() {
         cx.error_at_start(
             "machine",
@@ -1680,7 +1650,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
     let mut names = HashMap::new();
     let mut ips = HashMap::new();
     let mut macs = HashMap::new();
-    for m in &machines {
+    for m in machines {
         let owner = m.name.as_ref().map_or("?", |n| n.value.as_str());
         if let Some(name) = &m.name {
             check_unique(
@@ -1735,12 +1705,14 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
             "no machine is outbound; expected at least one machine with `outbound = true` (the ones clients talk to)",
         );
     }
-    let machine_names: Vec<&str> = machines
+    machines
         .iter()
         .filter_map(|m| m.name.as_ref().map(|n| n.value.as_str()))
-        .collect();
+        .collect()
+}
 
-    // --- disks -----------------------------------------------------------
+/// At least one disk; unique names and image files; every disk of a declared machine.
+fn check_disks(cx: &mut Cx<'_>, disks: &[RawDisk], machine_names: &[&str]) {
     if disks.is_empty() {
         cx.error_at_start(
             "disk",
@@ -1749,7 +1721,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
     }
     let mut disk_names = HashMap::new();
     let mut images = HashMap::new();
-    for d in &disks {
+    for d in disks {
         let owner = d.name.as_ref().map_or("?", |n| n.value.as_str());
         if let Some(name) = &d.name {
             check_unique(
@@ -1795,8 +1767,15 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
             }
         }
     }
+}
 
-    // --- writers ---------------------------------------------------------
+/// Numbers the writers (machines owning a disk, first declaration of each name,
+/// in file order); checks `writer = true/false` flags and [`MAX_WRITERS`].
+fn assign_writers(
+    cx: &mut Cx<'_>,
+    machines: &[RawMachine],
+    disks: &[RawDisk],
+) -> HashMap<String, WriterId> {
     let owns_disk = |name: &str| {
         disks
             .iter()
@@ -1806,9 +1785,12 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
     let mut writer_count = 0usize;
     let total_writers = machines
         .iter()
-        .filter(|m| m.name.as_ref().is_some_and(|n| owns_disk(&n.value)))
-        .count();
-    for m in &machines {
+        .filter_map(|m| m.name.as_ref())
+        .map(|n| n.value.as_str())
+        .filter(|n| owns_disk(n))
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    for m in machines {
         let Some(name) = &m.name else { continue };
         let writes = owns_disk(&name.value);
         if let Some(flag) = &m.writer {
@@ -1832,11 +1814,8 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
                 );
             }
         }
-        if writes
-            && names
-                .get(&name.value)
-                .is_some_and(|(_, o)| *o == name.span.start)
-        {
+        // A duplicate machine name (already reported) does not make a second writer.
+        if writes && !writer_ids.contains_key(&name.value) {
             if writer_count == MAX_WRITERS {
                 cx.error(
                     &name.span,
@@ -1854,22 +1833,29 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
             writer_count += 1;
         }
     }
+    writer_ids
+}
 
-    // --- per host: disk count and socket paths --------------------------
-    for h in &hosts {
+/// Per host: at most [`MAX_DISKS_PER_HELLO`] disks, NBD socket paths fit `sun_path`.
+fn check_host_limits(
+    cx: &mut Cx<'_>,
+    hosts: &[RawHost],
+    machines: &[RawMachine],
+    disks: &[RawDisk],
+) {
+    for h in hosts {
         let (Some(name), Some(dir)) = (&h.name, &h.nbd_dir) else {
             continue;
         };
+        let on_host = |machine: &str| {
+            machines.iter().any(|m| {
+                m.name.as_ref().is_some_and(|n| n.value == machine)
+                    && m.host.as_ref().is_some_and(|mh| mh.value == name.value)
+            })
+        };
         let host_disks: Vec<&RawDisk> = disks
             .iter()
-            .filter(|d| {
-                d.machine.as_ref().is_some_and(|dm| {
-                    machines.iter().any(|m| {
-                        m.name.as_ref().is_some_and(|n| n.value == dm.value)
-                            && m.host.as_ref().is_some_and(|mh| mh.value == name.value)
-                    })
-                })
-            })
+            .filter(|d| d.machine.as_ref().is_some_and(|dm| on_host(&dm.value)))
             .collect();
         if host_disks.len() > MAX_DISKS_PER_HELLO {
             cx.error(
@@ -1901,6 +1887,63 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
             }
         }
     }
+}
+
+fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
+    if cx.text.len() > MAX_TOPOLOGY_BYTES {
+        cx.error_at_start(
+            "",
+            format!(
+                "the file is {} bytes; expected at most {MAX_TOPOLOGY_BYTES}",
+                cx.text.len()
+            ),
+        );
+        return None;
+    }
+    let root: Node = match toml::from_str(cx.text) {
+        Ok(root) => root,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let mut message = e.message().trim().replace('\n', "; ");
+            if !message.contains("expected") {
+                message.push_str("; expected valid TOML (https://toml.io)");
+            }
+            cx.error(&span, "", format!("TOML syntax: {message}"));
+            return None;
+        }
+    };
+    let Node::Table(root_table) = &root else {
+        cx.error_at_start("", "the document is not a table");
+        return None;
+    };
+    let mut root = TableReader::new(String::new(), 0..0, root_table, ROOT_KEYS);
+
+    let group = parse_group(cx, root.take("group"));
+    let backup = parse_backup(cx, root.take("backup"));
+    let policy = parse_policy(cx, root.take("policy"));
+    let host_tables = array_of_tables(cx, &mut root, "host", MAX_HOSTS);
+    let machine_tables = array_of_tables(cx, &mut root, "machine", MAX_MACHINES);
+    let disk_tables = array_of_tables(cx, &mut root, "disk", MAX_DISKS);
+    root.finish(cx);
+
+    let hosts: Vec<RawHost> = host_tables
+        .into_iter()
+        .map(|(i, span, t)| parse_host(cx, i, span, t))
+        .collect();
+    let machines: Vec<RawMachine> = machine_tables
+        .into_iter()
+        .map(|(i, span, t)| parse_machine(cx, i, span, t))
+        .collect();
+    let disks: Vec<RawDisk> = disk_tables
+        .into_iter()
+        .map(|(i, span, t)| parse_disk(cx, i, span, t))
+        .collect();
+
+    let host_names = check_hosts(cx, &hosts);
+    let machine_names = check_machines(cx, &machines, &host_names);
+    check_disks(cx, &disks, &machine_names);
+    let writer_ids = assign_writers(cx, &machines, &disks);
+    check_host_limits(cx, &hosts, &machines, &disks);
 
     // --- build -----------------------------------------------------------
     let group = group?;
@@ -1912,7 +1955,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
             let nbd_dir = h.nbd_dir?.value;
             let ctl_socket = h
                 .ctl_socket
-                .map_or_else(|| nbd_dir.join("ctl.sock"), |c| c.value);
+                .map_or_else(|| default_ctl_socket(&nbd_dir), |c| c.value);
             Some(Host {
                 name: h.name?.value,
                 nbd_dir,
@@ -2473,6 +2516,31 @@ size = "1GiB"
             "host[0].nbd_dir",
             "Unix socket paths are limited",
         );
+        let errs = errors_of(&text);
+        assert_error(&errs, 16, "host[0].nbd_dir", "control socket");
+        let text = good_with(
+            "nbd_dir = \"/run/pipecloud/dom0-a\"",
+            &format!("nbd_dir = \"/run/p\"\nctl_socket = \"{long}.sock\""),
+        );
+        let errs = errors_of(&text);
+        assert_error(&errs, 17, "host[0].ctl_socket", "Unix socket path limit");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+    }
+
+    #[test]
+    fn topology_module_doc_example_is_valid() {
+        let source = include_str!("topology.rs");
+        let example: String = source
+            .lines()
+            .skip_while(|l| *l != "//! ```toml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start_matches(' ')))
+            .collect();
+        assert!(example.contains("[[disk]]"), "example not found");
+        let t = Topology::parse(&example, "doc").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.writer_of("db"), Some(WriterId(0)));
+        assert_eq!(t.policy.max_inflight_bytes, 64 << 20);
     }
 
     #[test]

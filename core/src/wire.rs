@@ -86,7 +86,7 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteKind {
     /// Write these bytes at the offset (len = data.len(), at most MAX_WRITE_PAYLOAD).
-    Data(Vec<u8>),
+    Data(#[serde(with = "crate::codec::payload_bytes")] Vec<u8>),
     /// Write `len` zero bytes.
     Zeroes { len: u64 },
     /// Discard `len` bytes (the backup may zero them).
@@ -129,6 +129,7 @@ pub enum Checkpoint {
     State {
         epoch: u64,
         offset: u64,
+        #[serde(with = "crate::codec::payload_bytes")]
         data: Vec<u8>,
     },
     /// All of `epoch` (memory, device state, disk writes) has been sent.

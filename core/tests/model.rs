@@ -37,7 +37,7 @@ use pipecloud_core::{CountVector, Seq, WriterId};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 type Time = u64;
@@ -799,9 +799,14 @@ impl Sim {
         let o = self.machines[m].outbound.unwrap_or(0);
         let flow = self.rng.below(u64::from(self.outbounds[o].flows)) as u32;
         let id = self.packets.len() as PacketId;
-        let tag = self.machines[m].pending;
-        let truth = self.machines[m].truth;
-        let bytes = self.rng.range(40, 1500) as usize;
+        // One packet in five is a bare TCP ACK pushed with a zero tag: it carries
+        // no application data, but it must still not overtake its flow.
+        let (tag, truth, bytes) = if self.rng.chance(1, 5) {
+            (CountVector::ZERO, CountVector::ZERO, 40)
+        } else {
+            let m = &self.machines[m];
+            (m.pending, m.truth, self.rng.range(40, 1500) as usize)
+        };
         self.packets.push(Packet {
             outbound: o,
             flow,
@@ -1270,14 +1275,23 @@ fn run_many(
     let failure: Mutex<Option<Failure>> = Mutex::new(None);
     let total = Mutex::new(Stats::default());
     let threads = threads.max(1) as u64;
+    // Seed each thread is running, for the no-progress diagnostic below.
+    let current: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(u64::MAX)).collect();
+    let finished = AtomicU64::new(0);
+    let completed = AtomicU64::new(0);
     std::thread::scope(|s| {
         for t in 0..threads {
             let (stop, failure, total) = (&stop, &failure, &total);
+            let (current, finished, completed) = (&current, &finished, &completed);
             s.spawn(move || {
                 let mut local = Stats::default();
                 let mut k = t;
                 while k < count && !stop.load(Ordering::Relaxed) {
-                    match run_schedule(start.wrapping_add(k), bug, release_checks, trace) {
+                    let seed = start.wrapping_add(k);
+                    current[t as usize].store(seed, Ordering::Relaxed);
+                    let res = run_schedule(seed, bug, release_checks, trace);
+                    completed.fetch_add(1, Ordering::Relaxed);
+                    match res {
                         Ok(st) => local.add(&st),
                         Err(f) => {
                             stop.store(true, Ordering::Relaxed);
@@ -1291,7 +1305,29 @@ fn run_many(
                     k += threads;
                 }
                 total.lock().unwrap().add(&local);
+                finished.fetch_add(1, Ordering::Relaxed);
             });
+        }
+        // A module under test that loops forever would hang the test without a
+        // seed: after a long stretch with no completed schedule, say which seeds
+        // are running (a diagnostic only; nothing is asserted on time).
+        let mut last = 0;
+        let mut idle = 0;
+        while finished.load(Ordering::Relaxed) < threads {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = completed.load(Ordering::Relaxed);
+            if now != last {
+                (last, idle) = (now, 0);
+                continue;
+            }
+            idle += 1;
+            if idle == 600 {
+                let seeds: Vec<u64> = current.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+                eprintln!(
+                    "model: no schedule finished for a minute; seeds in progress {seeds:?} \
+                     (replay one with PIPECLOUD_MODEL_SEED=<seed> PIPECLOUD_MODEL_SCHEDULES=1)"
+                );
+            }
         }
     });
     match failure.into_inner().unwrap() {

@@ -1,25 +1,24 @@
 //! One NBD connection: handshake/option haggling, then transmission.
 //!
-//! Transmission runs three kinds of tasks:
+//! Transmission runs two kinds of tasks:
 //! - the *reader* (this connection's task) reads and validates request headers (and WRITE
 //!   payloads) and spawns one task per accepted request into a per-connection `JoinSet`;
-//! - *request tasks* call the backend and hand their reply to the writer;
-//! - the *writer* task serialises replies onto the socket (batching whatever is queued
-//!   before each flush).
+//! - *request tasks* call the backend and write their own reply under the connection's
+//!   reply lock ([`ReplyWriter`]): one whole reply at a time, no hop through a writer task.
 //!
 //! Bounds: at most `max_in_flight` request tasks and `max_in_flight_bytes` of READ/WRITE
 //! payload per connection. At either bound the reader stops reading the socket until a
 //! request completes (TCP/unix back-pressure then stops the client). A request's byte
-//! permit is released only once its reply is written, so queued read data counts too.
-//! The reply channel holds at most `max_in_flight + 1` replies.
+//! permit is released only once its reply is written, so read data waiting for the reply
+//! lock counts too. Tasks waiting for the lock are bounded by `max_in_flight`.
 //!
 //! Every exit path (DISC, client EOF, protocol violation, server shutdown) first waits for
 //! the in-flight request tasks, so a backend operation is never abandoned half-way.
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
@@ -55,13 +54,43 @@ pub(crate) enum End {
     WriterGone,
 }
 
-/// A reply queued for the writer.
-struct Reply {
-    handle: u64,
-    error: u32,
-    data: Vec<u8>,
-    /// Byte budget held until the reply is on the wire.
-    _permit: Option<OwnedSemaphorePermit>,
+/// Replies up to this size are copied behind their header and sent with one write.
+const COALESCE_REPLY: usize = 64 * 1024;
+
+/// The write half of a connection, shared by its request tasks.
+struct ReplyWriter<W> {
+    w: Mutex<W>,
+    /// Set once a write failed: the client is gone, the reader stops.
+    broken: watch::Sender<bool>,
+}
+
+impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
+    /// Writes one simple reply (header, and the READ data on success).
+    async fn send(&self, handle: u64, error: u32, data: &[u8]) {
+        if *self.broken.borrow() {
+            return;
+        }
+        let header = proto::encode_simple_reply(error, handle);
+        let data = if error == 0 { data } else { &[][..] };
+        let mut w = self.w.lock().await;
+        let result = if data.len() <= COALESCE_REPLY {
+            let mut frame = Vec::with_capacity(header.len() + data.len());
+            frame.extend_from_slice(&header);
+            frame.extend_from_slice(data);
+            w.write_all(&frame).await
+        } else {
+            match w.write_all(&header).await {
+                Ok(()) => w.write_all(data).await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = result {
+            if !is_eof(&e) {
+                debug!("nbd: writing a reply failed: {e}");
+            }
+            self.broken.send_replace(true);
+        }
+    }
 }
 
 pub(crate) async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
@@ -137,7 +166,12 @@ where
     }
     let flags = proto::decode_client_flags(&fb)
         .map_err(|e| ConnError::Protocol(e.to_string()))?
-        .ok_or_else(|| ConnError::Protocol(format!("unknown client flags {:#x}", u32::from_be_bytes(fb))))?;
+        .ok_or_else(|| {
+            ConnError::Protocol(format!(
+                "unknown client flags {:#x}",
+                u32::from_be_bytes(fb)
+            ))
+        })?;
     let no_zeroes = flags & proto::FLAG_C_NO_ZEROES != 0;
     for _ in 0..config.max_options {
         let mut hb = [0u8; proto::OPTION_HEADER_LEN];
@@ -167,7 +201,12 @@ where
                 wr.flush().await?;
                 return Ok(None);
             }
-            OptionAction::Enter { reply, name, info, handle } => {
+            OptionAction::Enter {
+                reply,
+                name,
+                info,
+                handle,
+            } => {
                 wr.write_all(&reply).await?;
                 wr.flush().await?;
                 return Ok(Some((name, info, handle)));
@@ -175,7 +214,10 @@ where
             OptionAction::Close => return Ok(None),
         }
     }
-    Err(ConnError::Protocol(format!("more than {} options", config.max_options)))
+    Err(ConnError::Protocol(format!(
+        "more than {} options",
+        config.max_options
+    )))
 }
 
 async fn transmission<B, R, W>(
@@ -192,8 +234,11 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Reply>(config.max_in_flight + 1);
-    let writer = tokio::spawn(write_replies(wr, rx));
+    let (broken, mut broken_rx) = watch::channel(false);
+    let writer = Arc::new(ReplyWriter {
+        w: Mutex::new(wr),
+        broken,
+    });
     let budget = Arc::new(Semaphore::new(config.max_in_flight_bytes as usize));
     let mut tasks = JoinSet::new();
     let result = read_requests(
@@ -201,10 +246,11 @@ where
         &backend,
         &info,
         config,
-        &tx,
+        &writer,
         &budget,
         &mut tasks,
         &mut shutdown,
+        &mut broken_rx,
     )
     .await;
     // Finish every accepted request before closing (DISC semantics; never abandon a
@@ -214,30 +260,26 @@ where
             error!(conn_id, "nbd: request task failed: {e}");
         }
     }
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if is_eof(&e) => {}
-        Ok(Err(e)) => debug!(conn_id, "nbd: writing replies failed: {e}"),
-        Err(e) => error!(conn_id, "nbd: reply writer failed: {e}"),
-    }
+    let _ = writer.w.lock().await.shutdown().await;
     result
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn read_requests<B, R>(
+async fn read_requests<B, R, W>(
     rd: &mut R,
     backend: &Arc<B>,
     info: &proto::ExportInfo,
     config: &NbdConfig,
-    tx: &mpsc::Sender<Reply>,
+    writer: &Arc<ReplyWriter<W>>,
     budget: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
     shutdown: &mut watch::Receiver<bool>,
+    broken: &mut watch::Receiver<bool>,
 ) -> Result<End, ConnError>
 where
     B: BlockBackend,
     R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     loop {
         while tasks.try_join_next().is_some() {}
@@ -250,7 +292,7 @@ where
         tokio::select! {
             biased;
             _ = wait_shutdown(shutdown) => return Ok(End::Shutdown),
-            _ = tx.closed() => return Ok(End::WriterGone),
+            _ = broken.wait_for(|b| *b) => return Ok(End::WriterGone),
             r = rd.read_exact(&mut hb) => match r {
                 Ok(_) => {}
                 Err(e) if is_eof(&e) => return Ok(End::ClientClosed),
@@ -264,19 +306,19 @@ where
             Ok(c) => c,
             Err(rej) => {
                 debug!(?header, error = rej.error, "nbd: rejecting request");
-                let reply = Reply { handle, error: rej.error, data: Vec::new(), _permit: None };
                 match rej.payload {
                     Payload::None => {}
                     Payload::Discard(n) => discard(rd, n).await?,
                     Payload::Disconnect => {
-                        warn!(len = header.length, "nbd: write larger than the payload limit, disconnecting");
-                        let _ = tx.send(reply).await;
+                        warn!(
+                            len = header.length,
+                            "nbd: write larger than the payload limit, disconnecting"
+                        );
+                        writer.send(handle, rej.error, &[]).await;
                         return Ok(End::OversizedWrite);
                     }
                 }
-                if tx.send(reply).await.is_err() {
-                    return Ok(End::WriterGone);
-                }
+                writer.send(handle, rej.error, &[]).await;
                 continue;
             }
         };
@@ -292,23 +334,31 @@ where
         let payload = match command {
             Command::Write { len, .. } => {
                 let mut buf = vec![0u8; len as usize];
-                rd.read_exact(&mut buf).await?;
-                buf
+                match rd.read_exact(&mut buf).await {
+                    Ok(_) => buf,
+                    Err(e) if is_eof(&e) => return Ok(End::ClientClosed),
+                    Err(e) => return Err(e.into()),
+                }
             }
             Command::Disconnect => return Ok(End::Disconnect),
             _ => Vec::new(),
         };
         let backend = Arc::clone(backend);
-        let tx = tx.clone();
+        let writer = Arc::clone(writer);
         tasks.spawn(async move {
             let (error, data) = execute(&*backend, command, payload).await;
-            let _ = tx.send(Reply { handle, error, data, _permit: Some(permit) }).await;
+            writer.send(handle, error, &data).await;
+            drop(permit);
         });
     }
 }
 
 /// Runs one validated command on the backend; returns (NBD error, read data).
-async fn execute<B: BlockBackend>(backend: &B, command: Command, payload: Vec<u8>) -> (u32, Vec<u8>) {
+async fn execute<B: BlockBackend>(
+    backend: &B,
+    command: Command,
+    payload: Vec<u8>,
+) -> (u32, Vec<u8>) {
     let result = match command {
         Command::Read { offset, len } => match backend.read(offset, len).await {
             Ok(data) if data.len() == len as usize => return (0, data),
@@ -344,28 +394,6 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, n: u32) -> Result<(), ConnErr
         let chunk = left.min(sink.len() as u64) as usize;
         rd.read_exact(&mut sink[..chunk]).await?;
         left -= chunk as u64;
-    }
-    Ok(())
-}
-
-/// Writes queued replies, flushing whenever the queue runs empty.
-async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 * 1024, wr);
-    while let Some(reply) = rx.recv().await {
-        write_reply(&mut w, reply).await?;
-        while let Ok(reply) = rx.try_recv() {
-            write_reply(&mut w, reply).await?;
-        }
-        w.flush().await?;
-    }
-    let _ = w.shutdown().await;
-    Ok(())
-}
-
-async fn write_reply<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, reply: Reply) -> std::io::Result<()> {
-    w.write_all(&proto::encode_simple_reply(reply.error, reply.handle)).await?;
-    if reply.error == 0 && !reply.data.is_empty() {
-        w.write_all(&reply.data).await?;
     }
     Ok(())
 }

@@ -125,7 +125,10 @@ impl<B: BlockBackend> proto::ExportCatalog for Exports<B> {
         } else {
             map.get_key_value(name)?
         };
-        let info = proto::ExportInfo { size: backend.size(), flags: proto::SERVER_TRANSMISSION_FLAGS };
+        let info = proto::ExportInfo {
+            size: backend.size(),
+            flags: proto::SERVER_TRANSMISSION_FLAGS,
+        };
         Some((name.clone(), info, Arc::clone(backend)))
     }
 
@@ -143,7 +146,10 @@ pub struct NbdServer<B> {
 
 impl<B> Clone for NbdServer<B> {
     fn clone(&self) -> Self {
-        Self { exports: Arc::clone(&self.exports), config: self.config.clone() }
+        Self {
+            exports: Arc::clone(&self.exports),
+            config: self.config.clone(),
+        }
     }
 }
 
@@ -165,13 +171,21 @@ impl<B: BlockBackend> NbdServer<B> {
         config.max_in_flight = config.max_in_flight.max(1);
         config.max_in_flight_bytes = config.max_in_flight_bytes.max(proto::MAX_PAYLOAD);
         config.max_options = config.max_options.max(1);
-        Self { exports: Arc::new(Exports { map: RwLock::new(BTreeMap::new()) }), config }
+        Self {
+            exports: Arc::new(Exports {
+                map: RwLock::new(BTreeMap::new()),
+            }),
+            config,
+        }
     }
 
     /// Adds an export (a disk) under `name`. Connections may choose it from now on.
     pub fn add_export(&self, name: String, backend: Arc<B>) -> Result<(), NbdError> {
         if name.is_empty() {
-            return Err(NbdError::InvalidExportName { name, reason: "empty" });
+            return Err(NbdError::InvalidExportName {
+                name,
+                reason: "empty",
+            });
         }
         if let Err(e) = proto::parse_name(name.as_bytes()) {
             return Err(NbdError::InvalidExportName { name, reason: e.0 });
@@ -187,7 +201,11 @@ impl<B: BlockBackend> NbdServer<B> {
     /// Removes an export: new connections cannot choose it; connections already serving
     /// it keep their reference until they close.
     pub fn remove_export(&self, name: &str) -> Option<Arc<B>> {
-        self.exports.map.write().unwrap_or_else(|e| e.into_inner()).remove(name)
+        self.exports
+            .map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
     }
 
     /// Names of the current exports.
@@ -207,10 +225,12 @@ impl<B: BlockBackend> NbdServer<B> {
 
     /// Listens on a TCP address (port 0 picks a free port; see [`ServerHandle::endpoint`]).
     pub async fn serve_tcp(&self, addr: SocketAddr) -> Result<ServerHandle, NbdError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| NbdError::Io {
-            context: format!("binding NBD TCP listener on {addr}"),
-            source,
-        })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| NbdError::Io {
+                context: format!("binding NBD TCP listener on {addr}"),
+                source,
+            })?;
         let local = listener.local_addr().map_err(|source| NbdError::Io {
             context: "reading NBD listener address".into(),
             source,
@@ -228,12 +248,19 @@ impl<B: BlockBackend> NbdServer<B> {
             shutdown_rx,
             endpoint.clone(),
         ));
-        ServerHandle { endpoint, shutdown: shutdown_tx, task: Some(task) }
+        ServerHandle {
+            endpoint,
+            shutdown: shutdown_tx,
+            task: Some(task),
+        }
     }
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener, NbdError> {
-    let err = |source| NbdError::Io { context: format!("binding NBD socket {}", path.display()), source };
+    let err = |source| NbdError::Io {
+        context: format!("binding NBD socket {}", path.display()),
+        source,
+    };
     match UnixListener::bind(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {

@@ -287,7 +287,8 @@ pub struct OptionHeader {
 
 /// Decodes a 16-byte option header.
 pub fn decode_option_header(buf: &[u8]) -> Result<OptionHeader, DecodeError> {
-    let (Some(magic), Some(option), Some(length)) = (be_u64(buf, 0), be_u32(buf, 8), be_u32(buf, 12))
+    let (Some(magic), Some(option), Some(length)) =
+        (be_u64(buf, 0), be_u32(buf, 8), be_u32(buf, 12))
     else {
         return Err(short(OPTION_HEADER_LEN, buf.len()));
     };
@@ -332,14 +333,19 @@ pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, InvalidOption> {
     let count = be_u16(data, name_end).ok_or(too_short)? as usize;
     let rest = data.get(name_end + 2..).unwrap_or(&[]);
     if rest.len() != count * 2 {
-        return Err(InvalidOption("info request count does not match option length"));
+        return Err(InvalidOption(
+            "info request count does not match option length",
+        ));
     }
     let name = parse_name(name_bytes)?;
     let info_requests = rest
         .chunks_exact(2)
         .map(|c| u16::from_be_bytes([c[0], c[1]]))
         .collect();
-    Ok(InfoRequest { name, info_requests })
+    Ok(InfoRequest {
+        name,
+        info_requests,
+    })
 }
 
 /// A transmission request header as sent by the client.
@@ -372,7 +378,13 @@ pub fn decode_request_header(buf: &[u8]) -> Result<RequestHeader, DecodeError> {
     if magic != REQUEST_MAGIC {
         return Err(DecodeError::BadMagic(u64::from(magic)));
     }
-    Ok(RequestHeader { flags, kind, handle, offset, length })
+    Ok(RequestHeader {
+        flags,
+        kind,
+        handle,
+        offset,
+        length,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -452,10 +464,18 @@ pub struct Rejection {
 }
 
 fn allowed_flags(kind: u16, export_flags: u16) -> u16 {
-    let fua = if export_flags & FLAG_SEND_FUA != 0 { CMD_FLAG_FUA } else { 0 };
+    let fua = if export_flags & FLAG_SEND_FUA != 0 {
+        CMD_FLAG_FUA
+    } else {
+        0
+    };
     match kind {
         CMD_WRITE_ZEROES => {
-            let fast = if export_flags & FLAG_SEND_FAST_ZERO != 0 { CMD_FLAG_FAST_ZERO } else { 0 };
+            let fast = if export_flags & FLAG_SEND_FAST_ZERO != 0 {
+                CMD_FLAG_FAST_ZERO
+            } else {
+                0
+            };
             fua | CMD_FLAG_NO_HOLE | fast
         }
         _ => fua,
@@ -478,7 +498,10 @@ fn allowed_flags(kind: u16, export_flags: u16) -> u16 {
 pub fn validate_request(h: &RequestHeader, export: &ExportInfo) -> Result<Command, Rejection> {
     let payload = if h.kind == CMD_WRITE {
         if h.length > MAX_PAYLOAD {
-            return Err(Rejection { error: EINVAL, payload: Payload::Disconnect });
+            return Err(Rejection {
+                error: EINVAL,
+                payload: Payload::Disconnect,
+            });
         }
         Payload::Discard(h.length)
     } else {
@@ -740,7 +763,12 @@ pub fn negotiate_option<C: ExportCatalog>(
             push_option_reply(&mut out, option, REP_INFO, &info_export(&info));
             push_option_reply(&mut out, option, REP_ACK, &[]);
             if option == OPT_GO {
-                OptionAction::Enter { reply: out, name, info, handle }
+                OptionAction::Enter {
+                    reply: out,
+                    name,
+                    info,
+                    handle,
+                }
             } else {
                 OptionAction::Reply(out)
             }
@@ -771,10 +799,16 @@ mod tests {
         }
     }
 
-    const DISK: ExportInfo = ExportInfo { size: 1 << 20, flags: SERVER_TRANSMISSION_FLAGS };
+    const DISK: ExportInfo = ExportInfo {
+        size: 1 << 20,
+        flags: SERVER_TRANSMISSION_FLAGS,
+    };
 
     fn catalog() -> Catalog {
-        Catalog(vec![("disk0".into(), DISK), ("disk1".into(), ExportInfo { size: 4096, ..DISK })])
+        Catalog(vec![
+            ("disk0".into(), DISK),
+            ("disk1".into(), ExportInfo { size: 4096, ..DISK }),
+        ])
     }
 
     fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
@@ -802,7 +836,13 @@ mod tests {
     }
 
     fn hdr(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-        RequestHeader { flags, kind, handle: 7, offset, length }
+        RequestHeader {
+            flags,
+            kind,
+            handle: 7,
+            offset,
+            length,
+        }
     }
 
     #[test]
@@ -826,20 +866,41 @@ mod tests {
         let mut b = IHAVEOPT.to_be_bytes().to_vec();
         b.extend_from_slice(&OPT_GO.to_be_bytes());
         b.extend_from_slice(&9u32.to_be_bytes());
-        assert_eq!(decode_option_header(&b), Ok(OptionHeader { option: OPT_GO, length: 9 }));
+        assert_eq!(
+            decode_option_header(&b),
+            Ok(OptionHeader {
+                option: OPT_GO,
+                length: 9
+            })
+        );
         b[0] ^= 1;
-        assert!(matches!(decode_option_header(&b), Err(DecodeError::BadMagic(_))));
-        assert!(matches!(decode_option_header(&b[..15]), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode_option_header(&b),
+            Err(DecodeError::BadMagic(_))
+        ));
+        assert!(matches!(
+            decode_option_header(&b[..15]),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]
     fn request_header_roundtrip() {
-        let h = RequestHeader { flags: 1, kind: CMD_WRITE, handle: 0xdead_beef, offset: 4096, length: 512 };
+        let h = RequestHeader {
+            flags: 1,
+            kind: CMD_WRITE,
+            handle: 0xdead_beef,
+            offset: 4096,
+            length: 512,
+        };
         let b = encode_request_header(&h);
         assert_eq!(decode_request_header(&b), Ok(h));
         let mut bad = b;
         bad[3] = 0;
-        assert!(matches!(decode_request_header(&bad), Err(DecodeError::BadMagic(_))));
+        assert!(matches!(
+            decode_request_header(&bad),
+            Err(DecodeError::BadMagic(_))
+        ));
     }
 
     #[test]
@@ -847,7 +908,10 @@ mod tests {
         let d = go_data("disk0", &[INFO_NAME, INFO_BLOCK_SIZE]);
         assert_eq!(
             parse_info_request(&d),
-            Ok(InfoRequest { name: "disk0".into(), info_requests: vec![1, 3] })
+            Ok(InfoRequest {
+                name: "disk0".into(),
+                info_requests: vec![1, 3]
+            })
         );
         // count disagrees with length
         let mut bad = d.clone();
@@ -864,7 +928,15 @@ mod tests {
     #[test]
     fn go_known_export_enters_with_info() {
         let action = negotiate_option(OPT_GO, &go_data("disk1", &[INFO_NAME]), true, &catalog());
-        let OptionAction::Enter { reply, name, info, handle } = action else { panic!("{action:?}") };
+        let OptionAction::Enter {
+            reply,
+            name,
+            info,
+            handle,
+        } = action
+        else {
+            panic!("{action:?}")
+        };
         assert_eq!((name.as_str(), info.size, handle), ("disk1", 4096, 1));
         let r = replies(&reply);
         assert_eq!(r.len(), 4);
@@ -881,16 +953,22 @@ mod tests {
     #[test]
     fn info_does_not_enter_and_unknown_export_errors() {
         let a = negotiate_option(OPT_INFO, &go_data("disk0", &[]), true, &catalog());
-        let OptionAction::Reply(b) = a else { panic!("{a:?}") };
+        let OptionAction::Reply(b) = a else {
+            panic!("{a:?}")
+        };
         assert_eq!(replies(&b).last().map(|r| r.1), Some(REP_ACK));
         let a = negotiate_option(OPT_GO, &go_data("nope", &[]), true, &catalog());
-        let OptionAction::Reply(b) = a else { panic!("{a:?}") };
+        let OptionAction::Reply(b) = a else {
+            panic!("{a:?}")
+        };
         assert_eq!(replies(&b)[0].1, REP_ERR_UNKNOWN);
         // default export is ambiguous with two exports
         let a = negotiate_option(OPT_GO, &go_data("", &[]), true, &catalog());
         assert!(matches!(a, OptionAction::Reply(_)));
         let a = negotiate_option(OPT_GO, &[1, 2], true, &catalog());
-        let OptionAction::Reply(b) = a else { panic!("{a:?}") };
+        let OptionAction::Reply(b) = a else {
+            panic!("{a:?}")
+        };
         assert_eq!(replies(&b)[0].1, REP_ERR_INVALID);
     }
 
@@ -907,14 +985,21 @@ mod tests {
             negotiate_option(OPT_ABORT, &[], true, &catalog()),
             OptionAction::ReplyAndClose(_)
         ));
-        for opt in [OPT_STRUCTURED_REPLY, OPT_STARTTLS, OPT_EXTENDED_HEADERS, 999] {
+        for opt in [
+            OPT_STRUCTURED_REPLY,
+            OPT_STARTTLS,
+            OPT_EXTENDED_HEADERS,
+            999,
+        ] {
             let OptionAction::Reply(b) = negotiate_option(opt, &[], true, &catalog()) else {
                 panic!()
             };
             assert_eq!(replies(&b)[0].1, REP_ERR_UNSUP);
         }
         let a = negotiate_option(OPT_EXPORT_NAME, b"disk0", false, &catalog());
-        let OptionAction::Enter { reply, .. } = a else { panic!() };
+        let OptionAction::Enter { reply, .. } = a else {
+            panic!()
+        };
         assert_eq!(reply.len(), 8 + 2 + 124);
         assert!(matches!(
             negotiate_option(OPT_EXPORT_NAME, b"nope", false, &catalog()),
@@ -926,59 +1011,132 @@ mod tests {
     fn validation_ranges_and_errors() {
         let e = DISK;
         let ok = |h| validate_request(&h, &e);
-        assert_eq!(ok(hdr(CMD_READ, 0, 0, 4096)), Ok(Command::Read { offset: 0, len: 4096 }));
+        assert_eq!(
+            ok(hdr(CMD_READ, 0, 0, 4096)),
+            Ok(Command::Read {
+                offset: 0,
+                len: 4096
+            })
+        );
         assert_eq!(
             ok(hdr(CMD_WRITE, CMD_FLAG_FUA, (1 << 20) - 512, 512)),
-            Ok(Command::Write { offset: (1 << 20) - 512, len: 512, fua: true })
+            Ok(Command::Write {
+                offset: (1 << 20) - 512,
+                len: 512,
+                fua: true
+            })
         );
         // past the end
-        assert_eq!(ok(hdr(CMD_READ, 0, 1 << 20, 1)), Err(Rejection { error: EINVAL, payload: Payload::None }));
+        assert_eq!(
+            ok(hdr(CMD_READ, 0, 1 << 20, 1)),
+            Err(Rejection {
+                error: EINVAL,
+                payload: Payload::None
+            })
+        );
         assert_eq!(
             ok(hdr(CMD_WRITE, 0, 1 << 20, 512)),
-            Err(Rejection { error: ENOSPC, payload: Payload::Discard(512) })
+            Err(Rejection {
+                error: ENOSPC,
+                payload: Payload::Discard(512)
+            })
         );
-        assert_eq!(ok(hdr(CMD_WRITE_ZEROES, 0, u64::MAX, 512)).map_err(|r| r.error), Err(ENOSPC));
-        assert_eq!(ok(hdr(CMD_TRIM, 0, u64::MAX - 1, 512)).map_err(|r| r.error), Err(EINVAL));
+        assert_eq!(
+            ok(hdr(CMD_WRITE_ZEROES, 0, u64::MAX, 512)).map_err(|r| r.error),
+            Err(ENOSPC)
+        );
+        assert_eq!(
+            ok(hdr(CMD_TRIM, 0, u64::MAX - 1, 512)).map_err(|r| r.error),
+            Err(EINVAL)
+        );
         // oversize
         assert_eq!(
             ok(hdr(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1)),
-            Err(Rejection { error: EINVAL, payload: Payload::Disconnect })
+            Err(Rejection {
+                error: EINVAL,
+                payload: Payload::Disconnect
+            })
         );
-        let big = ExportInfo { size: u64::MAX, ..e };
+        let big = ExportInfo {
+            size: u64::MAX,
+            ..e
+        };
         assert_eq!(
             validate_request(&hdr(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &big),
-            Err(Rejection { error: EINVAL, payload: Payload::None })
+            Err(Rejection {
+                error: EINVAL,
+                payload: Payload::None
+            })
         );
         // unknown commands and flags
         for kind in [CMD_CACHE, CMD_BLOCK_STATUS, 8, 0xffff] {
-            assert_eq!(ok(hdr(kind, 0, 0, 0)).map_err(|r| r.payload), Err(Payload::None));
+            assert_eq!(
+                ok(hdr(kind, 0, 0, 0)).map_err(|r| r.payload),
+                Err(Payload::None)
+            );
         }
         assert_eq!(
             ok(hdr(CMD_WRITE, CMD_FLAG_DF, 0, 512)),
-            Err(Rejection { error: EINVAL, payload: Payload::Discard(512) })
+            Err(Rejection {
+                error: EINVAL,
+                payload: Payload::Discard(512)
+            })
         );
-        assert_eq!(ok(hdr(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)).map_err(|r| r.error), Err(EINVAL));
-        assert_eq!(ok(hdr(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)).map_err(|r| r.error), Err(EINVAL));
         assert_eq!(
-            ok(hdr(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 512)),
-            Ok(Command::WriteZeroes { offset: 0, len: 512, fua: true })
+            ok(hdr(CMD_READ, CMD_FLAG_NO_HOLE, 0, 512)).map_err(|r| r.error),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            ok(hdr(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)).map_err(|r| r.error),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            ok(hdr(
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+                0,
+                512
+            )),
+            Ok(Command::WriteZeroes {
+                offset: 0,
+                len: 512,
+                fua: true
+            })
         );
         // FUA on flush is accepted, flush/disc ignore offset+length
         assert_eq!(ok(hdr(CMD_FLUSH, CMD_FLAG_FUA, 5, 5)), Ok(Command::Flush));
         assert_eq!(ok(hdr(CMD_DISC, 0, 0, 0)), Ok(Command::Disconnect));
         // read-only export and unadvertised commands
-        let ro = ExportInfo { flags: FLAG_HAS_FLAGS | FLAG_READ_ONLY, ..e };
-        assert_eq!(validate_request(&hdr(CMD_WRITE, 0, 0, 512), &ro).map_err(|r| r.error), Err(EPERM));
-        assert_eq!(validate_request(&hdr(CMD_FLUSH, 0, 0, 0), &ro).map_err(|r| r.error), Err(EINVAL));
-        assert_eq!(validate_request(&hdr(CMD_READ, CMD_FLAG_FUA, 0, 1), &ro).map_err(|r| r.error), Err(EINVAL));
+        let ro = ExportInfo {
+            flags: FLAG_HAS_FLAGS | FLAG_READ_ONLY,
+            ..e
+        };
+        assert_eq!(
+            validate_request(&hdr(CMD_WRITE, 0, 0, 512), &ro).map_err(|r| r.error),
+            Err(EPERM)
+        );
+        assert_eq!(
+            validate_request(&hdr(CMD_FLUSH, 0, 0, 0), &ro).map_err(|r| r.error),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            validate_request(&hdr(CMD_READ, CMD_FLAG_FUA, 0, 1), &ro).map_err(|r| r.error),
+            Err(EINVAL)
+        );
     }
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(errno_for(&io::Error::from_raw_os_error(libc::EDQUOT)), ENOSPC);
+        assert_eq!(
+            errno_for(&io::Error::from_raw_os_error(libc::EDQUOT)),
+            ENOSPC
+        );
         assert_eq!(errno_for(&io::Error::from_raw_os_error(libc::EIO)), EIO);
         assert_eq!(errno_for(&io::Error::from_raw_os_error(libc::ENOENT)), EIO);
-        assert_eq!(errno_for(&io::Error::new(io::ErrorKind::InvalidInput, "x")), EINVAL);
+        assert_eq!(
+            errno_for(&io::Error::new(io::ErrorKind::InvalidInput, "x")),
+            EINVAL
+        );
         assert_eq!(errno_for(&io::Error::other("x")), EIO);
     }
 

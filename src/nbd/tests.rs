@@ -56,7 +56,8 @@ impl BlockBackend for MemDisk {
         if let Some(b) = &self.barrier {
             b.wait().await;
         }
-        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(&data);
         self.active.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
@@ -123,7 +124,10 @@ impl Client {
     async fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
         let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
         self.s.read_exact(&mut h).await.unwrap();
-        assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), OPTION_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(h[0..8].try_into().unwrap()),
+            OPTION_REPLY_MAGIC
+        );
         let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
         let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
@@ -156,8 +160,22 @@ impl Client {
         }
     }
 
-    async fn request(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) {
-        let h = RequestHeader { flags, kind, handle, offset, length };
+    async fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
+        let h = RequestHeader {
+            flags,
+            kind,
+            handle,
+            offset,
+            length,
+        };
         let mut b = encode_request_header(&h).to_vec();
         b.extend_from_slice(payload);
         self.s.write_all(&b).await.unwrap();
@@ -167,8 +185,14 @@ impl Client {
     async fn reply(&mut self) -> io::Result<(u32, u64)> {
         let mut r = [0u8; SIMPLE_REPLY_LEN];
         self.s.read_exact(&mut r).await?;
-        assert_eq!(u32::from_be_bytes(r[0..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
-        Ok((u32::from_be_bytes(r[4..8].try_into().unwrap()), u64::from_be_bytes(r[8..16].try_into().unwrap())))
+        assert_eq!(
+            u32::from_be_bytes(r[0..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        Ok((
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            u64::from_be_bytes(r[8..16].try_into().unwrap()),
+        ))
     }
 
     async fn read(&mut self, handle: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
@@ -183,8 +207,17 @@ impl Client {
         Ok(d)
     }
 
-    async fn simple(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) -> u32 {
-        self.request(kind, flags, handle, offset, length, payload).await;
+    async fn simple(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> u32 {
+        self.request(kind, flags, handle, offset, length, payload)
+            .await;
         let (err, h) = self.reply().await.unwrap();
         assert_eq!(h, handle);
         err
@@ -193,11 +226,17 @@ impl Client {
     /// True when the server closed the connection.
     async fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 }
 
-async fn start(disk: Arc<MemDisk>, config: NbdConfig) -> (TempSock, ServerHandle, NbdServer<MemDisk>) {
+async fn start(
+    disk: Arc<MemDisk>,
+    config: NbdConfig,
+) -> (TempSock, ServerHandle, NbdServer<MemDisk>) {
     let dir = TempSock::new("srv");
     let server = NbdServer::with_config(config);
     server.add_export("disk0".into(), disk).unwrap();
@@ -216,16 +255,27 @@ async fn go_read_write_flush_trim_zeroes_disc() {
     assert_ne!(flags & FLAG_CAN_MULTI_CONN, 0);
 
     let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-    assert_eq!(c.simple(CMD_WRITE, CMD_FLAG_FUA, 1, 4096, 8192, &pattern).await, 0);
+    assert_eq!(
+        c.simple(CMD_WRITE, CMD_FLAG_FUA, 1, 4096, 8192, &pattern)
+            .await,
+        0
+    );
     assert_eq!(disk.bytes(4096, 8192), pattern);
     assert_eq!(c.read(2, 4096, 8192).await.unwrap(), pattern);
     // unaligned read
     assert_eq!(c.read(3, 4097, 3).await.unwrap(), pattern[1..4].to_vec());
     assert_eq!(c.simple(CMD_FLUSH, 0, 4, 0, 0, &[]).await, 0);
     assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
-    assert_eq!(c.simple(CMD_TRIM, CMD_FLAG_FUA, 5, 4096, 4096, &[]).await, 0);
+    assert_eq!(
+        c.simple(CMD_TRIM, CMD_FLAG_FUA, 5, 4096, 4096, &[]).await,
+        0
+    );
     assert_eq!(disk.flushes.load(Ordering::SeqCst), 2, "TRIM+FUA flushes");
-    assert_eq!(c.simple(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 6, 8192, 100, &[]).await, 0);
+    assert_eq!(
+        c.simple(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 6, 8192, 100, &[])
+            .await,
+        0
+    );
     let mut expect = vec![0u8; 4096];
     expect.extend_from_slice(&[0; 100]);
     expect.extend_from_slice(&pattern[4096 + 100..]);
@@ -288,12 +338,20 @@ async fn option_haggling() {
     assert!(c.closed().await);
 
     // a second export appears at run time
-    srv.add_export("disk1".into(), Arc::new(MemDisk::new(4096))).unwrap();
-    assert!(matches!(srv.add_export("disk1".into(), disk), Err(NbdError::DuplicateExport(_))));
+    srv.add_export("disk1".into(), Arc::new(MemDisk::new(4096)))
+        .unwrap();
+    assert!(matches!(
+        srv.add_export("disk1".into(), disk),
+        Err(NbdError::DuplicateExport(_))
+    ));
     let mut c = Client::connect(&dir.path()).await;
     assert_eq!(c.go("disk1").await, Ok((4096, SERVER_TRANSMISSION_FLAGS)));
     let mut c = Client::connect(&dir.path()).await;
-    assert_eq!(c.go("").await, Err(REP_ERR_UNKNOWN), "default export is ambiguous with two");
+    assert_eq!(
+        c.go("").await,
+        Err(REP_ERR_UNKNOWN),
+        "default export is ambiguous with two"
+    );
     handle.shutdown().await;
 }
 
@@ -308,11 +366,25 @@ async fn malformed_requests_get_errors_and_server_survives() {
     assert_eq!(c.read(3, 0, MAX_PAYLOAD + 1).await, Err(EINVAL));
     assert_eq!(c.simple(CMD_CACHE, 0, 4, 0, 512, &[]).await, EINVAL);
     assert_eq!(c.simple(99, 0, 5, 0, 0, &[]).await, EINVAL);
-    assert_eq!(c.simple(CMD_WRITE, 0, 6, (1 << 20) - 1, 2, &[1, 2]).await, ENOSPC);
-    assert_eq!(c.simple(CMD_WRITE, CMD_FLAG_DF, 7, 0, 3, &[9, 9, 9]).await, EINVAL);
-    assert_eq!(disk.bytes(0, 3), vec![0, 0, 0], "rejected write not applied");
+    assert_eq!(
+        c.simple(CMD_WRITE, 0, 6, (1 << 20) - 1, 2, &[1, 2]).await,
+        ENOSPC
+    );
+    assert_eq!(
+        c.simple(CMD_WRITE, CMD_FLAG_DF, 7, 0, 3, &[9, 9, 9]).await,
+        EINVAL
+    );
+    assert_eq!(
+        disk.bytes(0, 3),
+        vec![0, 0, 0],
+        "rejected write not applied"
+    );
     assert_eq!(c.simple(CMD_TRIM, 0, 8, 1 << 20, 1, &[]).await, EINVAL);
-    assert_eq!(c.simple(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 9, 0, 1, &[]).await, EINVAL);
+    assert_eq!(
+        c.simple(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 9, 0, 1, &[])
+            .await,
+        EINVAL
+    );
     // backend failure -> EIO, no payload, stream stays in sync
     disk.fail_reads.store(true, Ordering::SeqCst);
     assert_eq!(c.read(10, 0, 4096).await, Err(EIO));
@@ -345,14 +417,23 @@ async fn many_requests_in_flight_within_bound() {
     // really runs requests concurrently.
     disk.barrier = Some(tokio::sync::Barrier::new(4));
     let disk = Arc::new(disk);
-    let config = NbdConfig { max_in_flight: 8, ..NbdConfig::default() };
+    let config = NbdConfig {
+        max_in_flight: 8,
+        ..NbdConfig::default()
+    };
     let (dir, handle, _srv) = start(disk.clone(), config).await;
     let mut c = Client::connect(&dir.path()).await;
     c.go("disk0").await.unwrap();
     let n = 200u64;
     let mut batch = Vec::new();
     for i in 0..n {
-        let h = RequestHeader { flags: 0, kind: CMD_WRITE, handle: 1000 + i, offset: i * 512, length: 512 };
+        let h = RequestHeader {
+            flags: 0,
+            kind: CMD_WRITE,
+            handle: 1000 + i,
+            offset: i * 512,
+            length: 512,
+        };
         batch.extend_from_slice(&encode_request_header(&h));
         batch.extend_from_slice(&[(i % 256) as u8; 512]);
     }
@@ -370,12 +451,20 @@ async fn many_requests_in_flight_within_bound() {
             assert!(seen.insert(u64::from_be_bytes(r[8..16].try_into().unwrap())));
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), replies).await.expect("requests did not run concurrently");
+    tokio::time::timeout(Duration::from_secs(60), replies)
+        .await
+        .expect("requests did not run concurrently");
     assert_eq!(seen, (1000..1000 + n).collect());
     let max = disk.max_active.load(Ordering::SeqCst);
-    assert!((4..=8).contains(&max), "max concurrent writes {max} outside 4..=8");
+    assert!(
+        (4..=8).contains(&max),
+        "max concurrent writes {max} outside 4..=8"
+    );
     for i in 0..n {
-        assert_eq!(disk.bytes((i * 512) as usize, 512), vec![(i % 256) as u8; 512]);
+        assert_eq!(
+            disk.bytes((i * 512) as usize, 512),
+            vec![(i % 256) as u8; 512]
+        );
     }
     drop(sender.await.unwrap());
     handle.shutdown().await;
@@ -396,7 +485,10 @@ async fn shutdown_finishes_in_flight_requests() {
     }
     let shut = tokio::spawn(handle.shutdown());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!shut.is_finished(), "shutdown waits for the in-flight write");
+    assert!(
+        !shut.is_finished(),
+        "shutdown waits for the in-flight write"
+    );
     // Release the stuck write from the side; then shutdown can complete.
     disk.barrier.as_ref().unwrap().wait().await;
     shut.await.unwrap();

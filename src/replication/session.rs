@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pipecloud_core::codec::{encode_frame, FrameReader};
-use pipecloud_core::wire::{
-    DiskHello, Frame, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-};
+use pipecloud_core::wire::{DiskHello, Frame, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use pipecloud_core::{Seq, WriterId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -112,12 +110,13 @@ async fn connect(
     let cfg = &shared.config;
     let endpoint = cfg.endpoint.clone();
     let fut = async {
-        let tcp = TcpStream::connect(&cfg.endpoint)
-            .await
-            .map_err(|source| SessionError::Connect {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
+        let tcp =
+            TcpStream::connect(&cfg.endpoint)
+                .await
+                .map_err(|source| SessionError::Connect {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
         tcp.set_nodelay(true)?;
         let tls = shared
             .tls
@@ -214,7 +213,9 @@ async fn session(shared: &Arc<Shared>) -> Result<(), SessionError> {
     .map_err(|_| SessionError::Silent(cfg.heartbeat_timeout.max(cfg.connect_timeout)))??;
     let next = match welcome {
         Frame::Welcome(w) => {
-            let next = shared.lock().on_welcome(&w, &shared.causal, Instant::now())?;
+            let next = shared
+                .lock()
+                .on_welcome(&w, &shared.causal, Instant::now())?;
             tracing::info!(group = %cfg.group, endpoint = %cfg.endpoint, committed = %w.committed,
                 "connected to the backup; re-sending unacked writes");
             next
@@ -278,17 +279,18 @@ async fn send<W: AsyncWrite + Unpin>(
     mut next: BTreeMap<WriterId, Seq>,
 ) -> Result<(), SessionError> {
     let interval = shared.config.heartbeat_interval;
-    let mut last_heartbeat = Instant::now();
+    // The first heartbeat goes out at once (an RTT figure right after connecting).
+    let mut last_heartbeat: Option<Instant> = None;
     let mut nonce: u64 = 0;
     let mut out = Vec::new();
     loop {
         out.clear();
         let now = Instant::now();
-        if now.saturating_duration_since(last_heartbeat) >= interval {
+        if last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= interval) {
             nonce = nonce.wrapping_add(1);
             shared.lock().heartbeat_sent(nonce, now);
             encode_frame(&Frame::Heartbeat { nonce }, &mut out)?;
-            last_heartbeat = now;
+            last_heartbeat = Some(now);
         }
         let batch = shared.lock().unsent(&mut next, MAX_BATCH_BYTES);
         for f in &batch {
@@ -300,7 +302,8 @@ async fn send<W: AsyncWrite + Unpin>(
             wr.flush().await?;
             continue;
         }
-        let until_heartbeat = interval.saturating_sub(last_heartbeat.elapsed());
+        let until_heartbeat =
+            interval.saturating_sub(last_heartbeat.map_or(Duration::ZERO, |t| t.elapsed()));
         tokio::select! {
             _ = shared.wake_sender.notified() => {}
             _ = tokio::time::sleep(until_heartbeat) => {}

@@ -494,7 +494,11 @@ impl State {
 
     /// Applies the backup-loss policy: degrades after the backup has been silent
     /// for the policy's delay, recovers once connected and the backlog is committed.
-    pub fn check_degrade(&mut self, policy: BackupLossPolicy, now: Instant) -> Option<DegradeChange> {
+    pub fn check_degrade(
+        &mut self,
+        policy: BackupLossPolicy,
+        now: Instant,
+    ) -> Option<DegradeChange> {
         let BackupLossPolicy::DegradeToAsync { after } = policy else {
             return None;
         };
@@ -629,7 +633,11 @@ mod tests {
         let t0 = Instant::now();
         let (mut st, causal, _) = state(t0);
         let next = st
-            .on_welcome(&welcome(10, GEN, CountVector::from_slice(&[3, 10])), &causal, t0)
+            .on_welcome(
+                &welcome(10, GEN, CountVector::from_slice(&[3, 10])),
+                &causal,
+                t0,
+            )
             .unwrap();
         assert_eq!(next.get(&W), Some(&11));
         assert_eq!(causal.pending(0).get(W.index()), 10);
@@ -643,7 +651,10 @@ mod tests {
         assert_eq!(st.disks[0].inflight_writes, 2);
         let mut next = next;
         assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![11, 12, 13]);
-        assert!(st.unsent(&mut next, u64::MAX).is_empty(), "each write sent once per session");
+        assert!(
+            st.unsent(&mut next, u64::MAX).is_empty(),
+            "each write sent once per session"
+        );
 
         // Out of order: 13 first. Memory is released, the prefix does not move.
         st.on_ack(&ack(13, 13), &causal, t0).unwrap();
@@ -674,7 +685,11 @@ mod tests {
         st.disconnected("test".into());
         // The backup durably holds 1..=2 (and 4, acked before).
         let mut next = st
-            .on_welcome(&welcome(2, GEN, CountVector::from_slice(&[3, 2])), &causal, t0)
+            .on_welcome(
+                &welcome(2, GEN, CountVector::from_slice(&[3, 2])),
+                &causal,
+                t0,
+            )
             .unwrap();
         assert_eq!(causal.committed().get(W.index()), 2);
         assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![3, 5]);
@@ -700,7 +715,9 @@ mod tests {
         let frames = st.unsent(&mut next, u64::MAX);
         assert_eq!(seqs(&frames), vec![6, 7, 8, 9]);
         for f in &frames[..3] {
-            let Frame::Write(w) = &**f else { unreachable!() };
+            let Frame::Write(w) = &**f else {
+                unreachable!()
+            };
             assert_eq!(w.kind, WriteKind::Zeroes { len: 0 });
             assert!(pipecloud_core::codec::validate_frame(f).is_ok());
         }
@@ -739,7 +756,10 @@ mod tests {
         st.on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
             .unwrap();
         st.issue(&causal, 0, 0, data(1), None, t0);
-        assert_eq!(st.check_degrade(BackupLossPolicy::Stall, t0 + Duration::from_secs(60)), None);
+        assert_eq!(
+            st.check_degrade(BackupLossPolicy::Stall, t0 + Duration::from_secs(60)),
+            None
+        );
         assert_eq!(st.check_degrade(policy, t0 + Duration::from_secs(2)), None);
         st.disconnected("gone".into());
         let t1 = t0 + Duration::from_secs(4);
@@ -773,11 +793,19 @@ mod tests {
         for n in 0..20 {
             st.heartbeat_sent(n, t0 + Duration::from_millis(n));
         }
-        assert_eq!(st.heartbeat_reply(3, t0 + Duration::from_secs(1)), None, "forgotten");
+        assert_eq!(
+            st.heartbeat_reply(3, t0 + Duration::from_secs(1)),
+            None,
+            "forgotten"
+        );
         assert_eq!(
             st.heartbeat_reply(15, t0 + Duration::from_millis(40)),
             Some(Duration::from_millis(25))
         );
-        assert_eq!(st.heartbeat_reply(14, t0 + Duration::from_millis(40)), None, "older dropped");
+        assert_eq!(
+            st.heartbeat_reply(14, t0 + Duration::from_millis(40)),
+            None,
+            "older dropped"
+        );
     }
 }

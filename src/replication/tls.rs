@@ -54,7 +54,10 @@ fn open(path: &Path, what: &'static str) -> Result<BufReader<File>, TlsError> {
 }
 
 /// Reads every certificate of a PEM file (at least one).
-pub fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let mut rd = open(path, what)?;
     let certs = rustls_pemfile::certs(&mut rd)
         .collect::<Result<Vec<_>, _>>()

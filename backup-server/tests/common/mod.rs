@@ -131,6 +131,9 @@ impl Env {
                     .parse()
                     .expect("addr");
                 s.addr = Some(addr);
+                if is_root() {
+                    assert!(line.contains(&format!("uid={NOBODY}")), "server not unprivileged: {line}");
+                }
                 return s;
             }
             if let Ok(Some(st)) = s.child.try_wait() {

@@ -1,0 +1,263 @@
+//! Drives stock `pgbench` from the client namespace against a PostgreSQL server
+//! of the emulated site, and parses its summary.
+//!
+//! Two workloads (figure (a)):
+//! - [`Workload::TpcB`]: pgbench's TPC-B-like transaction at scale 1 — one row of
+//!   `pgbench_branches` that every transaction updates (the hot row: the analogue
+//!   of the paper's table lock). The five statements are sent as ONE pipelined
+//!   batch (`\startpipeline` ... `\endpipeline`), so a transaction costs one client
+//!   round trip, like a stored procedure or an application server's batch. (With
+//!   one round trip per statement, every intermediate reply of a black-box
+//!   database would also wait for the commit of earlier transactions under
+//!   pipelined synchrony, while the row lock is held.)
+//! - [`Workload::TpcBInteractive`]: the same transaction with one client round
+//!   trip per statement (pgbench's built-in `tpcb-like`), for comparison.
+//! - [`Workload::Insert`]: one single-row autocommit `INSERT` of an 8-byte value
+//!   per transaction, no contention (the paper's MySQL insert client, Fig. 9).
+
+use crate::sys::{ns_cmd, run};
+use anyhow::{bail, Context, Result};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+/// A pgbench workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Workload {
+    TpcB,
+    TpcBInteractive,
+    Insert,
+}
+
+impl Workload {
+    /// Every workload, in table order.
+    pub const ALL: [Workload; 3] = [Workload::TpcB, Workload::TpcBInteractive, Workload::Insert];
+
+    /// Short name used on the command line, in tables and file names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::TpcB => "tpcb",
+            Workload::TpcBInteractive => "tpcb-interactive",
+            Workload::Insert => "insert",
+        }
+    }
+
+    /// Human title used in plots.
+    pub fn title(self) -> &'static str {
+        match self {
+            Workload::TpcB => "pgbench TPC-B, scale 1 (one hot row), one round trip per transaction",
+            Workload::TpcBInteractive => "pgbench TPC-B, scale 1, one round trip per statement",
+            Workload::Insert => "pgbench single-row INSERT (no contention)",
+        }
+    }
+
+    /// The custom script text (pgbench `-f`).
+    pub fn script(self) -> &'static str {
+        match self {
+            Workload::TpcB => TPCB_PIPELINED,
+            Workload::TpcBInteractive => TPCB_INTERACTIVE,
+            Workload::Insert => INSERT_ONLY,
+        }
+    }
+}
+
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.as_str() == s.trim())
+            .ok_or_else(|| format!("unknown workload {s:?} (expected tpcb, tpcb-interactive or insert)"))
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+const TPCB_PIPELINED: &str = r"\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+\startpipeline
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+\endpipeline
+";
+
+const TPCB_INTERACTIVE: &str = r"\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+";
+
+const INSERT_ONLY: &str = r"\set v random(1, 1000000000)
+INSERT INTO pgbench_ins (v) VALUES (:v);
+";
+
+/// Where pgbench runs and what it talks to.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// Network namespace pgbench runs in (the client's).
+    pub client_ns: String,
+    pub host: Ipv4Addr,
+    pub port: u16,
+}
+
+impl Endpoint {
+    fn base(&self, prog: &str) -> std::process::Command {
+        let mut c = ns_cmd(&self.client_ns, &crate::pg::pg_bin(prog));
+        c.args(["-h", &self.host.to_string(), "-p", &self.port.to_string(), "-U", "postgres"]);
+        c
+    }
+}
+
+/// Creates the pgbench tables at scale `scale` (`pgbench -i`) and the insert-only
+/// table, then checkpoints so the runs start from a clean state.
+pub fn init(ep: &Endpoint, scale: u32) -> Result<()> {
+    let mut c = ep.base("pgbench");
+    c.args(["-i", "-q", "-s", &scale.to_string(), "postgres"]);
+    run(&mut c).context("pgbench -i")?;
+    sql(
+        ep,
+        "DROP TABLE IF EXISTS pgbench_ins; CREATE TABLE pgbench_ins (v bigint NOT NULL); CHECKPOINT;",
+    )?;
+    Ok(())
+}
+
+/// Runs SQL through psql from the client namespace.
+pub fn sql(ep: &Endpoint, text: &str) -> Result<String> {
+    let mut c = ep.base("psql");
+    c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", text]);
+    run(&mut c)
+}
+
+/// Summary of one pgbench run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PgbenchResult {
+    /// Transactions per second, without the initial connection time.
+    pub tps: f64,
+    /// Mean transaction latency in ms.
+    pub latency_ms: f64,
+    /// Transactions completed.
+    pub transactions: u64,
+    /// Transactions that failed (serialization/deadlock, reported by pgbench 15).
+    pub failed: u64,
+}
+
+/// Runs `workload` with `clients` connections for `duration`; the script is
+/// written to `script_dir`.
+pub fn run_workload(
+    ep: &Endpoint,
+    workload: Workload,
+    clients: u32,
+    duration: Duration,
+    script_dir: &Path,
+) -> Result<PgbenchResult> {
+    let script = script_dir.join(format!("pgbench-{}.sql", workload.as_str()));
+    std::fs::write(&script, workload.script())
+        .with_context(|| format!("writing {}", script.display()))?;
+    let threads = clients.clamp(1, 2);
+    let mut c = ep.base("pgbench");
+    c.args(["-n", "-M", "prepared", "-s", "1"])
+        .args(["-c", &clients.to_string(), "-j", &threads.to_string()])
+        .args(["-T", &duration.as_secs().max(1).to_string()])
+        .arg("-f")
+        .arg(&script)
+        .arg("postgres");
+    let out = run(&mut c).with_context(|| {
+        format!("pgbench {} with {clients} clients", workload.as_str())
+    })?;
+    parse_summary(&out)
+}
+
+/// Parses pgbench's summary (the lines `number of transactions actually
+/// processed: N`, `number of failed transactions: N (x%)`, `latency average = X ms`,
+/// `tps = X (without initial connection time)`).
+pub fn parse_summary(out: &str) -> Result<PgbenchResult> {
+    let mut r = PgbenchResult::default();
+    let (mut have_tps, mut have_lat) = (false, false);
+    for line in out.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("number of transactions actually processed:") {
+            let n = rest.split('/').next().unwrap_or("").trim();
+            r.transactions = n.parse().with_context(|| format!("bad line {line:?}"))?;
+        } else if let Some(rest) = line.strip_prefix("number of failed transactions:") {
+            let n = rest.split_whitespace().next().unwrap_or("");
+            r.failed = n.parse().with_context(|| format!("bad line {line:?}"))?;
+        } else if let Some(rest) = line.strip_prefix("latency average =") {
+            let n = rest.split_whitespace().next().unwrap_or("");
+            r.latency_ms = n.parse().with_context(|| format!("bad line {line:?}"))?;
+            have_lat = true;
+        } else if let Some(rest) = line.strip_prefix("tps =") {
+            if line.contains("without initial connection time") || !have_tps {
+                let n = rest.split_whitespace().next().unwrap_or("");
+                r.tps = n.parse().with_context(|| format!("bad line {line:?}"))?;
+                have_tps = true;
+            }
+        }
+    }
+    if !have_tps || !have_lat {
+        bail!("pgbench printed no summary:\n{out}");
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "pgbench (15.18 (Debian 15.18-0+deb12u1))
+transaction type: /tmp/x.sql
+scaling factor: 1
+query mode: prepared
+number of clients: 64
+number of threads: 2
+maximum number of tries: 1
+duration: 5 s
+number of transactions actually processed: 4711
+number of failed transactions: 0 (0.000%)
+latency average = 67.654 ms
+initial connection time = 512.345 ms
+tps = 945.983211 (without initial connection time)
+";
+
+    #[test]
+    fn parses_the_pgbench_15_summary() {
+        let r = parse_summary(SAMPLE).unwrap_or_default();
+        assert_eq!(r.transactions, 4711);
+        assert_eq!(r.failed, 0);
+        assert!((r.latency_ms - 67.654).abs() < 1e-9);
+        assert!((r.tps - 945.983211).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_run_without_summary_is_an_error() {
+        assert!(parse_summary("pgbench: error: connection refused\n").is_err());
+    }
+
+    #[test]
+    fn workloads_round_trip_their_names() {
+        for w in Workload::ALL {
+            assert_eq!(w.as_str().parse::<Workload>(), Ok(w));
+            assert!(w.script().ends_with('\n'));
+        }
+        assert!("tpcc".parse::<Workload>().is_err());
+        assert!(Workload::TpcB.script().contains("\\startpipeline"));
+        assert!(!Workload::TpcBInteractive.script().contains("\\startpipeline"));
+    }
+}

@@ -1,0 +1,1513 @@
+//! The agent's network path: what happens to each guest packet that the
+//! netfilter rules ([`crate::netfilter`]) hand to the agent through NFQUEUE.
+//!
+//! Two queues per group and host (DESIGN §3, paper §4.2-§4.3):
+//!
+//! - **Tag queue** (packets between protected machines, at least one end local):
+//!   - sender local, receiver on another host: insert the sender's pending
+//!     vector as the IPv4 option (nothing to insert while it is zero);
+//!   - sender on another host, receiver local: merge the tag into the
+//!     receiver's pending vector, then strip the option (here, in dom0, before
+//!     the receiver's stack sees it);
+//!   - both local: merge the sender's vector into the receiver's directly.
+//!
+//!   Untagged cases are counted: packets with other IPv4 options, fragments,
+//!   non-IPv4, and (unless [`TagPolicy::tag_pure_acks`]) pure TCP ACKs.
+//!   SYN/FIN/RST are always tagged. A packet that must carry a tag but cannot
+//!   (e.g. it would exceed 65,535 bytes) is dropped and counted: passing it
+//!   untagged would lose a dependency.
+//! - **Hold queue** (packets of local protected machines leaving the group):
+//!   each packet is pushed into the core [`NetQueue`] with its sender's pending
+//!   vector and leaves, unmodified, once the committed vector dominates that
+//!   tag; flows are never reordered. A full netqueue drops (fail-closed).
+//!
+//! Reading a pending vector *after* the guest emitted the packet is always
+//! safe: vectors only grow, so the tag can only be larger than at emission.
+//!
+//! # Structure
+//!
+//! The decisions are sans-I/O and unit tested: [`decide_tag`] (one packet of
+//! the tag queue), [`classify_hold`] (tag and flow of a client-bound packet)
+//! and [`HoldEngine`] (the netqueue plus the bookkeeping that turns releases
+//! into NFQUEUE verdicts; it takes the time as an argument). [`NetPath`] is the
+//! thin driver: two tokio tasks reading the queue sockets and the
+//! committed-vector watch channel.
+//!
+//! # Verdicts and order
+//!
+//! Verdicts of one burst go to the kernel in one `sendmsg`, in the order the
+//! packets arrived. Releases use batch verdicts ("accept every packet up to id
+//! N") for the longest released prefix of each kernel queue, in chunks of
+//! [`NetPathConfig::release_chunk`] packets, then single verdicts for the
+//! released packets behind a still-held one, in arrival order. Because one flow
+//! always hashes to one kernel queue and the netqueue releases a flow in push
+//! order, no flow is reordered.
+//!
+//! # GSO and checksums
+//!
+//! Queues are opened with `NFQA_CFG_F_GSO`, so super-packets of up to 64 KiB
+//! arrive whole. The kernel marks a modified packet's checksum as "none", so
+//! when the packet's L4 checksum was only partial (`NFQA_SKB_CSUMNOTREADY`) the
+//! tagger computes it fully after inserting or stripping the option.
+//! Client-bound packets are never modified. Known limit: a UDP GSO packet
+//! (`UDP_SEGMENT`) may not survive having its header length changed; TCP is fine.
+
+use crate::causal::CausalState;
+use crate::netfilter::{NetTopology, QueuePlan};
+use crate::nfq::proto::{self, Message, PacketMsg, Verdict};
+use crate::nfq::{NfqError, NfqSocket, QueueConfig, Received};
+use pipecloud_core::ipopt::{self, Classify, InsertOutcome, OptionError};
+use pipecloud_core::netqueue::{FlowId, NetQueue, NetQueueLimits, Push};
+use pipecloud_core::CountVector;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Ethertype of IPv4.
+const ETH_P_IP: u16 = 0x0800;
+/// Most datagrams handled before the verdicts of a burst are sent.
+const BURST: usize = 64;
+/// How often the kernel's queue counters are read into the metrics.
+const KERNEL_STATS_EVERY: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------
+// Machine directory
+// ---------------------------------------------------------------------------
+
+/// Where a protected machine is, as seen from this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Index in the topology (and in [`CausalState`]).
+    pub index: usize,
+    /// Runs on this host.
+    pub local: bool,
+    /// Marked outbound in the topology.
+    pub outbound: bool,
+}
+
+/// Protected machines of one group by IPv4 address, from one host's view.
+#[derive(Clone, Debug)]
+pub struct Directory {
+    group_id: u16,
+    machines: usize,
+    by_ip: HashMap<Ipv4Addr, Endpoint>,
+}
+
+impl Directory {
+    /// The directory of `topo` as seen from host `host`.
+    pub fn new(topo: &NetTopology, host: &str) -> Directory {
+        let by_ip = topo
+            .machines
+            .iter()
+            .enumerate()
+            .map(|(index, m)| {
+                (
+                    m.ip,
+                    Endpoint {
+                        index,
+                        local: m.host == host,
+                        outbound: m.outbound,
+                    },
+                )
+            })
+            .collect();
+        Directory {
+            group_id: topo.group_id,
+            machines: topo.machines.len(),
+            by_ip,
+        }
+    }
+
+    /// The group id carried in tags.
+    pub fn group_id(&self) -> u16 {
+        self.group_id
+    }
+
+    /// Number of machines of the group.
+    pub fn machines(&self) -> usize {
+        self.machines
+    }
+
+    /// The protected machine with address `ip`.
+    pub fn lookup(&self, ip: Ipv4Addr) -> Option<Endpoint> {
+        self.by_ip.get(&ip).copied()
+    }
+}
+
+/// Source and destination of an IPv4 packet.
+fn addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let h = packet.get(..20)?;
+    if h[0] >> 4 != 4 {
+        return None;
+    }
+    Some((
+        Ipv4Addr::new(h[12], h[13], h[14], h[15]),
+        Ipv4Addr::new(h[16], h[17], h[18], h[19]),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Tag queue: the decision
+// ---------------------------------------------------------------------------
+
+/// Optional behaviour of the tagger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TagPolicy {
+    /// Tag pure TCP ACKs too (DESIGN §3 allows leaving them untagged; default off).
+    pub tag_pure_acks: bool,
+}
+
+/// What the kernel told us about a queued packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketInfo {
+    /// The L4 checksum is partial (complete it after a modification).
+    pub csum_not_ready: bool,
+    /// The copy holds the whole packet.
+    pub complete: bool,
+}
+
+impl PacketInfo {
+    /// The info of a queued packet.
+    pub fn of(p: &PacketMsg<'_>) -> PacketInfo {
+        PacketInfo {
+            csum_not_ready: p.csum_not_ready(),
+            complete: p.is_complete(),
+        }
+    }
+}
+
+/// The verdict of a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Accept the packet unchanged.
+    Accept,
+    /// Accept the modified packet left in the scratch buffer.
+    AcceptModified,
+    /// Drop the packet.
+    Drop,
+}
+
+/// What happened to a packet (one counter each, see [`NetPathMetrics`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TagEvent {
+    /// The sender's pending vector was inserted.
+    Tagged,
+    /// The sender's pending vector is zero: nothing to carry.
+    UntaggedZero,
+    /// A tag of our group was merged into the receiver and stripped.
+    MergedStripped,
+    /// A tag was merged but could not be stripped (the receiver sees it; harmless).
+    MergedUnstripped,
+    /// Both ends local: merged directly, packet unchanged.
+    MergedLocal,
+    /// A tag of another group was stripped without merging.
+    ForeignStripped,
+    /// Carries other IPv4 options: passed untagged.
+    UntaggedOtherOptions,
+    /// An IPv4 fragment: passed untagged.
+    UntaggedFragment,
+    /// Not IPv4: passed.
+    UntaggedNonIpv4,
+    /// A pure TCP ACK: passed untagged.
+    PureAckUntagged,
+    /// Arrived from another host without a tag (e.g. a pure ACK): passed.
+    ArrivedUntagged,
+    /// Neither end is a local protected machine (a rule matched too much): passed.
+    NotOurs,
+    /// A header the option code could not parse: passed.
+    Malformed,
+    /// Needed a tag but could not get one: dropped.
+    TagFailed,
+}
+
+/// A decision about one packet of the tag queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TagDecision {
+    /// The verdict.
+    pub action: Action,
+    /// What happened, for the counters.
+    pub event: TagEvent,
+}
+
+fn decision(action: Action, event: TagEvent) -> TagDecision {
+    TagDecision { action, event }
+}
+
+/// Decides the fate of one packet of the tag queue and applies its causal
+/// effect (merges into `state`). When the action is [`Action::AcceptModified`],
+/// `scratch` holds the new packet.
+pub fn decide_tag(
+    dir: &Directory,
+    state: &CausalState,
+    policy: TagPolicy,
+    packet: &[u8],
+    info: PacketInfo,
+    scratch: &mut Vec<u8>,
+) -> TagDecision {
+    let Some((src, dst)) = addresses(packet) else {
+        return decision(Action::Accept, TagEvent::UntaggedNonIpv4);
+    };
+    match (dir.lookup(src), dir.lookup(dst)) {
+        (Some(s), Some(d)) if s.local && d.local => {
+            let tag = state.pending(s.index);
+            state.merge(d.index, &tag);
+            decision(Action::Accept, TagEvent::MergedLocal)
+        }
+        (Some(s), Some(_)) if s.local => tag_outgoing(dir, state, policy, s, packet, info, scratch),
+        (Some(_), Some(d)) if d.local => merge_incoming(dir, state, d, packet, info, scratch),
+        _ => decision(Action::Accept, TagEvent::NotOurs),
+    }
+}
+
+/// Completes the L4 checksum of a modified packet when it was partial.
+fn finish_checksum(scratch: &mut [u8], info: PacketInfo) -> Result<(), OptionError> {
+    if !info.csum_not_ready {
+        return Ok(());
+    }
+    match ipopt::complete_l4_checksum(scratch) {
+        // Partial checksums of other protocols are left to the kernel/receiver.
+        Err(OptionError::UnsupportedProtocol(_)) => Ok(()),
+        r => r,
+    }
+}
+
+fn tag_outgoing(
+    dir: &Directory,
+    state: &CausalState,
+    policy: TagPolicy,
+    sender: Endpoint,
+    packet: &[u8],
+    info: PacketInfo,
+    scratch: &mut Vec<u8>,
+) -> TagDecision {
+    let forged = match ipopt::classify(packet) {
+        Classify::NotIpv4 => return decision(Action::Accept, TagEvent::UntaggedNonIpv4),
+        Classify::Malformed(_) => return decision(Action::Accept, TagEvent::Malformed),
+        Classify::OtherOptions => {
+            return decision(Action::Accept, TagEvent::UntaggedOtherOptions)
+        }
+        Classify::Fragment => return decision(Action::Accept, TagEvent::UntaggedFragment),
+        // A guest-made option of ours would stand in for the real tag: replace it.
+        Classify::Tagged { .. } => true,
+        Classify::Untagged => false,
+    };
+    if !forged && !policy.tag_pure_acks && ipopt::is_pure_ack(packet) {
+        return decision(Action::Accept, TagEvent::PureAckUntagged);
+    }
+    let tag = state.pending(sender.index);
+    if tag.is_zero() && !forged {
+        return decision(Action::Accept, TagEvent::UntaggedZero);
+    }
+    if !info.complete {
+        return decision(Action::Drop, TagEvent::TagFailed);
+    }
+    scratch.clear();
+    scratch.extend_from_slice(packet);
+    if forged && ipopt::strip_tag(scratch).is_err() {
+        return decision(Action::Drop, TagEvent::TagFailed);
+    }
+    let event = if tag.is_zero() {
+        TagEvent::UntaggedZero
+    } else {
+        match ipopt::insert_tag(scratch, dir.group_id(), &tag) {
+            Ok(InsertOutcome::Inserted { .. }) => TagEvent::Tagged,
+            // Left after stripping a forged tag: other options remain.
+            Ok(InsertOutcome::OtherOptions) => TagEvent::UntaggedOtherOptions,
+            Ok(_) | Err(_) => return decision(Action::Drop, TagEvent::TagFailed),
+        }
+    };
+    if finish_checksum(scratch, info).is_err() {
+        return decision(Action::Drop, TagEvent::TagFailed);
+    }
+    decision(Action::AcceptModified, event)
+}
+
+fn merge_incoming(
+    dir: &Directory,
+    state: &CausalState,
+    receiver: Endpoint,
+    packet: &[u8],
+    info: PacketInfo,
+    scratch: &mut Vec<u8>,
+) -> TagDecision {
+    let Classify::Tagged { group, raw } = ipopt::classify(packet) else {
+        return decision(Action::Accept, TagEvent::ArrivedUntagged);
+    };
+    let ours = group == dir.group_id();
+    if ours {
+        // Merge before the verdict: the receiver sees the packet only afterwards.
+        let tag = raw.resolve(&state.pending(receiver.index));
+        state.merge(receiver.index, &tag);
+    }
+    if !info.complete {
+        return decision(Action::Accept, TagEvent::MergedUnstripped);
+    }
+    scratch.clear();
+    scratch.extend_from_slice(packet);
+    match ipopt::strip_tag(scratch) {
+        Ok(Some(_)) if finish_checksum(scratch, info).is_ok() => {}
+        _ => return decision(Action::Accept, TagEvent::MergedUnstripped),
+    }
+    let event = if ours {
+        TagEvent::MergedStripped
+    } else {
+        TagEvent::ForeignStripped
+    };
+    decision(Action::AcceptModified, event)
+}
+
+// ---------------------------------------------------------------------------
+// Hold queue: the decision and the engine
+// ---------------------------------------------------------------------------
+
+/// How a client-bound packet enters the netqueue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldDecision {
+    /// Push it with this flow and tag.
+    Push {
+        /// Flow identity (hash of addresses, protocol and ports).
+        flow: FlowId,
+        /// The sender's pending vector.
+        tag: CountVector,
+    },
+    /// The sender is not a local protected machine (stale or too broad rules):
+    /// drop, since nothing says what it depends on.
+    UnknownSender,
+}
+
+/// Tag and flow of a client-bound packet.
+pub fn classify_hold(dir: &Directory, state: &CausalState, packet: &[u8]) -> HoldDecision {
+    let Some((src, dst)) = addresses(packet) else {
+        return HoldDecision::UnknownSender;
+    };
+    let Some(sender) = dir.lookup(src).filter(|e| e.local) else {
+        return HoldDecision::UnknownSender;
+    };
+    HoldDecision::Push {
+        flow: flow_of(src, dst, packet),
+        tag: state.pending(sender.index),
+    }
+}
+
+/// Flow identity: addresses, protocol and (for TCP/UDP first fragments or
+/// whole packets) ports.
+fn flow_of(src: Ipv4Addr, dst: Ipv4Addr, packet: &[u8]) -> FlowId {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    src.hash(&mut h);
+    dst.hash(&mut h);
+    let proto = packet.get(9).copied().unwrap_or(0);
+    proto.hash(&mut h);
+    let ihl = usize::from(packet.first().copied().unwrap_or(0) & 0x0f) * 4;
+    let frag_offset = packet
+        .get(6..8)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) & 0x1fff);
+    if (proto == 6 || proto == 17) && frag_offset == 0 {
+        if let Some(ports) = packet.get(ihl..ihl + 4) {
+            ports.hash(&mut h);
+        }
+    }
+    FlowId(h.finish())
+}
+
+/// A held packet: which kernel queue, its kernel id, and its arrival ordinal
+/// on that queue. Client-bound packets leave unmodified (our option must never
+/// reach a client), so no payload is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldHandle {
+    /// Kernel queue number.
+    pub queue: u16,
+    /// Kernel packet id.
+    pub id: u32,
+    /// Arrival number on that queue (does not wrap, unlike `id`).
+    pub ordinal: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    /// Waiting in the netqueue.
+    Held,
+    /// Released, verdict not sent yet.
+    Released,
+    /// Verdict already sent (released behind a held packet).
+    Done,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    ordinal: u64,
+    id: u32,
+    state: SlotState,
+}
+
+/// The hold path without I/O: the netqueue plus the per-kernel-queue
+/// bookkeeping that turns releases into (batch) verdicts. Verdicts are appended
+/// to a caller's buffer, to be sent in that order.
+pub struct HoldEngine {
+    netqueue: NetQueue<HoldHandle>,
+    /// Per kernel queue: held packets (and released ones behind a held one) in
+    /// arrival order.
+    slots: BTreeMap<u16, VecDeque<Slot>>,
+    /// Next arrival ordinal per kernel queue.
+    next_ordinal: HashMap<u16, u64>,
+    /// (push seq, time) of pushes that were held, oldest first.
+    pushed_at: VecDeque<(u64, Instant)>,
+    /// Most packets one batch verdict covers.
+    chunk: usize,
+    released: Vec<HoldHandle>,
+}
+
+/// What [`HoldEngine::on_packet`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// Accepted at once (committed already dominates its tag).
+    ReleasedNow,
+    /// Held in the netqueue.
+    Held,
+    /// Dropped: the netqueue is full.
+    DroppedFull,
+    /// Dropped: unknown sender.
+    DroppedUnknown,
+}
+
+impl HoldEngine {
+    /// An empty engine; `chunk` (>= 1) bounds each batch verdict.
+    pub fn new(limits: NetQueueLimits, chunk: usize) -> HoldEngine {
+        HoldEngine {
+            netqueue: NetQueue::new(limits),
+            slots: BTreeMap::new(),
+            next_ordinal: HashMap::new(),
+            pushed_at: VecDeque::new(),
+            chunk: chunk.max(1),
+            released: Vec::new(),
+        }
+    }
+
+    /// A client-bound packet arrived on kernel queue `queue` with id `id`.
+    /// Appends its verdict to `out` when it is decided now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_packet(
+        &mut self,
+        dir: &Directory,
+        state: &CausalState,
+        queue: u16,
+        id: u32,
+        packet: &[u8],
+        wire_len: usize,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> HoldOutcome {
+        let HoldDecision::Push { flow, tag } = classify_hold(dir, state, packet) else {
+            proto::build_verdict(out, queue, id, Verdict::Drop);
+            return HoldOutcome::DroppedUnknown;
+        };
+        let ord = self.next_ordinal.entry(queue).or_insert(0);
+        let ordinal = *ord;
+        *ord += 1;
+        let handle = HoldHandle { queue, id, ordinal };
+        let seq = self.netqueue.next_push_seq();
+        match self
+            .netqueue
+            .push(flow, &tag, wire_len, handle, &state.committed())
+        {
+            Push::Release(h) => {
+                proto::build_verdict(out, h.queue, h.id, Verdict::Accept);
+                HoldOutcome::ReleasedNow
+            }
+            Push::Full(h) => {
+                proto::build_verdict(out, h.queue, h.id, Verdict::Drop);
+                HoldOutcome::DroppedFull
+            }
+            Push::Held => {
+                self.slots.entry(queue).or_default().push_back(Slot {
+                    ordinal,
+                    id,
+                    state: SlotState::Held,
+                });
+                self.pushed_at.push_back((seq, now));
+                HoldOutcome::Held
+            }
+        }
+    }
+
+    /// The committed vector is now `committed`: appends the verdicts of every
+    /// packet it releases to `out` (batch verdicts for released prefixes, then
+    /// single ones) and returns how many were released.
+    pub fn on_committed(&mut self, committed: &CountVector, out: &mut Vec<u8>) -> usize {
+        let mut released = std::mem::take(&mut self.released);
+        released.clear();
+        let n = self.netqueue.release(committed, &mut released);
+        for h in &released {
+            let Some(q) = self.slots.get_mut(&h.queue) else {
+                debug_assert!(false, "released packet of unknown queue {}", h.queue);
+                continue;
+            };
+            match q.binary_search_by_key(&h.ordinal, |s| s.ordinal) {
+                Ok(i) => q[i].state = SlotState::Released,
+                Err(_) => debug_assert!(false, "released packet {h:?} not tracked"),
+            }
+        }
+        self.released = released;
+        if n == 0 {
+            return 0;
+        }
+        for (&queue, q) in self.slots.iter_mut() {
+            // Released prefix: batch verdicts in chunks.
+            let mut in_chunk = 0;
+            let mut last = None;
+            while let Some(front) = q.front().copied() {
+                match front.state {
+                    SlotState::Held => break,
+                    SlotState::Done => {}
+                    SlotState::Released => {
+                        last = Some(front.id);
+                        in_chunk += 1;
+                        if in_chunk == self.chunk {
+                            proto::build_verdict_batch(out, queue, front.id, Verdict::Accept);
+                            in_chunk = 0;
+                            last = None;
+                        }
+                    }
+                }
+                q.pop_front();
+            }
+            if let Some(id) = last {
+                proto::build_verdict_batch(out, queue, id, Verdict::Accept);
+            }
+            // Released behind a held packet: single verdicts, arrival order.
+            for s in q.iter_mut().filter(|s| s.state == SlotState::Released) {
+                proto::build_verdict(out, queue, s.id, Verdict::Accept);
+                s.state = SlotState::Done;
+            }
+        }
+        self.slots.retain(|_, q| !q.is_empty());
+        n
+    }
+
+    /// Packets held.
+    pub fn held(&self) -> usize {
+        self.netqueue.len()
+    }
+
+    /// Bytes held.
+    pub fn held_bytes(&self) -> usize {
+        self.netqueue.bytes()
+    }
+
+    /// When the oldest held packet arrived.
+    pub fn oldest_since(&mut self) -> Option<Instant> {
+        let oldest = self.netqueue.oldest()?;
+        while self.pushed_at.front().is_some_and(|(s, _)| *s < oldest) {
+            self.pushed_at.pop_front();
+        }
+        self.pushed_at.front().map(|(_, t)| *t)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------
+
+/// Counters and gauges of the network path (all `Relaxed` atomics; read them
+/// with [`NetPathMetrics::snapshot`]).
+#[derive(Debug)]
+pub struct NetPathMetrics {
+    epoch: Instant,
+    counters: [AtomicU64; COUNTERS],
+}
+
+macro_rules! metrics {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+        #[derive(Clone, Copy)]
+        #[repr(usize)]
+        enum M { $($name),* , _Count }
+        const COUNTERS: usize = M::_Count as usize;
+
+        /// A point-in-time copy of [`NetPathMetrics`].
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct MetricsSnapshot {
+            $( $(#[$doc])* pub $name: u64, )*
+            /// Age of the oldest held packet.
+            pub oldest_held_age: Option<Duration>,
+        }
+
+        impl NetPathMetrics {
+            /// Copies every counter.
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                let at = self.get(M::oldest_held_at_ns);
+                let now = self.now_ns();
+                MetricsSnapshot {
+                    $( $name: self.get(M::$name), )*
+                    oldest_held_age: (at != NONE).then(|| Duration::from_nanos(now.saturating_sub(at))),
+                }
+            }
+        }
+    };
+}
+
+/// Marker for "no held packet" in the oldest-held gauge.
+const NONE: u64 = u64::MAX;
+
+metrics! {
+    /// Packets tagged with their sender's pending vector.
+    tagged,
+    /// Packets left untagged because the sender's vector was zero.
+    untagged_zero,
+    /// Tags of our group merged into a local receiver's vector.
+    merged,
+    /// Options stripped before delivery (ours and foreign).
+    stripped,
+    /// Tags merged but not stripped.
+    merged_unstripped,
+    /// Local-to-local packets merged directly.
+    merged_local,
+    /// Options of another group stripped.
+    foreign_stripped,
+    /// Passed untagged: other IPv4 options.
+    untagged_other_options,
+    /// Passed untagged: fragments.
+    untagged_fragments,
+    /// Passed: not IPv4.
+    untagged_non_ipv4,
+    /// Pure TCP ACKs passed untagged.
+    pure_acks_untagged,
+    /// Packets from other hosts that carried no tag.
+    arrived_untagged,
+    /// Tag-queue packets between no local protected machines.
+    not_ours,
+    /// Headers the option code could not parse (passed).
+    malformed,
+    /// Packets dropped because they needed a tag and could not get one.
+    tag_failures,
+    /// Client-bound packets held (total).
+    held_total,
+    /// Client-bound packets released after being held (total).
+    released,
+    /// Client-bound packets accepted at once (committed already covered them).
+    released_immediately,
+    /// Client-bound packets dropped: netqueue full.
+    hold_full_drops,
+    /// Client-bound packets dropped: sender not a local protected machine.
+    hold_unknown_drops,
+    /// Committed-vector updates that released at least one packet.
+    release_updates,
+    /// Packets released by the latest such update.
+    last_release_batch,
+    /// Most packets released by one update.
+    max_release_batch,
+    /// Gauge: packets held now.
+    held_packets,
+    /// Gauge: bytes held now.
+    held_bytes,
+    /// Gauge: arrival of the oldest held packet (ns since the metrics epoch; internal).
+    oldest_held_at_ns,
+    /// Error messages the kernel returned for our verdicts.
+    verdict_errors,
+    /// Socket receive-buffer overruns (packets the kernel dropped on delivery).
+    socket_overruns,
+    /// Datagrams that did not parse.
+    parse_errors,
+    /// Kernel: packets dropped because a queue was full (all our queues).
+    nfq_queue_dropped,
+    /// Kernel: packets dropped because delivery to the agent failed.
+    nfq_user_dropped,
+    /// Kernel: packets waiting for a verdict now (all our queues).
+    nfq_queued,
+}
+
+impl Default for NetPathMetrics {
+    fn default() -> Self {
+        let m = NetPathMetrics {
+            epoch: Instant::now(),
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+        };
+        m.set(M::oldest_held_at_ns, NONE);
+        m
+    }
+}
+
+impl NetPathMetrics {
+    fn get(&self, m: M) -> u64 {
+        self.counters[m as usize].load(Relaxed)
+    }
+
+    fn add(&self, m: M, n: u64) {
+        self.counters[m as usize].fetch_add(n, Relaxed);
+    }
+
+    fn set(&self, m: M, v: u64) {
+        self.counters[m as usize].store(v, Relaxed);
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn at_ns(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Counts one tag-queue event.
+    pub fn count_tag(&self, e: TagEvent) {
+        let m = match e {
+            TagEvent::Tagged => M::tagged,
+            TagEvent::UntaggedZero => M::untagged_zero,
+            TagEvent::MergedStripped => {
+                self.add(M::stripped, 1);
+                M::merged
+            }
+            TagEvent::MergedUnstripped => M::merged_unstripped,
+            TagEvent::MergedLocal => M::merged_local,
+            TagEvent::ForeignStripped => {
+                self.add(M::stripped, 1);
+                M::foreign_stripped
+            }
+            TagEvent::UntaggedOtherOptions => M::untagged_other_options,
+            TagEvent::UntaggedFragment => M::untagged_fragments,
+            TagEvent::UntaggedNonIpv4 => M::untagged_non_ipv4,
+            TagEvent::PureAckUntagged => M::pure_acks_untagged,
+            TagEvent::ArrivedUntagged => M::arrived_untagged,
+            TagEvent::NotOurs => M::not_ours,
+            TagEvent::Malformed => M::malformed,
+            TagEvent::TagFailed => M::tag_failures,
+        };
+        self.add(m, 1);
+    }
+
+    fn count_hold(&self, o: HoldOutcome) {
+        self.add(
+            match o {
+                HoldOutcome::ReleasedNow => M::released_immediately,
+                HoldOutcome::Held => M::held_total,
+                HoldOutcome::DroppedFull => M::hold_full_drops,
+                HoldOutcome::DroppedUnknown => M::hold_unknown_drops,
+            },
+            1,
+        );
+    }
+
+    fn count_release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let n = n as u64;
+        self.add(M::released, n);
+        self.add(M::release_updates, 1);
+        self.set(M::last_release_batch, n);
+        self.counters[M::max_release_batch as usize].fetch_max(n, Relaxed);
+    }
+
+    fn gauge_hold(&self, engine: &mut HoldEngine) {
+        self.set(M::held_packets, engine.held() as u64);
+        self.set(M::held_bytes, engine.held_bytes() as u64);
+        let at = engine.oldest_since().map_or(NONE, |t| self.at_ns(t));
+        self.set(M::oldest_held_at_ns, at);
+    }
+
+    fn gauge_kernel(&self, stats: &[crate::nfq::QueueStats], first: bool) {
+        // The hold socket reports for the hold queues, the tag socket for its
+        // queue; both add into the same gauges, the first resets them.
+        let (mut qd, mut ud, mut held) = (0, 0, 0);
+        for s in stats {
+            qd += s.queue_dropped;
+            ud += s.user_dropped;
+            held += u64::from(s.queued);
+        }
+        if first {
+            self.set(M::nfq_queue_dropped, qd);
+            self.set(M::nfq_user_dropped, ud);
+            self.set(M::nfq_queued, held);
+        } else {
+            self.add(M::nfq_queue_dropped, qd);
+            self.add(M::nfq_user_dropped, ud);
+            self.add(M::nfq_queued, held);
+        }
+    }
+}
+
+impl std::fmt::Display for MetricsSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tagged={} merged={} stripped={} merged_local={} untagged(zero={} options={} fragments={} non_ipv4={} pure_acks={} arrived={}) tag_failures={} \
+             held={} ({} B, oldest {:?}) held_total={} released={} released_now={} last_batch={} drops(full={} unknown={} kernel_queue={} kernel_user={} overruns={}) verdict_errors={}",
+            self.tagged,
+            self.merged,
+            self.stripped,
+            self.merged_local,
+            self.untagged_zero,
+            self.untagged_other_options,
+            self.untagged_fragments,
+            self.untagged_non_ipv4,
+            self.pure_acks_untagged,
+            self.arrived_untagged,
+            self.tag_failures,
+            self.held_packets,
+            self.held_bytes,
+            self.oldest_held_age,
+            self.held_total,
+            self.released,
+            self.released_immediately,
+            self.last_release_batch,
+            self.hold_full_drops,
+            self.hold_unknown_drops,
+            self.nfq_queue_dropped,
+            self.nfq_user_dropped,
+            self.socket_overruns,
+            self.verdict_errors,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The driver
+// ---------------------------------------------------------------------------
+
+/// Settings of the network path on one host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetPathConfig {
+    /// This host's name in the topology.
+    pub host: String,
+    /// Queue numbers (must match the installed rules).
+    pub queues: QueuePlan,
+    /// Network namespace of the queues (dom0); `None`: the caller's.
+    pub netns: Option<PathBuf>,
+    /// Receive GSO super-packets whole.
+    pub gso: bool,
+    /// Socket receive buffer per queue socket.
+    pub rcvbuf: usize,
+    /// Tagger options.
+    pub tag_policy: TagPolicy,
+    /// Netqueue bounds.
+    pub limits: NetQueueLimits,
+    /// Most packets per batch verdict when releasing.
+    pub release_chunk: usize,
+}
+
+impl NetPathConfig {
+    /// Defaults for host `host`: the group's queue block, GSO on, 64 MiB socket
+    /// buffers, pure ACKs untagged, netqueue limits sized to the hold queues.
+    pub fn new(topo: &NetTopology, host: &str, limits: NetQueueLimits) -> NetPathConfig {
+        NetPathConfig {
+            host: host.to_owned(),
+            queues: QueuePlan::for_group(topo.group_id, limits.max_packets as u64),
+            netns: None,
+            gso: true,
+            rcvbuf: crate::nfq::DEFAULT_RCVBUF,
+            tag_policy: TagPolicy::default(),
+            limits,
+            release_chunk: 1024,
+        }
+    }
+}
+
+/// Errors of the network path.
+#[derive(Debug, thiserror::Error)]
+pub enum NetPathError {
+    /// The NFQUEUE driver failed.
+    #[error(transparent)]
+    Nfq(#[from] NfqError),
+    /// The causal state does not match the topology.
+    #[error("causal state tracks {state} machines, the topology has {topology}")]
+    StateMismatch { state: usize, topology: usize },
+    /// A task panicked.
+    #[error("network path task failed: {0}")]
+    Task(String),
+}
+
+/// The running network path of one group on one host: a tag task and a hold
+/// task, each owning its queue socket. Stopping (or dropping) it closes the
+/// sockets, and the kernel drops whatever was still queued (fail-closed).
+pub struct NetPath {
+    metrics: Arc<NetPathMetrics>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), NetPathError>>>,
+}
+
+impl NetPath {
+    /// Opens the queues (in `cfg.netns`) and starts the tasks on the current
+    /// tokio runtime (needs I/O and time enabled). Open the queues before
+    /// installing the rules, or the kernel drops what arrives in between.
+    pub fn start(
+        topo: &NetTopology,
+        state: Arc<CausalState>,
+        cfg: NetPathConfig,
+    ) -> Result<NetPath, NetPathError> {
+        if state.machines() != topo.machines.len() {
+            return Err(NetPathError::StateMismatch {
+                state: state.machines(),
+                topology: topo.machines.len(),
+            });
+        }
+        let dir = Arc::new(Directory::new(topo, &cfg.host));
+        let queue_cfg = |queues: Vec<u16>, max_len: u32| QueueConfig {
+            queues,
+            max_len,
+            gso: cfg.gso,
+            rcvbuf: cfg.rcvbuf,
+            netns: cfg.netns.clone(),
+            ..QueueConfig::new(Vec::new())
+        };
+        let tag_sock = NfqSocket::open(&queue_cfg(
+            vec![cfg.queues.tag],
+            crate::nfq::KERNEL_MAX_QUEUE_LEN,
+        ))?;
+        let per_queue = cfg
+            .limits
+            .max_packets
+            .div_ceil(usize::from(cfg.queues.hold_count.max(1)))
+            .clamp(1, crate::nfq::KERNEL_MAX_QUEUE_LEN as usize);
+        let hold_sock = NfqSocket::open(&queue_cfg(
+            cfg.queues.hold_queues(),
+            u32::try_from(per_queue).unwrap_or(crate::nfq::KERNEL_MAX_QUEUE_LEN),
+        ))?;
+        let metrics = Arc::new(NetPathMetrics::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let tag = tokio::spawn(run_tag(
+            tag_sock,
+            dir.clone(),
+            state.clone(),
+            cfg.tag_policy,
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+        let hold = tokio::spawn(run_hold(
+            hold_sock,
+            dir,
+            state,
+            HoldEngine::new(cfg.limits, cfg.release_chunk),
+            metrics.clone(),
+            stop_rx,
+        ));
+        Ok(NetPath {
+            metrics,
+            stop,
+            tasks: vec![tag, hold],
+        })
+    }
+
+    /// The metrics (shared; read with [`NetPathMetrics::snapshot`]).
+    pub fn metrics(&self) -> &Arc<NetPathMetrics> {
+        &self.metrics
+    }
+
+    /// Whether both tasks are still running.
+    pub fn is_running(&self) -> bool {
+        self.tasks.iter().all(|t| !t.is_finished())
+    }
+
+    /// Stops both tasks and closes the sockets; returns the first error a task
+    /// ended with.
+    pub async fn stop(mut self) -> Result<(), NetPathError> {
+        let _ = self.stop.send(true);
+        let mut first = Ok(());
+        for t in self.tasks.drain(..) {
+            let r = match t.await {
+                Ok(r) => r,
+                Err(e) => Err(NetPathError::Task(e.to_string())),
+            };
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for NetPath {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Parses one datagram, calling `on_packet` for each packet message and
+/// counting kernel errors.
+fn for_each_packet(
+    data: &[u8],
+    metrics: &NetPathMetrics,
+    mut on_packet: impl FnMut(&PacketMsg<'_>),
+) {
+    for m in proto::messages(data) {
+        match m {
+            Ok(Message::Packet(p)) => on_packet(&p),
+            Ok(Message::Error { errno, .. }) => {
+                metrics.add(M::verdict_errors, 1);
+                tracing::warn!(errno, "nfqueue verdict refused by the kernel");
+            }
+            Ok(Message::Overrun) => metrics.add(M::socket_overruns, 1),
+            Ok(_) => {}
+            Err(e) => {
+                metrics.add(M::parse_errors, 1);
+                tracing::warn!(error = %e, "undecodable nfqueue datagram");
+            }
+        }
+    }
+}
+
+/// Receives a burst: waits for one datagram, then takes what else is ready.
+/// Calls `handle` per datagram. Returns `false` when stopped.
+async fn recv_burst(
+    sock: &NfqSocket,
+    buf: &mut [u8],
+    metrics: &NetPathMetrics,
+    stop: &mut watch::Receiver<bool>,
+    mut handle: impl FnMut(&[u8]),
+) -> Result<bool, NetPathError> {
+    let first = tokio::select! {
+        r = sock.recv(buf) => r?,
+        _ = stop.changed() => return Ok(false),
+    };
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(r) = next.take() {
+        match r {
+            Received::Datagram(len) => handle(&buf[..len]),
+            Received::Overrun => metrics.add(M::socket_overruns, 1),
+        }
+        n += 1;
+        if n < BURST {
+            next = sock.try_recv(buf)?;
+        }
+    }
+    Ok(!*stop.borrow())
+}
+
+async fn run_tag(
+    sock: NfqSocket,
+    dir: Arc<Directory>,
+    state: Arc<CausalState>,
+    policy: TagPolicy,
+    metrics: Arc<NetPathMetrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NetPathError> {
+    let mut buf = vec![0u8; crate::nfq::RECV_BUF_LEN];
+    let mut out = Vec::with_capacity(256 * 1024);
+    let mut scratch = Vec::with_capacity(crate::nfq::RECV_BUF_LEN);
+    loop {
+        out.clear();
+        let running = recv_burst(&sock, &mut buf, &metrics, &mut stop, |data| {
+            for_each_packet(data, &metrics, |p| {
+                let d = if p.hw_protocol == ETH_P_IP || p.hw_protocol == 0 {
+                    decide_tag(&dir, &state, policy, p.payload, PacketInfo::of(p), &mut scratch)
+                } else {
+                    decision(Action::Accept, TagEvent::UntaggedNonIpv4)
+                };
+                metrics.count_tag(d.event);
+                match d.action {
+                    Action::Accept => proto::build_verdict(&mut out, p.queue, p.id, Verdict::Accept),
+                    Action::Drop => proto::build_verdict(&mut out, p.queue, p.id, Verdict::Drop),
+                    Action::AcceptModified => {
+                        let _ = proto::try_build_verdict_with_payload::<()>(
+                            &mut out,
+                            p.queue,
+                            p.id,
+                            |b| {
+                                b.extend_from_slice(&scratch);
+                                Ok(())
+                            },
+                        );
+                    }
+                }
+            })
+        })
+        .await?;
+        sock.send(&out)?;
+        if !running {
+            return Ok(());
+        }
+    }
+}
+
+async fn run_hold(
+    sock: NfqSocket,
+    dir: Arc<Directory>,
+    state: Arc<CausalState>,
+    mut engine: HoldEngine,
+    metrics: Arc<NetPathMetrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NetPathError> {
+    let mut committed = state.subscribe_committed();
+    let mut buf = vec![0u8; crate::nfq::RECV_BUF_LEN];
+    let mut out = Vec::with_capacity(256 * 1024);
+    let mut tick = tokio::time::interval(KERNEL_STATS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        out.clear();
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return Ok(()),
+            r = committed.changed() => {
+                if r.is_err() {
+                    // The causal state is gone: the agent is shutting down.
+                    return Ok(());
+                }
+                let c = *committed.borrow_and_update();
+                let n = engine.on_committed(&c, &mut out);
+                sock.send(&out)?;
+                metrics.count_release(n);
+                metrics.gauge_hold(&mut engine);
+            }
+            r = sock.recv(&mut buf) => {
+                let mut next = Some(r?);
+                let mut n = 0;
+                let now = Instant::now();
+                while let Some(r) = next.take() {
+                    match r {
+                        Received::Datagram(len) => {
+                            for_each_packet(&buf[..len], &metrics, |p| {
+                                let o = engine.on_packet(&dir, &state, p.queue, p.id, p.payload,
+                                    p.cap_len.map_or(p.payload.len(), |l| l as usize), now, &mut out);
+                                metrics.count_hold(o);
+                            });
+                        }
+                        Received::Overrun => metrics.add(M::socket_overruns, 1),
+                    }
+                    n += 1;
+                    if n < BURST {
+                        next = sock.try_recv(&mut buf)?;
+                    }
+                }
+                sock.send(&out)?;
+                metrics.gauge_hold(&mut engine);
+            }
+            _ = tick.tick() => {
+                metrics.gauge_hold(&mut engine);
+                match sock.stats() {
+                    Ok(s) => metrics.gauge_kernel(&s, true),
+                    Err(e) => tracing::debug!(error = %e, "reading nfqueue counters"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::NetMachine;
+    use etherparse::PacketBuilder;
+    use pipecloud_core::WriterId;
+
+    const WEB: [u8; 4] = [10, 1, 1, 2];
+    const APP: [u8; 4] = [10, 1, 1, 3];
+    const DB: [u8; 4] = [10, 1, 2, 2];
+    const CLIENT: [u8; 4] = [10, 9, 0, 2];
+
+    fn topo() -> NetTopology {
+        let m = |name: &str, ip: [u8; 4], host: &str, outbound, w: Option<u8>| NetMachine {
+            name: name.into(),
+            ip: Ipv4Addr::from(ip),
+            host: host.into(),
+            outbound,
+            writer: w.map(WriterId),
+        };
+        NetTopology {
+            group: "shop".into(),
+            group_id: 7,
+            tag_entries: 2,
+            machines: vec![
+                m("web", WEB, "a", true, None),
+                m("app", APP, "a", false, Some(0)),
+                m("db", DB, "b", false, Some(1)),
+            ],
+        }
+    }
+
+    fn tcp(src: [u8; 4], dst: [u8; 4], payload: &[u8], syn: bool) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(src, dst, 64)
+            .tcp(40000, 5432, 1, 1000)
+            .ack(9);
+        if syn {
+            b = b.syn();
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src, dst, 64).udp(sport, 53);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    const FULL: PacketInfo = PacketInfo {
+        csum_not_ready: false,
+        complete: true,
+    };
+
+    fn v(x: &[u64]) -> CountVector {
+        CountVector::from_slice(x)
+    }
+
+    #[test]
+    fn tag_then_merge_and_strip_across_hosts() {
+        let t = topo();
+        let (a, b) = (Directory::new(&t, "a"), Directory::new(&t, "b"));
+        let (sa, sb) = (CausalState::new(3), CausalState::new(3));
+        for _ in 0..5 {
+            sa.issue_write(1, WriterId(0)); // app writes
+        }
+        sa.merge(0, &sa.pending(1)); // web learned app's writes
+        let original = tcp(WEB, DB, b"GET /", false);
+        let mut scratch = Vec::new();
+        let d = decide_tag(&a, &sa, TagPolicy::default(), &original, FULL, &mut scratch);
+        assert_eq!(d, decision(Action::AcceptModified, TagEvent::Tagged));
+        let tagged = scratch.clone();
+        assert_eq!(tagged.len(), original.len() + 12);
+        assert_eq!(tagged[22], ipopt::OPTION_TYPE);
+
+        // On host b: merged into db's vector and stripped back to the original.
+        let d = decide_tag(&b, &sb, TagPolicy::default(), &tagged, FULL, &mut scratch);
+        assert_eq!(d, decision(Action::AcceptModified, TagEvent::MergedStripped));
+        assert_eq!(scratch, original);
+        assert_eq!(sb.pending(2), v(&[5]));
+        assert_eq!(sb.pending(0), CountVector::ZERO, "only the receiver merges");
+    }
+
+    #[test]
+    fn local_pairs_merge_directly() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        s.issue_write(1, WriterId(0));
+        let pkt = tcp(APP, WEB, b"x", false);
+        let d = decide_tag(&a, &s, TagPolicy::default(), &pkt, FULL, &mut Vec::new());
+        assert_eq!(d, decision(Action::Accept, TagEvent::MergedLocal));
+        assert_eq!(s.pending(0), v(&[1]));
+    }
+
+    #[test]
+    fn untagged_classes() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        let mut scratch = Vec::new();
+        let pol = TagPolicy::default();
+        // Zero vector: nothing to carry.
+        let d = decide_tag(&a, &s, pol, &tcp(WEB, DB, b"x", false), FULL, &mut scratch);
+        assert_eq!(d.event, TagEvent::UntaggedZero);
+        s.issue_write(0, WriterId(0));
+        // Pure ACK untagged by default, tagged on request; SYN always tagged.
+        let ack = tcp(WEB, DB, b"", false);
+        assert_eq!(decide_tag(&a, &s, pol, &ack, FULL, &mut scratch).event, TagEvent::PureAckUntagged);
+        let all = TagPolicy { tag_pure_acks: true };
+        assert_eq!(decide_tag(&a, &s, all, &ack, FULL, &mut scratch).event, TagEvent::Tagged);
+        let syn = tcp(WEB, DB, b"", true);
+        assert_eq!(decide_tag(&a, &s, pol, &syn, FULL, &mut scratch).event, TagEvent::Tagged);
+        // Other options.
+        let mut opt = tcp(WEB, DB, b"x", false);
+        opt.splice(20..20, [1, 1, 1, 0]); // NOP NOP NOP EOL
+        opt[0] = 0x46;
+        let tl = (opt.len() as u16).to_be_bytes();
+        opt[2..4].copy_from_slice(&tl);
+        assert_eq!(decide_tag(&a, &s, pol, &opt, FULL, &mut scratch).event, TagEvent::UntaggedOtherOptions);
+        // Fragment.
+        let mut frag = tcp(WEB, DB, b"x", false);
+        frag[6] |= 0x20; // MF
+        assert_eq!(decide_tag(&a, &s, pol, &frag, FULL, &mut scratch).event, TagEvent::UntaggedFragment);
+        // Not IPv4.
+        let mut v6 = tcp(WEB, DB, b"x", false);
+        v6[0] = 0x60;
+        assert_eq!(decide_tag(&a, &s, pol, &v6, FULL, &mut scratch).event, TagEvent::UntaggedNonIpv4);
+        // Truncated copy that needs a tag: dropped, never passed untagged.
+        let d = decide_tag(&a, &s, pol, &tcp(WEB, DB, b"x", false), PacketInfo { csum_not_ready: false, complete: false }, &mut scratch);
+        assert_eq!(d, decision(Action::Drop, TagEvent::TagFailed));
+        // Not our machines.
+        let d = decide_tag(&a, &s, pol, &tcp(CLIENT, WEB, b"x", false), FULL, &mut scratch);
+        assert_eq!(d.event, TagEvent::NotOurs);
+        // Untagged arrival from the other host.
+        let b = Directory::new(&t, "b");
+        let d = decide_tag(&b, &s, pol, &tcp(WEB, DB, b"x", false), FULL, &mut scratch);
+        assert_eq!(d, decision(Action::Accept, TagEvent::ArrivedUntagged));
+    }
+
+    #[test]
+    fn forged_tags_are_replaced_and_foreign_ones_stripped() {
+        let t = topo();
+        let (a, b) = (Directory::new(&t, "a"), Directory::new(&t, "b"));
+        let s = CausalState::new(3);
+        s.issue_write(0, WriterId(1));
+        let mut forged = tcp(WEB, DB, b"x", false);
+        ipopt::insert_tag(&mut forged, 7, &v(&[0, 99])).unwrap();
+        let mut scratch = Vec::new();
+        let d = decide_tag(&a, &s, TagPolicy::default(), &forged, FULL, &mut scratch);
+        assert_eq!(d.event, TagEvent::Tagged);
+        let Classify::Tagged { raw, .. } = ipopt::classify(&scratch) else { panic!() };
+        assert_eq!(raw.resolve(&CountVector::ZERO), v(&[0, 1]), "the real pending vector travels");
+
+        let mut foreign = tcp(WEB, DB, b"x", false);
+        ipopt::insert_tag(&mut foreign, 8, &v(&[3])).unwrap();
+        let sb = CausalState::new(3);
+        let d = decide_tag(&b, &sb, TagPolicy::default(), &foreign, FULL, &mut scratch);
+        assert_eq!(d, decision(Action::AcceptModified, TagEvent::ForeignStripped));
+        assert_eq!(sb.pending(2), CountVector::ZERO);
+        assert_eq!(scratch, tcp(WEB, DB, b"x", false));
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        s.issue_write(1, WriterId(0));
+        s.merge(0, &s.pending(1));
+        let good = udp(WEB, DB, 1000, b"hello");
+        let mut partial = good.clone();
+        partial[26] = 0x12; // garbage where offload left a pseudo-header sum
+        partial[27] = 0x34;
+        let mut scratch = Vec::new();
+        let info = PacketInfo { csum_not_ready: true, complete: true };
+        let d = decide_tag(&a, &s, TagPolicy::default(), &partial, info, &mut scratch);
+        assert_eq!(d.action, Action::AcceptModified);
+        // Checksum now equals the one of the correctly built packet.
+        assert_eq!(&scratch[26 + 12..28 + 12], &good[26..28]);
+    }
+
+    fn verdicts(out: &[u8]) -> Vec<(u16, u32, bool)> {
+        // (msg type low byte, id, accept) from our own encoding.
+        let mut v = Vec::new();
+        let mut at = 0;
+        while at + 16 <= out.len() {
+            let len = u32::from_ne_bytes(out[at..at + 4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes(out[at + 4..at + 6].try_into().unwrap()) & 0xff;
+            let verdict = u32::from_be_bytes(out[at + 24..at + 28].try_into().unwrap());
+            let id = u32::from_be_bytes(out[at + 28..at + 32].try_into().unwrap());
+            v.push((ty, id, verdict == 1));
+            at += (len + 3) & !3;
+        }
+        v
+    }
+
+    const SINGLE: u16 = 1;
+    const BATCH: u16 = 3;
+
+    #[test]
+    fn hold_releases_exactly_when_committed_dominates() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        for _ in 0..5 {
+            s.issue_write(1, WriterId(0));
+        }
+        s.merge(0, &s.pending(1)); // web depends on app's write 5
+        let mut e = HoldEngine::new(NetQueueLimits::default(), 1024);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        for id in 1..=3 {
+            let p = udp(WEB, CLIENT, 1000, &[id as u8]);
+            assert_eq!(e.on_packet(&a, &s, 49, id, &p, p.len(), now, &mut out), HoldOutcome::Held);
+        }
+        assert!(out.is_empty());
+        assert_eq!(e.held(), 3);
+        assert_eq!(e.oldest_since(), Some(now));
+        assert_eq!(e.on_committed(&v(&[4]), &mut out), 0);
+        assert!(out.is_empty());
+        assert_eq!(e.on_committed(&v(&[5]), &mut out), 3);
+        assert_eq!(verdicts(&out), vec![(BATCH, 3, true)]);
+        assert_eq!(e.held(), 0);
+        assert_eq!(e.oldest_since(), None);
+        // Committed now covers web's vector: the next packet leaves at once.
+        s.publish_committed(&v(&[5]));
+        out.clear();
+        let p = udp(WEB, CLIENT, 1000, b"z");
+        assert_eq!(e.on_packet(&a, &s, 49, 4, &p, p.len(), now, &mut out), HoldOutcome::ReleasedNow);
+        assert_eq!(verdicts(&out), vec![(SINGLE, 4, true)]);
+        // Unknown sender: dropped.
+        out.clear();
+        let p = udp(DB, CLIENT, 1000, b"z"); // db is not local on host a
+        assert_eq!(e.on_packet(&a, &s, 49, 5, &p, p.len(), now, &mut out), HoldOutcome::DroppedUnknown);
+        assert_eq!(verdicts(&out), vec![(SINGLE, 5, false)]);
+    }
+
+    #[test]
+    fn release_uses_prefix_batches_in_chunks_then_singles() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        let mut e = HoldEngine::new(NetQueueLimits::default(), 2);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        // Flow X (web, port 1) tagged [1]; flow Y (app, port 2) tagged [2] later.
+        s.issue_write(1, WriterId(0)); // app: [1]
+        s.merge(0, &s.pending(1)); // web: [1]
+        let x = |id: u32| udp(WEB, CLIENT, 1, &[id as u8]);
+        e.on_packet(&a, &s, 49, 1, &x(1), 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 2, &x(2), 10, now, &mut out);
+        s.issue_write(1, WriterId(0)); // app: [2]
+        let y = |id: u32| udp(APP, CLIENT, 2, &[id as u8]);
+        e.on_packet(&a, &s, 49, 3, &y(3), 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 4, &x(4), 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 5, &x(5), 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 6, &x(6), 10, now, &mut out);
+        assert!(out.is_empty());
+        // [1] releases X's 1,2 (prefix, one chunk of 2) and X's 4,5,6 behind Y's 3.
+        assert_eq!(e.on_committed(&v(&[1]), &mut out), 5);
+        assert_eq!(
+            verdicts(&out),
+            vec![(BATCH, 2, true), (SINGLE, 4, true), (SINGLE, 5, true), (SINGLE, 6, true)]
+        );
+        out.clear();
+        assert_eq!(e.held(), 1);
+        // [2] releases Y's 3; the batch stops at it (4..6 already have verdicts).
+        assert_eq!(e.on_committed(&v(&[2]), &mut out), 1);
+        assert_eq!(verdicts(&out), vec![(BATCH, 3, true)]);
+        assert!(e.slots.is_empty());
+    }
+
+    #[test]
+    fn chunking_splits_long_prefixes() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        s.issue_write(0, WriterId(0));
+        let mut e = HoldEngine::new(NetQueueLimits::default(), 3);
+        let mut out = Vec::new();
+        for id in 1..=7 {
+            e.on_packet(&a, &s, 49, id, &udp(WEB, CLIENT, 1, b"a"), 10, Instant::now(), &mut out);
+        }
+        assert_eq!(e.on_committed(&v(&[1]), &mut out), 7);
+        assert_eq!(verdicts(&out), vec![(BATCH, 3, true), (BATCH, 6, true), (BATCH, 7, true)]);
+    }
+
+    #[test]
+    fn full_netqueue_drops() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        s.issue_write(0, WriterId(0));
+        let mut e = HoldEngine::new(NetQueueLimits { max_packets: 2, max_bytes: 1 << 20 }, 8);
+        let mut out = Vec::new();
+        let p = udp(WEB, CLIENT, 1, b"a");
+        for id in 1..=2 {
+            assert_eq!(e.on_packet(&a, &s, 49, id, &p, 10, Instant::now(), &mut out), HoldOutcome::Held);
+        }
+        assert_eq!(e.on_packet(&a, &s, 49, 3, &p, 10, Instant::now(), &mut out), HoldOutcome::DroppedFull);
+        assert_eq!(verdicts(&out), vec![(SINGLE, 3, false)]);
+    }
+
+    #[test]
+    fn metrics_snapshot_counts() {
+        let m = NetPathMetrics::default();
+        m.count_tag(TagEvent::Tagged);
+        m.count_tag(TagEvent::MergedStripped);
+        m.count_release(4);
+        m.count_release(2);
+        let s = m.snapshot();
+        assert_eq!((s.tagged, s.merged, s.stripped), (1, 1, 1));
+        assert_eq!((s.released, s.release_updates, s.last_release_batch, s.max_release_batch), (6, 2, 2, 4));
+        assert_eq!(s.oldest_held_age, None);
+        assert!(!s.to_string().is_empty());
+    }
+}

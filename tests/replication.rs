@@ -1,0 +1,816 @@
+//! Replication against the real backup server (`backup-server` binary of this
+//! workspace, built on first use): an agent-side `ReplicatedDisk` over a real
+//! `LocalImage`, a `ReplicationClient` speaking mutual TLS with certificates from
+//! `backup-server certs`, and failures made with real signals (SIGSTOP/SIGCONT
+//! stall the server, SIGKILL + restart crash it).
+//!
+//! Every test ends by failing the group over at the backup and comparing the
+//! backup's volume image byte for byte with the local image: nothing acked may
+//! be missing, nothing may be applied twice or out of order.
+//!
+//! Timing is never asserted; timeouts only bound how long a test waits for a
+//! condition that must eventually hold.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Once, OnceLock};
+use std::time::Duration;
+
+use pipecloud::block::BlockBackend;
+use pipecloud::causal::CausalState;
+use pipecloud::core::WriterId;
+use pipecloud::ctl::{self, Control, ControlGroup, CtlServer};
+use pipecloud::disk::ReplicatedDisk;
+use pipecloud::image::LocalImage;
+use pipecloud::replication::{
+    fresh_generation, AckState, BackupLossPolicy, DiskSpec, Mode, ModeSwitch, ReplicationClient,
+    ReplicationConfig, TlsFiles, WRITE_OVERHEAD,
+};
+
+const GROUP: &str = "g1";
+const DISK: &str = "d0";
+const DISK_SIZE: u64 = 16 << 20;
+const W0: WriterId = WriterId(0);
+/// Generous bound for conditions that must eventually hold.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Path of the backup-server binary, built once per test run.
+fn backup_server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "backup-server", "--bin", "backup-server"])
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .status()
+            .expect("running cargo build -p backup-server");
+        assert!(status.success(), "cargo build -p backup-server failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let bin = target.join("debug").join("backup-server");
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
+}
+
+/// A unique scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pipecloud-repl-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running backup server with its test PKI; killed on drop.
+struct Backup {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Backup {
+    fn start(scratch: &Scratch) -> Backup {
+        let dir = scratch.0.join("backup");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
+            l.local_addr().expect("probe addr").port()
+        };
+        let out = Command::new(backup_server_bin())
+            .arg("certs")
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--server-name", "localhost", "--group", GROUP, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("backup-server certs");
+        assert!(
+            out.status.success(),
+            "backup-server certs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut b = Backup {
+            dir,
+            port,
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("backup-server.toml")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("server log");
+        let child = Command::new(backup_server_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning backup-server serve");
+        self.child = Some(child);
+        // Wait until it accepts connections.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("backup-server exited early ({st}); log:\n{}", self.log());
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backup-server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("server running").id();
+        // SAFETY: plain kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+        assert_eq!(r, 0, "kill({pid}, {sig})");
+    }
+
+    fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    fn cont(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// SIGKILL (a crash) and wait for the process to be gone.
+    fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join(format!("{GROUP}-agent.pem")),
+            key: self.dir.join(format!("{GROUP}-agent.key")),
+        }
+    }
+
+    /// Fails the group over and returns the bytes of the disk's volume image.
+    fn failover_image(&self, out: &Path) -> Vec<u8> {
+        let o = Command::new(backup_server_bin())
+            .args(["failover", "--group", GROUP, "--out"])
+            .arg(out)
+            .arg("--config")
+            .arg(self.config())
+            .stdin(Stdio::null())
+            .output()
+            .expect("backup-server failover");
+        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "failover failed: {}\n{}",
+            stdout,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let image = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("image: "))
+            .find(|p| Path::new(p).file_stem().is_some_and(|s| s == DISK))
+            .unwrap_or_else(|| panic!("no image of {DISK} in failover output:\n{stdout}"));
+        std::fs::read(image).expect("reading failover image")
+    }
+}
+
+impl Drop for Backup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child (continue it first: a stopped child
+            // still dies on SIGKILL, this only keeps its shutdown tidy).
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The agent side of one test: causal state, client, replicated disk, mode.
+struct Agent {
+    causal: Arc<CausalState>,
+    client: Arc<ReplicationClient>,
+    disk: Arc<ReplicatedDisk<LocalImage>>,
+    mode: ModeSwitch,
+    image: PathBuf,
+}
+
+fn agent(
+    scratch: &Scratch,
+    backup: &Backup,
+    mode: Mode,
+    max_inflight_bytes: u64,
+    policy: BackupLossPolicy,
+) -> Agent {
+    init_tracing();
+    let causal = Arc::new(CausalState::new(1));
+    let config = ReplicationConfig {
+        endpoint: format!("127.0.0.1:{}", backup.port),
+        server_name: "localhost".into(),
+        tls: backup.tls(),
+        group: GROUP.into(),
+        group_id: 7,
+        agent: "agent-a".into(),
+        disks: vec![DiskSpec {
+            name: DISK.into(),
+            size: DISK_SIZE,
+            writer: W0,
+            machine: 0,
+        }],
+        generation: fresh_generation(Some(&scratch.0.join("generation"))).expect("generation"),
+        max_inflight_bytes,
+        backup_loss: policy,
+        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_millis(1500),
+        connect_timeout: Duration::from_secs(2),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(500),
+    };
+    let client = Arc::new(ReplicationClient::start(config, Arc::clone(&causal)).expect("client"));
+    let image = scratch.0.join("local.img");
+    let local = LocalImage::open(&image, DISK_SIZE).expect("local image");
+    let mode = ModeSwitch::new(mode);
+    let disk = Arc::new(
+        ReplicatedDisk::new(local, Arc::clone(&client), DISK, mode.clone())
+            .expect("replicated disk"),
+    );
+    Agent {
+        causal,
+        client,
+        disk,
+        mode,
+        image,
+    }
+}
+
+impl Agent {
+    async fn ready(&self) {
+        tokio::time::timeout(PATIENCE, self.client.wait_ready())
+            .await
+            .expect("client never registered")
+            .expect("client stopped");
+    }
+
+    /// Waits until every issued write is committed (and published to the causal state).
+    async fn drained(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let s = self.client.status();
+            let w = &s.writers[0];
+            if w.acked == w.written && s.inflight_bytes == 0 {
+                assert_eq!(self.causal.committed().get(0), w.written);
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "writes never drained: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.client.status().writers[0].written
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `tasks` concurrent writers, each on its own region of the disk (so the final
+/// contents do not depend on how concurrent writes interleave), `per_task`
+/// sequential writes of 4..=64 KiB each. Returns how many writes completed.
+fn spawn_writers(
+    disk: &Arc<ReplicatedDisk<LocalImage>>,
+    tasks: u64,
+    per_task: u64,
+    done: &Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let region = DISK_SIZE / tasks;
+    (0..tasks)
+        .map(|t| {
+            let disk = Arc::clone(disk);
+            let done = Arc::clone(done);
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    let seed = t * 1_000_003 + i;
+                    let len = 4096 * (1 + (seed % 16)) as usize;
+                    let slots = (region - len as u64) / 4096;
+                    let offset = t * region + 4096 * (seed.wrapping_mul(2_654_435_761) % slots);
+                    disk.write(offset, pattern(seed, len), false)
+                        .await
+                        .expect("guest write failed");
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect()
+}
+
+async fn join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        tokio::time::timeout(PATIENCE, h)
+            .await
+            .expect("writer task hung")
+            .expect("writer task panicked");
+    }
+}
+
+/// Fails over at the backup and compares its volume with the local image.
+fn assert_backup_matches_local(scratch: &Scratch, backup: &Backup, agent: &Agent) {
+    let remote = backup.failover_image(&scratch.0.join("failover"));
+    let local = std::fs::read(&agent.image).expect("reading local image");
+    assert_eq!(remote.len(), local.len(), "image sizes differ");
+    if let Some(i) = remote.iter().zip(&local).position(|(a, b)| a != b) {
+        panic!("backup image differs from the local image at byte {i}");
+    }
+}
+
+/// Polls `f` until it returns true.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// (a) Writes of every kind are replicated and acked, the committed vector is
+/// published to the causal state, and the backup's image equals the local one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_replicated_acked_and_committed() {
+    let scratch = Scratch::new("basic");
+    let backup = Backup::start(&scratch);
+    let a = agent(
+        &scratch,
+        &backup,
+        Mode::Pipelined,
+        8 << 20,
+        BackupLossPolicy::Stall,
+    );
+    a.ready().await;
+    let mut committed_rx = a.causal.subscribe_committed();
+    let base = a.causal.pending(0).get(0);
+
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    join_all(spawn_writers(&a.disk, 4, 50, &done)).await;
+    // A write larger than one frame (split), zeroes, and a trim that is rewritten.
+    let big = pattern(99, (1 << 20) + (1 << 19));
+    a.disk.write(3 << 20, big, true).await.expect("big write");
+    a.disk
+        .write_zeroes(1 << 20, 64 << 10, false)
+        .await
+        .expect("zeroes");
+    a.disk.trim(8 << 20, 128 << 10).await.expect("trim");
+    a.disk
+        .write(8 << 20, pattern(7, 128 << 10), false)
+        .await
+        .expect("rewrite after trim");
+    a.disk.flush().await.expect("flush");
+
+    // 200 writes + 2 frames + zeroes + trim + rewrite.
+    let expected = base + 200 + 2 + 3;
+    assert_eq!(a.written(), expected);
+    a.drained().await;
+    assert!(
+        committed_rx.has_changed().unwrap_or(false),
+        "committed vector published"
+    );
+    assert_eq!(committed_rx.borrow_and_update().get(0), expected);
+    let s = a.client.status();
+    assert!(s.connected && !s.degraded);
+    assert_eq!(s.writers[0].fillers, 0);
+    eventually("heartbeats measure an RTT", || {
+        a.client.status().last_rtt.is_some()
+    })
+    .await;
+    println!(
+        "heartbeat RTT on loopback: {:?}",
+        a.client.status().last_rtt
+    );
+    assert_backup_matches_local(&scratch, &backup, &a);
+}
+
+/// (b) Sync completions never precede the ack; async and pipelined completions
+/// do not wait for the backup (it is stalled with SIGSTOP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_waits_for_acks_async_and_pipelined_do_not() {
+    let scratch = Scratch::new("modes");
+    let mut backup = Backup::start(&scratch);
+    let a = agent(
+        &scratch,
+        &backup,
+        Mode::Sync,
+        8 << 20,
+        BackupLossPolicy::Stall,
+    );
+    a.ready().await;
+
+    // Sync: at the instant each write completes, its ack has been received.
+    for i in 0..100u64 {
+        let seq = a.causal.pending(0).get(0) + 1;
+        a.disk
+            .write(4096 * i, pattern(i, 4096 + 512 * (i as usize % 8)), false)
+            .await
+            .expect("sync write");
+        let committed = a.causal.committed().get(0);
+        assert!(
+            committed >= seq,
+            "sync write {seq} completed before its ack (committed {committed})"
+        );
+    }
+
+    backup.stop();
+    // Sync write with the backup stalled: must not complete.
+    let seq = a.causal.pending(0).get(0) + 1;
+    let disk = Arc::clone(&a.disk);
+    let mut sync_write =
+        tokio::spawn(async move { disk.write(1 << 20, pattern(1, 8192), false).await });
+    let early = tokio::time::timeout(Duration::from_millis(800), &mut sync_write).await;
+    assert!(
+        early.is_err(),
+        "sync write completed while the backup was stopped"
+    );
+    assert!(a.causal.committed().get(0) < seq);
+
+    // Async and pipelined writes complete while the backup is still stalled.
+    for mode in [Mode::Async, Mode::Pipelined] {
+        let b = ModeSwitch::new(mode);
+        let disk2 = ReplicatedDisk::new(
+            LocalImage::open(scratch.0.join(format!("{mode}.img")), DISK_SIZE).expect("image"),
+            Arc::clone(&a.client),
+            DISK,
+            b,
+        )
+        .expect("disk");
+        // Another view of the same replicated disk with its own mode switch
+        // (writes land in its own local image; the backup sees one stream).
+        for i in 0..20u64 {
+            tokio::time::timeout(
+                PATIENCE,
+                disk2.write((2 << 20) + 4096 * i, pattern(i, 4096), false),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{mode} write waited for the stalled backup"))
+            .expect("write");
+        }
+        assert!(
+            a.causal.committed().get(0) < seq,
+            "backup is stalled: nothing acked"
+        );
+    }
+    assert!(!sync_write.is_finished(), "sync write still waiting");
+
+    backup.cont();
+    tokio::time::timeout(PATIENCE, sync_write)
+        .await
+        .expect("sync write never completed after SIGCONT")
+        .expect("task")
+        .expect("sync write failed");
+    assert!(a.causal.committed().get(0) >= seq);
+    a.drained().await;
+    backup.crash();
+}
+
+/// (c) Backpressure: with the backup stalled, in-flight bytes stop at the limit
+/// and writers block (not fail); after SIGCONT all complete and none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_bounds_inflight_bytes_and_loses_nothing() {
+    let scratch = Scratch::new("backpressure");
+    let backup = Backup::start(&scratch);
+    let limit: u64 = 1 << 20;
+    let a = agent(
+        &scratch,
+        &backup,
+        Mode::Async,
+        limit,
+        BackupLossPolicy::Stall,
+    );
+    a.ready().await;
+    let base = a.written();
+    backup.stop();
+
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tasks, per_task) = (8, 40);
+    let handles = spawn_writers(&a.disk, tasks, per_task, &done);
+    // Wait until the writers are stuck: the count stops moving for a while.
+    let mut last = u64::MAX;
+    let mut stable = 0;
+    let mut max_inflight = 0;
+    while stable < 50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let s = a.client.status();
+        max_inflight = max_inflight.max(s.inflight_bytes);
+        assert!(
+            s.inflight_bytes <= limit,
+            "in-flight {} over the limit {limit}",
+            s.inflight_bytes
+        );
+        let now = done.load(Ordering::SeqCst);
+        if now == last {
+            stable += 1;
+        } else {
+            stable = 0;
+            last = now;
+        }
+    }
+    let stuck = done.load(Ordering::SeqCst);
+    let s = a.client.status();
+    println!(
+        "stalled backup: {stuck} of {} writes completed, in flight {} bytes in {} writes (limit {limit})",
+        tasks * per_task,
+        s.inflight_bytes,
+        s.writers[0].inflight_writes
+    );
+    assert!(stuck < tasks * per_task, "writers must block at the limit");
+    assert!(
+        handles.iter().all(|h| !h.is_finished()),
+        "no writer failed or finished"
+    );
+    // Every completed write holds its budget until acked (nothing is acked).
+    assert_eq!(
+        s.writers[0].written - base,
+        s.writers[0].inflight_writes as u64
+    );
+    assert!(stuck * (4096 + WRITE_OVERHEAD) <= limit);
+    assert!(
+        s.inflight_bytes + 64 * 1024 + WRITE_OVERHEAD > limit,
+        "the buffer filled up to the limit before blocking ({} of {limit})",
+        s.inflight_bytes
+    );
+
+    backup.cont();
+    join_all(handles).await;
+    assert_eq!(done.load(Ordering::SeqCst), tasks * per_task);
+    assert_eq!(a.written(), base + tasks * per_task);
+    a.drained().await;
+    assert_backup_matches_local(&scratch, &backup, &a);
+}
+
+/// (d) The backup crashes (SIGKILL) and restarts mid-stream: unacked writes are
+/// re-sent and all end up durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_crash_mid_stream_resends_unacked_writes() {
+    let scratch = Scratch::new("crash");
+    let mut backup = Backup::start(&scratch);
+    let a = agent(
+        &scratch,
+        &backup,
+        Mode::Async,
+        4 << 20,
+        BackupLossPolicy::Stall,
+    );
+    a.ready().await;
+
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tasks, per_task) = (4, 300);
+    let handles = spawn_writers(&a.disk, tasks, per_task, &done);
+    for round in 0..2 {
+        let target = (round + 1) * 300;
+        eventually("writes progress", || done.load(Ordering::SeqCst) >= target).await;
+        let before = a.client.status();
+        backup.crash();
+        println!(
+            "crash {round}: written {} acked {} in flight {} writes",
+            before.writers[0].written, before.writers[0].acked, before.writers[0].inflight_writes
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        backup.spawn();
+    }
+    join_all(handles).await;
+    a.drained().await;
+    let s = a.client.status();
+    assert!(
+        s.sessions >= 3,
+        "reconnected after each crash: {} sessions",
+        s.sessions
+    );
+    assert_eq!(s.writers[0].fillers, 0);
+    assert_backup_matches_local(&scratch, &backup, &a);
+}
+
+/// (e) Mode switches at run time (through the control socket) while writes are
+/// in flight: no write fails, a sync write waiting on a stalled backup completes
+/// when the mode switches to async, and everything ends up durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode_switch_at_run_time_through_the_control_socket() {
+    let scratch = Scratch::new("switch");
+    let backup = Backup::start(&scratch);
+    let a = agent(
+        &scratch,
+        &backup,
+        Mode::Pipelined,
+        4 << 20,
+        BackupLossPolicy::Stall,
+    );
+    a.ready().await;
+    let control = Arc::new(Control::new(vec![ControlGroup {
+        client: Arc::clone(&a.client),
+        mode: a.mode.clone(),
+    }]));
+    let sock = scratch.0.join("ctl.sock");
+    let server = CtlServer::bind(&sock, control).expect("ctl bind");
+    let ctl_task = tokio::spawn(async move {
+        let _ = server.run().await;
+    });
+    let ctl_call = |req: &'static str| {
+        let sock = sock.clone();
+        async move {
+            tokio::task::spawn_blocking(move || ctl::request(&sock, req))
+                .await
+                .expect("ctl task")
+        }
+    };
+
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let handles = spawn_writers(&a.disk, 4, 150, &done);
+    for (i, m) in [
+        "sync",
+        "async",
+        "pipelined",
+        "sync",
+        "pipelined",
+        "async",
+        "sync",
+    ]
+    .iter()
+    .cycle()
+    .take(14)
+    .enumerate()
+    {
+        eventually("writes progress", || {
+            done.load(Ordering::SeqCst) >= 20 * i as u64
+        })
+        .await;
+        let req: &'static str = match *m {
+            "sync" => "mode sync",
+            "async" => "mode async",
+            _ => "mode pipelined",
+        };
+        let answer = ctl_call(req).await.expect("mode switch");
+        assert!(answer.contains(&format!("-> {m}")), "answer {answer:?}");
+        assert_eq!(a.mode.get().as_str(), *m);
+    }
+    let table = ctl_call("status").await.expect("status");
+    println!("{table}");
+    assert!(
+        table.contains(DISK) && table.contains("sync"),
+        "status table:\n{table}"
+    );
+    assert!(matches!(
+        ctl_call("mode checkpoint").await,
+        Err(ctl::CtlError::Remote(_))
+    ));
+    assert!(matches!(
+        ctl_call("bogus").await,
+        Err(ctl::CtlError::Remote(_))
+    ));
+
+    // A sync write waiting for a stalled backup is released by a switch to async.
+    assert_eq!(a.mode.get(), Mode::Sync);
+    join_all(handles).await;
+    backup.stop();
+    let seq = a.causal.pending(0).get(0) + 1;
+    let disk = Arc::clone(&a.disk);
+    let mut w = tokio::spawn(async move { disk.write(0, pattern(5, 4096), false).await });
+    assert!(tokio::time::timeout(Duration::from_millis(500), &mut w)
+        .await
+        .is_err());
+    ctl_call("mode async").await.expect("switch to async");
+    tokio::time::timeout(PATIENCE, w)
+        .await
+        .expect("switch to async released the waiting sync write")
+        .expect("task")
+        .expect("write");
+    assert!(
+        a.causal.committed().get(0) < seq,
+        "released without an ack (async)"
+    );
+    backup.cont();
+    a.drained().await;
+    ctl_task.abort();
+    assert_backup_matches_local(&scratch, &backup, &a);
+}
+
+/// Backup-loss policy degrade-to-async: after the backup has been silent for the
+/// configured time the group degrades (flag, metric, sync writes released),
+/// and returns to zero RPO once the backlog is committed after it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degrade_to_async_after_silence_and_recover() {
+    let scratch = Scratch::new("degrade");
+    let backup = Backup::start(&scratch);
+    let policy = BackupLossPolicy::DegradeToAsync {
+        after: Duration::from_secs(1),
+    };
+    let a = agent(&scratch, &backup, Mode::Sync, 4 << 20, policy);
+    a.ready().await;
+    a.disk
+        .write(0, pattern(1, 4096), false)
+        .await
+        .expect("write");
+    assert!(!a.client.is_degraded());
+    let mut degraded = a.client.subscribe_degraded();
+
+    backup.stop();
+    let seq = a.causal.pending(0).get(0) + 1;
+    let sub = {
+        let disk = Arc::clone(&a.disk);
+        tokio::spawn(async move { disk.write(4096, pattern(2, 4096), false).await })
+    };
+    tokio::time::timeout(PATIENCE, degraded.wait_for(|d| *d))
+        .await
+        .expect("never degraded")
+        .expect("flag");
+    tokio::time::timeout(PATIENCE, sub)
+        .await
+        .expect("degradation released the sync write")
+        .expect("task")
+        .expect("write");
+    assert!(
+        a.causal.committed().get(0) < seq,
+        "committed is never faked"
+    );
+    let waiter = a.client.ack_waiter(W0, seq);
+    let mut waiter = waiter;
+    assert_eq!(waiter.wait().await.expect("waiter"), AckState::Degraded);
+    assert_eq!(a.client.status().degrade_events, 1);
+
+    backup.cont();
+    tokio::time::timeout(PATIENCE, degraded.wait_for(|d| !*d))
+        .await
+        .expect("never recovered")
+        .expect("flag");
+    assert!(
+        a.causal.committed().get(0) >= seq,
+        "recovered only after the backlog is committed"
+    );
+    a.drained().await;
+    assert_backup_matches_local(&scratch, &backup, &a);
+}
