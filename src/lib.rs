@@ -17,3 +17,4 @@ pub mod ctl;
 pub mod block;
 pub mod causal;
 pub mod image;
+pub mod agent;

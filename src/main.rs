@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! pipecloud topology check FILE...          validate topology files, print summaries
-//! pipecloud agent --topology FILE --host N  run the host agent (not yet implemented)
-//! pipecloud ctl [--socket PATH] status      query a running agent (not yet implemented)
-//! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode (not yet implemented)
+//! pipecloud agent --topology FILE --host N  run the host agent 
+//! pipecloud ctl [--socket PATH] status      query a running agent 
+//! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode 
 //! ```
 //!
 //! Exit status: 0 on success, 1 on failure (invalid topology, I/O error), 2 on
@@ -55,6 +55,12 @@ struct AgentArgs {
     /// Which `[[host]]` of the topology this agent runs.
     #[arg(long, value_name = "NAME")]
     host: String,
+    /// Serve disks only; do not install netfilter rules or open NFQUEUE.
+    #[arg(long)]
+    no_network: bool,
+    /// Seconds to wait for the backup server's first welcome.
+    #[arg(long, default_value_t = 60)]
+    connect_wait_s: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +68,12 @@ struct CtlArgs {
     /// The agent's control socket (default: the host's `ctl_socket` in the topology).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Topology file to find the control socket in (with --host, default: first host).
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Host of the topology whose agent to ask.
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -101,8 +113,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        // PLACEHOLDER(agent): load the topology with `cli::topology::load_valid`, pick
-        // the host, then start NBD exports, NFQUEUE and the replication stream.
         Command::Agent(args) => {
             let topology = cli::topology::load_valid(&args.topology)?;
             if topology.host(&args.host).is_none() {
@@ -114,13 +124,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     hosts.join(", ")
                 );
             }
-            tracing::debug!(?args, "agent requested");
-            anyhow::bail!("`pipecloud agent` is not yet implemented")
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(pipecloud::agent::run(pipecloud::agent::AgentOptions {
+                topology: args.topology,
+                host: args.host,
+                no_network: args.no_network,
+                connect_wait: std::time::Duration::from_secs(args.connect_wait_s),
+            }))?;
+            Ok(ExitCode::SUCCESS)
         }
-        // PLACEHOLDER(ctl): connect to the agent's control socket and send the request.
         Command::Ctl(args) => {
-            tracing::debug!(?args, "ctl requested");
-            anyhow::bail!("`pipecloud ctl` is not yet implemented")
+            let socket = match (&args.socket, &args.topology) {
+                (Some(s), _) => s.clone(),
+                (None, Some(t)) => {
+                    let topo = cli::topology::load_valid(t)?;
+                    let host = match &args.host {
+                        Some(h) => topo.host(h).cloned(),
+                        None => topo.hosts.first().cloned(),
+                    };
+                    host.map(|h| h.ctl_socket)
+                        .ok_or_else(|| anyhow::anyhow!("no such host in {}", t.display()))?
+                }
+                (None, None) => anyhow::bail!("give --socket PATH or --topology FILE [--host NAME]"),
+            };
+            let out = match args.command {
+                CtlCommand::Status => pipecloud::ctl::status(&socket)?,
+                CtlCommand::Mode { mode } => {
+                    let m = pipecloud::agent::block_mode(mode)?;
+                    pipecloud::ctl::set_mode(&socket, m, None)?
+                }
+            };
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -590,6 +590,43 @@ impl HoldEngine {
         n
     }
 
+    /// Releases every held packet regardless of the committed vector (modes
+    /// `async`/`sync` and degrade-to-async: the block path, not the netqueue,
+    /// decides durability then). Per-queue arrival order is kept. Returns how
+    /// many were released.
+    pub fn release_all(&mut self, out: &mut Vec<u8>) -> usize {
+        let mut all = Vec::new();
+        self.netqueue.drain_all(&mut all);
+        for q in self.slots.values_mut() {
+            for s in q.iter_mut() {
+                if s.state == SlotState::Held {
+                    s.state = SlotState::Released;
+                }
+            }
+        }
+        for (&queue, q) in self.slots.iter_mut() {
+            let mut last = None;
+            let mut in_chunk = 0;
+            while let Some(front) = q.pop_front() {
+                if front.state == SlotState::Released {
+                    last = Some(front.id);
+                    in_chunk += 1;
+                    if in_chunk == self.chunk {
+                        proto::build_verdict_batch(out, queue, front.id, Verdict::Accept);
+                        in_chunk = 0;
+                        last = None;
+                    }
+                }
+            }
+            if let Some(id) = last {
+                proto::build_verdict_batch(out, queue, id, Verdict::Accept);
+            }
+        }
+        self.slots.clear();
+        self.pushed_at.clear();
+        all.len()
+    }
+
     /// Packets held.
     pub fn held(&self) -> usize {
         self.netqueue.len()
@@ -928,6 +965,7 @@ pub enum NetPathError {
 pub struct NetPath {
     metrics: Arc<NetPathMetrics>,
     stop: watch::Sender<bool>,
+    bypass: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), NetPathError>>>,
 }
 
@@ -970,6 +1008,7 @@ impl NetPath {
         ))?;
         let metrics = Arc::new(NetPathMetrics::default());
         let (stop, stop_rx) = watch::channel(false);
+        let (bypass, bypass_rx) = watch::channel(false);
         let tag = tokio::spawn(run_tag(
             tag_sock,
             dir.clone(),
@@ -985,12 +1024,21 @@ impl NetPath {
             HoldEngine::new(cfg.limits, cfg.release_chunk),
             metrics.clone(),
             stop_rx,
+            bypass_rx,
         ));
         Ok(NetPath {
             metrics,
             stop,
+            bypass,
             tasks: vec![tag, hold],
         })
+    }
+
+    /// The hold bypass: while `true`, client-bound packets are not held (modes
+    /// `async` and `sync`, or degraded to async); turning it on releases every
+    /// held packet in order. The agent drives it from the group's mode.
+    pub fn bypass_sender(&self) -> watch::Sender<bool> {
+        self.bypass.clone()
     }
 
     /// The metrics (shared; read with [`NetPathMetrics::snapshot`]).
@@ -1135,8 +1183,10 @@ async fn run_hold(
     mut engine: HoldEngine,
     metrics: Arc<NetPathMetrics>,
     mut stop: watch::Receiver<bool>,
+    mut bypass: watch::Receiver<bool>,
 ) -> Result<(), NetPathError> {
     let mut committed = state.subscribe_committed();
+    let mut bypassing = *bypass.borrow_and_update();
     let mut buf = vec![0u8; crate::nfq::RECV_BUF_LEN];
     let mut out = Vec::with_capacity(256 * 1024);
     let mut tick = tokio::time::interval(KERNEL_STATS_EVERY);
@@ -1146,6 +1196,18 @@ async fn run_hold(
         tokio::select! {
             biased;
             _ = stop.changed() => return Ok(()),
+            r = bypass.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                bypassing = *bypass.borrow_and_update();
+                if bypassing {
+                    let n = engine.release_all(&mut out);
+                    sock.send(&out)?;
+                    metrics.count_release(n);
+                    metrics.gauge_hold(&mut engine);
+                }
+            }
             r = committed.changed() => {
                 if r.is_err() {
                     // The causal state is gone: the agent is shutting down.
@@ -1165,6 +1227,10 @@ async fn run_hold(
                     match r {
                         Received::Datagram(len) => {
                             for_each_packet(&buf[..len], &metrics, |p| {
+                                if bypassing {
+                                    proto::build_verdict(&mut out, p.queue, p.id, Verdict::Accept);
+                                    return;
+                                }
                                 let o = engine.on_packet(&dir, &state, p.queue, p.id, p.payload,
                                     p.cap_len.map_or(p.payload.len(), |l| l as usize), now, &mut out);
                                 metrics.count_hold(o);

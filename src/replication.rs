@@ -707,3 +707,27 @@ impl Drop for ReplicationClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_grow_across_runs_even_if_the_clock_does_not() {
+        let dir = std::env::temp_dir().join(format!("pipecloud-gen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("generation");
+        let a = fresh_generation(Some(&f)).unwrap();
+        // A previous run far in the future (clock went backwards since).
+        std::fs::write(&f, format!("{}\n", a + 1_000_000_000)).unwrap();
+        let b = fresh_generation(Some(&f)).unwrap();
+        assert_eq!(b, a + 1_000_000_001);
+        let c = fresh_generation(Some(&f)).unwrap();
+        assert!(c > b);
+        std::fs::write(&f, "garbage").unwrap();
+        assert!(fresh_generation(Some(&f)).is_err());
+        assert!(fresh_generation(None).unwrap() > 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -39,6 +39,8 @@ const WEB_IDX: usize = 0;
 const DB_IDX: usize = 1;
 /// Env var that turns `child_hold_agent` into the agent of test (c).
 const CHILD_ENV: &str = "PIPECLOUD_TEST_CHILD_DOM0";
+/// What the child prints once its queues are open.
+const READY: &str = "PIPECLOUD-CHILD-AGENT-READY";
 
 fn topology() -> NetTopology {
     NetTopology {
@@ -358,13 +360,20 @@ fn two_host_tag_merge_strip() {
             .expect("connect web -> db");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(&sent).expect("send 10 MB");
-        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.write_all(&sent)?;
+        s.shutdown(std::net::Shutdown::Write)?;
         let mut reply = Vec::new();
-        s.read_to_end(&mut reply).expect("read reply");
-        reply
+        s.read_to_end(&mut reply)?;
+        Ok::<_, std::io::Error>(reply)
     });
     let reply = client.join().expect("client thread");
+    let reply = reply.unwrap_or_else(|e| {
+        panic!(
+            "web -> db transfer failed: {e}\nagent a: {}\nagent b: {}",
+            path_a.metrics().snapshot(),
+            path_b.metrics().snapshot()
+        )
+    });
     let got = server.join().expect("server thread");
     let wire_seen = wire.finish();
     let db_seen = at_db.finish();
@@ -585,7 +594,7 @@ fn child_hold_agent() {
         let mut cfg = NetPathConfig::new(&topo, "a", NetQueueLimits::default());
         cfg.netns = Some(dom0.into());
         let _path = NetPath::start(&topo, state, cfg).expect("child: start");
-        println!("READY");
+        println!("{READY}");
         let _ = std::io::stdout().flush();
         loop {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -618,7 +627,7 @@ fn fail_closed_on_agent_kill() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.trim() == "READY" {
+            if line.contains(READY) {
                 let _ = tx.send(());
             }
         }

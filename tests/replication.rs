@@ -814,3 +814,119 @@ async fn degrade_to_async_after_silence_and_recover() {
     a.drained().await;
     assert_backup_matches_local(&scratch, &backup, &a);
 }
+
+/// An agent restart picks a newer generation; the backup's welcome tells where
+/// the writer's numbering continues, so seqs stay monotone and the new writes
+/// join the old ones without a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_continues_numbering_after_the_durable_prefix() {
+    let scratch = Scratch::new("restart");
+    let backup = Backup::start(&scratch);
+    let first_generation;
+    let written;
+    {
+        let a = agent(
+            &scratch,
+            &backup,
+            Mode::Sync,
+            4 << 20,
+            BackupLossPolicy::Stall,
+        );
+        a.ready().await;
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        join_all(spawn_writers(&a.disk, 2, 40, &done)).await;
+        a.drained().await;
+        let s = a.client.status();
+        first_generation = s.writers[0].generation;
+        written = s.writers[0].written;
+        assert_eq!(written, 80);
+    }
+    let b = agent(
+        &scratch,
+        &backup,
+        Mode::Sync,
+        4 << 20,
+        BackupLossPolicy::Stall,
+    );
+    b.ready().await;
+    let s = b.client.status();
+    assert!(s.writers[0].generation > first_generation);
+    assert_eq!(
+        s.writers[0].written, written,
+        "registered at the durable prefix"
+    );
+    assert_eq!(
+        b.causal.pending(0).get(0),
+        written,
+        "causal entry raised to the prefix"
+    );
+    b.disk
+        .write(4096, pattern(42, 8192), false)
+        .await
+        .expect("write after restart");
+    assert_eq!(b.written(), written + 1);
+    assert!(b.causal.committed().get(0) > written);
+    b.drained().await;
+    assert_backup_matches_local(&scratch, &backup, &b);
+}
+
+/// Figures (not a check): per-mode latency of 4 KiB writes at queue depth 1 and
+/// throughput of 64 KiB writes at queue depth 8, agent and backup on loopback.
+/// Run with `cargo test -p pipecloud --release --test replication -- --ignored --nocapture figures`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn figures_write_latency_and_throughput_per_mode() {
+    let scratch = Scratch::new("figures");
+    let backup = Backup::start(&scratch);
+    let a = agent(
+        &scratch,
+        &backup,
+        Mode::Async,
+        64 << 20,
+        BackupLossPolicy::Stall,
+    );
+    a.ready().await;
+    for mode in [Mode::Async, Mode::Pipelined, Mode::Sync] {
+        a.mode.set(mode);
+        let mut lat = Vec::new();
+        for i in 0..2000u64 {
+            let t = std::time::Instant::now();
+            a.disk
+                .write(4096 * (i % 1024), pattern(i, 4096), false)
+                .await
+                .expect("write");
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
+        a.drained().await;
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t = std::time::Instant::now();
+        let handles: Vec<_> = (0..8u64)
+            .map(|k| {
+                let disk = Arc::clone(&a.disk);
+                let done = Arc::clone(&done);
+                tokio::spawn(async move {
+                    for i in 0..200u64 {
+                        let off = (k * 2 << 20) + 65536 * (i % 32);
+                        disk.write(off, pattern(i + k, 65536), false)
+                            .await
+                            .expect("write");
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        join_all(handles).await;
+        let el = t.elapsed();
+        a.drained().await;
+        let mib = (8 * 200 * 65536) as f64 / (1 << 20) as f64;
+        println!(
+            "mode {mode:<9} 4KiB QD1: p50 {:?} p99 {:?} | 64KiB QD8: {:.0} MiB/s ({:.0} writes/s)",
+            pct(50),
+            pct(99),
+            mib / el.as_secs_f64(),
+            1600.0 / el.as_secs_f64()
+        );
+    }
+}

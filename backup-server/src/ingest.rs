@@ -86,6 +86,14 @@ pub struct WriteReq {
     pub recv_ms: u64,
     pub recv_at: Instant,
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Bytes counted in `Group::queued_bytes` for this write (released on drop).
+    pub queued: u64,
+}
+
+impl Drop for WriteReq {
+    fn drop(&mut self) {
+        self.group.queued_bytes.fetch_sub(self.queued, Ordering::Relaxed);
+    }
 }
 
 /// Work for the journal thread.
@@ -238,7 +246,6 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
         }
         let g = gb.group;
         let mut st = lock(&g.state);
-        let mut appended_bytes = 0u64;
         for s in gb.staged {
             let w = &s.req.write;
             if let Some(loc) = s.loc {
@@ -254,7 +261,7 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
                     prefix_deps: pipecloud_core::CountVector::ZERO,
                     prefix_time: 0,
                 };
-                appended_bytes += u64::from(loc.len);
+                g.journal_bytes.fetch_add(u64::from(loc.len), Ordering::Relaxed);
                 if let Some(info) = st.segments.get_mut(&loc.segment) {
                     info.bytes = info.bytes.max(loc.offset + u64::from(loc.len));
                 }
@@ -276,7 +283,6 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
                 .or_default()
                 .push(w.seq);
         }
-        g.journal_bytes.fetch_add(appended_bytes, Ordering::Relaxed);
         g.publish(&st);
     }
     for (_, (conn, per_writer)) in acks {

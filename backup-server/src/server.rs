@@ -365,7 +365,7 @@ async fn handle_frame(
     match frame {
         Frame::Write(w) => {
             let mut req = check_write(group, conn, hello, disk_idx, w, Instant::now())?;
-            gate_journal_bound(ctx, group, &req.write, stall_logged).await;
+            req.queued = gate_journal_bound(ctx, group, &req.write, stall_logged).await;
             let kib = (payload(&req.write) / 1024 + 1).min(INGEST_BUDGET_KIB) as u32;
             let permit = ctx
                 .budget
@@ -445,31 +445,35 @@ fn check_write(
         recv_ms: now_ms(),
         recv_at,
         permit: None,
+        queued: 0,
     })
 }
 
-/// Backpressure at the journal bound (see README "At the bounds").
-async fn gate_journal_bound(ctx: &ServerCtx, group: &Group, w: &Write, logged: &mut bool) {
+/// Backpressure at the journal bound (see README "At the bounds"). Journaled plus
+/// queued bytes must stay below `max_journal_bytes`, except for writes that some
+/// journaled write depends on. Returns the bytes now counted as queued.
+async fn gate_journal_bound(ctx: &ServerCtx, group: &Group, w: &Write, logged: &mut bool) -> u64 {
     let max = ctx.store.limits.max_journal_bytes;
+    let size = payload(w) as u64 + 256;
     let mut counted = false;
     loop {
-        if group.journal_bytes.load(Ordering::Relaxed) < max {
+        let used = group.journal_bytes.load(Ordering::Relaxed) + group.queued_bytes.load(Ordering::Relaxed);
+        let admit = if used + size <= max {
             if *logged {
                 info!(group = %group.name, "journal below its bound again; ingest resumed");
                 *logged = false;
             }
-            return;
-        }
-        {
+            true
+        } else {
             let st = lock(&group.state);
-            if st.meta.fenced || st.failed.is_some() {
-                return;
-            }
-            // A write some journaled write depends on may always enter: it can
-            // only help the causal cut (and thus the applier) advance.
-            if w.seq <= st.demand.get(w.writer.index()) {
-                return;
-            }
+            // Fenced / failed: let the journal thread drop it (logged there). A write
+            // some journaled write depends on may always enter: it can only help the
+            // causal cut (and thus the applier) advance.
+            st.meta.fenced || st.failed.is_some() || w.seq <= st.demand.get(w.writer.index())
+        };
+        if admit {
+            group.queued_bytes.fetch_add(size, Ordering::Relaxed);
+            return size;
         }
         if !counted {
             ctx.metrics.stalled.fetch_add(1, Ordering::Relaxed);

@@ -91,6 +91,8 @@ pub struct Group {
     pub tail: Mutex<JournalTail>,
     /// Journal bytes (mirrors the segment accounting, readable without the lock).
     pub journal_bytes: AtomicU64,
+    /// Bytes of writes admitted past the journal bound check but not yet journaled.
+    pub queued_bytes: AtomicU64,
     pub signal: watch::Sender<Signal>,
 }
 
@@ -565,6 +567,7 @@ fn new_group(
         volumes: Mutex::new(()),
         tail: Mutex::new(tail),
         journal_bytes: AtomicU64::new(bytes),
+        queued_bytes: AtomicU64::new(0),
         signal,
     }
 }

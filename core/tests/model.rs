@@ -19,7 +19,19 @@
 //!   are committed;
 //! * the committed vector never exceeds the journaled contiguous prefix;
 //! * at every release: the tracker's committed vector dominates the tag, and each
-//!   flow leaves in FIFO order.
+//!   flow leaves in FIFO order (bare ACKs pushed with a zero tag make this bite);
+//! * the backup's `VecHistory` agrees with the model's journal; nothing panics.
+//!
+//! Deliberately *not* asserted: "the cut dominates every committed vector". It is
+//! false: a committed write may depend on a write of another writer that is not
+//! journaled yet (see `committed_vector_need_not_be_a_closed_cut`); such a write
+//! cannot be in any client's view, since every packet depending on it also
+//! depends on the missing one.
+//!
+//! Writer reconnection follows DESIGN §4: the new generation is registered with
+//! base = the backup's durable prefix, and the agent resends every write above it
+//! (same seqs, same contents); writes in flight on the old connection are lost,
+//! acks in flight on it arrive stale.
 //!
 //! A schedule without a disaster runs to quiescence and then checks liveness:
 //! everything acked, every netqueue empty, every held packet released.
@@ -27,7 +39,8 @@
 //! Environment: `PIPECLOUD_MODEL_SCHEDULES` (default 100 000),
 //! `PIPECLOUD_MODEL_SEED` (first seed, default 0), `PIPECLOUD_MODEL_THREADS`
 //! (default: available parallelism), `PIPECLOUD_MODEL_TRACE=1` (print the event
-//! trace of every schedule; on by default when replaying a single schedule).
+//! trace of every schedule). A failing schedule's trace is printed when it is
+//! replayed alone (`PIPECLOUD_MODEL_SCHEDULES=1`).
 
 #[path = "model/adapter.rs"]
 mod adapter;

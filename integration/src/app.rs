@@ -27,6 +27,9 @@ pub struct TierConfig {
     /// `host:port` of the next tier, if any.
     pub next: Option<SocketAddr>,
     pub compute_ms: u64,
+    /// Computation after the next tier replied (overlaps with replication under
+    /// pipelined synchrony: figure (b)).
+    pub post_compute_ms: u64,
 }
 
 /// Busy-computes for `ms` milliseconds.
@@ -111,6 +114,7 @@ fn handle(conn: TcpStream, cfg: &TierConfig) -> Result<()> {
             let c = next.as_mut().ok_or_else(|| anyhow!("no next client"))?;
             c.get(&format!("/req/{id}"))?;
         }
+        compute(cfg.post_compute_ms);
         let body = format!("ok {id}\n");
         write!(
             writer,

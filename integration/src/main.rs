@@ -6,10 +6,14 @@
 mod app;
 mod client;
 mod disaster;
+mod figures;
 mod netns;
 mod pg;
+mod pgbench;
+mod plot;
 mod run;
 mod site;
+mod standby;
 mod sys;
 mod wan;
 
@@ -85,6 +89,10 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         samples: usize,
     },
+    /// The paper's figures (SoCC'11 §6): table, CSV files and plots.
+    Figures(figures::FiguresArgs),
+    /// The demo: a short version of figures (a), (c) and one disaster.
+    Demo(figures::DemoArgs),
     /// Runs one CompDB tier (used inside a machine's namespace).
     Compdb {
         #[arg(long)]
@@ -97,6 +105,9 @@ enum Cmd {
         next: Option<std::net::SocketAddr>,
         #[arg(long, default_value_t = 0)]
         compute_ms: u64,
+        /// Computation after the next tier replied.
+        #[arg(long, default_value_t = 0)]
+        post_compute_ms: u64,
     },
 }
 
@@ -118,12 +129,15 @@ fn main() {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Figures(a) => figures::figures(a),
+        Cmd::Demo(a) => figures::demo(a),
         Cmd::Compdb {
             tier,
             listen,
             db,
             next,
             compute_ms,
+            post_compute_ms,
         } => {
             if let Some(db) = &db {
                 app::prepare_db(db)?;
@@ -134,6 +148,7 @@ fn real_main() -> Result<()> {
                 db,
                 next,
                 compute_ms,
+                post_compute_ms,
             })
         }
         Cmd::Wan {

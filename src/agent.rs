@@ -1,0 +1,295 @@
+//! `pipecloud agent`: the host agent, wired from the topology (DESIGN §2).
+//!
+//! For one primary host of one protection group it starts, in this order:
+//! 1. the causal state of the group's machines;
+//! 2. the replication client (mutual TLS to the backup server) and waits for its
+//!    first welcome, which tells where this generation's numbering continues;
+//! 3. one NBD export per protected disk on this host (`<nbd_dir>/<disk>.sock`),
+//!    each a [`ReplicatedDisk`] over a [`LocalImage`];
+//! 4. the network path (NFQUEUE tag and hold queues) and only then its netfilter
+//!    rules (queues first, or the kernel drops what arrives in between);
+//! 5. the control socket (`pipecloud ctl`).
+//!
+//! It runs until SIGINT/SIGTERM, then removes its rules, stops the network path
+//! and the NBD server. A crash (SIGKILL) leaves the hold rules in place without
+//! a listener: client-bound packets are dropped (fail-closed) until the next
+//! start, which cleans the stale rules up before installing its own.
+
+use crate::causal::CausalState;
+use crate::ctl::{Control, ControlGroup, CtlServer};
+use crate::disk::ReplicatedDisk;
+use crate::image::LocalImage;
+use crate::nbd::NbdServer;
+use crate::netfilter::{NetTopology, RuleConfig, RuleManager, DEFAULT_MTU};
+use crate::netpath::{NetPath, NetPathConfig};
+use crate::replication::{
+    fresh_generation, BackupLossPolicy, DiskSpec, ModeSwitch, ReplicationClient,
+    ReplicationConfig, TlsFiles,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use pipecloud_core::netqueue::NetQueueLimits;
+use pipecloud_core::CountVector;
+use pipecloud_core::topology::{self, Topology};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `pipecloud agent` was asked to do.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub topology: PathBuf,
+    pub host: String,
+    /// Do not touch netfilter (block path only; e.g. a host without protected
+    /// network traffic, or block-path tests).
+    pub no_network: bool,
+    /// How long to wait for the backup server's first welcome before giving up.
+    pub connect_wait: Duration,
+}
+
+/// Converts the topology's mode to the block path's mode.
+pub fn block_mode(m: topology::Mode) -> Result<crate::replication::Mode> {
+    use crate::replication::Mode as B;
+    Ok(match m {
+        topology::Mode::Async => B::Async,
+        topology::Mode::Sync => B::Sync,
+        topology::Mode::Pipelined => B::Pipelined,
+        topology::Mode::Checkpoint => {
+            bail!("mode `checkpoint` (full-state) is not implemented yet; use async, sync or pipelined")
+        }
+    })
+}
+
+/// Loads and validates a topology file.
+pub fn load_topology(path: &Path) -> Result<Topology> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Topology::parse(&text, &path.display().to_string()).map_err(|e| anyhow!("{e}"))
+}
+
+/// Runs the agent until a termination signal.
+pub async fn run(opts: AgentOptions) -> Result<()> {
+    let topo = load_topology(&opts.topology)?;
+    let host = topo
+        .host(&opts.host)
+        .with_context(|| format!("host `{}` is not in {}", opts.host, opts.topology.display()))?
+        .clone();
+    let base_dir = opts
+        .topology
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let causal = Arc::new(CausalState::new(topo.machines.len()));
+    let mode = ModeSwitch::new(block_mode(topo.group.mode)?);
+
+    // Replication client.
+    let mut disks = Vec::new();
+    for d in topo.disks_on(&host.name) {
+        let (idx, m) = topo
+            .machines
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.name == d.machine)
+            .with_context(|| format!("disk {} on unknown machine {}", d.name, d.machine))?;
+        let writer = m
+            .writer
+            .with_context(|| format!("machine {} owns disk {} but is no writer", m.name, d.name))?;
+        disks.push(DiskSpec {
+            name: d.name.clone(),
+            size: d.size,
+            writer,
+            machine: idx,
+        });
+    }
+    std::fs::create_dir_all(&host.nbd_dir)
+        .with_context(|| format!("creating {}", host.nbd_dir.display()))?;
+    let generation = fresh_generation(Some(&host.nbd_dir.join("generation")))
+        .context("choosing this run's writer generation")?;
+    let (ca, cert, key) = topo.backup.credentials_in(&base_dir);
+    let cfg = ReplicationConfig {
+        endpoint: topo.backup.endpoint.to_string(),
+        server_name: topo.backup.server_name.clone(),
+        tls: TlsFiles { ca, cert, key },
+        group: topo.group.name.clone(),
+        group_id: topo.group.id,
+        agent: host.name.clone(),
+        disks: disks.clone(),
+        generation,
+        max_inflight_bytes: topo.policy.max_inflight_bytes,
+        backup_loss: match topo.policy.on_backup_loss {
+            topology::BackupLossPolicy::Stall => BackupLossPolicy::Stall,
+            topology::BackupLossPolicy::DegradeToAsync { after } => {
+                BackupLossPolicy::DegradeToAsync { after }
+            }
+        },
+        ..ReplicationConfig::default()
+    };
+    let client = Arc::new(
+        ReplicationClient::start(cfg, Arc::clone(&causal)).context("starting replication")?,
+    );
+    tracing::info!(group = %topo.group.name, host = %host.name, endpoint = %topo.backup.endpoint,
+        "waiting for the backup server's welcome");
+    tokio::time::timeout(opts.connect_wait, client.wait_ready())
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "no welcome from the backup server {} within {:?}",
+                topo.backup.endpoint,
+                opts.connect_wait
+            )
+        })?
+        .context("replication client")?;
+
+    // Block path: one export per disk, one socket per disk.
+    let nbd: NbdServer<ReplicatedDisk<LocalImage>> = NbdServer::new();
+    let mut nbd_handles = Vec::new();
+    for d in topo.disks_on(&host.name) {
+        let img = LocalImage::open(&d.image, d.size)
+            .with_context(|| format!("opening image {}", d.image.display()))?;
+        let rd = ReplicatedDisk::new(img, Arc::clone(&client), &d.name, mode.clone())
+            .with_context(|| format!("disk {}", d.name))?;
+        nbd.add_export(d.name.clone(), Arc::new(rd))
+            .with_context(|| format!("export {}", d.name))?;
+    }
+    for d in topo.disks_on(&host.name) {
+        let sock = topology::nbd_socket_path(&host.nbd_dir, &d.name);
+        let _ = std::fs::remove_file(&sock);
+        nbd_handles.push(
+            nbd.serve_unix(&sock)
+                .await
+                .with_context(|| format!("serving NBD on {}", sock.display()))?,
+        );
+        tracing::info!(disk = %d.name, socket = %sock.display(), "NBD export ready");
+    }
+
+    // Network path.
+    let mut net = None;
+    let mut rules = None;
+    let nt = NetTopology::from_topology(&topo);
+    if !opts.no_network && nt.local_machines(&host.name).next().is_some() {
+        let limits = NetQueueLimits {
+            max_packets: usize::try_from(topo.policy.netqueue_max_packets).unwrap_or(65_536),
+            max_bytes: usize::try_from(topo.policy.netqueue_max_bytes).unwrap_or(usize::MAX),
+        };
+        let ncfg = NetPathConfig::new(&nt, &host.name, limits);
+        let queues = ncfg.queues;
+        let np = NetPath::start(&nt, Arc::clone(&causal), ncfg).context("opening NFQUEUE")?;
+        net_mode_bridge(&np, &mode, &client, &causal);
+        net = Some(np);
+        let rm = RuleManager::new(
+            &nt,
+            RuleConfig {
+                host: host.name.clone(),
+                queues,
+                mtu: DEFAULT_MTU,
+                netns: None,
+            },
+        )?;
+        rules = Some(rm.install().context("installing netfilter rules")?);
+        tracing::info!(chain = %rm.chain(), "netfilter rules installed");
+    }
+
+    // Control socket.
+    let control = Arc::new(Control::new(vec![ControlGroup {
+        client: Arc::clone(&client),
+        mode: mode.clone(),
+    }]));
+    let ctl = CtlServer::bind(&host.ctl_socket, control)
+        .with_context(|| format!("control socket {}", host.ctl_socket.display()))?;
+    let ctl_task = tokio::spawn(async move {
+        if let Err(e) = ctl.run().await {
+            tracing::error!("control socket: {e}");
+        }
+    });
+    tracing::info!(group = %topo.group.name, host = %host.name, mode = %topo.group.mode, "agent running");
+    println!("pipecloud agent: running (group {}, host {})", topo.group.name, host.name);
+
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    ctl_task.abort();
+    if let Some(r) = rules.take() {
+        if let Err(e) = r.remove() {
+            tracing::error!("removing netfilter rules: {e}");
+        }
+    }
+    if let Some(n) = net.take() {
+        if let Err(e) = n.stop().await {
+            tracing::error!("network path: {e}");
+        }
+    }
+    for h in nbd_handles {
+        h.shutdown().await;
+    }
+    client.shutdown();
+    Ok(())
+}
+
+/// Tells the network path when client-bound packets need not wait (the hold
+/// bypass), keeping the release rule safe across mode switches:
+/// - `pipelined`: hold (bypass off), unless degraded to async by the policy;
+/// - `async` or degraded: bypass at once (no zero-RPO promise in that state);
+/// - `sync`: bypass only once the committed vector dominates every local pending
+///   vector as of the switch. Writes completed before the switch (under
+///   pipelined) may not be acked yet, and packets depending on them must keep
+///   waiting; writes completed after it were acked before completing.
+fn net_mode_bridge(
+    np: &NetPath,
+    mode: &ModeSwitch,
+    client: &Arc<ReplicationClient>,
+    causal: &Arc<CausalState>,
+) {
+    use crate::replication::Mode as M;
+    let bypass = np.bypass_sender();
+    let mode = mode.clone();
+    let causal = Arc::clone(causal);
+    let mut degraded = client.subscribe_degraded();
+    let mut mode_rx = mode.subscribe();
+    let mut committed = causal.subscribe_committed();
+    tokio::spawn(async move {
+        let mut sync_barrier: Option<CountVector> = None;
+        let mut last_mode = None;
+        loop {
+            let m = mode.get();
+            if last_mode != Some(m) {
+                sync_barrier = None;
+                if m == M::Sync {
+                    let mut snap = CountVector::ZERO;
+                    for i in 0..causal.machines() {
+                        snap.merge(&causal.pending(i));
+                    }
+                    sync_barrier = Some(snap);
+                }
+                last_mode = Some(m);
+            }
+            let deg = *degraded.borrow_and_update();
+            let sync_safe = sync_barrier
+                .map(|b| causal.committed().dominates(&b))
+                .unwrap_or(false);
+            let on = match m {
+                M::Async => true,
+                M::Pipelined => deg,
+                M::Sync => deg || sync_safe,
+            };
+            bypass.send_if_modified(|b| {
+                let changed = *b != on;
+                *b = on;
+                changed
+            });
+            tokio::select! {
+                r = degraded.changed() => if r.is_err() { return },
+                r = mode_rx.changed() => if r.is_err() { return },
+                r = committed.changed(), if m == M::Sync && !on => if r.is_err() { return },
+            }
+        }
+    });
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
