@@ -6,8 +6,12 @@
 //! the kernel finishes asynchronously (fsync, fallocate, I/O that must wait) are reaped by
 //! a dedicated thread ("pipecloud-uring") and handed back over a oneshot. At most
 //! [`ImageOptions::queue_depth`] operations are in flight; further callers wait
-//! asynchronously for a slot. (Measured with fio's nbd engine, 4 KiB randwrite QD1: this
-//! halved the server's p50 compared with sending every operation to a ring thread.)
+//! asynchronously for a slot. When the caller's read/write is the only operation in
+//! flight (queue depth 1), the caller waits for it inline for up to 100 us instead of
+//! returning to the runtime: ext4 punts buffered writes to io-wq, and this saves the two
+//! wake-ups (reaper, then task) that would otherwise follow. Measured with fio's nbd
+//! engine, 4 KiB randwrite QD1, on the 2-core test machine: p50 ~50 us with a dedicated
+//! ring thread fed over a channel, ~35 us with this design (nbdkit `file`: ~20-30 us).
 //! If io_uring cannot be set up (kernel too old, `io_uring_disabled`, seccomp), the image
 //! logs a warning and uses tokio's blocking thread pool with `pread`/`pwrite`.
 //!
@@ -535,7 +539,8 @@ mod uring {
             // The slot permit travels with the op; it is returned when the op completes.
             permit.forget();
             let (reply, done) = oneshot::channel();
-            {
+            let wait_inline = matches!(kind, OpKind::Read { .. } | OpKind::Write { .. });
+            let alone = {
                 let mut st = self.shared.lock();
                 let Some(idx) = st.free.pop() else {
                     self.permits.add_permits(1);
@@ -549,6 +554,15 @@ mod uring {
                 st.push(idx, &mut op);
                 st.slots[idx] = Some(op);
                 st.submit_and_reap();
+                st.free.len() + 1 == self.shared.depth
+            };
+            // Low queue depth: the only op in flight is ours, and a read or write that was
+            // punted to io-wq (ext4 buffered writes always are) finishes in tens of us.
+            // Waiting for it here, on this thread, saves two thread wake-ups (reaper, then
+            // this task). Bounded by INLINE_WAIT; never used for fsync/fallocate.
+            if alone && wait_inline && done.is_empty() {
+                let _ = wait_for_completion(self.shared.ring_fd, Some(INLINE_WAIT));
+                self.shared.lock().submit_and_reap();
             }
             done.await.map_err(|_| stopped())?
         }
@@ -703,20 +717,56 @@ mod uring {
         }
     }
 
-    /// Sleeps until at least one completion is available (does not consume it).
-    fn wait_for_completion(ring_fd: RawFd) -> io::Result<()> {
+    /// Longest a submitter waits inline for its own read/write (see `Ring::submit`).
+    const INLINE_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
+
+    /// Sleeps until at least one completion is available (does not consume it), or until
+    /// `timeout` passed.
+    fn wait_for_completion(ring_fd: RawFd, timeout: Option<std::time::Duration>) -> io::Result<()> {
         const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
-        // SAFETY: io_uring_enter on our ring fd with nothing to submit and no argument
-        // pointer; it only waits for the completion queue to be non-empty.
+        const IORING_ENTER_EXT_ARG: libc::c_uint = 8;
+        #[repr(C)]
+        struct KernelTimespec {
+            tv_sec: i64,
+            tv_nsec: i64,
+        }
+        #[repr(C)]
+        struct GeteventsArg {
+            sigmask: u64,
+            sigmask_sz: u32,
+            min_wait_usec: u32,
+            ts: u64,
+        }
+        let ts = timeout.map(|t| KernelTimespec {
+            tv_sec: t.as_secs() as i64,
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        let arg = GeteventsArg {
+            sigmask: 0,
+            sigmask_sz: 0,
+            min_wait_usec: 0,
+            ts: ts.as_ref().map_or(0, |t| t as *const KernelTimespec as u64),
+        };
+        let (flags, argp, argsz) = if ts.is_some() {
+            (
+                IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG,
+                &arg as *const GeteventsArg as *const libc::c_void,
+                std::mem::size_of::<GeteventsArg>(),
+            )
+        } else {
+            (IORING_ENTER_GETEVENTS, std::ptr::null(), 0)
+        };
+        // SAFETY: io_uring_enter on our ring fd with nothing to submit; `arg` and `ts`
+        // outlive the call. It only waits for the completion queue to be non-empty.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_io_uring_enter,
                 ring_fd,
                 0 as libc::c_uint,
                 1 as libc::c_uint,
-                IORING_ENTER_GETEVENTS,
-                std::ptr::null::<libc::c_void>(),
-                0usize,
+                flags,
+                argp,
+                argsz,
             )
         };
         if rc < 0 {
@@ -728,7 +778,7 @@ mod uring {
 
     fn reap_loop(shared: &Shared) {
         loop {
-            if let Err(e) = wait_for_completion(shared.ring_fd) {
+            if let Err(e) = wait_for_completion(shared.ring_fd, None) {
                 if e.raw_os_error() != Some(libc::EINTR) {
                     warn!("io_uring wait failed: {e}");
                     std::thread::sleep(std::time::Duration::from_millis(1));
@@ -892,6 +942,35 @@ mod tests {
         }
     }
 
+    fn open_fds_to(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+            .count()
+    }
+
+    #[test]
+    fn dropping_an_image_stops_the_engine_and_closes_the_file() {
+        for opts in engines() {
+            let t = TempDir::new();
+            let p = t.0.join("close.img");
+            let img = LocalImage::open_with(&p, 1 << 20, opts).unwrap();
+            rt().block_on(async {
+                img.write(0, vec![1; 4096], false).await.unwrap();
+                img.flush().await.unwrap();
+            });
+            assert_eq!(open_fds_to(&p), 1);
+            drop(img);
+            // The reaper thread drains and exits on its own; give it up to 10 s.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while open_fds_to(&p) > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert_eq!(open_fds_to(&p), 0, "image file still open after drop");
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum ModelOp {
         Write(u64, Vec<u8>, bool),
@@ -926,9 +1005,18 @@ mod tests {
         /// rewritten); out-of-range requests fail without touching anything.
         #[test]
         fn image_matches_model(ops in proptest::collection::vec(model_op(), 1..40)) {
-            for opts in engines() {
+            // io_uring, thread pool, and io_uring with every fallback path forced
+            // (write zero buffers, TRIM as no-op, FUA as write + fdatasync).
+            for (opts, fallbacks) in engines().into_iter().map(|o| (o, false))
+                .chain([(ImageOptions::default(), true)])
+            {
                 let t = TempDir::new();
                 let img = LocalImage::open_with(t.0.join("m.img"), MODEL_SIZE, opts).unwrap();
+                if fallbacks {
+                    img.zero_range_ok.store(false, Ordering::Relaxed);
+                    img.punch_hole_ok.store(false, Ordering::Relaxed);
+                    img.dsync_ok.store(false, Ordering::Relaxed);
+                }
                 let mut model: Vec<Option<u8>> = vec![Some(0); MODEL_SIZE as usize];
                 let rt = rt();
                 for op in &ops {

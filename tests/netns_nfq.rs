@@ -337,17 +337,20 @@ fn two_host_tag_merge_strip() {
         state_b.issue_write(DB_IDX, WriterId(1));
     }
 
+    let mut td1 = site.dom0a.command("tcpdump").args(["-nvi", "wire", "-c", "12", "-w", "/tmp/wire.pcap"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut td2 = site.web.command("tcpdump").args(["-nvi", "eth0", "-c", "12", "-w", "/tmp/web.pcap"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     let wire = Sniffer::start(&site.dom0a, "wire");
     let at_db = Sniffer::start(site.db.as_ref().unwrap(), "eth0");
 
-    const LEN: usize = 10 << 20;
+    const LEN: usize = 1 << 20;
     let data = Arc::new(pseudo_random(LEN));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = site.db.as_ref().unwrap().spawn(move || {
         let l = TcpListener::bind((DB, 5001)).expect("bind in db");
         ready_tx.send(()).unwrap();
         let (mut s, _) = l.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut got = Vec::with_capacity(LEN);
         s.read_to_end(&mut got).expect("read from web");
         s.write_all(b"stored").expect("reply");
@@ -358,8 +361,8 @@ fn two_host_tag_merge_strip() {
     let client = site.web.spawn(move || {
         let mut s = TcpStream::connect_timeout(&SocketAddr::from((DB, 5001)), Duration::from_secs(10))
             .expect("connect web -> db");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(&sent)?;
         s.shutdown(std::net::Shutdown::Write)?;
         let mut reply = Vec::new();
@@ -367,9 +370,21 @@ fn two_host_tag_merge_strip() {
         Ok::<_, std::io::Error>(reply)
     });
     let reply = client.join().expect("client thread");
+    let _ = td1.kill(); let _ = td2.kill(); let _ = td1.wait(); let _ = td2.wait();
     let reply = reply.unwrap_or_else(|e| {
+        let mut diag = String::new();
+        for ns in [&site.web, &site.dom0a, site.dom0b.as_ref().unwrap(), site.db.as_ref().unwrap()] {
+            let out = ns.command("nstat").args(["-asz"]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let interesting: Vec<&str> = text
+                .lines()
+                .filter(|l| ["Err", "Drop", "Csum", "Frag", "Retrans", "InReceives", "OutRequests", "Discard", "TooBig", "Unreach"].iter().any(|k| l.contains(k)))
+                .filter(|l| l.split_whitespace().nth(1) != Some("0"))
+                .collect();
+            diag.push_str(&format!("--- {}:\n{}\n", ns.name(), interesting.join("\n")));
+        }
         panic!(
-            "web -> db transfer failed: {e}\nagent a: {}\nagent b: {}",
+            "web -> db transfer failed: {e}\nagent a: {}\nagent b: {}\n{diag}",
             path_a.metrics().snapshot(),
             path_b.metrics().snapshot()
         )

@@ -53,8 +53,14 @@ fn backup_server_bin() -> &'static Path {
     BIN.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // A release test run (figures) uses a release server too.
+        let release = !cfg!(debug_assertions);
+        let mut args = vec!["build", "-p", "backup-server", "--bin", "backup-server"];
+        if release {
+            args.push("--release");
+        }
         let status = Command::new(cargo)
-            .args(["build", "-p", "backup-server", "--bin", "backup-server"])
+            .args(&args)
             .current_dir(root)
             .stdin(Stdio::null())
             .status()
@@ -63,7 +69,9 @@ fn backup_server_bin() -> &'static Path {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
-        let bin = target.join("debug").join("backup-server");
+        let bin = target
+            .join(if release { "release" } else { "debug" })
+            .join("backup-server");
         assert!(bin.exists(), "{} missing after the build", bin.display());
         bin
     })
@@ -908,7 +916,7 @@ async fn figures_write_latency_and_throughput_per_mode() {
                 let done = Arc::clone(&done);
                 tokio::spawn(async move {
                     for i in 0..200u64 {
-                        let off = (k * 2 << 20) + 65536 * (i % 32);
+                        let off = ((k * 2) << 20) + 65536 * (i % 32);
                         disk.write(off, pattern(i + k, 65536), false)
                             .await
                             .expect("write");

@@ -17,8 +17,8 @@
 use crate::tls::group_uri;
 use pipecloud_core::codec::validate_name;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, Ia5String, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,14 +64,24 @@ fn agent_cert(ca: &Ca, group: &str) -> anyhow::Result<(rcgen::Certificate, KeyPa
     Ok((cert, key))
 }
 
-fn write_file(path: &Path, contents: &str, secret: bool, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+fn write_file(
+    path: &Path,
+    contents: &str,
+    secret: bool,
+    files: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(if secret { 0o600 } else { 0o644 })
         .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e} (refusing to overwrite)", path.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create {}: {e} (refusing to overwrite)",
+                path.display()
+            )
+        })?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     files.push(path.to_path_buf());
@@ -80,7 +90,12 @@ fn write_file(path: &Path, contents: &str, secret: bool, files: &mut Vec<PathBuf
 
 /// Generates the test PKI and a config into `dir` (created if missing). Existing files
 /// are never overwritten (error instead).
-pub fn generate(dir: &Path, server_name: &str, groups: &[String], listen: &str) -> anyhow::Result<Generated> {
+pub fn generate(
+    dir: &Path,
+    server_name: &str,
+    groups: &[String],
+    listen: &str,
+) -> anyhow::Result<Generated> {
     if groups.is_empty() {
         anyhow::bail!("at least one --group is needed");
     }
@@ -91,7 +106,12 @@ pub fn generate(dir: &Path, server_name: &str, groups: &[String], listen: &str) 
     let mut files = Vec::new();
     let ca = new_ca("PipeCloud backup test CA")?;
     write_file(&dir.join("ca.pem"), &ca.cert.pem(), false, &mut files)?;
-    write_file(&dir.join("ca.key"), &ca.key.serialize_pem(), true, &mut files)?;
+    write_file(
+        &dir.join("ca.key"),
+        &ca.key.serialize_pem(),
+        true,
+        &mut files,
+    )?;
 
     let mut p = CertificateParams::new(vec![server_name.to_string()])?;
     p.distinguished_name.push(DnType::CommonName, server_name);
@@ -100,20 +120,45 @@ pub fn generate(dir: &Path, server_name: &str, groups: &[String], listen: &str) 
     let skey = KeyPair::generate()?;
     let scert = p.signed_by(&skey, &ca.cert, &ca.key)?;
     write_file(&dir.join("server.pem"), &scert.pem(), false, &mut files)?;
-    write_file(&dir.join("server.key"), &skey.serialize_pem(), true, &mut files)?;
+    write_file(
+        &dir.join("server.key"),
+        &skey.serialize_pem(),
+        true,
+        &mut files,
+    )?;
 
     for g in groups {
         let (c, k) = agent_cert(&ca, g)?;
-        write_file(&dir.join(format!("{g}-agent.pem")), &c.pem(), false, &mut files)?;
-        write_file(&dir.join(format!("{g}-agent.key")), &k.serialize_pem(), true, &mut files)?;
+        write_file(
+            &dir.join(format!("{g}-agent.pem")),
+            &c.pem(),
+            false,
+            &mut files,
+        )?;
+        write_file(
+            &dir.join(format!("{g}-agent.key")),
+            &k.serialize_pem(),
+            true,
+            &mut files,
+        )?;
     }
 
     let foreign = new_ca("Foreign CA (must be refused)")?;
-    write_file(&dir.join("foreign-ca.pem"), &foreign.cert.pem(), false, &mut files)?;
+    write_file(
+        &dir.join("foreign-ca.pem"),
+        &foreign.cert.pem(),
+        false,
+        &mut files,
+    )?;
     let first = groups.first().map(String::as_str).unwrap_or("g");
     let (c, k) = agent_cert(&foreign, first)?;
     write_file(&dir.join("foreign-agent.pem"), &c.pem(), false, &mut files)?;
-    write_file(&dir.join("foreign-agent.key"), &k.serialize_pem(), true, &mut files)?;
+    write_file(
+        &dir.join("foreign-agent.key"),
+        &k.serialize_pem(),
+        true,
+        &mut files,
+    )?;
 
     let config = dir.join("backup-server.toml");
     let text = format!(

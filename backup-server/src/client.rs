@@ -130,8 +130,12 @@ pub async fn connect(
     match r.recv().await? {
         Some(Frame::Welcome(wel)) => Ok((w, r, wel)),
         Some(Frame::Reject { reason }) => Err(ClientError::Rejected(reason)),
-        Some(other) => Err(ClientError::Protocol(format!("expected welcome, got {other:?}"))),
-        None => Err(ClientError::Protocol("connection closed before welcome".into())),
+        Some(other) => Err(ClientError::Protocol(format!(
+            "expected welcome, got {other:?}"
+        ))),
+        None => Err(ClientError::Protocol(
+            "connection closed before welcome".into(),
+        )),
     }
 }
 

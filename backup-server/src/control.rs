@@ -190,7 +190,10 @@ pub fn fmt_ms(ms: u64) -> String {
     let ns = i128::from(ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(ns)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("{ms} ms"))
 }
 
@@ -227,7 +230,9 @@ pub fn read_msg<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::Res
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_CONTROL_MSG {
-        return Err(std::io::Error::other(format!("control message of {len} bytes is too large")));
+        return Err(std::io::Error::other(format!(
+            "control message of {len} bytes is too large"
+        )));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;

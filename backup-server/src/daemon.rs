@@ -50,11 +50,17 @@ impl Daemon {
     /// Opens the store (recovery), then starts every component.
     pub fn start(cfg: &Config) -> Result<Daemon, DaemonError> {
         let err = |e: &dyn std::fmt::Display| DaemonError(e.to_string());
-        let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key).map_err(|e| err(&e))?;
+        let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+            .map_err(|e| err(&e))?;
         let t0 = std::time::Instant::now();
         let (store, rep) = Store::open(&cfg.data_dir, cfg.limits.clone()).map_err(|e| err(&e))?;
-        info!(groups = rep.groups, records = rep.records, torn_bytes = rep.torn_bytes,
-            ms = t0.elapsed().as_millis() as u64, "recovery done");
+        info!(
+            groups = rep.groups,
+            records = rep.records,
+            torn_bytes = rep.torn_bytes,
+            ms = t0.elapsed().as_millis() as u64,
+            "recovery done"
+        );
         let store = Arc::new(store);
         let metrics = Arc::new(Metrics::default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -96,11 +102,13 @@ impl Daemon {
         let _ = std::fs::remove_file(&sock); // stale: we hold the data dir lock
         let ul = {
             let _guard = runtime.enter();
-            UnixListener::bind(&sock).map_err(|e| DaemonError(format!("control socket {}: {e}", sock.display())))?
+            UnixListener::bind(&sock)
+                .map_err(|e| DaemonError(format!("control socket {}: {e}", sock.display())))?
         };
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(&e))?;
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| err(&e))?;
         }
         runtime.spawn(control_loop(ul, store.clone(), tx));
         let mut metrics_addr = None;
@@ -127,7 +135,10 @@ impl Daemon {
         if let Some(rt) = &self.runtime {
             rt.block_on(async {
                 use tokio::signal::unix::{signal, SignalKind};
-                match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+                match (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) {
                     (Ok(mut i), Ok(mut t)) => {
                         tokio::select! { _ = i.recv() => {}, _ = t.recv() => {} }
                     }
@@ -209,7 +220,8 @@ async fn control_loop(ul: UnixListener, store: Arc<Store>, ingest: mpsc::Sender<
             let Ok(std_s) = s.into_std() else { return };
             let _ = std_s.set_nonblocking(false);
             let handle = tokio::runtime::Handle::current();
-            let _ = tokio::task::spawn_blocking(move || control_conn(std_s, store, ingest, handle)).await;
+            let _ = tokio::task::spawn_blocking(move || control_conn(std_s, store, ingest, handle))
+                .await;
         });
     }
 }
@@ -267,16 +279,18 @@ fn control_conn(
                 }
             }
         }
-        Request::Restore { group, at, out } => match control::restore(&store, &group, &at, &out, &mut progress) {
-            Ok(m) => {
-                info!(group = %m.group, cut = %m.cut, "restore images written");
-                Reply::Done(m)
+        Request::Restore { group, at, out } => {
+            match control::restore(&store, &group, &at, &out, &mut progress) {
+                Ok(m) => {
+                    info!(group = %m.group, cut = %m.cut, "restore images written");
+                    Reply::Done(m)
+                }
+                Err(e) => {
+                    warn!(group = %group, error = %e, "restore failed");
+                    Reply::Error(e)
+                }
             }
-            Err(e) => {
-                warn!(group = %group, error = %e, "restore failed");
-                Reply::Error(e)
-            }
-        },
+        }
         Request::Unfence { group } => match store.group(&group) {
             Some(g) => match g.unfence() {
                 Ok(()) => Reply::Ok(format!("group {group} unfenced")),

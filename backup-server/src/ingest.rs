@@ -92,7 +92,9 @@ pub struct WriteReq {
 
 impl Drop for WriteReq {
     fn drop(&mut self) {
-        self.group.queued_bytes.fetch_sub(self.queued, Ordering::Relaxed);
+        self.group
+            .queued_bytes
+            .fetch_sub(self.queued, Ordering::Relaxed);
     }
 }
 
@@ -189,14 +191,20 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
             } else {
                 match st.writers.get(&w.writer) {
                     None => Verdict::Drop("writer not registered"),
-                    Some(ix) if ix.generation != w.generation => Verdict::Drop("stale generation (writer re-registered)"),
+                    Some(ix) if ix.generation != w.generation => {
+                        Verdict::Drop("stale generation (writer re-registered)")
+                    }
                     Some(ix) if ix.contains(w.seq) => Verdict::Duplicate,
-                    Some(ix) if w.seq > ix.durable() + MAX_AHEAD => Verdict::Drop("too far beyond the durable prefix"),
+                    Some(ix) if w.seq > ix.durable() + MAX_AHEAD => {
+                        Verdict::Drop("too far beyond the durable prefix")
+                    }
                     Some(_) => Verdict::Append,
                 }
             }
         };
-        let verdict = if matches!(verdict, Verdict::Append) && !seen.insert((g.name.clone(), w.writer, w.seq)) {
+        let verdict = if matches!(verdict, Verdict::Append)
+            && !seen.insert((g.name.clone(), w.writer, w.seq))
+        {
             Verdict::Duplicate
         } else {
             verdict
@@ -223,7 +231,10 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
                     continue;
                 }
                 match stage(store, gb, &req) {
-                    Ok(loc) => gb.staged.push(Staged { req, loc: Some(loc) }),
+                    Ok(loc) => gb.staged.push(Staged {
+                        req,
+                        loc: Some(loc),
+                    }),
                     Err(e) => fail_group(gb, &e),
                 }
             }
@@ -261,7 +272,8 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
                     prefix_deps: pipecloud_core::CountVector::ZERO,
                     prefix_time: 0,
                 };
-                g.journal_bytes.fetch_add(u64::from(loc.len), Ordering::Relaxed);
+                g.journal_bytes
+                    .fetch_add(u64::from(loc.len), Ordering::Relaxed);
                 if let Some(info) = st.segments.get_mut(&loc.segment) {
                     info.bytes = info.bytes.max(loc.offset + u64::from(loc.len));
                 }
@@ -352,17 +364,21 @@ fn stage(store: &Store, gb: &mut GroupBatch, req: &WriteReq) -> Result<Loc, Stri
     let mut tail = lock(&g.tail);
     let need_roll = match &tail.active {
         None => true,
-        Some(a) => a.len + gb.buf.len() as u64 + rec_len as u64 > store.limits.segment_bytes
-            && a.len + gb.buf.len() as u64 > crate::journal::SEGMENT_HEADER_LEN,
+        Some(a) => {
+            a.len + gb.buf.len() as u64 + rec_len as u64 > store.limits.segment_bytes
+                && a.len + gb.buf.len() as u64 > crate::journal::SEGMENT_HEADER_LEN
+        }
     };
     if need_roll {
         if let Some(mut old) = tail.active.take() {
-            old.append(&gb.buf).map_err(|e| format!("append to segment {}: {e}", old.number))?;
+            old.append(&gb.buf)
+                .map_err(|e| format!("append to segment {}: {e}", old.number))?;
             gb.buf.clear();
             gb.closed.push(old);
         }
         let n = tail.next_number;
-        let seg = ActiveSegment::create(&jdir, n).map_err(|e| format!("create segment {n}: {e}"))?;
+        let seg =
+            ActiveSegment::create(&jdir, n).map_err(|e| format!("create segment {n}: {e}"))?;
         tail.next_number = n + 1;
         tail.active = Some(seg);
         let mut st = lock(&g.state);
@@ -398,13 +414,15 @@ fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<(), String> {
             gb.buf.clear();
         }
         if gb.staged.iter().any(|s| s.loc.is_some()) {
-            a.sync().map_err(|e| format!("fdatasync segment {}: {e}", a.number))?;
+            a.sync()
+                .map_err(|e| format!("fdatasync segment {}: {e}", a.number))?;
             metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
             synced_active = true;
         }
     }
     for c in gb.closed.drain(..) {
-        c.sync().map_err(|e| format!("fdatasync segment {}: {e}", c.number))?;
+        c.sync()
+            .map_err(|e| format!("fdatasync segment {}: {e}", c.number))?;
         metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
     }
     let _ = synced_active;

@@ -35,7 +35,10 @@ pub fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
         let e = e?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(hex) = name.strip_prefix("seg-").and_then(|r| r.strip_suffix(".log")) {
+        if let Some(hex) = name
+            .strip_prefix("seg-")
+            .and_then(|r| r.strip_suffix(".log"))
+        {
             if let Ok(n) = u64::from_str_radix(hex, 16) {
                 out.push(n);
             }
@@ -82,7 +85,11 @@ impl ActiveSegment {
             .read(true)
             .write(true)
             .open(segment_path(dir, n))?;
-        Ok(ActiveSegment { number: n, file, len })
+        Ok(ActiveSegment {
+            number: n,
+            file,
+            len,
+        })
     }
 
     /// Appends bytes at the end (not yet durable).
@@ -124,11 +131,7 @@ pub struct ScanReport {
 
 /// Reads segment `n`, calls `each` for every valid record, truncates anything
 /// after the last valid record and reports what it did.
-pub fn scan(
-    dir: &Path,
-    n: u64,
-    mut each: impl FnMut(Scanned<'_>),
-) -> std::io::Result<ScanReport> {
+pub fn scan(dir: &Path, n: u64, mut each: impl FnMut(Scanned<'_>)) -> std::io::Result<ScanReport> {
     let path = segment_path(dir, n);
     let bytes = std::fs::read(&path)?;
     let mut report = ScanReport::default();

@@ -23,7 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "backup-server", version, about = "PipeCloud-rs backup server (unprivileged)")]
+#[command(
+    name = "backup-server",
+    version,
+    about = "PipeCloud-rs backup server (unprivileged)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -139,8 +143,10 @@ fn dispatch(w: &Where, req: Request) -> anyhow::Result<Reply> {
     let (dir, limits) = data_dir(w)?;
     let bar = indicatif::ProgressBar::hidden();
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut shown = false;
     let mut progress = |done: u64, total: u64| {
@@ -172,10 +178,12 @@ fn dispatch(w: &Where, req: Request) -> anyhow::Result<Reply> {
                 Err(e) => Reply::Error(e),
             }
         }
-        Request::Restore { group, at, out } => match control::restore(&store, &group, &at, &out, &mut progress) {
-            Ok(m) => Reply::Done(m),
-            Err(e) => Reply::Error(e),
-        },
+        Request::Restore { group, at, out } => {
+            match control::restore(&store, &group, &at, &out, &mut progress) {
+                Ok(m) => Reply::Done(m),
+                Err(e) => Reply::Error(e),
+            }
+        }
         Request::Unfence { group } => match store.group(&group) {
             Some(g) => match g.unfence() {
                 Ok(()) => Reply::Ok(format!("group {group} unfenced")),
@@ -215,12 +223,19 @@ fn finish(r: Reply) -> anyhow::Result<()> {
                 println!("no groups");
             }
             for g in gs {
-                println!("group {}{}", g.name, if g.fenced { " (FENCED)" } else { "" });
+                println!(
+                    "group {}{}",
+                    g.name,
+                    if g.fenced { " (FENCED)" } else { "" }
+                );
                 if let Some(f) = &g.failed {
                     println!("  JOURNAL FAILED: {f}");
                 }
                 println!("  connected agents: {} {:?}", g.agents.len(), g.agents);
-                println!("  journal: {} bytes in {} segments", g.journal_bytes, g.segments);
+                println!(
+                    "  journal: {} bytes in {} segments",
+                    g.journal_bytes, g.segments
+                );
                 println!("  committed vector: {}", g.committed);
                 println!("  failover cut now: {}", g.durable_cut);
                 println!(
@@ -229,7 +244,11 @@ fn finish(r: Reply) -> anyhow::Result<()> {
                 );
                 println!(
                     "  oldest restorable point: {} (cut {})",
-                    if g.oldest_cut.is_zero() { "the beginning".to_string() } else { fmt_ms(g.oldest_time_ms) },
+                    if g.oldest_cut.is_zero() {
+                        "the beginning".to_string()
+                    } else {
+                        fmt_ms(g.oldest_time_ms)
+                    },
                     g.oldest_cut
                 );
                 for w in g.writers {
@@ -263,7 +282,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for f in &g.files {
                 println!("wrote {}", f.display());
             }
-            println!("start the server with: backup-server serve --config {}", g.config.display());
+            println!(
+                "start the server with: backup-server serve --config {}",
+                g.config.display()
+            );
             Ok(())
         }
         Cmd::Status { at } => finish(dispatch(&at, Request::Status)?),

@@ -86,7 +86,10 @@ impl GroupMeta {
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: corrupt group metadata: {message}")]
     Corrupt { path: String, message: String },
 }

@@ -19,7 +19,8 @@ use tracing::{info, warn};
 
 /// Upper bounds of the latency buckets, microseconds.
 const BUCKETS_US: [u64; 14] = [
-    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+    1_000_000,
 ];
 
 /// A fixed-bucket latency histogram.
@@ -33,7 +34,10 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let i = BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(BUCKETS_US.len());
+        let i = BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(BUCKETS_US.len());
         if let Some(c) = self.counts.get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -57,7 +61,10 @@ pub struct Metrics {
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
 }
 
 impl Metrics {
@@ -65,15 +72,60 @@ impl Metrics {
     pub fn render(&self, store: &Store) -> String {
         let mut o = String::new();
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(&mut o, "pipecloud_backup_writes_total", "Writes journaled.", c(&self.writes));
-        counter(&mut o, "pipecloud_backup_write_bytes_total", "Payload bytes journaled.", c(&self.write_bytes));
-        counter(&mut o, "pipecloud_backup_duplicate_writes_total", "Resent writes that were already journaled.", c(&self.duplicates));
-        counter(&mut o, "pipecloud_backup_acks_total", "Writes acknowledged.", c(&self.acks));
-        counter(&mut o, "pipecloud_backup_fsyncs_total", "fdatasync calls of the journal.", c(&self.fsyncs));
-        counter(&mut o, "pipecloud_backup_batches_total", "Group-commit batches.", c(&self.batches));
-        counter(&mut o, "pipecloud_backup_rejections_total", "Rejected connections and frames.", c(&self.rejections));
-        counter(&mut o, "pipecloud_backup_connections_total", "Agent connections accepted.", c(&self.connections));
-        counter(&mut o, "pipecloud_backup_stalled_writes_total", "Writes held back because a journal was at its bound.", c(&self.stalled));
+        counter(
+            &mut o,
+            "pipecloud_backup_writes_total",
+            "Writes journaled.",
+            c(&self.writes),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_write_bytes_total",
+            "Payload bytes journaled.",
+            c(&self.write_bytes),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_duplicate_writes_total",
+            "Resent writes that were already journaled.",
+            c(&self.duplicates),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_acks_total",
+            "Writes acknowledged.",
+            c(&self.acks),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_fsyncs_total",
+            "fdatasync calls of the journal.",
+            c(&self.fsyncs),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_batches_total",
+            "Group-commit batches.",
+            c(&self.batches),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_rejections_total",
+            "Rejected connections and frames.",
+            c(&self.rejections),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_connections_total",
+            "Agent connections accepted.",
+            c(&self.connections),
+        );
+        counter(
+            &mut o,
+            "pipecloud_backup_stalled_writes_total",
+            "Writes held back because a journal was at its bound.",
+            c(&self.stalled),
+        );
         let h = &self.ack_latency;
         let name = "pipecloud_backup_ack_latency_seconds";
         let _ = writeln!(o, "# HELP {name} Time from receiving a write to queueing its ack.\n# TYPE {name} histogram");
@@ -94,12 +146,34 @@ impl Metrics {
         for g in store.groups() {
             let st = lock(&g.state);
             let n = &g.name;
-            let _ = writeln!(o, "pipecloud_backup_journal_bytes{{group=\"{n}\"}} {}", g.journal_bytes.load(Ordering::Relaxed));
-            let _ = writeln!(o, "pipecloud_backup_connected_agents{{group=\"{n}\"}} {}", st.agents.len());
-            let _ = writeln!(o, "pipecloud_backup_fenced{{group=\"{n}\"}} {}", u8::from(st.meta.fenced));
+            let _ = writeln!(
+                o,
+                "pipecloud_backup_journal_bytes{{group=\"{n}\"}} {}",
+                g.journal_bytes.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "pipecloud_backup_connected_agents{{group=\"{n}\"}} {}",
+                st.agents.len()
+            );
+            let _ = writeln!(
+                o,
+                "pipecloud_backup_fenced{{group=\"{n}\"}} {}",
+                u8::from(st.meta.fenced)
+            );
             for (w, ix) in &st.writers {
-                let _ = writeln!(o, "pipecloud_backup_committed_seq{{group=\"{n}\",writer=\"{}\"}} {}", w.0, ix.durable());
-                let _ = writeln!(o, "pipecloud_backup_applied_seq{{group=\"{n}\",writer=\"{}\"}} {}", w.0, ix.base());
+                let _ = writeln!(
+                    o,
+                    "pipecloud_backup_committed_seq{{group=\"{n}\",writer=\"{}\"}} {}",
+                    w.0,
+                    ix.durable()
+                );
+                let _ = writeln!(
+                    o,
+                    "pipecloud_backup_applied_seq{{group=\"{n}\",writer=\"{}\"}} {}",
+                    w.0,
+                    ix.base()
+                );
             }
         }
         o
@@ -151,7 +225,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Arc<Stor
                     body.len()
                 )
             } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
             };
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;

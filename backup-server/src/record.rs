@@ -69,10 +69,15 @@ pub enum RecordError {
 }
 
 /// Appends one encoded record to `out`; returns `(record_len, payload_offset_in_record)`.
-pub fn encode(head: &RecordHead, payload: &[u8], out: &mut Vec<u8>) -> Result<(usize, usize), RecordError> {
+pub fn encode(
+    head: &RecordHead,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(usize, usize), RecordError> {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
-    let head_bytes = postcard::to_stdvec(head).map_err(|e| RecordError::Malformed(e.to_string()))?;
+    let head_bytes =
+        postcard::to_stdvec(head).map_err(|e| RecordError::Malformed(e.to_string()))?;
     out.extend_from_slice(&head_bytes);
     let payload_off = out.len() - start;
     out.extend_from_slice(payload);

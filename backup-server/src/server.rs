@@ -58,7 +58,12 @@ pub struct ServerCtx {
 
 impl ServerCtx {
     /// A context.
-    pub fn new(store: Arc<Store>, ingest: mpsc::Sender<Req>, metrics: Arc<Metrics>, tls: TlsAcceptor) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        ingest: mpsc::Sender<Req>,
+        metrics: Arc<Metrics>,
+        tls: TlsAcceptor,
+    ) -> Self {
         let max = store.limits.max_connections;
         ServerCtx {
             store,
@@ -119,7 +124,10 @@ async fn reject_direct(wr: &mut WriteHalf<TlsStream<TcpStream>>, reason: &str) {
     .await;
 }
 
-async fn read_hello(rd: &mut ReadHalf<TlsStream<TcpStream>>, reader: &mut FrameReader) -> Result<Hello, String> {
+async fn read_hello(
+    rd: &mut ReadHalf<TlsStream<TcpStream>>,
+    reader: &mut FrameReader,
+) -> Result<Hello, String> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match reader.next() {
@@ -181,7 +189,8 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
         .unwrap_or_default();
     let (mut rd, mut wr) = tokio::io::split(tls);
     if groups.is_empty() {
-        let reason = "client certificate is not bound to any group (no pipecloud:group/<name> URI SAN)";
+        let reason =
+            "client certificate is not bound to any group (no pipecloud:group/<name> URI SAN)";
         reject_log(&ctx, peer, "-", reason);
         reject_direct(&mut wr, reason).await;
         return;
@@ -234,7 +243,9 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
         reply: reply_tx,
     };
     let welcome = match ctx.ingest.send(req).await {
-        Ok(()) => reply_rx.await.unwrap_or_else(|_| Err("server shutting down".into())),
+        Ok(()) => reply_rx
+            .await
+            .unwrap_or_else(|_| Err("server shutting down".into())),
         Err(_) => Err("server shutting down".into()),
     };
     let welcome = match welcome {
@@ -275,7 +286,13 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
     ctx.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(%peer, agent = %agent, group = %group.name, conn = id, disks = hello.disks.len(),
         committed = %welcome.committed, "agent connected");
-    let mut writer = tokio::spawn(outbound(wr, rx, group.signal.subscribe(), conn.kill.subscribe(), welcome.committed));
+    let mut writer = tokio::spawn(outbound(
+        wr,
+        rx,
+        group.signal.subscribe(),
+        conn.kill.subscribe(),
+        welcome.committed,
+    ));
     let why = inbound(&ctx, &group, &conn, &hello, &disk_idx, &mut rd, reader).await;
     match &why {
         Ok(()) => info!(%peer, agent = %agent, conn = id, "agent disconnected"),
@@ -294,7 +311,10 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
     if why.is_ok() {
         conn.kill.send_replace(true);
     }
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
         writer.abort();
     }
 }
@@ -325,7 +345,8 @@ async fn inbound(
                 match reader.next() {
                     Ok(Some(f)) => {
                         progressed = true;
-                        handle_frame(ctx, group, conn, hello, disk_idx, f, &mut stall_logged).await?;
+                        handle_frame(ctx, group, conn, hello, disk_idx, f, &mut stall_logged)
+                            .await?;
                     }
                     Ok(None) => break,
                     Err(e) => return Err(format!("bad frame: {e}")),
@@ -384,8 +405,13 @@ async fn handle_frame(
             Ok(())
         }
         Frame::HeartbeatReply { .. } => Ok(()),
-        Frame::Checkpoint(_) => Err("checkpoint frames are not supported by this server version".into()),
-        other => Err(format!("unexpected {} frame from an agent", frame_name(&other))),
+        Frame::Checkpoint(_) => {
+            Err("checkpoint frames are not supported by this server version".into())
+        }
+        other => Err(format!(
+            "unexpected {} frame from an agent",
+            frame_name(&other)
+        )),
     }
 }
 
@@ -457,7 +483,8 @@ async fn gate_journal_bound(ctx: &ServerCtx, group: &Group, w: &Write, logged: &
     let size = payload(w) as u64 + 256;
     let mut counted = false;
     loop {
-        let used = group.journal_bytes.load(Ordering::Relaxed) + group.queued_bytes.load(Ordering::Relaxed);
+        let used = group.journal_bytes.load(Ordering::Relaxed)
+            + group.queued_bytes.load(Ordering::Relaxed);
         let admit = if used + size <= max {
             if *logged {
                 info!(group = %group.name, "journal below its bound again; ingest resumed");

@@ -237,10 +237,7 @@ impl Group {
                 Some(c) if c == g => {}
                 Some(c) => {
                     let base = st.writers.get(&w).map_or(0, WriterIndex::durable);
-                    let dropped = st
-                        .writers
-                        .get_mut(&w)
-                        .map_or(0, |ix| ix.new_generation(g));
+                    let dropped = st.writers.get_mut(&w).map_or(0, |ix| ix.new_generation(g));
                     if let Some(m) = st.meta.writers.iter_mut().find(|m| m.writer == w) {
                         m.generations.push((g, base));
                     }
@@ -375,7 +372,9 @@ impl GroupState {
                 .get(&w)
                 .map_or((0, 0), |ix| (ix.durable(), ix.base()));
             if s > durable {
-                return Err(format!("{w}: seq {s} is beyond the journaled prefix {durable}"));
+                return Err(format!(
+                    "{w}: seq {s} is beyond the journaled prefix {durable}"
+                ));
             }
             if s < base {
                 return Err(format!(
@@ -493,7 +492,9 @@ impl Store {
         names.sort();
         for name in names {
             let dir = gdir.join(&name);
-            let Some(m) = meta::load(&dir.join("group.meta")).map_err(|e| StoreError::Io(e.to_string()))? else {
+            let Some(m) =
+                meta::load(&dir.join("group.meta")).map_err(|e| StoreError::Io(e.to_string()))?
+            else {
                 warn!(group = %name, "group directory without metadata (created but never registered); ignoring");
                 continue;
             };
@@ -531,7 +532,14 @@ impl Store {
         meta::store(&dir.join("group.meta"), &m).map_err(|e| io(dir.display(), e))?;
         meta::sync_dir(&self.data_dir.join("groups")).map_err(|e| io(dir.display(), e))?;
         info!(group = name, "created group");
-        let g = Arc::new(new_group(name, &dir, m, BTreeMap::new(), BTreeMap::new(), JournalTail::default()));
+        let g = Arc::new(new_group(
+            name,
+            &dir,
+            m,
+            BTreeMap::new(),
+            BTreeMap::new(),
+            JournalTail::default(),
+        ));
         groups.insert(name.to_string(), g.clone());
         Ok(g)
     }
@@ -587,7 +595,14 @@ fn recover_group(name: &str, dir: &Path, m: GroupMeta) -> Result<(Group, u64, u6
             );
         }
     }
-    let group = new_group(name, dir, m, writers, BTreeMap::new(), JournalTail::default());
+    let group = new_group(
+        name,
+        dir,
+        m,
+        writers,
+        BTreeMap::new(),
+        JournalTail::default(),
+    );
     let segs = journal::list_segments(&jdir).map_err(|e| io(jdir.display(), e))?;
     let mut records = 0u64;
     let mut torn = 0u64;
@@ -642,7 +657,12 @@ fn recover_group(name: &str, dir: &Path, m: GroupMeta) -> Result<(Group, u64, u6
                 }
             }
             if skipped > 0 {
-                info!(group = name, segment = n, skipped, "skipped applied or superseded records");
+                info!(
+                    group = name,
+                    segment = n,
+                    skipped,
+                    "skipped applied or superseded records"
+                );
             }
             last_len = report.valid_len;
         }
@@ -653,7 +673,8 @@ fn recover_group(name: &str, dir: &Path, m: GroupMeta) -> Result<(Group, u64, u6
         let mut tail = lock(&group.tail);
         tail.next_number = segs.last().map_or(0, |n| n + 1);
         if let Some(&n) = segs.last() {
-            tail.active = Some(ActiveSegment::reopen(&jdir, n, last_len).map_err(|e| io(jdir.display(), e))?);
+            tail.active =
+                Some(ActiveSegment::reopen(&jdir, n, last_len).map_err(|e| io(jdir.display(), e))?);
             lock(&group.state).active_segment = Some(n);
         }
     }
@@ -681,4 +702,3 @@ pub fn now_ms() -> u64 {
 
 /// Protocol version the store welcomes with (negotiated by the server).
 pub const WELCOME_VERSION: u16 = PROTOCOL_VERSION;
-

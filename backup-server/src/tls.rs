@@ -105,7 +105,8 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
 
 /// Parses a server name for a client connection.
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
-    ServerName::try_from(name.to_string()).map_err(|e| TlsError::Rustls(format!("server name {name:?}: {e}")))
+    ServerName::try_from(name.to_string())
+        .map_err(|e| TlsError::Rustls(format!("server name {name:?}: {e}")))
 }
 
 /// The protection groups a (verified) end-entity certificate is bound to.

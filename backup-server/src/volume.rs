@@ -34,7 +34,14 @@ use tracing::{info, warn};
 const CHUNK: usize = 1 << 20;
 
 /// Applies one journaled write to its disk file.
-fn apply_one(jdir: &Path, disks: &[DiskMeta], files: &[File], w: WriterId, seq: Seq, e: &Entry) -> Result<u64, String> {
+fn apply_one(
+    jdir: &Path,
+    disks: &[DiskMeta],
+    files: &[File],
+    w: WriterId,
+    seq: Seq,
+    e: &Entry,
+) -> Result<u64, String> {
     let disk = disks
         .get(e.disk as usize)
         .ok_or_else(|| format!("{w} seq {seq}: unknown disk index {}", e.disk))?;
@@ -58,7 +65,9 @@ fn apply_one(jdir: &Path, disks: &[DiskMeta], files: &[File], w: WriterId, seq: 
             f.write_all_at(rec.payload, e.offset)
                 .map_err(|x| format!("{}: {x}", disk.name))?;
         }
-        RecordKind::Zeroes | RecordKind::Trim => zero_range(f, e.offset, e.len).map_err(|x| format!("{}: {x}", disk.name))?,
+        RecordKind::Zeroes | RecordKind::Trim => {
+            zero_range(f, e.offset, e.len).map_err(|x| format!("{}: {x}", disk.name))?
+        }
     }
     Ok(e.len)
 }
@@ -105,7 +114,10 @@ pub fn apply_to(group: &Group, target: CountVector) -> Result<(), String> {
     let (work, disks) = {
         let mut st = lock(&group.state);
         if !target.dominates(&st.meta.applied) {
-            return Err(format!("apply target {target} is below the applied cut {}", st.meta.applied));
+            return Err(format!(
+                "apply target {target} is below the applied cut {}",
+                st.meta.applied
+            ));
         }
         st.check_cut(&target)?;
         if target == st.meta.applied && st.meta.applying.is_none() {
@@ -204,7 +216,10 @@ fn prepare_out(out: &Path) -> Result<(), String> {
     match std::fs::read_dir(out) {
         Ok(mut it) => {
             if it.next().is_some() {
-                return Err(format!("output directory {} is not empty; refusing to overwrite", out.display()));
+                return Err(format!(
+                    "output directory {} is not empty; refusing to overwrite",
+                    out.display()
+                ));
             }
             Ok(())
         }
@@ -216,7 +231,12 @@ fn prepare_out(out: &Path) -> Result<(), String> {
 }
 
 /// Copies `src` to `dst` (created), skipping holes and all-zero chunks, sized `size`.
-fn copy_sparse(src: &Path, dst: &Path, size: u64, progress: &mut dyn FnMut(u64)) -> Result<File, String> {
+fn copy_sparse(
+    src: &Path,
+    dst: &Path,
+    size: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<File, String> {
     let ctx = |e: std::io::Error| format!("{} -> {}: {e}", src.display(), dst.display());
     let s = File::open(src).map_err(ctx)?;
     let d = File::options()
@@ -244,7 +264,11 @@ fn copy_sparse(src: &Path, dst: &Path, size: u64, progress: &mut dyn FnMut(u64))
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(s.as_raw_fd(), pos as libc::off_t, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size } else { (hole as u64).min(size) };
+        let end = if hole < 0 {
+            size
+        } else {
+            (hole as u64).min(size)
+        };
         while pos < end {
             let n = ((end - pos) as usize).min(CHUNK);
             let chunk = &mut buf[..n];
@@ -279,7 +303,8 @@ pub fn materialise(
         }
         (st.work_to(&cut), st.meta.disks.clone(), t)
     };
-    let total: u64 = disks.iter().map(|d| d.size).sum::<u64>() + work.iter().map(|(_, _, e)| e.len).sum::<u64>();
+    let total: u64 =
+        disks.iter().map(|d| d.size).sum::<u64>() + work.iter().map(|(_, _, e)| e.len).sum::<u64>();
     let mut done = 0u64;
     let mut files = Vec::new();
     let mut images = Vec::new();

@@ -51,7 +51,8 @@ fn expected_cut(durable_a: u64, durable_b: u64) -> (u64, u64) {
     let mut best = (0, 0);
     for sa in 0..=durable_a {
         for sb in 0..=durable_b {
-            let closed = (1..=sa).all(|k| vec_a(k).get(1) <= sb) && (1..=sb).all(|k| vec_b(k).get(0) <= sa);
+            let closed =
+                (1..=sa).all(|k| vec_a(k).get(1) <= sb) && (1..=sb).all(|k| vec_b(k).get(0) <= sa);
             if closed && sa >= best.0 && sb >= best.1 {
                 best = (sa, sb);
             }
@@ -60,16 +61,23 @@ fn expected_cut(durable_a: u64, durable_b: u64) -> (u64, u64) {
     // The largest closed cut dominates every closed cut.
     for sa in 0..=durable_a {
         for sb in 0..=durable_b {
-            let closed = (1..=sa).all(|k| vec_a(k).get(1) <= sb) && (1..=sb).all(|k| vec_b(k).get(0) <= sa);
+            let closed =
+                (1..=sa).all(|k| vec_a(k).get(1) <= sb) && (1..=sb).all(|k| vec_b(k).get(0) <= sa);
             if closed {
-                assert!(best.0 >= sa && best.1 >= sb, "brute force: no unique largest cut");
+                assert!(
+                    best.0 >= sa && best.1 >= sb,
+                    "brute force: no unique largest cut"
+                );
             }
         }
     }
     best
 }
 
-async fn wait_acks(r: &mut backup_server::client::ClientReader, want: &BTreeSet<Seq>) -> CountVector {
+async fn wait_acks(
+    r: &mut backup_server::client::ClientReader,
+    want: &BTreeSet<Seq>,
+) -> CountVector {
     let mut got = BTreeSet::new();
     let mut committed = CountVector::ZERO;
     while !want.is_subset(&got) {
@@ -91,9 +99,13 @@ async fn failover_produces_exactly_the_expected_cut() {
 
     let ha = hello("shop", "host-a", vec![disk("a", SIZE, 0, 1)]);
     let hb = hello("shop", "host-b", vec![disk("b", SIZE, 1, 1)]);
-    let (mut wa, mut ra, wel) = connect(server.addr(), tls.clone(), &ha).await.expect("connect a");
+    let (mut wa, mut ra, wel) = connect(server.addr(), tls.clone(), &ha)
+        .await
+        .expect("connect a");
     assert_eq!(wel.committed, CountVector::ZERO);
-    let (mut wb, mut rb, _) = connect(server.addr(), tls.clone(), &hb).await.expect("connect b");
+    let (mut wb, mut rb, _) = connect(server.addr(), tls.clone(), &hb)
+        .await
+        .expect("connect b");
 
     // A: all N writes, sent in a scrambled order (each block of 8 reversed).
     let mut order: Vec<u64> = Vec::new();
@@ -102,7 +114,17 @@ async fn failover_produces_exactly_the_expected_cut() {
     }
     let frames: Vec<Frame> = order
         .iter()
-        .map(|&k| write(0, 1, k, 0, off_a(k), vec_a(k), payload(0, k, BLOCK as usize)))
+        .map(|&k| {
+            write(
+                0,
+                1,
+                k,
+                0,
+                off_a(k),
+                vec_a(k),
+                payload(0, k, BLOCK as usize),
+            )
+        })
         .collect();
     wa.send(&frames).await.expect("send a");
     // B: the delayed stream: only 1..=12 and, beyond a hole, 15..=16.
@@ -117,13 +139,19 @@ async fn failover_produces_exactly_the_expected_cut() {
     wait_acks(&mut rb, &b_sent.iter().copied().collect()).await;
 
     let (sa, sb) = expected_cut(N, 12);
-    assert!(sa < N && sb == 12, "test must exercise shrinking: {sa},{sb}");
+    assert!(
+        sa < N && sb == 12,
+        "test must exercise shrinking: {sa},{sb}"
+    );
 
     // Status before failover names both agents and the committed vector.
     let (ok, status, err) = env.cli(&["status", "--config", env.config.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(status.contains("committed vector: [40,12]"), "{status}");
-    assert!(status.contains(&format!("failover cut now: [{sa},{sb}]")), "{status}");
+    assert!(
+        status.contains(&format!("failover cut now: [{sa},{sb}]")),
+        "{status}"
+    );
     assert!(status.contains("connected agents: 2"), "{status}");
 
     let out = env.out_dir("failover");
@@ -155,7 +183,10 @@ async fn failover_produces_exactly_the_expected_cut() {
     assert!(got_a == img_a, "image a differs from the replay of the cut");
     assert!(got_b == img_b, "image b differs from the replay of the cut");
     let marker = std::fs::read_to_string(out.join("cut.toml")).expect("cut.toml");
-    assert!(marker.contains(&format!("cut = [{sa}, {sb}, 0")), "{marker}");
+    assert!(
+        marker.contains(&format!("cut = [{sa}, {sb}, 0")),
+        "{marker}"
+    );
 
     // Fenced: the agents were disconnected and new hellos are refused.
     let mut closed = false;
@@ -166,7 +197,9 @@ async fn failover_produces_exactly_the_expected_cut() {
     }
     assert!(closed, "agent a got no reject after the fence");
     match connect(server.addr(), tls.clone(), &ha).await {
-        Err(backup_server::client::ClientError::Rejected(r)) => assert!(r.contains("fenced"), "{r}"),
+        Err(backup_server::client::ClientError::Rejected(r)) => {
+            assert!(r.contains("fenced"), "{r}")
+        }
         other => panic!("hello after failover not refused: {:?}", other.map(|x| x.2)),
     }
     drop((wa, wb, rb));

@@ -45,13 +45,24 @@ struct W {
 
 fn newest_segment(data: &Path) -> Option<PathBuf> {
     let dir = data.join("groups/crash/journal");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     v.sort();
     v.pop()
 }
 
 fn frame(seq: Seq, w: &W) -> Frame {
-    write(0, 1, seq, 0, w.offset, CountVector::from_slice(&[seq]), payload(0, seq, w.len))
+    write(
+        0,
+        1,
+        seq,
+        0,
+        w.offset,
+        CountVector::from_slice(&[seq]),
+        payload(0, seq, w.len),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,20 +82,27 @@ async fn sigkill_at_random_points_loses_no_acked_write() {
     let mut max_acked: Seq = 0;
     let mut torn_injected = 0;
     let mut resent_total = 0u64;
+    let mut acks_during_rounds = 0u64;
 
     for round in 0..ROUNDS {
         let server = env.start();
-        if round > 0 && round % 7 == 0 {
-            server.wait_log("recovered group");
-        }
-        let (mut wr, mut rd, wel) = connect(server.addr(), tls.clone(), &h).await.expect("connect");
-        let durable = wel.writers.iter().find(|w| w.writer.0 == 0).map_or(0, |w| w.durable);
+        let (mut wr, mut rd, wel) = connect(server.addr(), tls.clone(), &h)
+            .await
+            .expect("connect");
+        let durable = wel
+            .writers
+            .iter()
+            .find(|w| w.writer.0 == 0)
+            .map_or(0, |w| w.durable);
         let issued = writes.keys().next_back().copied().unwrap_or(0);
         assert!(
             durable >= max_acked,
             "round {round} (seed {seed}): acked write {max_acked} lost, server holds only 1..={durable}"
         );
-        assert!(durable <= issued, "round {round}: server claims {durable} > issued {issued}");
+        assert!(
+            durable <= issued,
+            "round {round}: server claims {durable} > issued {issued}"
+        );
         assert_eq!(wel.committed.get(0), durable);
         acked_prefix = acked_prefix.max(durable);
         max_acked = max_acked.max(durable);
@@ -101,7 +119,10 @@ async fn sigkill_at_random_points_loses_no_acked_write() {
                 }
             })
         };
-        let resend: Vec<Frame> = writes.range(durable + 1..).map(|(s, w)| frame(*s, w)).collect();
+        let resend: Vec<Frame> = writes
+            .range(durable + 1..)
+            .map(|(s, w)| frame(*s, w))
+            .collect();
         resent_total += resend.len() as u64;
         let kill_after = Duration::from_millis(2 + rng.below(25));
         let killer = tokio::spawn(async move {
@@ -111,7 +132,15 @@ async fn sigkill_at_random_points_loses_no_acked_write() {
         let mut ok = wr.send(&resend).await.is_ok();
         let mut next = issued + 1;
         while ok && !killer.is_finished() {
-            let in_flight = (next - 1).saturating_sub(acked.lock().unwrap().iter().next_back().copied().unwrap_or(durable));
+            let in_flight = (next - 1).saturating_sub(
+                acked
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .next_back()
+                    .copied()
+                    .unwrap_or(durable),
+            );
             if in_flight as usize > MAX_IN_FLIGHT {
                 tokio::time::sleep(Duration::from_micros(200)).await;
                 continue;
@@ -131,6 +160,7 @@ async fn sigkill_at_random_points_loses_no_acked_write() {
         killer.await.expect("killer");
         let _ = reader.await;
         let got = acked.lock().unwrap().clone();
+        acks_during_rounds += got.len() as u64;
         if let Some(&m) = got.iter().next_back() {
             max_acked = max_acked.max(m);
         }
@@ -141,29 +171,43 @@ async fn sigkill_at_random_points_loses_no_acked_write() {
         if round % 7 == 6 {
             if let Some(seg) = newest_segment(&env.data) {
                 use std::io::Write;
-                let mut f = std::fs::OpenOptions::new().append(true).open(&seg).expect("open segment");
-                let garbage: Vec<u8> = (0..100 + rng.below(3000)).map(|_| rng.next() as u8).collect();
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&seg)
+                    .expect("open segment");
+                let garbage: Vec<u8> = (0..100 + rng.below(3000))
+                    .map(|_| rng.next() as u8)
+                    .collect();
                 // A plausible length header, then a partial body.
                 f.write_all(&2000u32.to_le_bytes()).unwrap();
                 f.write_all(&garbage).unwrap();
                 torn_injected += 1;
             }
         }
-        if round % 7 == 0 && round > 0 {
-            // The previous round injected a torn tail: this start must have cut it.
-        }
     }
     assert!(torn_injected >= 10);
+    assert!(
+        acks_during_rounds > u64::from(ROUNDS),
+        "too few acks to test anything: {acks_during_rounds}"
+    );
 
     // Final: resume, get everything acked, fail over, compare with a replay.
     let server = env.start();
     let log = server.log_text();
     assert!(log.contains("recovered group"), "{log}");
-    let (mut wr, mut rd, wel) = connect(server.addr(), tls.clone(), &h).await.expect("connect");
+    let (mut wr, mut rd, wel) = connect(server.addr(), tls.clone(), &h)
+        .await
+        .expect("connect");
     let durable = wel.writers[0].durable;
-    assert!(durable >= max_acked, "final: acked write {max_acked} lost (durable {durable})");
+    assert!(
+        durable >= max_acked,
+        "final: acked write {max_acked} lost (durable {durable})"
+    );
     let last = writes.keys().next_back().copied().unwrap_or(0);
-    let resend: Vec<Frame> = writes.range(durable + 1..).map(|(s, w)| frame(*s, w)).collect();
+    let resend: Vec<Frame> = writes
+        .range(durable + 1..)
+        .map(|(s, w)| frame(*s, w))
+        .collect();
     wr.send(&resend).await.expect("resend");
     let mut committed = durable;
     while committed < last {
@@ -190,18 +234,25 @@ async fn sigkill_at_random_points_loses_no_acked_write() {
         apply_ref(&mut reference, w.offset, &payload(0, *s, w.len));
     }
     let img = std::fs::read(out.join("d.img")).expect("image");
-    assert!(img == reference, "final image differs from the reference replay");
+    assert!(
+        img == reference,
+        "final image differs from the reference replay"
+    );
     // Torn tails were discarded on the starts after injection.
     let mut torn_logged = 0;
     for i in 1..=ROUNDS + 1 {
-        let t = std::fs::read_to_string(env.dir.join(format!("server-{i}.log"))).unwrap_or_default();
+        let t =
+            std::fs::read_to_string(env.dir.join(format!("server-{i}.log"))).unwrap_or_default();
         if t.contains("discarded torn journal tail") {
             torn_logged += 1;
         }
     }
-    assert!(torn_logged >= torn_injected, "torn tails injected {torn_injected}, discarded {torn_logged}");
+    assert!(
+        torn_logged >= torn_injected,
+        "torn tails injected {torn_injected}, discarded {torn_logged}"
+    );
     eprintln!(
-        "crash test: {ROUNDS} kills, {} writes, {resent_total} resent, {torn_injected} torn tails injected",
+        "crash test: {ROUNDS} kills, {} writes, {acks_during_rounds} acks before kills, {resent_total} resent, {torn_injected} torn tails injected",
         writes.len()
     );
     drop(server);

@@ -13,7 +13,15 @@ const SIZE: u64 = 64 * 1024;
 
 fn w(generation: u64, k: Seq) -> Frame {
     let tag = generation as u8 * 100;
-    write(0, generation, k, 0, (k % 4) * 4096, CountVector::from_slice(&[k]), payload(tag, k, 4096))
+    write(
+        0,
+        generation,
+        k,
+        0,
+        (k % 4) * 4096,
+        CountVector::from_slice(&[k]),
+        payload(tag, k, 4096),
+    )
 }
 
 async fn acks(r: &mut backup_server::client::ClientReader, n: usize) {
@@ -51,7 +59,9 @@ async fn generations_supersede_beyond_the_durable_prefix() {
     let (mut wr, mut rd, wel) = connect(server.addr(), tls.clone(), &h2).await.expect("c2");
     assert_eq!(wel.writers[0].durable, 5);
     assert_eq!(wel.writers[0].generation, 2);
-    wr.send(&(6..=8).map(|k| w(2, k)).collect::<Vec<_>>()).await.unwrap();
+    wr.send(&(6..=8).map(|k| w(2, k)).collect::<Vec<_>>())
+        .await
+        .unwrap();
     acks(&mut rd, 3).await;
     drop((wr, rd));
     server.wait_log("writer restarted with a new generation");
@@ -60,16 +70,29 @@ async fn generations_supersede_beyond_the_durable_prefix() {
     // Recovery must keep generation 2's seq 7, not generation 1's.
     let server = env.start();
     let log = server.log_text();
-    assert!(log.contains("skipped applied or superseded records"), "{log}");
+    assert!(
+        log.contains("skipped applied or superseded records"),
+        "{log}"
+    );
     match connect(server.addr(), tls.clone(), &h1).await {
-        Err(backup_server::client::ClientError::Rejected(r)) => assert!(r.contains("older than"), "{r}"),
+        Err(backup_server::client::ClientError::Rejected(r)) => {
+            assert!(r.contains("older than"), "{r}")
+        }
         other => panic!("old generation accepted: {:?}", other.map(|x| x.2)),
     }
     let (_wr, _rd, wel) = connect(server.addr(), tls.clone(), &h2).await.expect("c3");
     assert_eq!(wel.writers[0].durable, 8);
     assert_eq!(wel.committed, CountVector::from_slice(&[8]));
     let out = env.out_dir("fo");
-    let (ok, stdout, stderr) = env.cli(&["failover", "--group", "gen", "--out", out.to_str().unwrap(), "--config", env.config.to_str().unwrap()]);
+    let (ok, stdout, stderr) = env.cli(&[
+        "failover",
+        "--group",
+        "gen",
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        env.config.to_str().unwrap(),
+    ]);
     assert!(ok, "{stderr}");
     assert_eq!(printed_cut(&stdout), vec![8]);
     let mut img = vec![0u8; SIZE as usize];

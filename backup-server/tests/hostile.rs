@@ -37,9 +37,17 @@ async fn rejected(r: &mut client::ClientReader) -> Option<String> {
 async fn good_write(gw: &mut client::ClientWriter, gr: &mut client::ClientReader, seq: &mut u64) {
     *seq += 1;
     let s = *seq;
-    gw.send(&[write(0, 1, s, 0, 0, CountVector::from_slice(&[s]), vec![s as u8; 512])])
-        .await
-        .expect("good send");
+    gw.send(&[write(
+        0,
+        1,
+        s,
+        0,
+        0,
+        CountVector::from_slice(&[s]),
+        vec![s as u8; 512],
+    )])
+    .await
+    .expect("good send");
     loop {
         match gr.recv().await.expect("good recv") {
             Some(Frame::Ack(a)) if a.last == s => break,
@@ -63,7 +71,9 @@ async fn hostile_inputs_are_rejected_and_the_server_keeps_serving() {
     good_write(&mut gw, &mut gr, &mut seq).await;
 
     // 1. Random bytes after the handshake.
-    let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone()).await.expect("raw");
+    let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone())
+        .await
+        .expect("raw");
     let mut junk = Vec::new();
     let mut x = 0x1234_5678_9abc_def1u64;
     for _ in 0..300 {
@@ -79,15 +89,23 @@ async fn hostile_inputs_are_rejected_and_the_server_keeps_serving() {
     good_write(&mut gw, &mut gr, &mut seq).await;
 
     // 2. Truncated frame, then the peer goes away.
-    let (mut w, r) = client::connect_raw(addr, "localhost", tls.clone()).await.expect("raw");
-    let h = raw_frame(&Frame::Hello(hello("shop", "trunc", vec![disk("trunc", 4096, 1, 1)])));
+    let (mut w, r) = client::connect_raw(addr, "localhost", tls.clone())
+        .await
+        .expect("raw");
+    let h = raw_frame(&Frame::Hello(hello(
+        "shop",
+        "trunc",
+        vec![disk("trunc", 4096, 1, 1)],
+    )));
     w.send_raw(&h[..h.len() / 2]).await.expect("send half");
     w.shutdown().await;
     drop((w, r));
     good_write(&mut gw, &mut gr, &mut seq).await;
 
     // 3. Oversized frame header: refused before any body is read.
-    let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone()).await.expect("raw");
+    let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone())
+        .await
+        .expect("raw");
     let mut big = ((MAX_FRAME_BODY + 1) as u32).to_le_bytes().to_vec();
     big.extend_from_slice(&[0u8; 4]);
     w.send_raw(&big).await.expect("send big header");
@@ -95,7 +113,13 @@ async fn hostile_inputs_are_rejected_and_the_server_keeps_serving() {
     assert!(reason.contains("exceeds the limit"), "{reason}");
 
     // 4. Wrong group: a shop certificate naming group "other".
-    match connect(addr, tls.clone(), &hello("other", "sneaky", vec![disk("x", 4096, 0, 1)])).await {
+    match connect(
+        addr,
+        tls.clone(),
+        &hello("other", "sneaky", vec![disk("x", 4096, 0, 1)]),
+    )
+    .await
+    {
         Err(ClientError::Rejected(r)) => assert!(r.contains("bound to group"), "{r}"),
         other => panic!("wrong group accepted: {:?}", other.map(|x| x.2)),
     }
@@ -110,32 +134,42 @@ async fn hostile_inputs_are_rejected_and_the_server_keeps_serving() {
     .expect("foreign cfg");
     let r = connect(addr, foreign, &good).await;
     assert!(r.is_err(), "foreign certificate accepted");
-    let anon = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates({
-            let mut roots = rustls::RootCertStore::empty();
-            for c in backup_server::tls::load_certs(&env.pki("ca.pem")).unwrap() {
-                roots.add(c).unwrap();
-            }
-            roots
-        })
-        .with_no_client_auth();
+    let anon = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates({
+        let mut roots = rustls::RootCertStore::empty();
+        for c in backup_server::tls::load_certs(&env.pki("ca.pem")).unwrap() {
+            roots.add(c).unwrap();
+        }
+        roots
+    })
+    .with_no_client_auth();
     let r = connect(addr, std::sync::Arc::new(anon), &good).await;
     assert!(r.is_err(), "anonymous client accepted");
     good_write(&mut gw, &mut gr, &mut seq).await;
 
     // 6. Path-like disk names (sent raw: the codec would refuse to encode them).
     for name in ["../../etc/passwd", "/abs", "a/b", ".hidden", "-opt", ""] {
-        let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone()).await.expect("raw");
-        w.send_raw(&raw_frame(&Frame::Hello(hello("shop", "paths", vec![disk(name, 4096, 2, 1)]))))
+        let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone())
             .await
-            .expect("send");
+            .expect("raw");
+        w.send_raw(&raw_frame(&Frame::Hello(hello(
+            "shop",
+            "paths",
+            vec![disk(name, 4096, 2, 1)],
+        ))))
+        .await
+        .expect("send");
         let reason = rejected(&mut r).await.unwrap_or_default();
         assert!(reason.contains("name"), "disk name {name:?}: {reason}");
     }
     // Path-like group name too.
-    let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone()).await.expect("raw");
+    let (mut w, mut r) = client::connect_raw(addr, "localhost", tls.clone())
+        .await
+        .expect("raw");
     w.send_raw(&raw_frame(&Frame::Hello(hello("../shop", "paths", vec![]))))
         .await
         .expect("send");
@@ -147,16 +181,41 @@ async fn hostile_inputs_are_rejected_and_the_server_keeps_serving() {
     let h7 = hello("shop", "evil", vec![disk("evil", 8192, 3, 1)]);
     let bad_writes = [
         write(0, 1, 1, 0, 0, CountVector::from_slice(&[1]), vec![1; 512]),
-        write(3, 1, 1, 0, 8000, CountVector::from_slice(&[0, 0, 0, 1]), vec![1; 512]),
-        write(3, 1, 1, 5, 0, CountVector::from_slice(&[0, 0, 0, 1]), vec![1; 512]),
+        write(
+            3,
+            1,
+            1,
+            0,
+            8000,
+            CountVector::from_slice(&[0, 0, 0, 1]),
+            vec![1; 512],
+        ),
+        write(
+            3,
+            1,
+            1,
+            5,
+            0,
+            CountVector::from_slice(&[0, 0, 0, 1]),
+            vec![1; 512],
+        ),
     ];
     for (i, bw) in bad_writes.iter().enumerate() {
         let (mut w, mut r, _) = connect(addr, tls.clone(), &h7).await.expect("evil connect");
         w.send(std::slice::from_ref(bw)).await.expect("send");
         let reason = rejected(&mut r).await.expect("reject for a bad write");
-        assert!(reason.contains("write of") || reason.contains("write w3"), "case {i}: {reason}");
+        assert!(
+            reason.contains("write of") || reason.contains("write w3"),
+            "case {i}: {reason}"
+        );
     }
-    match connect(addr, tls.clone(), &hello("shop", "resize", vec![disk("vol", 2 << 20, 0, 2)])).await {
+    match connect(
+        addr,
+        tls.clone(),
+        &hello("shop", "resize", vec![disk("vol", 2 << 20, 0, 2)]),
+    )
+    .await
+    {
         Err(ClientError::Rejected(r)) => assert!(r.contains("registered with size"), "{r}"),
         other => panic!("disk resize accepted: {:?}", other.map(|x| x.2)),
     }
@@ -167,7 +226,10 @@ async fn hostile_inputs_are_rejected_and_the_server_keeps_serving() {
     drop((gw, gr));
     let (ok, status, err) = env.cli(&["status", "--config", env.config.to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(status.contains(&format!("w0: generation 1 durable {seq}")), "{status}");
+    assert!(
+        status.contains(&format!("w0: generation 1 durable {seq}")),
+        "{status}"
+    );
     assert!(!status.contains("w3: generation 1 durable 1"), "{status}");
     assert!(!env.data.join("groups/other").exists());
     assert!(!env.dir.join("etc").exists() && !env.data.join("etc").exists());

@@ -25,10 +25,24 @@ fn rfc3339_now() -> String {
         .expect("format")
 }
 
-async fn send_and_wait(w: &mut backup_server::client::ClientWriter, r: &mut backup_server::client::ClientReader, seqs: std::ops::RangeInclusive<Seq>) {
+async fn send_and_wait(
+    w: &mut backup_server::client::ClientWriter,
+    r: &mut backup_server::client::ClientReader,
+    seqs: std::ops::RangeInclusive<Seq>,
+) {
     let last = *seqs.end();
     let frames: Vec<Frame> = seqs
-        .map(|k| write(0, 5, k, 0, off(k), CountVector::from_slice(&[k]), payload(0, k, 5000)))
+        .map(|k| {
+            write(
+                0,
+                5,
+                k,
+                0,
+                off(k),
+                CountVector::from_slice(&[k]),
+                payload(0, k, 5000),
+            )
+        })
         .collect();
     w.send(&frames).await.expect("send");
     loop {
@@ -50,7 +64,8 @@ fn replay(upto: Seq) -> Vec<u8> {
 
 fn http_get(addr: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).expect("metrics connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     out
@@ -61,7 +76,14 @@ async fn point_in_time_restore_retention_status_and_metrics() {
     let mut env = Env::new(&["pit"], "retention_secs = 2");
     // Metrics on an ephemeral port.
     let cfg = std::fs::read_to_string(&env.config).unwrap();
-    std::fs::write(&env.config, cfg.replace("# metrics = \"127.0.0.1:9700\"", "metrics = \"127.0.0.1:0\"")).unwrap();
+    std::fs::write(
+        &env.config,
+        cfg.replace(
+            "# metrics = \"127.0.0.1:9700\"",
+            "metrics = \"127.0.0.1:0\"",
+        ),
+    )
+    .unwrap();
     let server = env.start();
     let log = server.wait_log("metrics endpoint listening");
     let maddr = log
@@ -83,29 +105,85 @@ async fn point_in_time_restore_retention_status_and_metrics() {
 
     for (at, upto, name) in [(&t1, 10, "at-t1"), (&t2, 20, "at-t2")] {
         let out = env.out_dir(name);
-        let (ok, stdout, stderr) = env.cli(&["restore", "--group", "pit", "--at", at, "--out", out.to_str().unwrap(), "--config", &cfgp]);
+        let (ok, stdout, stderr) = env.cli(&[
+            "restore",
+            "--group",
+            "pit",
+            "--at",
+            at,
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            &cfgp,
+        ]);
         assert!(ok, "{stderr}");
-        assert_eq!(printed_cut(&stdout), vec![upto], "restore at {at}: {stdout}");
-        assert!(std::fs::read(out.join("d.img")).unwrap() == replay(upto), "image at {at}");
+        assert_eq!(
+            printed_cut(&stdout),
+            vec![upto],
+            "restore at {at}: {stdout}"
+        );
+        assert!(
+            std::fs::read(out.join("d.img")).unwrap() == replay(upto),
+            "image at {at}"
+        );
     }
     // A time before any write: the empty cut.
     let out = env.out_dir("at-zero");
-    let (ok, stdout, stderr) = env.cli(&["restore", "--group", "pit", "--at", "2001-01-01T00:00:00Z", "--out", out.to_str().unwrap(), "--config", &cfgp]);
+    let (ok, stdout, stderr) = env.cli(&[
+        "restore",
+        "--group",
+        "pit",
+        "--at",
+        "2001-01-01T00:00:00Z",
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        &cfgp,
+    ]);
     assert!(ok, "{stderr}");
     assert_eq!(printed_cut(&stdout), Vec::<u64>::new());
     // Garbage --at and a non-empty out dir are refused.
-    let (ok, _, stderr) = env.cli(&["restore", "--group", "pit", "--at", "yesterday", "--out", "/tmp/x", "--config", &cfgp]);
+    let (ok, _, stderr) = env.cli(&[
+        "restore",
+        "--group",
+        "pit",
+        "--at",
+        "yesterday",
+        "--out",
+        "/tmp/x",
+        "--config",
+        &cfgp,
+    ]);
     assert!(!ok && stderr.contains("RFC 3339"), "{stderr}");
-    let (ok, _, stderr) = env.cli(&["restore", "--group", "pit", "--at", &t2, "--out", env.out_dir("at-t1").to_str().unwrap(), "--config", &cfgp]);
+    let (ok, _, stderr) = env.cli(&[
+        "restore",
+        "--group",
+        "pit",
+        "--at",
+        &t2,
+        "--out",
+        env.out_dir("at-t1").to_str().unwrap(),
+        "--config",
+        &cfgp,
+    ]);
     assert!(!ok && stderr.contains("not empty"), "{stderr}");
 
     // Metrics.
     let m = http_get(&maddr);
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
     assert!(m.contains("pipecloud_backup_writes_total 20"), "{m}");
-    assert!(m.contains("pipecloud_backup_committed_seq{group=\"pit\",writer=\"0\"} 20"), "{m}");
-    assert!(m.contains("pipecloud_backup_connected_agents{group=\"pit\"} 1"), "{m}");
-    assert!(m.contains("pipecloud_backup_ack_latency_seconds_count 20"), "{m}");
+    assert!(
+        m.contains("pipecloud_backup_committed_seq{group=\"pit\",writer=\"0\"} 20"),
+        "{m}"
+    );
+    assert!(
+        m.contains("pipecloud_backup_connected_agents{group=\"pit\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("pipecloud_backup_ack_latency_seconds_count 20"),
+        "{m}"
+    );
 
     // Retention: once the writes are older than 2 s the applier moves the base.
     let t0 = Instant::now();
@@ -119,13 +197,39 @@ async fn point_in_time_restore_retention_status_and_metrics() {
             assert!(status.contains("(cut [20])"), "{status}");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "applier never caught up: {status}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "applier never caught up: {status}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (ok, _, stderr) = env.cli(&["restore", "--group", "pit", "--at", &t1, "--out", env.out_dir("late").to_str().unwrap(), "--config", &cfgp]);
-    assert!(!ok && stderr.contains("oldest restorable point"), "{stderr}");
+    let (ok, _, stderr) = env.cli(&[
+        "restore",
+        "--group",
+        "pit",
+        "--at",
+        &t1,
+        "--out",
+        env.out_dir("late").to_str().unwrap(),
+        "--config",
+        &cfgp,
+    ]);
+    assert!(
+        !ok && stderr.contains("oldest restorable point"),
+        "{stderr}"
+    );
     let out = env.out_dir("now");
-    let (ok, stdout, stderr) = env.cli(&["restore", "--group", "pit", "--at", &rfc3339_now(), "--out", out.to_str().unwrap(), "--config", &cfgp]);
+    let (ok, stdout, stderr) = env.cli(&[
+        "restore",
+        "--group",
+        "pit",
+        "--at",
+        &rfc3339_now(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        &cfgp,
+    ]);
     assert!(ok, "{stderr}");
     assert_eq!(printed_cut(&stdout), vec![20]);
     assert!(std::fs::read(out.join("d.img")).unwrap() == replay(20));
@@ -135,9 +239,20 @@ async fn point_in_time_restore_retention_status_and_metrics() {
     server.kill();
     let (ok, status, err) = env.cli(&["status", "--config", &cfgp]);
     assert!(ok, "{err}");
-    assert!(status.contains("committed vector: [20]") && status.contains("connected agents: 0"), "{status}");
+    assert!(
+        status.contains("committed vector: [20]") && status.contains("connected agents: 0"),
+        "{status}"
+    );
     let out = env.out_dir("offline");
-    let (ok, stdout, stderr) = env.cli(&["failover", "--group", "pit", "--out", out.to_str().unwrap(), "--config", &cfgp]);
+    let (ok, stdout, stderr) = env.cli(&[
+        "failover",
+        "--group",
+        "pit",
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        &cfgp,
+    ]);
     assert!(ok, "{stderr}");
     assert_eq!(printed_cut(&stdout), vec![20]);
     assert!(std::fs::read(out.join("d.img")).unwrap() == replay(20));

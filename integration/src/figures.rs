@@ -965,6 +965,18 @@ fn check_tools() -> Result<()> {
     Ok(())
 }
 
+/// Set by SIGINT/SIGTERM: the run stops at the next measurement point and tears
+/// its site down (nothing is left behind).
+static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+fn check_interrupted() -> Result<()> {
+    if STOP.get().is_some_and(|f| f.load(Ordering::SeqCst)) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 fn keep_work() -> bool {
     std::env::var_os("PIPECLOUD_KEEP").is_some()
 }
@@ -972,6 +984,8 @@ fn keep_work() -> bool {
 /// Runs every part of `plan`; writes and prints the results even if a part fails.
 pub fn run_plan(plan: &Plan) -> Result<()> {
     let t0 = Instant::now();
+    let flag = STOP.get_or_init(|| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    crate::ctrlc_flag(std::sync::Arc::clone(flag));
     let out = if plan.out.is_absolute() {
         plan.out.clone()
     } else {
@@ -994,7 +1008,7 @@ pub fn run_plan(plan: &Plan) -> Result<()> {
         (plan.d, "d", part_d),
     ];
     for (on, name, f) in parts {
-        if !on {
+        if !on || check_interrupted().is_err() {
             continue;
         }
         let tp = Instant::now();
@@ -1024,6 +1038,7 @@ pub fn run_plan(plan: &Plan) -> Result<()> {
         work.display(),
         if keep_work() { "kept" } else { "removed" }
     );
+    check_interrupted()?;
     if !failed.is_empty() {
         bail!("{} part(s) failed: {}", failed.len(), failed.join("; "));
     }
@@ -1311,6 +1326,7 @@ fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<(
         rig.drain();
         for &w in &plan.workloads {
             for &c in &plan.clients {
+                check_interrupted()?;
                 match pgbench::run_workload(&ep, w, c, Duration::from_secs(plan.secs), &dir) {
                     Ok(r) => {
                         eprintln!(
@@ -1427,6 +1443,7 @@ fn part_b(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<(
         for &c in &plan.compute_ms {
             restart_tier(&mut site, front, 0, c)?;
             for &m in modes {
+                check_interrupted()?;
                 set_mode(&site, m)?;
                 wait_drained(&site);
                 let variant = if label == "naive" {
@@ -1457,6 +1474,7 @@ fn part_b(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<(
 /// (c) response time with 1, 2, 3 protected tiers.
 fn part_c(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<()> {
     for &k in &plan.tiers {
+        check_interrupted()?;
         let text = protected_tiers(THREE_TIER, k)?;
         let topo = topology_file(&work.join("topologies"), &format!("three-tier-{k}.toml"), &text)?;
         let dir = work.join(format!("c-{k}"));
@@ -1464,6 +1482,7 @@ fn part_c(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<(
             .with_context(|| format!("three-tier site with {k} protected tiers"))?;
         fig.rtt.push(rtt_row(&format!("(c) {k} protected tiers"), plan.rtt, &site.rtt));
         for &m in &plan.tier_modes {
+            check_interrupted()?;
             set_mode(&site, m)?;
             wait_drained(&site);
             let lat = measure_http(&site.client_ns(), site.front(), plan.latency_secs)?;
@@ -1489,6 +1508,7 @@ fn part_c(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<(
 fn part_d(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<()> {
     let topo = topology_file(&work.join("topologies"), "single-db.toml", SINGLE_DB)?;
     for &m in &plan.disaster_modes {
+        check_interrupted()?;
         let dir = work.join(format!("d-{m}"));
         let r = disaster::run_point(
             &topo,
@@ -1528,7 +1548,7 @@ mod tests {
             }],
             ..Figures::default()
         };
-        for (v, per) in [("async", 1000.0), ("sync", 19.0), ("pipelined", 950.0), ("pg-sync-standby", 18.0)] {
+        for (v, per) in [("async", 1000.0f64), ("sync", 19.0), ("pipelined", 950.0), ("pg-sync-standby", 18.0)] {
             for c in [1u32, 8, 64] {
                 let tps = if v == "sync" || v == "pg-sync-standby" {
                     per

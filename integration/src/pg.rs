@@ -41,7 +41,7 @@ pub fn initdb(datadir: &Path) -> Result<()> {
     let mut c = Command::new("setpriv");
     c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
         .arg(pg_bin("initdb"))
-        .args(["-q", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"])
+        .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"])
         .arg(datadir);
     run(&mut c).context("initdb")?;
     let conf = datadir.join("postgresql.auto.conf");
@@ -71,10 +71,8 @@ impl Postgres {
         log: &Path,
         extra: &[String],
     ) -> Result<Postgres> {
-        let sockdir = datadir
-            .parent()
-            .unwrap_or(Path::new("/tmp"))
-            .join(format!("{name}-sock"));
+        // Unix socket paths are limited to 107 bytes: keep the directory short.
+        let sockdir = PathBuf::from(format!("/tmp/pcs-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&sockdir)?;
         sh(&["chown", "postgres:postgres", &sockdir.to_string_lossy()])?;
         let mut cmd = ns_cmd(ns, "setpriv");
@@ -99,8 +97,19 @@ impl Postgres {
             sockdir,
             proc,
         };
-        let r = wait_until(Duration::from_secs(60), "postgres to accept connections", || {
+        let mut died = false;
+        let r = wait_until(Duration::from_secs(120), "postgres to accept connections", || {
+            if pg.proc.exited() {
+                died = true;
+                return true;
+            }
             pg.psql("select 1").is_ok()
+        })
+        .and_then(|()| {
+            if died {
+                anyhow::bail!("postgres exited during start-up")
+            }
+            Ok(())
         });
         if let Err(e) = r {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
@@ -149,5 +158,6 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.crash();
+        let _ = std::fs::remove_dir_all(&self.sockdir);
     }
 }

@@ -45,9 +45,9 @@ impl Workload {
     /// Human title used in plots.
     pub fn title(self) -> &'static str {
         match self {
-            Workload::TpcB => "pgbench TPC-B, scale 1 (one hot row), one round trip per transaction",
-            Workload::TpcBInteractive => "pgbench TPC-B, scale 1, one round trip per statement",
-            Workload::Insert => "pgbench single-row INSERT (no contention)",
+            Workload::TpcB => "TPC-B, scale 1 (one hot row)",
+            Workload::TpcBInteractive => "TPC-B, one round trip per statement",
+            Workload::Insert => "single-row INSERT",
         }
     }
 

@@ -103,11 +103,12 @@ pub fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
         .find(|s| *s >= raw)
         .unwrap_or(10.0 * mag);
     let first = (lo / step).floor() * step;
+    let last = (hi / step).ceil() * step;
     let mut v = Vec::new();
-    let mut t = first;
-    while t <= hi + step * 0.5 && v.len() < 50 {
-        v.push(t);
-        t += step;
+    let mut i = 0.0;
+    while first + i * step <= last + step * 1e-9 && v.len() < 50 {
+        v.push(first + i * step);
+        i += 1.0;
     }
     v
 }
@@ -196,7 +197,7 @@ fn range(values: impl Iterator<Item = f64>, scale: Scale, zero_based: bool) -> (
             if hi <= lo {
                 hi = lo + 1.0;
             }
-            let ticks = nice_ticks(lo, hi * 1.05, 6);
+            let ticks = nice_ticks(lo, hi * 1.04, 6);
             let top = ticks.last().copied().unwrap_or(hi);
             (lo.min(ticks.first().copied().unwrap_or(lo)), top.max(hi))
         }
@@ -227,8 +228,8 @@ fn header(s: &mut String, title: &str) {
     let _ = writeln!(s, r#"<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="26" text-anchor="middle" font-size="16" font-weight="bold">{}</text>"#,
-        (ML + W - MR) / 2.0,
+        r#"<text x="{}" y="26" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+        W / 2.0,
         esc(title)
     );
 }

@@ -290,7 +290,11 @@ impl Site {
 
     /// The disaster: the whole primary site dies at once (agents, machines, WAN link).
     pub fn disaster(&mut self) {
-        // Cut the WAN first, so nothing more reaches the backup after "the instant".
+        // Cut the WAN first, so nothing more reaches the backup after "the instant":
+        // packets in flight are lost with the link.
+        if let Some(w) = &self.wan {
+            w.cut();
+        }
         let wan = self.net.names.wan();
         sh_quiet(&["ip", "netns", "exec", &wan, "ip", "link", "set", "lan0", "down"]);
         for a in &mut self.agents {

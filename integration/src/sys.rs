@@ -158,13 +158,15 @@ pub fn ensure_private_mount_ns() -> Result<()> {
     if std::env::var_os(MARK).is_some() {
         return Ok(());
     }
+    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("current_exe")?;
-    let status = Command::new("unshare")
+    // exec (not spawn): the pid stays the same, so signals (Ctrl-C, timeout's
+    // SIGTERM) reach the harness that owns the site and it tears down.
+    let err = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--"])
         .arg(exe)
         .args(std::env::args_os().skip(1))
         .env(MARK, "1")
-        .status()
-        .context("re-executing the harness under unshare --mount")?;
-    std::process::exit(status.code().unwrap_or(1));
+        .exec();
+    Err(err).context("re-executing the harness under unshare --mount")
 }

@@ -28,6 +28,8 @@ pub const WAN_QUEUE: u16 = 7;
 /// A running delay router; stops (and the namespace's rule then drops packets) on drop.
 pub struct WanDelay {
     stop: Arc<AtomicBool>,
+    /// Set by [`WanDelay::cut`]: every packet in flight and every later one is dropped.
+    cut: Arc<AtomicBool>,
     /// Current one-way delay in nanoseconds (adjustable while running).
     one_way_ns: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
@@ -38,6 +40,8 @@ impl WanDelay {
     pub fn start(ns: &str, one_way: Duration) -> Result<WanDelay> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut2 = Arc::clone(&cut);
         let one_way_ns = Arc::new(AtomicU64::new(one_way.as_nanos() as u64));
         let delay2 = Arc::clone(&one_way_ns);
         let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
@@ -58,7 +62,7 @@ impl WanDelay {
                 }
             };
             let _ = tx.send(Ok(()));
-            delay_loop(&sock, &delay2, &stop2)
+            delay_loop(&sock, &delay2, &stop2, &cut2)
         });
         rx.recv_timeout(Duration::from_secs(10))
             .context("WAN delay thread did not start")??;
@@ -71,9 +75,15 @@ impl WanDelay {
         )?;
         Ok(WanDelay {
             stop,
+            cut,
             one_way_ns,
             thread: Some(thread),
         })
+    }
+
+    /// The WAN is lost (part of a disaster): packets in flight never arrive.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
     }
 
     /// The one-way delay now applied.
@@ -103,7 +113,12 @@ impl Drop for WanDelay {
     }
 }
 
-fn delay_loop(sock: &NfqSocket, one_way_ns: &AtomicU64, stop: &AtomicBool) -> Result<()> {
+fn delay_loop(
+    sock: &NfqSocket,
+    one_way_ns: &AtomicU64,
+    stop: &AtomicBool,
+    cut: &AtomicBool,
+) -> Result<()> {
     // Wake up on time: the default 50 µs timer slack would add up to 0.1 ms per RTT.
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
     unsafe {
@@ -132,6 +147,15 @@ fn delay_loop(sock: &NfqSocket, one_way_ns: &AtomicU64, stop: &AtomicBool) -> Re
                 }
                 Ok(None) => break,
                 Err(e) => bail!("wan: receive: {e}"),
+            }
+        }
+        // A cut WAN drops everything in flight.
+        if cut.load(Ordering::Relaxed) {
+            if let Some(&(_, id)) = held.back() {
+                out.clear();
+                proto::build_verdict_batch(&mut out, WAN_QUEUE, id, Verdict::Drop);
+                sock.send(&out).map_err(|e| anyhow::anyhow!("wan: verdict: {e}"))?;
+                held.clear();
             }
         }
         // Release what is due with one batch verdict.

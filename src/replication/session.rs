@@ -81,12 +81,29 @@ pub async fn run(shared: Arc<Shared>) {
             Err(e) => {
                 let established = shared.lock().connected();
                 let msg = e.to_string();
+                // A refusal or a broken peer needs an operator; a lost connection does not.
+                let alarming = matches!(
+                    e,
+                    SessionError::Rejected(_)
+                        | SessionError::Protocol(_)
+                        | SessionError::Codec(_)
+                        | SessionError::Unexpected(_)
+                );
+                match (established, alarming) {
+                    (true, false) => tracing::warn!(group = %cfg.group, endpoint = %cfg.endpoint,
+                        "replication session ended: {msg}"),
+                    (true, true) => tracing::error!(group = %cfg.group, endpoint = %cfg.endpoint,
+                        "replication session ended: {msg}"),
+                    (false, false) => tracing::warn!(group = %cfg.group, endpoint = %cfg.endpoint,
+                        retry_in = ?backoff, "cannot reach the backup: {msg}"),
+                    (false, true) => tracing::error!(group = %cfg.group, endpoint = %cfg.endpoint,
+                        retry_in = ?backoff, "backup refuses this agent: {msg}"),
+                }
+                let mut st = shared.lock();
                 if established {
-                    tracing::warn!(group = %cfg.group, endpoint = %cfg.endpoint, "replication session ended: {msg}");
-                    shared.lock().disconnected(msg);
+                    st.disconnected(msg);
                 } else {
-                    tracing::warn!(group = %cfg.group, endpoint = %cfg.endpoint, retry_in = ?backoff, "cannot reach the backup: {msg}");
-                    shared.lock().connect_failed(msg);
+                    st.connect_failed(msg);
                 }
                 established
             }
@@ -169,30 +186,46 @@ async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads until the reader yields one frame.
-async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    reader: &mut FrameReader,
-    pending: &mut Vec<u8>,
-) -> Result<Frame, SessionError> {
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        // Push leftovers first (bytes the reader had no room for).
-        while !pending.is_empty() {
-            let took = reader.push(pending);
-            pending.drain(..took);
-            if took == 0 {
-                break;
+/// The receiving side of a connection: bytes in, frames out.
+struct Inbound<R> {
+    rd: R,
+    reader: FrameReader,
+    /// Bytes read but not yet taken by the reader (it takes at most one maximal frame).
+    pending: Vec<u8>,
+    buf: Box<[u8]>,
+}
+
+impl<R: AsyncRead + Unpin> Inbound<R> {
+    fn new(rd: R) -> Self {
+        Inbound {
+            rd,
+            reader: FrameReader::new(),
+            pending: Vec::new(),
+            buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
+        }
+    }
+
+    /// Reads until the reader yields one frame.
+    async fn next_frame(&mut self) -> Result<Frame, SessionError> {
+        loop {
+            while !self.pending.is_empty() {
+                let took = self.reader.push(&self.pending);
+                self.pending.drain(..took);
+                if took == 0 {
+                    break;
+                }
             }
+            if let Some(f) = self.reader.next()? {
+                return Ok(f);
+            }
+            let n = self.rd.read(&mut self.buf).await?;
+            if n == 0 {
+                return Err(SessionError::Closed);
+            }
+            let bytes = &self.buf[..n];
+            let took = self.reader.push(bytes);
+            self.pending.extend_from_slice(&bytes[took..]);
         }
-        if let Some(f) = reader.next()? {
-            return Ok(f);
-        }
-        let n = rd.read(&mut buf).await?;
-        if n == 0 {
-            return Err(SessionError::Closed);
-        }
-        pending.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -200,14 +233,13 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn session(shared: &Arc<Shared>) -> Result<(), SessionError> {
     let cfg = &shared.config;
     let stream = connect(shared).await?;
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut out = Vec::new();
     write_frame(&mut wr, &hello(shared), &mut out).await?;
-    let mut reader = FrameReader::new();
-    let mut pending = Vec::new();
+    let mut inbound = Inbound::new(rd);
     let welcome = tokio::time::timeout(
         cfg.heartbeat_timeout.max(cfg.connect_timeout),
-        read_frame(&mut rd, &mut reader, &mut pending),
+        inbound.next_frame(),
     )
     .await
     .map_err(|_| SessionError::Silent(cfg.heartbeat_timeout.max(cfg.connect_timeout)))??;
@@ -227,7 +259,7 @@ async fn session(shared: &Arc<Shared>) -> Result<(), SessionError> {
     shared.wake_sender.notify_one();
 
     tokio::select! {
-        r = receive(shared, &mut rd, &mut reader, &mut pending) => r,
+        r = receive(shared, &mut inbound) => r,
         r = send(shared, &mut wr, next) => r,
         r = watchdog(shared) => r,
     }
@@ -236,12 +268,10 @@ async fn session(shared: &Arc<Shared>) -> Result<(), SessionError> {
 /// Reads and handles frames from the backup until the connection fails.
 async fn receive<R: AsyncRead + Unpin>(
     shared: &Shared,
-    rd: &mut R,
-    reader: &mut FrameReader,
-    pending: &mut Vec<u8>,
+    inbound: &mut Inbound<R>,
 ) -> Result<(), SessionError> {
     loop {
-        let frame = read_frame(rd, reader, pending).await?;
+        let frame = inbound.next_frame().await?;
         let now = Instant::now();
         let mut st = shared.lock();
         match frame {
@@ -254,7 +284,10 @@ async fn receive<R: AsyncRead + Unpin>(
                     tracing::trace!(?rtt, "heartbeat reply");
                 }
             }
-            Frame::Heartbeat { .. } => st.heard(now),
+            Frame::Heartbeat { nonce } => {
+                st.heartbeat_to_answer(nonce, now);
+                shared.wake_sender.notify_one();
+            }
             Frame::Reject { reason } => return Err(SessionError::Rejected(reason)),
             Frame::Checkpoint(_) => {
                 st.heard(now);
@@ -292,7 +325,16 @@ async fn send<W: AsyncWrite + Unpin>(
             encode_frame(&Frame::Heartbeat { nonce }, &mut out)?;
             last_heartbeat = Some(now);
         }
-        let batch = shared.lock().unsent(&mut next, MAX_BATCH_BYTES);
+        let (answer, batch) = {
+            let mut st = shared.lock();
+            (
+                st.take_heartbeat_answer(),
+                st.unsent(&mut next, MAX_BATCH_BYTES),
+            )
+        };
+        if let Some(nonce) = answer {
+            encode_frame(&Frame::HeartbeatReply { nonce }, &mut out)?;
+        }
         for f in &batch {
             encode_frame(f, &mut out)?;
         }

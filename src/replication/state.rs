@@ -120,6 +120,9 @@ pub struct State {
     last_rtt: Option<Duration>,
     last_error: Option<String>,
     heartbeats: VecDeque<(u64, Instant)>,
+    /// Nonce of the backup's latest heartbeat not yet answered (older ones are
+    /// superseded: one answer proves liveness as well as several).
+    heartbeat_to_answer: Option<u64>,
 }
 
 impl State {
@@ -155,6 +158,7 @@ impl State {
             last_rtt: None,
             last_error: None,
             heartbeats: VecDeque::new(),
+            heartbeat_to_answer: None,
         }
     }
 
@@ -378,6 +382,7 @@ impl State {
         self.last_heard = now;
         self.last_error = None;
         self.heartbeats.clear();
+        self.heartbeat_to_answer = None;
         self.prune_and_publish(causal);
         let mut next = BTreeMap::new();
         for (w, wb) in self.writers.iter_mut() {
@@ -469,6 +474,17 @@ impl State {
         let rtt = now.saturating_duration_since(sent);
         self.last_rtt = Some(rtt);
         Some(rtt)
+    }
+
+    /// The backup sent a heartbeat: remember to answer it.
+    pub fn heartbeat_to_answer(&mut self, nonce: u64, now: Instant) {
+        self.last_heard = now;
+        self.heartbeat_to_answer = Some(nonce);
+    }
+
+    /// The heartbeat to answer, if any (taken: answered once).
+    pub fn take_heartbeat_answer(&mut self) -> Option<u64> {
+        self.heartbeat_to_answer.take()
     }
 
     /// Write frames not yet sent in this session, from `next` on per writer, up to
@@ -807,5 +823,10 @@ mod tests {
             None,
             "older dropped"
         );
+        // The backup's own heartbeats are answered once, latest nonce only.
+        st.heartbeat_to_answer(1, t0);
+        st.heartbeat_to_answer(2, t0);
+        assert_eq!(st.take_heartbeat_answer(), Some(2));
+        assert_eq!(st.take_heartbeat_answer(), None);
     }
 }

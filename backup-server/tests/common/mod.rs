@@ -50,12 +50,20 @@ fn chown_r(p: &Path) {
 impl Env {
     /// Creates certs for `groups` and a config with `limits` (TOML lines for `[limits]`).
     pub fn new(groups: &[&str], limits: &str) -> Env {
-        let tmp = tempfile::Builder::new().prefix("bs-test-").tempdir().expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("bs-test-")
+            .tempdir()
+            .expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let groups: Vec<String> = groups.iter().map(|s| s.to_string()).collect();
-        let g = backup_server::certs::generate(&dir.join("pki"), "localhost", &groups, "127.0.0.1:0").expect("certs");
+        let g =
+            backup_server::certs::generate(&dir.join("pki"), "localhost", &groups, "127.0.0.1:0")
+                .expect("certs");
         let mut text = std::fs::read_to_string(&g.config).expect("config");
-        text = text.replace("data_dir = \"data\"", &format!("data_dir = \"{}\"", dir.join("data").display()));
+        text = text.replace(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"{}\"", dir.join("data").display()),
+        );
         text.push_str(limits);
         text.push('\n');
         std::fs::write(&g.config, text).expect("write config");
@@ -132,14 +140,20 @@ impl Env {
                     .expect("addr");
                 s.addr = Some(addr);
                 if is_root() {
-                    assert!(line.contains(&format!("uid={NOBODY}")), "server not unprivileged: {line}");
+                    assert!(
+                        line.contains(&format!("uid={NOBODY}")),
+                        "server not unprivileged: {line}"
+                    );
                 }
                 return s;
             }
             if let Ok(Some(st)) = s.child.try_wait() {
                 panic!("server exited with {st} during start:\n{text}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "server did not start:\n{text}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "server did not start:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -198,7 +212,10 @@ impl Server {
             if t.contains(needle) {
                 return t;
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "log never contained {needle:?}:\n{t}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "log never contained {needle:?}:\n{t}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -255,7 +272,15 @@ pub fn payload(writer: u8, seq: Seq, len: usize) -> Vec<u8> {
 }
 
 /// A data write.
-pub fn write(writer: u8, generation: u64, seq: Seq, disk: u16, offset: u64, vector: CountVector, data: Vec<u8>) -> Frame {
+pub fn write(
+    writer: u8,
+    generation: u64,
+    seq: Seq,
+    disk: u16,
+    offset: u64,
+    vector: CountVector,
+    data: Vec<u8>,
+) -> Frame {
     Frame::Write(Write {
         writer: WriterId(writer),
         generation,
@@ -275,10 +300,18 @@ pub fn apply_ref(img: &mut [u8], offset: u64, data: &[u8]) {
 
 /// Parses the `cut: [..]` line printed by failover / restore.
 pub fn printed_cut(stdout: &str) -> Vec<u64> {
-    let line = stdout.lines().find(|l| l.starts_with("cut: ")).expect("cut line");
-    let inner = line.trim_start_matches("cut: ").trim_matches(|c| c == '[' || c == ']');
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("cut: "))
+        .expect("cut line");
+    let inner = line
+        .trim_start_matches("cut: ")
+        .trim_matches(|c| c == '[' || c == ']');
     if inner.is_empty() {
         return Vec::new();
     }
-    inner.split(',').map(|x| x.trim().parse().expect("seq")).collect()
+    inner
+        .split(',')
+        .map(|x| x.trim().parse().expect("seq"))
+        .collect()
 }
