@@ -39,6 +39,11 @@ pub struct PointResult {
     pub window_pv: usize,
     pub cut: String,
     pub failover_ms: u64,
+    /// Point-in-time restore at the middle of the run: rows recovered (0 if not run).
+    pub pitr_rows: usize,
+    /// Replies acknowledged before that instant that the restore lacks (must be 0
+    /// in sync/pipelined).
+    pub pitr_missing_acked: usize,
 }
 
 /// A tiny deterministic PRNG (splitmix64) for disaster instants.
@@ -93,6 +98,7 @@ pub fn run_point(
     opts: &SiteOptions,
     run_for: Duration,
     workers: usize,
+    pitr: bool,
 ) -> Result<PointResult> {
     let mut site = Site::up(topo, work, prefix, opts)?;
     let single = site.topo.machines.len() == 1;
@@ -105,6 +111,7 @@ pub fn run_point(
         Target::Http { addr: site.front() }
     };
     let rec = Recorder::new(1);
+    let started_wall = std::time::SystemTime::now();
     let rec2 = Arc::clone(&rec);
     let client_ns = site.client_ns();
     let clients = spawn_in(&client_ns, move || Ok(client::start(target, workers, &rec2)))
@@ -161,6 +168,54 @@ pub fn run_point(
     let sv = sv.unwrap_or_default();
     let pv = pv.unwrap_or_default();
     let unsafe_replies = cv.difference(&sv).count();
+    // Point-in-time restore at the middle of the run.
+    let (mut pitr_rows, mut pitr_missing_acked) = (0, 0);
+    if pitr {
+        let mid = run_for / 2;
+        let at = rfc3339(started_wall + mid)?;
+        let acked_before: BTreeSet<i64> = {
+            let g = rec.acked.lock().unwrap_or_else(|e| e.into_inner());
+            g.iter().filter(|a| a.at <= mid).map(|a| a.id).collect()
+        };
+        let pout = work.join("pitr");
+        site.restore(&at, &pout)
+            .with_context(|| format!("restore --at {at}"))?;
+        let mut upstream: Option<BTreeSet<i64>> = None;
+        let mut all: Option<BTreeSet<i64>> = None;
+        for (machine, disk) in &disks {
+            let r = ids_in_image(
+                &pout.join(format!("{disk}.img")),
+                &work.join(format!("pitr-{disk}")),
+                &ns,
+                &format!("pitr-{machine}"),
+            )
+            .with_context(|| format!("point-in-time image of {disk} at {at}"))?;
+            // Causal prefix-closure across tiers: a request reaches a downstream
+            // tier only after its upstream insert committed.
+            if let Some(up) = &upstream {
+                let orphans = r.difference(up).count();
+                if orphans > 0 {
+                    anyhow::bail!(
+                        "point-in-time restore at {at} is not causally closed: {orphans} requests of {machine} lack their upstream insert"
+                    );
+                }
+            }
+            upstream = Some(r.clone());
+            all = Some(match all {
+                None => r,
+                Some(prev) => prev.intersection(&r).copied().collect(),
+            });
+        }
+        let all = all.unwrap_or_default();
+        pitr_rows = all.len();
+        pitr_missing_acked = acked_before.difference(&all).count();
+        eprintln!(
+            "harness: restore --at {at}: {} requests, {} acked before that instant, {} of them missing",
+            all.len(),
+            acked_before.len(),
+            pitr_missing_acked
+        );
+    }
     let lo = (issued - 500).max(1);
     let win = |s: &BTreeSet<i64>| s.range(lo..=issued).count();
     Ok(PointResult {
@@ -174,7 +229,24 @@ pub fn run_point(
         window_pv: win(&pv),
         cut,
         failover_ms,
+        pitr_rows,
+        pitr_missing_acked,
     })
+}
+
+/// Formats a wall-clock time as RFC 3339 (UTC, microseconds) with `date`.
+fn rfc3339(t: std::time::SystemTime) -> Result<String> {
+    let d = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("time before 1970")?;
+    let out = sh(&[
+        "date",
+        "-u",
+        "-d",
+        &format!("@{}.{:09}", d.as_secs(), d.subsec_nanos()),
+        "+%Y-%m-%dT%H:%M:%S.%6NZ",
+    ])?;
+    Ok(out.trim().to_string())
 }
 
 /// Work directory for point `i` of a run.

@@ -1517,6 +1517,7 @@ fn part_d(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<(
             &site_options(plan, m, false),
             Duration::from_millis(plan.disaster_ms),
             plan.disaster_workers,
+            false,
         )
         .with_context(|| format!("disaster in mode {m}"))?;
         eprintln!(

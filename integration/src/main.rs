@@ -79,6 +79,9 @@ enum Cmd {
         /// Fail (exit 1) unless some point shows unsafe replies (for the async control).
         #[arg(long)]
         expect_unsafe: bool,
+        /// Also restore each point at the middle of its run (point-in-time check).
+        #[arg(long)]
+        pitr: bool,
     },
     /// Build only the network and the WAN emulation, and measure the achieved RTT.
     Wan {
@@ -220,6 +223,7 @@ fn real_main() -> Result<()> {
             min_ms,
             max_ms,
             expect_unsafe,
+            pitr,
         } => {
             sys::ensure_private_mount_ns()?;
             let name = topology
@@ -230,6 +234,7 @@ fn real_main() -> Result<()> {
             let opts = site_opts(rtt_ms, mode);
             let mut rng = disaster::Rng(seed);
             let (mut cv, mut sv, mut pv, mut unsafe_total, mut unsafe_points) = (0, 0, 0, 0, 0);
+            let (mut pitr_rows, mut pitr_missing) = (0, 0);
             for i in 0..points {
                 let run_for = Duration::from_millis(rng.range(min_ms, max_ms));
                 let dir = disaster::point_dir(&base, i);
@@ -240,6 +245,7 @@ fn real_main() -> Result<()> {
                     &opts,
                     run_for,
                     workers,
+                    pitr,
                 )
                 .with_context(|| format!("disaster point {i} (work dir {})", dir.display()))?;
                 println!(
@@ -247,6 +253,8 @@ fn real_main() -> Result<()> {
                     run_for, r.issued, r.cv, r.sv, r.pv, r.unsafe_replies, r.window_cv,
                     r.window_sv, r.window_pv, r.failover_ms, r.cut
                 );
+                pitr_rows += r.pitr_rows;
+                pitr_missing += r.pitr_missing_acked;
                 cv += r.cv;
                 sv += r.sv;
                 pv += r.pv;
@@ -259,8 +267,11 @@ fn real_main() -> Result<()> {
                 }
             }
             println!(
-                "RESULT topology={name} mode={mode} points={points} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv}"
+                "RESULT topology={name} mode={mode} points={points} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv} pitr_rows={pitr_rows} pitr_missing_acked={pitr_missing}"
             );
+            if safe_mode_pitr(mode) && pitr_missing > 0 {
+                anyhow::bail!("{pitr_missing} acknowledged requests missing from point-in-time restores");
+            }
             let safe_mode = matches!(mode, Mode::Sync | Mode::Pipelined);
             if safe_mode && unsafe_total > 0 {
                 anyhow::bail!("{unsafe_total} unsafe replies in mode {mode}: client view ⊄ secondary view");
@@ -271,6 +282,10 @@ fn real_main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn safe_mode_pitr(mode: Mode) -> bool {
+    matches!(mode, Mode::Sync | Mode::Pipelined)
 }
 
 fn site_opts(rtt_ms: u64, mode: Mode) -> run::SiteOptions {
