@@ -36,7 +36,7 @@
 //!   options, option data <= [`proto::MAX_OPTION_DATA`];
 //! - per connection: [`NbdConfig::max_in_flight`] requests and
 //!   [`NbdConfig::max_in_flight_bytes`] of payload in flight; at either bound the
-//!   connection stops reading until a request completes (see [`conn`]).
+//!   connection stops reading until a request completes (see `conn.rs`).
 //!
 //! Shutdown ([`ServerHandle::shutdown`]) stops accepting, lets each connection finish its
 //! in-flight requests, then closes it.

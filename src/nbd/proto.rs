@@ -4,7 +4,7 @@
 //! the `INFO` extension's `NBD_OPT_INFO`/`NBD_OPT_GO`, simple replies), decoders for
 //! what a client sends (option headers, option data, request headers), the validation
 //! of a request against an export (range, flags, payload limits) and encoders for what
-//! the server sends. The driver in [`super::conn`] only moves bytes.
+//! the server sends. The driver (`conn.rs`) only moves bytes.
 //!
 //! Decoders never panic on any input; a property test feeds them random bytes.
 
