@@ -98,7 +98,7 @@ mod tests {
         assert_eq!(v.get(0), 1);
         assert!(s.merge(0, &v));
         assert_eq!(s.pending(0), v);
-        let mut rx = s.subscribe_committed();
+        let rx = s.subscribe_committed();
         s.publish_committed(&v);
         assert!(rx.has_changed().unwrap_or(false));
         assert!(s.committed().dominates(&v));

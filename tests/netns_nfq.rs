@@ -337,13 +337,12 @@ fn two_host_tag_merge_strip() {
         state_b.issue_write(DB_IDX, WriterId(1));
     }
 
-    let mut td1 = site.dom0a.command("tcpdump").args(["-nvi", "wire", "-c", "12", "-w", "/tmp/wire.pcap"]).stderr(std::process::Stdio::null()).spawn().unwrap();
-    let mut td2 = site.web.command("tcpdump").args(["-nvi", "eth0", "-c", "12", "-w", "/tmp/web.pcap"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut td1 = site.dom0b.as_ref().unwrap().command("tcpdump").args(["-U", "-ni", "wire", "-s", "128", "-w", "/tmp/wire.pcap"]).stderr(std::process::Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let wire = Sniffer::start(&site.dom0a, "wire");
     let at_db = Sniffer::start(site.db.as_ref().unwrap(), "eth0");
 
-    const LEN: usize = 1 << 20;
+    const LEN: usize = 10 << 20;
     let data = Arc::new(pseudo_random(LEN));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = site.db.as_ref().unwrap().spawn(move || {
@@ -370,7 +369,7 @@ fn two_host_tag_merge_strip() {
         Ok::<_, std::io::Error>(reply)
     });
     let reply = client.join().expect("client thread");
-    let _ = td1.kill(); let _ = td2.kill(); let _ = td1.wait(); let _ = td2.wait();
+    unsafe { libc::kill(td1.id() as i32, libc::SIGTERM); } let _ = td1.wait();
     let reply = reply.unwrap_or_else(|e| {
         let mut diag = String::new();
         for ns in [&site.web, &site.dom0a, site.dom0b.as_ref().unwrap(), site.db.as_ref().unwrap()] {

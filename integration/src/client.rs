@@ -20,6 +20,7 @@ pub enum Target {
 
 /// One acknowledged request.
 #[derive(Clone, Copy, Debug)]
+#[allow(dead_code)] // latency is read by the figures' reports
 pub struct Acked {
     pub id: i64,
     pub latency: Duration,
@@ -61,6 +62,7 @@ impl Recorder {
     }
 
     /// Latencies of acknowledged requests, sorted.
+    #[allow(dead_code)]
     pub fn latencies(&self) -> Vec<Duration> {
         let g = self.acked.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<Duration> = g.iter().map(|a| a.latency).collect();
@@ -92,7 +94,7 @@ pub fn start(
 }
 
 enum Conn {
-    Sql(postgres::Client),
+    Sql(Box<postgres::Client>),
     Http(HttpClient),
 }
 
@@ -102,7 +104,7 @@ fn worker(target: &Target, rec: &Recorder) -> Result<()> {
             let mut c = postgres::Client::connect(conninfo, postgres::NoTls)
                 .with_context(|| format!("connecting to {conninfo}"))?;
             c.batch_execute("SET statement_timeout = 0")?;
-            Conn::Sql(c)
+            Conn::Sql(Box::new(c))
         }
         Target::Http { addr } => Conn::Http(HttpClient::connect(*addr)?),
     };

@@ -23,6 +23,7 @@ fn as_postgres(cmd: &mut Command) -> &mut Command {
 }
 
 /// A running PostgreSQL server.
+#[allow(dead_code)] // name/ns/datadir describe the instance
 pub struct Postgres {
     pub name: String,
     pub ns: String,
@@ -129,6 +130,7 @@ impl Postgres {
     }
 
     /// Connection string for clients in other namespaces.
+    #[allow(dead_code)]
     pub fn conninfo(&self) -> String {
         format!(
             "host={} port={} user=postgres dbname=postgres connect_timeout=10",

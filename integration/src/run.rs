@@ -114,11 +114,7 @@ impl Site {
         )?;
         site.wan = Some(wan);
         site.rtt = rtt;
-        let err = if site.rtt.median > opts.rtt {
-            site.rtt.median - opts.rtt
-        } else {
-            opts.rtt - site.rtt.median
-        };
+        let err = site.rtt.median.abs_diff(opts.rtt);
         eprintln!(
             "harness: WAN rtt target {:?}, measured median {:.2} ms, mean {:.2} ms, p99 {:.2} ms",
             opts.rtt,

@@ -227,6 +227,7 @@ pub fn render_topology(topo: &Topology, mode: Mode, certs: &Path, work: &Path) -
 }
 
 /// One protected disk mounted on the primary: NBD -> nbdfuse -> loop -> ext4.
+#[allow(dead_code)] // name: for debugging
 pub struct MountedDisk {
     pub name: String,
     pub fuse_dir: PathBuf,

@@ -87,6 +87,7 @@ impl WanDelay {
     }
 
     /// The one-way delay now applied.
+    #[allow(dead_code)]
     pub fn one_way(&self) -> Duration {
         Duration::from_nanos(self.one_way_ns.load(Ordering::Relaxed))
     }

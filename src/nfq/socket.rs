@@ -433,6 +433,15 @@ pub fn read_queue_stats(netns: Option<&std::path::Path>) -> Result<Vec<QueueStat
     Ok(proto::parse_queue_stats(&text))
 }
 
+/// The raw descriptor, for callers that wait with their own poll (e.g. a
+/// precise-timeout `ppoll` in the harness's WAN emulator). Reading through it
+/// directly bypasses the configuration backlog: use [`NfqSocket::try_recv`].
+impl AsRawFd for NfqSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,14 +460,5 @@ mod tests {
         assert_eq!(split_runs(&buf, usize::MAX).len(), 1);
         // A message bigger than the limit still goes out whole.
         assert_eq!(split_runs(&buf, 1).len(), 10);
-    }
-}
-
-/// The raw descriptor, for callers that wait with their own poll (e.g. a
-/// precise-timeout `ppoll` in the harness's WAN emulator). Reading through it
-/// directly bypasses the configuration backlog: use [`NfqSocket::try_recv`].
-impl AsRawFd for NfqSocket {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.get_ref().as_raw_fd()
     }
 }
