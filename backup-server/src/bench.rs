@@ -118,6 +118,9 @@ fn measure(writes: u64, dir: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let addr = daemon.addr;
+    let metrics = daemon.metrics.clone();
+    let snap = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+    let snap2 = snap.clone();
     let (lat1, tput) = rt.block_on(async move {
         let (mut w, mut r, _) = backup_server::client::connect(addr, "localhost", tls, &hello)
             .await
@@ -148,6 +151,12 @@ fn measure(writes: u64, dir: &std::path::Path) -> anyhow::Result<()> {
             lat.push(t.elapsed());
         }
         // Pipelined.
+        if let Ok(mut g) = snap2.lock() {
+            *g = (
+                metrics.writes.load(Ordering::Relaxed),
+                metrics.fsyncs.load(Ordering::Relaxed),
+            );
+        }
         let first = qd1 + 1;
         let last = qd1 + writes;
         let mut sent_at: HashMap<u64, Instant> = HashMap::new();
@@ -186,8 +195,9 @@ fn measure(writes: u64, dir: &std::path::Path) -> anyhow::Result<()> {
     let (a50, a99) = (pct(&mut lat1, 0.5), pct(&mut lat1, 0.99));
     let rate = writes as f64 / el.as_secs_f64();
     let mbs = rate * BS as f64 / 1e6;
-    let fsyncs = daemon.metrics.fsyncs.load(Ordering::Relaxed).max(1);
-    let total_writes = daemon.metrics.writes.load(Ordering::Relaxed);
+    let (w0, f0) = snap.lock().map(|g| *g).unwrap_or((0, 0));
+    let fsyncs = (daemon.metrics.fsyncs.load(Ordering::Relaxed) - f0).max(1);
+    let total_writes = daemon.metrics.writes.load(Ordering::Relaxed) - w0;
     drop(daemon);
     let _ = std::fs::remove_dir_all(&data);
 

@@ -168,7 +168,6 @@ fn unsafe_uid() -> u32 {
 fn applier(store: Arc<Store>, stop: Arc<AtomicBool>) {
     let mut failing: std::collections::HashMap<String, String> = Default::default();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(APPLY_INTERVAL);
         for g in store.groups() {
             match apply_step(&store, &g) {
                 Ok(()) => {
@@ -182,6 +181,7 @@ fn applier(store: Arc<Store>, stop: Arc<AtomicBool>) {
                 }
             }
         }
+        std::thread::sleep(APPLY_INTERVAL);
     }
 }
 

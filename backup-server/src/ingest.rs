@@ -396,14 +396,24 @@ fn stage(store: &Store, gb: &mut GroupBatch, req: &WriteReq) -> Result<Loc, Stri
         offset: a.len + gb.buf.len() as u64,
         len: rec_len as u32,
     };
+    drop(tail);
     gb.buf.extend_from_slice(&rec);
+    // Claim the segment for this seq before the record is even written: the applier
+    // deletes a closed segment only when every writer's highest seq in it is
+    // applied, and must not delete one this batch is about to index.
+    {
+        let mut st = lock(&g.state);
+        let info = st.segments.entry(loc.segment).or_default();
+        if let Some(m) = info.max_seq.get_mut(w.writer.index()) {
+            *m = (*m).max(w.seq);
+        }
+    }
     Ok(loc)
 }
 
 fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<(), String> {
     let g = gb.group.clone();
     let mut tail = lock(&g.tail);
-    let mut synced_active = false;
     if let Some(a) = tail.active.as_mut() {
         if !gb.buf.is_empty() {
             let before = a.len;
@@ -417,7 +427,6 @@ fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<(), String> {
             a.sync()
                 .map_err(|e| format!("fdatasync segment {}: {e}", a.number))?;
             metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
-            synced_active = true;
         }
     }
     for c in gb.closed.drain(..) {
@@ -425,7 +434,6 @@ fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<(), String> {
             .map_err(|e| format!("fdatasync segment {}: {e}", c.number))?;
         metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
     }
-    let _ = synced_active;
     Ok(())
 }
 

@@ -141,7 +141,12 @@ pub fn scan(dir: &Path, n: u64, mut each: impl FnMut(Scanned<'_>)) -> std::io::R
     let mut pos = if header_ok {
         SEGMENT_HEADER_LEN as usize
     } else {
-        report.stopped = Some("bad or missing segment header".into());
+        let head: Vec<String> = bytes.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        report.stopped = Some(format!(
+            "bad or missing segment header (file of {} bytes starts with {})",
+            bytes.len(),
+            head.join("")
+        ));
         0
     };
     if header_ok {
@@ -164,19 +169,20 @@ pub fn scan(dir: &Path, n: u64, mut each: impl FnMut(Scanned<'_>)) -> std::io::R
     }
     report.valid_len = pos as u64;
     report.cut_bytes = (bytes.len() - pos) as u64;
-    if report.cut_bytes > 0 {
+    if !header_ok {
+        // Also an empty file (a crash between creating the segment and writing its
+        // header): give it a fresh header so appends never start at offset 0.
         let f = OpenOptions::new().write(true).open(&path)?;
-        if header_ok {
-            f.set_len(pos as u64)?;
-        } else {
-            // Rewrite a fresh header so the segment stays well-formed.
-            f.set_len(0)?;
-            let mut hdr = Vec::with_capacity(16);
-            hdr.extend_from_slice(SEGMENT_MAGIC);
-            hdr.extend_from_slice(&n.to_le_bytes());
-            f.write_all_at(&hdr, 0)?;
-            report.valid_len = SEGMENT_HEADER_LEN;
-        }
+        f.set_len(0)?;
+        let mut hdr = Vec::with_capacity(16);
+        hdr.extend_from_slice(SEGMENT_MAGIC);
+        hdr.extend_from_slice(&n.to_le_bytes());
+        f.write_all_at(&hdr, 0)?;
+        f.sync_all()?;
+        report.valid_len = SEGMENT_HEADER_LEN;
+    } else if report.cut_bytes > 0 {
+        let f = OpenOptions::new().write(true).open(&path)?;
+        f.set_len(pos as u64)?;
         f.sync_all()?;
     }
     Ok(report)
@@ -198,4 +204,54 @@ pub fn read_record(dir: &Path, n: u64, offset: u64, len: u32) -> Result<Vec<u8>,
     }
     record::decode(&buf).map_err(|e| format!("{} at {offset}: {e}", path.display()))?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{RecordHead, RecordKind};
+    use pipecloud_core::{CountVector, WriterId};
+
+    fn rec(seq: u64) -> Vec<u8> {
+        let head = RecordHead {
+            recv_ms: 1,
+            writer: WriterId(0),
+            generation: 1,
+            seq,
+            disk: "d".into(),
+            offset: 0,
+            kind: RecordKind::Data,
+            len: 3,
+            vector: CountVector::from_slice(&[seq]),
+        };
+        let mut out = Vec::new();
+        record::encode(&head, b"abc", &mut out).unwrap();
+        out
+    }
+
+    fn count(dir: &Path, n: u64) -> (usize, ScanReport) {
+        let mut k = 0;
+        let r = scan(dir, n, |_| k += 1).unwrap();
+        (k, r)
+    }
+
+    #[test]
+    fn empty_segment_gets_a_header_and_torn_tail_is_cut() {
+        let d = tempfile::tempdir().unwrap();
+        // A crash right after creating the file: empty, no header.
+        std::fs::write(segment_path(d.path(), 3), b"").unwrap();
+        let (k, r) = count(d.path(), 3);
+        assert_eq!((k, r.valid_len, r.cut_bytes), (0, SEGMENT_HEADER_LEN, 0));
+        let mut a = ActiveSegment::reopen(d.path(), 3, r.valid_len).unwrap();
+        a.append(&rec(1)).unwrap();
+        let mut torn = rec(2);
+        torn.truncate(torn.len() - 1);
+        a.append(&torn).unwrap();
+        let (k, r) = count(d.path(), 3);
+        assert_eq!(k, 1);
+        assert_eq!(r.cut_bytes, torn.len() as u64);
+        let (k, r2) = count(d.path(), 3);
+        assert_eq!((k, r2.valid_len, r2.cut_bytes), (1, r.valid_len, 0));
+        assert_eq!(list_segments(d.path()).unwrap(), vec![3]);
+    }
 }

@@ -114,9 +114,19 @@ async fn send_direct(wr: &mut WriteHalf<TlsStream<TcpStream>>, f: &Frame) -> std
     wr.flush().await
 }
 
+/// A reject reason clipped to the wire limit at a character boundary
+/// (`String::truncate` panics inside a multi-byte character).
+fn clip_reason(reason: &str) -> String {
+    let max = pipecloud_core::codec::MAX_REASON_LEN;
+    let mut end = reason.len().min(max);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
+}
+
 async fn reject_direct(wr: &mut WriteHalf<TlsStream<TcpStream>>, reason: &str) {
-    let mut r = reason.to_string();
-    r.truncate(pipecloud_core::codec::MAX_REASON_LEN);
+    let r = clip_reason(reason);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = send_direct(wr, &Frame::Reject { reason: r }).await;
         let _ = wr.shutdown().await;
@@ -299,8 +309,7 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
         Err(reason) => {
             reject_log(&ctx, peer, &agent, reason);
             // The writer task closes after sending a reject.
-            let mut r = reason.clone();
-            r.truncate(pipecloud_core::codec::MAX_REASON_LEN);
+            let r = clip_reason(reason);
             let _ = conn.tx.try_send(Frame::Reject { reason: r });
         }
     }

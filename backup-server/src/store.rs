@@ -20,7 +20,7 @@ use crate::index::{Capped, Entry, Insert, Loc, NoHistory, WriterIndex};
 use crate::journal::{self, ActiveSegment};
 use crate::meta::{self, DiskMeta, GroupMeta, WriterMeta};
 use pipecloud_core::codec::validate_name;
-use pipecloud_core::wire::{Generation, Hello, Welcome, WriterState, PROTOCOL_VERSION};
+use pipecloud_core::wire::{Generation, Hello, Welcome, WriterState};
 use pipecloud_core::{CountVector, Seq, WriterId, MAX_WRITERS};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -699,6 +699,3 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
-
-/// Protocol version the store welcomes with (negotiated by the server).
-pub const WELCOME_VERSION: u16 = PROTOCOL_VERSION;

@@ -106,6 +106,11 @@ async fn failover_produces_exactly_the_expected_cut() {
     let (mut wb, mut rb, _) = connect(server.addr(), tls.clone(), &hb)
         .await
         .expect("connect b");
+    // An agent of outbound machines only (no disks): it just receives committed vectors.
+    let ho = hello("shop", "host-out", vec![]);
+    let (_wo, mut ro, _) = connect(server.addr(), tls.clone(), &ho)
+        .await
+        .expect("connect outbound");
 
     // A: all N writes, sent in a scrambled order (each block of 8 reversed).
     let mut order: Vec<u64> = Vec::new();
@@ -136,7 +141,26 @@ async fn failover_produces_exactly_the_expected_cut() {
     wb.send(&frames).await.expect("send b");
 
     wait_acks(&mut ra, &(1..=N).collect()).await;
-    wait_acks(&mut rb, &b_sent.iter().copied().collect()).await;
+    let mut seen_b = wait_acks(&mut rb, &b_sent.iter().copied().collect()).await;
+
+    // The committed vector (durable prefixes) reaches every agent of the group.
+    let want = CountVector::from_slice(&[N, 12]);
+    let mut seen_o = CountVector::ZERO;
+    for (r, seen) in [(&mut ro, &mut seen_o), (&mut rb, &mut seen_b)] {
+        while *seen != want {
+            match r.recv().await.expect("recv") {
+                Some(Frame::Committed { vector }) => {
+                    assert!(
+                        want.dominates(&vector) && vector.dominates(seen),
+                        "{vector}"
+                    );
+                    *seen = vector;
+                }
+                Some(Frame::Ack(_)) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
 
     let (sa, sb) = expected_cut(N, 12);
     assert!(
@@ -152,7 +176,7 @@ async fn failover_produces_exactly_the_expected_cut() {
         status.contains(&format!("failover cut now: [{sa},{sb}]")),
         "{status}"
     );
-    assert!(status.contains("connected agents: 2"), "{status}");
+    assert!(status.contains("connected agents: 3"), "{status}");
 
     let out = env.out_dir("failover");
     let (ok, stdout, stderr) = env.cli(&[

@@ -247,6 +247,19 @@ async fn sigkill_at_random_points_loses_no_acked_write() {
             torn_logged += 1;
         }
     }
+    let mut applies = 0;
+    let mut interrupted = 0;
+    for i in 1..=ROUNDS + 1 {
+        let t =
+            std::fs::read_to_string(env.dir.join(format!("server-{i}.log"))).unwrap_or_default();
+        applies += t.matches("applied to base volumes").count();
+        interrupted += t.matches("finishing an interrupted apply").count();
+    }
+    // Retention 0: every start applies; kills land inside applies too.
+    assert!(applies >= 10, "the applier hardly ran: {applies}");
+    eprintln!(
+        "crash test: {applies} applies, {interrupted} interrupted applies finished on restart"
+    );
     assert!(
         torn_logged >= torn_injected,
         "torn tails injected {torn_injected}, discarded {torn_logged}"

@@ -50,10 +50,14 @@ fn chown_r(p: &Path) {
 impl Env {
     /// Creates certs for `groups` and a config with `limits` (TOML lines for `[limits]`).
     pub fn new(groups: &[&str], limits: &str) -> Env {
-        let tmp = tempfile::Builder::new()
+        let mut tmp = tempfile::Builder::new()
             .prefix("bs-test-")
             .tempdir()
             .expect("tempdir");
+        if std::env::var_os("BS_TEST_KEEP").is_some() {
+            tmp.disable_cleanup(true);
+            eprintln!("keeping test directory {}", tmp.path().display());
+        }
         let dir = tmp.path().to_path_buf();
         let groups: Vec<String> = groups.iter().map(|s| s.to_string()).collect();
         let g =
