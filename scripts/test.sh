@@ -11,7 +11,7 @@ export PIPECLOUD_MODEL_SCHEDULES="${PIPECLOUD_MODEL_SCHEDULES:-100000}"
 mkdir -p target
 # Release mode: the model test runs 100k schedules, the block tests push real I/O.
 cargo build --workspace --release --all-targets
-cargo test --workspace --release -- --nocapture 2>&1 | tee target/test-output.log
+cargo test --workspace --release --no-fail-fast -- --nocapture 2>&1 | tee target/test-output.log
 grep -E '^model: ' target/test-output.log || true
 
 # End-to-end disaster checks (issue 6): real PostgreSQL on protected disks, an

@@ -87,7 +87,6 @@ impl WanDelay {
     }
 
     /// The one-way delay now applied.
-    #[allow(dead_code)]
     pub fn one_way(&self) -> Duration {
         Duration::from_nanos(self.one_way_ns.load(Ordering::Relaxed))
     }
@@ -212,10 +211,19 @@ pub fn start_calibrated(
         let r = measure_rtt(from_ns, to_ns, probe, samples)?;
         return Ok((wan, r));
     }
-    let first = measure_rtt(from_ns, to_ns, probe, samples.min(50))?;
-    if first.median > rtt {
-        let excess = (first.median - rtt) / 2;
-        wan.set_one_way((rtt / 2).saturating_sub(excess));
+    // Up to four damped rounds: the excess is this machine's wake-up latency,
+    // noisy under load, so never correct by more than 2 ms in total.
+    let floor = (rtt / 2).saturating_sub(Duration::from_millis(2));
+    for round in 0..4u16 {
+        let p = SocketAddr::new(probe.ip(), probe.port() + 2 + round);
+        let m = measure_rtt(from_ns, to_ns, p, 40)?;
+        let err = m.median.as_secs_f64() - rtt.as_secs_f64();
+        if err.abs() <= 0.000_25 {
+            break;
+        }
+        let cur = wan.one_way().as_secs_f64();
+        let next = (cur - err / 2.0).clamp(floor.as_secs_f64(), (rtt / 2).as_secs_f64());
+        wan.set_one_way(Duration::from_secs_f64(next));
     }
     let probe2 = SocketAddr::new(probe.ip(), probe.port() + 1);
     let r = measure_rtt(from_ns, to_ns, probe2, samples)?;
