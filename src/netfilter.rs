@@ -25,8 +25,11 @@
 //! directions where at least one end is local:
 //!
 //! ```text
+//! # M on another host (both directions):
 //! -A PIPECLOUD-g -s L -d M -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss <mss>
 //! -A PIPECLOUD-g -s L -d M -j NFQUEUE --queue-num <tag queue>       (and -s M -d L)
+//! # M on this host:
+//! -A PIPECLOUD-g -s L -d M -j NFQUEUE --queue-num <local queue>
 //! ```
 //!
 //! then, for every local machine, everything else it sends leaves the group:
@@ -45,7 +48,8 @@
 //!   before the receiver's stack sees it. Stripping in FORWARD (or mangle
 //!   POSTROUTING) keeps TCP working; stripping in the receiver's own PREROUTING
 //!   does not (its stack has already computed the transport header offset).
-//! - **tag queue**, both local: merge directly, the packet stays unchanged.
+//! - **local queue** (both ends on this host): merge the sender's vector into
+//!   the receiver's directly; the packet stays unchanged.
 //! - **hold queue**: the packet is held in the netqueue with the sender's
 //!   pending vector until the committed vector dominates it; it leaves
 //!   unmodified (our option never reaches a client).
@@ -79,14 +83,42 @@
 //! path MTU (NOTES: do not lower the veth MTU instead). Non-TCP senders that
 //! fill the MTU need a route MTU inside the guest (`ip route ... mtu 1460`).
 //!
+//! # GSO: which queues may see super-packets
+//!
+//! Only queues whose packets are never resized take GSO super-packets (the
+//! local and hold queues). The tag queue is opened without `NFQA_CFG_F_GSO`, so
+//! the kernel segments before queueing: after a verdict that changes the IPv4
+//! header length in FORWARD, the skb's transport-header offset is stale, and
+//! for a GSO skb the kernel's post-hook MTU check (`skb_gso_validate_network_len`)
+//! then reads the TCP header length from the wrong bytes: depending on those
+//! bytes (TCP timestamps, ports, tag values) the super-packet is judged too big
+//! and every DF segment is refused with "fragmentation needed" (measured: a
+//! 10 MB transfer between hosts stalled in about half the runs). Segmenting
+//! first costs throughput between hosts (one verdict per MTU-sized packet),
+//! never correctness. A real NIC doing TSO from that stale offset would build
+//! broken segments too, so this holds beyond the emulation.
+//!
+//! # Kernel dependency
+//!
+//! Tagging and stripping rewrite the IPv4 header length through the NFQUEUE
+//! verdict payload (measured to work on this kernel, NOTES). An upstream patch
+//! posted in June 2026 ("netfilter: nfnetlink_queue: restrict writes to network
+//! header") rejects payloads whose IHL or options differ from the original; on
+//! such a kernel the verdict fails and the kernel drops the packet: still
+//! fail-closed, but no packet between protected machines on different hosts
+//! would pass (`tests/netns_nfq.rs`, `two_host_tag_merge_strip`, detects it).
+//! The mechanism sits behind one seam, `netpath::decide_tag` plus one verdict
+//! call, to be replaced (e.g. by a tc/eBPF tagger) if that lands.
+//!
 //! # Queue numbering
 //!
 //! Queues are per network namespace. Group `id` uses the block of 16 queues
-//! starting at `16 * (id % 4096)`: the first is the tag queue, the following
-//! `1..=15` are hold queues (`--queue-balance` spreads flows over them by a
-//! hash of the addresses, so one flow always stays in one queue). Each queue
-//! holds at most 65,536 packets (kernel limit), so more hold queues raise the
-//! host's held-packet capacity.
+//! starting at `16 * (id % 4096)`: the first is the tag queue (between hosts),
+//! the second the local queue (same host), the following `2..=15` are hold
+//! queues (`--queue-balance` spreads flows over them by a hash of the
+//! addresses, so one flow always stays in one queue). Each queue holds at most
+//! 65,536 packets (kernel limit), so more hold queues raise the host's
+//! held-packet capacity.
 
 use pipecloud_core::ipopt::MAX_TAG_ENTRIES;
 use pipecloud_core::topology::{Mode, Topology};
@@ -103,10 +135,10 @@ const MAX_CHAIN_NAME: usize = 28;
 pub const CHAIN_PREFIX: &str = "PIPECLOUD-";
 /// Prefix of the comment every rule of this agent carries.
 pub const COMMENT_PREFIX: &str = "pipecloud:";
-/// Queues per group block (1 tag queue + up to 15 hold queues).
+/// Queues per group block (tag queue, local queue, up to 14 hold queues).
 pub const QUEUES_PER_GROUP: u16 = 16;
 /// Most hold queues per group.
-pub const MAX_HOLD_QUEUES: u16 = QUEUES_PER_GROUP - 1;
+pub const MAX_HOLD_QUEUES: u16 = QUEUES_PER_GROUP - 2;
 /// Default path MTU between hosts and towards guests.
 pub const DEFAULT_MTU: u16 = 1500;
 
@@ -172,8 +204,11 @@ impl NetTopology {
 /// Queue numbers of one group on one host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueuePlan {
-    /// Queue for inter-machine packets (tag / merge + strip).
+    /// Queue for packets between a local machine and one on another host
+    /// (tag / merge + strip). Never takes GSO super-packets.
     pub tag: u16,
+    /// Queue for packets between two local machines (direct merge).
+    pub local: u16,
     /// First hold queue (client-bound packets).
     pub hold_first: u16,
     /// Number of hold queues (1..=[`MAX_HOLD_QUEUES`]).
@@ -186,11 +221,12 @@ impl QueuePlan {
     pub fn for_group(group_id: u16, max_held: u64) -> QueuePlan {
         let base = (group_id % 4096) * QUEUES_PER_GROUP;
         let needed = max_held.div_ceil(u64::from(crate::nfq::KERNEL_MAX_QUEUE_LEN));
-        let hold_count = u16::try_from(needed.clamp(1, u64::from(MAX_HOLD_QUEUES)))
-            .unwrap_or(MAX_HOLD_QUEUES);
+        let hold_count =
+            u16::try_from(needed.clamp(1, u64::from(MAX_HOLD_QUEUES))).unwrap_or(MAX_HOLD_QUEUES);
         QueuePlan {
             tag: base,
-            hold_first: base + 1,
+            local: base + 1,
+            hold_first: base + 2,
             hold_count,
         }
     }
@@ -296,7 +332,10 @@ impl RuleManager {
         if q.hold_count == 0
             || q.hold_count > MAX_HOLD_QUEUES
             || u32::from(q.hold_first) + u32::from(q.hold_count) > 65_536
-            || (q.hold_first..q.hold_first.saturating_add(q.hold_count)).contains(&q.tag)
+            || q.tag == q.local
+            || [q.tag, q.local]
+                .iter()
+                .any(|x| (q.hold_first..q.hold_first.saturating_add(q.hold_count)).contains(x))
         {
             return Err(NetfilterError::BadQueuePlan(q));
         }
@@ -341,7 +380,8 @@ impl RuleManager {
         let m = format!("-m comment --comment \"{}\"", self.comment);
         let mut out = String::new();
         let local: Vec<&NetMachine> = self.topo.local_machines(&self.cfg.host).collect();
-        let mut pair = |src: Ipv4Addr, dst: Ipv4Addr| {
+        let q = self.cfg.queues;
+        let mut remote_pair = |src: Ipv4Addr, dst: Ipv4Addr| {
             let _ = writeln!(
                 out,
                 "-A {c} -s {src}/32 -d {dst}/32 -p tcp -m tcp --tcp-flags SYN,RST SYN {m} -j TCPMSS --set-mss {}",
@@ -350,18 +390,29 @@ impl RuleManager {
             let _ = writeln!(
                 out,
                 "-A {c} -s {src}/32 -d {dst}/32 {m} -j NFQUEUE --queue-num {}",
-                self.cfg.queues.tag
+                q.tag
             );
         };
         for l in &local {
-            for other in self.topo.machines.iter().filter(|o| o.ip != l.ip) {
-                pair(l.ip, other.ip);
-                if other.host != self.cfg.host {
-                    pair(other.ip, l.ip);
-                }
+            for other in self
+                .topo
+                .machines
+                .iter()
+                .filter(|o| o.host != self.cfg.host)
+            {
+                remote_pair(l.ip, other.ip);
+                remote_pair(other.ip, l.ip);
             }
         }
-        let q = self.cfg.queues;
+        for l in &local {
+            for other in local.iter().filter(|o| o.ip != l.ip) {
+                let _ = writeln!(
+                    out,
+                    "-A {c} -s {}/32 -d {}/32 {m} -j NFQUEUE --queue-num {}",
+                    l.ip, other.ip, q.local
+                );
+            }
+        }
         let hold = if q.hold_count == 1 {
             format!("--queue-num {}", q.hold_first)
         } else {
@@ -406,6 +457,7 @@ impl RuleManager {
         tracing::info!(
             chain = %self.chain,
             tag_queue = self.cfg.queues.tag,
+            local_queue = self.cfg.queues.local,
             hold_queues = ?self.cfg.queues.hold_queues(),
             mss = self.mss,
             "netfilter rules installed"
@@ -663,9 +715,19 @@ mod tests {
     #[test]
     fn queue_plan_blocks() {
         let p = QueuePlan::for_group(3, 65_536);
-        assert_eq!((p.tag, p.hold_first, p.hold_count), (48, 49, 1));
-        assert_eq!(QueuePlan::for_group(0, 200_000).hold_queues(), vec![1, 2, 3, 4]);
-        assert_eq!(QueuePlan::for_group(4095, u64::MAX).hold_count, 15);
+        assert_eq!(
+            (p.tag, p.local, p.hold_first, p.hold_count),
+            (48, 49, 50, 1)
+        );
+        assert_eq!(
+            QueuePlan::for_group(0, 200_000).hold_queues(),
+            vec![2, 3, 4, 5]
+        );
+        assert_eq!(QueuePlan::for_group(4095, u64::MAX).hold_count, 14);
+        assert_eq!(
+            QueuePlan::for_group(4095, u64::MAX).hold_queues().last(),
+            Some(&65_535)
+        );
         assert_eq!(QueuePlan::for_group(4095, 1).tag, 65_520);
     }
 
@@ -683,21 +745,30 @@ mod tests {
         assert_eq!(m.mss(), 1500 - 40 - 16);
         let rules = m.chain_rules();
         let lines: Vec<&str> = rules.lines().collect();
-        // web<->app (both local): 2 directions from each local = 2 pairs;
-        // web->db, db->web, app->db, db->app: 4 pairs; 2 lines per pair; 2 hold rules.
-        assert_eq!(lines.len(), (2 + 4) * 2 + 2, "{rules}");
+        // web->db, db->web, app->db, db->app: 4 remote pairs, 2 lines each;
+        // web->app, app->web: 2 local lines; 2 hold rules.
+        assert_eq!(lines.len(), 4 * 2 + 2 + 2, "{rules}");
         assert!(rules.contains(
             "-A PIPECLOUD-shop -s 10.1.2.2/32 -d 10.1.1.2/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 48"
         ));
         assert!(rules.contains("-s 10.1.1.2/32 -d 10.1.2.2/32 -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment \"pipecloud:shop\" -j TCPMSS --set-mss 1444"));
-        assert!(rules.contains("-A PIPECLOUD-shop -s 10.1.1.3/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 49"));
+        assert!(rules.contains(
+            "-A PIPECLOUD-shop -s 10.1.1.2/32 -d 10.1.1.3/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 49"
+        ));
+        assert!(
+            !rules.contains("-s 10.1.1.2/32 -d 10.1.1.3/32 -p tcp"),
+            "no clamp between local machines"
+        );
+        assert!(rules.contains("-A PIPECLOUD-shop -s 10.1.1.3/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 50"));
         // Fail-closed: never a bypass.
         assert!(!rules.contains("bypass"));
         // Hold rules come after every inter-machine rule.
         let first_hold = lines.iter().position(|l| !l.contains(" -d ")).unwrap();
         assert!(lines[first_hold..].iter().all(|l| !l.contains(" -d ")));
         // Every rule is tagged with the group comment.
-        assert!(lines.iter().all(|l| l.contains("--comment \"pipecloud:shop\"")));
+        assert!(lines
+            .iter()
+            .all(|l| l.contains("--comment \"pipecloud:shop\"")));
     }
 
     #[test]
@@ -714,7 +785,7 @@ mod tests {
         .unwrap();
         assert!(m
             .chain_rules()
-            .contains("-s 10.1.2.2/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-balance 49:51"));
+            .contains("-s 10.1.2.2/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-balance 50:52"));
     }
 
     #[test]
@@ -766,8 +837,12 @@ COMMIT
     fn install_script_replaces_stale_rules_atomically() {
         let s = manager("a").install_script(SAVED);
         assert!(s.starts_with("*mangle\n:PIPECLOUD-shop - [0:0]\n"));
-        assert!(s.contains("-D FORWARD -m comment --comment \"pipecloud:shop\" -j PIPECLOUD-shop\n"));
-        assert!(s.contains("-D FORWARD -s 10.9.9.9/32 -m comment --comment \"pipecloud:shop\" -j ACCEPT\n"));
+        assert!(
+            s.contains("-D FORWARD -m comment --comment \"pipecloud:shop\" -j PIPECLOUD-shop\n")
+        );
+        assert!(s.contains(
+            "-D FORWARD -s 10.9.9.9/32 -m comment --comment \"pipecloud:shop\" -j ACCEPT\n"
+        ));
         assert!(!s.contains("-D FORWARD -m comment --comment \"pipecloud:shop2\""));
         assert!(!s.contains("someone else"));
         assert_eq!(s.matches("-I FORWARD 1").count(), 1);
@@ -792,11 +867,26 @@ COMMIT
 
     #[test]
     fn comment_matching_is_exact() {
-        assert!(has_comment("-A X -m comment --comment \"pipecloud:a\" -j Y", "pipecloud:a"));
-        assert!(!has_comment("-A X -m comment --comment \"pipecloud:ab\" -j Y", "pipecloud:a"));
-        assert!(has_comment("-A X -m comment --comment pipecloud:a -j Y", "pipecloud:a"));
-        assert_eq!(comment_group("-A X -m comment --comment \"pipecloud:a.b\" -j Y"), Some("a.b"));
-        assert_eq!(comment_group("-A X -m comment --comment pipecloud:a"), Some("a"));
+        assert!(has_comment(
+            "-A X -m comment --comment \"pipecloud:a\" -j Y",
+            "pipecloud:a"
+        ));
+        assert!(!has_comment(
+            "-A X -m comment --comment \"pipecloud:ab\" -j Y",
+            "pipecloud:a"
+        ));
+        assert!(has_comment(
+            "-A X -m comment --comment pipecloud:a -j Y",
+            "pipecloud:a"
+        ));
+        assert_eq!(
+            comment_group("-A X -m comment --comment \"pipecloud:a.b\" -j Y"),
+            Some("a.b")
+        );
+        assert_eq!(
+            comment_group("-A X -m comment --comment pipecloud:a"),
+            Some("a")
+        );
         assert_eq!(comment_group("-A X -j Y"), None);
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Two queues per group and host (DESIGN §3, paper §4.2-§4.3):
 //!
-//! - **Tag queue** (packets between protected machines, at least one end local):
+//! - **Tag queue** (packets between a local protected machine and one on
+//!   another host) and **local queue** (both ends local); one decision serves both:
 //!   - sender local, receiver on another host: insert the sender's pending
 //!     vector as the IPv4 option (nothing to insert while it is zero);
 //!   - sender on another host, receiver local: merge the tag into the
@@ -30,8 +31,8 @@
 //! the tag queue), [`classify_hold`] (tag and flow of a client-bound packet)
 //! and [`HoldEngine`] (the netqueue plus the bookkeeping that turns releases
 //! into NFQUEUE verdicts; it takes the time as an argument). [`NetPath`] is the
-//! thin driver: two tokio tasks reading the queue sockets and the
-//! committed-vector watch channel.
+//! thin driver: three tokio tasks (tag, local, hold) reading the queue sockets
+//! and the committed-vector watch channel.
 //!
 //! # Verdicts and order
 //!
@@ -45,12 +46,14 @@
 //!
 //! # GSO and checksums
 //!
-//! Queues are opened with `NFQA_CFG_F_GSO`, so super-packets of up to 64 KiB
-//! arrive whole. The kernel marks a modified packet's checksum as "none", so
-//! when the packet's L4 checksum was only partial (`NFQA_SKB_CSUMNOTREADY`) the
-//! tagger computes it fully after inserting or stripping the option.
-//! Client-bound packets are never modified. Known limit: a UDP GSO packet
-//! (`UDP_SEGMENT`) may not survive having its header length changed; TCP is fine.
+//! The local and hold queues are opened with `NFQA_CFG_F_GSO` (when
+//! [`NetPathConfig::gso`]): their packets are never resized, so super-packets
+//! of up to 64 KiB pass whole. The tag queue never takes GSO packets: the
+//! kernel segments them before queueing, because a GSO skb whose header length
+//! changed in FORWARD fails the kernel's later MTU check at random (see
+//! `netfilter`, "GSO"). The kernel marks a modified packet's checksum as
+//! "none", so when the L4 checksum was only partial (`NFQA_SKB_CSUMNOTREADY`)
+//! the tagger computes it fully after inserting or stripping the option.
 
 use crate::causal::CausalState;
 use crate::netfilter::{NetTopology, QueuePlan};
@@ -290,9 +293,7 @@ fn tag_outgoing(
     let forged = match ipopt::classify(packet) {
         Classify::NotIpv4 => return decision(Action::Accept, TagEvent::UntaggedNonIpv4),
         Classify::Malformed(_) => return decision(Action::Accept, TagEvent::Malformed),
-        Classify::OtherOptions => {
-            return decision(Action::Accept, TagEvent::UntaggedOtherOptions)
-        }
+        Classify::OtherOptions => return decision(Action::Accept, TagEvent::UntaggedOtherOptions),
         Classify::Fragment => return decision(Action::Accept, TagEvent::UntaggedFragment),
         // A guest-made option of ours would stand in for the real tag: replace it.
         Classify::Tagged { .. } => true,
@@ -848,24 +849,17 @@ impl NetPathMetrics {
         self.set(M::oldest_held_at_ns, at);
     }
 
-    fn gauge_kernel(&self, stats: &[crate::nfq::QueueStats], first: bool) {
-        // The hold socket reports for the hold queues, the tag socket for its
-        // queue; both add into the same gauges, the first resets them.
+    /// Sums the kernel counters of the group's queues (`stats` of the namespace).
+    fn gauge_kernel(&self, stats: &[crate::nfq::QueueStats], queues: &[u16]) {
         let (mut qd, mut ud, mut held) = (0, 0, 0);
-        for s in stats {
+        for s in stats.iter().filter(|s| queues.contains(&s.queue)) {
             qd += s.queue_dropped;
             ud += s.user_dropped;
             held += u64::from(s.queued);
         }
-        if first {
-            self.set(M::nfq_queue_dropped, qd);
-            self.set(M::nfq_user_dropped, ud);
-            self.set(M::nfq_queued, held);
-        } else {
-            self.add(M::nfq_queue_dropped, qd);
-            self.add(M::nfq_user_dropped, ud);
-            self.add(M::nfq_queued, held);
-        }
+        self.set(M::nfq_queue_dropped, qd);
+        self.set(M::nfq_user_dropped, ud);
+        self.set(M::nfq_queued, held);
     }
 }
 
@@ -916,7 +910,8 @@ pub struct NetPathConfig {
     pub queues: QueuePlan,
     /// Network namespace of the queues (dom0); `None`: the caller's.
     pub netns: Option<PathBuf>,
-    /// Receive GSO super-packets whole.
+    /// Receive GSO super-packets whole on the local and hold queues (the tag
+    /// queue never does).
     pub gso: bool,
     /// Socket receive buffer per queue socket.
     pub rcvbuf: usize,
@@ -959,8 +954,8 @@ pub enum NetPathError {
     Task(String),
 }
 
-/// The running network path of one group on one host: a tag task and a hold
-/// task, each owning its queue socket. Stopping (or dropping) it closes the
+/// The running network path of one group on one host: tag, local and hold
+/// tasks, each owning its queue socket. Stopping (or dropping) it closes the
 /// sockets, and the kernel drops whatever was still queued (fail-closed).
 pub struct NetPath {
     metrics: Arc<NetPathMetrics>,
@@ -993,8 +988,11 @@ impl NetPath {
             netns: cfg.netns.clone(),
             ..QueueConfig::new(Vec::new())
         };
-        let tag_sock = NfqSocket::open(&queue_cfg(
-            vec![cfg.queues.tag],
+        let mut tag_cfg = queue_cfg(vec![cfg.queues.tag], crate::nfq::KERNEL_MAX_QUEUE_LEN);
+        tag_cfg.gso = false; // resized packets must not be GSO (module docs)
+        let tag_sock = NfqSocket::open(&tag_cfg)?;
+        let local_sock = NfqSocket::open(&queue_cfg(
+            vec![cfg.queues.local],
             crate::nfq::KERNEL_MAX_QUEUE_LEN,
         ))?;
         let per_queue = cfg
@@ -1017,20 +1015,31 @@ impl NetPath {
             metrics.clone(),
             stop_rx.clone(),
         ));
-        let hold = tokio::spawn(run_hold(
-            hold_sock,
+        let local = tokio::spawn(run_tag(
+            local_sock,
+            dir.clone(),
+            state.clone(),
+            cfg.tag_policy,
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+        let mut all_queues = vec![cfg.queues.tag, cfg.queues.local];
+        all_queues.extend(cfg.queues.hold_queues());
+        let hold = tokio::spawn(run_hold(HoldTask {
+            sock: hold_sock,
+            all_queues,
             dir,
             state,
-            HoldEngine::new(cfg.limits, cfg.release_chunk),
-            metrics.clone(),
-            stop_rx,
-            bypass_rx,
-        ));
+            engine: HoldEngine::new(cfg.limits, cfg.release_chunk),
+            metrics: metrics.clone(),
+            stop: stop_rx,
+            bypass: bypass_rx,
+        }));
         Ok(NetPath {
             metrics,
             stop,
             bypass,
-            tasks: vec![tag, hold],
+            tasks: vec![tag, local, hold],
         })
     }
 
@@ -1046,12 +1055,12 @@ impl NetPath {
         &self.metrics
     }
 
-    /// Whether both tasks are still running.
+    /// Whether every task is still running.
     pub fn is_running(&self) -> bool {
         self.tasks.iter().all(|t| !t.is_finished())
     }
 
-    /// Stops both tasks and closes the sockets; returns the first error a task
+    /// Stops the tasks and closes the sockets; returns the first error a task
     /// ended with.
     pub async fn stop(mut self) -> Result<(), NetPathError> {
         let _ = self.stop.send(true);
@@ -1146,13 +1155,22 @@ async fn run_tag(
         let running = recv_burst(&sock, &mut buf, &metrics, &mut stop, |data| {
             for_each_packet(data, &metrics, |p| {
                 let d = if p.hw_protocol == ETH_P_IP || p.hw_protocol == 0 {
-                    decide_tag(&dir, &state, policy, p.payload, PacketInfo::of(p), &mut scratch)
+                    decide_tag(
+                        &dir,
+                        &state,
+                        policy,
+                        p.payload,
+                        PacketInfo::of(p),
+                        &mut scratch,
+                    )
                 } else {
                     decision(Action::Accept, TagEvent::UntaggedNonIpv4)
                 };
                 metrics.count_tag(d.event);
                 match d.action {
-                    Action::Accept => proto::build_verdict(&mut out, p.queue, p.id, Verdict::Accept),
+                    Action::Accept => {
+                        proto::build_verdict(&mut out, p.queue, p.id, Verdict::Accept)
+                    }
                     Action::Drop => proto::build_verdict(&mut out, p.queue, p.id, Verdict::Drop),
                     Action::AcceptModified => {
                         let _ = proto::try_build_verdict_with_payload::<()>(
@@ -1176,15 +1194,30 @@ async fn run_tag(
     }
 }
 
-async fn run_hold(
+/// What the hold task owns.
+struct HoldTask {
     sock: NfqSocket,
+    /// Every queue of the group (for the kernel counters).
+    all_queues: Vec<u16>,
     dir: Arc<Directory>,
     state: Arc<CausalState>,
-    mut engine: HoldEngine,
+    engine: HoldEngine,
     metrics: Arc<NetPathMetrics>,
-    mut stop: watch::Receiver<bool>,
-    mut bypass: watch::Receiver<bool>,
-) -> Result<(), NetPathError> {
+    stop: watch::Receiver<bool>,
+    bypass: watch::Receiver<bool>,
+}
+
+async fn run_hold(task: HoldTask) -> Result<(), NetPathError> {
+    let HoldTask {
+        sock,
+        all_queues,
+        dir,
+        state,
+        mut engine,
+        metrics,
+        mut stop,
+        mut bypass,
+    } = task;
     let mut committed = state.subscribe_committed();
     let mut bypassing = *bypass.borrow_and_update();
     let mut buf = vec![0u8; crate::nfq::RECV_BUF_LEN];
@@ -1248,8 +1281,8 @@ async fn run_hold(
             }
             _ = tick.tick() => {
                 metrics.gauge_hold(&mut engine);
-                match sock.stats() {
-                    Ok(s) => metrics.gauge_kernel(&s, true),
+                match sock.namespace_stats() {
+                    Ok(s) => metrics.gauge_kernel(&s, &all_queues),
                     Err(e) => tracing::debug!(error = %e, "reading nfqueue counters"),
                 }
             }
@@ -1336,7 +1369,10 @@ mod tests {
 
         // On host b: merged into db's vector and stripped back to the original.
         let d = decide_tag(&b, &sb, TagPolicy::default(), &tagged, FULL, &mut scratch);
-        assert_eq!(d, decision(Action::AcceptModified, TagEvent::MergedStripped));
+        assert_eq!(
+            d,
+            decision(Action::AcceptModified, TagEvent::MergedStripped)
+        );
         assert_eq!(scratch, original);
         assert_eq!(sb.pending(2), v(&[5]));
         assert_eq!(sb.pending(0), CountVector::ZERO, "only the receiver merges");
@@ -1367,31 +1403,68 @@ mod tests {
         s.issue_write(0, WriterId(0));
         // Pure ACK untagged by default, tagged on request; SYN always tagged.
         let ack = tcp(WEB, DB, b"", false);
-        assert_eq!(decide_tag(&a, &s, pol, &ack, FULL, &mut scratch).event, TagEvent::PureAckUntagged);
-        let all = TagPolicy { tag_pure_acks: true };
-        assert_eq!(decide_tag(&a, &s, all, &ack, FULL, &mut scratch).event, TagEvent::Tagged);
+        assert_eq!(
+            decide_tag(&a, &s, pol, &ack, FULL, &mut scratch).event,
+            TagEvent::PureAckUntagged
+        );
+        let all = TagPolicy {
+            tag_pure_acks: true,
+        };
+        assert_eq!(
+            decide_tag(&a, &s, all, &ack, FULL, &mut scratch).event,
+            TagEvent::Tagged
+        );
         let syn = tcp(WEB, DB, b"", true);
-        assert_eq!(decide_tag(&a, &s, pol, &syn, FULL, &mut scratch).event, TagEvent::Tagged);
+        assert_eq!(
+            decide_tag(&a, &s, pol, &syn, FULL, &mut scratch).event,
+            TagEvent::Tagged
+        );
         // Other options.
         let mut opt = tcp(WEB, DB, b"x", false);
         opt.splice(20..20, [1, 1, 1, 0]); // NOP NOP NOP EOL
         opt[0] = 0x46;
         let tl = (opt.len() as u16).to_be_bytes();
         opt[2..4].copy_from_slice(&tl);
-        assert_eq!(decide_tag(&a, &s, pol, &opt, FULL, &mut scratch).event, TagEvent::UntaggedOtherOptions);
+        assert_eq!(
+            decide_tag(&a, &s, pol, &opt, FULL, &mut scratch).event,
+            TagEvent::UntaggedOtherOptions
+        );
         // Fragment.
         let mut frag = tcp(WEB, DB, b"x", false);
         frag[6] |= 0x20; // MF
-        assert_eq!(decide_tag(&a, &s, pol, &frag, FULL, &mut scratch).event, TagEvent::UntaggedFragment);
+        assert_eq!(
+            decide_tag(&a, &s, pol, &frag, FULL, &mut scratch).event,
+            TagEvent::UntaggedFragment
+        );
         // Not IPv4.
         let mut v6 = tcp(WEB, DB, b"x", false);
         v6[0] = 0x60;
-        assert_eq!(decide_tag(&a, &s, pol, &v6, FULL, &mut scratch).event, TagEvent::UntaggedNonIpv4);
+        assert_eq!(
+            decide_tag(&a, &s, pol, &v6, FULL, &mut scratch).event,
+            TagEvent::UntaggedNonIpv4
+        );
         // Truncated copy that needs a tag: dropped, never passed untagged.
-        let d = decide_tag(&a, &s, pol, &tcp(WEB, DB, b"x", false), PacketInfo { csum_not_ready: false, complete: false }, &mut scratch);
+        let d = decide_tag(
+            &a,
+            &s,
+            pol,
+            &tcp(WEB, DB, b"x", false),
+            PacketInfo {
+                csum_not_ready: false,
+                complete: false,
+            },
+            &mut scratch,
+        );
         assert_eq!(d, decision(Action::Drop, TagEvent::TagFailed));
         // Not our machines.
-        let d = decide_tag(&a, &s, pol, &tcp(CLIENT, WEB, b"x", false), FULL, &mut scratch);
+        let d = decide_tag(
+            &a,
+            &s,
+            pol,
+            &tcp(CLIENT, WEB, b"x", false),
+            FULL,
+            &mut scratch,
+        );
         assert_eq!(d.event, TagEvent::NotOurs);
         // Untagged arrival from the other host.
         let b = Directory::new(&t, "b");
@@ -1410,14 +1483,23 @@ mod tests {
         let mut scratch = Vec::new();
         let d = decide_tag(&a, &s, TagPolicy::default(), &forged, FULL, &mut scratch);
         assert_eq!(d.event, TagEvent::Tagged);
-        let Classify::Tagged { raw, .. } = ipopt::classify(&scratch) else { panic!() };
-        assert_eq!(raw.resolve(&CountVector::ZERO), v(&[0, 1]), "the real pending vector travels");
+        let Classify::Tagged { raw, .. } = ipopt::classify(&scratch) else {
+            panic!()
+        };
+        assert_eq!(
+            raw.resolve(&CountVector::ZERO),
+            v(&[0, 1]),
+            "the real pending vector travels"
+        );
 
         let mut foreign = tcp(WEB, DB, b"x", false);
         ipopt::insert_tag(&mut foreign, 8, &v(&[3])).unwrap();
         let sb = CausalState::new(3);
         let d = decide_tag(&b, &sb, TagPolicy::default(), &foreign, FULL, &mut scratch);
-        assert_eq!(d, decision(Action::AcceptModified, TagEvent::ForeignStripped));
+        assert_eq!(
+            d,
+            decision(Action::AcceptModified, TagEvent::ForeignStripped)
+        );
         assert_eq!(sb.pending(2), CountVector::ZERO);
         assert_eq!(scratch, tcp(WEB, DB, b"x", false));
     }
@@ -1434,7 +1516,10 @@ mod tests {
         partial[26] = 0x12; // garbage where offload left a pseudo-header sum
         partial[27] = 0x34;
         let mut scratch = Vec::new();
-        let info = PacketInfo { csum_not_ready: true, complete: true };
+        let info = PacketInfo {
+            csum_not_ready: true,
+            complete: true,
+        };
         let d = decide_tag(&a, &s, TagPolicy::default(), &partial, info, &mut scratch);
         assert_eq!(d.action, Action::AcceptModified);
         // Checksum now equals the one of the correctly built packet.
@@ -1473,7 +1558,10 @@ mod tests {
         let now = Instant::now();
         for id in 1..=3 {
             let p = udp(WEB, CLIENT, 1000, &[id as u8]);
-            assert_eq!(e.on_packet(&a, &s, 49, id, &p, p.len(), now, &mut out), HoldOutcome::Held);
+            assert_eq!(
+                e.on_packet(&a, &s, 49, id, &p, p.len(), now, &mut out),
+                HoldOutcome::Held
+            );
         }
         assert!(out.is_empty());
         assert_eq!(e.held(), 3);
@@ -1488,12 +1576,18 @@ mod tests {
         s.publish_committed(&v(&[5]));
         out.clear();
         let p = udp(WEB, CLIENT, 1000, b"z");
-        assert_eq!(e.on_packet(&a, &s, 49, 4, &p, p.len(), now, &mut out), HoldOutcome::ReleasedNow);
+        assert_eq!(
+            e.on_packet(&a, &s, 49, 4, &p, p.len(), now, &mut out),
+            HoldOutcome::ReleasedNow
+        );
         assert_eq!(verdicts(&out), vec![(SINGLE, 4, true)]);
         // Unknown sender: dropped.
         out.clear();
         let p = udp(DB, CLIENT, 1000, b"z"); // db is not local on host a
-        assert_eq!(e.on_packet(&a, &s, 49, 5, &p, p.len(), now, &mut out), HoldOutcome::DroppedUnknown);
+        assert_eq!(
+            e.on_packet(&a, &s, 49, 5, &p, p.len(), now, &mut out),
+            HoldOutcome::DroppedUnknown
+        );
         assert_eq!(verdicts(&out), vec![(SINGLE, 5, false)]);
     }
 
@@ -1522,7 +1616,12 @@ mod tests {
         assert_eq!(e.on_committed(&v(&[1]), &mut out), 5);
         assert_eq!(
             verdicts(&out),
-            vec![(BATCH, 2, true), (SINGLE, 4, true), (SINGLE, 5, true), (SINGLE, 6, true)]
+            vec![
+                (BATCH, 2, true),
+                (SINGLE, 4, true),
+                (SINGLE, 5, true),
+                (SINGLE, 6, true)
+            ]
         );
         out.clear();
         assert_eq!(e.held(), 1);
@@ -1541,10 +1640,22 @@ mod tests {
         let mut e = HoldEngine::new(NetQueueLimits::default(), 3);
         let mut out = Vec::new();
         for id in 1..=7 {
-            e.on_packet(&a, &s, 49, id, &udp(WEB, CLIENT, 1, b"a"), 10, Instant::now(), &mut out);
+            e.on_packet(
+                &a,
+                &s,
+                49,
+                id,
+                &udp(WEB, CLIENT, 1, b"a"),
+                10,
+                Instant::now(),
+                &mut out,
+            );
         }
         assert_eq!(e.on_committed(&v(&[1]), &mut out), 7);
-        assert_eq!(verdicts(&out), vec![(BATCH, 3, true), (BATCH, 6, true), (BATCH, 7, true)]);
+        assert_eq!(
+            verdicts(&out),
+            vec![(BATCH, 3, true), (BATCH, 6, true), (BATCH, 7, true)]
+        );
     }
 
     #[test]
@@ -1553,13 +1664,25 @@ mod tests {
         let a = Directory::new(&t, "a");
         let s = CausalState::new(3);
         s.issue_write(0, WriterId(0));
-        let mut e = HoldEngine::new(NetQueueLimits { max_packets: 2, max_bytes: 1 << 20 }, 8);
+        let mut e = HoldEngine::new(
+            NetQueueLimits {
+                max_packets: 2,
+                max_bytes: 1 << 20,
+            },
+            8,
+        );
         let mut out = Vec::new();
         let p = udp(WEB, CLIENT, 1, b"a");
         for id in 1..=2 {
-            assert_eq!(e.on_packet(&a, &s, 49, id, &p, 10, Instant::now(), &mut out), HoldOutcome::Held);
+            assert_eq!(
+                e.on_packet(&a, &s, 49, id, &p, 10, Instant::now(), &mut out),
+                HoldOutcome::Held
+            );
         }
-        assert_eq!(e.on_packet(&a, &s, 49, 3, &p, 10, Instant::now(), &mut out), HoldOutcome::DroppedFull);
+        assert_eq!(
+            e.on_packet(&a, &s, 49, 3, &p, 10, Instant::now(), &mut out),
+            HoldOutcome::DroppedFull
+        );
         assert_eq!(verdicts(&out), vec![(SINGLE, 3, false)]);
     }
 
@@ -1572,7 +1695,15 @@ mod tests {
         m.count_release(2);
         let s = m.snapshot();
         assert_eq!((s.tagged, s.merged, s.stripped), (1, 1, 1));
-        assert_eq!((s.released, s.release_updates, s.last_release_batch, s.max_release_batch), (6, 2, 2, 4));
+        assert_eq!(
+            (
+                s.released,
+                s.release_updates,
+                s.last_release_batch,
+                s.max_release_batch
+            ),
+            (6, 2, 2, 4)
+        );
         assert_eq!(s.oldest_held_age, None);
         assert!(!s.to_string().is_empty());
     }

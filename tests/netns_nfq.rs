@@ -17,13 +17,13 @@ mod netns;
 
 use netns::Netns;
 use pipecloud::causal::CausalState;
+use pipecloud::core::netqueue::NetQueueLimits;
 use pipecloud::core::{CountVector, WriterId};
 use pipecloud::netfilter::{
     self, NetMachine, NetTopology, QueuePlan, RuleConfig, RuleManager, RulesGuard,
 };
 use pipecloud::netpath::{NetPath, NetPathConfig};
 use pipecloud::nfq;
-use pipecloud::core::netqueue::NetQueueLimits;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -33,10 +33,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
+const APP: Ipv4Addr = Ipv4Addr::new(10, 1, 3, 2);
 const DB: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
 const WEB_IDX: usize = 0;
 const DB_IDX: usize = 1;
+const APP_IDX: usize = 2;
+const MACHINES: usize = 3;
 /// Env var that turns `child_hold_agent` into the agent of test (c).
 const CHILD_ENV: &str = "PIPECLOUD_TEST_CHILD_DOM0";
 /// What the child prints once its queues are open.
@@ -62,6 +65,13 @@ fn topology() -> NetTopology {
                 outbound: false,
                 writer: Some(WriterId(1)),
             },
+            NetMachine {
+                name: "app".into(),
+                ip: APP,
+                host: "a".into(),
+                outbound: false,
+                writer: None,
+            },
         ],
     }
 }
@@ -74,8 +84,11 @@ fn v(x: &[u64]) -> CountVector {
 /// namespaces.
 struct Site {
     rules: Vec<RulesGuard>,
+    /// Netqueue capacity: sizes the number of hold queues (65,536 each).
+    max_held: usize,
     client: Netns,
     web: Netns,
+    app: Option<Netns>,
     dom0a: Netns,
     db: Option<Netns>,
     dom0b: Option<Netns>,
@@ -84,6 +97,11 @@ struct Site {
 impl Site {
     /// client <-> dom0-a <-> web, and with `two_hosts` dom0-a <-wire-> dom0-b <-> db.
     fn build(two_hosts: bool) -> Site {
+        Site::build_with(two_hosts, false)
+    }
+
+    /// As [`Site::build`], plus `app` on dom0-a when `with_app`.
+    fn build_with(two_hosts: bool, with_app: bool) -> Site {
         let dom0a = Netns::new("d0a");
         let web = Netns::new("web");
         let client = Netns::new("cl");
@@ -96,6 +114,14 @@ impl Site {
         client.addr("eth0", "10.2.0.2/24");
         client.ip("route add default via 10.2.0.1");
         dom0a.sysctl("net.ipv4.ip_forward", "1");
+        let app = with_app.then(|| {
+            let app = Netns::new("app");
+            dom0a.veth_to("vapp", &app, "eth0");
+            dom0a.addr("vapp", "10.1.3.1/24");
+            app.addr("eth0", "10.1.3.2/24");
+            app.ip("route add default via 10.1.3.1");
+            app
+        });
         let (db, dom0b) = if two_hosts {
             let dom0b = Netns::new("d0b");
             let db = Netns::new("db");
@@ -115,8 +141,10 @@ impl Site {
         };
         Site {
             rules: Vec::new(),
+            max_held: 65_536,
             client,
             web,
+            app,
             dom0a,
             db,
             dom0b,
@@ -136,7 +164,7 @@ impl Site {
             &topo,
             RuleConfig {
                 host: host.into(),
-                queues: QueuePlan::for_group(topo.group_id, 65_536),
+                queues: QueuePlan::for_group(topo.group_id, self.max_held as u64),
                 mtu: 1500,
                 netns: Some(self.dom0(host).path()),
             },
@@ -152,7 +180,15 @@ impl Site {
     /// Opens the queues of `host` (before the rules: nothing is lost between).
     fn start_agent(&self, host: &str, state: Arc<CausalState>) -> NetPath {
         let topo = topology();
-        let mut cfg = NetPathConfig::new(&topo, host, NetQueueLimits::default());
+        let limits = NetQueueLimits {
+            max_packets: self.max_held,
+            ..NetQueueLimits::default()
+        };
+        let mut cfg = NetPathConfig::new(&topo, host, limits);
+        assert_eq!(
+            cfg.queues,
+            QueuePlan::for_group(topo.group_id, self.max_held as u64)
+        );
         cfg.netns = Some(self.dom0(host).path());
         cfg.rcvbuf = 16 << 20;
         NetPath::start(&topo, state, cfg).expect("start network path")
@@ -179,6 +215,8 @@ struct Seen {
     ihl: usize,
     /// Carries an option of type 0x9e.
     tagged: bool,
+    /// IPv4 total length (GSO super-packets exceed the MTU).
+    len: usize,
 }
 
 struct Sniffer {
@@ -198,7 +236,11 @@ impl Sniffer {
             // SAFETY: plain syscalls on a socket we own.
             let fd = unsafe {
                 let raw = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-                assert!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+                assert!(
+                    raw >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
                 OwnedFd::from_raw_fd(raw)
             };
             let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
@@ -215,20 +257,38 @@ impl Sniffer {
                 )
             };
             assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
             let big: libc::c_int = 32 << 20;
             unsafe {
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE,
-                    (&big as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as u32);
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&big as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                );
             }
             ready_tx.send(()).unwrap();
             let mut seen = Vec::new();
             let mut buf = [0u8; 256];
             while !stop2.load(Ordering::Relaxed) {
                 let n = unsafe {
-                    libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC)
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_TRUNC,
+                    )
                 };
                 if n < 14 {
                     continue;
@@ -240,8 +300,13 @@ impl Sniffer {
             }
             seen
         });
-        ready_rx.recv_timeout(Duration::from_secs(5)).expect("sniffer ready");
-        Sniffer { stop, thread: Some(thread) }
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("sniffer ready");
+        Sniffer {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     fn finish(mut self) -> Vec<Seen> {
@@ -286,6 +351,7 @@ fn parse_frame(f: &[u8]) -> Option<Seen> {
         dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
         ihl,
         tagged,
+        len: usize::from(u16::from_be_bytes([ip[2], ip[3]])),
     })
 }
 
@@ -302,9 +368,17 @@ fn pseudo_random(len: usize) -> Vec<u8> {
 }
 
 fn no_leftovers(site: &Site) {
-    for ns in [Some(&site.dom0a), site.dom0b.as_ref()].into_iter().flatten() {
+    for ns in [Some(&site.dom0a), site.dom0b.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         let p = ns.path();
-        assert_eq!(netfilter::count_rules(Some(&p)).unwrap(), 0, "rules left in {}", ns.name());
+        assert_eq!(
+            netfilter::count_rules(Some(&p)).unwrap(),
+            0,
+            "rules left in {}",
+            ns.name()
+        );
     }
 }
 
@@ -317,8 +391,8 @@ fn two_host_tag_merge_strip() {
     let rt = runtime();
     let _enter = rt.enter();
     let mut site = Site::build(true);
-    let state_a = Arc::new(CausalState::new(2));
-    let state_b = Arc::new(CausalState::new(2));
+    let state_a = Arc::new(CausalState::new(MACHINES));
+    let state_b = Arc::new(CausalState::new(MACHINES));
     let path_a = site.start_agent("a", state_a.clone());
     let path_b = site.start_agent("b", state_b.clone());
     site.install_rules("a");
@@ -337,8 +411,6 @@ fn two_host_tag_merge_strip() {
         state_b.issue_write(DB_IDX, WriterId(1));
     }
 
-    let mut td1 = site.dom0b.as_ref().unwrap().command("tcpdump").args(["-U", "-ni", "wire", "-s", "128", "-w", "/tmp/wire.pcap"]).stderr(std::process::Stdio::null()).spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(1));
     let wire = Sniffer::start(&site.dom0a, "wire");
     let at_db = Sniffer::start(site.db.as_ref().unwrap(), "eth0");
 
@@ -349,19 +421,22 @@ fn two_host_tag_merge_strip() {
         let l = TcpListener::bind((DB, 5001)).expect("bind in db");
         ready_tx.send(()).unwrap();
         let (mut s, _) = l.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut got = Vec::with_capacity(LEN);
         s.read_to_end(&mut got).expect("read from web");
         s.write_all(b"stored").expect("reply");
         got
     });
-    ready_rx.recv_timeout(Duration::from_secs(5)).expect("server ready");
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
     let sent = data.clone();
     let client = site.web.spawn(move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((DB, 5001)), Duration::from_secs(10))
-            .expect("connect web -> db");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((DB, 5001)), Duration::from_secs(10))
+                .expect("connect web -> db");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(&sent)?;
         s.shutdown(std::net::Shutdown::Write)?;
         let mut reply = Vec::new();
@@ -369,15 +444,34 @@ fn two_host_tag_merge_strip() {
         Ok::<_, std::io::Error>(reply)
     });
     let reply = client.join().expect("client thread");
-    unsafe { libc::kill(td1.id() as i32, libc::SIGTERM); } let _ = td1.wait();
     let reply = reply.unwrap_or_else(|e| {
         let mut diag = String::new();
-        for ns in [&site.web, &site.dom0a, site.dom0b.as_ref().unwrap(), site.db.as_ref().unwrap()] {
+        for ns in [
+            &site.web,
+            &site.dom0a,
+            site.dom0b.as_ref().unwrap(),
+            site.db.as_ref().unwrap(),
+        ] {
             let out = ns.command("nstat").args(["-asz"]).output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
             let interesting: Vec<&str> = text
                 .lines()
-                .filter(|l| ["Err", "Drop", "Csum", "Frag", "Retrans", "InReceives", "OutRequests", "Discard", "TooBig", "Unreach"].iter().any(|k| l.contains(k)))
+                .filter(|l| {
+                    [
+                        "Err",
+                        "Drop",
+                        "Csum",
+                        "Frag",
+                        "Retrans",
+                        "InReceives",
+                        "OutRequests",
+                        "Discard",
+                        "TooBig",
+                        "Unreach",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
                 .filter(|l| l.split_whitespace().nth(1) != Some("0"))
                 .collect();
             diag.push_str(&format!("--- {}:\n{}\n", ns.name(), interesting.join("\n")));
@@ -396,13 +490,22 @@ fn two_host_tag_merge_strip() {
     assert_eq!(got.len(), LEN, "bytes received by db");
     assert!(got == *data, "10 MB arrived byte-identical");
 
-    let tagged_out = wire_seen.iter().filter(|s| s.src == WEB && s.dst == DB && s.tagged).count();
-    let tagged_back = wire_seen.iter().filter(|s| s.src == DB && s.dst == WEB && s.tagged).count();
+    let tagged_out = wire_seen
+        .iter()
+        .filter(|s| s.src == WEB && s.dst == DB && s.tagged)
+        .count();
+    let tagged_back = wire_seen
+        .iter()
+        .filter(|s| s.src == DB && s.dst == WEB && s.tagged)
+        .count();
     println!(
         "wire: {} IPv4 packets seen, {tagged_out} tagged web->db, {tagged_back} tagged db->web",
         wire_seen.len()
     );
-    assert!(tagged_out > 0, "web->db packets carry option 0x9e on the wire");
+    assert!(
+        tagged_out > 0,
+        "web->db packets carry option 0x9e on the wire"
+    );
     assert!(tagged_back > 0, "db's reply carries its vector on the wire");
     let db_ipv4 = db_seen.iter().filter(|s| s.dst == DB).count();
     let db_with_options = db_seen.iter().filter(|s| s.ihl > 20).count();
@@ -411,21 +514,103 @@ fn two_host_tag_merge_strip() {
     assert_eq!(db_with_options, 0, "db's stack never sees an IPv4 option");
 
     // Causality crossed both ways.
-    assert!(state_b.pending(DB_IDX).dominates(&v(&[3, 2])), "db merged web's vector: {}", state_b.pending(DB_IDX));
-    assert!(state_a.pending(WEB_IDX).dominates(&v(&[3, 2])), "web merged db's vector: {}", state_a.pending(WEB_IDX));
+    assert!(
+        state_b.pending(DB_IDX).dominates(&v(&[3, 2])),
+        "db merged web's vector: {}",
+        state_b.pending(DB_IDX)
+    );
+    assert!(
+        state_a.pending(WEB_IDX).dominates(&v(&[3, 2])),
+        "web merged db's vector: {}",
+        state_a.pending(WEB_IDX)
+    );
 
     let (ma, mb) = (path_a.metrics().snapshot(), path_b.metrics().snapshot());
     println!("agent a: {ma}\nagent b: {mb}");
     assert!(ma.tagged > 0 && mb.merged > 0 && mb.stripped > 0);
     assert!(mb.tagged > 0 && ma.merged > 0);
     assert_eq!(ma.tag_failures + mb.tag_failures, 0);
-    assert_eq!(ma.verdict_errors + mb.verdict_errors, 0, "kernel accepted every verdict");
-    assert!(ma.pure_acks_untagged + mb.pure_acks_untagged > 0, "pure ACKs counted as untagged");
+    assert_eq!(
+        ma.verdict_errors + mb.verdict_errors,
+        0,
+        "kernel accepted every verdict"
+    );
+    assert!(
+        ma.pure_acks_untagged + mb.pure_acks_untagged > 0,
+        "pure ACKs counted as untagged"
+    );
 
     rt.block_on(async {
         path_a.stop().await.expect("stop a");
         path_b.stop().await.expect("stop b");
     });
+    for g in site.rules.drain(..) {
+        g.remove().expect("remove rules");
+    }
+    no_leftovers(&site);
+}
+
+// ---------------------------------------------------------------------------
+// (a') same host: direct merge through the local queue, GSO kept
+// ---------------------------------------------------------------------------
+
+#[test]
+fn same_host_direct_merge() {
+    let rt = runtime();
+    let _enter = rt.enter();
+    let mut site = Site::build_with(false, true);
+    let state = Arc::new(CausalState::new(MACHINES));
+    let path = site.start_agent("a", state.clone());
+    site.install_rules("a");
+    for _ in 0..4 {
+        state.issue_write(WEB_IDX, WriterId(0));
+    }
+    let app = site.app.as_ref().unwrap();
+    let at_app = Sniffer::start(app, "eth0");
+    const LEN: usize = 4 << 20;
+    let data = Arc::new(pseudo_random(LEN));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = app.spawn(move || {
+        let l = TcpListener::bind((APP, 5002)).expect("bind in app");
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::with_capacity(LEN);
+        s.read_to_end(&mut got).expect("read from web");
+        got
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
+    let sent = data.clone();
+    site.web.run(move || {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((APP, 5002)), Duration::from_secs(10))
+                .expect("connect web -> app");
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&sent).expect("send");
+    });
+    let got = server.join().expect("server thread");
+    let seen = at_app.finish();
+    assert!(got == *data, "data intact");
+    assert!(
+        state.pending(APP_IDX).dominates(&v(&[4])),
+        "app merged web's vector"
+    );
+    assert_eq!(
+        seen.iter().filter(|s| s.ihl > 20).count(),
+        0,
+        "no option on a same-host hop"
+    );
+    let biggest = seen.iter().map(|s| s.len).max().unwrap_or(0);
+    let m = path.metrics().snapshot();
+    println!("same host: largest packet at app {biggest} B; {m}");
+    assert!(m.merged_local > 0 && m.tagged == 0);
+    assert!(
+        biggest > 1500,
+        "GSO super-packets pass the local queue whole"
+    );
+    rt.block_on(path.stop()).expect("stop");
     for g in site.rules.drain(..) {
         g.remove().expect("remove rules");
     }
@@ -453,7 +638,8 @@ impl ClientSink {
         let (s, u, r) = (stop.clone(), udp.clone(), ready_tx.clone());
         let t1 = client.spawn(move || {
             let sock = UdpSocket::bind((CLIENT, 6000)).expect("udp bind");
-            sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
             r.send(()).unwrap();
             let mut buf = [0u8; 2048];
             while !s.load(Ordering::Relaxed) {
@@ -487,13 +673,23 @@ impl ClientSink {
             }
         });
         for _ in 0..2 {
-            ready_rx.recv_timeout(Duration::from_secs(5)).expect("client ready");
+            ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("client ready");
         }
-        ClientSink { stop, udp, tcp, threads: vec![t1, t2] }
+        ClientSink {
+            stop,
+            udp,
+            tcp,
+            threads: vec![t1, t2],
+        }
     }
 
     fn counts(&self) -> (usize, usize) {
-        (self.udp.lock().unwrap().len(), self.tcp.lock().unwrap().len())
+        (
+            self.udp.lock().unwrap().len(),
+            self.tcp.lock().unwrap().len(),
+        )
     }
 }
 
@@ -526,15 +722,21 @@ fn hold_until_committed() {
     let rt = runtime();
     let _enter = rt.enter();
     let mut site = Site::build(false);
-    let state = Arc::new(CausalState::new(2));
+    // Two hold queues (--queue-balance), both bound on one socket.
+    site.max_held = 2 * 65_536;
+    let state = Arc::new(CausalState::new(MACHINES));
     let path = site.start_agent("a", state.clone());
     site.install_rules("a");
+    let rules = site.rule_manager("a").chain_rules();
+    assert!(rules.contains("--queue-balance"), "{rules}");
     let sink = ClientSink::start(&site.client);
 
     // Connect while web's vector is zero: the handshake leaves at once.
     let web = &site.web;
     let stream = web
-        .run(|| TcpStream::connect_timeout(&SocketAddr::from((CLIENT, 7000)), Duration::from_secs(10)))
+        .run(|| {
+            TcpStream::connect_timeout(&SocketAddr::from((CLIENT, 7000)), Duration::from_secs(10))
+        })
         .expect("connect web -> client");
     // web now depends on writes 1..=5 of writer 0.
     for _ in 0..5 {
@@ -555,12 +757,20 @@ fn hold_until_committed() {
     assert_eq!(sink.counts(), (0, 0), "nothing leaves before the commit");
     let m = path.metrics().snapshot();
     println!("held: {m}");
-    assert!(m.held_packets >= 21, "20 datagrams + the TCP segment held: {}", m.held_packets);
+    assert!(
+        m.held_packets >= 21,
+        "20 datagrams + the TCP segment held: {}",
+        m.held_packets
+    );
     assert!(m.oldest_held_age.is_some());
 
     state.publish_committed(&v(&[4]));
     std::thread::sleep(QUIET);
-    assert_eq!(sink.counts(), (0, 0), "committed [4] does not cover tag [5]");
+    assert_eq!(
+        sink.counts(),
+        (0, 0),
+        "committed [4] does not cover tag [5]"
+    );
 
     state.publish_committed(&v(&[5]));
     assert!(
@@ -601,7 +811,7 @@ fn child_hold_agent() {
     let rt = runtime();
     rt.block_on(async {
         let topo = topology();
-        let state = Arc::new(CausalState::new(2));
+        let state = Arc::new(CausalState::new(MACHINES));
         for _ in 0..5 {
             state.issue_write(WEB_IDX, WriterId(0));
         }
@@ -621,7 +831,13 @@ fn fail_closed_on_agent_kill() {
     let mut site = Site::build(false);
     let dom0 = site.dom0a.path();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child_hold_agent", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_hold_agent",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &dom0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -646,7 +862,8 @@ fn fail_closed_on_agent_kill() {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60)).expect("child agent ready");
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("child agent ready");
     site.install_rules("a");
     let sink = ClientSink::start(&site.client);
 
@@ -677,9 +894,16 @@ fn fail_closed_on_agent_kill() {
     child.0.wait().expect("reap child");
     send(10, 10);
     std::thread::sleep(QUIET);
-    assert_eq!(sink.counts().0, 0, "no client-bound packet leaks after the agent died");
+    assert_eq!(
+        sink.counts().0,
+        0,
+        "no client-bound packet leaks after the agent died"
+    );
     assert!(
-        !nfq::read_queue_stats(Some(&dom0)).unwrap().iter().any(|s| s.queue == queue),
+        !nfq::read_queue_stats(Some(&dom0))
+            .unwrap()
+            .iter()
+            .any(|s| s.queue == queue),
         "the queue is gone with its agent"
     );
     // The rules stayed (fail-closed) until the next start cleans them.

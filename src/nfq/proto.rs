@@ -102,7 +102,9 @@ impl Verdict {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 pub enum ParseError {
     /// A message header is shorter than 16 bytes or its length runs past the datagram.
-    #[error("netlink message length {len} invalid at offset {offset} of a {datagram}-byte datagram")]
+    #[error(
+        "netlink message length {len} invalid at offset {offset} of a {datagram}-byte datagram"
+    )]
     BadMessageLength {
         offset: usize,
         len: usize,

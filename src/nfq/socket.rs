@@ -134,7 +134,12 @@ fn create_socket(rcvbuf: usize) -> Result<OwnedFd, NfqError> {
         libc::SO_RCVBUF,
         rcvbuf,
     )?;
-    set_buffer(fd.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SNDBUF)?;
+    set_buffer(
+        fd.as_raw_fd(),
+        libc::SO_SNDBUFFORCE,
+        libc::SO_SNDBUF,
+        SNDBUF,
+    )?;
     Ok(fd)
 }
 
@@ -242,12 +247,13 @@ impl NfqSocket {
         }
         // SAFETY: an `OwnedFd` always returns the same open descriptor and
         // closes it only when dropped, after the registration is gone.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(
-            |e| NfqError::Socket {
-                what: "register with the tokio reactor",
-                source: e.into(),
-            },
-        )?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| {
+                NfqError::Socket {
+                    what: "register with the tokio reactor",
+                    source: e.into(),
+                }
+            })?;
         Ok(NfqSocket {
             fd,
             queues: cfg.queues.clone(),
@@ -290,9 +296,7 @@ impl NfqSocket {
         }
         match map_recv(raw_recv(self.fd.get_ref().as_raw_fd(), buf)) {
             Ok(r) => Ok(Some(r)),
-            Err(NfqError::Socket { source, .. })
-                if source.kind() == io::ErrorKind::WouldBlock =>
-            {
+            Err(NfqError::Socket { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -315,30 +319,26 @@ impl NfqSocket {
     /// Kernel counters of this socket's queues (`/proc/net/netfilter/nfnetlink_queue`
     /// of the socket's namespace): held packets, queue-full drops, user drops.
     pub fn stats(&self) -> Result<Vec<QueueStats>, NfqError> {
+        let mut all = self.namespace_stats()?;
+        all.retain(|s| self.queues.contains(&s.queue));
+        Ok(all)
+    }
+
+    /// Kernel counters of every queue bound in the socket's namespace.
+    pub fn namespace_stats(&self) -> Result<Vec<QueueStats>, NfqError> {
         use std::io::{Read, Seek};
         let mut file = self.stats_file.lock().unwrap_or_else(|e| e.into_inner());
-        let text = match file.as_mut() {
-            Some(f) => {
-                let mut text = String::new();
-                f.rewind()
-                    .and_then(|_| f.read_to_string(&mut text))
-                    .map_err(|source| NfqError::Socket {
-                        what: "read /proc/net/netfilter/nfnetlink_queue",
-                        source,
-                    })?;
-                text
-            }
-            None => {
-                return Ok(read_queue_stats(self.netns.as_deref())?
-                    .into_iter()
-                    .filter(|s| self.queues.contains(&s.queue))
-                    .collect())
-            }
+        let Some(f) = file.as_mut() else {
+            return read_queue_stats(self.netns.as_deref());
         };
-        Ok(proto::parse_queue_stats(&text)
-            .into_iter()
-            .filter(|s| self.queues.contains(&s.queue))
-            .collect())
+        let mut text = String::new();
+        f.rewind()
+            .and_then(|_| f.read_to_string(&mut text))
+            .map_err(|source| NfqError::Socket {
+                what: "read /proc/net/netfilter/nfnetlink_queue",
+                source,
+            })?;
+        Ok(proto::parse_queue_stats(&text))
     }
 }
 
@@ -425,11 +425,11 @@ fn request(
 /// current thread's): every bound queue's held count and drop counters.
 pub fn read_queue_stats(netns: Option<&std::path::Path>) -> Result<Vec<QueueStats>, NfqError> {
     let text = in_netns(netns, || std::fs::read_to_string(STATS_PATH))
-    .map_err(NfqError::Netns)?
-    .map_err(|source| NfqError::Socket {
-        what: "read /proc/net/netfilter/nfnetlink_queue",
-        source,
-    })?;
+        .map_err(NfqError::Netns)?
+        .map_err(|source| NfqError::Socket {
+            what: "read /proc/net/netfilter/nfnetlink_queue",
+            source,
+        })?;
     Ok(proto::parse_queue_stats(&text))
 }
 
