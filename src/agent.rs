@@ -23,13 +23,13 @@ use crate::nbd::NbdServer;
 use crate::netfilter::{NetTopology, RuleConfig, RuleManager, DEFAULT_MTU};
 use crate::netpath::{NetPath, NetPathConfig};
 use crate::replication::{
-    fresh_generation, BackupLossPolicy, DiskSpec, ModeSwitch, ReplicationClient,
-    ReplicationConfig, TlsFiles,
+    fresh_generation, BackupLossPolicy, DiskSpec, ModeSwitch, ReplicationClient, ReplicationConfig,
+    TlsFiles,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use pipecloud_core::netqueue::NetQueueLimits;
-use pipecloud_core::CountVector;
 use pipecloud_core::topology::{self, Topology};
+use pipecloud_core::CountVector;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -201,7 +201,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         }
     });
     tracing::info!(group = %topo.group.name, host = %host.name, mode = %topo.group.mode, "agent running");
-    println!("pipecloud agent: running (group {}, host {})", topo.group.name, host.name);
+    println!(
+        "pipecloud agent: running (group {}, host {})",
+        topo.group.name, host.name
+    );
 
     wait_for_signal().await?;
     tracing::info!("stopping");

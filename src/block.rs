@@ -17,11 +17,19 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// Reads `len` bytes at `offset` (the server checks the range first).
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
     /// Writes `data` at `offset`; with `fua` the data is durable locally when this returns.
-    fn write(&self, offset: u64, data: Vec<u8>, fua: bool)
-        -> impl Future<Output = io::Result<()>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// Writes `len` zero bytes at `offset`.
-    fn write_zeroes(&self, offset: u64, len: u32, fua: bool)
-        -> impl Future<Output = io::Result<()>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// Discards `len` bytes at `offset` (reads may return zeroes afterwards).
     fn trim(&self, offset: u64, len: u32) -> impl Future<Output = io::Result<()>> + Send;
     /// Makes every write that has completed (on any connection) durable locally.

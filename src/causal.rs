@@ -27,7 +27,9 @@ impl CausalState {
     pub fn new(machines: usize) -> Self {
         let (committed, _) = watch::channel(CountVector::ZERO);
         CausalState {
-            pending: (0..machines).map(|_| Mutex::new(CountVector::ZERO)).collect(),
+            pending: (0..machines)
+                .map(|_| Mutex::new(CountVector::ZERO))
+                .collect(),
             committed,
         }
     }

@@ -7,14 +7,14 @@
 
 pub use pipecloud_core as core;
 
+pub mod agent;
+pub mod block;
+pub mod causal;
+pub mod ctl;
+pub mod disk;
+pub mod image;
 pub mod nbd;
 pub mod netfilter;
 pub mod netpath;
 pub mod nfq;
 pub mod replication;
-pub mod disk;
-pub mod ctl;
-pub mod block;
-pub mod causal;
-pub mod image;
-pub mod agent;

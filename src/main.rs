@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! pipecloud topology check FILE...          validate topology files, print summaries
-//! pipecloud agent --topology FILE --host N  run the host agent 
-//! pipecloud ctl [--socket PATH] status      query a running agent 
-//! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode 
+//! pipecloud agent --topology FILE --host N  run the host agent
+//! pipecloud ctl [--socket PATH] status      query a running agent
+//! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode
 //! ```
 //!
 //! Exit status: 0 on success, 1 on failure (invalid topology, I/O error), 2 on
@@ -148,7 +148,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     host.map(|h| h.ctl_socket)
                         .ok_or_else(|| anyhow::anyhow!("no such host in {}", t.display()))?
                 }
-                (None, None) => anyhow::bail!("give --socket PATH or --topology FILE [--host NAME]"),
+                (None, None) => {
+                    anyhow::bail!("give --socket PATH or --topology FILE [--host NAME]")
+                }
             };
             let out = match args.command {
                 CtlCommand::Status => pipecloud::ctl::status(&socket)?,

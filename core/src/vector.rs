@@ -27,7 +27,9 @@ pub const MAX_WRITERS: usize = 8;
 pub const EPOCH_ENTRY: usize = VECTOR_LEN - 1;
 
 /// Index of a writer inside its protection group, `0..MAX_WRITERS`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct WriterId(pub u8);
 
 impl WriterId {

@@ -67,7 +67,12 @@ impl Rng {
 pub fn ids_in_image(image: &Path, mnt: &Path, ns: &str, name: &str) -> Result<BTreeSet<i64>> {
     let m = MountedImage::mount(image, mnt)?;
     let datadir = mnt.join("pgdata");
-    sh(&["chown", "-R", "postgres:postgres", &datadir.to_string_lossy()])?;
+    sh(&[
+        "chown",
+        "-R",
+        "postgres:postgres",
+        &datadir.to_string_lossy(),
+    ])?;
     let _ = std::fs::remove_file(datadir.join("postmaster.pid"));
     let log = mnt
         .parent()
@@ -114,9 +119,11 @@ pub fn run_point(
     let started_wall = std::time::SystemTime::now();
     let rec2 = Arc::clone(&rec);
     let client_ns = site.client_ns();
-    let clients = spawn_in(&client_ns, move || Ok(client::start(target, workers, &rec2)))
-        .join()
-        .map_err(|_| anyhow::anyhow!("client start panicked"))??;
+    let clients = spawn_in(&client_ns, move || {
+        Ok(client::start(target, workers, &rec2))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client start panicked"))??;
     std::thread::sleep(run_for);
     // The disaster instant.
     site.disaster();
@@ -146,16 +153,31 @@ pub fn run_point(
         .topo
         .machines
         .iter()
-        .filter_map(|m| site.topo.disks_of(&m.name).first().map(|d| (m.name.clone(), d.name.clone())))
+        .filter_map(|m| {
+            site.topo
+                .disks_of(&m.name)
+                .first()
+                .map(|d| (m.name.clone(), d.name.clone()))
+        })
         .collect();
     let ns = site.client_ns();
     for (machine, disk) in &disks {
         let rec_img = out.join(format!("{disk}.img"));
-        let s = ids_in_image(&rec_img, &work.join(format!("sv-{disk}")), &ns, &format!("sv-{machine}"))?;
+        let s = ids_in_image(
+            &rec_img,
+            &work.join(format!("sv-{disk}")),
+            &ns,
+            &format!("sv-{machine}"),
+        )?;
         let local = work.join("images").join(format!("{disk}.img"));
         let copy = work.join(format!("pv-{disk}.img"));
         std::fs::copy(&local, &copy).context("copying the primary image")?;
-        let p = ids_in_image(&copy, &work.join(format!("pv-{disk}")), &ns, &format!("pv-{machine}"))?;
+        let p = ids_in_image(
+            &copy,
+            &work.join(format!("pv-{disk}")),
+            &ns,
+            &format!("pv-{machine}"),
+        )?;
         sv = Some(match sv {
             None => s,
             Some(prev) => prev.intersection(&s).copied().collect(),

@@ -53,8 +53,8 @@ impl Drop for Netns {
 /// Creates a veth pair `a_if` in `a` and `b_if` in `b`, both up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     sh(&[
-        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if,
-        "netns", &b.name,
+        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
     ])
     .with_context(|| format!("veth {}:{a_if} <-> {}:{b_if}", a.name, b.name))?;
     a.sh(&["ip", "link", "set", a_if, "up"])?;

@@ -19,7 +19,13 @@ pub fn pg_bin(name: &str) -> String {
 }
 
 fn as_postgres(cmd: &mut Command) -> &mut Command {
-    cmd.args(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+    cmd.args([
+        "setpriv",
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+        "--",
+    ])
 }
 
 /// A running PostgreSQL server.
@@ -37,13 +43,32 @@ pub struct Postgres {
 /// Creates a fresh cluster in `datadir` (must be empty or absent), owned by postgres.
 pub fn initdb(datadir: &Path) -> Result<()> {
     std::fs::create_dir_all(datadir)?;
-    sh(&["chown", "-R", "postgres:postgres", &datadir.to_string_lossy()])?;
+    sh(&[
+        "chown",
+        "-R",
+        "postgres:postgres",
+        &datadir.to_string_lossy(),
+    ])?;
     sh(&["chmod", "700", &datadir.to_string_lossy()])?;
     let mut c = Command::new("setpriv");
-    c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-        .arg(pg_bin("initdb"))
-        .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"])
-        .arg(datadir);
+    c.args([
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+        "--",
+    ])
+    .arg(pg_bin("initdb"))
+    .args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "-D",
+    ])
+    .arg(datadir);
     run(&mut c).context("initdb")?;
     let conf = datadir.join("postgresql.auto.conf");
     std::fs::write(
@@ -56,7 +81,12 @@ pub fn initdb(datadir: &Path) -> Result<()> {
         datadir.join("pg_hba.conf"),
         "local all all trust\nhost all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n",
     )?;
-    sh(&["chown", "-R", "postgres:postgres", &datadir.to_string_lossy()])?;
+    sh(&[
+        "chown",
+        "-R",
+        "postgres:postgres",
+        &datadir.to_string_lossy(),
+    ])?;
     Ok(())
 }
 
@@ -77,13 +107,21 @@ impl Postgres {
         std::fs::create_dir_all(&sockdir)?;
         sh(&["chown", "postgres:postgres", &sockdir.to_string_lossy()])?;
         let mut cmd = ns_cmd(ns, "setpriv");
-        cmd.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-            .arg(pg_bin("postgres"))
-            .arg("-D")
-            .arg(datadir)
-            .args(["-c", &format!("listen_addresses={ip}")])
-            .args(["-c", &format!("port={port}")])
-            .args(["-c", &format!("unix_socket_directories={}", sockdir.display())]);
+        cmd.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(pg_bin("postgres"))
+        .arg("-D")
+        .arg(datadir)
+        .args(["-c", &format!("listen_addresses={ip}")])
+        .args(["-c", &format!("port={port}")])
+        .args([
+            "-c",
+            &format!("unix_socket_directories={}", sockdir.display()),
+        ]);
         for e in extra {
             cmd.args(["-c", e]);
         }
@@ -99,13 +137,17 @@ impl Postgres {
             proc,
         };
         let mut died = false;
-        let r = wait_until(Duration::from_secs(120), "postgres to accept connections", || {
-            if pg.proc.exited() {
-                died = true;
-                return true;
-            }
-            pg.psql("select 1").is_ok()
-        })
+        let r = wait_until(
+            Duration::from_secs(120),
+            "postgres to accept connections",
+            || {
+                if pg.proc.exited() {
+                    died = true;
+                    return true;
+                }
+                pg.psql("select 1").is_ok()
+            },
+        )
         .and_then(|()| {
             if died {
                 anyhow::bail!("postgres exited during start-up")
@@ -123,9 +165,18 @@ impl Postgres {
     /// Runs SQL over the unix socket; returns unaligned tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
         let mut c = Command::new(pg_bin("psql"));
-        c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
-            .arg(&self.sockdir)
-            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]);
+        c.args([
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-h",
+        ])
+        .arg(&self.sockdir)
+        .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]);
         run(&mut c)
     }
 

@@ -150,7 +150,12 @@ impl Site {
             ),
         )?;
         // The backup server runs as nobody: it owns only its data dir and reads the certs.
-        sh(&["chown", "-R", "nobody:nogroup", &site.backup_data.to_string_lossy()])?;
+        sh(&[
+            "chown",
+            "-R",
+            "nobody:nogroup",
+            &site.backup_data.to_string_lossy(),
+        ])?;
         sh(&["chmod", "-R", "a+rX", &site.certs.to_string_lossy()])?;
         sh(&["chmod", "a+x", &site.work.to_string_lossy()])?;
         let mut cmd = ns_cmd(&names.backup(), "setpriv");
@@ -185,7 +190,10 @@ impl Site {
         // Disks: wait for each export, attach, mkfs, mount.
         for (i, h) in topo.hosts.iter().enumerate() {
             for d in topo.disks_on(&h.name) {
-                let sock = site.work.join(format!("h{i}")).join(format!("{}.sock", d.name));
+                let sock = site
+                    .work
+                    .join(format!("h{i}"))
+                    .join(format!("{}.sock", d.name));
                 wait_until(Duration::from_secs(60), "the agent's NBD socket", || {
                     sock.exists()
                 })
@@ -235,7 +243,10 @@ impl Site {
                 } else {
                     None
                 };
-                let mut cmd = ns_cmd(&names.machine(j), &bin("pipecloud-harness").to_string_lossy());
+                let mut cmd = ns_cmd(
+                    &names.machine(j),
+                    &bin("pipecloud-harness").to_string_lossy(),
+                );
                 cmd.args(["compdb", "--tier", &m.name])
                     .args(["--listen", &format!("{}:{TIER_PORT}", m.ip)])
                     .args([
@@ -292,7 +303,9 @@ impl Site {
             w.cut();
         }
         let wan = self.net.names.wan();
-        sh_quiet(&["ip", "netns", "exec", &wan, "ip", "link", "set", "lan0", "down"]);
+        sh_quiet(&[
+            "ip", "netns", "exec", &wan, "ip", "link", "set", "lan0", "down",
+        ]);
         for a in &mut self.agents {
             a.signal(libc::SIGKILL);
         }
@@ -342,7 +355,14 @@ impl Site {
         run(Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(bin("backup-server"))
-            .args(["restore", "--group", &self.topo.group.name, "--at", at, "--out"])
+            .args([
+                "restore",
+                "--group",
+                &self.topo.group.name,
+                "--at",
+                at,
+                "--out",
+            ])
             .arg(out)
             .arg("--data-dir")
             .arg(&self.backup_data))

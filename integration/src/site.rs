@@ -152,7 +152,12 @@ impl Network {
                     route(hns, &format!("{}/32", m.ip), "lan0", Some(host_lan_ip(hi)))?;
                 }
             }
-            route(&client, &format!("{}/32", m.ip), "eth0", Some(host_lan_ip(hi)))?;
+            route(
+                &client,
+                &format!("{}/32", m.ip),
+                "eth0",
+                Some(host_lan_ip(hi)),
+            )?;
             machine_ns.push(ns);
         }
         namespaces.push(lan);
@@ -219,7 +224,9 @@ pub fn render_topology(topo: &Topology, mode: Mode, certs: &Path, work: &Path) -
             "[[disk]]\nname = \"{}\"\nmachine = \"{}\"\nimage = \"{}\"\nsize = {}\n",
             d.name,
             d.machine,
-            work.join("images").join(format!("{}.img", d.name)).display(),
+            work.join("images")
+                .join(format!("{}.img", d.name))
+                .display(),
             d.size
         );
     }
@@ -253,8 +260,9 @@ impl MountedDisk {
         let mut cmd = Command::new("nbdfuse");
         cmd.args(["-C", "1"])
             .arg(fuse_dir.join("disk"))
-            .arg("--unix")
-            .arg(sock);
+            // Name the export: the agent serves every disk of its host on each
+            // socket, and the default ('') export exists only when there is one.
+            .arg(format!("nbd+unix:///{name}?socket={}", sock.display()));
         let nbdfuse = Guarded::spawn(
             &format!("nbdfuse-{name}"),
             &mut cmd,
@@ -269,9 +277,11 @@ impl MountedDisk {
             nbdfuse: Some(nbdfuse),
             mounted: false,
         };
-        wait_until(Duration::from_secs(20), "nbdfuse to expose the disk", || {
-            disk_file.exists()
-        })?;
+        wait_until(
+            Duration::from_secs(20),
+            "nbdfuse to expose the disk",
+            || disk_file.exists(),
+        )?;
         let out = sh(&[
             "losetup",
             "-f",
@@ -339,7 +349,13 @@ impl MountedImage {
             mountpoint: mountpoint.to_path_buf(),
         };
         // ext4 journal replay happens at mount.
-        if let Err(e) = sh(&["mount", "-t", "ext4", &loopdev, &mountpoint.to_string_lossy()]) {
+        if let Err(e) = sh(&[
+            "mount",
+            "-t",
+            "ext4",
+            &loopdev,
+            &mountpoint.to_string_lossy(),
+        ]) {
             bail!("mounting recovered image {}: {e:#}", image.display());
         }
         Ok(m)

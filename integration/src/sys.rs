@@ -67,7 +67,8 @@ impl Guarded {
     /// Spawns `cmd` with stdio redirected to `log` (daemons started from a test
     /// must not hold the harness's pipes: NOTES.md).
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Guarded> {
-        let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let f =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let f2 = f.try_clone()?;
         let child = cmd
             .stdin(Stdio::null())

@@ -69,7 +69,12 @@ impl WanDelay {
         crate::sys::ns_sh(
             ns,
             &[
-                "iptables", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num",
+                "iptables",
+                "-A",
+                "FORWARD",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
                 &WAN_QUEUE.to_string(),
             ],
         )?;
@@ -94,14 +99,17 @@ impl WanDelay {
     /// Changes the one-way delay (calibration: the harness measures the RTT at the
     /// application level and corrects for the wake-up latency of this machine).
     pub fn set_one_way(&self, d: Duration) {
-        self.one_way_ns.store(d.as_nanos() as u64, Ordering::Relaxed);
+        self.one_way_ns
+            .store(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Stops the delay thread and reports its error, if any.
     pub fn stop(&mut self) -> Result<()> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
-            return t.join().map_err(|_| anyhow::anyhow!("WAN thread panicked"))?;
+            return t
+                .join()
+                .map_err(|_| anyhow::anyhow!("WAN thread panicked"))?;
         }
         Ok(())
     }
@@ -154,7 +162,8 @@ fn delay_loop(
             if let Some(&(_, id)) = held.back() {
                 out.clear();
                 proto::build_verdict_batch(&mut out, WAN_QUEUE, id, Verdict::Drop);
-                sock.send(&out).map_err(|e| anyhow::anyhow!("wan: verdict: {e}"))?;
+                sock.send(&out)
+                    .map_err(|e| anyhow::anyhow!("wan: verdict: {e}"))?;
                 held.clear();
             }
         }
@@ -171,7 +180,8 @@ fn delay_loop(
         if let Some(id) = upto {
             out.clear();
             proto::build_verdict_batch(&mut out, WAN_QUEUE, id, Verdict::Accept);
-            sock.send(&out).map_err(|e| anyhow::anyhow!("wan: verdict: {e}"))?;
+            sock.send(&out)
+                .map_err(|e| anyhow::anyhow!("wan: verdict: {e}"))?;
         }
         // Wait for a packet or the next deadline.
         let timeout = match held.front() {
