@@ -294,7 +294,17 @@ fn tag_outgoing(
         Classify::NotIpv4 => return decision(Action::Accept, TagEvent::UntaggedNonIpv4),
         Classify::Malformed(_) => return decision(Action::Accept, TagEvent::Malformed),
         Classify::OtherOptions => return decision(Action::Accept, TagEvent::UntaggedOtherOptions),
-        Classify::Fragment => return decision(Action::Accept, TagEvent::UntaggedFragment),
+        // A fragment cannot carry the tag (DESIGN §3): passing it untagged would
+        // lose the sender's dependencies on the other host, so it is dropped
+        // (fail-closed, counted) unless the sender depends on nothing yet. TCP
+        // never fragments here (MSS clamp + DF); a UDP sender must fit its MTU.
+        Classify::Fragment => {
+            return if state.pending(sender.index).is_zero() {
+                decision(Action::Accept, TagEvent::UntaggedFragment)
+            } else {
+                decision(Action::Drop, TagEvent::TagFailed)
+            };
+        }
         // A guest-made option of ours would stand in for the real tag: replace it.
         Classify::Tagged { .. } => true,
         Classify::Untagged => false,
@@ -1429,11 +1439,17 @@ mod tests {
             decide_tag(&a, &s, pol, &opt, FULL, &mut scratch).event,
             TagEvent::UntaggedOtherOptions
         );
-        // Fragment.
+        // Fragment of a sender with dependencies: cannot carry the tag, dropped.
         let mut frag = tcp(WEB, DB, b"x", false);
         frag[6] |= 0x20; // MF
         assert_eq!(
-            decide_tag(&a, &s, pol, &frag, FULL, &mut scratch).event,
+            decide_tag(&a, &s, pol, &frag, FULL, &mut scratch),
+            decision(Action::Drop, TagEvent::TagFailed)
+        );
+        // ... and passed (counted) while the sender depends on nothing.
+        let fresh = CausalState::new(3);
+        assert_eq!(
+            decide_tag(&a, &fresh, pol, &frag, FULL, &mut scratch).event,
             TagEvent::UntaggedFragment
         );
         // Not IPv4.
