@@ -90,6 +90,7 @@ impl Site {
             backup_data: work.join("backup"),
             rtt: RttReport {
                 samples: 0,
+                min: Duration::ZERO,
                 median: Duration::ZERO,
                 mean: Duration::ZERO,
                 p99: Duration::ZERO,

@@ -221,13 +221,15 @@ pub fn start_calibrated(
         let r = measure_rtt(from_ns, to_ns, probe, samples)?;
         return Ok((wan, r));
     }
-    // Up to four damped rounds: the excess is this machine's wake-up latency,
-    // noisy under load, so never correct by more than 2 ms in total.
+    // Up to four rounds on the *fastest* round trip: the excess over the target is
+    // this machine's fixed wake-up/forwarding cost, while load only adds noise on
+    // top (a median-based correction over-corrects when a build runs meanwhile).
+    // Never correct by more than 2 ms in total.
     let floor = (rtt / 2).saturating_sub(Duration::from_millis(2));
     for round in 0..4u16 {
         let p = SocketAddr::new(probe.ip(), probe.port() + 2 + round);
         let m = measure_rtt(from_ns, to_ns, p, 40)?;
-        let err = m.median.as_secs_f64() - rtt.as_secs_f64();
+        let err = m.min.as_secs_f64() - rtt.as_secs_f64();
         if err.abs() <= 0.000_25 {
             break;
         }
@@ -263,6 +265,9 @@ pub fn start_calibrated(
 #[derive(Clone, Copy, Debug)]
 pub struct RttReport {
     pub samples: usize,
+    /// Fastest round trip: the emulated delay plus the path's fixed cost, free of
+    /// scheduling noise (load only ever adds delay).
+    pub min: Duration,
     pub median: Duration,
     pub mean: Duration,
     pub p99: Duration,
@@ -320,6 +325,7 @@ pub fn measure_rtt(
     let n = v.len().max(1);
     Ok(RttReport {
         samples: v.len(),
+        min: v.first().copied().unwrap_or_default(),
         median: v[v.len() / 2],
         mean: v.iter().sum::<Duration>() / n as u32,
         p99: v[((v.len() - 1) as f64 * 0.99) as usize],
