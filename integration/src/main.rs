@@ -238,15 +238,28 @@ fn real_main() -> Result<()> {
             for i in 0..points {
                 let run_for = Duration::from_millis(rng.range(min_ms, max_ms));
                 let dir = disaster::point_dir(&base, i);
-                let r = disaster::run_point(
-                    &topology,
-                    &dir,
-                    &format!("{PREFIX}{}", std::process::id()),
-                    &opts,
-                    run_for,
-                    workers,
-                    pitr,
-                )
+                // A point whose site refused to start because the measured RTT was
+                // off (a load burst on this shared machine) is retried, at most twice.
+                let mut attempt = 0;
+                let r = loop {
+                    let r = disaster::run_point(
+                        &topology,
+                        &dir,
+                        &format!("{PREFIX}{}", std::process::id()),
+                        &opts,
+                        run_for,
+                        workers,
+                        pitr,
+                    );
+                    match r {
+                        Err(e) if attempt < 2 && format!("{e:#}").contains("refusing to run") => {
+                            attempt += 1;
+                            eprintln!("harness: point {i}: {e:#}; retrying");
+                            let _ = std::fs::remove_dir_all(&dir);
+                        }
+                        r => break r,
+                    }
+                }
                 .with_context(|| format!("disaster point {i} (work dir {})", dir.display()))?;
                 println!(
                     "point {i}: run {:?} issued={} cv={} sv={} pv={} unsafe={} last500: cv={} sv={} pv={} failover={}ms {}",
