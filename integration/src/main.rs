@@ -124,7 +124,10 @@ fn work_dir(tag: &str) -> PathBuf {
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
-        println!("RESULT status=error error={:?}", format!("{e:#}").lines().next().unwrap_or(""));
+        println!(
+            "RESULT status=error error={:?}",
+            format!("{e:#}").lines().next().unwrap_or("")
+        );
         std::process::exit(1);
     }
 }
@@ -160,8 +163,9 @@ fn real_main() -> Result<()> {
             samples,
         } => {
             let text = std::fs::read_to_string(&topology)?;
-            let topo = pipecloud_core::topology::Topology::parse(&text, &topology.display().to_string())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let topo =
+                pipecloud_core::topology::Topology::parse(&text, &topology.display().to_string())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
             let prefix = format!("{PREFIX}{}", std::process::id());
             let net = site::Network::build(&topo, &prefix)?;
             let probe = std::net::SocketAddr::new(site::BACKUP_IP.into(), 7990);
@@ -188,16 +192,22 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Site {
-            cmd: SiteCmd::Up {
-                topology,
-                rtt_ms,
-                mode,
-            },
+            cmd:
+                SiteCmd::Up {
+                    topology,
+                    rtt_ms,
+                    mode,
+                },
         } => {
             sys::ensure_private_mount_ns()?;
             let work = work_dir("site");
             let opts = site_opts(rtt_ms, mode);
-            let site = run::Site::up(&topology, &work, &format!("{PREFIX}{}", std::process::id()), &opts)?;
+            let site = run::Site::up(
+                &topology,
+                &work,
+                &format!("{PREFIX}{}", std::process::id()),
+                &opts,
+            )?;
             println!(
                 "RESULT status=up rtt_ms={:.2} work={} front={}",
                 run::ms(site.rtt.median),
@@ -283,11 +293,15 @@ fn real_main() -> Result<()> {
                 "RESULT topology={name} mode={mode} points={points} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv} pitr_rows={pitr_rows} pitr_missing_acked={pitr_missing}"
             );
             if safe_mode_pitr(mode) && pitr_missing > 0 {
-                anyhow::bail!("{pitr_missing} acknowledged requests missing from point-in-time restores");
+                anyhow::bail!(
+                    "{pitr_missing} acknowledged requests missing from point-in-time restores"
+                );
             }
             let safe_mode = matches!(mode, Mode::Sync | Mode::Pipelined);
             if safe_mode && unsafe_total > 0 {
-                anyhow::bail!("{unsafe_total} unsafe replies in mode {mode}: client view ⊄ secondary view");
+                anyhow::bail!(
+                    "{unsafe_total} unsafe replies in mode {mode}: client view ⊄ secondary view"
+                );
             }
             if expect_unsafe && unsafe_total == 0 {
                 anyhow::bail!("mode {mode} showed no unsafe reply in {points} points: the test is too weak to fail");

@@ -67,7 +67,9 @@ impl std::str::FromStr for Workload {
         Workload::ALL
             .into_iter()
             .find(|w| w.as_str() == s.trim())
-            .ok_or_else(|| format!("unknown workload {s:?} (expected tpcb, tpcb-interactive or insert)"))
+            .ok_or_else(|| {
+                format!("unknown workload {s:?} (expected tpcb, tpcb-interactive or insert)")
+            })
     }
 }
 
@@ -121,7 +123,14 @@ pub struct Endpoint {
 impl Endpoint {
     fn base(&self, prog: &str) -> std::process::Command {
         let mut c = ns_cmd(&self.client_ns, &crate::pg::pg_bin(prog));
-        c.args(["-h", &self.host.to_string(), "-p", &self.port.to_string(), "-U", "postgres"]);
+        c.args([
+            "-h",
+            &self.host.to_string(),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
         c
     }
 }
@@ -142,7 +151,17 @@ pub fn init(ep: &Endpoint, scale: u32) -> Result<()> {
 /// Runs SQL through psql from the client namespace.
 pub fn sql(ep: &Endpoint, text: &str) -> Result<String> {
     let mut c = ep.base("psql");
-    c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", text]);
+    c.args([
+        "-X",
+        "-q",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        "postgres",
+        "-c",
+        text,
+    ]);
     run(&mut c)
 }
 
@@ -179,9 +198,8 @@ pub fn run_workload(
         .arg("-f")
         .arg(&script)
         .arg("postgres");
-    let out = run(&mut c).with_context(|| {
-        format!("pgbench {} with {clients} clients", workload.as_str())
-    })?;
+    let out = run(&mut c)
+        .with_context(|| format!("pgbench {} with {clients} clients", workload.as_str()))?;
     parse_summary(&out)
 }
 
@@ -258,6 +276,8 @@ tps = 945.983211 (without initial connection time)
         }
         assert!("tpcc".parse::<Workload>().is_err());
         assert!(Workload::TpcB.script().contains("\\startpipeline"));
-        assert!(!Workload::TpcBInteractive.script().contains("\\startpipeline"));
+        assert!(!Workload::TpcBInteractive
+            .script()
+            .contains("\\startpipeline"));
     }
 }

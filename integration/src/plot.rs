@@ -133,7 +133,11 @@ impl Axis {
     }
     fn px(&self, v: f64) -> f64 {
         let (a, b) = (self.f(self.lo), self.f(self.hi));
-        let t = if b > a { (self.f(v) - a) / (b - a) } else { 0.5 };
+        let t = if b > a {
+            (self.f(v) - a) / (b - a)
+        } else {
+            0.5
+        };
         self.p0 + t * (self.p1 - self.p0)
     }
     fn usable(&self, v: f64) -> bool {
@@ -182,7 +186,9 @@ fn range(values: impl Iterator<Item = f64>, scale: Scale, zero_based: bool) -> (
         .collect();
     let (mut lo, mut hi) = vals
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(*v), b.max(*v))
+        });
     if !lo.is_finite() {
         return match scale {
             Scale::Linear => (0.0, 1.0),
@@ -225,7 +231,10 @@ fn header(s: &mut String, title: &str) {
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="13">"#
     );
-    let _ = writeln!(s, r#"<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>"#
+    );
     let _ = writeln!(
         s,
         r#"<text x="{}" y="26" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
@@ -318,7 +327,13 @@ fn legend(s: &mut String, labels: &[String], bars: bool) {
                 y - 3.0
             );
         }
-        let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, x + 28.0, y + 1.0, esc(l));
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            x + 28.0,
+            y + 1.0,
+            esc(l)
+        );
     }
 }
 
@@ -382,7 +397,10 @@ pub fn line_chart(c: &LineChart) -> String {
             );
         }
         for (a, b) in &pts {
-            let _ = writeln!(s, r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{col}"/>"#);
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{col}"/>"#
+            );
         }
     }
     let labels: Vec<String> = c.series.iter().map(|s| s.label.clone()).collect();
@@ -547,8 +565,8 @@ mod tests {
             let mut it = cap.split('"');
             let cx: f64 = it.next().unwrap_or("x").parse().unwrap_or(-1.0);
             let cy: f64 = it.nth(1).unwrap_or("x").parse().unwrap_or(-1.0);
-            assert!(cx >= ML - 0.01 && cx <= W, "cx {cx}");
-            assert!(cy >= MT - 0.01 && cy <= H - MB + 0.01, "cy {cy}");
+            assert!((ML - 0.01..=W).contains(&cx), "cx {cx}");
+            assert!((MT - 0.01..=H - MB + 0.01).contains(&cy), "cy {cy}");
         }
     }
 

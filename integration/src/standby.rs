@@ -50,9 +50,18 @@ pub struct SyncStandby {
 /// Runs SQL against a server through its unix socket.
 fn psql_at(sockdir: &Path, port: u16, sql: &str) -> Result<String> {
     let mut c = std::process::Command::new(pg_bin("psql"));
-    c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
-        .arg(sockdir)
-        .args(["-p", &port.to_string(), "-d", "postgres", "-c", sql]);
+    c.args([
+        "-X",
+        "-q",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-U",
+        "postgres",
+        "-h",
+    ])
+    .arg(sockdir)
+    .args(["-p", &port.to_string(), "-d", "postgres", "-c", sql]);
     run(&mut c)
 }
 
@@ -76,7 +85,11 @@ impl SyncStandby {
         .context("route from the WAN router back to the primary machine")?;
         sh_quiet(&["rm", "-rf", &plan.datadir.to_string_lossy()]);
         std::fs::create_dir_all(&plan.datadir)?;
-        sh(&["chown", "postgres:postgres", &plan.datadir.to_string_lossy()])?;
+        sh(&[
+            "chown",
+            "postgres:postgres",
+            &plan.datadir.to_string_lossy(),
+        ])?;
         sh(&["chmod", "700", &plan.datadir.to_string_lossy()])?;
         let mut me = SyncStandby {
             standby: None,
@@ -88,11 +101,21 @@ impl SyncStandby {
         // pg_basebackup from the backup namespace: the base backup and its WAL
         // cross the emulated WAN. -R writes standby.signal and primary_conninfo.
         let mut c = ns_cmd(&plan.backup_ns, "setpriv");
-        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-            .arg(pg_bin("pg_basebackup"))
-            .args(["-h", &primary.ip.to_string(), "-p", &primary.port.to_string()])
-            .args(["-U", "postgres", "-X", "stream", "-R", "-c", "fast", "-D"])
-            .arg(&plan.datadir);
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(pg_bin("pg_basebackup"))
+        .args([
+            "-h",
+            &primary.ip.to_string(),
+            "-p",
+            &primary.port.to_string(),
+        ])
+        .args(["-U", "postgres", "-X", "stream", "-R", "-c", "fast", "-D"])
+        .arg(&plan.datadir);
         run(&mut c).context("pg_basebackup across the WAN")?;
         let standby = Postgres::start(
             "standby",
@@ -114,13 +137,21 @@ impl SyncStandby {
         psql_at(&me.primary_sock, me.primary_port, "SELECT pg_reload_conf()")?;
         let sock = me.primary_sock.clone();
         let port = me.primary_port;
-        wait_until(Duration::from_secs(60), "the standby to become synchronous", || {
-            psql_at(&sock, port, "SELECT sync_state FROM pg_stat_replication")
-                .map(|s| s.lines().any(|l| l.trim() == "sync"))
-                .unwrap_or(false)
-        })?;
+        wait_until(
+            Duration::from_secs(60),
+            "the standby to become synchronous",
+            || {
+                psql_at(&sock, port, "SELECT sync_state FROM pg_stat_replication")
+                    .map(|s| s.lines().any(|l| l.trim() == "sync"))
+                    .unwrap_or(false)
+            },
+        )?;
         // A commit must now wait for the standby: check the setting took.
-        let v = psql_at(&me.primary_sock, me.primary_port, "SHOW synchronous_standby_names")?;
+        let v = psql_at(
+            &me.primary_sock,
+            me.primary_port,
+            "SHOW synchronous_standby_names",
+        )?;
         if v.trim() != "*" {
             bail!("synchronous_standby_names is {v:?} after reload");
         }
@@ -135,7 +166,11 @@ impl SyncStandby {
                 self.primary_port,
                 "ALTER SYSTEM RESET synchronous_standby_names",
             );
-            let _ = psql_at(&self.primary_sock, self.primary_port, "SELECT pg_reload_conf()");
+            let _ = psql_at(
+                &self.primary_sock,
+                self.primary_port,
+                "SELECT pg_reload_conf()",
+            );
             self.attached = false;
         }
         if let Some(mut s) = self.standby.take() {
