@@ -245,7 +245,17 @@ fn real_main() -> Result<()> {
             let mut rng = disaster::Rng(seed);
             let (mut cv, mut sv, mut pv, mut unsafe_total, mut unsafe_points) = (0, 0, 0, 0, 0);
             let (mut pitr_rows, mut pitr_missing) = (0, 0);
+            // Ctrl-C / SIGTERM: finish the current point (its site tears down), then
+            // stop and print the RESULT of the points run so far.
+            let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            ctrlc_flag(interrupted.clone());
+            let mut done = 0;
             for i in 0..points {
+                if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("harness: interrupted after {done} points");
+                    break;
+                }
+                done += 1;
                 let run_for = Duration::from_millis(rng.range(min_ms, max_ms));
                 let dir = disaster::point_dir(&base, i);
                 // A point whose site refused to start because the measured RTT was
@@ -290,7 +300,7 @@ fn real_main() -> Result<()> {
                 }
             }
             println!(
-                "RESULT topology={name} mode={mode} points={points} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv} pitr_rows={pitr_rows} pitr_missing_acked={pitr_missing}"
+                "RESULT topology={name} mode={mode} points={done} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv} pitr_rows={pitr_rows} pitr_missing_acked={pitr_missing}"
             );
             if safe_mode_pitr(mode) && pitr_missing > 0 {
                 anyhow::bail!(
