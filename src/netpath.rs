@@ -568,6 +568,35 @@ impl HoldEngine {
         if n == 0 {
             return 0;
         }
+        self.emit_verdicts(out);
+        n
+    }
+
+    /// Releases every held packet regardless of the committed vector (modes
+    /// `async`/`sync` and degrade-to-async: the block path, not the netqueue,
+    /// decides durability then). Per-queue arrival order is kept. Returns how
+    /// many were released.
+    pub fn release_all(&mut self, out: &mut Vec<u8>) -> usize {
+        let mut all = Vec::new();
+        self.netqueue.drain_all(&mut all);
+        for q in self.slots.values_mut() {
+            for s in q.iter_mut() {
+                if s.state == SlotState::Held {
+                    s.state = SlotState::Released;
+                }
+            }
+        }
+        self.emit_verdicts(out);
+        debug_assert!(self.slots.is_empty(), "a held packet survived release_all");
+        self.slots.clear();
+        self.pushed_at.clear();
+        all.len()
+    }
+
+    /// Appends the verdicts of every released packet, per kernel queue in arrival
+    /// order: batch verdicts (in chunks) for the released prefix, then single
+    /// verdicts for released packets behind a still-held one.
+    fn emit_verdicts(&mut self, out: &mut Vec<u8>) {
         for (&queue, q) in self.slots.iter_mut() {
             // Released prefix: batch verdicts in chunks.
             let mut in_chunk = 0;
@@ -598,44 +627,6 @@ impl HoldEngine {
             }
         }
         self.slots.retain(|_, q| !q.is_empty());
-        n
-    }
-
-    /// Releases every held packet regardless of the committed vector (modes
-    /// `async`/`sync` and degrade-to-async: the block path, not the netqueue,
-    /// decides durability then). Per-queue arrival order is kept. Returns how
-    /// many were released.
-    pub fn release_all(&mut self, out: &mut Vec<u8>) -> usize {
-        let mut all = Vec::new();
-        self.netqueue.drain_all(&mut all);
-        for q in self.slots.values_mut() {
-            for s in q.iter_mut() {
-                if s.state == SlotState::Held {
-                    s.state = SlotState::Released;
-                }
-            }
-        }
-        for (&queue, q) in self.slots.iter_mut() {
-            let mut last = None;
-            let mut in_chunk = 0;
-            while let Some(front) = q.pop_front() {
-                if front.state == SlotState::Released {
-                    last = Some(front.id);
-                    in_chunk += 1;
-                    if in_chunk == self.chunk {
-                        proto::build_verdict_batch(out, queue, front.id, Verdict::Accept);
-                        in_chunk = 0;
-                        last = None;
-                    }
-                }
-            }
-            if let Some(id) = last {
-                proto::build_verdict_batch(out, queue, id, Verdict::Accept);
-            }
-        }
-        self.slots.clear();
-        self.pushed_at.clear();
-        all.len()
     }
 
     /// Packets held.
