@@ -1599,6 +1599,38 @@ mod tests {
     }
 
     #[test]
+    fn release_all_frees_every_held_packet_in_order() {
+        let t = topo();
+        let a = Directory::new(&t, "a");
+        let s = CausalState::new(3);
+        s.issue_write(1, WriterId(0));
+        s.merge(0, &s.pending(1));
+        let mut e = HoldEngine::new(NetQueueLimits::default(), 2);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        for id in 1..=5 {
+            let p = udp(WEB, CLIENT, 1000, &[id as u8]);
+            e.on_packet(&a, &s, 49, id, &p, p.len(), now, &mut out);
+        }
+        assert!(out.is_empty(), "nothing is committed: all held");
+        assert_eq!(e.release_all(&mut out), 5);
+        // Chunks of 2 on one kernel queue: batch up to 2, up to 4, then up to 5.
+        assert_eq!(
+            verdicts(&out),
+            vec![(BATCH, 2, true), (BATCH, 4, true), (BATCH, 5, true)]
+        );
+        assert_eq!(e.held(), 0);
+        assert_eq!(e.oldest_since(), None);
+        out.clear();
+        assert_eq!(
+            e.on_committed(&v(&[1]), &mut out),
+            0,
+            "nothing left to release"
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn release_uses_prefix_batches_in_chunks_then_singles() {
         let t = topo();
         let a = Directory::new(&t, "a");
