@@ -184,8 +184,33 @@ impl Backup {
         assert_eq!(r, 0, "kill({pid}, {sig})");
     }
 
+    /// SIGSTOP, then waits until every thread of the server is seen stopped
+    /// (`T` in /proc), so that nothing it does afterwards can be mistaken for
+    /// a reply of a running server.
     fn stop(&self) {
         self.signal(libc::SIGSTOP);
+        let pid = self.child.as_ref().expect("server running").id();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .expect("listing the server's threads")
+                .filter_map(|e| e.ok())
+                .map(|e| std::fs::read_to_string(e.path().join("stat")).unwrap_or_default())
+                .collect::<Vec<_>>();
+            // Field 3 of /proc/*/stat (after the parenthesised name) is the state.
+            let all_stopped = tasks.iter().all(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backup-server threads never stopped: {tasks:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn cont(&self) {
@@ -502,10 +527,18 @@ async fn sync_waits_for_acks_async_and_pipelined_do_not() {
     let mut sync_write =
         tokio::spawn(async move { disk.write(1 << 20, pattern(1, 8192), false).await });
     let early = tokio::time::timeout(Duration::from_millis(800), &mut sync_write).await;
-    assert!(
-        early.is_err(),
-        "sync write completed while the backup was stopped"
-    );
+    if let Ok(outcome) = early {
+        let committed = a.causal.committed().get(0);
+        panic!(
+            "sync write {seq} completed while the backup was stopped ({}): {outcome:?}; status: {:?}",
+            if committed >= seq {
+                "its ack arrived from a stopped server"
+            } else {
+                "WITHOUT its ack"
+            },
+            a.client.status()
+        );
+    }
     assert!(a.causal.committed().get(0) < seq);
 
     // Async and pipelined writes complete while the backup is still stalled.
