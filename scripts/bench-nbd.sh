@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Benchmarks the block path: fio through `nbdfuse -C 1` + loop (--direct-io=on) against
-#   (1) our NBD server with a LocalImage (examples/nbd-serve.rs, io_uring), and
-#   (2) `nbdkit file` on the same stack,
+#   (1) `pipecloud agent` (the product: NBD export -> ReplicatedDisk -> io_uring LocalImage,
+#       replicating over mutual TLS to a real `backup-server` on loopback, RTT ~ 0) in
+#       `async` mode, then switched at run time (`pipecloud ctl mode`) to `pipelined` and
+#       `sync`,
+#   (2) our NBD server alone on a LocalImage (examples/nbd-serve.rs: no replication),
+#   (3) `nbdkit file` on the same stack,
 # plus the raw image file as a baseline. Prints IOPS and p50 completion latency per
-# workload and the ratio ours/nbdkit.
+# workload and the ratios against nbdkit. nbdkit runs twice (before and after ours) and
+# the better of its two runs is the baseline, so a load spike cannot flatter us.
 #
 # Workloads (4 KiB): randwrite QD1 O_DIRECT, randwrite QD32 O_DIRECT (libaio), sequential
 # write QD1 O_DSYNC (each write = write + FLUSH on this path).
@@ -25,14 +30,15 @@ if [ -z "${BENCH_NBD_IN_NS:-}" ]; then
     command -v "$t" >/dev/null || { echo "bench-nbd: missing $t (run scripts/install-deps.sh)" >&2; exit 1; }
   done
   echo "bench-nbd: building examples/nbd-serve (release)" >&2
-  (cd "$repo" && cargo build --release --quiet --example nbd-serve)
+  (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud -p pipecloud \
+     && cargo build --release --quiet -p backup-server --bin backup-server)
   exec unshare --mount --propagation private env BENCH_NBD_IN_NS=1 bash "$0" "$@"
 fi
 
-serve_bin="$repo/target/release/examples/nbd-serve"
-[ -x "$serve_bin" ] || serve_bin="${CARGO_TARGET_DIR:-$repo/target}/release/examples/nbd-serve"
+rel="${CARGO_TARGET_DIR:-$repo/target}/release"
+serve_bin="$rel/examples/nbd-serve"
 T=$(mktemp -d /tmp/pc-bench-nbd.XXXXXX)
-server_pid=""; fuse_pid=""; loop=""
+server_pid=""; fuse_pid=""; loop=""; backup_pid=""
 
 teardown_stack() {
   # Order from NOTES.md: (umount) -> losetup -d + wait -> fusermount3 -u -> stop server.
@@ -57,6 +63,7 @@ teardown_stack() {
 }
 cleanup() {
   teardown_stack
+  if [ -n "$backup_pid" ]; then kill "$backup_pid" 2>/dev/null; wait "$backup_pid" 2>/dev/null; fi
   if [ -z "${KEEP:-}" ]; then rm -rf "$T"; else echo "kept $T" >&2; fi
 }
 trap cleanup EXIT
@@ -87,6 +94,7 @@ run_fio() {
 # stack LABEL SOCKET : nbdfuse -C 1 + loop on the server listening at SOCKET, then fio.
 stack() {
   local label=$1 sock=$2
+  for _ in $(seq 600); do [ -S "$sock" ] && break; sleep 0.05; done
   mkdir -p "$T/fuse"
   for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
   [ -S "$sock" ] || { echo "bench-nbd: $label server did not start" >&2; cat "$T/$label.log" >&2; exit 1; }
@@ -99,37 +107,111 @@ stack() {
   loop=$(losetup -f --show --direct-io=on "$T/fuse/disk")
   echo "bench-nbd: $label on $loop (${RUNTIME}s per job)" >&2
   run_fio "$label" "$loop" "$RUNTIME"
-  teardown_stack
 }
 
-# (1) ours
+# The agent under test: a real backup-server on loopback and a one-disk topology.
+start_agent() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$rel/backup-server" certs --dir "$T/backup" --server-name localhost --group bench \
+    --listen "127.0.0.1:$port" >/dev/null
+  "$rel/backup-server" serve --config "$T/backup/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
+  backup_pid=$!
+  cat >"$T/bench.toml" <<TOML
+[group]
+name = "bench"
+id = 9
+mode = "async"
+[backup]
+endpoint = "127.0.0.1:$port"
+server_name = "localhost"
+ca = "backup/ca.pem"
+cert = "backup/bench-agent.pem"
+key = "backup/bench-agent.key"
+[[host]]
+name = "h"
+nbd_dir = "$T/nbd"
+ctl_socket = "$T/ctl.sock"
+[[machine]]
+name = "m"
+ip = "10.10.0.10"
+host = "h"
+outbound = true
+writer = true
+[[disk]]
+name = "disk0"
+machine = "m"
+image = "$T/agent.img"
+size = "$SIZE"
+TOML
+  "$rel/pipecloud" agent --topology "$T/bench.toml" --host h --no-network \
+    </dev/null >"$T/agent.log" 2>&1 &
+  server_pid=$!
+}
+agent_mode() {
+  "$rel/pipecloud" ctl --socket "$T/ctl.sock" mode "$1" >/dev/null
+}
+
+# nbdkit file plugin on the same stack (first of two runs)
+truncate -s "$SIZE" "$T/kit.img"
+kit() {
+  nbdkit --foreground --unix "$T/kit.sock" file "$T/kit.img" </dev/null >"$T/nbdkit.log" 2>&1 &
+  server_pid=$!
+  stack "$1" "$T/kit.sock"
+  teardown_stack
+  rm -f "$T/kit.sock"
+}
+kit nbdkit1
+
+# the agent: async, then pipelined and sync on the same export (switched at run time)
+start_agent
+stack agent-async "$T/nbd/disk0.sock"
+agent_mode pipelined
+echo "bench-nbd: agent switched to pipelined" >&2
+run_fio agent-pipelined "$loop" "$RUNTIME"
+agent_mode sync
+echo "bench-nbd: agent switched to sync" >&2
+run_fio agent-sync "$loop" "$RUNTIME"
+"$rel/pipecloud" ctl --socket "$T/ctl.sock" status >"$T/agent-status.txt" 2>&1 || true
+teardown_stack
+
+# our NBD server alone (no replication)
 "$serve_bin" --image "$T/ours.img" --size "$SIZE" --name disk0 --socket "$T/ours.sock" \
   </dev/null >"$T/ours.log" 2>&1 &
 server_pid=$!
-stack ours "$T/ours.sock"
+stack engine "$T/ours.sock"
+teardown_stack
 
-# (2) nbdkit file plugin on the same stack
-truncate -s "$SIZE" "$T/kit.img"
-nbdkit --foreground --unix "$T/kit.sock" file "$T/kit.img" </dev/null >"$T/nbdkit.log" 2>&1 &
-server_pid=$!
-stack nbdkit "$T/kit.sock"
+kit nbdkit2
 
-# (3) raw file baseline
+# raw file baseline
 echo "bench-nbd: raw file (${RAW_RUNTIME}s per job)" >&2
 run_fio raw "$T/raw.img" "$RAW_RUNTIME"
 
 echo
-printf '%-28s %10s %8s | %10s %8s | %6s | %10s %8s\n' \
-  "workload (4 KiB)" "ours IOPS" "p50 us" "nbdkit" "p50 us" "ratio" "raw file" "p50 us"
-for w in qd1 qd32 dsync; do
-  case $w in
-    qd1) name="randwrite QD1 O_DIRECT" ;;
-    qd32) name="randwrite QD32 O_DIRECT" ;;
-    dsync) name="seq write QD1 O_DSYNC" ;;
-  esac
-  read -r oi op <<<"$(fio_summary "$T/ours-$w.json")"
-  read -r ki kp <<<"$(fio_summary "$T/nbdkit-$w.json")"
-  read -r ri rp <<<"$(fio_summary "$T/raw-$w.json")"
-  ratio=$(python3 -c "print('%.2f' % ($oi / $ki if $ki else 0))")
-  printf '%-28s %10s %8s | %10s %8s | %6s | %10s %8s\n' "$name" "$oi" "$op" "$ki" "$kp" "$ratio" "$ri" "$rp"
-done
+python3 - "$T" <<'PY'
+import json, sys, os
+T = sys.argv[1]
+def summ(label, w):
+    j = json.load(open(os.path.join(T, f"{label}-{w}.json")))["jobs"][0]["write"]
+    return j["iops"], j["clat_ns"]["percentile"]["50.000000"] / 1000.0
+names = {"qd1": "randwrite QD1 O_DIRECT", "qd32": "randwrite QD32 O_DIRECT", "dsync": "seq write QD1 O_DSYNC"}
+rows = ["agent-async", "agent-pipelined", "agent-sync", "engine"]
+print("%-24s %-16s %9s %8s | %9s %8s | %6s %6s" % ("workload (4 KiB)", "server", "IOPS", "p50 us", "nbdkit", "p50 us", "IOPS×", "p50×"))
+result = []
+for w, name in names.items():
+    k1, k2 = summ("nbdkit1", w), summ("nbdkit2", w)
+    ki, kp = max(k1[0], k2[0]), min(k1[1], k2[1])   # nbdkit's better run
+    for r in rows:
+        oi, op = summ(r, w)
+        iops_x = oi / ki if ki else 0.0
+        p50_x = kp / op if op else 0.0               # >1: ours has the lower latency
+        print("%-24s %-16s %9.0f %8.0f | %9.0f %8.0f | %6.2f %6.2f" % (name, r, oi, op, ki, kp, iops_x, p50_x))
+        if r in ("agent-async", "agent-pipelined"):
+            result.append(f"{r.split('-')[1]}_{w}_iops_x={iops_x:.2f}")
+    ri, rp = summ("raw", w)
+    print("%-24s %-16s %9.0f %8.0f" % (name, "raw file", ri, rp))
+print("nbdkit runs (before/after): " + ", ".join(
+    "%s %.0f/%.0f IOPS" % (w, summ("nbdkit1", w)[0], summ("nbdkit2", w)[0]) for w in names))
+print("RESULT " + " ".join(result))
+PY

@@ -11,6 +11,9 @@ export PIPECLOUD_MODEL_SCHEDULES="${PIPECLOUD_MODEL_SCHEDULES:-100000}"
 mkdir -p target
 # Release mode: the model test runs 100k schedules, the block tests push real I/O.
 cargo build --workspace --release --all-targets
+# The agent's replication tests use this server binary instead of building their own
+# (a `cargo build -p backup-server` there would rebuild TLS crates with other features).
+export PIPECLOUD_BACKUP_SERVER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/backup-server"
 cargo test --workspace --release --no-fail-fast -- --nocapture 2>&1 | tee target/test-output.log
 grep -E '^model: ' target/test-output.log || true
 

@@ -47,10 +47,21 @@ fn init_tracing() {
     });
 }
 
-/// Path of the backup-server binary, built once per test run.
+/// Path of the backup-server binary: `$PIPECLOUD_BACKUP_SERVER_BIN` when set
+/// (scripts/test.sh points it at the binary its workspace build just made, so the
+/// suite does not rebuild it with other features), else built once per test run.
 fn backup_server_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PIPECLOUD_BACKUP_SERVER_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.exists(),
+                "PIPECLOUD_BACKUP_SERVER_BIN={} does not exist",
+                bin.display()
+            );
+            return bin;
+        }
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // A release test run (figures) uses a release server too.
