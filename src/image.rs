@@ -479,7 +479,7 @@ mod uring {
         ring_fd: RawFd,
         depth: usize,
         closed: AtomicBool,
-        _file: Arc<File>,
+        file: Arc<File>,
     }
 
     impl Shared {
@@ -541,7 +541,7 @@ mod uring {
                 ring_fd,
                 depth,
                 closed: AtomicBool::new(false),
-                _file: file,
+                file,
             });
             let reaper = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -560,18 +560,24 @@ mod uring {
             if data.len() > INLINE_WRITE_MAX || self.shared.closed.load(Ordering::Relaxed) {
                 return None;
             }
-            static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-            let policy =
-                POLICY.get_or_init(|| std::env::var("PIPECLOUD_INLINE_WRITES").unwrap_or_default());
-            if policy == "never" {
+            // The policy override is read once: `Some(true)` = always, `Some(false)` = never.
+            static OVERRIDE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+            let forced = *OVERRIDE.get_or_init(|| {
+                match std::env::var("PIPECLOUD_INLINE_WRITES").as_deref() {
+                    Ok("always") => Some(true),
+                    Ok("never") => Some(false),
+                    _ => None,
+                }
+            });
+            if forced == Some(false) {
                 return None;
             }
             // Take a slot permit for the duration so concurrent callers see us in flight.
             let permit = self.permits.try_acquire().ok()?;
-            if policy != "always" && self.permits.available_permits() + 1 != self.shared.depth {
+            if forced.is_none() && self.permits.available_permits() + 1 != self.shared.depth {
                 return None;
             }
-            let r = self.shared._file.write_all_at(data, offset);
+            let r = self.shared.file.write_all_at(data, offset);
             drop(permit);
             Some(r)
         }

@@ -13,7 +13,7 @@
 
 use crate::client::{self, Recorder, Target};
 use crate::netns::spawn_in;
-use crate::pg::Postgres;
+use crate::pg::{chown_postgres, Postgres};
 use crate::run::{Site, SiteOptions, PG_PORT};
 use crate::site::MountedImage;
 use crate::sys::sh;
@@ -67,12 +67,7 @@ impl Rng {
 pub fn ids_in_image(image: &Path, mnt: &Path, ns: &str, name: &str) -> Result<BTreeSet<i64>> {
     let m = MountedImage::mount(image, mnt)?;
     let datadir = mnt.join("pgdata");
-    sh(&[
-        "chown",
-        "-R",
-        "postgres:postgres",
-        &datadir.to_string_lossy(),
-    ])?;
+    chown_postgres(&datadir)?;
     let _ = std::fs::remove_file(datadir.join("postmaster.pid"));
     let log = mnt
         .parent()

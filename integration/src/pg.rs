@@ -40,15 +40,28 @@ pub struct Postgres {
     pub proc: Guarded,
 }
 
+/// psql flags for scripted use: no psqlrc, quiet, unaligned tuples only, stop on error.
+pub const PSQL_FLAGS: [&str; 5] = ["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"];
+
+/// Runs SQL as `postgres` against the server listening in `sockdir` on `port`.
+pub fn psql_at(sockdir: &Path, port: u16, sql: &str) -> Result<String> {
+    let mut c = Command::new(pg_bin("psql"));
+    c.args(PSQL_FLAGS)
+        .args(["-U", "postgres", "-h"])
+        .arg(sockdir)
+        .args(["-p", &port.to_string(), "-d", "postgres", "-c", sql]);
+    run(&mut c)
+}
+
+/// `chown -R postgres:postgres path`.
+pub fn chown_postgres(path: &Path) -> Result<()> {
+    sh(&["chown", "-R", "postgres:postgres", &path.to_string_lossy()]).map(drop)
+}
+
 /// Creates a fresh cluster in `datadir` (must be empty or absent), owned by postgres.
 pub fn initdb(datadir: &Path) -> Result<()> {
     std::fs::create_dir_all(datadir)?;
-    sh(&[
-        "chown",
-        "-R",
-        "postgres:postgres",
-        &datadir.to_string_lossy(),
-    ])?;
+    chown_postgres(datadir)?;
     sh(&["chmod", "700", &datadir.to_string_lossy()])?;
     let mut c = Command::new("setpriv");
     c.args([
@@ -81,12 +94,7 @@ pub fn initdb(datadir: &Path) -> Result<()> {
         datadir.join("pg_hba.conf"),
         "local all all trust\nhost all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n",
     )?;
-    sh(&[
-        "chown",
-        "-R",
-        "postgres:postgres",
-        &datadir.to_string_lossy(),
-    ])?;
+    chown_postgres(datadir)?;
     Ok(())
 }
 
@@ -164,20 +172,7 @@ impl Postgres {
 
     /// Runs SQL over the unix socket; returns unaligned tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        let mut c = Command::new(pg_bin("psql"));
-        c.args([
-            "-X",
-            "-q",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-U",
-            "postgres",
-            "-h",
-        ])
-        .arg(&self.sockdir)
-        .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]);
-        run(&mut c)
+        psql_at(&self.sockdir, self.port, sql)
     }
 
     /// Connection string for clients in other namespaces.

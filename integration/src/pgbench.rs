@@ -151,17 +151,8 @@ pub fn init(ep: &Endpoint, scale: u32) -> Result<()> {
 /// Runs SQL through psql from the client namespace.
 pub fn sql(ep: &Endpoint, text: &str) -> Result<String> {
     let mut c = ep.base("psql");
-    c.args([
-        "-X",
-        "-q",
-        "-At",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-d",
-        "postgres",
-        "-c",
-        text,
-    ]);
+    c.args(crate::pg::PSQL_FLAGS)
+        .args(["-d", "postgres", "-c", text]);
     run(&mut c)
 }
 

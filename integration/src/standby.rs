@@ -10,11 +10,11 @@
 //! [`SyncStandby::detach`] (also on drop) turns synchronous replication off again
 //! on the primary and stops the standby.
 
-use crate::pg::{pg_bin, Postgres};
+use crate::pg::{pg_bin, psql_at, Postgres};
 use crate::sys::{ns_cmd, ns_sh, run, sh, sh_quiet, wait_until};
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Port of the standby in the backup namespace.
@@ -45,24 +45,6 @@ pub struct SyncStandby {
     primary_port: u16,
     datadir: PathBuf,
     attached: bool,
-}
-
-/// Runs SQL against a server through its unix socket.
-fn psql_at(sockdir: &Path, port: u16, sql: &str) -> Result<String> {
-    let mut c = std::process::Command::new(pg_bin("psql"));
-    c.args([
-        "-X",
-        "-q",
-        "-At",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-U",
-        "postgres",
-        "-h",
-    ])
-    .arg(sockdir)
-    .args(["-p", &port.to_string(), "-d", "postgres", "-c", sql]);
-    run(&mut c)
 }
 
 impl SyncStandby {
