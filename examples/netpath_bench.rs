@@ -165,6 +165,25 @@ impl Site {
         let mut cfg = QueueConfig::new(vec![ACCEPT_ALL_QUEUE]);
         cfg.netns = Some(self.dom0(host).path());
         let sock = NfqSocket::open(&cfg).expect("open accept-all queue");
+        self.accept_all_rule(host);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; pipecloud::nfq::RECV_BUF_LEN];
+            let mut out = Vec::new();
+            loop {
+                out.clear();
+                let Ok(r) = sock.recv(&mut buf).await else {
+                    return;
+                };
+                if accept_burst(&sock, &mut buf, r, &mut out).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+impl Site {
+    fn accept_all_rule(&mut self, host: &str) {
         let rule = format!("FORWARD -j NFQUEUE --queue-num {ACCEPT_ALL_QUEUE}");
         let ns = self.dom0(host).clone();
         let out = ns
@@ -175,33 +194,121 @@ impl Site {
             .expect("iptables");
         assert!(out.status.success(), "accept-all rule");
         self.extra_rules.push((ns, rule));
-        tokio::spawn(async move {
+    }
+
+    /// Accept-all loop on a dedicated OS thread that busy-polls like the
+    /// network path's driver: after each datagram it keeps polling up to
+    /// `spin` before it sleeps in `poll(2)`.
+    fn accept_all_thread(&mut self, host: &str, spin: Duration) -> ThreadLoop {
+        let mut cfg = QueueConfig::new(vec![ACCEPT_ALL_QUEUE]);
+        cfg.netns = Some(self.dom0(host).path());
+        let sock = NfqSocket::open_unregistered(&cfg).expect("open accept-all queue");
+        self.accept_all_rule(host);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
             let mut buf = vec![0u8; pipecloud::nfq::RECV_BUF_LEN];
             let mut out = Vec::new();
-            loop {
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
                 out.clear();
-                let Ok(mut r) = sock.recv(&mut buf).await else {
-                    return;
+                let mut got = match sock.try_recv(&mut buf) {
+                    Ok(Some(r)) => Some(r),
+                    Ok(None) => None,
+                    Err(_) => return,
                 };
-                for _ in 0..64 {
-                    if let Received::Datagram(n) = r {
-                        for m in proto::messages(&buf[..n]).flatten() {
-                            if let proto::Message::Packet(p) = m {
-                                proto::build_verdict(&mut out, p.queue, p.id, Verdict::Accept);
-                            }
+                if got.is_none() && !spin.is_zero() {
+                    let t0 = Instant::now();
+                    while t0.elapsed() < spin {
+                        if let Ok(Some(r)) = sock.try_recv(&mut buf) {
+                            got = Some(r);
+                            break;
                         }
-                    }
-                    match sock.try_recv(&mut buf) {
-                        Ok(Some(next)) => r = next,
-                        _ => break,
+                        std::hint::spin_loop();
                     }
                 }
-                if sock.send(&out).is_err() {
+                let Some(r) = got else {
+                    let mut pfd = libc::pollfd {
+                        fd: sock.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, 100) };
+                    continue;
+                };
+                if accept_burst(&sock, &mut buf, r, &mut out).is_err() {
                     return;
                 }
             }
-        })
+        });
+        ThreadLoop {
+            stop,
+            handle: Some(handle),
+        }
     }
+}
+
+/// A thread that keeps one core busy until dropped.
+struct Spinner {
+    _running: ThreadLoop,
+}
+
+impl Spinner {
+    fn start() -> Spinner {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        Spinner {
+            _running: ThreadLoop {
+                stop,
+                handle: Some(handle),
+            },
+        }
+    }
+}
+
+struct ThreadLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ThreadLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Accepts every packet of `first` and of up to 63 more datagrams that are
+/// ready, in one verdict `sendmsg`.
+fn accept_burst(
+    sock: &NfqSocket,
+    buf: &mut [u8],
+    first: Received,
+    out: &mut Vec<u8>,
+) -> Result<(), pipecloud::nfq::NfqError> {
+    let mut r = first;
+    for _ in 0..64 {
+        if let Received::Datagram(n) = r {
+            for m in proto::messages(&buf[..n]).flatten() {
+                if let proto::Message::Packet(p) = m {
+                    proto::build_verdict(out, p.queue, p.id, Verdict::Accept);
+                }
+            }
+        }
+        match sock.try_recv(buf) {
+            Ok(Some(next)) => r = next,
+            _ => break,
+        }
+    }
+    sock.send(out)
 }
 
 fn v(x: &[u64]) -> CountVector {
@@ -357,11 +464,39 @@ fn latency(rt: &tokio::runtime::Runtime) {
     drop(site);
 
     let mut site = Site::build();
+    let t = site.accept_all_thread("a", pipecloud::netpath::DEFAULT_BUSY_POLL);
+    let r = request_response(&site.web, &site.client, client);
+    print_rtt(
+        "web<->client, accept-all busy-poll",
+        &r,
+        Some((&base_client, 2.0)),
+    );
+    drop(t);
+    drop(site);
+
+    // Busy polling also keeps a vCPU from going idle, which speeds up the
+    // rest of the stack: this baseline spins a core without any queue, so
+    // "added vs busy" is what the queue itself costs.
+    let site = Site::build();
+    let spinner = Spinner::start();
+    let busy_hosts = request_response(&site.web, &site.db, db);
+    print_rtt("web<->db, no queue, 1 core spinning", &busy_hosts, None);
+    let busy_client = request_response(&site.web, &site.client, client);
+    print_rtt(
+        "web<->client, no queue, 1 core spinning",
+        &busy_client,
+        None,
+    );
+    drop(spinner);
+    drop(site);
+
+    let mut site = Site::build();
     let (sa, sb) = states();
     let pa = site.agent("a", sa, true);
     let pb = site.agent("b", sb, true);
     let r = request_response(&site.web, &site.db, db);
     print_rtt("web<->db, tag+strip (4/RTT)", &r, Some((&base_hosts, 4.0)));
+    print_rtt("  vs 1 core spinning", &r, Some((&busy_hosts, 4.0)));
     let (ma, mb) = (pa.metrics().snapshot(), pb.metrics().snapshot());
     println!(
         "    (a: tagged {} merged {}; b: tagged {} merged {})",
@@ -380,6 +515,7 @@ fn latency(rt: &tokio::runtime::Runtime) {
         &r,
         Some((&base_client, 1.0)),
     );
+    print_rtt("  vs 1 core spinning", &r, Some((&busy_client, 1.0)));
     let m = pa.metrics().snapshot();
     println!(
         "    (released at once {}, held {})",

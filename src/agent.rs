@@ -170,7 +170,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             max_packets: usize::try_from(topo.policy.netqueue_max_packets).unwrap_or(65_536),
             max_bytes: usize::try_from(topo.policy.netqueue_max_bytes).unwrap_or(usize::MAX),
         };
-        let ncfg = NetPathConfig::new(&nt, &host.name, limits);
+        let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
+        ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);
         let queues = ncfg.queues;
         let np = NetPath::start(&nt, Arc::clone(&causal), ncfg).context("opening NFQUEUE")?;
         net_mode_bridge(&np, &mode, &client, &causal);
@@ -241,7 +242,7 @@ fn net_mode_bridge(
     causal: &Arc<CausalState>,
 ) {
     use crate::replication::Mode as M;
-    let bypass = np.bypass_sender();
+    let bypass = np.bypass_switch();
     let mode = mode.clone();
     let causal = Arc::clone(causal);
     let mut degraded = client.subscribe_degraded();
@@ -272,11 +273,7 @@ fn net_mode_bridge(
                 M::Pipelined => deg,
                 M::Sync => deg || sync_safe,
             };
-            bypass.send_if_modified(|b| {
-                let changed = *b != on;
-                *b = on;
-                changed
-            });
+            bypass.set(on);
             tokio::select! {
                 r = degraded.changed() => if r.is_err() { return },
                 r = mode_rx.changed() => if r.is_err() { return },

@@ -9,10 +9,13 @@
 //!   machine list). Grows by writes of `m` (if `m` is a writer) and by merging the
 //!   tags of packets that arrive at `m`.
 //! - `committed`: the group's committed vector as last pushed by the backup server
-//!   (monotone; published through a `watch` channel so the netqueue driver wakes).
+//!   (monotone; published through a `watch` channel, and every raise also
+//!   signals the registered [`Wake`]s so a network-path thread asleep in
+//!   `poll(2)` releases held packets at once).
 
+use crate::wake::Wake;
 use pipecloud_core::{CountVector, Seq, WriterId};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// Causal state of the machines of one group that run on this host.
@@ -20,6 +23,8 @@ pub struct CausalState {
     /// Pending vector per machine of the topology (indexed by machine index).
     pending: Vec<Mutex<CountVector>>,
     committed: watch::Sender<CountVector>,
+    /// Signalled after every raise of `committed`.
+    commit_wakes: Mutex<Vec<Arc<Wake>>>,
 }
 
 impl CausalState {
@@ -31,6 +36,7 @@ impl CausalState {
                 .map(|_| Mutex::new(CountVector::ZERO))
                 .collect(),
             committed,
+            commit_wakes: Mutex::new(Vec::new()),
         }
     }
 
@@ -69,7 +75,29 @@ impl CausalState {
 
     /// Adopts a committed vector from the backup (never lowers any entry).
     pub fn publish_committed(&self, v: &CountVector) {
-        self.committed.send_if_modified(|c| c.merge(v));
+        if self.committed.send_if_modified(|c| c.merge(v)) {
+            let wakes = self.commit_wakes.lock().unwrap_or_else(|e| e.into_inner());
+            for w in wakes.iter() {
+                w.signal();
+            }
+        }
+    }
+
+    /// Signals `wake` after every future raise of the committed vector (for a
+    /// thread that sleeps in `poll(2)` rather than on the watch channel).
+    pub fn wake_on_commit(&self, wake: Arc<Wake>) {
+        self.commit_wakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(wake);
+    }
+
+    /// Stops signalling `wake` (matched by identity).
+    pub fn unwake_on_commit(&self, wake: &Arc<Wake>) {
+        self.commit_wakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|w| !Arc::ptr_eq(w, wake));
     }
 
     /// The committed vector now.

@@ -18,3 +18,4 @@ pub mod netfilter;
 pub mod netpath;
 pub mod nfq;
 pub mod replication;
+pub mod wake;

@@ -1,5 +1,8 @@
 //! The nfnetlink_queue socket: a raw `NETLINK_NETFILTER` socket, non-blocking,
-//! registered with tokio's reactor ([`AsyncFd`]).
+//! either registered with tokio's reactor ([`AsyncFd`], [`NfqSocket::open`]) or
+//! left to a caller that polls it on its own thread
+//! ([`NfqSocket::open_unregistered`]; the network path does, see
+//! `netpath::driver`).
 
 use super::netns::in_netns;
 use super::proto::{self, Message, QueueStats};
@@ -45,7 +48,7 @@ pub enum Received {
 /// Dropping it closes the socket: the kernel unbinds its queues and drops
 /// every packet still waiting for a verdict (fail-closed).
 pub struct NfqSocket {
-    fd: AsyncFd<OwnedFd>,
+    fd: SockFd,
     queues: Vec<u16>,
     netns: Option<PathBuf>,
     /// Datagrams received while waiting for configuration acks.
@@ -54,10 +57,25 @@ pub struct NfqSocket {
     stats_file: Mutex<Option<std::fs::File>>,
 }
 
+/// The descriptor, with or without a reactor registration.
+enum SockFd {
+    Reactor(AsyncFd<OwnedFd>),
+    Plain(OwnedFd),
+}
+
+impl SockFd {
+    fn raw(&self) -> RawFd {
+        match self {
+            SockFd::Reactor(a) => a.get_ref().as_raw_fd(),
+            SockFd::Plain(f) => f.as_raw_fd(),
+        }
+    }
+}
+
 impl std::fmt::Debug for NfqSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NfqSocket")
-            .field("fd", &self.fd.get_ref().as_raw_fd())
+            .field("fd", &self.fd.raw())
             .field("queues", &self.queues)
             .field("netns", &self.netns)
             .finish()
@@ -213,6 +231,18 @@ impl NfqSocket {
     /// Errors: no permission (needs `CAP_NET_ADMIN`), a queue already bound by
     /// another socket (`EBUSY`: another agent is running), a timeout.
     pub fn open(cfg: &QueueConfig) -> Result<NfqSocket, NfqError> {
+        Self::open_inner(cfg, true)
+    }
+
+    /// Like [`NfqSocket::open`], but not registered with any reactor (works
+    /// outside tokio): for a caller that waits with its own `poll(2)` or
+    /// busy-polls [`NfqSocket::try_recv`] on a dedicated thread. The async
+    /// [`NfqSocket::recv`] fails on such a socket.
+    pub fn open_unregistered(cfg: &QueueConfig) -> Result<NfqSocket, NfqError> {
+        Self::open_inner(cfg, false)
+    }
+
+    fn open_inner(cfg: &QueueConfig, register: bool) -> Result<NfqSocket, NfqError> {
         cfg.validate()?;
         let rcvbuf = cfg.rcvbuf;
         let (fd, stats_file) = in_netns(cfg.netns.as_deref(), || {
@@ -239,21 +269,26 @@ impl NfqSocket {
             request(&fd, &msg, seq, q, "configure", &mut backlog)?;
             seq += 1;
         }
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(NfqError::Socket {
-                what: "register with the tokio reactor",
-                source: io::Error::other("called outside a tokio runtime"),
-            });
-        }
-        // SAFETY: an `OwnedFd` always returns the same open descriptor and
-        // closes it only when dropped, after the registration is gone.
-        let fd =
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| {
-                NfqError::Socket {
+        let fd = if register {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(NfqError::Socket {
                     what: "register with the tokio reactor",
-                    source: e.into(),
-                }
-            })?;
+                    source: io::Error::other("called outside a tokio runtime"),
+                });
+            }
+            // SAFETY: an `OwnedFd` always returns the same open descriptor and
+            // closes it only when dropped, after the registration is gone.
+            SockFd::Reactor(
+                unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(
+                    |e| NfqError::Socket {
+                        what: "register with the tokio reactor",
+                        source: e.into(),
+                    },
+                )?,
+            )
+        } else {
+            SockFd::Plain(fd)
+        };
         Ok(NfqSocket {
             fd,
             queues: cfg.queues.clone(),
@@ -282,8 +317,13 @@ impl NfqSocket {
         if let Some(n) = self.pop_backlog(buf) {
             return Ok(Received::Datagram(n));
         }
-        let r = self
-            .fd
+        let SockFd::Reactor(fd) = &self.fd else {
+            return Err(NfqError::Socket {
+                what: "recv",
+                source: io::Error::other("socket opened without a reactor registration"),
+            });
+        };
+        let r = fd
             .async_io(Interest::READABLE, |fd| raw_recv(fd.as_raw_fd(), buf))
             .await;
         map_recv(r)
@@ -294,7 +334,7 @@ impl NfqSocket {
         if let Some(n) = self.pop_backlog(buf) {
             return Ok(Some(Received::Datagram(n)));
         }
-        match map_recv(raw_recv(self.fd.get_ref().as_raw_fd(), buf)) {
+        match map_recv(raw_recv(self.fd.raw(), buf)) {
             Ok(r) => Ok(Some(r)),
             Err(NfqError::Socket { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
                 Ok(None)
@@ -308,7 +348,7 @@ impl NfqSocket {
     /// kernel processes them in order.
     pub fn send(&self, messages: &[u8]) -> Result<(), NfqError> {
         for run in split_runs(messages, MAX_SEND) {
-            raw_send(self.fd.get_ref().as_raw_fd(), run).map_err(|source| NfqError::Socket {
+            raw_send(self.fd.raw(), run).map_err(|source| NfqError::Socket {
                 what: "send verdicts",
                 source,
             })?;
@@ -438,7 +478,7 @@ pub fn read_queue_stats(netns: Option<&std::path::Path>) -> Result<Vec<QueueStat
 /// directly bypasses the configuration backlog: use [`NfqSocket::try_recv`].
 impl AsRawFd for NfqSocket {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.get_ref().as_raw_fd()
+        self.fd.raw()
     }
 }
 

@@ -1,0 +1,528 @@
+//! The thin I/O driver of the network path: one dedicated OS thread per group
+//! and host that owns the tag, local and hold queue sockets and feeds their
+//! packets to the sans-I/O decisions of the parent module.
+//!
+//! # Why a thread that busy-polls
+//!
+//! On this kind of (virtual) machine, what a bare NFQUEUE round trip costs is
+//! mostly the wake-up of the sleeping reader, not the work: an accept-all loop
+//! on tokio or on a thread blocked in `poll(2)` adds 13-15 us per queue
+//! traversal, the same loop that keeps polling for a moment after each packet
+//! adds about 5 us (`examples/netpath_bench.rs`, docs/machine.md). So the
+//! thread, after handling anything, keeps polling its sockets (non-blocking
+//! `recv`) for [`NetPathConfig::busy_poll`] before it sleeps in `poll(2)` on
+//! the three sockets and a [`Wake`]. Busy polling only costs CPU while traffic
+//! flows: an idle group sleeps. `busy_poll = 0` never spins.
+//!
+//! Wake-ups while asleep: a packet on any socket, a raise of the committed
+//! vector ([`CausalState::wake_on_commit`]), a bypass change
+//! ([`BypassSwitch::set`]), stop, or the next kernel-counter reading.
+//!
+//! Order of work in each pass: stop, bypass change, committed change (both
+//! release held packets), then at most [`BURST`] datagrams from each of the
+//! hold, tag and local sockets, each burst's verdicts in one `sendmsg`.
+
+use super::{
+    decide_tag, decision, Action, Directory, HoldEngine, NetPathMetrics, PacketInfo, TagEvent,
+    TagPolicy, M,
+};
+use crate::causal::CausalState;
+use crate::netfilter::{NetTopology, QueuePlan};
+use crate::nfq::proto::{self, Message, PacketMsg, Verdict};
+use crate::nfq::{NfqError, NfqSocket, QueueConfig, Received};
+use crate::wake::Wake;
+use pipecloud_core::netqueue::NetQueueLimits;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Ethertype of IPv4.
+const ETH_P_IP: u16 = 0x0800;
+/// Most datagrams taken from one socket before its verdicts are sent and the
+/// next socket gets its turn.
+const BURST: usize = 64;
+/// How often the kernel's queue counters are read into the metrics.
+const KERNEL_STATS_EVERY: Duration = Duration::from_secs(1);
+/// Default [`NetPathConfig::busy_poll`].
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+
+/// Settings of the network path on one host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetPathConfig {
+    /// This host's name in the topology.
+    pub host: String,
+    /// Queue numbers (must match the installed rules).
+    pub queues: QueuePlan,
+    /// Network namespace of the queues (dom0); `None`: the caller's.
+    pub netns: Option<PathBuf>,
+    /// Receive GSO super-packets whole on the local and hold queues (the tag
+    /// queue never does).
+    pub gso: bool,
+    /// Socket receive buffer per queue socket.
+    pub rcvbuf: usize,
+    /// Tagger options.
+    pub tag_policy: TagPolicy,
+    /// Netqueue bounds.
+    pub limits: NetQueueLimits,
+    /// Most packets per batch verdict when releasing.
+    pub release_chunk: usize,
+    /// How long the driver thread keeps polling after its last work before it
+    /// sleeps (module docs); zero: sleep at once.
+    pub busy_poll: Duration,
+}
+
+impl NetPathConfig {
+    /// Defaults for host `host`: the group's queue block, GSO on, 64 MiB socket
+    /// buffers, pure ACKs untagged, netqueue limits sized to the hold queues,
+    /// [`DEFAULT_BUSY_POLL`].
+    pub fn new(topo: &NetTopology, host: &str, limits: NetQueueLimits) -> NetPathConfig {
+        NetPathConfig {
+            host: host.to_owned(),
+            queues: QueuePlan::for_group(topo.group_id, limits.max_packets as u64),
+            netns: None,
+            gso: true,
+            rcvbuf: crate::nfq::DEFAULT_RCVBUF,
+            tag_policy: TagPolicy::default(),
+            limits,
+            release_chunk: 1024,
+            busy_poll: DEFAULT_BUSY_POLL,
+        }
+    }
+}
+
+/// Errors of the network path.
+#[derive(Debug, thiserror::Error)]
+pub enum NetPathError {
+    /// The NFQUEUE driver failed.
+    #[error(transparent)]
+    Nfq(#[from] NfqError),
+    /// The causal state does not match the topology.
+    #[error("causal state tracks {state} machines, the topology has {topology}")]
+    StateMismatch { state: usize, topology: usize },
+    /// Creating the wake-up descriptor or the thread failed.
+    #[error("network path setup: {what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The driver thread panicked.
+    #[error("network path thread failed: {0}")]
+    Task(String),
+}
+
+/// Turns the hold bypass on or off (see [`NetPath::bypass_switch`]).
+#[derive(Clone, Debug)]
+pub struct BypassSwitch {
+    tx: watch::Sender<bool>,
+    wake: Arc<Wake>,
+}
+
+impl BypassSwitch {
+    /// Sets the bypass; returns whether it changed (and the driver was woken).
+    pub fn set(&self, on: bool) -> bool {
+        let changed = self.tx.send_if_modified(|b| {
+            let changed = *b != on;
+            *b = on;
+            changed
+        });
+        if changed {
+            self.wake.signal();
+        }
+        changed
+    }
+
+    /// The bypass now.
+    pub fn get(&self) -> bool {
+        *self.tx.borrow()
+    }
+}
+
+/// The running network path of one group on one host: a driver thread owning
+/// the tag, local and hold queue sockets. Stopping (or dropping) it closes the
+/// sockets, and the kernel drops whatever was still queued (fail-closed).
+pub struct NetPath {
+    metrics: Arc<NetPathMetrics>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+    bypass: BypassSwitch,
+    state: Arc<CausalState>,
+    thread: Option<JoinHandle<Result<(), NetPathError>>>,
+}
+
+impl NetPath {
+    /// Opens the queues (in `cfg.netns`) and starts the driver thread. Open
+    /// the queues before installing the rules, or the kernel drops what
+    /// arrives in between. Needs no tokio runtime.
+    pub fn start(
+        topo: &NetTopology,
+        state: Arc<CausalState>,
+        cfg: NetPathConfig,
+    ) -> Result<NetPath, NetPathError> {
+        if state.machines() != topo.machines.len() {
+            return Err(NetPathError::StateMismatch {
+                state: state.machines(),
+                topology: topo.machines.len(),
+            });
+        }
+        let dir = Arc::new(Directory::new(topo, &cfg.host));
+        let queue_cfg = |queues: Vec<u16>, max_len: u32| QueueConfig {
+            queues,
+            max_len,
+            gso: cfg.gso,
+            rcvbuf: cfg.rcvbuf,
+            netns: cfg.netns.clone(),
+            ..QueueConfig::new(Vec::new())
+        };
+        let mut tag_cfg = queue_cfg(vec![cfg.queues.tag], crate::nfq::KERNEL_MAX_QUEUE_LEN);
+        tag_cfg.gso = false; // resized packets must not be GSO (module docs)
+        let tag_sock = NfqSocket::open_unregistered(&tag_cfg)?;
+        let local_sock = NfqSocket::open_unregistered(&queue_cfg(
+            vec![cfg.queues.local],
+            crate::nfq::KERNEL_MAX_QUEUE_LEN,
+        ))?;
+        let per_queue = cfg
+            .limits
+            .max_packets
+            .div_ceil(usize::from(cfg.queues.hold_count.max(1)))
+            .clamp(1, crate::nfq::KERNEL_MAX_QUEUE_LEN as usize);
+        let hold_sock = NfqSocket::open_unregistered(&queue_cfg(
+            cfg.queues.hold_queues(),
+            u32::try_from(per_queue).unwrap_or(crate::nfq::KERNEL_MAX_QUEUE_LEN),
+        ))?;
+        let wake = Arc::new(Wake::new().map_err(|source| NetPathError::Setup {
+            what: "eventfd",
+            source,
+        })?);
+        let metrics = Arc::new(NetPathMetrics::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (bypass_tx, bypass_rx) = watch::channel(false);
+        let mut all_queues = vec![cfg.queues.tag, cfg.queues.local];
+        all_queues.extend(cfg.queues.hold_queues());
+        let driver = Driver {
+            tag: tag_sock,
+            local: local_sock,
+            hold: hold_sock,
+            all_queues,
+            dir,
+            state: Arc::clone(&state),
+            policy: cfg.tag_policy,
+            engine: HoldEngine::new(cfg.limits, cfg.release_chunk),
+            metrics: Arc::clone(&metrics),
+            stop: Arc::clone(&stop),
+            wake: Arc::clone(&wake),
+            bypass: bypass_rx,
+            committed: state.subscribe_committed(),
+            busy_poll: cfg.busy_poll,
+        };
+        state.wake_on_commit(Arc::clone(&wake));
+        let thread = std::thread::Builder::new()
+            .name(format!("netpath-{}", cfg.host))
+            .spawn(move || driver.run())
+            .map_err(|source| {
+                state.unwake_on_commit(&wake);
+                NetPathError::Setup {
+                    what: "spawn the driver thread",
+                    source,
+                }
+            })?;
+        Ok(NetPath {
+            metrics,
+            stop,
+            bypass: BypassSwitch {
+                tx: bypass_tx,
+                wake: Arc::clone(&wake),
+            },
+            wake,
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// The hold bypass: while on, client-bound packets are not held (modes
+    /// `async` and `sync`, or degraded to async); turning it on releases every
+    /// held packet in order. The agent drives it from the group's mode.
+    pub fn bypass_switch(&self) -> BypassSwitch {
+        self.bypass.clone()
+    }
+
+    /// The metrics (shared; read with [`NetPathMetrics::snapshot`]).
+    pub fn metrics(&self) -> &Arc<NetPathMetrics> {
+        &self.metrics
+    }
+
+    /// Whether the driver thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.signal();
+        self.state.unwake_on_commit(&self.wake);
+    }
+
+    /// Stops the driver and closes the sockets; returns the error the driver
+    /// ended with, if any.
+    pub async fn stop(mut self) -> Result<(), NetPathError> {
+        self.signal_stop();
+        let Some(t) = self.thread.take() else {
+            return Ok(());
+        };
+        let joined = tokio::task::spawn_blocking(move || t.join())
+            .await
+            .map_err(|e| NetPathError::Task(e.to_string()))?;
+        joined.map_err(|_| NetPathError::Task("driver thread panicked".into()))?
+    }
+}
+
+impl Drop for NetPath {
+    fn drop(&mut self) {
+        self.signal_stop();
+        if let Some(t) = self.thread.take() {
+            // The thread checks the flag on every pass and was woken: this
+            // returns within one pass.
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the driver thread owns.
+struct Driver {
+    tag: NfqSocket,
+    local: NfqSocket,
+    hold: NfqSocket,
+    /// Every queue of the group (for the kernel counters).
+    all_queues: Vec<u16>,
+    dir: Arc<Directory>,
+    state: Arc<CausalState>,
+    policy: TagPolicy,
+    engine: HoldEngine,
+    metrics: Arc<NetPathMetrics>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+    bypass: watch::Receiver<bool>,
+    committed: watch::Receiver<pipecloud_core::CountVector>,
+    busy_poll: Duration,
+}
+
+/// Reusable buffers of the driver thread.
+struct Buffers {
+    recv: Vec<u8>,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl Driver {
+    fn run(mut self) -> Result<(), NetPathError> {
+        let mut b = Buffers {
+            recv: vec![0u8; crate::nfq::RECV_BUF_LEN],
+            out: Vec::with_capacity(256 * 1024),
+            scratch: Vec::with_capacity(crate::nfq::RECV_BUF_LEN),
+        };
+        let mut bypassing = *self.bypass.borrow_and_update();
+        let mut last_work = Instant::now();
+        let mut next_stats = last_work + KERNEL_STATS_EVERY;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let mut worked = false;
+            if self.bypass.has_changed().unwrap_or(false) {
+                bypassing = *self.bypass.borrow_and_update();
+                if bypassing {
+                    b.out.clear();
+                    let n = self.engine.release_all(&mut b.out);
+                    self.hold.send(&b.out)?;
+                    self.metrics.count_release(n);
+                    self.metrics.gauge_hold(&mut self.engine);
+                }
+                worked = true;
+            }
+            if self.committed.has_changed().unwrap_or(false) {
+                let c = *self.committed.borrow_and_update();
+                b.out.clear();
+                let n = self.engine.on_committed(&c, &mut b.out);
+                self.hold.send(&b.out)?;
+                self.metrics.count_release(n);
+                self.metrics.gauge_hold(&mut self.engine);
+                worked = true;
+            }
+            worked |= self.hold_burst(&mut b, bypassing)?;
+            for sock in [&self.tag, &self.local] {
+                worked |= tag_burst(
+                    sock,
+                    &mut b,
+                    &self.dir,
+                    &self.state,
+                    self.policy,
+                    &self.metrics,
+                )?;
+            }
+            let now = Instant::now();
+            if now >= next_stats {
+                self.metrics.gauge_hold(&mut self.engine);
+                match self.hold.namespace_stats() {
+                    Ok(s) => self.metrics.gauge_kernel(&s, &self.all_queues),
+                    Err(e) => tracing::debug!(error = %e, "reading nfqueue counters"),
+                }
+                next_stats = now + KERNEL_STATS_EVERY;
+            }
+            if worked {
+                last_work = now;
+                continue;
+            }
+            if now.duration_since(last_work) < self.busy_poll {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleep(next_stats.saturating_duration_since(now));
+            self.wake.drain();
+            last_work = Instant::now();
+        }
+    }
+
+    /// Sleeps in `poll(2)` until a socket is readable, the wake is signalled
+    /// or `timeout` passed.
+    fn sleep(&self, timeout: Duration) {
+        let fd = |raw| libc::pollfd {
+            fd: raw,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut fds = [
+            fd(self.hold.as_raw_fd()),
+            fd(self.tag.as_raw_fd()),
+            fd(self.local.as_raw_fd()),
+            fd(self.wake.as_raw_fd()),
+        ];
+        // Round up so a sub-millisecond remainder does not busy-loop.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of pollfd of the given length. EINTR
+        // and other errors just end the sleep early.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    }
+
+    /// Takes up to [`BURST`] datagrams from the hold socket; returns whether
+    /// any arrived.
+    fn hold_burst(&mut self, b: &mut Buffers, bypassing: bool) -> Result<bool, NetPathError> {
+        b.out.clear();
+        let mut n = 0;
+        let now = Instant::now();
+        while n < BURST {
+            let Some(r) = self.hold.try_recv(&mut b.recv)? else {
+                break;
+            };
+            n += 1;
+            match r {
+                Received::Datagram(len) => {
+                    let (engine, metrics, dir, state) =
+                        (&mut self.engine, &self.metrics, &self.dir, &self.state);
+                    for_each_packet(&b.recv[..len], metrics, |p| {
+                        if bypassing {
+                            proto::build_verdict(&mut b.out, p.queue, p.id, Verdict::Accept);
+                            return;
+                        }
+                        let o = engine.on_packet(
+                            dir,
+                            state,
+                            p.queue,
+                            p.id,
+                            p.payload,
+                            p.cap_len.map_or(p.payload.len(), |l| l as usize),
+                            now,
+                            &mut b.out,
+                        );
+                        metrics.count_hold(o);
+                    });
+                }
+                Received::Overrun => self.metrics.add(M::socket_overruns, 1),
+            }
+        }
+        if n > 0 {
+            self.hold.send(&b.out)?;
+            self.metrics.gauge_hold(&mut self.engine);
+        }
+        Ok(n > 0)
+    }
+}
+
+/// Takes up to [`BURST`] datagrams from a tag (or local) socket, decides each
+/// packet and sends the verdicts; returns whether any arrived.
+fn tag_burst(
+    sock: &NfqSocket,
+    b: &mut Buffers,
+    dir: &Directory,
+    state: &CausalState,
+    policy: TagPolicy,
+    metrics: &NetPathMetrics,
+) -> Result<bool, NetPathError> {
+    b.out.clear();
+    let mut n = 0;
+    while n < BURST {
+        let Some(r) = sock.try_recv(&mut b.recv)? else {
+            break;
+        };
+        n += 1;
+        match r {
+            Received::Datagram(len) => {
+                let (out, scratch) = (&mut b.out, &mut b.scratch);
+                for_each_packet(&b.recv[..len], metrics, |p| {
+                    let d = if p.hw_protocol == ETH_P_IP || p.hw_protocol == 0 {
+                        decide_tag(dir, state, policy, p.payload, PacketInfo::of(p), scratch)
+                    } else {
+                        decision(Action::Accept, TagEvent::UntaggedNonIpv4)
+                    };
+                    metrics.count_tag(d.event);
+                    match d.action {
+                        Action::Accept => proto::build_verdict(out, p.queue, p.id, Verdict::Accept),
+                        Action::Drop => proto::build_verdict(out, p.queue, p.id, Verdict::Drop),
+                        Action::AcceptModified => {
+                            let _ = proto::try_build_verdict_with_payload::<()>(
+                                out,
+                                p.queue,
+                                p.id,
+                                |o| {
+                                    o.extend_from_slice(scratch);
+                                    Ok(())
+                                },
+                            );
+                        }
+                    }
+                });
+            }
+            Received::Overrun => metrics.add(M::socket_overruns, 1),
+        }
+    }
+    if n > 0 {
+        sock.send(&b.out)?;
+    }
+    Ok(n > 0)
+}
+
+/// Parses one datagram, calling `on_packet` for each packet message and
+/// counting kernel errors.
+fn for_each_packet(
+    data: &[u8],
+    metrics: &NetPathMetrics,
+    mut on_packet: impl FnMut(&PacketMsg<'_>),
+) {
+    for m in proto::messages(data) {
+        match m {
+            Ok(Message::Packet(p)) => on_packet(&p),
+            Ok(Message::Error { errno, .. }) => {
+                metrics.add(M::verdict_errors, 1);
+                tracing::warn!(errno, "nfqueue verdict refused by the kernel");
+            }
+            Ok(Message::Overrun) => metrics.add(M::socket_overruns, 1),
+            Ok(_) => {}
+            Err(e) => {
+                metrics.add(M::parse_errors, 1);
+                tracing::warn!(error = %e, "undecodable nfqueue datagram");
+            }
+        }
+    }
+}
