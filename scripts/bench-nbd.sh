@@ -15,7 +15,11 @@
 #
 # Usage: scripts/bench-nbd.sh            (needs root, /dev/fuse, loop devices, fio, nbdkit)
 # Env:   RUNTIME=15 (s per fio job on the stacks), RAW_RUNTIME=10, SIZE=1G (disk size),
-#        REGION=256M (fio region), KEEP=1 (keep the temp dir)
+#        REGION=256M (fio region), KEEP=1 (keep the temp dir),
+#        BACKUP_DIR=DIR (where the backup server keeps its journal and volumes;
+#        default: the temp dir on the same disk as the images, so the backup's
+#        fdatasyncs compete with the primary's writes as they would not with a
+#        remote backup; BACKUP_DIR=/dev/shm takes the disk out of that)
 set -euo pipefail
 
 RUNTIME=${RUNTIME:-15}
@@ -38,6 +42,7 @@ fi
 rel="${CARGO_TARGET_DIR:-$repo/target}/release"
 serve_bin="$rel/examples/nbd-serve"
 T=$(mktemp -d /tmp/pc-bench-nbd.XXXXXX)
+B=$(mktemp -d "${BACKUP_DIR:-$T}/pc-bench-backup.XXXXXX")
 server_pid=""; fuse_pid=""; loop=""; backup_pid=""
 
 teardown_stack() {
@@ -64,7 +69,7 @@ teardown_stack() {
 cleanup() {
   teardown_stack
   if [ -n "$backup_pid" ]; then kill "$backup_pid" 2>/dev/null; wait "$backup_pid" 2>/dev/null; fi
-  if [ -z "${KEEP:-}" ]; then rm -rf "$T"; else echo "kept $T" >&2; fi
+  if [ -z "${KEEP:-}" ]; then rm -rf "$T" "$B"; else echo "kept $T $B" >&2; fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
@@ -113,9 +118,9 @@ stack() {
 start_agent() {
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$rel/backup-server" certs --dir "$T/backup" --server-name localhost --group bench \
+  "$rel/backup-server" certs --dir "$B" --server-name localhost --group bench \
     --listen "127.0.0.1:$port" >/dev/null
-  "$rel/backup-server" serve --config "$T/backup/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
+  "$rel/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
   backup_pid=$!
   cat >"$T/bench.toml" <<TOML
 [group]
@@ -125,9 +130,9 @@ mode = "async"
 [backup]
 endpoint = "127.0.0.1:$port"
 server_name = "localhost"
-ca = "backup/ca.pem"
-cert = "backup/bench-agent.pem"
-key = "backup/bench-agent.key"
+ca = "$B/ca.pem"
+cert = "$B/bench-agent.pem"
+key = "$B/bench-agent.key"
 [[host]]
 name = "h"
 nbd_dir = "$T/nbd"

@@ -101,7 +101,9 @@ impl Drop for WriteReq {
 /// Work for the journal thread.
 #[derive(Debug)]
 pub enum Req {
-    Write(WriteReq),
+    /// Writes admitted by one connection, in arrival order (one wake-up of the
+    /// journal thread for all of them).
+    Writes(Vec<WriteReq>),
     Register {
         group: Arc<Group>,
         hello: Hello,
@@ -122,9 +124,9 @@ pub fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Req>, metrics: Arc<Metrics>
         let mut bytes = 0usize;
         while let Some(req) = next.take() {
             match req {
-                Req::Write(w) => {
-                    bytes += payload_len(&w.write);
-                    pending.push(w);
+                Req::Writes(ws) => {
+                    bytes += ws.iter().map(|w| payload_len(&w.write)).sum::<usize>();
+                    pending.extend(ws);
                 }
                 Req::Register {
                     group,

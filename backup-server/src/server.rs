@@ -44,6 +44,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Frames queued towards one agent.
 pub const OUTBOUND_QUEUE: usize = 8192;
+/// Most writes of one connection handed to the journal thread at once (the
+/// writes of one socket read, up to this many, travel as one batch).
+const NET_BATCH: usize = 64;
 
 /// Shared server context.
 pub struct ServerCtx {
@@ -342,25 +345,41 @@ async fn inbound(
     let mut sig = group.signal.subscribe();
     let mut kill = conn.kill.subscribe();
     let mut stall_logged = false;
+    let mut batch = Vec::with_capacity(NET_BATCH);
     let mut n = 0;
     loop {
-        // Hand over the bytes read, draining complete frames as the buffer fills.
+        // Hand over the bytes read, draining complete frames as the buffer fills;
+        // the writes of one read go to the journal thread as one batch.
         let mut pos = 0;
         loop {
             let took = reader.push(&buf[pos..n]);
             pos += took;
             let mut progressed = took > 0;
             loop {
-                match reader.next() {
+                let r = match reader.next() {
                     Ok(Some(f)) => {
                         progressed = true;
-                        handle_frame(ctx, group, conn, hello, disk_idx, f, &mut stall_logged)
-                            .await?;
+                        let mut cx = FrameCx {
+                            ctx,
+                            group,
+                            conn,
+                            hello,
+                            disk_idx,
+                            stall_logged: &mut stall_logged,
+                            batch: &mut batch,
+                        };
+                        handle_frame(&mut cx, f).await
                     }
                     Ok(None) => break,
-                    Err(e) => return Err(format!("bad frame: {e}")),
+                    Err(e) => Err(format!("bad frame: {e}")),
+                };
+                if let Err(e) = r {
+                    // The writes before the violation were valid: journal them.
+                    let _ = flush_batch(ctx, &mut batch).await;
+                    return Err(e);
                 }
             }
+            flush_batch(ctx, &mut batch).await?;
             if pos >= n {
                 break;
             }
@@ -383,31 +402,63 @@ async fn inbound(
     }
 }
 
-async fn handle_frame(
-    ctx: &ServerCtx,
-    group: &Arc<Group>,
-    conn: &Arc<ConnOut>,
-    hello: &Hello,
-    disk_idx: &[u32],
-    frame: Frame,
-    stall_logged: &mut bool,
-) -> Result<(), String> {
+/// What [`handle_frame`] works with.
+struct FrameCx<'a> {
+    ctx: &'a ServerCtx,
+    group: &'a Arc<Group>,
+    conn: &'a Arc<ConnOut>,
+    hello: &'a Hello,
+    disk_idx: &'a [u32],
+    stall_logged: &'a mut bool,
+    /// Admitted writes not yet handed to the journal thread.
+    batch: &'a mut Vec<WriteReq>,
+}
+
+/// Hands the batched writes to the journal thread (one wake-up for all).
+async fn flush_batch(ctx: &ServerCtx, batch: &mut Vec<WriteReq>) -> Result<(), String> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let writes = std::mem::replace(batch, Vec::with_capacity(NET_BATCH));
+    ctx.ingest
+        .send(Req::Writes(writes))
+        .await
+        .map_err(|_| "server shutting down".to_string())
+}
+
+async fn handle_frame(cx: &mut FrameCx<'_>, frame: Frame) -> Result<(), String> {
+    let (ctx, group, conn) = (cx.ctx, cx.group, cx.conn);
     match frame {
         Frame::Write(w) => {
-            let mut req = check_write(group, conn, hello, disk_idx, w, Instant::now())?;
-            req.queued = gate_journal_bound(ctx, group, &req.write, stall_logged).await;
+            let mut req = check_write(group, conn, cx.hello, cx.disk_idx, w, Instant::now())?;
+            // Admission may wait (journal bound, ingest budget): never wait while
+            // holding admitted writes back from the journal thread, or they could
+            // be what the wait is for.
+            req.queued = match try_admit(ctx, group, &req.write, cx.stall_logged) {
+                Some(size) => size,
+                None => {
+                    flush_batch(ctx, cx.batch).await?;
+                    gate_journal_bound(ctx, group, &req.write, cx.stall_logged).await
+                }
+            };
             let kib = (payload(&req.write) / 1024 + 1).min(INGEST_BUDGET_KIB) as u32;
-            let permit = ctx
-                .budget
-                .clone()
-                .acquire_many_owned(kib)
-                .await
-                .map_err(|_| "server shutting down".to_string())?;
+            let permit = match ctx.budget.clone().try_acquire_many_owned(kib) {
+                Ok(p) => p,
+                Err(_) => {
+                    flush_batch(ctx, cx.batch).await?;
+                    ctx.budget
+                        .clone()
+                        .acquire_many_owned(kib)
+                        .await
+                        .map_err(|_| "server shutting down".to_string())?
+                }
+            };
             req.permit = Some(permit);
-            ctx.ingest
-                .send(Req::Write(req))
-                .await
-                .map_err(|_| "server shutting down".to_string())
+            cx.batch.push(req);
+            if cx.batch.len() >= NET_BATCH {
+                flush_batch(ctx, cx.batch).await?;
+            }
+            Ok(())
         }
         Frame::Heartbeat { nonce } => {
             conn.send_or_kill(Frame::HeartbeatReply { nonce });
@@ -487,28 +538,38 @@ fn check_write(
 /// Backpressure at the journal bound (see README "At the bounds"). Journaled plus
 /// queued bytes must stay below `max_journal_bytes`, except for writes that some
 /// journaled write depends on. Returns the bytes now counted as queued.
-async fn gate_journal_bound(ctx: &ServerCtx, group: &Group, w: &Write, logged: &mut bool) -> u64 {
+/// Admits `w` under the journal bound if there is room now (or it must enter
+/// regardless): returns the bytes it was counted with, `None` if it must wait.
+fn try_admit(ctx: &ServerCtx, group: &Group, w: &Write, logged: &mut bool) -> Option<u64> {
     let max = ctx.store.limits.max_journal_bytes;
     let size = payload(w) as u64 + 256;
+    let used =
+        group.journal_bytes.load(Ordering::Relaxed) + group.queued_bytes.load(Ordering::Relaxed);
+    let admit = if used + size <= max {
+        if *logged {
+            info!(group = %group.name, "journal below its bound again; ingest resumed");
+            *logged = false;
+        }
+        true
+    } else {
+        let st = lock(&group.state);
+        // Fenced / failed: let the journal thread drop it (logged there). A write
+        // some journaled write depends on may always enter: it can only help the
+        // causal cut (and thus the applier) advance.
+        st.meta.fenced || st.failed.is_some() || w.seq <= st.demand.get(w.writer.index())
+    };
+    if admit {
+        group.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        Some(size)
+    } else {
+        None
+    }
+}
+
+async fn gate_journal_bound(ctx: &ServerCtx, group: &Group, w: &Write, logged: &mut bool) -> u64 {
     let mut counted = false;
     loop {
-        let used = group.journal_bytes.load(Ordering::Relaxed)
-            + group.queued_bytes.load(Ordering::Relaxed);
-        let admit = if used + size <= max {
-            if *logged {
-                info!(group = %group.name, "journal below its bound again; ingest resumed");
-                *logged = false;
-            }
-            true
-        } else {
-            let st = lock(&group.state);
-            // Fenced / failed: let the journal thread drop it (logged there). A write
-            // some journaled write depends on may always enter: it can only help the
-            // causal cut (and thus the applier) advance.
-            st.meta.fenced || st.failed.is_some() || w.seq <= st.demand.get(w.writer.index())
-        };
-        if admit {
-            group.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if let Some(size) = try_admit(ctx, group, w, logged) {
             return size;
         }
         if !counted {
@@ -516,7 +577,8 @@ async fn gate_journal_bound(ctx: &ServerCtx, group: &Group, w: &Write, logged: &
             counted = true;
         }
         if !*logged {
-            warn!(group = %group.name, bytes = group.journal_bytes.load(Ordering::Relaxed), max,
+            warn!(group = %group.name, bytes = group.journal_bytes.load(Ordering::Relaxed),
+                max = ctx.store.limits.max_journal_bytes,
                 "JOURNAL AT ITS BOUND: holding back new writes (agents stall or degrade by their policy) until the applier frees segments");
             *logged = true;
         }

@@ -18,6 +18,7 @@
 //! Every exit path (DISC, client EOF, protocol violation, server shutdown) first waits for
 //! the in-flight request tasks, so a backend operation is never abandoned half-way.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -329,17 +330,37 @@ where
             _ => Vec::new(),
         };
         let backend = Arc::clone(backend);
-        let tx = tx.clone();
-        tasks.spawn(async move {
+        let mut request = Box::pin(async move {
             let (error, data) = execute(&*backend, command, payload).await;
-            let reply = Reply {
+            Reply {
                 handle,
                 error,
                 data,
                 _permit: Some(permit),
-            };
-            let _ = tx.send(reply).await;
+            }
         });
+        // Most requests at low queue depth finish on their first poll (a small
+        // write done inline, a read from the page cache): complete those here
+        // instead of paying for a task and its wake-ups. Anything that has to
+        // wait becomes a task; its futures re-register the task's waker when
+        // polled again (tokio primitives and oneshots all do).
+        let first = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            request.as_mut().poll(&mut cx)
+        };
+        match first {
+            std::task::Poll::Ready(reply) => {
+                if tx.send(reply).await.is_err() {
+                    return Ok(End::WriterGone);
+                }
+            }
+            std::task::Poll::Pending => {
+                let tx = tx.clone();
+                tasks.spawn(async move {
+                    let _ = tx.send(request.await).await;
+                });
+            }
+        }
     }
 }
 
