@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# CPU time per 4 KiB write, per thread, of the processes behind `nbdfuse -C 1` + loop while fio
+# runs randwrite: where a block-path write spends CPU (user and system) and how often each thread
+# sleeps (voluntary context switches per write). Complements scripts/bench-nbd.sh, whose IOPS
+# ratios only say how much slower; this says where.
+#
+# Usage: scripts/cpu-per-write.sh [agent|engine|nbdkit]     (needs root, /dev/fuse, loop, fio)
+# Env:   MODE=async|pipelined|sync (agent), QD=32, RT=8 (s), BACKUP_DIR=/dev/shm (backup journal:
+#        tmpfs by default so its fdatasyncs do not load the disk), WORKERS (agent --worker-threads),
+#        PERF=1 (also `perf record -a -g` 5 s into $PERF_OUT, default /tmp/cpu-per-write.perf)
+set -euo pipefail
+what=${1:-agent}
+case "$what" in agent|engine|nbdkit) ;; *) echo "usage: $0 [agent|engine|nbdkit]" >&2; exit 2;; esac
+repo=$(cd "$(dirname "$0")/.." && pwd)
+rel="${CARGO_TARGET_DIR:-$repo/target}/release"
+if [ -z "${CPW_IN_NS:-}" ]; then
+  (cd "$repo" && cargo build --release --quiet --bin pipecloud --example nbd-serve -p pipecloud \
+     && cargo build --release --quiet -p backup-server --bin backup-server)
+  exec unshare --mount --propagation private env CPW_IN_NS=1 bash "$0" "$@"
+fi
+T=$(mktemp -d /tmp/pc-cpw.XXXXXX)
+B=$(mktemp -d "${BACKUP_DIR:-/dev/shm}/pc-cpw-backup.XXXXXX")
+loop=""; pids=()
+cleanup() {
+  set +e
+  if [ -n "$loop" ]; then
+    losetup -d "$loop"
+    for _ in $(seq 100); do [ -e "/sys/block/${loop#/dev/}/loop/backing_file" ] || break; sleep 0.05; done
+  fi
+  mountpoint -q "$T/fuse" && fusermount3 -u "$T/fuse"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -rf "$T" "$B"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
+mkdir -p "$T/nbd" "$T/fuse"
+sock="$T/nbd/disk0.sock"
+case "$what" in
+  nbdkit)
+    truncate -s 1G "$T/kit.img"
+    nbdkit --foreground --unix "$sock" file "$T/kit.img" </dev/null >"$T/server.log" 2>&1 &
+    pids+=($!); server=$! ;;
+  engine)
+    "$rel/examples/nbd-serve" --image "$T/img" --size 1G --name disk0 --socket "$sock" \
+      </dev/null >"$T/server.log" 2>&1 &
+    pids+=($!); server=$! ;;
+  agent)
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "$rel/backup-server" certs --dir "$B" --server-name localhost --group bench \
+      --listen "127.0.0.1:$port" >/dev/null
+    "$rel/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
+    pids+=($!); backup=$!
+    cat >"$T/t.toml" <<TOML
+[group]
+name = "bench"
+id = 9
+mode = "${MODE:-async}"
+[backup]
+endpoint = "127.0.0.1:$port"
+server_name = "localhost"
+ca = "$B/ca.pem"
+cert = "$B/bench-agent.pem"
+key = "$B/bench-agent.key"
+[[host]]
+name = "h"
+nbd_dir = "$T/nbd"
+ctl_socket = "$T/ctl.sock"
+[[machine]]
+name = "m"
+ip = "10.10.0.10"
+host = "h"
+outbound = true
+writer = true
+[[disk]]
+name = "disk0"
+machine = "m"
+image = "$T/agent.img"
+size = "1G"
+TOML
+    "$rel/pipecloud" agent --topology "$T/t.toml" --host h --no-network \
+      ${WORKERS:+--worker-threads "$WORKERS"} </dev/null >"$T/server.log" 2>&1 &
+    pids+=($!); server=$! ;;
+esac
+for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+[ -S "$sock" ] || { echo "cpu-per-write: server did not start" >&2; cat "$T/server.log" >&2; exit 1; }
+nbdfuse -C 1 -P "$T/nbdfuse.pid" "$T/fuse/disk" "nbd+unix:///disk0?socket=$sock" \
+  </dev/null >"$T/nbdfuse.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 200); do [ -s "$T/nbdfuse.pid" ] && break; sleep 0.05; done
+nbdfuse_pid=$(cat "$T/nbdfuse.pid")
+loop=$(losetup -f --show --direct-io=on "$T/fuse/disk")
+watch_pids="$server ${backup:-} $nbdfuse_pid"
+# pid comm utime stime voluntary_ctxt_switches, per thread (ticks of 10 ms)
+snap() {
+  for p in $watch_pids; do
+    for t in /proc/"$p"/task/*; do
+      [ -r "$t/stat" ] || continue
+      echo "$p $(tr ' ' _ <"$t/comm") $(awk '{print $14, $15}' "$t/stat") \
+        $(awk '/^voluntary_ctxt_switches/{print $2}' "$t/status")"
+    done
+  done
+}
+snap >"$T/s0"
+if [ -n "${PERF:-}" ]; then
+  perf record -F 2000 -a -g -o "${PERF_OUT:-/tmp/cpu-per-write.perf}" -- sleep 5 >/dev/null 2>&1 &
+fi
+fio --name=w --rw=randwrite --direct=1 --ioengine=libaio --iodepth="${QD:-32}" --filename="$loop" \
+  --bs=4k --size=256M --runtime="${RT:-8}" --time_based --randrepeat=0 --output-format=json \
+  --output="$T/fio.json" >/dev/null
+snap >"$T/s1"
+wait_perf() { [ -z "${PERF:-}" ] || sleep 1; }
+wait_perf
+python3 - "$T" "$what" <<'PY'
+import json, sys, os
+T, what = sys.argv[1], sys.argv[2]
+w = json.load(open(os.path.join(T, "fio.json")))["jobs"][0]["write"]
+ios = w["total_ios"]
+hz = os.sysconf("SC_CLK_TCK")
+def load(name):
+    d = {}
+    for line in open(os.path.join(T, name)):
+        p, comm, ut, st, vol = line.split()
+        k = (p, comm)
+        a = d.setdefault(k, [0, 0, 0])
+        a[0] += int(ut); a[1] += int(st); a[2] += int(vol)
+    return d
+a, b = load("s0"), load("s1")
+us = lambda ticks: ticks * 1e6 / hz / ios
+print(f"{what}: {w['iops']:.0f} IOPS, p50 {w['clat_ns']['percentile']['50.000000']/1000:.0f} us, {ios} writes")
+print(f"{'pid':>7} {'thread':<18} {'cpu us/write':>12} {'user':>6} {'sys':>6} {'sleeps/write':>12}")
+total = 0.0
+for k in sorted(b):
+    z = a.get(k, [0, 0, 0])
+    u, s, v = b[k][0] - z[0], b[k][1] - z[1], b[k][2] - z[2]
+    if u + s == 0 and v == 0:
+        continue
+    total += us(u + s)
+    print(f"{k[0]:>7} {k[1]:<18} {us(u+s):12.1f} {us(u):6.1f} {us(s):6.1f} {v/ios:12.2f}")
+print(f"total (server{', backup' if what == 'agent' else ''}, nbdfuse): {total:.1f} us of CPU per write")
+PY
