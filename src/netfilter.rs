@@ -98,6 +98,27 @@
 //! never correctness. A real NIC doing TSO from that stale offset would build
 //! broken segments too, so this holds beyond the emulation.
 //!
+//! Measured cost (`examples/netpath_bench.rs`, 2 vCPUs): 1.2-1.35 Gb/s for one
+//! cross-host TCP stream at MTU 1500, 3.3-3.8 Gb/s with 9000-byte frames.
+//! Not built, and why each shortcut fails (session-4 reading of the kernel
+//! code, not measured; for whoever takes the ≥ 4 Gb/s goal on):
+//! - a same-length rewrite of a GSO packet (option room inserted elsewhere,
+//!   vector filled here) still breaks: `nfqnl_mangle` sets `CHECKSUM_NONE`, and
+//!   a GSO skb delivered without segmentation to the receiver's stack then
+//!   fails its TCP checksum (a forwarded one is re-checksummed by
+//!   `tcp4_gso_segment`, a locally delivered one is not);
+//! - GRO refuses IPv4 headers with options (`inet_gro_receive` wants IHL 5),
+//!   so the receiving host sees every segment of a tagged stream anyway;
+//! - what does work in the kernel: a TC (TCX) eBPF program on the dom0 side of
+//!   a protected machine's interface calling `bpf_skb_adjust_room(+8+4k,
+//!   BPF_ADJ_ROOM_NET)` keeps the transport-header offset right and lowers
+//!   `gso_size`; it would write the sender's pending vector from an mmap-able
+//!   array map that `CausalState` updates before a write completes (entries
+//!   only grow, so a torn read is still a safe tag), and on the receiving host
+//!   a program on the egress to the protected machine would fold the tag into
+//!   a per-CPU inbox map (read by `CausalState` before it assigns a vector)
+//!   and strip with `bpf_skb_adjust_room(-(8+4k))`. No NFQUEUE traversal then.
+//!
 //! # Kernel dependency
 //!
 //! Tagging and stripping rewrite the IPv4 header length through the NFQUEUE
