@@ -30,6 +30,10 @@ use super::proto::{self, Command, OptionAction, Payload};
 use super::{Exports, NbdConfig};
 use crate::block::BlockBackend;
 
+/// Read buffer of a connection in transmission. Payloads larger than what is
+/// buffered are read straight into their own buffer.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConnError {
@@ -124,6 +128,9 @@ where
         return Ok(End::NoExport);
     };
     debug!(conn_id, export = %name, size = info.size, "nbd: entering transmission");
+    // Buffered: a request header and its payload, and at queue depth > 1
+    // several requests, come in with one read(2) instead of one each.
+    let rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     transmission(rd, wr, backend, info, &config, shutdown, conn_id).await
 }
 
