@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
@@ -53,6 +54,9 @@ pub struct NfqSocket {
     netns: Option<PathBuf>,
     /// Datagrams received while waiting for configuration acks.
     backlog: Mutex<VecDeque<Vec<u8>>>,
+    /// Whether `backlog` may still hold datagrams: once it ran empty it never
+    /// fills again, so receives skip its lock (busy polling calls them a lot).
+    backlog_left: AtomicBool,
     /// `/proc/.../nfnetlink_queue` of the socket's namespace, opened there.
     stats_file: Mutex<Option<std::fs::File>>,
 }
@@ -293,6 +297,7 @@ impl NfqSocket {
             fd,
             queues: cfg.queues.clone(),
             netns: cfg.netns.clone(),
+            backlog_left: AtomicBool::new(!backlog.is_empty()),
             backlog: Mutex::new(backlog),
             stats_file: Mutex::new(stats_file),
         })
@@ -304,7 +309,13 @@ impl NfqSocket {
     }
 
     fn pop_backlog(&self, buf: &mut [u8]) -> Option<usize> {
+        if !self.backlog_left.load(Ordering::Acquire) {
+            return None;
+        }
         let mut b = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if b.len() <= 1 {
+            self.backlog_left.store(false, Ordering::Release);
+        }
         let d = b.pop_front()?;
         let n = d.len().min(buf.len());
         buf[..n].copy_from_slice(&d[..n]);
