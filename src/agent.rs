@@ -193,6 +193,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let control = Arc::new(Control::new(vec![ControlGroup {
         client: Arc::clone(&client),
         mode: mode.clone(),
+        net: net.as_ref().map(|n: &NetPath| Arc::clone(n.metrics())),
     }]));
     let ctl = CtlServer::bind(&host.ctl_socket, control)
         .with_context(|| format!("control socket {}", host.ctl_socket.display()))?;

@@ -4,7 +4,9 @@
 //!
 //! - `status`: one table row per replicated disk (group, disk, writer, mode,
 //!   written and acked seq, lag in writes, in-flight bytes and writes, age of the
-//!   oldest unacked write, connection state) followed by one summary line per group.
+//!   oldest unacked write, connection state) followed by one summary line per group
+//!   and, where the agent runs the group's network path, one line of its counters
+//!   (tagged, merged, held, released, drops, driver sleeps and busy-poll time).
 //! - `mode MODE [GROUP]`: switches the mode (`async`, `sync`, `pipelined`) of
 //!   `GROUP` (may be omitted when the agent serves a single group) at run time.
 //!   Guest I/O keeps flowing: see [`ModeSwitch`].
@@ -30,6 +32,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use crate::netpath::NetPathMetrics;
 use crate::replication::{Mode, ModeSwitch, ReplicationClient};
 
 /// Requests served concurrently; more are refused with `error: busy`.
@@ -75,6 +78,8 @@ pub struct ControlGroup {
     pub client: Arc<ReplicationClient>,
     /// The group's mode.
     pub mode: ModeSwitch,
+    /// The group's network path on this host, if it runs one.
+    pub net: Option<Arc<NetPathMetrics>>,
 }
 
 /// What the control interface can see and change: the agent's groups.
@@ -202,6 +207,9 @@ impl Control {
                     .as_deref()
                     .map_or_else(String::new, |e| format!(" last_error={e:?}")),
             );
+            if let Some(net) = &g.net {
+                let _ = writeln!(out, "network {}: {}", s.group, net.snapshot());
+            }
         }
         out
     }
@@ -399,6 +407,7 @@ mod tests {
         let g1 = ControlGroup {
             client: client(&dir, "g1"),
             mode: ModeSwitch::new(Mode::Pipelined),
+            net: None,
         };
         let control = Control::new(vec![g1.clone()]);
         assert_eq!(
@@ -430,8 +439,15 @@ mod tests {
         let g2 = ControlGroup {
             client: client(&dir, "g2"),
             mode: ModeSwitch::new(Mode::Async),
+            net: Some(Arc::new(NetPathMetrics::default())),
         };
         let control = Control::new(vec![g1.clone(), g2.clone()]);
+        let status = control.handle("status");
+        assert!(
+            status.contains("network g2: tagged=0") && status.contains("driver(sleeps=0"),
+            "{status}"
+        );
+        assert!(!status.contains("network g1"), "{status}");
         assert!(control
             .handle("mode sync")
             .starts_with("error: this agent serves several groups"));
@@ -449,6 +465,7 @@ mod tests {
         let g = ControlGroup {
             client: client(&dir, "g1"),
             mode: ModeSwitch::new(Mode::Pipelined),
+            net: None,
         };
         let control = Arc::new(Control::new(vec![g.clone()]));
         let path = dir.join("ctl.sock");

@@ -751,6 +751,11 @@ metrics! {
     nfq_user_dropped,
     /// Kernel: packets waiting for a verdict now (all our queues).
     nfq_queued,
+    /// Times the driver thread went to sleep in `poll(2)`.
+    driver_sleeps,
+    /// Microseconds the driver thread spent busy polling without finding work
+    /// (the CPU that [`NetPathConfig::busy_poll`] costs).
+    busy_poll_idle_us,
 }
 
 impl Default for NetPathMetrics {
@@ -861,7 +866,8 @@ impl std::fmt::Display for MetricsSnapshot {
         write!(
             f,
             "tagged={} merged={} stripped={} merged_local={} untagged(zero={} options={} fragments={} non_ipv4={} pure_acks={} arrived={}) tag_failures={} \
-             held={} ({} B, oldest {:?}) held_total={} released={} released_now={} last_batch={} drops(full={} unknown={} kernel_queue={} kernel_user={} overruns={}) verdict_errors={}",
+             held={} ({} B, oldest {:?}) held_total={} released={} released_now={} last_batch={} drops(full={} unknown={} kernel_queue={} kernel_user={} overruns={}) verdict_errors={} \
+             driver(sleeps={} busy_poll_idle_ms={})",
             self.tagged,
             self.merged,
             self.stripped,
@@ -886,6 +892,8 @@ impl std::fmt::Display for MetricsSnapshot {
             self.nfq_user_dropped,
             self.socket_overruns,
             self.verdict_errors,
+            self.driver_sleeps,
+            self.busy_poll_idle_us / 1000,
         )
     }
 }

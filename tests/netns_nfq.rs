@@ -537,6 +537,9 @@ fn two_host_tag_merge_strip() {
     assert!(ma.tagged > 0 && mb.merged > 0 && mb.stripped > 0);
     assert!(mb.tagged > 0 && ma.merged > 0);
     assert_eq!(ma.tag_failures + mb.tag_failures, 0);
+    // Host b never spins: it slept between packets and spent no time polling.
+    assert!(mb.driver_sleeps > 0, "{mb}");
+    assert_eq!(mb.busy_poll_idle_us, 0, "{mb}");
     assert_eq!(
         ma.verdict_errors + mb.verdict_errors,
         0,

@@ -726,6 +726,7 @@ async fn mode_switch_at_run_time_through_the_control_socket() {
     let control = Arc::new(Control::new(vec![ControlGroup {
         client: Arc::clone(&a.client),
         mode: a.mode.clone(),
+        net: None,
     }]));
     let sock = scratch.0.join("ctl.sock");
     let server = CtlServer::bind(&sock, control).expect("ctl bind");

@@ -325,6 +325,8 @@ impl Driver {
         };
         let mut bypassing = *self.bypass.borrow_and_update();
         let mut last_work = Instant::now();
+        // Start of the current run of empty passes (busy polling), if any.
+        let mut idle_since: Option<Instant> = None;
         let mut next_stats = last_work + KERNEL_STATS_EVERY;
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -373,16 +375,30 @@ impl Driver {
             }
             if worked {
                 last_work = now;
+                if let Some(t) = idle_since.take() {
+                    self.count_idle(now.duration_since(t));
+                }
                 continue;
             }
+            let idle_start = *idle_since.get_or_insert(now);
             if now.duration_since(last_work) < self.busy_poll {
                 std::hint::spin_loop();
                 continue;
             }
+            idle_since = None;
+            self.count_idle(now.duration_since(idle_start));
+            self.metrics.add(M::driver_sleeps, 1);
             self.sleep(next_stats.saturating_duration_since(now));
             self.wake.drain();
             last_work = Instant::now();
         }
+    }
+
+    fn count_idle(&self, d: Duration) {
+        self.metrics.add(
+            M::busy_poll_idle_us,
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        );
     }
 
     /// Sleeps in `poll(2)` until a socket is readable, the wake is signalled
