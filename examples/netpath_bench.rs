@@ -32,7 +32,7 @@ use pipecloud::core::{CountVector, WriterId};
 use pipecloud::netfilter::{
     NetMachine, NetTopology, QueuePlan, RuleConfig, RuleManager, RulesGuard,
 };
-use pipecloud::netpath::{NetPath, NetPathConfig};
+use pipecloud::netpath::{NetPath, NetPathConfig, LOW_LATENCY_BUSY_POLL};
 use pipecloud::nfq::{proto, NfqSocket, QueueConfig, Received, Verdict};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -143,7 +143,7 @@ impl Site {
 
     /// Starts the full network path of `host` and installs its rules.
     fn agent(&mut self, host: &str, state: Arc<CausalState>, gso: bool) -> NetPath {
-        self.agent_mtu(host, state, gso, 1500)
+        self.agent_mtu(host, state, gso, 1500, Duration::ZERO)
     }
 
     /// Jumbo frames on every link of the web-db path (web, wire, db).
@@ -161,11 +161,19 @@ impl Site {
         }
     }
 
-    fn agent_mtu(&mut self, host: &str, state: Arc<CausalState>, gso: bool, mtu: u16) -> NetPath {
+    fn agent_mtu(
+        &mut self,
+        host: &str,
+        state: Arc<CausalState>,
+        gso: bool,
+        mtu: u16,
+        busy_poll: Duration,
+    ) -> NetPath {
         let topo = topology();
         let mut cfg = NetPathConfig::new(&topo, host, NetQueueLimits::default());
         cfg.netns = Some(self.dom0(host).path());
         cfg.gso = gso;
+        cfg.busy_poll = busy_poll;
         let np = NetPath::start(&topo, state, cfg).expect("start network path");
         let rm = RuleManager::new(
             &topo,
@@ -446,7 +454,7 @@ fn print_rtt(name: &str, r: &Rtt, base: Option<(&Rtt, f64)>) {
         )
     });
     println!(
-        "  {name:<34} mean {:7.1} us  p50 {:7.1} us  p99 {:7.1} us{added}",
+        "  {name:<40} mean {:7.1} us  p50 {:7.1} us  p99 {:7.1} us{added}",
         r.mean, r.p50, r.p99
     );
 }
@@ -485,7 +493,7 @@ fn latency(rt: &tokio::runtime::Runtime) {
     drop(site);
 
     let mut site = Site::build();
-    let t = site.accept_all_thread("a", pipecloud::netpath::DEFAULT_BUSY_POLL);
+    let t = site.accept_all_thread("a", LOW_LATENCY_BUSY_POLL);
     let r = request_response(&site.web, &site.client, client);
     print_rtt(
         "web<->client, accept-all busy-poll",
@@ -511,38 +519,46 @@ fn latency(rt: &tokio::runtime::Runtime) {
     drop(spinner);
     drop(site);
 
-    let mut site = Site::build();
-    let (sa, sb) = states();
-    let pa = site.agent("a", sa, true);
-    let pb = site.agent("b", sb, true);
-    let r = request_response(&site.web, &site.db, db);
-    print_rtt("web<->db, tag+strip (4/RTT)", &r, Some((&base_hosts, 4.0)));
-    print_rtt("  vs 1 core spinning", &r, Some((&busy_hosts, 4.0)));
-    let (ma, mb) = (pa.metrics().snapshot(), pb.metrics().snapshot());
-    println!(
-        "    (a: tagged {} merged {}; b: tagged {} merged {})",
-        ma.tagged, ma.merged, mb.tagged, mb.merged
-    );
-    let _ = rt.block_on(async { (pa.stop().await, pb.stop().await) });
-    drop(site);
+    // The agent's default driver sleeps between packets; busy polling
+    // (`busy_poll_us = 50`) trades CPU for latency.
+    for (how, busy_poll) in [("", Duration::ZERO), (", busy-poll", LOW_LATENCY_BUSY_POLL)] {
+        let mut site = Site::build();
+        let (sa, sb) = states();
+        let pa = site.agent_mtu("a", sa, true, 1500, busy_poll);
+        let pb = site.agent_mtu("b", sb, true, 1500, busy_poll);
+        let r = request_response(&site.web, &site.db, db);
+        print_rtt(
+            &format!("web<->db, tag+strip{how} (4/RTT)"),
+            &r,
+            Some((&base_hosts, 4.0)),
+        );
+        print_rtt("  vs 1 core spinning", &r, Some((&busy_hosts, 4.0)));
+        let (ma, mb) = (pa.metrics().snapshot(), pb.metrics().snapshot());
+        println!(
+            "    (a: tagged {} merged {}; b: tagged {} merged {})",
+            ma.tagged, ma.merged, mb.tagged, mb.merged
+        );
+        let _ = rt.block_on(async { (pa.stop().await, pb.stop().await) });
+        drop(site);
 
-    let mut site = Site::build();
-    let (sa, _) = states();
-    sa.publish_committed(&v(&[5])); // committed covers web: immediate release
-    let pa = site.agent("a", sa, true);
-    let r = request_response(&site.web, &site.client, client);
-    print_rtt(
-        "web<->client, hold+release (1/RTT)",
-        &r,
-        Some((&base_client, 1.0)),
-    );
-    print_rtt("  vs 1 core spinning", &r, Some((&busy_client, 1.0)));
-    let m = pa.metrics().snapshot();
-    println!(
-        "    (released at once {}, held {})",
-        m.released_immediately, m.held_total
-    );
-    let _ = rt.block_on(pa.stop());
+        let mut site = Site::build();
+        let (sa, _) = states();
+        sa.publish_committed(&v(&[5])); // committed covers web: immediate release
+        let pa = site.agent_mtu("a", sa, true, 1500, busy_poll);
+        let r = request_response(&site.web, &site.client, client);
+        print_rtt(
+            &format!("web<->client, hold+release{how} (1/RTT)"),
+            &r,
+            Some((&base_client, 1.0)),
+        );
+        print_rtt("  vs 1 core spinning", &r, Some((&busy_client, 1.0)));
+        let m = pa.metrics().snapshot();
+        println!(
+            "    (released at once {}, held {})",
+            m.released_immediately, m.held_total
+        );
+        let _ = rt.block_on(pa.stop());
+    }
 }
 
 fn throughput(rt: &tokio::runtime::Runtime) {
@@ -587,8 +603,8 @@ fn throughput(rt: &tokio::runtime::Runtime) {
     let mut site = Site::build();
     site.jumbo();
     let (sa, sb) = states();
-    let pa = site.agent_mtu("a", sa, true, JUMBO_MTU);
-    let pb = site.agent_mtu("b", sb, true, JUMBO_MTU);
+    let pa = site.agent_mtu("a", sa, true, JUMBO_MTU, Duration::ZERO);
+    let pb = site.agent_mtu("b", sb, true, JUMBO_MTU, Duration::ZERO);
     let g = bulk(&site.web, &site.db, db);
     let (ma, mb) = (pa.metrics().snapshot(), pb.metrics().snapshot());
     println!(

@@ -70,7 +70,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 mod driver;
-pub use driver::{BypassSwitch, NetPath, NetPathConfig, NetPathError, DEFAULT_BUSY_POLL};
+pub use driver::{
+    BypassSwitch, NetPath, NetPathConfig, NetPathError, DEFAULT_BUSY_POLL, LOW_LATENCY_BUSY_POLL,
+};
 
 // ---------------------------------------------------------------------------
 // Machine directory

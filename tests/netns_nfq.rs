@@ -397,9 +397,9 @@ fn two_host_tag_merge_strip() {
     let mut site = Site::build(true);
     let state_a = Arc::new(CausalState::new(MACHINES));
     let state_b = Arc::new(CausalState::new(MACHINES));
-    // Host b's driver never spins: it sleeps in poll(2) between packets, so
-    // both waiting strategies carry the exchange.
-    site.busy_poll[1] = Duration::ZERO;
+    // Host a's driver busy-polls, host b's never spins (the default): both
+    // waiting strategies carry the exchange.
+    site.busy_poll = [pipecloud::netpath::LOW_LATENCY_BUSY_POLL, Duration::ZERO];
     let path_a = site.start_agent("a", state_a.clone());
     let path_b = site.start_agent("b", state_b.clone());
     site.install_rules("a");

@@ -42,7 +42,7 @@
 //! name = "dom0-a"
 //! nbd_dir = "/run/pipecloud/dom0-a"        # absolute; the agent's NBD sockets: <nbd_dir>/<disk>.sock
 //! ctl_socket = "/run/pipecloud/dom0-a/ctl.sock"   # optional, default <nbd_dir>/ctl.sock
-//! busy_poll_us = 50                        # optional, 0..=10000: network-path busy polling
+//! busy_poll_us = 0                         # optional, 0..=10000 (0: off): network-path busy polling
 //!
 //! [[machine]]
 //! name = "web"
@@ -346,8 +346,9 @@ pub struct Host {
     pub busy_poll_us: u64,
 }
 
-/// Default `host.busy_poll_us`.
-pub const DEFAULT_BUSY_POLL_US: u64 = 50;
+/// Default `host.busy_poll_us`: off (busy polling takes CPU from the guests
+/// under load; 50 suits hosts with cores to spare).
+pub const DEFAULT_BUSY_POLL_US: u64 = 0;
 /// Largest `host.busy_poll_us` (10 ms).
 pub const MAX_BUSY_POLL_US: u64 = 10_000;
 
@@ -2553,6 +2554,9 @@ size = "1GiB"
         let t = Topology::parse(&good_with(dir, &format!("{dir}\nbusy_poll_us = 0")), "t")
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.hosts[0].busy_poll_us, 0);
+        let t = Topology::parse(&good_with(dir, &format!("{dir}\nbusy_poll_us = 50")), "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.hosts[0].busy_poll_us, 50);
         let errs = errors_of(&good_with(dir, &format!("{dir}\nbusy_poll_us = 10001")));
         assert_error(&errs, 17, "host[0].busy_poll_us", "0..=10000");
         assert_eq!(errs.len(), 1, "{errs:?}");
