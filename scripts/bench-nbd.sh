@@ -27,6 +27,8 @@ RAW_RUNTIME=${RAW_RUNTIME:-10}
 SIZE=${SIZE:-1G}
 REGION=${REGION:-256M}
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=lib/bench-agent.sh
+. "$repo/scripts/lib/bench-agent.sh"
 
 # Everything (servers, FUSE mounts) lives in a private mount namespace that dies with us.
 if [ -z "${BENCH_NBD_IN_NS:-}" ]; then
@@ -117,38 +119,12 @@ stack() {
 # The agent under test: a real backup-server on loopback and a one-disk topology.
 start_agent() {
   local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
   "$rel/backup-server" certs --dir "$B" --server-name localhost --group bench \
     --listen "127.0.0.1:$port" >/dev/null
   "$rel/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
   backup_pid=$!
-  cat >"$T/bench.toml" <<TOML
-[group]
-name = "bench"
-id = 9
-mode = "async"
-[backup]
-endpoint = "127.0.0.1:$port"
-server_name = "localhost"
-ca = "$B/ca.pem"
-cert = "$B/bench-agent.pem"
-key = "$B/bench-agent.key"
-[[host]]
-name = "h"
-nbd_dir = "$T/nbd"
-ctl_socket = "$T/ctl.sock"
-[[machine]]
-name = "m"
-ip = "10.10.0.10"
-host = "h"
-outbound = true
-writer = true
-[[disk]]
-name = "disk0"
-machine = "m"
-image = "$T/agent.img"
-size = "$SIZE"
-TOML
+  bench_topology "$T/bench.toml" "$T" "$B" "$port" async "$SIZE"
   "$rel/pipecloud" agent --topology "$T/bench.toml" --host h --no-network \
     </dev/null >"$T/agent.log" 2>&1 &
   server_pid=$!

@@ -12,6 +12,8 @@ set -euo pipefail
 what=${1:-agent}
 case "$what" in agent|engine|nbdkit) ;; *) echo "usage: $0 [agent|engine|nbdkit]" >&2; exit 2;; esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=lib/bench-agent.sh
+. "$repo/scripts/lib/bench-agent.sh"
 rel="${CARGO_TARGET_DIR:-$repo/target}/release"
 if [ -z "${CPW_IN_NS:-}" ]; then
   (cd "$repo" && cargo build --release --quiet --bin pipecloud --example nbd-serve -p pipecloud \
@@ -46,38 +48,12 @@ case "$what" in
       </dev/null >"$T/server.log" 2>&1 &
     pids+=($!); server=$! ;;
   agent)
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    port=$(free_port)
     "$rel/backup-server" certs --dir "$B" --server-name localhost --group bench \
       --listen "127.0.0.1:$port" >/dev/null
     "$rel/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
     pids+=($!); backup=$!
-    cat >"$T/t.toml" <<TOML
-[group]
-name = "bench"
-id = 9
-mode = "${MODE:-async}"
-[backup]
-endpoint = "127.0.0.1:$port"
-server_name = "localhost"
-ca = "$B/ca.pem"
-cert = "$B/bench-agent.pem"
-key = "$B/bench-agent.key"
-[[host]]
-name = "h"
-nbd_dir = "$T/nbd"
-ctl_socket = "$T/ctl.sock"
-[[machine]]
-name = "m"
-ip = "10.10.0.10"
-host = "h"
-outbound = true
-writer = true
-[[disk]]
-name = "disk0"
-machine = "m"
-image = "$T/agent.img"
-size = "1G"
-TOML
+    bench_topology "$T/t.toml" "$T" "$B" "$port" "${MODE:-async}" 1G
     "$rel/pipecloud" agent --topology "$T/t.toml" --host h --no-network \
       ${WORKERS:+--worker-threads "$WORKERS"} </dev/null >"$T/server.log" 2>&1 &
     pids+=($!); server=$! ;;
