@@ -437,11 +437,13 @@ impl Driver {
     fn hold_burst(&mut self, b: &mut Buffers, bypassing: bool) -> Result<bool, NetPathError> {
         b.out.clear();
         let mut n = 0;
-        let now = Instant::now();
+        let mut now = None;
         while n < BURST {
             let Some(r) = self.hold.try_recv(&mut b.recv)? else {
                 break;
             };
+            // Read the clock once per burst, and only when something arrived.
+            let now = *now.get_or_insert_with(Instant::now);
             n += 1;
             match r {
                 Received::Datagram(len) => {
