@@ -14,9 +14,23 @@
 //!   `poll(2)` releases held packets at once).
 
 use crate::wake::Wake;
+use pipecloud_core::ipopt::RawTag;
 use pipecloud_core::{CountVector, Seq, WriterId};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
+
+/// A copy of the pending vectors outside the process, and tags merged outside
+/// it: the kernel tagger ([`crate::ebpf`]).
+pub trait KernelTags: Send + Sync {
+    /// `machine`'s pending vector is now `pending` (called under its lock,
+    /// after every change).
+    fn publish(&self, machine: usize, pending: &CountVector);
+    /// Whether tags received outside wait to be merged.
+    fn needs_drain(&self) -> bool;
+    /// Hands every waiting `(receiver, tag)` to `merge`, then records that
+    /// they are merged.
+    fn drain(&self, merge: &mut dyn FnMut(usize, &RawTag));
+}
 
 /// Causal state of the machines of one group that run on this host.
 pub struct CausalState {
@@ -25,6 +39,9 @@ pub struct CausalState {
     committed: watch::Sender<CountVector>,
     /// Signalled after every raise of `committed`.
     commit_wakes: Mutex<Vec<Arc<Wake>>>,
+    /// The kernel tagger, when one runs: gets every pending vector, and its
+    /// received tags are merged before any pending vector is read or grown.
+    kernel: RwLock<Option<Arc<dyn KernelTags>>>,
 }
 
 impl CausalState {
@@ -37,15 +54,73 @@ impl CausalState {
                 .collect(),
             committed,
             commit_wakes: Mutex::new(Vec::new()),
+            kernel: RwLock::new(None),
         }
     }
 
-    fn slot(&self, machine: usize) -> std::sync::MutexGuard<'_, CountVector> {
+    fn kernel(&self) -> Option<Arc<dyn KernelTags>> {
+        self.kernel
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Mirrors the pending vectors into `k` (publishing them all now) and
+    /// merges its received tags from now on. Replaces an earlier one.
+    pub fn attach_kernel(&self, k: Arc<dyn KernelTags>) {
+        *self.kernel.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&k));
+        for m in 0..self.pending.len() {
+            let p = self.lock_slot(m);
+            k.publish(m, &p);
+        }
+    }
+
+    /// Merges what the kernel tagger received and stops using it.
+    pub fn detach_kernel(&self) {
+        self.drain_kernel();
+        *self.kernel.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Merges the tags the kernel tagger received (if any wait). Every access
+    /// to a pending vector does this first.
+    pub fn drain_kernel(&self) {
+        let Some(k) = self.kernel() else {
+            return;
+        };
+        if !k.needs_drain() {
+            return;
+        }
+        k.drain(&mut |machine, raw| {
+            if machine >= self.pending.len() {
+                return;
+            }
+            let mut p = self.lock_slot(machine);
+            let tag = raw.resolve(&p);
+            if p.merge(&tag) {
+                k.publish(machine, &p);
+            }
+        });
+    }
+
+    fn lock_slot(&self, machine: usize) -> std::sync::MutexGuard<'_, CountVector> {
         // A poisoned lock only means another thread panicked while holding a plain
         // vector; the vector itself is always valid, so keep going.
         self.pending[machine]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `machine`'s vector, locked, after merging what the kernel received.
+    fn slot(&self, machine: usize) -> std::sync::MutexGuard<'_, CountVector> {
+        self.drain_kernel();
+        self.lock_slot(machine)
+    }
+
+    /// Tells the kernel tagger about `machine`'s new vector (under its lock).
+    fn published(&self, machine: usize, p: &CountVector) {
+        if let Some(k) = self.kernel() {
+            k.publish(machine, p);
+        }
     }
 
     /// Writer `writer` (running on machine `machine`) issues a write: bumps its own
@@ -54,18 +129,26 @@ impl CausalState {
     pub fn issue_write(&self, machine: usize, writer: WriterId) -> (Seq, CountVector) {
         let mut p = self.slot(machine);
         let seq = p.bump(writer);
+        self.published(machine, &p);
         (seq, *p)
     }
 
     /// Makes sure the writer's own entry is at least `seq` (used when a new writer
     /// generation starts numbering after what the backup already holds).
     pub fn raise_writer(&self, machine: usize, writer: WriterId, seq: Seq) {
-        self.slot(machine).raise(writer.index(), seq);
+        let mut p = self.slot(machine);
+        p.raise(writer.index(), seq);
+        self.published(machine, &p);
     }
 
     /// A packet tagged `tag` arrived at machine `machine`: merge (element-wise max).
     pub fn merge(&self, machine: usize, tag: &CountVector) -> bool {
-        self.slot(machine).merge(tag)
+        let mut p = self.slot(machine);
+        let grew = p.merge(tag);
+        if grew {
+            self.published(machine, &p);
+        }
+        grew
     }
 
     /// Current pending vector of `machine` (the tag for a packet it sends now).

@@ -12,6 +12,7 @@ pub mod block;
 pub mod causal;
 pub mod ctl;
 pub mod disk;
+pub mod ebpf;
 pub mod image;
 pub mod nbd;
 pub mod netfilter;

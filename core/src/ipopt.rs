@@ -203,6 +203,29 @@ impl RawTag {
         LEADING_NOPS + OPTION_FIXED_LEN + 4 * self.len()
     }
 
+    /// The options area this tag takes in a packet that had no options (NOP,
+    /// NOP, the option), as inserted by [`insert_tag`]: the bytes and their
+    /// length (`8 + 4k`). What a kernel-side tagger copies into packets.
+    pub fn area(&self, group: u16) -> ([u8; MAX_OPTION_BYTES], usize) {
+        let mut out = [0u8; MAX_OPTION_BYTES];
+        let len = self.write_area(group, &mut out);
+        (out, len)
+    }
+
+    /// Parses an options area in exactly the form [`RawTag::area`] writes (NOP,
+    /// NOP, our option, nothing after it): the group and the tag.
+    pub fn from_area(area: &[u8]) -> Result<(u16, RawTag), &'static str> {
+        match area {
+            [IPOPT_NOP, IPOPT_NOP, ty, len, ..]
+                if ACCEPTED_TYPES.contains(ty)
+                    && usize::from(*len) + LEADING_NOPS == area.len() =>
+            {
+                RawTag::parse(&area[LEADING_NOPS..])
+            }
+            _ => Err("not a NOP, NOP, tag option area"),
+        }
+    }
+
     /// Writes the options area (NOP, NOP, option) into `out`; returns its length.
     fn write_area(&self, group: u16, out: &mut [u8; MAX_OPTION_BYTES]) -> usize {
         let n = self.len();
@@ -681,6 +704,25 @@ mod tests {
         let mut out = Vec::with_capacity(b.size(payload.len()));
         b.write(&mut out, payload).unwrap();
         out
+    }
+
+    #[test]
+    fn area_is_what_insert_tag_inserts() {
+        let mut v = CountVector::ZERO;
+        v.set(0, 7);
+        v.set(3, (1 << 32) + 9);
+        let raw = RawTag::from_vector(&v).unwrap();
+        let (area, len) = raw.area(0x0102);
+        assert_eq!(len, raw.option_area_len());
+        let mut p = tcp_packet(b"x");
+        insert_tag(&mut p, 0x0102, &v).unwrap();
+        assert_eq!(&p[20..20 + len], &area[..len]);
+        assert_eq!(RawTag::from_area(&area[..len]), Ok((0x0102, raw)));
+        assert!(
+            RawTag::from_area(&area[..len - 4]).is_err(),
+            "length must agree"
+        );
+        assert!(RawTag::from_area(&area[2..len]).is_err(), "NOPs required");
     }
 
     fn tcp_packet_flags(payload: &[u8], syn: bool, fin: bool, rst: bool, ack: bool) -> Vec<u8> {

@@ -1,0 +1,189 @@
+//! The program, run by the kernel on crafted frames (`BPF_PROG_TEST_RUN`),
+//! against the userspace codec: a kernel-tagged packet must be byte-identical
+//! to what `ipopt::insert_tag` makes, a stripped one to the original.
+//! Needs root (CAP_BPF), like the rest of the network tests.
+
+use super::*;
+use crate::causal::CausalState;
+use crate::netfilter::NetMachine;
+use etherparse::PacketBuilder;
+use pipecloud_core::ipopt;
+use pipecloud_core::WriterId;
+use std::sync::Arc;
+
+const WEB: [u8; 4] = [10, 1, 1, 2];
+const APP: [u8; 4] = [10, 1, 1, 3];
+const DB: [u8; 4] = [10, 1, 2, 2];
+const CLIENT: [u8; 4] = [10, 9, 0, 2];
+const WEB_IDX: usize = 0;
+const DB_IDX: usize = 2;
+const GROUP: u16 = 0x0107;
+
+fn topo() -> NetTopology {
+    let m = |name: &str, ip: [u8; 4], host: &str, w: Option<u8>| NetMachine {
+        name: name.into(),
+        ip: Ipv4Addr::from(ip),
+        host: host.into(),
+        outbound: name == "web",
+        writer: w.map(WriterId),
+    };
+    NetTopology {
+        group: "shop".into(),
+        group_id: GROUP,
+        tag_entries: 2,
+        machines: vec![
+            m("web", WEB, "a", None),
+            m("app", APP, "a", Some(0)),
+            m("db", DB, "b", Some(1)),
+        ],
+    }
+}
+
+fn tagger(host: &str) -> KernelTagger {
+    KernelTagger::load(&topo(), host, DEFAULT_FALLBACK_MARK).expect("load the kernel tagger")
+}
+
+fn tcp(src: [u8; 4], dst: [u8; 4], payload: &[u8], ack_only: bool) -> Vec<u8> {
+    let mut b = PacketBuilder::ipv4(src, dst, 64)
+        .tcp(40000, 5432, 1, 1000)
+        .ack(9);
+    if !ack_only {
+        b = b.psh();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn frame(ip: &[u8]) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    f.extend_from_slice(ip);
+    f
+}
+
+fn run(t: &KernelTagger, ip: &[u8]) -> (i32, Vec<u8>) {
+    let (rc, out) = sys::test_run(t.program_fd(), &frame(ip)).expect("test run");
+    (rc, out[14..].to_vec())
+}
+
+fn v(x: &[u64]) -> CountVector {
+    CountVector::from_slice(x)
+}
+
+#[test]
+fn tags_exactly_like_the_userspace_codec() {
+    let t = tagger("a");
+    let vectors = [
+        v(&[1]),
+        v(&[3, 2]),
+        v(&[(7 << 32) + 5, 0, 9]),
+        v(&[1, 2, 3, 4, 5, 6, 7, 8]),
+    ];
+    for (i, vec) in vectors.iter().enumerate() {
+        t.publish(WEB_IDX, vec);
+        for len in [1usize, 100, 1400] {
+            let payload: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            let p = tcp(WEB, DB, &payload, false);
+            let (rc, got) = run(&t, &p);
+            let mut want = p.clone();
+            ipopt::insert_tag(&mut want, GROUP, vec).unwrap();
+            assert_eq!(rc, prog::TCX_NEXT);
+            assert_eq!(got, want, "vector {vec}, payload {len}");
+        }
+    }
+    let s = t.stats();
+    assert_eq!(s.tagged, 12, "{s:?}");
+    assert_eq!(s.fallbacks + s.errors, 0, "{s:?}");
+}
+
+#[test]
+fn leaves_untagged_what_it_should_and_falls_back_otherwise() {
+    let t = tagger("a");
+    // Zero vector: untagged.
+    let p = tcp(WEB, DB, b"hello", false);
+    assert_eq!(run(&t, &p), (prog::TCX_NEXT, p.clone()));
+    t.publish(WEB_IDX, &v(&[4]));
+    // Pure ACK: untagged.
+    let ack = tcp(WEB, DB, b"", true);
+    assert_eq!(run(&t, &ack).1, ack);
+    // Not a cross-host pair (client-bound, same-host): untouched, not counted.
+    for p in [tcp(WEB, CLIENT, b"x", false), tcp(WEB, APP, b"x", false)] {
+        assert_eq!(run(&t, &p).1, p);
+    }
+    // A fragment and a packet with other options: unchanged, to the tag queue.
+    let mut frag = tcp(WEB, DB, b"frag", false);
+    frag[6] |= 0x20; // MF
+    assert_eq!(run(&t, &frag).1, frag);
+    let mut tagged = tcp(WEB, DB, b"again", false);
+    ipopt::insert_tag(&mut tagged, GROUP, &v(&[1])).unwrap();
+    assert_eq!(run(&t, &tagged).1, tagged);
+    // A vector too wide for the option: to the tag queue (which drops it).
+    t.publish(WEB_IDX, &v(&[1, 1, 1, 1, 1, 1, 1, 1, 1]));
+    assert_eq!(run(&t, &p).1, p);
+    let s = t.stats();
+    assert_eq!(
+        (s.untagged_zero, s.pure_acks, s.fallbacks, s.tagged),
+        (1, 1, 3, 0),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn strips_records_and_holds_back_tags_until_merged() {
+    let t = Arc::new(tagger("b"));
+    let state = CausalState::new(3);
+    state.attach_kernel(t.clone());
+    // db sent before: its slot carries its own write.
+    state.issue_write(DB_IDX, WriterId(1));
+
+    let inner = tcp(WEB, DB, b"query", false);
+    let mut wire = inner.clone();
+    ipopt::insert_tag(&mut wire, GROUP, &v(&[5])).unwrap();
+    let (rc, got) = run(&t, &wire);
+    assert_eq!(rc, prog::TCX_NEXT);
+    assert_eq!(got, inner, "stripped back to the original bytes");
+    assert_eq!(t.stats().records, 1);
+
+    // db answers before the agent merged: the program must not tag with the
+    // stale vector; it hands the packet to the tag queue.
+    let reply = tcp(DB, WEB, b"result", false);
+    assert_eq!(run(&t, &reply).1, reply);
+    assert_eq!(t.stats().fallbacks, 1);
+
+    // Any access to the causal state merges first.
+    assert_eq!(state.pending(DB_IDX), v(&[5, 1]));
+    let (_, got) = run(&t, &reply);
+    let mut want = reply.clone();
+    ipopt::insert_tag(&mut want, GROUP, &v(&[5, 1])).unwrap();
+    assert_eq!(got, want, "tagged with the merged vector");
+
+    // The same tag again (same CPU, most likely): stripped; recorded at most once more.
+    let (_, got) = run(&t, &wire);
+    assert_eq!(got, inner);
+    let s = t.stats();
+    assert_eq!(s.stripped, 2, "{s:?}");
+    assert!(s.records <= 2, "{s:?}");
+    state.drain_kernel();
+    assert!(!t.needs_drain());
+}
+
+#[test]
+fn foreign_or_odd_options_go_to_the_tag_queue() {
+    let t = tagger("b");
+    let inner = tcp(WEB, DB, b"q", false);
+    let mut foreign = inner.clone();
+    ipopt::insert_tag(&mut foreign, GROUP + 1, &v(&[5])).unwrap();
+    assert_eq!(run(&t, &foreign).1, foreign);
+    let mut bad_len = inner.clone();
+    ipopt::insert_tag(&mut bad_len, GROUP, &v(&[5])).unwrap();
+    bad_len[23] += 4; // option length disagrees with the header
+    assert_eq!(run(&t, &bad_len).1, bad_len);
+    // Untagged arrival: passed and counted.
+    assert_eq!(run(&t, &inner).1, inner);
+    let s = t.stats();
+    assert_eq!(
+        (s.fallbacks, s.arrived_untagged, s.records),
+        (2, 1, 0),
+        "{s:?}"
+    );
+}
