@@ -182,6 +182,7 @@ impl Site {
                 queues: QueuePlan::for_group(topo.group_id, 65_536),
                 mtu,
                 netns: Some(self.dom0(host).path()),
+                kernel_tagger_mark: None,
             },
         )
         .expect("rules");

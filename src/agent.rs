@@ -173,7 +173,28 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
         ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);
         let queues = ncfg.queues;
-        let np = NetPath::start(&nt, Arc::clone(&causal), ncfg).context("opening NFQUEUE")?;
+        let cross_host = nt.machines.iter().any(|m| m.host != host.name);
+        let np = if host.kernel_tagger && cross_host {
+            ncfg.kernel_tagger = Some(crate::ebpf::DEFAULT_HANDLED_MARK);
+            match NetPath::start(&nt, Arc::clone(&causal), ncfg.clone()) {
+                Ok(np) => np,
+                Err(e @ crate::netpath::NetPathError::Kernel(_)) => {
+                    tracing::warn!(
+                        "{e:#}; cross-host packets go through the NFQUEUE tag queue instead \
+                         (slower, same guarantees); set kernel_tagger = false to silence this"
+                    );
+                    ncfg.kernel_tagger = None;
+                    NetPath::start(&nt, Arc::clone(&causal), ncfg.clone())
+                        .context("opening NFQUEUE")?
+                }
+                Err(e) => return Err(e).context("opening NFQUEUE"),
+            }
+        } else {
+            NetPath::start(&nt, Arc::clone(&causal), ncfg.clone()).context("opening NFQUEUE")?
+        };
+        let kernel_tagger_mark = np
+            .kernel_tagger()
+            .map(|_| crate::ebpf::DEFAULT_HANDLED_MARK);
         net_mode_bridge(&np, &mode, &client, &causal);
         net = Some(np);
         let rm = RuleManager::new(
@@ -183,6 +204,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 queues,
                 mtu: DEFAULT_MTU,
                 netns: None,
+                kernel_tagger_mark,
             },
         )?;
         rules = Some(rm.install().context("installing netfilter rules")?);

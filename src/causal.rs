@@ -102,6 +102,11 @@ impl CausalState {
         });
     }
 
+    /// Whether the kernel tagger holds tags not merged yet.
+    pub fn kernel_needs_drain(&self) -> bool {
+        self.kernel().is_some_and(|k| k.needs_drain())
+    }
+
     fn lock_slot(&self, machine: usize) -> std::sync::MutexGuard<'_, CountVector> {
         // A poisoned lock only means another thread panicked while holding a plain
         // vector; the vector itself is always valid, so keep going.

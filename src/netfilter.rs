@@ -300,6 +300,11 @@ pub struct RuleConfig {
     pub mtu: u16,
     /// Network namespace to manage (`/run/netns/NAME`); `None`: the caller's.
     pub netns: Option<PathBuf>,
+    /// The kernel tagger ([`crate::ebpf`]) handles cross-host pairs: packets
+    /// it marked with these bits (handled) return from the chain, the rest of
+    /// the pair's packets (its fallbacks, and any it never saw) go to the tag
+    /// queue. `None`: every packet of a cross-host pair goes to the tag queue.
+    pub kernel_tagger_mark: Option<u32>,
 }
 
 /// The rules of one group on one host.
@@ -408,11 +413,27 @@ impl RuleManager {
                 "-A {c} -s {src}/32 -d {dst}/32 -p tcp -m tcp --tcp-flags SYN,RST SYN {m} -j TCPMSS --set-mss {}",
                 self.mss
             );
-            let _ = writeln!(
-                out,
-                "-A {c} -s {src}/32 -d {dst}/32 {m} -j NFQUEUE --queue-num {}",
-                q.tag
-            );
+            match self.cfg.kernel_tagger_mark {
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "-A {c} -s {src}/32 -d {dst}/32 {m} -j NFQUEUE --queue-num {}",
+                        q.tag
+                    );
+                }
+                Some(mark) => {
+                    // Handled by the kernel tagger: passes (never the hold queue).
+                    let _ = writeln!(
+                        out,
+                        "-A {c} -s {src}/32 -d {dst}/32 -m mark --mark {mark:#x}/{mark:#x} {m} -j RETURN"
+                    );
+                    let _ = writeln!(
+                        out,
+                        "-A {c} -s {src}/32 -d {dst}/32 {m} -j NFQUEUE --queue-num {}",
+                        q.tag
+                    );
+                }
+            }
         };
         for l in &local {
             for other in self
@@ -728,6 +749,7 @@ mod tests {
                 queues: QueuePlan::for_group(3, 65_536),
                 mtu: 1500,
                 netns: None,
+                kernel_tagger_mark: None,
             },
         )
         .unwrap()
@@ -793,6 +815,43 @@ mod tests {
     }
 
     #[test]
+    fn kernel_tagger_rules_pass_only_marked_packets() {
+        let m = RuleManager::new(
+            &topo(),
+            RuleConfig {
+                host: "a".into(),
+                queues: QueuePlan::for_group(3, 65_536),
+                mtu: 1500,
+                netns: None,
+                kernel_tagger_mark: Some(0x0200_0000),
+            },
+        )
+        .unwrap();
+        let rules = m.chain_rules();
+        let lines: Vec<&str> = rules.lines().collect();
+        // 4 remote pairs, 3 lines each (clamp, marked -> tag queue, return);
+        // 2 local lines; 2 hold rules.
+        assert_eq!(lines.len(), 4 * 3 + 2 + 2, "{rules}");
+        let pair = "-A PIPECLOUD-shop -s 10.1.1.2/32 -d 10.1.2.2/32";
+        let passed = lines
+            .iter()
+            .position(|l| l.starts_with(pair) && l.ends_with("-j RETURN"))
+            .expect("return rule");
+        assert!(lines[passed].contains("-m mark --mark 0x2000000/0x2000000"));
+        assert!(lines[passed + 1].starts_with(pair));
+        assert!(
+            lines[passed + 1].ends_with("-j NFQUEUE --queue-num 48")
+                && !lines[passed + 1].contains("mark"),
+            "every unmarked packet of the pair goes to the tag queue"
+        );
+        let hold = lines
+            .iter()
+            .position(|l| l.contains("-s 10.1.1.2/32 -m comment"))
+            .unwrap();
+        assert!(hold > passed + 1, "the pair is done before the hold rule");
+    }
+
+    #[test]
     fn multiple_hold_queues_balance() {
         let m = RuleManager::new(
             &topo(),
@@ -801,6 +860,7 @@ mod tests {
                 queues: QueuePlan::for_group(3, 3 * 65_536),
                 mtu: 1500,
                 netns: None,
+                kernel_tagger_mark: None,
             },
         )
         .unwrap();
@@ -816,6 +876,7 @@ mod tests {
             queues: QueuePlan::for_group(3, 1),
             mtu,
             netns: None,
+            kernel_tagger_mark: None,
         };
         assert!(matches!(
             RuleManager::new(&topo(), cfg("nowhere", 1500)),

@@ -653,6 +653,8 @@ impl HoldEngine {
 pub struct NetPathMetrics {
     epoch: Instant,
     counters: [AtomicU64; COUNTERS],
+    /// The kernel tagger, when one runs (its counters live in its map).
+    kernel: std::sync::OnceLock<std::sync::Arc<crate::ebpf::KernelTagger>>,
 }
 
 macro_rules! metrics {
@@ -669,6 +671,8 @@ macro_rules! metrics {
             $( $(#[$doc])* pub $name: u64, )*
             /// Age of the oldest held packet.
             pub oldest_held_age: Option<Duration>,
+            /// The kernel tagger's counters, when it runs.
+            pub kernel: Option<crate::ebpf::KernelTagStats>,
         }
 
         impl NetPathMetrics {
@@ -679,6 +683,7 @@ macro_rules! metrics {
                 MetricsSnapshot {
                     $( $name: self.get(M::$name), )*
                     oldest_held_age: (at != NONE).then(|| Duration::from_nanos(now.saturating_sub(at))),
+                    kernel: self.kernel.get().map(|k| k.stats()),
                 }
             }
         }
@@ -765,6 +770,7 @@ impl Default for NetPathMetrics {
         let m = NetPathMetrics {
             epoch: Instant::now(),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            kernel: std::sync::OnceLock::new(),
         };
         m.set(M::oldest_held_at_ns, NONE);
         m
@@ -772,6 +778,11 @@ impl Default for NetPathMetrics {
 }
 
 impl NetPathMetrics {
+    /// Reports the kernel tagger's counters in snapshots from now on.
+    pub fn attach_kernel(&self, k: std::sync::Arc<crate::ebpf::KernelTagger>) {
+        let _ = self.kernel.set(k);
+    }
+
     fn get(&self, m: M) -> u64 {
         self.counters[m as usize].load(Relaxed)
     }
@@ -896,7 +907,22 @@ impl std::fmt::Display for MetricsSnapshot {
             self.verdict_errors,
             self.driver_sleeps,
             self.busy_poll_idle_us / 1000,
-        )
+        )?;
+        if let Some(k) = &self.kernel {
+            write!(
+                f,
+                " kernel(tagged={} stripped={} records={} fallbacks={} zero={} pure_acks={} arrived_untagged={} errors={})",
+                k.tagged,
+                k.stripped,
+                k.records,
+                k.fallbacks,
+                k.untagged_zero,
+                k.pure_acks,
+                k.arrived_untagged,
+                k.errors
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -88,6 +88,8 @@ struct Site {
     max_held: usize,
     /// Busy polling of the network-path driver per host ("a", "b").
     busy_poll: [Duration; 2],
+    /// Cross-host tagging in the kernel tagger (eBPF) instead of the tag queue.
+    kernel: bool,
     client: Netns,
     web: Netns,
     app: Option<Netns>,
@@ -145,6 +147,7 @@ impl Site {
             rules: Vec::new(),
             max_held: 65_536,
             busy_poll: [pipecloud::netpath::DEFAULT_BUSY_POLL; 2],
+            kernel: false,
             client,
             web,
             app,
@@ -170,6 +173,7 @@ impl Site {
                 queues: QueuePlan::for_group(topo.group_id, self.max_held as u64),
                 mtu: 1500,
                 netns: Some(self.dom0(host).path()),
+                kernel_tagger_mark: self.kernel.then_some(pipecloud::ebpf::DEFAULT_HANDLED_MARK),
             },
         )
         .expect("rule manager")
@@ -195,6 +199,7 @@ impl Site {
         cfg.netns = Some(self.dom0(host).path());
         cfg.rcvbuf = 16 << 20;
         cfg.busy_poll = self.busy_poll[usize::from(host != "a")];
+        cfg.kernel_tagger = self.kernel.then_some(pipecloud::ebpf::DEFAULT_HANDLED_MARK);
         NetPath::start(&topo, state, cfg).expect("start network path")
     }
 }
@@ -392,9 +397,21 @@ fn no_leftovers(site: &Site) {
 
 #[test]
 fn two_host_tag_merge_strip() {
+    two_host_exchange(false);
+}
+
+/// The same exchange with the kernel tagger: tagged and stripped in eBPF,
+/// GSO super-packets cross the wire whole, nothing is lost to the fallback.
+#[test]
+fn two_host_kernel_tagger() {
+    two_host_exchange(true);
+}
+
+fn two_host_exchange(kernel: bool) {
     let rt = runtime();
     let _enter = rt.enter();
     let mut site = Site::build(true);
+    site.kernel = kernel;
     let state_a = Arc::new(CausalState::new(MACHINES));
     let state_b = Arc::new(CausalState::new(MACHINES));
     // Host a's driver busy-polls, host b's never spins (the default): both
@@ -534,8 +551,33 @@ fn two_host_tag_merge_strip() {
 
     let (ma, mb) = (path_a.metrics().snapshot(), path_b.metrics().snapshot());
     println!("agent a: {ma}\nagent b: {mb}");
-    assert!(ma.tagged > 0 && mb.merged > 0 && mb.stripped > 0);
-    assert!(mb.tagged > 0 && ma.merged > 0);
+    if kernel {
+        let (ka, kb) = (ma.kernel.expect("a: kernel"), mb.kernel.expect("b: kernel"));
+        assert!(
+            ka.tagged > 0 && kb.stripped > 0 && kb.records > 0,
+            "{ka:?} {kb:?}"
+        );
+        assert!(
+            kb.tagged + mb.tagged > 0 && ka.stripped > 0,
+            "{ka:?} {kb:?}"
+        );
+        assert_eq!(ka.errors + kb.errors, 0);
+        // The bulk of the transfer took the kernel path, as super-packets.
+        assert!(ka.tagged > ma.tagged, "{ka:?} vs queue {}", ma.tagged);
+        let biggest = wire_seen
+            .iter()
+            .filter(|s| s.src == WEB && s.tagged)
+            .map(|s| s.len)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            biggest > 1500,
+            "GSO packets crossed tagged and whole: {biggest}"
+        );
+    } else {
+        assert!(ma.tagged > 0 && mb.merged > 0 && mb.stripped > 0);
+        assert!(mb.tagged > 0 && ma.merged > 0);
+    }
     assert_eq!(ma.tag_failures + mb.tag_failures, 0);
     // Host b never spins: it slept between packets and spent no time polling.
     assert!(mb.driver_sleeps > 0, "{mb}");
@@ -545,8 +587,13 @@ fn two_host_tag_merge_strip() {
         0,
         "kernel accepted every verdict"
     );
+    let kernel_pure_acks = [ma.kernel, mb.kernel]
+        .iter()
+        .flatten()
+        .map(|k| k.pure_acks)
+        .sum::<u64>();
     assert!(
-        ma.pure_acks_untagged + mb.pure_acks_untagged > 0,
+        ma.pure_acks_untagged + mb.pure_acks_untagged + kernel_pure_acks > 0,
         "pure ACKs counted as untagged"
     );
 

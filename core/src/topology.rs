@@ -43,6 +43,7 @@
 //! nbd_dir = "/run/pipecloud/dom0-a"        # absolute; the agent's NBD sockets: <nbd_dir>/<disk>.sock
 //! ctl_socket = "/run/pipecloud/dom0-a/ctl.sock"   # optional, default <nbd_dir>/ctl.sock
 //! busy_poll_us = 0                         # optional, 0..=10000 (0: off): network-path busy polling
+//! kernel_tagger = true                     # optional: cross-host tagging in eBPF (false: NFQUEUE)
 //!
 //! [[machine]]
 //! name = "web"
@@ -344,7 +345,14 @@ pub struct Host {
     /// after a packet before it sleeps: lower per-packet latency for up to one
     /// core of CPU while traffic flows; 0 never spins.
     pub busy_poll_us: u64,
+    /// Tag and strip cross-host packets in a TCX eBPF program (GSO
+    /// super-packets stay whole); `false`: in the NFQUEUE tag queue only.
+    pub kernel_tagger: bool,
 }
+
+/// Default `host.kernel_tagger`: on (the agent falls back to the NFQUEUE tag
+/// queue, with a warning, when the kernel cannot load it).
+pub const DEFAULT_KERNEL_TAGGER: bool = true;
 
 /// Default `host.busy_poll_us`: off (busy polling takes CPU from the guests
 /// under load; 50 suits hosts with cores to spare).
@@ -1259,6 +1267,7 @@ struct RawHost {
     nbd_dir: Option<At<PathBuf>>,
     ctl_socket: Option<At<PathBuf>>,
     busy_poll_us: Option<At<u64>>,
+    kernel_tagger: Option<At<bool>>,
 }
 
 struct RawMachine {
@@ -1288,7 +1297,13 @@ const POLICY_KEYS: &[&str] = &[
     "netqueue_max_packets",
     "netqueue_max_bytes",
 ];
-const HOST_KEYS: &[&str] = &["name", "nbd_dir", "ctl_socket", "busy_poll_us"];
+const HOST_KEYS: &[&str] = &[
+    "name",
+    "nbd_dir",
+    "ctl_socket",
+    "busy_poll_us",
+    "kernel_tagger",
+];
 const MACHINE_KEYS: &[&str] = &["name", "ip", "mac", "host", "outbound", "writer"];
 const DISK_KEYS: &[&str] = &["name", "machine", "image", "size"];
 
@@ -1511,12 +1526,14 @@ fn parse_host(cx: &mut Cx<'_>, i: usize, span: Range<usize>, table: &NodeTable) 
         "microseconds, an integer in 0..=10000",
         |n| conv_int_range(n, 0, MAX_BUSY_POLL_US as i64),
     );
+    let kernel_tagger = t.optional(cx, "kernel_tagger", "true or false", conv_bool);
     t.finish(cx);
     RawHost {
         name,
         nbd_dir,
         ctl_socket,
         busy_poll_us,
+        kernel_tagger,
     }
 }
 
@@ -1980,6 +1997,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
                 nbd_dir,
                 ctl_socket,
                 busy_poll_us: h.busy_poll_us.map_or(DEFAULT_BUSY_POLL_US, |v| v.value),
+                kernel_tagger: h.kernel_tagger.map_or(DEFAULT_KERNEL_TAGGER, |v| v.value),
             })
         })
         .collect::<Option<Vec<_>>>()?;
@@ -2557,6 +2575,13 @@ size = "1GiB"
         let t = Topology::parse(&good_with(dir, &format!("{dir}\nbusy_poll_us = 50")), "t")
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.hosts[0].busy_poll_us, 50);
+        assert!(t.hosts[0].kernel_tagger, "on by default");
+        let t = Topology::parse(
+            &good_with(dir, &format!("{dir}\nkernel_tagger = false")),
+            "t",
+        )
+        .unwrap();
+        assert!(!t.hosts[0].kernel_tagger);
         let errs = errors_of(&good_with(dir, &format!("{dir}\nbusy_poll_us = 10001")));
         assert_error(&errs, 17, "host[0].busy_poll_us", "0..=10000");
         assert_eq!(errs.len(), 1, "{errs:?}");

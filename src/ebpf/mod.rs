@@ -23,8 +23,8 @@
 //!   access to the causal state drains first, and the driver thread drains
 //!   when the ring buffer signals) and then sets the receiver's `drained`.
 //!   While `received != drained` the program does not tag the receiver's own
-//!   packets: they go to the NFQUEUE tag queue (fallback mark), whose path
-//!   drains first. So no packet leaves carrying a vector that lacks a merge
+//!   packets: they go to the NFQUEUE tag queue (the program leaves them
+//!   unmarked), whose path drains first. So no packet leaves carrying a vector that lacks a merge
 //!   its sender's stack has already seen.
 //! - Everything the program does not handle falls back to the NFQUEUE tag
 //!   queue with its full semantics (see [`prog`]).
@@ -51,8 +51,11 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Mutex;
 use sys::{Map, Mapping, RingConsumer};
 
-/// Default fallback mark bit (`skb->mark`), matched by the tag queue rule.
-pub const DEFAULT_FALLBACK_MARK: u32 = 0x0200_0000;
+/// Default handled mark bit (`skb->mark`): set on the packets the program
+/// handled; the rules pass those and queue the rest of a cross-host pair's
+/// packets to the tag queue. Marks do not cross network namespaces (veth
+/// scrubs them), so a guest cannot forge it.
+pub const DEFAULT_HANDLED_MARK: u32 = 0x0200_0000;
 /// Ring buffer size: 256 KiB holds 5,000 records (48 bytes + 8 header). A full
 /// ring sends packets to the NFQUEUE tag queue, which merges synchronously.
 pub const RING_BYTES: usize = 256 << 10;
@@ -112,7 +115,7 @@ impl std::fmt::Debug for KernelTagger {
 impl KernelTagger {
     /// Creates the maps and loads the program for `host`'s view of `topo`.
     /// Attaches nothing yet.
-    pub fn load(topo: &NetTopology, host: &str, fallback_mark: u32) -> io::Result<KernelTagger> {
+    pub fn load(topo: &NetTopology, host: &str, handled_mark: u32) -> io::Result<KernelTagger> {
         let machines = topo.machines.len();
         let entries = u32::try_from(machines + 1).map_err(io::Error::other)?;
         let slots_map = Map::create(
@@ -164,7 +167,7 @@ impl KernelTagger {
         };
         let params = ProgParams {
             group_id: topo.group_id,
-            fallback_mark,
+            handled_mark,
             stats_row: machines as u32,
         };
         let insns = prog::program(&fds, &params).map_err(io::Error::other)?;
@@ -207,26 +210,35 @@ impl KernelTagger {
         Ok(())
     }
 
-    /// Attaches the program to every interface that routes to a machine of
-    /// `topo` (local machines: their own link; remote ones: the uplink).
-    /// Call it inside the host's network namespace. Returns the interfaces.
+    /// Attaches the program to every Ethernet interface that routes to a
+    /// machine of `topo` (local machines: their own link; remote ones: the
+    /// uplink). Call it inside the host's network namespace. Returns the
+    /// interfaces. Machines without a route are skipped with a warning (their
+    /// packets keep using the tag queue).
     pub fn attach_routes(&self, topo: &NetTopology) -> io::Result<Vec<String>> {
         let mut names: Vec<String> = Vec::new();
         for m in &topo.machines {
-            let dev = route_device(m.ip)?;
-            if !names.contains(&dev) {
-                names.push(dev);
+            match route_device(m.ip) {
+                Ok(dev) if !names.contains(&dev) => names.push(dev),
+                Ok(_) => {}
+                // Its packets are not seen by the program, so not marked: the
+                // rules send them to the tag queue. Slower, not unsafe.
+                Err(e) => tracing::warn!(machine = %m.name, "kernel tagger: {e}"),
             }
         }
-        for n in &names {
-            if !is_ethernet(n)? {
-                return Err(io::Error::other(format!(
-                    "interface {n} is not Ethernet: the kernel tagger needs a 14-byte link header"
-                )));
+        let mut attached = Vec::new();
+        for n in names {
+            if !is_ethernet(&n)? {
+                tracing::warn!(
+                    interface = %n,
+                    "kernel tagger: not Ethernet (needs a 14-byte link header); its packets use the tag queue"
+                );
+                continue;
             }
-            self.attach(n)?;
+            self.attach(&n)?;
+            attached.push(n);
         }
-        Ok(names)
+        Ok(attached)
     }
 
     /// Interfaces the program is attached to.

@@ -17,9 +17,12 @@
 //!    buffer for the agent to merge (unless this CPU recorded the same area for
 //!    this pair last time), count it in the destination's `received`, shrink
 //!    the packet and write the new header.
-//! 4. **Fall back** to the NFQUEUE tag queue (set the fallback mark bit; the
-//!    agent's iptables rule queues marked packets of the pair) for everything
-//!    else: fragments, other options, a slot being rewritten, a source whose
+//! 4. What it handled (tagged, stripped, or rightly left untagged) gets the
+//!    handled mark bit: the agent's iptables rules let marked packets of the
+//!    pair pass and send all others to the NFQUEUE tag queue. So the program
+//!    **falls back** simply by not marking, and so does every packet it never
+//!    saw (an interface it is not attached to, a program that is gone):
+//!    fragments, fragments, other options, a slot being rewritten, a source whose
 //!    received tags the agent has not merged yet (`received != drained`: its
 //!    published vector may lack them), a full ring buffer, a failed resize.
 //!    The userspace path then does what it always did (merges, tags, drops
@@ -120,8 +123,8 @@ pub struct MapFds {
 #[derive(Clone, Copy, Debug)]
 pub struct ProgParams {
     pub group_id: u16,
-    /// Bit(s) OR-ed into `skb->mark` to send a packet to the NFQUEUE tag queue.
-    pub fallback_mark: u32,
+    /// Bit(s) OR-ed into `skb->mark` of the packets the program handled.
+    pub handled_mark: u32,
     /// Index of the stats row in the slots map (= number of machines).
     pub stats_row: u32,
 }
@@ -253,7 +256,7 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .be16(R2)
         .jmp(Jmp::Ne, R1, R2, "tag_vector");
     count(a, maps, p, Stat::PureAck);
-    a.ja("next");
+    a.ja("done");
 
     a.label("tag_vector")
         .ldx(Size::W, R1, R9, SLOT_SEQ as i16)
@@ -294,11 +297,11 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
     header_checksum(a, Some(R8));
     store_header(a, Some(R8));
     count(a, maps, p, Stat::Tagged);
-    a.ja("next");
+    a.ja("done");
 
     a.label("tag_zero");
     count(a, maps, p, Stat::UntaggedZero);
-    a.ja("next");
+    a.ja("done");
 
     // ---- strip ----
     a.label("strip")
@@ -397,21 +400,25 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
     header_checksum(a, None);
     store_header(a, None);
     count(a, maps, p, Stat::Stripped);
-    a.ja("next");
+    a.ja("done");
 
     a.label("arrived_untagged");
     count(a, maps, p, Stat::ArrivedUntagged);
-    a.ja("next");
+    a.ja("done");
 
     // ---- endings ----
     a.label("error_fallback");
     count(a, maps, p, Stat::Errors);
-    a.label("fallback")
-        .ldx(Size::W, R1, R6, SKB_MARK)
-        .alu_imm(Alu::Or, R1, p.fallback_mark as i32)
-        .stx(Size::W, R6, SKB_MARK, R1);
+    a.label("fallback");
     count(a, maps, p, Stat::Fallback);
     a.label("next").mov_imm(R0, TCX_NEXT).exit();
+
+    a.label("done")
+        .ldx(Size::W, R1, R6, SKB_MARK)
+        .alu_imm(Alu::Or, R1, p.handled_mark as i32)
+        .stx(Size::W, R6, SKB_MARK, R1)
+        .mov_imm(R0, TCX_NEXT)
+        .exit();
 
     a.label("error_drop");
     count(a, maps, p, Stat::Errors);

@@ -266,10 +266,24 @@ struct TestRunAttr {
     pad: u32,
 }
 
-/// Runs `prog` once on the frame `data` (`BPF_PROG_TEST_RUN`): the return
-/// value and the frame as the program left it.
-pub fn test_run(prog: &OwnedFd, data: &[u8]) -> io::Result<(i32, Vec<u8>)> {
+/// What one test run returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value.
+    pub retval: i32,
+    /// The frame as the program left it.
+    pub data: Vec<u8>,
+    /// `skb->mark` afterwards.
+    pub mark: u32,
+}
+
+/// Runs `prog` once on the frame `data` (`BPF_PROG_TEST_RUN`, `skb->mark` 0).
+pub fn test_run(prog: &OwnedFd, data: &[u8]) -> io::Result<TestRun> {
+    /// Room for `struct __sk_buff` (the kernel copies what it has).
+    const CTX_LEN: usize = 512;
+    const SKB_MARK: usize = 8;
     let mut out = vec![0u8; data.len() + 256];
+    let mut ctx = vec![0u8; CTX_LEN];
     let mut a = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: data.len() as u32,
@@ -277,11 +291,23 @@ pub fn test_run(prog: &OwnedFd, data: &[u8]) -> io::Result<(i32, Vec<u8>)> {
         data_in: data.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
         repeat: 1,
+        ctx_size_out: CTX_LEN as u32,
+        ctx_out: ctx.as_mut_ptr() as u64,
         ..Default::default()
     };
     bpf(BPF_PROG_TEST_RUN, &mut a)?;
     out.truncate(a.data_size_out as usize);
-    Ok((a.retval as i32, out))
+    let mark = u32::from_ne_bytes([
+        ctx[SKB_MARK],
+        ctx[SKB_MARK + 1],
+        ctx[SKB_MARK + 2],
+        ctx[SKB_MARK + 3],
+    ]);
+    Ok(TestRun {
+        retval: a.retval as i32,
+        data: out,
+        mark,
+    })
 }
 
 fn page_size() -> usize {
@@ -333,7 +359,10 @@ impl Mapping {
 
     /// The 64-bit word at byte `off` (8-aligned, inside the mapping).
     pub fn u64_at(&self, off: usize) -> &AtomicU64 {
-        assert!(off.is_multiple_of(8) && off + 8 <= self.len, "mapping offset {off}");
+        assert!(
+            off.is_multiple_of(8) && off + 8 <= self.len,
+            "mapping offset {off}"
+        );
         // SAFETY: in bounds and aligned (checked); the memory lives as long as
         // `self` and is only accessed atomically.
         unsafe { &*(self.ptr.add(off) as *const AtomicU64) }
@@ -341,7 +370,10 @@ impl Mapping {
 
     /// The 32-bit word at byte `off` (4-aligned, inside the mapping).
     pub fn u32_at(&self, off: usize) -> &AtomicU32 {
-        assert!(off.is_multiple_of(4) && off + 4 <= self.len, "mapping offset {off}");
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.len,
+            "mapping offset {off}"
+        );
         // SAFETY: as in `u64_at`.
         unsafe { &*(self.ptr.add(off) as *const AtomicU32) }
     }

@@ -40,7 +40,7 @@ fn topo() -> NetTopology {
 }
 
 fn tagger(host: &str) -> KernelTagger {
-    KernelTagger::load(&topo(), host, DEFAULT_FALLBACK_MARK).expect("load the kernel tagger")
+    KernelTagger::load(&topo(), host, DEFAULT_HANDLED_MARK).expect("load the kernel tagger")
 }
 
 fn tcp(src: [u8; 4], dst: [u8; 4], payload: &[u8], ack_only: bool) -> Vec<u8> {
@@ -61,9 +61,40 @@ fn frame(ip: &[u8]) -> Vec<u8> {
     f
 }
 
-fn run(t: &KernelTagger, ip: &[u8]) -> (i32, Vec<u8>) {
-    let (rc, out) = sys::test_run(t.program_fd(), &frame(ip)).expect("test run");
-    (rc, out[14..].to_vec())
+/// What the program did to one packet: the packet afterwards, and whether
+/// it marked it handled (unmarked packets of a pair go to the tag queue).
+#[derive(Debug, PartialEq, Eq)]
+struct Out {
+    ip: Vec<u8>,
+    handled: bool,
+}
+
+fn run(t: &KernelTagger, ip: &[u8]) -> Out {
+    let r = sys::test_run(t.program_fd(), &frame(ip)).expect("test run");
+    assert_eq!(
+        r.retval,
+        prog::TCX_NEXT,
+        "always continues (or drops on errors)"
+    );
+    assert_eq!(r.mark & !DEFAULT_HANDLED_MARK, 0);
+    Out {
+        ip: r.data[14..].to_vec(),
+        handled: r.mark == DEFAULT_HANDLED_MARK,
+    }
+}
+
+fn handled(ip: &[u8]) -> Out {
+    Out {
+        ip: ip.to_vec(),
+        handled: true,
+    }
+}
+
+fn queued(ip: &[u8]) -> Out {
+    Out {
+        ip: ip.to_vec(),
+        handled: false,
+    }
 }
 
 fn v(x: &[u64]) -> CountVector {
@@ -84,11 +115,10 @@ fn tags_exactly_like_the_userspace_codec() {
         for len in [1usize, 100, 1400] {
             let payload: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
             let p = tcp(WEB, DB, &payload, false);
-            let (rc, got) = run(&t, &p);
+            let got = run(&t, &p);
             let mut want = p.clone();
             ipopt::insert_tag(&mut want, GROUP, vec).unwrap();
-            assert_eq!(rc, prog::TCX_NEXT);
-            assert_eq!(got, want, "vector {vec}, payload {len}");
+            assert_eq!(got, handled(&want), "vector {vec}, payload {len}");
         }
     }
     let s = t.stats();
@@ -101,25 +131,26 @@ fn leaves_untagged_what_it_should_and_falls_back_otherwise() {
     let t = tagger("a");
     // Zero vector: untagged.
     let p = tcp(WEB, DB, b"hello", false);
-    assert_eq!(run(&t, &p), (prog::TCX_NEXT, p.clone()));
+    assert_eq!(run(&t, &p), handled(&p));
     t.publish(WEB_IDX, &v(&[4]));
     // Pure ACK: untagged.
     let ack = tcp(WEB, DB, b"", true);
-    assert_eq!(run(&t, &ack).1, ack);
-    // Not a cross-host pair (client-bound, same-host): untouched, not counted.
+    assert_eq!(run(&t, &ack), handled(&ack));
+    // Not a cross-host pair (client-bound, same-host): untouched, unmarked
+    // (the rules of those pairs never look at the mark), not counted.
     for p in [tcp(WEB, CLIENT, b"x", false), tcp(WEB, APP, b"x", false)] {
-        assert_eq!(run(&t, &p).1, p);
+        assert_eq!(run(&t, &p), queued(&p));
     }
     // A fragment and a packet with other options: unchanged, to the tag queue.
     let mut frag = tcp(WEB, DB, b"frag", false);
     frag[6] |= 0x20; // MF
-    assert_eq!(run(&t, &frag).1, frag);
+    assert_eq!(run(&t, &frag), queued(&frag));
     let mut tagged = tcp(WEB, DB, b"again", false);
     ipopt::insert_tag(&mut tagged, GROUP, &v(&[1])).unwrap();
-    assert_eq!(run(&t, &tagged).1, tagged);
+    assert_eq!(run(&t, &tagged), queued(&tagged));
     // A vector too wide for the option: to the tag queue (which drops it).
     t.publish(WEB_IDX, &v(&[1, 1, 1, 1, 1, 1, 1, 1, 1]));
-    assert_eq!(run(&t, &p).1, p);
+    assert_eq!(run(&t, &p), queued(&p));
     let s = t.stats();
     assert_eq!(
         (s.untagged_zero, s.pure_acks, s.fallbacks, s.tagged),
@@ -139,27 +170,31 @@ fn strips_records_and_holds_back_tags_until_merged() {
     let inner = tcp(WEB, DB, b"query", false);
     let mut wire = inner.clone();
     ipopt::insert_tag(&mut wire, GROUP, &v(&[5])).unwrap();
-    let (rc, got) = run(&t, &wire);
-    assert_eq!(rc, prog::TCX_NEXT);
-    assert_eq!(got, inner, "stripped back to the original bytes");
+    assert_eq!(
+        run(&t, &wire),
+        handled(&inner),
+        "stripped back to the original bytes"
+    );
     assert_eq!(t.stats().records, 1);
 
     // db answers before the agent merged: the program must not tag with the
     // stale vector; it hands the packet to the tag queue.
     let reply = tcp(DB, WEB, b"result", false);
-    assert_eq!(run(&t, &reply).1, reply);
+    assert_eq!(run(&t, &reply), queued(&reply));
     assert_eq!(t.stats().fallbacks, 1);
 
     // Any access to the causal state merges first.
     assert_eq!(state.pending(DB_IDX), v(&[5, 1]));
-    let (_, got) = run(&t, &reply);
     let mut want = reply.clone();
     ipopt::insert_tag(&mut want, GROUP, &v(&[5, 1])).unwrap();
-    assert_eq!(got, want, "tagged with the merged vector");
+    assert_eq!(
+        run(&t, &reply),
+        handled(&want),
+        "tagged with the merged vector"
+    );
 
     // The same tag again (same CPU, most likely): stripped; recorded at most once more.
-    let (_, got) = run(&t, &wire);
-    assert_eq!(got, inner);
+    assert_eq!(run(&t, &wire), handled(&inner));
     let s = t.stats();
     assert_eq!(s.stripped, 2, "{s:?}");
     assert!(s.records <= 2, "{s:?}");
@@ -173,13 +208,13 @@ fn foreign_or_odd_options_go_to_the_tag_queue() {
     let inner = tcp(WEB, DB, b"q", false);
     let mut foreign = inner.clone();
     ipopt::insert_tag(&mut foreign, GROUP + 1, &v(&[5])).unwrap();
-    assert_eq!(run(&t, &foreign).1, foreign);
+    assert_eq!(run(&t, &foreign), queued(&foreign));
     let mut bad_len = inner.clone();
     ipopt::insert_tag(&mut bad_len, GROUP, &v(&[5])).unwrap();
     bad_len[23] += 4; // option length disagrees with the header
-    assert_eq!(run(&t, &bad_len).1, bad_len);
+    assert_eq!(run(&t, &bad_len), queued(&bad_len));
     // Untagged arrival: passed and counted.
-    assert_eq!(run(&t, &inner).1, inner);
+    assert_eq!(run(&t, &inner), handled(&inner));
     let s = t.stats();
     assert_eq!(
         (s.fallbacks, s.arrived_untagged, s.records),

@@ -33,12 +33,14 @@ use super::{
     TagPolicy, M,
 };
 use crate::causal::CausalState;
+use crate::ebpf::KernelTagger;
 use crate::netfilter::{NetTopology, QueuePlan};
+use crate::nfq::netns::in_netns;
 use crate::nfq::proto::{self, Message, PacketMsg, Verdict};
 use crate::nfq::{NfqError, NfqSocket, QueueConfig, Received};
 use crate::wake::Wake;
 use pipecloud_core::netqueue::NetQueueLimits;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -83,6 +85,11 @@ pub struct NetPathConfig {
     /// How long the driver thread keeps polling after its last work before it
     /// sleeps (module docs); zero: sleep at once.
     pub busy_poll: Duration,
+    /// Tag and strip cross-host packets in the kernel ([`crate::ebpf`]),
+    /// marking what it handled with this mark; the rules must be installed
+    /// with the same mark (they queue the unmarked rest). `None`: the tag
+    /// queue takes every cross-host packet.
+    pub kernel_tagger: Option<u32>,
 }
 
 impl NetPathConfig {
@@ -100,6 +107,7 @@ impl NetPathConfig {
             limits,
             release_chunk: 1024,
             busy_poll: DEFAULT_BUSY_POLL,
+            kernel_tagger: None,
         }
     }
 }
@@ -122,6 +130,9 @@ pub enum NetPathError {
     /// The driver thread panicked.
     #[error("network path thread failed: {0}")]
     Task(String),
+    /// Loading or attaching the kernel tagger failed.
+    #[error("kernel tagger: {0}")]
+    Kernel(std::io::Error),
 }
 
 /// Turns the hold bypass on or off (see [`NetPath::bypass_switch`]).
@@ -160,6 +171,9 @@ pub struct NetPath {
     wake: Arc<Wake>,
     bypass: BypassSwitch,
     state: Arc<CausalState>,
+    /// The kernel tagger (detached from the causal state on stop; its links
+    /// close when the last reference goes).
+    kernel: Option<Arc<KernelTagger>>,
     thread: Option<JoinHandle<Result<(), NetPathError>>>,
 }
 
@@ -208,6 +222,24 @@ impl NetPath {
             source,
         })?);
         let metrics = Arc::new(NetPathMetrics::default());
+        let kernel = match cfg.kernel_tagger {
+            None => None,
+            Some(mark) => {
+                let host = cfg.host.as_str();
+                let tagger = in_netns(cfg.netns.as_deref(), || {
+                    let t = KernelTagger::load(topo, host, mark)?;
+                    let ifaces = t.attach_routes(topo)?;
+                    tracing::info!(interfaces = ?ifaces, "kernel tagger attached");
+                    Ok::<_, std::io::Error>(t)
+                })
+                .and_then(|r| r)
+                .map_err(NetPathError::Kernel)?;
+                let tagger = Arc::new(tagger);
+                state.attach_kernel(Arc::clone(&tagger) as Arc<dyn crate::causal::KernelTags>);
+                metrics.attach_kernel(Arc::clone(&tagger));
+                Some(tagger)
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let (bypass_tx, bypass_rx) = watch::channel(false);
         let mut all_queues = vec![cfg.queues.tag, cfg.queues.local];
@@ -227,6 +259,7 @@ impl NetPath {
             bypass: bypass_rx,
             committed: state.subscribe_committed(),
             busy_poll: cfg.busy_poll,
+            kernel_ring: kernel.as_ref().map(|k| k.ring_fd()),
         };
         state.wake_on_commit(Arc::clone(&wake));
         let thread = std::thread::Builder::new()
@@ -234,6 +267,9 @@ impl NetPath {
             .spawn(move || driver.run())
             .map_err(|source| {
                 state.unwake_on_commit(&wake);
+                if kernel.is_some() {
+                    state.detach_kernel();
+                }
                 NetPathError::Setup {
                     what: "spawn the driver thread",
                     source,
@@ -248,6 +284,7 @@ impl NetPath {
             },
             wake,
             state,
+            kernel,
             thread: Some(thread),
         })
     }
@@ -273,6 +310,14 @@ impl NetPath {
         self.stop.store(true, Ordering::Release);
         self.wake.signal();
         self.state.unwake_on_commit(&self.wake);
+        if self.kernel.is_some() {
+            self.state.detach_kernel();
+        }
+    }
+
+    /// The kernel tagger, when it runs.
+    pub fn kernel_tagger(&self) -> Option<&Arc<KernelTagger>> {
+        self.kernel.as_ref()
     }
 
     /// Stops the driver and closes the sockets; returns the error the driver
@@ -317,6 +362,8 @@ struct Driver {
     bypass: watch::Receiver<bool>,
     committed: watch::Receiver<pipecloud_core::CountVector>,
     busy_poll: Duration,
+    /// The kernel tagger's ring buffer (readable when tags wait to be merged).
+    kernel_ring: Option<RawFd>,
 }
 
 /// Reusable buffers of the driver thread.
@@ -361,6 +408,12 @@ impl Driver {
                 self.hold.send(&b.out)?;
                 self.metrics.count_release(n);
                 self.metrics.gauge_hold(&mut self.engine);
+                worked = true;
+            }
+            if self.kernel_ring.is_some() && self.state.kernel_needs_drain() {
+                // Tags the kernel stripped: merge them now, so the receivers'
+                // own packets can be tagged in the kernel again.
+                self.state.drain_kernel();
                 worked = true;
             }
             worked |= self.hold_burst(&mut b, bypassing)?;
@@ -424,6 +477,7 @@ impl Driver {
             fd(self.tag.as_raw_fd()),
             fd(self.local.as_raw_fd()),
             fd(self.wake.as_raw_fd()),
+            fd(self.kernel_ring.unwrap_or(-1)), // poll(2) skips negative fds
         ];
         // Round up so a sub-millisecond remainder does not busy-loop.
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
