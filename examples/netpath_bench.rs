@@ -143,7 +143,18 @@ impl Site {
 
     /// Starts the full network path of `host` and installs its rules.
     fn agent(&mut self, host: &str, state: Arc<CausalState>, gso: bool) -> NetPath {
-        self.agent_mtu(host, state, gso, 1500, Duration::ZERO)
+        self.agent_mtu(host, state, gso, 1500, Duration::ZERO, false)
+    }
+
+    /// Starts `host`'s network path with the kernel tagger (eBPF) doing the
+    /// cross-host tagging and stripping.
+    fn kernel_agent(&mut self, host: &str, state: Arc<CausalState>) -> NetPath {
+        self.agent_mtu(host, state, true, 1500, Duration::ZERO, true)
+    }
+
+    /// Makes web's stack send single segments (no GSO/TSO super-packets).
+    fn no_gso(&self) {
+        self.web.ip("link set dev eth0 gso_max_segs 1");
     }
 
     /// Jumbo frames on every link of the web-db path (web, wire, db).
@@ -168,12 +179,15 @@ impl Site {
         gso: bool,
         mtu: u16,
         busy_poll: Duration,
+        kernel: bool,
     ) -> NetPath {
         let topo = topology();
         let mut cfg = NetPathConfig::new(&topo, host, NetQueueLimits::default());
         cfg.netns = Some(self.dom0(host).path());
         cfg.gso = gso;
         cfg.busy_poll = busy_poll;
+        let mark = kernel.then_some(pipecloud::ebpf::DEFAULT_HANDLED_MARK);
+        cfg.kernel_tagger = mark;
         let np = NetPath::start(&topo, state, cfg).expect("start network path");
         let rm = RuleManager::new(
             &topo,
@@ -182,7 +196,7 @@ impl Site {
                 queues: QueuePlan::for_group(topo.group_id, 65_536),
                 mtu,
                 netns: Some(self.dom0(host).path()),
-                kernel_tagger_mark: None,
+                kernel_tagger_mark: mark,
             },
         )
         .expect("rules");
@@ -520,13 +534,29 @@ fn latency(rt: &tokio::runtime::Runtime) {
     drop(spinner);
     drop(site);
 
+    // The kernel tagger: tag and strip in eBPF, no queue traversal (the
+    // agent's default). Its driver sleeps; it only merges new tags.
+    let mut site = Site::build();
+    let (sa, sb) = states();
+    let pa = site.kernel_agent("a", sa);
+    let pb = site.kernel_agent("b", sb);
+    let r = request_response(&site.web, &site.db, db);
+    print_rtt(
+        "web<->db, kernel tag+strip (4/RTT)",
+        &r,
+        Some((&base_hosts, 4.0)),
+    );
+    print_kernel(&pa, &pb);
+    let _ = rt.block_on(async { (pa.stop().await, pb.stop().await) });
+    drop(site);
+
     // The agent's default driver sleeps between packets; busy polling
     // (`busy_poll_us = 50`) trades CPU for latency.
     for (how, busy_poll) in [("", Duration::ZERO), (", busy-poll", LOW_LATENCY_BUSY_POLL)] {
         let mut site = Site::build();
         let (sa, sb) = states();
-        let pa = site.agent_mtu("a", sa, true, 1500, busy_poll);
-        let pb = site.agent_mtu("b", sb, true, 1500, busy_poll);
+        let pa = site.agent_mtu("a", sa, true, 1500, busy_poll, false);
+        let pb = site.agent_mtu("b", sb, true, 1500, busy_poll, false);
         let r = request_response(&site.web, &site.db, db);
         print_rtt(
             &format!("web<->db, tag+strip{how} (4/RTT)"),
@@ -545,7 +575,7 @@ fn latency(rt: &tokio::runtime::Runtime) {
         let mut site = Site::build();
         let (sa, _) = states();
         sa.publish_committed(&v(&[5])); // committed covers web: immediate release
-        let pa = site.agent_mtu("a", sa, true, 1500, busy_poll);
+        let pa = site.agent_mtu("a", sa, true, 1500, busy_poll, false);
         let r = request_response(&site.web, &site.client, client);
         print_rtt(
             &format!("web<->client, hold+release{how} (1/RTT)"),
@@ -582,6 +612,11 @@ fn throughput(rt: &tokio::runtime::Runtime) {
         "  web->client, no queue              {:6.2} Gb/s",
         bulk(&site.web, &site.client, client)
     );
+    site.no_gso();
+    println!(
+        "  web->db, no queue, no GSO          {:6.2} Gb/s",
+        bulk(&site.web, &site.db, db)
+    );
     drop(site);
 
     let mut site = Site::build();
@@ -599,13 +634,29 @@ fn throughput(rt: &tokio::runtime::Runtime) {
     let _ = rt.block_on(async { (pa.stop().await, pb.stop().await) });
     drop(site);
 
+    for gso in [true, false] {
+        let mut site = Site::build();
+        if !gso {
+            site.no_gso();
+        }
+        let (sa, sb) = states();
+        let pa = site.kernel_agent("a", sa);
+        let pb = site.kernel_agent("b", sb);
+        let g = bulk(&site.web, &site.db, db);
+        let label = if gso { "GSO" } else { "no GSO" };
+        println!("  web->db, kernel tag+strip, {label:<7} {g:6.2} Gb/s");
+        print_kernel(&pa, &pb);
+        let _ = rt.block_on(async { (pa.stop().await, pb.stop().await) });
+        drop(site);
+    }
+
     // The tag queue's cost is per packet: with jumbo frames on the web-db path
     // (common inside a data centre) each queued packet carries 6x the data.
     let mut site = Site::build();
     site.jumbo();
     let (sa, sb) = states();
-    let pa = site.agent_mtu("a", sa, true, JUMBO_MTU, Duration::ZERO);
-    let pb = site.agent_mtu("b", sb, true, JUMBO_MTU, Duration::ZERO);
+    let pa = site.agent_mtu("a", sa, true, JUMBO_MTU, Duration::ZERO, false);
+    let pb = site.agent_mtu("b", sb, true, JUMBO_MTU, Duration::ZERO, false);
     let g = bulk(&site.web, &site.db, db);
     let (ma, mb) = (pa.metrics().snapshot(), pb.metrics().snapshot());
     println!(
@@ -638,6 +689,24 @@ fn throughput(rt: &tokio::runtime::Runtime) {
         );
         let _ = rt.block_on(pa.stop());
     }
+}
+
+/// The kernel taggers' counters of both hosts.
+fn print_kernel(pa: &NetPath, pb: &NetPath) {
+    let (ma, mb) = (pa.metrics().snapshot(), pb.metrics().snapshot());
+    let (ka, kb) = (ma.kernel.unwrap_or_default(), mb.kernel.unwrap_or_default());
+    println!(
+        "    (kernel a: tagged {} stripped {} fallbacks {}; b: tagged {} stripped {} records {} fallbacks {}; tag queue a+b: {} packets, {} tag failures)",
+        ka.tagged,
+        ka.stripped,
+        ka.fallbacks,
+        kb.tagged,
+        kb.stripped,
+        kb.records,
+        kb.fallbacks,
+        ma.tagged + ma.merged + ma.untagged_zero + ma.pure_acks_untagged + mb.tagged + mb.merged + mb.untagged_zero + mb.pure_acks_untagged,
+        ma.tag_failures + mb.tag_failures
+    );
 }
 
 fn main() {
