@@ -25,6 +25,9 @@ pub trait KernelTags: Send + Sync {
     /// `machine`'s pending vector is now `pending` (called under its lock,
     /// after every change).
     fn publish(&self, machine: usize, pending: &CountVector);
+    /// Whether the committed vector dominates `machine`'s pending vector
+    /// (called under its lock, after every change of either).
+    fn set_clear(&self, machine: usize, clear: bool);
     /// Whether tags received outside wait to be merged.
     fn needs_drain(&self) -> bool;
     /// Hands every waiting `(receiver, tag)` to `merge`, then records that
@@ -71,7 +74,7 @@ impl CausalState {
         *self.kernel.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&k));
         for m in 0..self.pending.len() {
             let p = self.lock_slot(m);
-            k.publish(m, &p);
+            self.mirror(&*k, m, &p);
         }
     }
 
@@ -97,7 +100,7 @@ impl CausalState {
             let mut p = self.lock_slot(machine);
             let tag = raw.resolve(&p);
             if p.merge(&tag) {
-                k.publish(machine, &p);
+                self.mirror(&*k, machine, &p);
             }
         });
     }
@@ -124,8 +127,15 @@ impl CausalState {
     /// Tells the kernel tagger about `machine`'s new vector (under its lock).
     fn published(&self, machine: usize, p: &CountVector) {
         if let Some(k) = self.kernel() {
-            k.publish(machine, p);
+            self.mirror(&*k, machine, p);
         }
+    }
+
+    /// Everything the kernel tagger keeps per machine: its vector, and
+    /// whether the committed vector covers it. Under the machine's lock.
+    fn mirror(&self, k: &dyn KernelTags, machine: usize, p: &CountVector) {
+        k.publish(machine, p);
+        k.set_clear(machine, self.committed.borrow().dominates(p));
     }
 
     /// Writer `writer` (running on machine `machine`) issues a write: bumps its own
@@ -164,6 +174,14 @@ impl CausalState {
     /// Adopts a committed vector from the backup (never lowers any entry).
     pub fn publish_committed(&self, v: &CountVector) {
         if self.committed.send_if_modified(|c| c.merge(v)) {
+            if let Some(k) = self.kernel() {
+                // Under each machine's lock, so a concurrent write cannot
+                // slip between the comparison and the flag.
+                for m in 0..self.pending.len() {
+                    let p = self.lock_slot(m);
+                    k.set_clear(m, self.committed.borrow().dominates(&p));
+                }
+            }
             let wakes = self.commit_wakes.lock().unwrap_or_else(|e| e.into_inner());
             for w in wakes.iter() {
                 w.signal();

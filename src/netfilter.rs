@@ -32,6 +32,16 @@
 //! -A PIPECLOUD-g -s L -d M -j NFQUEUE --queue-num <local queue>
 //! ```
 //!
+//! With the kernel tagger ([`crate::ebpf`], the agent's default) the pairs of
+//! machines on different hosts pass what the eBPF program already tagged or
+//! stripped (it sets the handled mark bit) and queue only the rest:
+//!
+//! ```text
+//! -A PIPECLOUD-g -s L -d M -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss <mss>
+//! -A PIPECLOUD-g -s L -d M -m mark --mark <bit>/<bit> -j RETURN       (and -s M -d L)
+//! -A PIPECLOUD-g -s L -d M -j NFQUEUE --queue-num <tag queue>
+//! ```
+//!
 //! then, for every local machine, everything else it sends leaves the group:
 //!
 //! ```text
@@ -64,7 +74,9 @@
 //! No rule uses `--queue-bypass`: while no agent listens on a queue the kernel
 //! drops its packets, and when the agent dies it drops every packet it was
 //! holding. So nothing unreplicated leaks, and no inter-machine packet passes
-//! without its tag (which could later let a dependent reply out early).
+//! without its tag (which could later let a dependent reply out early). The
+//! kernel tagger keeps this: its links close with the agent, nothing gets the
+//! handled mark any more, and every cross-host packet meets the tag queue rule.
 //!
 //! # What is never queued
 //!
@@ -98,26 +110,24 @@
 //! never correctness. A real NIC doing TSO from that stale offset would build
 //! broken segments too, so this holds beyond the emulation.
 //!
-//! Measured cost (`examples/netpath_bench.rs`, 2 vCPUs): 1.2-1.35 Gb/s for one
-//! cross-host TCP stream at MTU 1500, 3.3-3.8 Gb/s with 9000-byte frames.
-//! Not built, and why each shortcut fails (session-4 reading of the kernel
-//! code, not measured; for whoever takes the ≥ 4 Gb/s goal on):
+//! Measured cost of the tag queue (`examples/netpath_bench.rs`, 2 vCPUs):
+//! 0.75-1.35 Gb/s for one cross-host TCP stream at MTU 1500, 2.0-3.8 Gb/s with
+//! 9000-byte frames. Two shortcuts fail (session-4 reading of the kernel code):
 //! - a same-length rewrite of a GSO packet (option room inserted elsewhere,
 //!   vector filled here) still breaks: `nfqnl_mangle` sets `CHECKSUM_NONE`, and
 //!   a GSO skb delivered without segmentation to the receiver's stack then
 //!   fails its TCP checksum (a forwarded one is re-checksummed by
 //!   `tcp4_gso_segment`, a locally delivered one is not);
 //! - GRO refuses IPv4 headers with options (`inet_gro_receive` wants IHL 5),
-//!   so the receiving host sees every segment of a tagged stream anyway;
-//! - what does work in the kernel: a TC (TCX) eBPF program on the dom0 side of
-//!   a protected machine's interface calling `bpf_skb_adjust_room(+8+4k,
-//!   BPF_ADJ_ROOM_NET)` keeps the transport-header offset right and lowers
-//!   `gso_size`; it would write the sender's pending vector from an mmap-able
-//!   array map that `CausalState` updates before a write completes (entries
-//!   only grow, so a torn read is still a safe tag), and on the receiving host
-//!   a program on the egress to the protected machine would fold the tag into
-//!   a per-CPU inbox map (read by `CausalState` before it assigns a vector)
-//!   and strip with `bpf_skb_adjust_room(-(8+4k))`. No NFQUEUE traversal then.
+//!   so the receiving host sees every segment of a tagged stream anyway.
+//!
+//! What works, and is built: the kernel tagger ([`crate::ebpf`]), a TCX
+//! program at the ingress of the interfaces leading to the group's machines,
+//! resizing with `bpf_skb_adjust_room(BPF_ADJ_ROOM_NET)`, which keeps the
+//! transport-header offset right and lowers `gso_size`. Super-packets cross
+//! whole: 12.0-12.9 Gb/s for one cross-host stream (no-queue baseline in the
+//! same runs 12.0-16.3 Gb/s), and about 0 us added per traversal (p50). The
+//! tag queue stays as its fallback for what the program does not handle.
 //!
 //! # Kernel dependency
 //!
@@ -128,8 +138,9 @@
 //! such a kernel the verdict fails and the kernel drops the packet: still
 //! fail-closed, but no packet between protected machines on different hosts
 //! would pass (`tests/netns_nfq.rs`, `two_host_tag_merge_strip`, detects it).
-//! The mechanism sits behind one seam, `netpath::decide_tag` plus one verdict
-//! call, to be replaced (e.g. by a tc/eBPF tagger) if that lands.
+//! With the kernel tagger (default) only its fallbacks take that path: on such
+//! a kernel they would be dropped (fragments, a receiver whose merges are
+//! pending), which TCP survives but which would show as `tag_failures`.
 //!
 //! # Queue numbering
 //!
@@ -465,6 +476,14 @@ impl RuleManager {
             )
         };
         for l in &local {
+            if let Some(mark) = self.cfg.kernel_tagger_mark {
+                // Passed by the kernel tagger: nothing to hold it for.
+                let _ = writeln!(
+                    out,
+                    "-A {c} -s {}/32 -m mark --mark {mark:#x}/{mark:#x} {m} -j RETURN",
+                    l.ip
+                );
+            }
             let _ = writeln!(out, "-A {c} -s {}/32 {m} -j NFQUEUE {hold}", l.ip);
         }
         out
@@ -829,9 +848,9 @@ mod tests {
         .unwrap();
         let rules = m.chain_rules();
         let lines: Vec<&str> = rules.lines().collect();
-        // 4 remote pairs, 3 lines each (clamp, marked -> tag queue, return);
-        // 2 local lines; 2 hold rules.
-        assert_eq!(lines.len(), 4 * 3 + 2 + 2, "{rules}");
+        // 4 remote pairs, 3 lines each (clamp, return if marked, tag queue);
+        // 2 local lines; 2 hold rules, each after a return-if-marked.
+        assert_eq!(lines.len(), 4 * 3 + 2 + 2 * 2, "{rules}");
         let pair = "-A PIPECLOUD-shop -s 10.1.1.2/32 -d 10.1.2.2/32";
         let passed = lines
             .iter()

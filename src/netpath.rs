@@ -55,6 +55,14 @@
 //! `netfilter`, "GSO"). The kernel marks a modified packet's checksum as
 //! "none", so when the L4 checksum was only partial (`NFQA_SKB_CSUMNOTREADY`)
 //! the tagger computes it fully after inserting or stripping the option.
+//!
+//! # Kernel tagger
+//!
+//! With [`NetPathConfig::kernel_tagger`] (the agent's default) a TCX eBPF
+//! program ([`crate::ebpf`]) tags and strips cross-host packets before they
+//! reach netfilter, GSO super-packets included; the tag queue then only sees
+//! what the program left unmarked (its fallbacks). The driver thread also
+//! sleeps on the program's ring buffer and merges the tags it recorded.
 
 use crate::causal::CausalState;
 use crate::netfilter::NetTopology;

@@ -56,6 +56,9 @@ use sys::{Map, Mapping, RingConsumer};
 /// packets to the tag queue. Marks do not cross network namespaces (veth
 /// scrubs them), so a guest cannot forge it.
 pub const DEFAULT_HANDLED_MARK: u32 = 0x0200_0000;
+/// Mark bit of client-bound packets the program counted on their way to the
+/// hold queue: the agent counts them back when it has decided them.
+pub const COUNTED_MARK: u32 = 0x0400_0000;
 /// Ring buffer size: 256 KiB holds 5,000 records (48 bytes + 8 header). A full
 /// ring sends packets to the NFQUEUE tag queue, which merges synchronously.
 pub const RING_BYTES: usize = 256 << 10;
@@ -85,6 +88,10 @@ pub struct KernelTagStats {
     /// Tags recorded for the agent to merge (repeats of the last tag per CPU
     /// and pair are not recorded).
     pub records: u64,
+    /// Client-bound packets passed at once (nothing to hold them for).
+    pub hold_passed: u64,
+    /// Client-bound packets left to the hold queue.
+    pub hold_queued: u64,
 }
 
 /// The loaded program, its maps and links (see the module docs).
@@ -99,6 +106,7 @@ pub struct KernelTagger {
     // Kept alive for the program.
     _slots_map: Map,
     _pairs: Map,
+    _hosts: Map,
     _last: Map,
 }
 
@@ -143,6 +151,20 @@ impl KernelTagger {
             MAX_PAIRS,
             0,
         )?;
+        let hosts = Map::create(
+            "pc_hosts",
+            sys::MAP_HASH,
+            4,
+            prog::HOST_VALUE_SIZE as u32,
+            entries,
+            0,
+        )?;
+        for (i, m) in topo.machines.iter().enumerate() {
+            let mut value = [0u8; prog::HOST_VALUE_SIZE];
+            value[0..4].copy_from_slice(&(i as u32).to_ne_bytes());
+            value[4..8].copy_from_slice(&u32::from(m.host == host).to_ne_bytes());
+            hosts.update(&m.ip.octets(), &value)?;
+        }
         let ring_map = Map::create("pc_ring", sys::MAP_RINGBUF, 0, 0, RING_BYTES as u32, 0)?;
         let ring = RingConsumer::new(&ring_map, RING_BYTES)?;
         let mut n = 0u32;
@@ -161,6 +183,7 @@ impl KernelTagger {
         }
         let fds = MapFds {
             pairs: pairs.raw_fd(),
+            hosts: hosts.raw_fd(),
             slots: slots_map.raw_fd(),
             ring: ring_map.raw_fd(),
             last: last.raw_fd(),
@@ -168,6 +191,7 @@ impl KernelTagger {
         let params = ProgParams {
             group_id: topo.group_id,
             handled_mark,
+            counted_mark: COUNTED_MARK,
             stats_row: machines as u32,
         };
         let insns = prog::program(&fds, &params).map_err(io::Error::other)?;
@@ -182,6 +206,7 @@ impl KernelTagger {
             links: Mutex::new(Vec::new()),
             _slots_map: slots_map,
             _pairs: pairs,
+            _hosts: hosts,
             _last: last,
         })
     }
@@ -272,6 +297,32 @@ impl KernelTagger {
             arrived_untagged: g(Stat::ArrivedUntagged),
             errors: g(Stat::Errors),
             records: g(Stat::Records),
+            hold_passed: g(Stat::HoldPassed),
+            hold_queued: g(Stat::HoldQueued),
+        }
+    }
+
+    fn row_word(&self, off: usize) -> &std::sync::atomic::AtomicU64 {
+        self.slots.u64_at(self.slot_off(self.machines) + off)
+    }
+
+    /// The group's hold is bypassed (modes async/sync) or not. Call it after
+    /// the agent released what it held when turning the bypass on.
+    pub fn set_bypass(&self, on: bool) {
+        self.row_word(prog::ROW_BYPASS)
+            .store(u64::from(on), Ordering::Release);
+    }
+
+    /// The agent decided `counted` more of the packets the program counted
+    /// (verdicts sent) and now holds `held` packets: publishes `held` first,
+    /// then the count, so the program never sees the count without the
+    /// packets it implies are held.
+    pub fn hold_progress(&self, held: usize, counted: u64) {
+        self.row_word(prog::ROW_USER_HELD)
+            .store(held as u64, Ordering::Release);
+        if counted > 0 {
+            self.row_word(prog::ROW_ARRIVED)
+                .fetch_add(counted, Ordering::Release);
         }
     }
 }
@@ -308,6 +359,14 @@ impl KernelTags for KernelTagger {
         }
         fence(Ordering::Release);
         seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    fn set_clear(&self, machine: usize, clear: bool) {
+        if machine < self.machines {
+            self.slots
+                .u32_at(self.slot_off(machine) + prog::SLOT_CLEAR)
+                .store(u32::from(clear), Ordering::Release);
+        }
     }
 
     fn needs_drain(&self) -> bool {

@@ -17,7 +17,12 @@
 //!    buffer for the agent to merge (unless this CPU recorded the same area for
 //!    this pair last time), count it in the destination's `received`, shrink
 //!    the packet and write the new header.
-//! 4. What it handled (tagged, stripped, or rightly left untagged) gets the
+//! 4. **Hold** (source local, destination outside the group): pass at once
+//!    when nothing needs holding: the committed vector dominates the source's
+//!    pending vector (or the group's hold is bypassed), no merge for it is
+//!    pending, and the agent has nothing of the group queued or held (so no
+//!    flow is reordered). Otherwise count it and leave it to the hold queue.
+//! 5. What it handled (tagged, stripped, or rightly left untagged) gets the
 //!    handled mark bit: the agent's iptables rules let marked packets of the
 //!    pair pass and send all others to the NFQUEUE tag queue. So the program
 //!    **falls back** simply by not marking, and so does every packet it never
@@ -37,7 +42,7 @@
 use super::asm::{Alu, Asm, Insn, Jmp, Reg, Size, FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9};
 
 /// Bytes per slot (one per machine of the topology) and per stats row.
-pub const SLOT_SIZE: usize = 64;
+pub const SLOT_SIZE: usize = 128;
 /// Sequence lock word (u32, even when stable).
 pub const SLOT_SEQ: usize = 0;
 /// Length of the options area (u32; 0: the vector is zero, send untagged).
@@ -48,6 +53,21 @@ pub const SLOT_AREA: usize = 8;
 pub const SLOT_RECEIVED: usize = 48;
 /// `received` as of the agent's last completed merge (u64, the agent writes).
 pub const SLOT_DRAINED: usize = 56;
+/// 1 while the committed vector dominates the machine's pending vector (u32,
+/// the agent writes it under the machine's lock): its client-bound packets
+/// need no holding.
+pub const SLOT_CLEAR: usize = 64;
+
+// Control words of the stats row (after the counters).
+/// Non-zero while the group's hold is bypassed (modes async/sync).
+pub const ROW_BYPASS: usize = 96;
+/// Client-bound packets the program sent to the hold queue (it adds).
+pub const ROW_TO_HOLD: usize = 104;
+/// Of those, how many the agent has taken and decided (it writes, after
+/// `ROW_USER_HELD`).
+pub const ROW_ARRIVED: usize = 112;
+/// Packets the agent's netqueue holds now.
+pub const ROW_USER_HELD: usize = 120;
 
 /// Counters of the stats row (u64 each, index into the row).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,11 +80,16 @@ pub enum Stat {
     ArrivedUntagged = 5,
     Errors = 6,
     Records = 7,
+    HoldPassed = 8,
+    HoldQueued = 9,
 }
 
 /// Pair kinds (pairs map value, first u32).
 pub const KIND_TAG: u32 = 1;
 pub const KIND_STRIP: u32 = 2;
+/// Hosts map: key = address of a machine of the group (4 bytes, as in the
+/// header), value = machine index, 1 if it runs on this host (u32 each).
+pub const HOST_VALUE_SIZE: usize = 8;
 /// Pairs map: key = source and destination address as in the header (8
 /// bytes), value = kind, machine index (source for tag, destination for
 /// strip), pair index (u32 each).
@@ -114,6 +139,7 @@ const TCP: i16 = -144;
 #[derive(Clone, Copy, Debug)]
 pub struct MapFds {
     pub pairs: i32,
+    pub hosts: i32,
     pub slots: i32,
     pub ring: i32,
     pub last: i32,
@@ -125,6 +151,9 @@ pub struct ProgParams {
     pub group_id: u16,
     /// Bit(s) OR-ed into `skb->mark` of the packets the program handled.
     pub handled_mark: u32,
+    /// Bit(s) OR-ed into `skb->mark` of client-bound packets it counted in
+    /// `ROW_TO_HOLD` (the agent counts them back in `ROW_ARRIVED`).
+    pub counted_mark: u32,
     /// Index of the stats row in the slots map (= number of machines).
     pub stats_row: u32,
 }
@@ -210,7 +239,7 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .mov(R2, FP)
         .alu_imm(Alu::Add, R2, i32::from(KEY))
         .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "next")
+        .jmp_imm(Jmp::Eq, R0, 0, "maybe_hold")
         .ldx(Size::W, R7, R0, 4)
         .ldx(Size::W, R1, R0, 8)
         .stx(Size::W, FP, PAIR, R1)
@@ -405,6 +434,63 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
     a.label("arrived_untagged");
     count(a, maps, p, Stat::ArrivedUntagged);
     a.ja("done");
+
+    // ---- hold: a local machine's packet leaving the group ----
+    a.label("maybe_hold")
+        .ld_map_fd(R1, maps.hosts)
+        .mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(KEY))
+        .call(HELPER_MAP_LOOKUP)
+        .jmp_imm(Jmp::Eq, R0, 0, "next")
+        .ldx(Size::W, R1, R0, 4)
+        .jmp_imm(Jmp::Eq, R1, 0, "next")
+        .ldx(Size::W, R7, R0, 0)
+        .ld_map_fd(R1, maps.hosts)
+        .mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(KEY + 4))
+        .call(HELPER_MAP_LOOKUP)
+        // To a machine of the group: the tag or local queue's business.
+        .jmp_imm(Jmp::Ne, R0, 0, "next")
+        .stx(Size::W, FP, IDX, R7)
+        .ld_map_fd(R1, maps.slots)
+        .mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(IDX))
+        .call(HELPER_MAP_LOOKUP)
+        .jmp_imm(Jmp::Eq, R0, 0, "next")
+        .mov(R9, R0)
+        .st_imm(Size::W, FP, IDX, p.stats_row as i32)
+        .ld_map_fd(R1, maps.slots)
+        .mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(IDX))
+        .call(HELPER_MAP_LOOKUP)
+        .jmp_imm(Jmp::Eq, R0, 0, "next")
+        .mov(R8, R0)
+        .ldx(Size::DW, R1, R8, ROW_BYPASS as i16)
+        .jmp_imm(Jmp::Ne, R1, 0, "hold_outstanding")
+        .ldx(Size::W, R1, R9, SLOT_CLEAR as i16)
+        .jmp_imm(Jmp::Eq, R1, 0, "hold_queue")
+        .ldx(Size::DW, R1, R9, SLOT_RECEIVED as i16)
+        .ldx(Size::DW, R2, R9, SLOT_DRAINED as i16)
+        .jmp(Jmp::Ne, R1, R2, "hold_queue")
+        // Nothing of the group may be queued or held in the agent: a packet
+        // passing here must not overtake one of its flow still there.
+        .label("hold_outstanding")
+        .ldx(Size::DW, R1, R8, ROW_TO_HOLD as i16)
+        .ldx(Size::DW, R2, R8, ROW_ARRIVED as i16)
+        .jmp(Jmp::Ne, R1, R2, "hold_queue")
+        .ldx(Size::DW, R1, R8, ROW_USER_HELD as i16)
+        .jmp_imm(Jmp::Ne, R1, 0, "hold_queue");
+    count(a, maps, p, Stat::HoldPassed);
+    a.ja("done");
+
+    a.label("hold_queue")
+        .mov_imm(R1, 1)
+        .atomic_add64(R8, ROW_TO_HOLD as i16, R1)
+        .ldx(Size::W, R1, R6, SKB_MARK)
+        .alu_imm(Alu::Or, R1, p.counted_mark as i32)
+        .stx(Size::W, R6, SKB_MARK, R1);
+    count(a, maps, p, Stat::HoldQueued);
+    a.ja("next");
 
     // ---- endings ----
     a.label("error_fallback");

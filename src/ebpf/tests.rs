@@ -67,6 +67,8 @@ fn frame(ip: &[u8]) -> Vec<u8> {
 struct Out {
     ip: Vec<u8>,
     handled: bool,
+    /// Counted on its way to the hold queue.
+    counted: bool,
 }
 
 fn run(t: &KernelTagger, ip: &[u8]) -> Out {
@@ -76,10 +78,11 @@ fn run(t: &KernelTagger, ip: &[u8]) -> Out {
         prog::TCX_NEXT,
         "always continues (or drops on errors)"
     );
-    assert_eq!(r.mark & !DEFAULT_HANDLED_MARK, 0);
+    assert_eq!(r.mark & !(DEFAULT_HANDLED_MARK | COUNTED_MARK), 0);
     Out {
         ip: r.data[14..].to_vec(),
-        handled: r.mark == DEFAULT_HANDLED_MARK,
+        handled: r.mark & DEFAULT_HANDLED_MARK != 0,
+        counted: r.mark & COUNTED_MARK != 0,
     }
 }
 
@@ -87,6 +90,7 @@ fn handled(ip: &[u8]) -> Out {
     Out {
         ip: ip.to_vec(),
         handled: true,
+        counted: false,
     }
 }
 
@@ -94,6 +98,15 @@ fn queued(ip: &[u8]) -> Out {
     Out {
         ip: ip.to_vec(),
         handled: false,
+        counted: false,
+    }
+}
+
+fn held(ip: &[u8]) -> Out {
+    Out {
+        ip: ip.to_vec(),
+        handled: false,
+        counted: true,
     }
 }
 
@@ -136,11 +149,9 @@ fn leaves_untagged_what_it_should_and_falls_back_otherwise() {
     // Pure ACK: untagged.
     let ack = tcp(WEB, DB, b"", true);
     assert_eq!(run(&t, &ack), handled(&ack));
-    // Not a cross-host pair (client-bound, same-host): untouched, unmarked
-    // (the rules of those pairs never look at the mark), not counted.
-    for p in [tcp(WEB, CLIENT, b"x", false), tcp(WEB, APP, b"x", false)] {
-        assert_eq!(run(&t, &p), queued(&p));
-    }
+    // Same-host pair: untouched, unmarked (the local queue's business).
+    let local = tcp(WEB, APP, b"x", false);
+    assert_eq!(run(&t, &local), queued(&local));
     // A fragment and a packet with other options: unchanged, to the tag queue.
     let mut frag = tcp(WEB, DB, b"frag", false);
     frag[6] |= 0x20; // MF
@@ -221,4 +232,63 @@ fn foreign_or_odd_options_go_to_the_tag_queue() {
         (2, 1, 0),
         "{s:?}"
     );
+}
+
+#[test]
+fn client_bound_packets_pass_only_when_nothing_needs_holding() {
+    let t = Arc::new(tagger("a"));
+    let state = CausalState::new(3);
+    state.attach_kernel(t.clone());
+    let p = tcp(WEB, CLIENT, b"reply", false);
+    // Nothing written yet: the committed vector (zero) dominates web's.
+    assert_eq!(run(&t, &p), handled(&p));
+    // web depends on app's write 3: held (counted for the agent).
+    state.merge(WEB_IDX, &v(&[3]));
+    assert_eq!(run(&t, &p), held(&p));
+    // Committed catches up, but the counted packet is still with the agent:
+    // passing now could overtake it.
+    state.publish_committed(&v(&[3]));
+    assert_eq!(run(&t, &p), held(&p));
+    // The agent decided both and holds nothing: pass.
+    t.hold_progress(0, 2);
+    assert_eq!(run(&t, &p), handled(&p));
+    // The agent holds a packet (of any machine): to the hold queue.
+    t.hold_progress(1, 0);
+    assert_eq!(run(&t, &p), held(&p));
+    t.hold_progress(0, 1);
+    assert_eq!(run(&t, &p), handled(&p));
+    // Bypass (async/sync): pass even though web's vector is ahead.
+    state.merge(WEB_IDX, &v(&[9]));
+    assert_eq!(run(&t, &p), held(&p));
+    t.hold_progress(0, 1);
+    t.set_bypass(true);
+    assert_eq!(run(&t, &p), handled(&p));
+    t.set_bypass(false);
+    assert_eq!(run(&t, &p), held(&p));
+    // Between machines of the group: not the hold path.
+    let to_db = tcp(WEB, DB, b"q", false);
+    assert!(!run(&t, &to_db).counted);
+    let s = t.stats();
+    assert_eq!((s.hold_passed, s.hold_queued), (4, 5), "{s:?}");
+}
+
+#[test]
+fn a_pending_kernel_merge_holds_client_bound_packets() {
+    // db (host b) receives a tag; until the agent merges it, db's
+    // client-bound packets cannot be judged by its published vector.
+    let t = Arc::new(tagger("b"));
+    let state = CausalState::new(3);
+    state.attach_kernel(t.clone());
+    let mut wire = tcp(WEB, DB, b"query", false);
+    ipopt::insert_tag(&mut wire, GROUP, &v(&[5])).unwrap();
+    assert!(run(&t, &wire).handled);
+    let reply = tcp(DB, CLIENT, b"rows", false);
+    assert_eq!(run(&t, &reply), held(&reply), "merge pending");
+    // Merged: db now depends on write 5, not committed: still held.
+    state.drain_kernel();
+    t.hold_progress(0, 1);
+    assert_eq!(run(&t, &reply), held(&reply));
+    t.hold_progress(0, 1);
+    state.publish_committed(&v(&[5]));
+    assert_eq!(run(&t, &reply), handled(&reply));
 }

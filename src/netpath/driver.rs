@@ -33,14 +33,14 @@ use super::{
     TagPolicy, M,
 };
 use crate::causal::CausalState;
-use crate::ebpf::KernelTagger;
+use crate::ebpf::{KernelTagger, COUNTED_MARK};
 use crate::netfilter::{NetTopology, QueuePlan};
 use crate::nfq::netns::in_netns;
 use crate::nfq::proto::{self, Message, PacketMsg, Verdict};
 use crate::nfq::{NfqError, NfqSocket, QueueConfig, Received};
 use crate::wake::Wake;
 use pipecloud_core::netqueue::NetQueueLimits;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -259,7 +259,7 @@ impl NetPath {
             bypass: bypass_rx,
             committed: state.subscribe_committed(),
             busy_poll: cfg.busy_poll,
-            kernel_ring: kernel.as_ref().map(|k| k.ring_fd()),
+            kernel: kernel.clone(),
         };
         state.wake_on_commit(Arc::clone(&wake));
         let thread = std::thread::Builder::new()
@@ -362,8 +362,9 @@ struct Driver {
     bypass: watch::Receiver<bool>,
     committed: watch::Receiver<pipecloud_core::CountVector>,
     busy_poll: Duration,
-    /// The kernel tagger's ring buffer (readable when tags wait to be merged).
-    kernel_ring: Option<RawFd>,
+    /// The kernel tagger: its ring buffer is readable when tags wait to be
+    /// merged; it learns what the hold queue holds.
+    kernel: Option<Arc<KernelTagger>>,
 }
 
 /// Reusable buffers of the driver thread.
@@ -398,6 +399,10 @@ impl Driver {
                     self.hold.send(&b.out)?;
                     self.metrics.count_release(n);
                     self.metrics.gauge_hold(&mut self.engine);
+                    self.hold_progress(0);
+                }
+                if let Some(k) = &self.kernel {
+                    k.set_bypass(bypassing);
                 }
                 worked = true;
             }
@@ -408,9 +413,10 @@ impl Driver {
                 self.hold.send(&b.out)?;
                 self.metrics.count_release(n);
                 self.metrics.gauge_hold(&mut self.engine);
+                self.hold_progress(0);
                 worked = true;
             }
-            if self.kernel_ring.is_some() && self.state.kernel_needs_drain() {
+            if self.kernel.is_some() && self.state.kernel_needs_drain() {
                 // Tags the kernel stripped: merge them now, so the receivers'
                 // own packets can be tagged in the kernel again.
                 self.state.drain_kernel();
@@ -457,6 +463,14 @@ impl Driver {
         }
     }
 
+    /// Tells the kernel tagger what the netqueue holds and how many of the
+    /// packets it counted were decided (after their verdicts were sent).
+    fn hold_progress(&self, counted: u64) {
+        if let Some(k) = &self.kernel {
+            k.hold_progress(self.engine.held(), counted);
+        }
+    }
+
     fn count_idle(&self, d: Duration) {
         self.metrics.add(
             M::busy_poll_idle_us,
@@ -477,7 +491,8 @@ impl Driver {
             fd(self.tag.as_raw_fd()),
             fd(self.local.as_raw_fd()),
             fd(self.wake.as_raw_fd()),
-            fd(self.kernel_ring.unwrap_or(-1)), // poll(2) skips negative fds
+            // poll(2) skips negative fds.
+            fd(self.kernel.as_ref().map_or(-1, |k| k.ring_fd())),
         ];
         // Round up so a sub-millisecond remainder does not busy-loop.
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
@@ -492,6 +507,7 @@ impl Driver {
         b.out.clear();
         let mut n = 0;
         let mut now = None;
+        let mut counted = 0u64;
         while n < BURST {
             let Some(r) = self.hold.try_recv(&mut b.recv)? else {
                 break;
@@ -504,6 +520,9 @@ impl Driver {
                     let (engine, metrics, dir, state) =
                         (&mut self.engine, &self.metrics, &self.dir, &self.state);
                     for_each_packet(&b.recv[..len], metrics, |p| {
+                        if p.mark.is_some_and(|m| m & COUNTED_MARK != 0) {
+                            counted += 1;
+                        }
                         if bypassing {
                             proto::build_verdict(&mut b.out, p.queue, p.id, Verdict::Accept);
                             return;
@@ -527,6 +546,7 @@ impl Driver {
         if n > 0 {
             self.hold.send(&b.out)?;
             self.metrics.gauge_hold(&mut self.engine);
+            self.hold_progress(counted);
         }
         Ok(n > 0)
     }
