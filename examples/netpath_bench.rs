@@ -550,6 +550,25 @@ fn latency(rt: &tokio::runtime::Runtime) {
     let _ = rt.block_on(async { (pa.stop().await, pb.stop().await) });
     drop(site);
 
+    let mut site = Site::build();
+    let (sa, _) = states();
+    sa.publish_committed(&v(&[5])); // committed covers web: nothing to hold
+    let pa = site.kernel_agent("a", sa);
+    let r = request_response(&site.web, &site.client, client);
+    print_rtt(
+        "web<->client, kernel hold check (1/RTT)",
+        &r,
+        Some((&base_client, 1.0)),
+    );
+    let m = pa.metrics().snapshot();
+    let k = m.kernel.unwrap_or_default();
+    println!(
+        "    (passed in the kernel {}, to the hold queue {}, released at once there {})",
+        k.hold_passed, k.hold_queued, m.released_immediately
+    );
+    let _ = rt.block_on(pa.stop());
+    drop(site);
+
     // The agent's default driver sleeps between packets; busy polling
     // (`busy_poll_us = 50`) trades CPU for latency.
     for (how, busy_poll) in [("", Duration::ZERO), (", busy-poll", LOW_LATENCY_BUSY_POLL)] {

@@ -42,6 +42,8 @@ const APP_IDX: usize = 2;
 const MACHINES: usize = 3;
 /// Env var that turns `child_hold_agent` into the agent of test (c).
 const CHILD_ENV: &str = "PIPECLOUD_TEST_CHILD_DOM0";
+/// Set for a child agent that runs the kernel tagger.
+const CHILD_KERNEL_ENV: &str = "PIPECLOUD_TEST_CHILD_KERNEL";
 /// What the child prints once its queues are open.
 const READY: &str = "PIPECLOUD-CHILD-AGENT-READY";
 
@@ -776,9 +778,21 @@ const QUIET: Duration = Duration::from_millis(600);
 
 #[test]
 fn hold_until_committed() {
+    hold_until_committed_with(false);
+}
+
+/// The same with the kernel tagger: what needs holding still waits in the
+/// hold queue; once nothing is held, client-bound packets pass in the kernel.
+#[test]
+fn hold_until_committed_kernel_tagger() {
+    hold_until_committed_with(true);
+}
+
+fn hold_until_committed_with(kernel: bool) {
     let rt = runtime();
     let _enter = rt.enter();
     let mut site = Site::build(false);
+    site.kernel = kernel;
     // Two hold queues (--queue-balance), both bound on one socket.
     site.max_held = 2 * 65_536;
     let state = Arc::new(CausalState::new(MACHINES));
@@ -844,6 +858,28 @@ fn hold_until_committed() {
     assert!(m.released >= 21 && m.release_updates >= 1);
     assert_eq!(m.hold_full_drops + m.verdict_errors, 0);
 
+    if kernel {
+        let k = m.kernel.expect("kernel tagger counters");
+        assert!(k.hold_queued >= 21, "{k:?}");
+        // Nothing held and everything committed: the next datagram passes in
+        // the kernel, without the hold queue.
+        let before = (k.hold_passed, m.released_immediately + m.released);
+        site.web.run(|| {
+            let u = UdpSocket::bind((WEB, 0)).unwrap();
+            u.send_to(&[99; 100], (CLIENT, 6000)).unwrap();
+        });
+        assert!(
+            wait_for(Duration::from_secs(10), || sink.counts().0 == 21),
+            "the datagram arrives: {:?}",
+            sink.counts()
+        );
+        let m = path.metrics().snapshot();
+        let k = m.kernel.unwrap();
+        println!("after: {m}");
+        assert_eq!(k.hold_passed, before.0 + 1, "{k:?}");
+        assert_eq!(m.released_immediately + m.released, before.1);
+    }
+
     drop(stream);
     drop(sink);
     rt.block_on(path.stop()).expect("stop");
@@ -874,6 +910,9 @@ fn child_hold_agent() {
         }
         let mut cfg = NetPathConfig::new(&topo, "a", NetQueueLimits::default());
         cfg.netns = Some(dom0.into());
+        if std::env::var_os(CHILD_KERNEL_ENV).is_some() {
+            cfg.kernel_tagger = Some(pipecloud::ebpf::DEFAULT_HANDLED_MARK);
+        }
         let _path = NetPath::start(&topo, state, cfg).expect("child: start");
         println!("{READY}");
         let _ = std::io::stdout().flush();
@@ -885,9 +924,25 @@ fn child_hold_agent() {
 
 #[test]
 fn fail_closed_on_agent_kill() {
+    fail_closed_on_agent_kill_with(false);
+}
+
+/// With the kernel tagger: its program goes with the agent, and the rules
+/// still send every client-bound packet to the (now listener-less) queue.
+#[test]
+fn fail_closed_on_agent_kill_kernel_tagger() {
+    fail_closed_on_agent_kill_with(true);
+}
+
+fn fail_closed_on_agent_kill_with(kernel: bool) {
     let mut site = Site::build(false);
+    site.kernel = kernel;
     let dom0 = site.dom0a.path();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    if kernel {
+        cmd.env(CHILD_KERNEL_ENV, "1");
+    }
+    let mut child = cmd
         .args([
             "child_hold_agent",
             "--exact",
