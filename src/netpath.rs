@@ -919,7 +919,7 @@ impl std::fmt::Display for MetricsSnapshot {
         if let Some(k) = &self.kernel {
             write!(
                 f,
-                " kernel(tagged={} stripped={} records={} fallbacks={} zero={} pure_acks={} arrived_untagged={} errors={})",
+                " kernel(tagged={} stripped={} records={} fallbacks={} zero={} pure_acks={} arrived_untagged={} errors={} hold_passed={} hold_queued={})",
                 k.tagged,
                 k.stripped,
                 k.records,
@@ -927,7 +927,9 @@ impl std::fmt::Display for MetricsSnapshot {
                 k.untagged_zero,
                 k.pure_acks,
                 k.arrived_untagged,
-                k.errors
+                k.errors,
+                k.hold_passed,
+                k.hold_queued
             )?;
         }
         Ok(())

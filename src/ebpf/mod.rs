@@ -313,6 +313,19 @@ impl KernelTagger {
             .store(u64::from(on), Ordering::Release);
     }
 
+    /// Client-bound packets the program has counted on their way to the
+    /// hold queue.
+    pub fn to_hold(&self) -> u64 {
+        self.row_word(prog::ROW_TO_HOLD).load(Ordering::Acquire)
+    }
+
+    /// Raises the agent's decided count to `n` (see the driver's resync:
+    /// only when nothing counted before `n` can still be on its way).
+    pub fn hold_count_at_least(&self, n: u64) {
+        self.row_word(prog::ROW_ARRIVED)
+            .fetch_max(n, Ordering::Release);
+    }
+
     /// The agent decided `counted` more of the packets the program counted
     /// (verdicts sent) and now holds `held` packets: publishes `held` first,
     /// then the count, so the program never sees the count without the

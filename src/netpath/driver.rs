@@ -249,6 +249,8 @@ impl NetPath {
             local: local_sock,
             hold: hold_sock,
             all_queues,
+            hold_queues: cfg.queues.hold_queues(),
+            last_to_hold: None,
             dir,
             state: Arc::clone(&state),
             policy: cfg.tag_policy,
@@ -352,6 +354,10 @@ struct Driver {
     hold: NfqSocket,
     /// Every queue of the group (for the kernel counters).
     all_queues: Vec<u16>,
+    /// The hold queues.
+    hold_queues: Vec<u16>,
+    /// The kernel tagger's hold count at the previous stats read.
+    last_to_hold: Option<u64>,
     dir: Arc<Directory>,
     state: Arc<CausalState>,
     policy: TagPolicy,
@@ -436,8 +442,13 @@ impl Driver {
             let now = Instant::now();
             if now >= next_stats {
                 self.metrics.gauge_hold(&mut self.engine);
+                // Read before the queue counters (see `resync_hold_count`).
+                let to_hold = self.kernel.as_ref().map(|k| k.to_hold());
                 match self.hold.namespace_stats() {
-                    Ok(s) => self.metrics.gauge_kernel(&s, &self.all_queues),
+                    Ok(s) => {
+                        self.metrics.gauge_kernel(&s, &self.all_queues);
+                        self.resync_hold_count(to_hold, &s);
+                    }
                     Err(e) => tracing::debug!(error = %e, "reading nfqueue counters"),
                 }
                 next_stats = now + KERNEL_STATS_EVERY;
@@ -469,6 +480,26 @@ impl Driver {
         if let Some(k) = &self.kernel {
             k.hold_progress(self.engine.held(), counted);
         }
+    }
+
+    /// Packets the kernel tagger counted on their way to the hold queue but
+    /// that never reached the agent (socket overrun, full queue) would keep
+    /// its fast path off for good. When the hold queues are empty and the
+    /// netqueue holds nothing, and the program counted nothing new for a
+    /// whole stats period (so no counted packet can still be between the
+    /// program and the queue), every packet counted before `to_hold` was
+    /// read has had its verdict or was dropped: the count can catch up.
+    fn resync_hold_count(&mut self, to_hold: Option<u64>, stats: &[crate::nfq::QueueStats]) {
+        let (Some(k), Some(t)) = (&self.kernel, to_hold) else {
+            return;
+        };
+        let queued = stats
+            .iter()
+            .any(|q| self.hold_queues.contains(&q.queue) && q.queued > 0);
+        if !queued && self.engine.held() == 0 && self.last_to_hold == Some(t) {
+            k.hold_count_at_least(t);
+        }
+        self.last_to_hold = Some(t);
     }
 
     fn count_idle(&self, d: Duration) {
