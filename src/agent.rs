@@ -173,8 +173,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
         ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);
         let queues = ncfg.queues;
-        let cross_host = nt.machines.iter().any(|m| m.host != host.name);
-        let np = if host.kernel_tagger && cross_host {
+        let np = if host.kernel_tagger {
             ncfg.kernel_tagger = Some(crate::ebpf::DEFAULT_HANDLED_MARK);
             match NetPath::start(&nt, Arc::clone(&causal), ncfg.clone()) {
                 Ok(np) => np,

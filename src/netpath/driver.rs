@@ -388,6 +388,9 @@ impl Driver {
             scratch: Vec::with_capacity(crate::nfq::RECV_BUF_LEN),
         };
         let mut bypassing = *self.bypass.borrow_and_update();
+        if let Some(k) = &self.kernel {
+            k.set_bypass(bypassing);
+        }
         let mut last_work = Instant::now();
         // Start of the current run of empty passes (busy polling), if any.
         let mut idle_since: Option<Instant> = None;
