@@ -43,7 +43,7 @@
 //! nbd_dir = "/run/pipecloud/dom0-a"        # absolute; the agent's NBD sockets: <nbd_dir>/<disk>.sock
 //! ctl_socket = "/run/pipecloud/dom0-a/ctl.sock"   # optional, default <nbd_dir>/ctl.sock
 //! busy_poll_us = 0                         # optional, 0..=10000 (0: off): network-path busy polling
-//! kernel_tagger = true                     # optional: cross-host tagging in eBPF (false: NFQUEUE)
+//! kernel_tagger = true                     # optional: tagging and hold fast path in eBPF (false: NFQUEUE only)
 //!
 //! [[machine]]
 //! name = "web"
@@ -345,8 +345,9 @@ pub struct Host {
     /// after a packet before it sleeps: lower per-packet latency for up to one
     /// core of CPU while traffic flows; 0 never spins.
     pub busy_poll_us: u64,
-    /// Tag and strip cross-host packets in a TCX eBPF program (GSO
-    /// super-packets stay whole); `false`: in the NFQUEUE tag queue only.
+    /// Tag and strip cross-host packets, and pass client-bound packets that
+    /// need no holding, in a TCX eBPF program (GSO super-packets stay whole);
+    /// `false`: the NFQUEUE queues do all of it.
     pub kernel_tagger: bool,
 }
 

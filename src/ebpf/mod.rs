@@ -1,6 +1,6 @@
-//! The kernel tagger: cross-host tagging and stripping in a TCX eBPF program
-//! instead of the NFQUEUE tag queue (issue 5; design in [`crate::netfilter`],
-//! "GSO").
+//! The kernel tagger: cross-host tagging and stripping, and the client-bound
+//! fast path, in a TCX eBPF program in front of the NFQUEUE queues (issue 5;
+//! why in [`crate::netfilter`], "GSO").
 //!
 //! The NFQUEUE tag queue copies every packet to the agent and back, cannot
 //! take GSO super-packets (a resized GSO skb keeps a stale transport offset)
@@ -26,8 +26,17 @@
 //!   packets: they go to the NFQUEUE tag queue (the program leaves them
 //!   unmarked), whose path drains first. So no packet leaves carrying a vector that lacks a merge
 //!   its sender's stack has already seen.
-//! - Everything the program does not handle falls back to the NFQUEUE tag
-//!   queue with its full semantics (see [`prog`]).
+//! - **Client-bound packets** pass at once when nothing needs holding: the
+//!   agent keeps a per-machine "clear" flag (committed dominates pending,
+//!   updated under the machine's lock with every change of either) and tells
+//!   the program how many packets its netqueue holds and how many of the
+//!   packets the program counted on their way to the hold queue it has
+//!   decided; the program passes a packet only when the flag is set (or the
+//!   hold is bypassed), no merge is pending, and nothing of the group is
+//!   queued or held, so no flow is reordered. Else it counts the packet and
+//!   leaves it to the hold queue.
+//! - Everything the program does not handle falls back to the NFQUEUE queues
+//!   with their full semantics (see [`prog`]).
 //!
 //! Needs `CAP_BPF` + `CAP_NET_ADMIN` and a kernel with TCX (6.6+). Attached at
 //! the ingress of the interfaces that route to the group's machines (found

@@ -292,3 +292,71 @@ fn a_pending_kernel_merge_holds_client_bound_packets() {
     state.publish_committed(&v(&[5]));
     assert_eq!(run(&t, &reply), handled(&reply));
 }
+
+mod prop {
+    use super::*;
+    use pipecloud_core::vector::VECTOR_LEN;
+    use proptest::prelude::*;
+
+    /// A vector with up to 8 non-zero entries anywhere (any 64-bit values).
+    fn vector() -> impl Strategy<Value = CountVector> {
+        proptest::collection::vec((0..VECTOR_LEN, 1u64..u64::MAX), 0..=8).prop_map(|entries| {
+            let mut v = CountVector::ZERO;
+            for (i, x) in entries {
+                v.set(i, x);
+            }
+            v
+        })
+    }
+
+    fn packet(udp: bool, len: usize, seed: u8) -> Vec<u8> {
+        let payload: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        let b = PacketBuilder::ipv4(WEB, DB, 64);
+        let mut out = Vec::new();
+        if udp {
+            b.udp(5000, 6000).write(&mut out, &payload).unwrap();
+        } else {
+            b.tcp(40000, 5432, 77, 1000)
+                .ack(5)
+                .psh()
+                .write(&mut out, &payload)
+                .unwrap();
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// The kernel tags exactly as `insert_tag`, strips back to the
+        /// original bytes, and records exactly the tag the packet carried.
+        #[test]
+        fn kernel_and_userspace_agree(
+            vec in vector(),
+            udp in any::<bool>(),
+            len in 1usize..1400,
+            seed in any::<u8>(),
+        ) {
+            let a = tagger("a");
+            let b = tagger("b");
+            a.publish(WEB_IDX, &vec);
+            let p = packet(udp, len, seed);
+            let out = run(&a, &p);
+            let mut want = p.clone();
+            if vec.is_zero() {
+                prop_assert_eq!(out, handled(&p));
+                return Ok(());
+            }
+            ipopt::insert_tag(&mut want, GROUP, &vec).unwrap();
+            prop_assert_eq!(out, handled(&want));
+            prop_assert_eq!(run(&b, &want), handled(&p));
+            let mut got = Vec::new();
+            b.drain(&mut |m, raw| got.push((m, *raw)));
+            let raw = ipopt::RawTag::from_vector(&vec).unwrap();
+            prop_assert_eq!(got, vec![(DB_IDX, raw)]);
+            prop_assert!(!b.needs_drain());
+        }
+    }
+}
