@@ -170,6 +170,22 @@ fn count(a: &mut Asm, maps: &MapFds, p: &ProgParams, stat: Stat) {
         .atomic_add64(R0, (stat as i16) * 8, R1);
 }
 
+/// Emits `R0 = lookup(map, FP + key)`, jumping to `none` when absent
+/// (clobbers R0..R5).
+fn lookup(a: &mut Asm, map: i32, key: i16, none: &'static str) {
+    a.ld_map_fd(R1, map)
+        .mov(R2, FP)
+        .alu_imm(Alu::Add, R2, i32::from(key))
+        .call(HELPER_MAP_LOOKUP)
+        .jmp_imm(Jmp::Eq, R0, 0, none);
+}
+
+/// Emits `stats[stat] += 1; goto target`.
+fn count_then(a: &mut Asm, maps: &MapFds, p: &ProgParams, stat: Stat, target: &'static str) {
+    count(a, maps, p, stat);
+    a.ja(target);
+}
+
 /// Copies the 40-byte area between stack/map locations with 5 u64 moves.
 fn copy40(a: &mut Asm, dst: Reg, dst_off: i16, src: Reg, src_off: i16) {
     for i in 0..5 {
@@ -178,18 +194,22 @@ fn copy40(a: &mut Asm, dst: Reg, dst_off: i16, src: Reg, src_off: i16) {
     }
 }
 
-/// Computes the IPv4 header checksum of the `len_reg`-byte header at `HDR`
-/// (checksum field zeroed first) and stores it (clobbers R0..R5).
-fn header_checksum(a: &mut Asm, len: Option<Reg>) {
-    a.st_imm(Size::H, FP, HDR + 10, 0)
-        .mov_imm(R1, 0)
-        .mov_imm(R2, 0)
-        .mov(R3, FP)
-        .alu_imm(Alu::Add, R3, i32::from(HDR));
+/// `R3` = the header at `HDR`, `R4` = its length (20 plus `len` area bytes).
+fn header_at_r3_len_r4(a: &mut Asm, len: Option<Reg>) {
+    a.mov(R3, FP).alu_imm(Alu::Add, R3, i32::from(HDR));
     match len {
         Some(r) => a.mov(R4, r).alu_imm(Alu::Add, R4, IP_BASE),
         None => a.mov_imm(R4, IP_BASE),
     };
+}
+
+/// Computes the IPv4 header checksum of the header at `HDR` (20 + `len` bytes)
+/// (checksum field zeroed first) and stores it (clobbers R0..R5).
+fn header_checksum(a: &mut Asm, len: Option<Reg>) {
+    a.st_imm(Size::H, FP, HDR + 10, 0)
+        .mov_imm(R1, 0)
+        .mov_imm(R2, 0);
+    header_at_r3_len_r4(a, len);
     a.mov_imm(R5, 0)
         .call(HELPER_CSUM_DIFF)
         .mov(R1, R0)
@@ -207,14 +227,8 @@ fn header_checksum(a: &mut Asm, len: Option<Reg>) {
 /// Writes the header at `HDR` (20 bytes plus `len` area bytes) back into the
 /// packet; a failure drops it.
 fn store_header(a: &mut Asm, len: Option<Reg>) {
-    a.mov(R1, R6)
-        .mov_imm(R2, ETH_HLEN)
-        .mov(R3, FP)
-        .alu_imm(Alu::Add, R3, i32::from(HDR));
-    match len {
-        Some(r) => a.mov(R4, r).alu_imm(Alu::Add, R4, IP_BASE),
-        None => a.mov_imm(R4, IP_BASE),
-    };
+    a.mov(R1, R6).mov_imm(R2, ETH_HLEN);
+    header_at_r3_len_r4(a, len);
     a.mov_imm(R5, 0)
         .call(HELPER_SKB_STORE_BYTES)
         .jmp_imm(Jmp::Ne, R0, 0, "error_drop");
@@ -234,23 +248,15 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .alu_imm(Alu::Add, R3, i32::from(HDR))
         .mov_imm(R4, IP_BASE)
         .call(HELPER_SKB_LOAD_BYTES)
-        .jmp_imm(Jmp::Ne, R0, 0, "next")
-        .ld_map_fd(R1, maps.pairs)
-        .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(KEY))
-        .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "maybe_hold")
-        .ldx(Size::W, R7, R0, 4)
+        .jmp_imm(Jmp::Ne, R0, 0, "next");
+    lookup(a, maps.pairs, KEY, "maybe_hold");
+    a.ldx(Size::W, R7, R0, 4)
         .ldx(Size::W, R1, R0, 8)
         .stx(Size::W, FP, PAIR, R1)
         .ldx(Size::W, R8, R0, 0)
-        .stx(Size::W, FP, IDX, R7)
-        .ld_map_fd(R1, maps.slots)
-        .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(IDX))
-        .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "next")
-        .mov(R9, R0)
+        .stx(Size::W, FP, IDX, R7);
+    lookup(a, maps.slots, IDX, "next");
+    a.mov(R9, R0)
         .jmp_imm(Jmp::Eq, R8, KIND_STRIP as i32, "strip")
         .jmp_imm(Jmp::Ne, R8, KIND_TAG as i32, "next");
 
@@ -284,8 +290,7 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .ldx(Size::H, R2, FP, HDR + 2)
         .be16(R2)
         .jmp(Jmp::Ne, R1, R2, "tag_vector");
-    count(a, maps, p, Stat::PureAck);
-    a.ja("done");
+    count_then(a, maps, p, Stat::PureAck, "done");
 
     a.label("tag_vector")
         .ldx(Size::W, R1, R9, SLOT_SEQ as i16)
@@ -325,12 +330,10 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .jmp_imm(Jmp::Ne, R0, 0, "error_fallback");
     header_checksum(a, Some(R8));
     store_header(a, Some(R8));
-    count(a, maps, p, Stat::Tagged);
-    a.ja("done");
+    count_then(a, maps, p, Stat::Tagged, "done");
 
     a.label("tag_zero");
-    count(a, maps, p, Stat::UntaggedZero);
-    a.ja("done");
+    count_then(a, maps, p, Stat::UntaggedZero, "done");
 
     // ---- strip ----
     a.label("strip")
@@ -379,15 +382,10 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .jmp(Jmp::Lt, R1, R2, "fallback")
         .alu(Alu::Sub, R1, R8)
         .be16(R1)
-        .stx(Size::H, FP, HDR + 2, R1)
-        // Same area as this CPU last recorded for this pair: nothing new.
-        .ld_map_fd(R1, maps.last)
-        .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(PAIR))
-        .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "record")
-        .ldx(Size::W, R1, R0, 0)
-        .jmp(Jmp::Ne, R1, R8, "record");
+        .stx(Size::H, FP, HDR + 2, R1);
+    // Same area as this CPU last recorded for this pair: nothing new.
+    lookup(a, maps.last, PAIR, "record");
+    a.ldx(Size::W, R1, R0, 0).jmp(Jmp::Ne, R1, R8, "record");
     for i in 0..5 {
         a.ldx(Size::DW, R1, R0, 8 + 8 * i)
             .ldx(Size::DW, R2, FP, AREA + 8 * i)
@@ -409,12 +407,8 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .mov_imm(R1, 1)
         .atomic_add64(R9, SLOT_RECEIVED as i16, R1);
     count(a, maps, p, Stat::Records);
-    a.ld_map_fd(R1, maps.last)
-        .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(PAIR))
-        .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "shrink")
-        .stx(Size::W, R0, 0, R8);
+    lookup(a, maps.last, PAIR, "shrink");
+    a.stx(Size::W, R0, 0, R8);
     copy40(a, R0, 8, FP, AREA);
 
     a.label("shrink")
@@ -428,21 +422,15 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .st_imm(Size::B, FP, HDR, 0x45);
     header_checksum(a, None);
     store_header(a, None);
-    count(a, maps, p, Stat::Stripped);
-    a.ja("done");
+    count_then(a, maps, p, Stat::Stripped, "done");
 
     a.label("arrived_untagged");
-    count(a, maps, p, Stat::ArrivedUntagged);
-    a.ja("done");
+    count_then(a, maps, p, Stat::ArrivedUntagged, "done");
 
     // ---- hold: a local machine's packet leaving the group ----
-    a.label("maybe_hold")
-        .ld_map_fd(R1, maps.hosts)
-        .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(KEY))
-        .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "next")
-        .ldx(Size::W, R1, R0, 4)
+    a.label("maybe_hold");
+    lookup(a, maps.hosts, KEY, "next");
+    a.ldx(Size::W, R1, R0, 4)
         .jmp_imm(Jmp::Eq, R1, 0, "next")
         .ldx(Size::W, R7, R0, 0)
         .ld_map_fd(R1, maps.hosts)
@@ -451,20 +439,11 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .call(HELPER_MAP_LOOKUP)
         // To a machine of the group: the tag or local queue's business.
         .jmp_imm(Jmp::Ne, R0, 0, "next")
-        .stx(Size::W, FP, IDX, R7)
-        .ld_map_fd(R1, maps.slots)
-        .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(IDX))
-        .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "next")
-        .mov(R9, R0)
-        .st_imm(Size::W, FP, IDX, p.stats_row as i32)
-        .ld_map_fd(R1, maps.slots)
-        .mov(R2, FP)
-        .alu_imm(Alu::Add, R2, i32::from(IDX))
-        .call(HELPER_MAP_LOOKUP)
-        .jmp_imm(Jmp::Eq, R0, 0, "next")
-        .mov(R8, R0)
+        .stx(Size::W, FP, IDX, R7);
+    lookup(a, maps.slots, IDX, "next");
+    a.mov(R9, R0).st_imm(Size::W, FP, IDX, p.stats_row as i32);
+    lookup(a, maps.slots, IDX, "next");
+    a.mov(R8, R0)
         .ldx(Size::DW, R1, R8, ROW_BYPASS as i16)
         .jmp_imm(Jmp::Ne, R1, 0, "hold_outstanding")
         .ldx(Size::W, R1, R9, SLOT_CLEAR as i16)
@@ -480,8 +459,7 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .jmp(Jmp::Ne, R1, R2, "hold_queue")
         .ldx(Size::DW, R1, R8, ROW_USER_HELD as i16)
         .jmp_imm(Jmp::Ne, R1, 0, "hold_queue");
-    count(a, maps, p, Stat::HoldPassed);
-    a.ja("done");
+    count_then(a, maps, p, Stat::HoldPassed, "done");
 
     a.label("hold_queue")
         .mov_imm(R1, 1)
@@ -489,8 +467,7 @@ pub fn program(maps: &MapFds, p: &ProgParams) -> Result<Vec<Insn>, String> {
         .ldx(Size::W, R1, R6, SKB_MARK)
         .alu_imm(Alu::Or, R1, p.counted_mark as i32)
         .stx(Size::W, R6, SKB_MARK, R1);
-    count(a, maps, p, Stat::HoldQueued);
-    a.ja("next");
+    count_then(a, maps, p, Stat::HoldQueued, "next");
 
     // ---- endings ----
     a.label("error_fallback");

@@ -10,7 +10,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -136,25 +135,6 @@ impl Map {
             flags: 0,
         };
         bpf(BPF_MAP_UPDATE_ELEM, &mut a).map(|_| ())
-    }
-
-    /// Reads `key`'s value into `value` (per-CPU maps: one value per possible
-    /// CPU, each rounded up to 8 bytes).
-    pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<()> {
-        if key.len() != self.key_size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "BPF map key of the wrong size",
-            ));
-        }
-        let mut a = ElemAttr {
-            map_fd: self.fd.as_raw_fd() as u32,
-            pad: 0,
-            key: key.as_ptr() as u64,
-            value: value.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_LOOKUP_ELEM, &mut a).map(|_| ())
     }
 }
 
