@@ -108,7 +108,9 @@ pub struct KernelTagger {
     group_id: u16,
     machines: usize,
     slots: Mapping,
-    ring: Mutex<RingConsumer>,
+    ring: RingConsumer,
+    /// Serialises consumers of `ring` (checking it needs no lock).
+    ring_consumer: Mutex<()>,
     ring_map: Map,
     prog: OwnedFd,
     links: Mutex<Vec<(String, OwnedFd)>>,
@@ -209,7 +211,8 @@ impl KernelTagger {
             group_id: topo.group_id,
             machines,
             slots,
-            ring: Mutex::new(ring),
+            ring,
+            ring_consumer: Mutex::new(()),
             ring_map,
             prog,
             links: Mutex::new(Vec::new()),
@@ -392,7 +395,7 @@ impl KernelTags for KernelTagger {
     }
 
     fn needs_drain(&self) -> bool {
-        if lock(&self.ring).has_records() {
+        if self.ring.has_records() {
             return true;
         }
         (0..self.machines).any(|m| {
@@ -408,7 +411,7 @@ impl KernelTags for KernelTagger {
     }
 
     fn drain(&self, merge: &mut dyn FnMut(usize, &RawTag)) {
-        let ring = lock(&self.ring);
+        let _consumer = lock(&self.ring_consumer);
         let received: Vec<u64> = (0..self.machines)
             .map(|m| {
                 self.slots
@@ -416,7 +419,7 @@ impl KernelTags for KernelTagger {
                     .load(Ordering::Acquire)
             })
             .collect();
-        ring.consume(|rec| {
+        self.ring.consume(|rec| {
             let Some((machine, area)) = parse_record(rec) else {
                 return;
             };
