@@ -299,6 +299,8 @@ fn real_main() -> Result<()> {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
             }
+            // The points' directories are gone (unless kept): so is the run's.
+            let _ = std::fs::remove_dir(&base);
             println!(
                 "RESULT topology={name} mode={mode} points={done} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv} pitr_rows={pitr_rows} pitr_missing_acked={pitr_missing}"
             );
