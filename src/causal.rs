@@ -84,14 +84,15 @@ impl CausalState {
         *self.kernel.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Merges the tags the kernel tagger received (if any wait). Every access
-    /// to a pending vector does this first.
-    pub fn drain_kernel(&self) {
-        let Some(k) = self.kernel() else {
-            return;
-        };
+    /// Merges the tags the kernel tagger received (if any wait); returns
+    /// whether any waited. Every access to a pending vector does this first.
+    pub fn drain_kernel(&self) -> bool {
+        self.kernel().is_some_and(|k| self.drain_from(&*k))
+    }
+
+    fn drain_from(&self, k: &dyn KernelTags) -> bool {
         if !k.needs_drain() {
-            return;
+            return false;
         }
         k.drain(&mut |machine, raw| {
             if machine >= self.pending.len() {
@@ -100,14 +101,10 @@ impl CausalState {
             let mut p = self.lock_slot(machine);
             let tag = raw.resolve(&p);
             if p.merge(&tag) {
-                self.mirror(&*k, machine, &p);
+                self.mirror(k, machine, &p);
             }
         });
-    }
-
-    /// Whether the kernel tagger holds tags not merged yet.
-    pub fn kernel_needs_drain(&self) -> bool {
-        self.kernel().is_some_and(|k| k.needs_drain())
+        true
     }
 
     fn lock_slot(&self, machine: usize) -> std::sync::MutexGuard<'_, CountVector> {
@@ -118,17 +115,20 @@ impl CausalState {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `machine`'s vector, locked, after merging what the kernel received.
-    fn slot(&self, machine: usize) -> std::sync::MutexGuard<'_, CountVector> {
-        self.drain_kernel();
-        self.lock_slot(machine)
-    }
-
-    /// Tells the kernel tagger about `machine`'s new vector (under its lock).
-    fn published(&self, machine: usize, p: &CountVector) {
-        if let Some(k) = self.kernel() {
-            self.mirror(&*k, machine, p);
+    /// `machine`'s vector, locked, after merging what the kernel received,
+    /// and the kernel tagger to mirror a change into (one look-up for both).
+    fn slot(
+        &self,
+        machine: usize,
+    ) -> (
+        std::sync::MutexGuard<'_, CountVector>,
+        Option<Arc<dyn KernelTags>>,
+    ) {
+        let k = self.kernel();
+        if let Some(k) = &k {
+            self.drain_from(&**k);
         }
+        (self.lock_slot(machine), k)
     }
 
     /// Everything the kernel tagger keeps per machine: its vector, and
@@ -142,33 +142,36 @@ impl CausalState {
     /// entry and returns `(seq, vector)`, where `vector` is the machine's pending
     /// vector including this write. Call this BEFORE the write completes to the guest.
     pub fn issue_write(&self, machine: usize, writer: WriterId) -> (Seq, CountVector) {
-        let mut p = self.slot(machine);
+        let (mut p, k) = self.slot(machine);
         let seq = p.bump(writer);
-        self.published(machine, &p);
+        if let Some(k) = k {
+            self.mirror(&*k, machine, &p);
+        }
         (seq, *p)
     }
 
     /// Makes sure the writer's own entry is at least `seq` (used when a new writer
     /// generation starts numbering after what the backup already holds).
     pub fn raise_writer(&self, machine: usize, writer: WriterId, seq: Seq) {
-        let mut p = self.slot(machine);
-        p.raise(writer.index(), seq);
-        self.published(machine, &p);
+        let (mut p, k) = self.slot(machine);
+        if let (true, Some(k)) = (p.raise(writer.index(), seq), k) {
+            self.mirror(&*k, machine, &p);
+        }
     }
 
     /// A packet tagged `tag` arrived at machine `machine`: merge (element-wise max).
     pub fn merge(&self, machine: usize, tag: &CountVector) -> bool {
-        let mut p = self.slot(machine);
+        let (mut p, k) = self.slot(machine);
         let grew = p.merge(tag);
-        if grew {
-            self.published(machine, &p);
+        if let (true, Some(k)) = (grew, k) {
+            self.mirror(&*k, machine, &p);
         }
         grew
     }
 
     /// Current pending vector of `machine` (the tag for a packet it sends now).
     pub fn pending(&self, machine: usize) -> CountVector {
-        *self.slot(machine)
+        *self.slot(machine).0
     }
 
     /// Adopts a committed vector from the backup (never lowers any entry).

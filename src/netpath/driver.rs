@@ -425,10 +425,9 @@ impl Driver {
                 self.hold_progress(0);
                 worked = true;
             }
-            if self.kernel.is_some() && self.state.kernel_needs_drain() {
-                // Tags the kernel stripped: merge them now, so the receivers'
-                // own packets can be tagged in the kernel again.
-                self.state.drain_kernel();
+            // Tags the kernel stripped: merge them now, so the receivers' own
+            // packets can be tagged in the kernel again.
+            if self.kernel.is_some() && self.state.drain_kernel() {
                 worked = true;
             }
             worked |= self.hold_burst(&mut b, bypassing)?;
