@@ -7,7 +7,9 @@
 # Usage: scripts/cpu-per-write.sh [agent|engine|nbdkit]     (needs root, /dev/fuse, loop, fio)
 # Env:   MODE=async|pipelined|sync (agent), QD=32, RT=8 (s), BACKUP_DIR=/dev/shm (backup journal:
 #        tmpfs by default so its fdatasyncs do not load the disk), WORKERS (agent --worker-threads),
-#        PERF=1 (also `perf record -a -g` 5 s into $PERF_OUT, default /tmp/cpu-per-write.perf)
+#        PERF=1 (also `perf record -a -g` 5 s into $PERF_OUT, default /tmp/cpu-per-write.perf),
+#        SYSCALLS=1 (also count the server's (and backup's) syscalls per write with `perf stat`;
+#        the tracepoints slow everything: CPU figures of such a run are not comparable)
 set -euo pipefail
 what=${1:-agent}
 case "$what" in agent|engine|nbdkit) ;; *) echo "usage: $0 [agent|engine|nbdkit]" >&2; exit 2;; esac
@@ -32,7 +34,7 @@ cleanup() {
   mountpoint -q "$T/fuse" && fusermount3 -u "$T/fuse"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
-  rm -rf "$T" "$B"
+  [ -z "${KEEPLOG:-}" ] || cp "$T/server.log" "$KEEPLOG"; rm -rf "$T" "$B"
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
@@ -78,13 +80,26 @@ snap() {
   done
 }
 snap >"$T/s0"
+head -1 /proc/stat >"$T/stat0"
 if [ -n "${PERF:-}" ]; then
-  perf record -F 2000 -a -g -o "${PERF_OUT:-/tmp/cpu-per-write.perf}" -- sleep 5 >/dev/null 2>&1 &
+  if [ -n "${SCHED:-}" ]; then perf sched record -o "${PERF_OUT:-/tmp/cpu-per-write.perf}" -- sleep 3 >/dev/null 2>&1 &
+  else perf record -F 2000 -a -g -o "${PERF_OUT:-/tmp/cpu-per-write.perf}" -- sleep 5 >/dev/null 2>&1 & fi
+fi
+if [ -n "${SYSCALLS:-}" ]; then
+  # syscalls of the server (and backup) processes during the run, per write (printed below)
+  perf_stat=()
+  for p in $server ${backup:-}; do
+    perf stat -e 'syscalls:sys_enter_*' -p "$p" -x, -o "$T/syscalls-$p.csv" -- sleep "${RT:-8}" \
+      >/dev/null 2>&1 &
+    perf_stat+=($!)
+  done
 fi
 fio --name=w --rw=randwrite --direct=1 --ioengine=libaio --iodepth="${QD:-32}" --filename="$loop" \
   --bs=4k --size=256M --runtime="${RT:-8}" --time_based --randrepeat=0 --output-format=json \
   --output="$T/fio.json" >/dev/null
 snap >"$T/s1"
+head -1 /proc/stat >"$T/stat1"
+[ -z "${SYSCALLS:-}" ] || wait "${perf_stat[@]}" || true
 wait_perf() { [ -z "${PERF:-}" ] || sleep 1; }
 wait_perf
 python3 - "$T" "$what" <<'PY'
@@ -113,5 +128,20 @@ for k in sorted(b):
         continue
     total += us(u + s)
     print(f"{k[0]:>7} {k[1]:<18} {us(u+s):12.1f} {us(u):6.1f} {us(s):6.1f} {v/ios:12.2f}")
+for sc in sorted(f for f in os.listdir(T) if f.startswith("syscalls-")):
+    rows = []
+    for line in open(os.path.join(T, sc)):
+        f = line.strip().split(",")
+        if len(f) > 2 and f[0].isdigit() and int(f[0]) > 0:
+            rows.append((int(f[0]), f[2].split(":")[-1].removeprefix("sys_enter_")))
+    rows.sort(reverse=True)
+    pid = sc.removeprefix("syscalls-").removesuffix(".csv")
+    print(f"syscalls per write, pid {pid}: " + ", ".join(f"{n} {c / ios:.2f}" for c, n in rows[:10]))
+c0 = [int(x) for x in open(os.path.join(T, "stat0")).read().split()[1:9]]
+c1 = [int(x) for x in open(os.path.join(T, "stat1")).read().split()[1:9]]
+d = [b - a for a, b in zip(c0, c1)]
+names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
+tot = sum(d) or 1
+print("whole machine during the run: " + ", ".join(f"{n} {100 * x / tot:.0f}%" for n, x in zip(names, d) if x))
 print(f"total (server{', backup' if what == 'agent' else ''}, nbdfuse): {total:.1f} us of CPU per write")
 PY

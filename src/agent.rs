@@ -115,6 +115,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         disks: disks.clone(),
         generation,
         max_inflight_bytes: topo.policy.max_inflight_bytes,
+        coalesce: crate::replication::Coalesce {
+            delay: std::time::Duration::from_micros(topo.policy.replication_coalesce_us),
+            bytes: crate::replication::DEFAULT_COALESCE.bytes,
+        },
         backup_loss: match topo.policy.on_backup_loss {
             topology::BackupLossPolicy::Stall => BackupLossPolicy::Stall,
             topology::BackupLossPolicy::DegradeToAsync { after } => {

@@ -29,6 +29,7 @@ use std::io;
 use std::sync::Arc;
 
 use pipecloud_core::wire::{WriteKind, MAX_WRITE_PAYLOAD};
+use pipecloud_core::{Seq, WriterId};
 
 use crate::block::BlockBackend;
 use crate::replication::{
@@ -112,16 +113,16 @@ impl<B: BlockBackend> ReplicatedDisk<B> {
         &self.local
     }
 
-    /// Issues the frames of one guest request in order; returns the waiter of
-    /// the last one.
+    /// Issues the frames of one guest request in order; returns the writer and
+    /// seq of the last one.
     async fn replicate(
         &self,
         frames: Vec<(u64, WriteKind)>,
-    ) -> Result<Option<AckWaiter>, ReplicationError> {
+    ) -> Result<Option<(WriterId, Seq)>, ReplicationError> {
         let mut last = None;
         for (offset, kind) in frames {
             let submitted = self.client.submit(self.disk, offset, kind).await?;
-            last = Some(submitted.waiter);
+            last = Some((submitted.writer, submitted.seq));
         }
         Ok(last)
     }
@@ -135,10 +136,13 @@ impl<B: BlockBackend> ReplicatedDisk<B> {
     ) -> io::Result<()> {
         let (local, replicated) = tokio::join!(local, self.replicate(frames));
         local?;
-        let waiter = replicated?;
-        match waiter {
-            Some(w) => self.wait_for_mode(w).await,
-            None => Ok(()),
+        match replicated? {
+            // Only sync waits: the waiter (three subscriptions) is built only then.
+            Some((writer, seq)) if self.mode.get() == Mode::Sync => {
+                self.wait_for_mode(self.client.ack_waiter(writer, seq))
+                    .await
+            }
+            _ => Ok(()),
         }
     }
 

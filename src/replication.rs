@@ -50,7 +50,7 @@ mod state;
 mod tls;
 
 pub use mode::{BackupLossPolicy, Mode, ModeSwitch, UnknownMode};
-pub use state::{write_cost, WRITE_OVERHEAD};
+pub use state::{write_cost, Coalesce, WRITE_OVERHEAD};
 pub use tls::{client_config, TlsError, TlsFiles};
 
 use std::io;
@@ -80,6 +80,13 @@ pub struct DiskSpec {
     /// Index of that machine in the [`CausalState`] (the topology's machine index).
     pub machine: usize,
 }
+
+/// Default coalescing: a write waits at most 200 µs for the acks of earlier
+/// writes (or until 256 KiB wait), then goes anyway.
+pub const DEFAULT_COALESCE: Coalesce = Coalesce {
+    delay: Duration::from_micros(pipecloud_core::topology::DEFAULT_REPLICATION_COALESCE_US),
+    bytes: 256 << 10,
+};
 
 /// Configuration of one replication client.
 #[derive(Clone, Debug)]
@@ -115,11 +122,14 @@ pub struct ReplicationConfig {
     pub reconnect_min: Duration,
     /// Longest reconnection delay.
     pub reconnect_max: Duration,
+    /// How the sender coalesces writes into socket writes (see [`Coalesce`]).
+    pub coalesce: Coalesce,
 }
 
 impl Default for ReplicationConfig {
     /// Empty names and paths (fill them in), 64 MiB in flight, stall policy,
-    /// 1 s heartbeats, 5 s heartbeat timeout, 5 s connect timeout, 100 ms..2 s backoff.
+    /// 1 s heartbeats, 5 s heartbeat timeout, 5 s connect timeout, 100 ms..2 s backoff,
+    /// [`DEFAULT_COALESCE`].
     fn default() -> Self {
         ReplicationConfig {
             endpoint: String::new(),
@@ -141,6 +151,7 @@ impl Default for ReplicationConfig {
             connect_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(2),
+            coalesce: DEFAULT_COALESCE,
         }
     }
 }
@@ -248,8 +259,6 @@ pub struct Submitted {
     pub seq: Seq,
     /// Its vector (the writer's pending vector at issue time).
     pub vector: CountVector,
-    /// Resolves once the backup holds it durably.
-    pub waiter: AckWaiter,
 }
 
 /// How an [`AckWaiter`] finished.
@@ -626,17 +635,29 @@ impl ReplicationClient {
         if disk.index >= self.shared.config.disks.len() {
             return Err(bad("unknown disk handle".into()));
         }
-        self.wait_ready().await?;
+        // Fast path (registered, room in the budget) without subscribing to anything.
+        if !*self.shared.ready.borrow() {
+            self.wait_ready().await?;
+        }
+        if *self.shared.shutdown.borrow() {
+            return Err(self.stopped());
+        }
         let cost = write_cost(&kind).min(self.shared.max_permits);
         // cost <= max_permits <= u32::MAX.
         let n = u32::try_from(cost).unwrap_or(u32::MAX);
-        let mut shutdown = self.shared.shutdown.subscribe();
-        if *shutdown.borrow_and_update() {
-            return Err(self.stopped());
-        }
-        let permit = tokio::select! {
-            p = Arc::clone(&self.shared.room).acquire_many_owned(n) => p.map_err(|_| self.stopped())?,
-            _ = shutdown.changed() => return Err(self.stopped()),
+        let permit = match Arc::clone(&self.shared.room).try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                // Backpressure: wait for acks to free room (or for shutdown).
+                let mut shutdown = self.shared.shutdown.subscribe();
+                if *shutdown.borrow_and_update() {
+                    return Err(self.stopped());
+                }
+                tokio::select! {
+                    p = Arc::clone(&self.shared.room).acquire_many_owned(n) => p.map_err(|_| self.stopped())?,
+                    _ = shutdown.changed() => return Err(self.stopped()),
+                }
+            }
         };
         let (writer, seq, vector) = self.shared.lock().issue(
             &self.shared.causal,
@@ -651,7 +672,6 @@ impl ReplicationClient {
             writer,
             seq,
             vector,
-            waiter: self.ack_waiter(writer, seq),
         })
     }
 

@@ -323,6 +323,7 @@ fn agent(
         connect_timeout: Duration::from_secs(2),
         reconnect_min: Duration::from_millis(50),
         reconnect_max: Duration::from_millis(500),
+        coalesce: pipecloud::replication::DEFAULT_COALESCE,
     };
     let client = Arc::new(ReplicationClient::start(config, Arc::clone(&causal)).expect("client"));
     let image = scratch.0.join("local.img");

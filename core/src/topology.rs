@@ -37,6 +37,8 @@
 //! max_inflight_bytes = "64MiB"             # unacked replication bytes before writes slow down
 //! netqueue_max_packets = 65536             # held client-bound packets, 1..=65536 (kernel limit)
 //! netqueue_max_bytes = "256MiB"            # held client-bound bytes
+//! replication_coalesce_us = 200            # 0..=10000: longest a write waits for earlier writes'
+//!                                          # acks before it is sent anyway (0: send at once)
 //!
 //! [[host]]
 //! name = "dom0-a"
@@ -124,6 +126,10 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Largest disk size (offsets must fit an `i64` for `pread`/`pwrite`).
 pub const MAX_DISK_SIZE: u64 = i64::MAX as u64 / SECTOR_SIZE * SECTOR_SIZE;
 
+/// Default `policy.replication_coalesce_us`.
+pub const DEFAULT_REPLICATION_COALESCE_US: u64 = 200;
+/// Largest `policy.replication_coalesce_us` (10 ms).
+pub const MAX_REPLICATION_COALESCE_US: u64 = 10_000;
 /// Default `policy.max_inflight_bytes` (64 MiB).
 pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 /// Default `policy.netqueue_max_packets`.
@@ -319,6 +325,11 @@ pub struct Policy {
     pub netqueue_max_packets: u64,
     /// Most client-bound bytes held per agent, at least [`MIN_NETQUEUE_BYTES`].
     pub netqueue_max_bytes: u64,
+    /// Longest a write waits for the acks of earlier writes before the agent
+    /// sends it anyway (µs, `0..=MAX_REPLICATION_COALESCE_US`; 0: every write
+    /// goes as soon as the sender runs). A write with nothing unacked before it
+    /// always goes at once.
+    pub replication_coalesce_us: u64,
 }
 
 impl Default for Policy {
@@ -328,6 +339,7 @@ impl Default for Policy {
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             netqueue_max_packets: DEFAULT_NETQUEUE_MAX_PACKETS,
             netqueue_max_bytes: DEFAULT_NETQUEUE_MAX_BYTES,
+            replication_coalesce_us: DEFAULT_REPLICATION_COALESCE_US,
         }
     }
 }
@@ -543,11 +555,12 @@ impl Topology {
         let p = &self.policy;
         let _ = writeln!(
             s,
-            "policy    on backup loss: {}; max in-flight {}; netqueue at most {} packets / {}",
+            "policy    on backup loss: {}; max in-flight {}; netqueue at most {} packets / {}; coalesce writes {} us",
             p.on_backup_loss,
             format_size(p.max_inflight_bytes),
             p.netqueue_max_packets,
-            format_size(p.netqueue_max_bytes)
+            format_size(p.netqueue_max_bytes),
+            p.replication_coalesce_us
         );
         let writers = self.writers().len();
         let _ = writeln!(
@@ -1297,6 +1310,7 @@ const POLICY_KEYS: &[&str] = &[
     "max_inflight_bytes",
     "netqueue_max_packets",
     "netqueue_max_bytes",
+    "replication_coalesce_us",
 ];
 const HOST_KEYS: &[&str] = &[
     "name",
@@ -1472,6 +1486,12 @@ fn parse_policy(cx: &mut Cx<'_>, node: Option<&Spanned<Node>>) -> Option<Policy>
         &format!("{BYTES_EXPECTED}, at least 65535 (one IPv4 packet)"),
         |n| conv_bytes_min(n, MIN_NETQUEUE_BYTES),
     );
+    let coalesce = t.optional(
+        cx,
+        "replication_coalesce_us",
+        "microseconds, an integer in 0..=10000",
+        |n| conv_int_range(n, 0, MAX_REPLICATION_COALESCE_US as i64),
+    );
     t.finish(cx);
 
     let on_backup_loss = match (loss.as_ref().map(|l| l.value), &after) {
@@ -1503,6 +1523,7 @@ fn parse_policy(cx: &mut Cx<'_>, node: Option<&Spanned<Node>>) -> Option<Policy>
         max_inflight_bytes: inflight.map_or(DEFAULT_MAX_INFLIGHT_BYTES, |v| v.value),
         netqueue_max_packets: packets.map_or(DEFAULT_NETQUEUE_MAX_PACKETS, |v| v.value),
         netqueue_max_bytes: nq_bytes.map_or(DEFAULT_NETQUEUE_MAX_BYTES, |v| v.value),
+        replication_coalesce_us: coalesce.map_or(DEFAULT_REPLICATION_COALESCE_US, |v| v.value),
     })
 }
 
@@ -2485,7 +2506,7 @@ size = "1GiB"
         let with =
             |policy: &str| GOOD.replacen("[[host]]", &format!("[policy]\n{policy}\n\n[[host]]"), 1);
         let t = Topology::parse(
-            &with("on_backup_loss = \"degrade-to-async\"\ndegrade_after_s = 30\nmax_inflight_bytes = \"8MiB\"\nnetqueue_max_packets = 1000\nnetqueue_max_bytes = 1048576"),
+            &with("on_backup_loss = \"degrade-to-async\"\ndegrade_after_s = 30\nmax_inflight_bytes = \"8MiB\"\nnetqueue_max_packets = 1000\nnetqueue_max_bytes = 1048576\nreplication_coalesce_us = 0"),
             "t",
         )
         .expect("valid");
@@ -2498,6 +2519,7 @@ size = "1GiB"
                 max_inflight_bytes: 8 << 20,
                 netqueue_max_packets: 1000,
                 netqueue_max_bytes: 1 << 20,
+                replication_coalesce_us: 0,
             }
         );
         assert!(t.summary().contains("degrade-to-async after 30 s"));
@@ -2530,6 +2552,19 @@ size = "1GiB"
             15,
             "policy.max_inflight_bytes",
             "too small",
+        );
+        assert_error(
+            &errors_of(&with("replication_coalesce_us = 10001")),
+            15,
+            "policy.replication_coalesce_us",
+            "0..=10000",
+        );
+        assert_eq!(
+            Topology::parse(&with(""), "t")
+                .expect("valid")
+                .policy
+                .replication_coalesce_us,
+            DEFAULT_REPLICATION_COALESCE_US
         );
     }
 

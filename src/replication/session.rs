@@ -13,6 +13,7 @@ use pipecloud_core::{Seq, WriterId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::state::SendDecision;
 use super::Shared;
 
 /// Most bytes of write frames gathered into one socket write.
@@ -277,8 +278,13 @@ async fn receive<R: AsyncRead + Unpin>(
         match frame {
             Frame::Ack(a) => {
                 st.on_ack(&a, &shared.causal, now)?;
+                // Writes held back while this one was unacked may go now.
+                shared.wake_sender.notify_one();
             }
-            Frame::Committed { vector } => st.on_committed(&vector, &shared.causal, now),
+            Frame::Committed { vector } => {
+                st.on_committed(&vector, &shared.causal, now);
+                shared.wake_sender.notify_one();
+            }
             Frame::HeartbeatReply { nonce } => {
                 if let Some(rtt) = st.heartbeat_reply(nonce, now) {
                     tracing::trace!(?rtt, "heartbeat reply");
@@ -305,7 +311,8 @@ async fn receive<R: AsyncRead + Unpin>(
     }
 }
 
-/// Sends buffered writes (from `next` on, per writer) as they are issued, and heartbeats.
+/// Sends buffered writes (from `next` on, per writer), coalesced per the config's
+/// [`Coalesce`](super::Coalesce) rule, and heartbeats.
 async fn send<W: AsyncWrite + Unpin>(
     shared: &Shared,
     wr: &mut W,
@@ -325,12 +332,14 @@ async fn send<W: AsyncWrite + Unpin>(
             encode_frame(&Frame::Heartbeat { nonce }, &mut out)?;
             last_heartbeat = Some(now);
         }
-        let (answer, batch) = {
+        let (answer, batch, due) = {
             let mut st = shared.lock();
-            (
-                st.take_heartbeat_answer(),
-                st.unsent(&mut next, MAX_BATCH_BYTES),
-            )
+            let answer = st.take_heartbeat_answer();
+            match st.send_decision(&next, shared.config.coalesce, now) {
+                SendDecision::Now => (answer, st.unsent(&mut next, MAX_BATCH_BYTES), None),
+                SendDecision::At(due) => (answer, Vec::new(), Some(due)),
+                SendDecision::Nothing => (answer, Vec::new(), None),
+            }
         };
         if let Some(nonce) = answer {
             encode_frame(&Frame::HeartbeatReply { nonce }, &mut out)?;
@@ -344,11 +353,12 @@ async fn send<W: AsyncWrite + Unpin>(
             wr.flush().await?;
             continue;
         }
-        let until_heartbeat =
-            interval.saturating_sub(last_heartbeat.map_or(Duration::ZERO, |t| t.elapsed()));
+        let heartbeat_due = last_heartbeat.map_or(now, |t| t + interval);
+        let wake_at = due.map_or(heartbeat_due, |d| d.min(heartbeat_due));
+        // Woken by a new write, an ack (coalesced writes may go) or a heartbeat to answer.
         tokio::select! {
             _ = shared.wake_sender.notified() => {}
-            _ = tokio::time::sleep(until_heartbeat) => {}
+            _ = tokio::time::sleep_until(wake_at.into()) => {}
         }
     }
 }

@@ -97,6 +97,31 @@ impl DiskSlot {
     }
 }
 
+/// How the sender coalesces writes into one socket write: while writes it sent
+/// are unacked, new ones wait until the acks arrive, `bytes` of them are
+/// waiting, or the oldest has waited `delay` (Nagle's rule with a deadline).
+/// With nothing unacked a write goes at once, so a lone write (a sync writer at
+/// queue depth 1) never waits; under load the backup's acks clock the batches.
+/// `delay` zero sends every write as soon as the sender runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coalesce {
+    /// Longest a write waits for earlier writes' acks before it is sent anyway.
+    pub delay: Duration,
+    /// Unsent bytes (write cost) that make the sender go at once.
+    pub bytes: u64,
+}
+
+/// What [`State::send_decision`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendDecision {
+    /// No unsent write.
+    Nothing,
+    /// Send the unsent writes now.
+    Now,
+    /// Wait for an ack, more writes, or this instant, whichever comes first.
+    At(Instant),
+}
+
 /// What a degrade check changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DegradeChange {
@@ -487,6 +512,42 @@ impl State {
         self.heartbeat_to_answer.take()
     }
 
+    /// Whether the sender should write the unsent frames (from `next` on per
+    /// writer) now, later, or has nothing to send: the coalescing rule of
+    /// [`Coalesce`] (Nagle's rule with a deadline). Pure: `now` is passed in.
+    pub fn send_decision(
+        &self,
+        next: &BTreeMap<WriterId, Seq>,
+        coalesce: Coalesce,
+        now: Instant,
+    ) -> SendDecision {
+        let mut outstanding = false;
+        let mut oldest: Option<Instant> = None;
+        let mut bytes = 0u64;
+        for (w, wb) in &self.writers {
+            let Some(&from) = next.get(w) else {
+                continue;
+            };
+            outstanding |= wb.unacked.range(..from).next().is_some();
+            for e in wb.unacked.range(from..).map(|(_, e)| e) {
+                oldest = Some(oldest.map_or(e.issued_at, |o| o.min(e.issued_at)));
+                bytes += e.cost;
+                if bytes >= coalesce.bytes {
+                    return SendDecision::Now;
+                }
+            }
+        }
+        let Some(oldest) = oldest else {
+            return SendDecision::Nothing;
+        };
+        let due = oldest.checked_add(coalesce.delay).unwrap_or(oldest);
+        if !outstanding || due <= now {
+            SendDecision::Now
+        } else {
+            SendDecision::At(due)
+        }
+    }
+
     /// Write frames not yet sent in this session, from `next` on per writer, up to
     /// about `max_bytes`; advances `next` past them.
     pub fn unsent(&self, next: &mut BTreeMap<WriterId, Seq>, max_bytes: u64) -> Vec<Arc<Frame>> {
@@ -715,6 +776,61 @@ mod tests {
             .unwrap();
         assert_eq!(seqs(&st.unsent(&mut next, 1)), vec![3]);
         assert_eq!(seqs(&st.unsent(&mut next, 1)), vec![5]);
+    }
+
+    #[test]
+    fn coalescing_waits_for_acks_bytes_or_the_deadline() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let c = Coalesce {
+            delay: us(200),
+            bytes: 3 * (10 + WRITE_OVERHEAD),
+        };
+        let (mut st, causal, _) = state(t0);
+        let mut next = st
+            .on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
+            .unwrap();
+        assert_eq!(st.send_decision(&next, c, t0), SendDecision::Nothing);
+        // Nothing unacked: a lone write goes at once.
+        st.issue(&causal, 0, 0, data(10), None, t0);
+        assert_eq!(st.send_decision(&next, c, t0), SendDecision::Now);
+        assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![1]);
+        assert_eq!(st.send_decision(&next, c, t0), SendDecision::Nothing);
+        // Seq 1 unacked: later writes wait until the oldest waited `delay`...
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(10));
+        st.issue(&causal, 1, 0, data(10), None, t0 + us(50));
+        assert_eq!(
+            st.send_decision(&next, c, t0 + us(60)),
+            SendDecision::At(t0 + us(210))
+        );
+        assert_eq!(st.send_decision(&next, c, t0 + us(210)), SendDecision::Now);
+        // ... or the ack of what was sent arrives ...
+        st.on_ack(&ack(1, 1), &causal, t0 + us(70)).unwrap();
+        assert_eq!(st.send_decision(&next, c, t0 + us(70)), SendDecision::Now);
+        assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![2, 3]);
+        // ... or `bytes` of them wait.
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(80));
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(80));
+        assert_eq!(
+            st.send_decision(&next, c, t0 + us(80)),
+            SendDecision::At(t0 + us(280))
+        );
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(80));
+        assert_eq!(st.send_decision(&next, c, t0 + us(80)), SendDecision::Now);
+        // A zero delay sends whatever is unsent.
+        let eager = Coalesce {
+            delay: Duration::ZERO,
+            bytes: u64::MAX,
+        };
+        assert_eq!(
+            st.send_decision(&next, eager, t0 + us(80)),
+            SendDecision::Now
+        );
+        assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![4, 5, 6]);
+        assert_eq!(
+            st.send_decision(&next, eager, t0 + us(80)),
+            SendDecision::Nothing
+        );
     }
 
     #[test]

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Same-run, interleaved A/B of block-path servers through `nbdfuse -C 1` + loop (--direct-io=on):
+# every round runs every variant once on every workload (fio 4 KiB randwrite QD1, randwrite QD32,
+# seq write QD1 O_DSYNC), then prints the median IOPS and p50 of each variant and its ratio to
+# nbdkit's median. Use it to decide a change on this noisy shared machine; scripts/bench-nbd.sh
+# stays the documented figure.
+#
+# Usage: scripts/bench-ab.sh VARIANT...        (root; env ROUNDS=3 RUNTIME=6 WORKLOADS="qd1 qd32 dsync")
+#   VARIANT: nbdkit | engine | agent-async | agent-pipelined | agent-sync, optionally followed by
+#            ":NAME=VALUE,NAME=VALUE" environment for the server (and its backup), and "@LABEL".
+#            BIN=DIR in that list is not passed on: the variant runs `pipecloud` from DIR instead
+#            (A/B against another build: `git worktree add` + `CARGO_TARGET_DIR=... cargo build`).
+#   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x
+# The agent variants run `pipecloud agent --no-network` with a real `backup-server` on loopback
+# (journal in $BACKUP_DIR, default the temp dir on the same disk as the images).
+set -euo pipefail
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-6}
+WORKLOADS=${WORKLOADS:-qd1 qd32 dsync}
+[ $# -gt 0 ] || { sed -n 2,14p "$0" >&2; exit 2; }
+repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=lib/bench-agent.sh
+. "$repo/scripts/lib/bench-agent.sh"
+if [ -z "${BENCH_AB_IN_NS:-}" ]; then
+  (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud -p pipecloud \
+     && cargo build --release --quiet -p backup-server --bin backup-server)
+  exec unshare --mount --propagation private env BENCH_AB_IN_NS=1 bash "$0" "$@"
+fi
+R="${CARGO_TARGET_DIR:-$repo/target}/release"
+T=$(mktemp -d /tmp/pc-ab.XXXXXX)
+B=$(mktemp -d "${BACKUP_DIR:-$T}/pc-ab-backup.XXXXXX")
+pids=(); L=""
+stop_stack() {
+  set +e
+  if [ -n "$L" ]; then
+    losetup -d "$L"
+    for _ in $(seq 200); do [ -e "/sys/block/${L#/dev/}/loop/backing_file" ] || break; sleep 0.05; done
+    L=""
+  fi
+  mountpoint -q "$T/fuse" && fusermount3 -u "$T/fuse"
+  sleep 0.1
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  pids=()
+  rm -rf "$T/nbd" "$T/s.sock" "$T/ctl.sock" "$T"/*.img "$B"/*
+  set -e
+}
+trap 'stop_stack; rm -rf "$T" "$B"' EXIT
+trap 'exit 143' TERM INT
+
+# start VARIANT-KIND ENV... : starts the server(s); sets $sock to the NBD socket path
+start() {
+  local kind=$1; shift
+  case "$kind" in
+    nbdkit)
+      truncate -s 512M "$T/kit.img"
+      env "$@" nbdkit --foreground --unix "$T/s.sock" file "$T/kit.img" </dev/null >"$T/srv.log" 2>&1 &
+      pids+=($!); sock="$T/s.sock" ;;
+    engine)
+      env "$@" "$R/examples/nbd-serve" --image "$T/o.img" --size 512M --name disk0 \
+        --socket "$T/s.sock" </dev/null >"$T/srv.log" 2>&1 &
+      pids+=($!); sock="$T/s.sock" ;;
+    agent-async|agent-pipelined|agent-sync)
+      local port; port=$(free_port)
+      "$R/backup-server" certs --dir "$B" --server-name localhost --group bench \
+        --listen "127.0.0.1:$port" >/dev/null
+      env "$@" "$R/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
+      pids+=($!)
+      bench_topology "$T/t.toml" "$T" "$B" "$port" "${kind#agent-}" 512M
+      env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network \
+        </dev/null >"$T/srv.log" 2>&1 &
+      pids+=($!); sock="$T/nbd/disk0.sock" ;;
+    *) echo "bench-ab: unknown variant kind $kind" >&2; exit 2 ;;
+  esac
+}
+
+run() { # LABEL KIND ENV...
+  local label=$1 kind=$2; shift 2
+  local e rest=(); bin="$R"
+  for e in "$@"; do case "$e" in BIN=*) bin=${e#BIN=} ;; *) rest+=("$e") ;; esac; done
+  set -- "${rest[@]}"
+  sock=""; start "$kind" "$@"
+  for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+  [ -S "$sock" ] || { echo "bench-ab: $label did not start" >&2; cat "$T/srv.log" >&2; exit 1; }
+  mkdir -p "$T/fuse"; rm -f "$T/pid"
+  nbdfuse -C 1 -P "$T/pid" "$T/fuse/disk" "nbd+unix:///disk0?socket=$sock" </dev/null >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 200); do [ -s "$T/pid" ] && break; sleep 0.05; done
+  L=$(losetup -f --show --direct-io=on "$T/fuse/disk")
+  for w in $WORKLOADS; do
+    case $w in
+      qd1) a=(--rw=randwrite --direct=1 --ioengine=libaio --iodepth=1) ;;
+      qd32) a=(--rw=randwrite --direct=1 --ioengine=libaio --iodepth=32) ;;
+      dsync) a=(--rw=write --sync=dsync --ioengine=psync) ;;
+      *) echo "bench-ab: unknown workload $w" >&2; exit 2 ;;
+    esac
+    fio --name=x "${a[@]}" --filename="$L" --bs=4k --size=128M --runtime="$RUNTIME" --time_based \
+      --output-format=json --randrepeat=0 >"$T/fio.json"
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["write"]; c=j["clat_ns"]; print(sys.argv[2], sys.argv[3], "%.0f" % j["iops"], "%.0f" % (c["percentile"]["50.000000"] / 1000), "%.0f" % (c["percentile"]["99.000000"] / 1000), "%.0f" % (c["mean"] / 1000))' \
+      "$T/fio.json" "$label" "$w" | tee -a "$T/results"
+  done
+  stop_stack
+}
+
+for r in $(seq "$ROUNDS"); do
+  echo "bench-ab: round $r of $ROUNDS" >&2
+  for v in "$@"; do
+    spec=${v%@*}; label=$v; [ "$spec" != "$v" ] && label=${v#*@} || label=$spec
+    kind=${spec%%:*}; envs=()
+    if [ "$kind" != "$spec" ]; then IFS=, read -r -a envs <<<"${spec#*:}"; fi
+    run "$label" "$kind" ${envs[@]+"${envs[@]}"}
+  done
+done
+python3 - "$T/results" <<'PY'
+import sys, statistics, collections
+res = collections.defaultdict(list)
+order = []
+for line in open(sys.argv[1]):
+    label, w, iops, p50 = line.split()[:4]
+    if label not in order: order.append(label)
+    res[(label, w)].append((float(iops), float(p50)))
+ws = []
+for (l, w) in res:
+    if w not in ws: ws.append(w)
+print("\n%-28s %-6s %9s %8s %7s %7s   %s" % ("variant", "load", "IOPS", "p50 us", "IOPS×", "p50×", "IOPS per round"))
+for w in ws:
+    base = res.get(("nbdkit", w))
+    bi = statistics.median(x[0] for x in base) if base else None
+    bp = statistics.median(x[1] for x in base) if base else None
+    for l in order:
+        xs = res.get((l, w))
+        if not xs: continue
+        i = statistics.median(x[0] for x in xs); p = statistics.median(x[1] for x in xs)
+        print("%-28s %-6s %9.0f %8.0f %7s %7s   %s" % (l, w, i, p,
+              "%.2f" % (i / bi) if bi else "-", "%.2f" % (bp / p) if bp else "-",
+              " ".join("%.0f" % x[0] for x in xs)))
+PY
