@@ -9,7 +9,9 @@
 #        tmpfs by default so its fdatasyncs do not load the disk), WORKERS (agent --worker-threads),
 #        PERF=1 (also `perf record -a -g` 5 s into $PERF_OUT, default /tmp/cpu-per-write.perf),
 #        SYSCALLS=1 (also count the server's (and backup's) syscalls per write with `perf stat`;
-#        the tracepoints slow everything: CPU figures of such a run are not comparable)
+#        the tracepoints slow everything: CPU figures of such a run are not comparable),
+#        SCHED=1 with PERF=1 (`perf sched record` 3 s instead: `perf sched latency -i $PERF_OUT`),
+#        KEEPLOG=FILE (keep the server's log there)
 set -euo pipefail
 what=${1:-agent}
 case "$what" in agent|engine|nbdkit) ;; *) echo "usage: $0 [agent|engine|nbdkit]" >&2; exit 2;; esac
