@@ -2,22 +2,24 @@
 # Same-run, interleaved A/B of block-path servers through `nbdfuse -C 1` + loop (--direct-io=on):
 # every round runs every variant once on every workload (fio 4 KiB randwrite QD1, randwrite QD32,
 # seq write QD1 O_DSYNC), then prints the median IOPS and p50 of each variant and its ratio to
-# nbdkit's median. Use it to decide a change on this noisy shared machine; scripts/bench-nbd.sh
+# nbdkit's median (and the median of same-round ratios). Use it to decide a change on this noisy shared machine; scripts/bench-nbd.sh
 # stays the documented figure.
 #
 # Usage: scripts/bench-ab.sh VARIANT...        (root; env ROUNDS=3 RUNTIME=6 WORKLOADS="qd1 qd32 dsync")
 #   VARIANT: nbdkit | engine | agent-async | agent-pipelined | agent-sync, optionally followed by
 #            ":NAME=VALUE,NAME=VALUE" environment for the server (and its backup), and "@LABEL".
-#            BIN=DIR in that list is not passed on: the variant runs `pipecloud` from DIR instead
+#            BIN=DIR in that list is not passed on: the variant runs `pipecloud` and `backup-server` from DIR
 #            (A/B against another build: `git worktree add` + `CARGO_TARGET_DIR=... cargo build`).
-#   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x
+#            POLICY=LINES adds `[policy]` lines (";"-separated) to the agent's topology.
+#   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x \
+#           "agent-async:POLICY=replication_coalesce_us = 5000@hold5ms"
 # The agent variants run `pipecloud agent --no-network` with a real `backup-server` on loopback
 # (journal in $BACKUP_DIR, default the temp dir on the same disk as the images).
 set -euo pipefail
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-6}
 WORKLOADS=${WORKLOADS:-qd1 qd32 dsync}
-[ $# -gt 0 ] || { sed -n 2,14p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,17p "$0" >&2; exit 2; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib/bench-agent.sh
 . "$repo/scripts/lib/bench-agent.sh"
@@ -61,11 +63,13 @@ start() {
       pids+=($!); sock="$T/s.sock" ;;
     agent-async|agent-pipelined|agent-sync)
       local port; port=$(free_port)
-      "$R/backup-server" certs --dir "$B" --server-name localhost --group bench \
+      "$bin/backup-server" certs --dir "$B" --server-name localhost --group bench \
         --listen "127.0.0.1:$port" >/dev/null
-      env "$@" "$R/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
+      env "$@" "$bin/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
       pids+=($!)
-      bench_topology "$T/t.toml" "$T" "$B" "$port" "${kind#agent-}" 512M
+      local e pol=""
+      for e in "$@"; do case "$e" in POLICY=*) pol=${e#POLICY=} ;; esac; done
+      POLICY="$pol" bench_topology "$T/t.toml" "$T" "$B" "$port" "${kind#agent-}" 512M
       env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network \
         </dev/null >"$T/srv.log" 2>&1 &
       pids+=($!); sock="$T/nbd/disk0.sock" ;;
@@ -112,8 +116,12 @@ for r in $(seq "$ROUNDS"); do
 done
 python3 - "$T/results" <<'PY'
 import sys, statistics, collections
+# Each variant's IOPS and p50 are also divided by nbdkit's of the same round: the host's steal
+# comes and goes in bursts of seconds to minutes, so a same-round ratio is steadier than a
+# ratio of medians. "rIOPS×"/"rp50×" are the medians of those per-round ratios.
 res = collections.defaultdict(list)
 order = []
+rnd = collections.Counter()
 for line in open(sys.argv[1]):
     label, w, iops, p50 = line.split()[:4]
     if label not in order: order.append(label)
@@ -121,7 +129,7 @@ for line in open(sys.argv[1]):
 ws = []
 for (l, w) in res:
     if w not in ws: ws.append(w)
-print("\n%-28s %-6s %9s %8s %7s %7s   %s" % ("variant", "load", "IOPS", "p50 us", "IOPS×", "p50×", "IOPS per round"))
+print("\n%-22s %-6s %8s %7s %6s %6s %7s %7s   %s" % ("variant", "load", "IOPS", "p50 us", "IOPS×", "p50×", "rIOPS×", "rp50×", "IOPS per round"))
 for w in ws:
     base = res.get(("nbdkit", w))
     bi = statistics.median(x[0] for x in base) if base else None
@@ -130,7 +138,11 @@ for w in ws:
         xs = res.get((l, w))
         if not xs: continue
         i = statistics.median(x[0] for x in xs); p = statistics.median(x[1] for x in xs)
-        print("%-28s %-6s %9.0f %8.0f %7s %7s   %s" % (l, w, i, p,
-              "%.2f" % (i / bi) if bi else "-", "%.2f" % (bp / p) if bp else "-",
+        ri = rp = "-"
+        if base and len(base) == len(xs):
+            ri = "%.2f" % statistics.median(x[0] / b[0] for x, b in zip(xs, base))
+            rp = "%.2f" % statistics.median(b[1] / x[1] for x, b in zip(xs, base))
+        print("%-22s %-6s %8.0f %7.0f %6s %6s %7s %7s   %s" % (l, w, i, p,
+              "%.2f" % (i / bi) if bi else "-", "%.2f" % (bp / p) if bp else "-", ri, rp,
               " ".join("%.0f" % x[0] for x in xs)))
 PY

@@ -118,6 +118,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         coalesce: crate::replication::Coalesce {
             delay: std::time::Duration::from_micros(topo.policy.replication_coalesce_us),
             bytes: crate::replication::DEFAULT_COALESCE.bytes,
+            async_delay: std::time::Duration::from_micros(topo.policy.replication_async_batch_us),
         },
         backup_loss: match topo.policy.on_backup_loss {
             topology::BackupLossPolicy::Stall => BackupLossPolicy::Stall,
@@ -125,6 +126,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 BackupLossPolicy::DegradeToAsync { after }
             }
         },
+        mode: mode.clone(),
         ..ReplicationConfig::default()
     };
     let client = Arc::new(

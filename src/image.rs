@@ -15,7 +15,8 @@
 //! small write inline regardless of queue depth measured worse (8.9-10.1k / 18.4-23.4k). The
 //! environment variable `PIPECLOUD_INLINE_WRITES=never|always` overrides the policy for such
 //! measurements (default: only when nothing else is in flight). When the caller's read/write is the only operation in
-//! flight (queue depth 1), the caller waits for it inline for up to 100 us instead of
+//! flight (queue depth 1), the caller waits for it inline (up to 100 us; a lone fsync up to
+//! 500 us) instead of
 //! returning to the runtime: ext4 punts buffered writes to io-wq, and this saves the two
 //! wake-ups (reaper, then task) that would otherwise follow. Measured with fio's nbd
 //! engine, 4 KiB randwrite QD1, on the 2-core test machine: p50 ~50 us with a dedicated
@@ -588,7 +589,12 @@ mod uring {
             // The slot permit travels with the op; it is returned when the op completes.
             permit.forget();
             let (reply, done) = oneshot::channel();
-            let wait_inline = matches!(kind, OpKind::Read { .. } | OpKind::Write { .. });
+            // How long the caller may wait for its own op on this thread (see below).
+            let inline_wait = match kind {
+                OpKind::Read { .. } | OpKind::Write { .. } => Some(INLINE_WAIT),
+                OpKind::Fsync => Some(FSYNC_INLINE_WAIT),
+                OpKind::Fallocate { .. } => None,
+            };
             let alone = {
                 let mut st = self.shared.lock();
                 let Some(idx) = st.free.pop() else {
@@ -608,9 +614,14 @@ mod uring {
             // Low queue depth: the only op in flight is ours, and a read or write that was
             // punted to io-wq (ext4 buffered writes always are) finishes in tens of us.
             // Waiting for it here, on this thread, saves two thread wake-ups (reaper, then
-            // this task). Bounded by INLINE_WAIT; never used for fsync/fallocate.
-            if alone && wait_inline && done.is_empty() {
-                let _ = wait_for_completion(self.shared.ring_fd, Some(INLINE_WAIT));
+            // this task). The same holds for a lone FLUSH (fdatasync), the whole cost of a
+            // sync-heavy guest (O_DSYNC, database commits): nbdkit's `file` plugin calls it
+            // on its request thread. Bounded by INLINE_WAIT / FSYNC_INLINE_WAIT, so other
+            // disks and the replication session on this runtime thread wait at most that
+            // long; past it, the reaper hands the completion over as usual. Never used
+            // for fallocate.
+            if let (true, Some(wait), true) = (alone, inline_wait, done.is_empty()) {
+                let _ = wait_for_completion(self.shared.ring_fd, Some(wait));
                 self.shared.lock().submit_and_reap();
             }
             done.await.map_err(|_| stopped())?
@@ -768,6 +779,11 @@ mod uring {
 
     /// Longest a submitter waits inline for its own read/write (see `Ring::submit`).
     const INLINE_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
+    /// Longest a submitter waits inline for its own lone fsync (see `Ring::submit`). A
+    /// 4 KiB write + fdatasync takes 0.1-0.5 ms on the test machine's virtual disk;
+    /// same-run A/B through `nbdfuse -C 1` + loop, fio O_DSYNC QD1: 1.00x `nbdkit file`
+    /// with this wait vs 0.85x with the reaper's two wake-ups (docs/machine.md).
+    const FSYNC_INLINE_WAIT: std::time::Duration = std::time::Duration::from_micros(500);
 
     /// Sleeps until at least one completion is available (does not consume it), or until
     /// `timeout` passed.

@@ -82,10 +82,14 @@ pub struct DiskSpec {
 }
 
 /// Default coalescing: a write waits at most 200 µs for the acks of earlier
-/// writes (or until 256 KiB wait), then goes anyway.
+/// writes (or until 256 KiB wait), then goes anyway; in async mode writes go in
+/// batches at most 1 ms old.
 pub const DEFAULT_COALESCE: Coalesce = Coalesce {
     delay: Duration::from_micros(pipecloud_core::topology::DEFAULT_REPLICATION_COALESCE_US),
     bytes: 256 << 10,
+    async_delay: Duration::from_micros(
+        pipecloud_core::topology::DEFAULT_REPLICATION_ASYNC_BATCH_US,
+    ),
 };
 
 /// Configuration of one replication client.
@@ -124,12 +128,14 @@ pub struct ReplicationConfig {
     pub reconnect_max: Duration,
     /// How the sender coalesces writes into socket writes (see [`Coalesce`]).
     pub coalesce: Coalesce,
+    /// The group's mode switch: the sender batches by age while it says `async`.
+    pub mode: ModeSwitch,
 }
 
 impl Default for ReplicationConfig {
     /// Empty names and paths (fill them in), 64 MiB in flight, stall policy,
     /// 1 s heartbeats, 5 s heartbeat timeout, 5 s connect timeout, 100 ms..2 s backoff,
-    /// [`DEFAULT_COALESCE`].
+    /// [`DEFAULT_COALESCE`], a mode switch of its own set to the default mode.
     fn default() -> Self {
         ReplicationConfig {
             endpoint: String::new(),
@@ -152,6 +158,7 @@ impl Default for ReplicationConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(2),
             coalesce: DEFAULT_COALESCE,
+            mode: ModeSwitch::default(),
         }
     }
 }
@@ -393,6 +400,8 @@ pub(crate) struct Shared {
     room: Arc<Semaphore>,
     max_permits: u64,
     wake_sender: Notify,
+    /// Set by [`ReplicationClient::send_now`]: the sender sends what is unsent at once.
+    send_now: std::sync::atomic::AtomicBool,
     ready: watch::Sender<bool>,
     degraded: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
@@ -520,6 +529,7 @@ impl ReplicationClient {
             server_name,
             state: Mutex::new(state),
             wake_sender: Notify::new(),
+            send_now: std::sync::atomic::AtomicBool::new(false),
             ready,
             degraded: degraded_rx,
             shutdown,
@@ -673,6 +683,16 @@ impl ReplicationClient {
             seq,
             vector,
         })
+    }
+
+    /// Asks the sender to send every buffered unsent write at once, whatever the
+    /// coalescing rule (a guest FLUSH: a consistency point of the application,
+    /// whose writes should reach the backup without waiting for a batch).
+    pub fn send_now(&self) {
+        self.shared
+            .send_now
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.wake_sender.notify_one();
     }
 
     /// A waiter for seq `seq` of `writer`.

@@ -302,6 +302,7 @@ fn agent(
 ) -> Agent {
     init_tracing();
     let causal = Arc::new(CausalState::new(1));
+    let mode = ModeSwitch::new(mode);
     let config = ReplicationConfig {
         endpoint: format!("127.0.0.1:{}", backup.port),
         server_name: "localhost".into(),
@@ -324,11 +325,11 @@ fn agent(
         reconnect_min: Duration::from_millis(50),
         reconnect_max: Duration::from_millis(500),
         coalesce: pipecloud::replication::DEFAULT_COALESCE,
+        mode: mode.clone(),
     };
     let client = Arc::new(ReplicationClient::start(config, Arc::clone(&causal)).expect("client"));
     let image = scratch.0.join("local.img");
     let local = LocalImage::open(&image, DISK_SIZE).expect("local image");
-    let mode = ModeSwitch::new(mode);
     let disk = Arc::new(
         ReplicatedDisk::new(local, Arc::clone(&client), DISK, mode.clone())
             .expect("replicated disk"),

@@ -39,6 +39,8 @@
 //! netqueue_max_bytes = "256MiB"            # held client-bound bytes
 //! replication_coalesce_us = 200            # 0..=10000: longest a write waits for earlier writes'
 //!                                          # acks before it is sent anyway (0: send at once)
+//! replication_async_batch_us = 1000        # 0..=10000, async mode only: writes are sent in
+//!                                          # batches at most this old (0: send at once)
 //!
 //! [[host]]
 //! name = "dom0-a"
@@ -130,6 +132,10 @@ pub const MAX_DISK_SIZE: u64 = i64::MAX as u64 / SECTOR_SIZE * SECTOR_SIZE;
 pub const DEFAULT_REPLICATION_COALESCE_US: u64 = 200;
 /// Largest `policy.replication_coalesce_us` (10 ms).
 pub const MAX_REPLICATION_COALESCE_US: u64 = 10_000;
+/// Default `policy.replication_async_batch_us`.
+pub const DEFAULT_REPLICATION_ASYNC_BATCH_US: u64 = 1_000;
+/// Largest `policy.replication_async_batch_us` (10 ms).
+pub const MAX_REPLICATION_ASYNC_BATCH_US: u64 = 10_000;
 /// Default `policy.max_inflight_bytes` (64 MiB).
 pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 /// Default `policy.netqueue_max_packets`.
@@ -330,6 +336,12 @@ pub struct Policy {
     /// goes as soon as the sender runs). A write with nothing unacked before it
     /// always goes at once.
     pub replication_coalesce_us: u64,
+    /// In `async` mode (nothing waits for the backup) writes are sent in
+    /// batches by age instead: a write waits until the oldest unsent one is this
+    /// old (or a batch's worth of bytes waits), whatever the acks do (µs,
+    /// `0..=MAX_REPLICATION_ASYNC_BATCH_US`; 0: every write goes as soon as the
+    /// sender runs). Adds at most this much to the async lag (RPO).
+    pub replication_async_batch_us: u64,
 }
 
 impl Default for Policy {
@@ -340,6 +352,7 @@ impl Default for Policy {
             netqueue_max_packets: DEFAULT_NETQUEUE_MAX_PACKETS,
             netqueue_max_bytes: DEFAULT_NETQUEUE_MAX_BYTES,
             replication_coalesce_us: DEFAULT_REPLICATION_COALESCE_US,
+            replication_async_batch_us: DEFAULT_REPLICATION_ASYNC_BATCH_US,
         }
     }
 }
@@ -555,12 +568,13 @@ impl Topology {
         let p = &self.policy;
         let _ = writeln!(
             s,
-            "policy    on backup loss: {}; max in-flight {}; netqueue at most {} packets / {}; coalesce writes {} us",
+            "policy    on backup loss: {}; max in-flight {}; netqueue at most {} packets / {}; coalesce writes {} us (async: batches of {} us)",
             p.on_backup_loss,
             format_size(p.max_inflight_bytes),
             p.netqueue_max_packets,
             format_size(p.netqueue_max_bytes),
-            p.replication_coalesce_us
+            p.replication_coalesce_us,
+            p.replication_async_batch_us
         );
         let writers = self.writers().len();
         let _ = writeln!(
@@ -1311,6 +1325,7 @@ const POLICY_KEYS: &[&str] = &[
     "netqueue_max_packets",
     "netqueue_max_bytes",
     "replication_coalesce_us",
+    "replication_async_batch_us",
 ];
 const HOST_KEYS: &[&str] = &[
     "name",
@@ -1492,6 +1507,12 @@ fn parse_policy(cx: &mut Cx<'_>, node: Option<&Spanned<Node>>) -> Option<Policy>
         "microseconds, an integer in 0..=10000",
         |n| conv_int_range(n, 0, MAX_REPLICATION_COALESCE_US as i64),
     );
+    let async_batch = t.optional(
+        cx,
+        "replication_async_batch_us",
+        "microseconds, an integer in 0..=10000",
+        |n| conv_int_range(n, 0, MAX_REPLICATION_ASYNC_BATCH_US as i64),
+    );
     t.finish(cx);
 
     let on_backup_loss = match (loss.as_ref().map(|l| l.value), &after) {
@@ -1524,6 +1545,8 @@ fn parse_policy(cx: &mut Cx<'_>, node: Option<&Spanned<Node>>) -> Option<Policy>
         netqueue_max_packets: packets.map_or(DEFAULT_NETQUEUE_MAX_PACKETS, |v| v.value),
         netqueue_max_bytes: nq_bytes.map_or(DEFAULT_NETQUEUE_MAX_BYTES, |v| v.value),
         replication_coalesce_us: coalesce.map_or(DEFAULT_REPLICATION_COALESCE_US, |v| v.value),
+        replication_async_batch_us: async_batch
+            .map_or(DEFAULT_REPLICATION_ASYNC_BATCH_US, |v| v.value),
     })
 }
 
@@ -2506,7 +2529,7 @@ size = "1GiB"
         let with =
             |policy: &str| GOOD.replacen("[[host]]", &format!("[policy]\n{policy}\n\n[[host]]"), 1);
         let t = Topology::parse(
-            &with("on_backup_loss = \"degrade-to-async\"\ndegrade_after_s = 30\nmax_inflight_bytes = \"8MiB\"\nnetqueue_max_packets = 1000\nnetqueue_max_bytes = 1048576\nreplication_coalesce_us = 0"),
+            &with("on_backup_loss = \"degrade-to-async\"\ndegrade_after_s = 30\nmax_inflight_bytes = \"8MiB\"\nnetqueue_max_packets = 1000\nnetqueue_max_bytes = 1048576\nreplication_coalesce_us = 0\nreplication_async_batch_us = 250"),
             "t",
         )
         .expect("valid");
@@ -2520,6 +2543,7 @@ size = "1GiB"
                 netqueue_max_packets: 1000,
                 netqueue_max_bytes: 1 << 20,
                 replication_coalesce_us: 0,
+                replication_async_batch_us: 250,
             }
         );
         assert!(t.summary().contains("degrade-to-async after 30 s"));
@@ -2559,12 +2583,20 @@ size = "1GiB"
             "policy.replication_coalesce_us",
             "0..=10000",
         );
+        assert_error(
+            &errors_of(&with("replication_async_batch_us = 10001")),
+            15,
+            "policy.replication_async_batch_us",
+            "0..=10000",
+        );
+        let defaults = Topology::parse(&with(""), "t").expect("valid").policy;
         assert_eq!(
-            Topology::parse(&with(""), "t")
-                .expect("valid")
-                .policy
-                .replication_coalesce_us,
+            defaults.replication_coalesce_us,
             DEFAULT_REPLICATION_COALESCE_US
+        );
+        assert_eq!(
+            defaults.replication_async_batch_us,
+            DEFAULT_REPLICATION_ASYNC_BATCH_US
         );
     }
 

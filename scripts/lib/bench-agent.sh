@@ -8,6 +8,7 @@ free_port() {
 # bench_topology FILE WORKDIR CERTDIR PORT MODE SIZE: the one-disk topology of the benchmarks
 # (host "h", machine "m", disk "disk0" with its image in WORKDIR, backup on 127.0.0.1:PORT using
 # the certificates `backup-server certs --group bench` wrote into CERTDIR).
+# Env POLICY: extra `[policy]` lines, ";"-separated (e.g. POLICY="replication_coalesce_us = 2000").
 bench_topology() {
   local file=$1 work=$2 certs=$3 port=$4 mode=$5 size=$6
   cat >"$file" <<TOML
@@ -21,6 +22,8 @@ server_name = "localhost"
 ca = "$certs/ca.pem"
 cert = "$certs/bench-agent.pem"
 key = "$certs/bench-agent.key"
+[policy]
+$(printf '%s\n' "${POLICY:-}" | tr ';' '\n')
 [[host]]
 name = "h"
 nbd_dir = "$work/nbd"

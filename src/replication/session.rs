@@ -4,6 +4,7 @@
 //! again. Every unacked write is re-sent on the next connection.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use pipecloud_core::{Seq, WriterId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::state::SendDecision;
+use super::state::{SendDecision, SendRule};
 use super::Shared;
 
 /// Most bytes of write frames gathered into one socket write.
@@ -323,6 +324,9 @@ async fn send<W: AsyncWrite + Unpin>(
     let mut last_heartbeat: Option<Instant> = None;
     let mut nonce: u64 = 0;
     let mut out = Vec::new();
+    // The batching rule follows the mode: by age in async, ack-clocked otherwise.
+    let mut mode = shared.config.mode.subscribe();
+    let mut mode_alive = true;
     loop {
         out.clear();
         let now = Instant::now();
@@ -335,7 +339,14 @@ async fn send<W: AsyncWrite + Unpin>(
         let (answer, batch, due) = {
             let mut st = shared.lock();
             let answer = st.take_heartbeat_answer();
-            match st.send_decision(&next, shared.config.coalesce, now) {
+            let rule = if shared.send_now.swap(false, Ordering::AcqRel) {
+                SendRule::AtOnce
+            } else if *mode.borrow_and_update() == super::Mode::Async {
+                SendRule::ByAge
+            } else {
+                SendRule::AckClocked
+            };
+            match st.send_decision(&next, shared.config.coalesce, rule, now) {
                 SendDecision::Now => (answer, st.unsent(&mut next, MAX_BATCH_BYTES), None),
                 SendDecision::At(due) => (answer, Vec::new(), Some(due)),
                 SendDecision::Nothing => (answer, Vec::new(), None),
@@ -355,10 +366,12 @@ async fn send<W: AsyncWrite + Unpin>(
         }
         let heartbeat_due = last_heartbeat.map_or(now, |t| t + interval);
         let wake_at = due.map_or(heartbeat_due, |d| d.min(heartbeat_due));
-        // Woken by a new write, an ack (coalesced writes may go) or a heartbeat to answer.
+        // Woken by a new write, an ack (coalesced writes may go), a heartbeat to
+        // answer or a mode switch (a batch waiting by age may go at once in sync).
         tokio::select! {
             _ = shared.wake_sender.notified() => {}
             _ = tokio::time::sleep_until(wake_at.into()) => {}
+            r = mode.changed(), if mode_alive => mode_alive = r.is_ok(),
         }
     }
 }

@@ -103,12 +103,32 @@ impl DiskSlot {
 /// With nothing unacked a write goes at once, so a lone write (a sync writer at
 /// queue depth 1) never waits; under load the backup's acks clock the batches.
 /// `delay` zero sends every write as soon as the sender runs.
+///
+/// In `async` mode no completion waits for an ack, so the latency of a send does
+/// not matter, only its cost: writes then go in batches by age (`async_delay`,
+/// or `bytes`), whatever the acks do. That takes the per-write send (TLS record,
+/// loopback/NIC work, a wake-up of the backup) off the guest's path: same-run
+/// A/B through `nbdfuse -C 1` + loop, fio 4 KiB randwrite QD1, 1.07x `nbdkit
+/// file` with 1 ms batches vs 0.80x with the ack-clocked rule (docs/machine.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Coalesce {
     /// Longest a write waits for earlier writes' acks before it is sent anyway.
     pub delay: Duration,
     /// Unsent bytes (write cost) that make the sender go at once.
     pub bytes: u64,
+    /// In async mode: longest a write waits for a batch (zero: at once).
+    pub async_delay: Duration,
+}
+
+/// Which coalescing rule [`State::send_decision`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendRule {
+    /// Nagle's rule with a deadline (`Coalesce::delay`): sync and pipelined.
+    AckClocked,
+    /// Batches by age (`Coalesce::async_delay`): async.
+    ByAge,
+    /// Whatever is unsent goes now: a guest FLUSH asked for it (any mode).
+    AtOnce,
 }
 
 /// What [`State::send_decision`] says.
@@ -514,11 +534,12 @@ impl State {
 
     /// Whether the sender should write the unsent frames (from `next` on per
     /// writer) now, later, or has nothing to send: the coalescing rule of
-    /// [`Coalesce`] (Nagle's rule with a deadline). Pure: `now` is passed in.
+    /// [`Coalesce`] under `rule`. Pure: `now` is passed in.
     pub fn send_decision(
         &self,
         next: &BTreeMap<WriterId, Seq>,
         coalesce: Coalesce,
+        rule: SendRule,
         now: Instant,
     ) -> SendDecision {
         let mut outstanding = false;
@@ -540,8 +561,13 @@ impl State {
         let Some(oldest) = oldest else {
             return SendDecision::Nothing;
         };
-        let due = oldest.checked_add(coalesce.delay).unwrap_or(oldest);
-        if !outstanding || due <= now {
+        let (delay, ack_clocked) = match rule {
+            SendRule::AckClocked => (coalesce.delay, true),
+            SendRule::ByAge => (coalesce.async_delay, false),
+            SendRule::AtOnce => return SendDecision::Now,
+        };
+        let due = oldest.checked_add(delay).unwrap_or(oldest);
+        if (ack_clocked && !outstanding) || due <= now {
             SendDecision::Now
         } else {
             SendDecision::At(due)
@@ -785,50 +811,149 @@ mod tests {
         let c = Coalesce {
             delay: us(200),
             bytes: 3 * (10 + WRITE_OVERHEAD),
+            async_delay: us(1000),
         };
         let (mut st, causal, _) = state(t0);
         let mut next = st
             .on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
             .unwrap();
-        assert_eq!(st.send_decision(&next, c, t0), SendDecision::Nothing);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0),
+            SendDecision::Nothing
+        );
         // Nothing unacked: a lone write goes at once.
         st.issue(&causal, 0, 0, data(10), None, t0);
-        assert_eq!(st.send_decision(&next, c, t0), SendDecision::Now);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0),
+            SendDecision::Now
+        );
         assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![1]);
-        assert_eq!(st.send_decision(&next, c, t0), SendDecision::Nothing);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0),
+            SendDecision::Nothing
+        );
         // Seq 1 unacked: later writes wait until the oldest waited `delay`...
         st.issue(&causal, 0, 0, data(10), None, t0 + us(10));
         st.issue(&causal, 1, 0, data(10), None, t0 + us(50));
         assert_eq!(
-            st.send_decision(&next, c, t0 + us(60)),
+            st.send_decision(&next, c, SendRule::AckClocked, t0 + us(60)),
             SendDecision::At(t0 + us(210))
         );
-        assert_eq!(st.send_decision(&next, c, t0 + us(210)), SendDecision::Now);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0 + us(210)),
+            SendDecision::Now
+        );
         // ... or the ack of what was sent arrives ...
         st.on_ack(&ack(1, 1), &causal, t0 + us(70)).unwrap();
-        assert_eq!(st.send_decision(&next, c, t0 + us(70)), SendDecision::Now);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0 + us(70)),
+            SendDecision::Now
+        );
         assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![2, 3]);
         // ... or `bytes` of them wait.
         st.issue(&causal, 0, 0, data(10), None, t0 + us(80));
         st.issue(&causal, 0, 0, data(10), None, t0 + us(80));
         assert_eq!(
-            st.send_decision(&next, c, t0 + us(80)),
+            st.send_decision(&next, c, SendRule::AckClocked, t0 + us(80)),
             SendDecision::At(t0 + us(280))
         );
         st.issue(&causal, 0, 0, data(10), None, t0 + us(80));
-        assert_eq!(st.send_decision(&next, c, t0 + us(80)), SendDecision::Now);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0 + us(80)),
+            SendDecision::Now
+        );
         // A zero delay sends whatever is unsent.
         let eager = Coalesce {
             delay: Duration::ZERO,
             bytes: u64::MAX,
+            async_delay: Duration::ZERO,
         };
         assert_eq!(
-            st.send_decision(&next, eager, t0 + us(80)),
+            st.send_decision(&next, eager, SendRule::AckClocked, t0 + us(80)),
             SendDecision::Now
         );
         assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![4, 5, 6]);
         assert_eq!(
-            st.send_decision(&next, eager, t0 + us(80)),
+            st.send_decision(&next, eager, SendRule::AckClocked, t0 + us(80)),
+            SendDecision::Nothing
+        );
+    }
+
+    #[test]
+    fn async_batches_by_age_whatever_the_acks() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let c = Coalesce {
+            delay: us(200),
+            bytes: 3 * (10 + WRITE_OVERHEAD),
+            async_delay: us(1000),
+        };
+        let (mut st, causal, _) = state(t0);
+        let mut next = st
+            .on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
+            .unwrap();
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0),
+            SendDecision::Nothing
+        );
+        // Even a lone write (nothing unacked) waits for its batch...
+        st.issue(&causal, 0, 0, data(10), None, t0);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0 + us(10)),
+            SendDecision::At(t0 + us(1000))
+        );
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(500));
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0 + us(999)),
+            SendDecision::At(t0 + us(1000))
+        );
+        // ... until the oldest is `async_delay` old: then the whole batch goes.
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0 + us(1000)),
+            SendDecision::Now
+        );
+        assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![1, 2]);
+        // An ack does not release the next batch early (the ack-clocked rule would).
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(1100));
+        st.on_ack(&ack(1, 2), &causal, t0 + us(1200)).unwrap();
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0 + us(1200)),
+            SendDecision::Now
+        );
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0 + us(1200)),
+            SendDecision::At(t0 + us(2100))
+        );
+        // A batch's worth of bytes goes at once.
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(1300));
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(1300));
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0 + us(1300)),
+            SendDecision::Now
+        );
+        assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![3, 4, 5]);
+        // A zero batch age sends at once.
+        st.issue(&causal, 0, 0, data(10), None, t0 + us(1400));
+        let eager = Coalesce {
+            async_delay: Duration::ZERO,
+            ..c
+        };
+        assert_eq!(
+            st.send_decision(&next, eager, SendRule::ByAge, t0 + us(1400)),
+            SendDecision::Now
+        );
+        // A flush sends at once under any rule.
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0 + us(1400)),
+            SendDecision::At(t0 + us(2400))
+        );
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AtOnce, t0 + us(1400)),
+            SendDecision::Now
+        );
+        assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![6]);
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AtOnce, t0 + us(1400)),
             SendDecision::Nothing
         );
     }
