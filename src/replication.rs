@@ -669,15 +669,22 @@ impl ReplicationClient {
                 }
             }
         };
-        let (writer, seq, vector) = self.shared.lock().issue(
-            &self.shared.causal,
-            disk.index,
-            offset,
-            kind,
-            Some(permit),
-            Instant::now(),
-        );
-        self.shared.wake_sender.notify_one();
+        let full_cost = write_cost(&kind);
+        let ((writer, seq, vector), wake) = {
+            let mut st = self.shared.lock();
+            let issued = st.issue(
+                &self.shared.causal,
+                disk.index,
+                offset,
+                kind,
+                Some(permit),
+                Instant::now(),
+            );
+            (issued, st.wake_sender_for(full_cost))
+        };
+        if wake {
+            self.shared.wake_sender.notify_one();
+        }
         Ok(Submitted {
             writer,
             seq,

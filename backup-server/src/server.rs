@@ -604,25 +604,23 @@ async fn outbound(
             f = rx.recv() => {
                 let Some(f) = f else { break };
                 close |= push_frame(&mut buf, &f);
-                while buf.len() < 256 * 1024 && !close {
-                    match rx.try_recv() {
-                        Ok(f) => close |= push_frame(&mut buf, &f),
-                        Err(_) => break,
-                    }
-                }
             }
             r = sig.changed() => {
                 if r.is_err() { break; }
-                let s = sig.borrow_and_update().clone();
-                if s.fenced || s.failed {
-                    push_frame(&mut buf, &Frame::Reject { reason: "group fenced (failover) or journal failed; closing".into() });
-                    close = true;
-                } else if s.committed != last_committed {
-                    last_committed = s.committed;
-                    push_frame(&mut buf, &Frame::Committed { vector: s.committed });
-                }
+                close |= push_signal(&mut buf, &mut sig, &mut last_committed);
             }
             _ = kill.wait_for(|k| *k) => break,
+        }
+        // Whatever else is ready goes in the same socket write: the journal thread
+        // publishes the committed vector and queues the acks of one batch together.
+        while buf.len() < 256 * 1024 && !close {
+            match rx.try_recv() {
+                Ok(f) => close |= push_frame(&mut buf, &f),
+                Err(_) => break,
+            }
+        }
+        if !close && sig.has_changed().unwrap_or(false) {
+            close |= push_signal(&mut buf, &mut sig, &mut last_committed);
         }
         if !buf.is_empty() {
             let r = tokio::time::timeout(Duration::from_secs(30), async {
@@ -639,6 +637,36 @@ async fn outbound(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
+}
+
+/// Encodes what the group's signal says (a new committed vector, or a reject when
+/// it is fenced or failed) into `buf`; returns whether the connection closes.
+fn push_signal(
+    buf: &mut Vec<u8>,
+    sig: &mut watch::Receiver<crate::store::Signal>,
+    last_committed: &mut pipecloud_core::CountVector,
+) -> bool {
+    let s = sig.borrow_and_update().clone();
+    if s.fenced || s.failed {
+        push_frame(
+            buf,
+            &Frame::Reject {
+                reason: "group fenced (failover) or journal failed; closing".into(),
+            },
+        );
+        true
+    } else {
+        if s.committed != *last_committed {
+            *last_committed = s.committed;
+            push_frame(
+                buf,
+                &Frame::Committed {
+                    vector: s.committed,
+                },
+            );
+        }
+        false
+    }
 }
 
 /// Encodes `f` into `buf`; returns whether the connection closes after it (a reject).

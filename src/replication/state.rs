@@ -168,6 +168,12 @@ pub struct State {
     /// Nonce of the backup's latest heartbeat not yet answered (older ones are
     /// superseded: one answer proves liveness as well as several).
     heartbeat_to_answer: Option<u64>,
+    /// Set by [`send_decision`](Self::send_decision) when it answered
+    /// [`SendDecision::At`]: the sender sleeps until a deadline that covers every
+    /// newer write too, so a new write need not wake it unless it fills the byte
+    /// bound; the value is the room left before that bound. `None`: a new write
+    /// must wake the sender (it is idle, sending, or between sessions).
+    sender_armed: Option<u64>,
 }
 
 impl State {
@@ -204,6 +210,7 @@ impl State {
             last_error: None,
             heartbeats: VecDeque::new(),
             heartbeat_to_answer: None,
+            sender_armed: None,
         }
     }
 
@@ -428,6 +435,7 @@ impl State {
         self.last_error = None;
         self.heartbeats.clear();
         self.heartbeat_to_answer = None;
+        self.sender_armed = None;
         self.prune_and_publish(causal);
         let mut next = BTreeMap::new();
         for (w, wb) in self.writers.iter_mut() {
@@ -488,6 +496,7 @@ impl State {
     /// The session ended.
     pub fn disconnected(&mut self, reason: String) {
         self.connected = false;
+        self.sender_armed = None;
         self.last_error = Some(reason);
     }
 
@@ -534,14 +543,48 @@ impl State {
 
     /// Whether the sender should write the unsent frames (from `next` on per
     /// writer) now, later, or has nothing to send: the coalescing rule of
-    /// [`Coalesce`] under `rule`. Pure: `now` is passed in.
+    /// [`Coalesce`] under `rule`. Pure: `now` is passed in. Remembers an
+    /// [`SendDecision::At`] answer for [`wake_sender_for`](Self::wake_sender_for).
     pub fn send_decision(
-        &self,
+        &mut self,
         next: &BTreeMap<WriterId, Seq>,
         coalesce: Coalesce,
         rule: SendRule,
         now: Instant,
     ) -> SendDecision {
+        let (decision, bytes) = self.decide(next, coalesce, rule, now);
+        self.sender_armed = match decision {
+            SendDecision::At(_) => Some(coalesce.bytes.saturating_sub(bytes)),
+            SendDecision::Now | SendDecision::Nothing => None,
+        };
+        decision
+    }
+
+    /// A write of `cost` was just issued: whether it must wake the sender. Not
+    /// when the sender sleeps until a deadline set for older unsent writes (that
+    /// deadline, an ack or a mode switch wakes it anyway) and the byte bound is
+    /// not reached: under load this spares one wake-up of the sender per write.
+    pub fn wake_sender_for(&mut self, cost: u64) -> bool {
+        match &mut self.sender_armed {
+            Some(room) if *room > cost => {
+                *room -= cost;
+                false
+            }
+            _ => {
+                self.sender_armed = None;
+                true
+            }
+        }
+    }
+
+    /// [`send_decision`](Self::send_decision)'s rule; also returns the unsent bytes counted.
+    fn decide(
+        &self,
+        next: &BTreeMap<WriterId, Seq>,
+        coalesce: Coalesce,
+        rule: SendRule,
+        now: Instant,
+    ) -> (SendDecision, u64) {
         let mut outstanding = false;
         let mut oldest: Option<Instant> = None;
         let mut bytes = 0u64;
@@ -554,24 +597,25 @@ impl State {
                 oldest = Some(oldest.map_or(e.issued_at, |o| o.min(e.issued_at)));
                 bytes += e.cost;
                 if bytes >= coalesce.bytes {
-                    return SendDecision::Now;
+                    return (SendDecision::Now, bytes);
                 }
             }
         }
         let Some(oldest) = oldest else {
-            return SendDecision::Nothing;
+            return (SendDecision::Nothing, 0);
         };
         let (delay, ack_clocked) = match rule {
             SendRule::AckClocked => (coalesce.delay, true),
             SendRule::ByAge => (coalesce.async_delay, false),
-            SendRule::AtOnce => return SendDecision::Now,
+            SendRule::AtOnce => return (SendDecision::Now, bytes),
         };
         let due = oldest.checked_add(delay).unwrap_or(oldest);
-        if (ack_clocked && !outstanding) || due <= now {
+        let decision = if (ack_clocked && !outstanding) || due <= now {
             SendDecision::Now
         } else {
             SendDecision::At(due)
-        }
+        };
+        (decision, bytes)
     }
 
     /// Write frames not yet sent in this session, from `next` on per writer, up to
@@ -956,6 +1000,65 @@ mod tests {
             st.send_decision(&next, c, SendRule::AtOnce, t0 + us(1400)),
             SendDecision::Nothing
         );
+    }
+
+    #[test]
+    fn a_write_wakes_the_sender_only_when_no_deadline_covers_it() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let cost = 10 + WRITE_OVERHEAD;
+        let c = Coalesce {
+            delay: us(200),
+            bytes: 3 * cost,
+            async_delay: us(1000),
+        };
+        let (mut st, causal, _) = state(t0);
+        let mut next = st
+            .on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
+            .unwrap();
+        // An idle sender (nothing to send) is woken by the first write.
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0),
+            SendDecision::Nothing
+        );
+        st.issue(&causal, 0, 0, data(10), None, t0);
+        assert!(st.wake_sender_for(cost));
+        // It sleeps until the batch is due: younger writes are covered...
+        assert!(matches!(
+            st.send_decision(&next, c, SendRule::ByAge, t0),
+            SendDecision::At(_)
+        ));
+        st.issue(&causal, 0, 0, data(10), None, t0);
+        assert!(!st.wake_sender_for(cost));
+        // ... until they fill the byte bound, which the sender must see at once.
+        st.issue(&causal, 0, 0, data(10), None, t0);
+        assert!(st.wake_sender_for(cost));
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::ByAge, t0),
+            SendDecision::Now
+        );
+        assert_eq!(seqs(&st.unsent(&mut next, u64::MAX)), vec![1, 2, 3]);
+        // Ack-clocked: a write waiting for acks is covered too (an ack wakes the sender).
+        st.issue(&causal, 0, 0, data(10), None, t0);
+        assert!(st.wake_sender_for(cost));
+        assert!(matches!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0),
+            SendDecision::At(_)
+        ));
+        st.issue(&causal, 0, 0, data(10), None, t0);
+        assert!(!st.wake_sender_for(cost));
+        // A sender that decided to send, or a session that ended, is woken again.
+        assert_eq!(
+            st.send_decision(&next, c, SendRule::AtOnce, t0),
+            SendDecision::Now
+        );
+        assert!(st.wake_sender_for(cost));
+        assert!(matches!(
+            st.send_decision(&next, c, SendRule::AckClocked, t0),
+            SendDecision::At(_)
+        ));
+        st.disconnected("test".into());
+        assert!(st.wake_sender_for(cost));
     }
 
     #[test]
