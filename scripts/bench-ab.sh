@@ -10,7 +10,8 @@
 #            ":NAME=VALUE,NAME=VALUE" environment for the server (and its backup), and "@LABEL".
 #            BIN=DIR in that list is not passed on: the variant runs `pipecloud` and `backup-server` from DIR
 #            (A/B against another build: `git worktree add` + `CARGO_TARGET_DIR=... cargo build`).
-#            POLICY=LINES adds `[policy]` lines (";"-separated) to the agent's topology.
+#            POLICY=LINES adds `[policy]` lines (";"-separated) to the agent's topology;
+#            WORKERS=N runs the agent with `--worker-threads N` (default 1).
 #   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x \
 #           "agent-async:POLICY=replication_coalesce_us = 5000@hold5ms"
 # The agent variants run `pipecloud agent --no-network` with a real `backup-server` on loopback
@@ -67,10 +68,10 @@ start() {
         --listen "127.0.0.1:$port" >/dev/null
       env "$@" "$bin/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
       pids+=($!)
-      local e pol=""
-      for e in "$@"; do case "$e" in POLICY=*) pol=${e#POLICY=} ;; esac; done
+      local e pol="" wk=1
+      for e in "$@"; do case "$e" in POLICY=*) pol=${e#POLICY=} ;; WORKERS=*) wk=${e#WORKERS=} ;; esac; done
       POLICY="$pol" bench_topology "$T/t.toml" "$T" "$B" "$port" "${kind#agent-}" 512M
-      env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network \
+      env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network --worker-threads "$wk" \
         </dev/null >"$T/srv.log" 2>&1 &
       pids+=($!); sock="$T/nbd/disk0.sock" ;;
     *) echo "bench-ab: unknown variant kind $kind" >&2; exit 2 ;;
