@@ -848,19 +848,32 @@ mod tests {
         assert_eq!(seqs(&st.unsent(&mut next, 1)), vec![5]);
     }
 
-    #[test]
-    fn coalescing_waits_for_acks_bytes_or_the_deadline() {
+    /// A registered client with no write yet and the coalescing rule of the tests:
+    /// 200 us for acks, 1 ms batches in async, three 10-byte writes fill the bound.
+    fn coalescing() -> (
+        Instant,
+        Coalesce,
+        State,
+        CausalState,
+        BTreeMap<WriterId, Seq>,
+    ) {
         let t0 = Instant::now();
-        let us = Duration::from_micros;
         let c = Coalesce {
-            delay: us(200),
+            delay: Duration::from_micros(200),
             bytes: 3 * (10 + WRITE_OVERHEAD),
-            async_delay: us(1000),
+            async_delay: Duration::from_micros(1000),
         };
         let (mut st, causal, _) = state(t0);
-        let mut next = st
+        let next = st
             .on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
             .unwrap();
+        (t0, c, st, causal, next)
+    }
+
+    #[test]
+    fn coalescing_waits_for_acks_bytes_or_the_deadline() {
+        let (t0, c, mut st, causal, mut next) = coalescing();
+        let us = Duration::from_micros;
         assert_eq!(
             st.send_decision(&next, c, SendRule::AckClocked, t0),
             SendDecision::Nothing
@@ -925,17 +938,8 @@ mod tests {
 
     #[test]
     fn async_batches_by_age_whatever_the_acks() {
-        let t0 = Instant::now();
+        let (t0, c, mut st, causal, mut next) = coalescing();
         let us = Duration::from_micros;
-        let c = Coalesce {
-            delay: us(200),
-            bytes: 3 * (10 + WRITE_OVERHEAD),
-            async_delay: us(1000),
-        };
-        let (mut st, causal, _) = state(t0);
-        let mut next = st
-            .on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
-            .unwrap();
         assert_eq!(
             st.send_decision(&next, c, SendRule::ByAge, t0),
             SendDecision::Nothing
@@ -1004,18 +1008,8 @@ mod tests {
 
     #[test]
     fn a_write_wakes_the_sender_only_when_no_deadline_covers_it() {
-        let t0 = Instant::now();
-        let us = Duration::from_micros;
+        let (t0, c, mut st, causal, mut next) = coalescing();
         let cost = 10 + WRITE_OVERHEAD;
-        let c = Coalesce {
-            delay: us(200),
-            bytes: 3 * cost,
-            async_delay: us(1000),
-        };
-        let (mut st, causal, _) = state(t0);
-        let mut next = st
-            .on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
-            .unwrap();
         // An idle sender (nothing to send) is woken by the first write.
         assert_eq!(
             st.send_decision(&next, c, SendRule::ByAge, t0),
