@@ -24,8 +24,9 @@
 //! A lone FLUSH is an `fdatasync` on the calling thread (as `nbdkit file` does), skipping
 //! the ring's io-wq hop, while the last FLUSH took under 2 ms (a slow disk sends FLUSHes
 //! back through the ring, so the runtime thread is not held for a stalled disk's fsync).
-//! Same-run A/B, fio O_DSYNC QD1 through `nbdfuse -C 1` + loop: engine 1.13x `nbdkit file`
-//! with it vs 0.91x through the ring (`PIPECLOUD_DIRECT_FSYNC=never|always` overrides).
+//! Same-run A/B, fio O_DSYNC QD1 through `nbdfuse -C 1` + loop, 8 rounds: engine 0.92x
+//! `nbdkit file` with it vs 0.88x through the ring (`PIPECLOUD_DIRECT_FSYNC=never|always`
+//! overrides).
 //! If io_uring cannot be set up (kernel too old, `io_uring_disabled`, seccomp), the image
 //! logs a warning and uses tokio's blocking thread pool with `pread`/`pwrite`.
 //!
@@ -405,7 +406,7 @@ impl Engine {
                 }
                 let started = std::time::Instant::now();
                 let done = r.submit(uring::OpKind::Fsync, 0).await.map(drop);
-                r.note_fsync(started);
+                r.note_fsync(started.elapsed());
                 done
             }
             Engine::Pool(f) => {
@@ -623,15 +624,9 @@ mod uring {
             let permit = self.alone(forced)?;
             let started = std::time::Instant::now();
             let r = self.shared.file.sync_data();
-            self.note_fsync(started);
+            self.note_fsync(started.elapsed());
             drop(permit);
             Some(r)
-        }
-
-        #[cfg(test)]
-        pub(super) fn set_last_fsync(&self, d: std::time::Duration) {
-            let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-            self.shared.last_fsync_ns.store(ns, Ordering::Relaxed);
         }
 
         #[cfg(test)]
@@ -640,8 +635,8 @@ mod uring {
         }
 
         /// Records how long a FLUSH took (the direct-fsync guard).
-        pub(super) fn note_fsync(&self, started: std::time::Instant) {
-            let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        pub(super) fn note_fsync(&self, took: std::time::Duration) {
+            let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
             self.shared.last_fsync_ns.store(ns, Ordering::Relaxed);
         }
 
@@ -1040,7 +1035,7 @@ mod tests {
         rt.block_on(img.write(0, vec![1; 4096], false)).unwrap();
         assert!(matches!(ring.try_fsync_inline(), Some(Ok(()))));
         // After a slow FLUSH, FLUSHes go through the ring...
-        ring.set_last_fsync(uring::DIRECT_FSYNC_MAX);
+        ring.note_fsync(uring::DIRECT_FSYNC_MAX);
         assert!(ring.try_fsync_inline().is_none());
         // ... until one through the ring was fast again.
         let recovered = (0..50).any(|_| {
@@ -1052,7 +1047,7 @@ mod tests {
             "a fast FLUSH through the ring re-enables the direct path"
         );
         // Never while another operation is in flight on the image.
-        ring.set_last_fsync(std::time::Duration::ZERO);
+        ring.note_fsync(std::time::Duration::ZERO);
         let slot = ring.hold_slot();
         assert!(slot.is_some());
         assert!(ring.try_fsync_inline().is_none());

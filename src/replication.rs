@@ -652,7 +652,8 @@ impl ReplicationClient {
         if *self.shared.shutdown.borrow() {
             return Err(self.stopped());
         }
-        let cost = write_cost(&kind).min(self.shared.max_permits);
+        let full_cost = write_cost(&kind);
+        let cost = full_cost.min(self.shared.max_permits);
         // cost <= max_permits <= u32::MAX.
         let n = u32::try_from(cost).unwrap_or(u32::MAX);
         let permit = match Arc::clone(&self.shared.room).try_acquire_many_owned(n) {
@@ -669,7 +670,6 @@ impl ReplicationClient {
                 }
             }
         };
-        let full_cost = write_cost(&kind);
         let ((writer, seq, vector), wake) = {
             let mut st = self.shared.lock();
             let issued = st.issue(
