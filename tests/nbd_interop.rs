@@ -13,10 +13,14 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "support/blockstack.rs"]
+mod blockstack;
+use blockstack::{can_mount, have, mount_test, qemu_io, random_bytes, run};
 
 use pipecloud::image::LocalImage;
 use pipecloud::nbd::proto::*;
@@ -93,47 +97,6 @@ impl Drop for Served {
             });
         }
     }
-}
-
-fn have(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(tool).is_file());
-    if !found {
-        eprintln!(
-            "\n!!!!!!!! SKIP: `{tool}` is not installed (run scripts/install-deps.sh) !!!!!!!!\n"
-        );
-    }
-    found
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        v.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 // ---------------------------------------------------------------------------
@@ -352,29 +315,21 @@ fn qemu_io_patterns() {
         return;
     }
     let srv = Served::start("qemu", 8 << 20);
-    let mut cmd = Command::new("qemu-io");
-    cmd.arg("-f").arg("raw");
-    for c in [
-        "write -P 0xab 0 64k",
-        "read -P 0xab 0 64k",
-        "write -f -P 0xcd 64k 64k",
-        "read -P 0xcd 64k 64k",
-        "write -z 0 4k",
-        "read -P 0 0 4k",
-        "read -P 0xab 4k 60k",
-        "write -P 0x11 1m 512",
-        "discard 2m 1m",
-        "flush",
-        "read -P 0x11 1m 512",
-    ] {
-        cmd.arg("-c").arg(c);
-    }
-    cmd.arg(srv.uri());
-    let (ok, out) = run(&mut cmd);
-    assert!(ok, "qemu-io failed: {out}");
-    assert!(
-        !out.contains("failed") && !out.contains("error"),
-        "qemu-io reported a failure: {out}"
+    qemu_io(
+        &srv.uri(),
+        &[
+            "write -P 0xab 0 64k",
+            "read -P 0xab 0 64k",
+            "write -f -P 0xcd 64k 64k",
+            "read -P 0xcd 64k 64k",
+            "write -z 0 4k",
+            "read -P 0 0 4k",
+            "read -P 0xab 4k 60k",
+            "write -P 0x11 1m 512",
+            "discard 2m 1m",
+            "flush",
+            "read -P 0x11 1m 512",
+        ],
     );
     let img = std::fs::read(&srv.image).unwrap();
     assert!(img[..4096].iter().all(|&b| b == 0));
@@ -387,135 +342,9 @@ fn qemu_io_patterns() {
 // (d) nbdfuse + loop + ext4
 // ---------------------------------------------------------------------------
 
-const MOUNT_SCRIPT: &str = r#"
-set -euo pipefail
-uri=$1; dir=$2; conns=$3
-mkdir -p "$dir/fuse" "$dir/mnt"
-loop=""; fpid=""
-cleanup() {
-  set +e
-  if mountpoint -q "$dir/mnt"; then umount "$dir/mnt"; fi
-  if [ -n "$loop" ]; then
-    losetup -d "$loop"
-    name=${loop#/dev/}
-    for _ in $(seq 200); do [ -e "/sys/block/$name/loop/backing_file" ] || break; sleep 0.05; done
-  fi
-  if mountpoint -q "$dir/fuse"; then fusermount3 -u "$dir/fuse"; fi
-  if [ -n "$fpid" ]; then
-    for _ in $(seq 200); do kill -0 "$fpid" 2>/dev/null || break; sleep 0.05; done
-    kill "$fpid" 2>/dev/null
-  fi
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
-nbdfuse -C "$conns" -P "$dir/nbdfuse.pid" "$dir/fuse/disk" "$uri" </dev/null >"$dir/nbdfuse.log" 2>&1 &
-fpid=$!
-for _ in $(seq 200); do [ -s "$dir/nbdfuse.pid" ] && break; sleep 0.05; done
-[ -s "$dir/nbdfuse.pid" ] || { echo "nbdfuse did not start"; cat "$dir/nbdfuse.log"; exit 1; }
-loop=$(losetup -f --show --direct-io=on "$dir/fuse/disk")
-echo "loop device: $loop"
-mkfs.ext4 -q "$loop"
-fsck.ext4 -n -f "$loop"
-mount "$loop" "$dir/mnt"
-for i in $(seq 1 16); do head -c $((256 * 1024 + i)) /dev/urandom > "$dir/mnt/file$i"; done
-mkdir "$dir/mnt/sub"; echo hello > "$dir/mnt/sub/hello"
-(cd "$dir/mnt" && sha256sum file* sub/hello) > "$dir/sums"
-sync
-umount "$dir/mnt"
-fsck.ext4 -n -f "$loop"
-mount "$loop" "$dir/mnt"
-(cd "$dir/mnt" && sha256sum -c --quiet "$dir/sums")
-umount "$dir/mnt"
-echo MOUNT-TEST-OK
-"#;
-
-/// Kills a still-running script and detaches any loop device backed by a file in `dir`.
-struct MountGuard {
-    child: Option<std::process::Child>,
-    dir: PathBuf,
-}
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if c.try_wait().ok().flatten().is_none() {
-                // SIGTERM lets the script's EXIT trap tear down in order.
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(c.id().to_string())
-                    .status();
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        // Belt and braces: no loop device may outlive the test.
-        let needle = self.dir.to_string_lossy().into_owned();
-        if let Ok(entries) = std::fs::read_dir("/sys/block") {
-            for e in entries.flatten() {
-                let bf = e.path().join("loop/backing_file");
-                if let Ok(b) = std::fs::read_to_string(&bf) {
-                    if b.contains(&needle) {
-                        let dev = format!("/dev/{}", e.file_name().to_string_lossy());
-                        eprintln!("mount test: detaching leftover {dev}");
-                        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn mount_stack(conns: u32) {
     let srv = Served::start(&format!("mount{conns}"), 256 << 20);
-    let work = srv.dir.0.join("m");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut guard = MountGuard {
-        child: None,
-        dir: srv.dir.0.clone(),
-    };
-    let out_path = work.join("script.out");
-    let out = std::fs::File::create(&out_path).unwrap();
-    let child = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "bash",
-            "-c",
-            MOUNT_SCRIPT,
-            "mount-test",
-        ])
-        .arg(srv.uri())
-        .arg(&work)
-        .arg(conns.to_string())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("spawning unshare");
-    guard.child = Some(child);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = guard.child.as_mut().unwrap().try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-    eprintln!("--- mount script (connections={conns}) ---\n{text}---");
-    assert!(status.is_some(), "mount script timed out");
-    assert!(
-        status.unwrap().success() && text.contains("MOUNT-TEST-OK"),
-        "mount script failed"
-    );
-    drop(guard);
+    mount_test(&srv.uri(), &srv.dir.0.join("m"), &srv.dir.0, conns);
     // The ext4 superblock (magic 0xEF53 at byte 1080) is in our image file.
     let img = std::fs::read(&srv.image).unwrap();
     assert_eq!(
@@ -527,29 +356,7 @@ fn mount_stack(conns: u32) {
 
 #[test]
 fn nbdfuse_loop_ext4_mount() {
-    for tool in [
-        "nbdfuse",
-        "fusermount3",
-        "losetup",
-        "mkfs.ext4",
-        "fsck.ext4",
-        "unshare",
-        "mountpoint",
-    ] {
-        if !have(tool) {
-            return;
-        }
-    }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root || !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        eprintln!(
-            "\n!!!!!!!! SKIP: mount test needs root, /dev/fuse and /dev/loop-control !!!!!!!!\n"
-        );
+    if !can_mount() {
         return;
     }
     // One ordered stream, then nbdfuse's default of 4 connections (multi-conn: writes and

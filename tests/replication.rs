@@ -11,11 +11,14 @@
 //! Timing is never asserted; timeouts only bound how long a test waits for a
 //! condition that must eventually hold.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Once, OnceLock};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Once};
 use std::time::Duration;
+
+#[path = "support/backup.rs"]
+mod backup;
+use backup::{Backup, Scratch, PATIENCE};
 
 use pipecloud::block::BlockBackend;
 use pipecloud::causal::CausalState;
@@ -32,8 +35,6 @@ const GROUP: &str = "g1";
 const DISK: &str = "d0";
 const DISK_SIZE: u64 = 16 << 20;
 const W0: WriterId = WriterId(0);
-/// Generous bound for conditions that must eventually hold.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 fn init_tracing() {
     static ONCE: Once = Once::new();
@@ -45,243 +46,6 @@ fn init_tracing() {
             .with_test_writer()
             .try_init();
     });
-}
-
-/// Path of the backup-server binary: `$PIPECLOUD_BACKUP_SERVER_BIN` when set
-/// (scripts/test.sh points it at the binary its workspace build just made, so the
-/// suite does not rebuild it with other features), else built once per test run.
-fn backup_server_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("PIPECLOUD_BACKUP_SERVER_BIN") {
-            let bin = PathBuf::from(bin);
-            assert!(
-                bin.exists(),
-                "PIPECLOUD_BACKUP_SERVER_BIN={} does not exist",
-                bin.display()
-            );
-            return bin;
-        }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // A release test run (figures) uses a release server too.
-        let release = !cfg!(debug_assertions);
-        let mut args = vec!["build", "-p", "backup-server", "--bin", "backup-server"];
-        if release {
-            args.push("--release");
-        }
-        let status = Command::new(cargo)
-            .args(&args)
-            .current_dir(root)
-            .stdin(Stdio::null())
-            .status()
-            .expect("running cargo build -p backup-server");
-        assert!(status.success(), "cargo build -p backup-server failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        let bin = target
-            .join(if release { "release" } else { "debug" })
-            .join("backup-server");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-}
-
-/// A unique scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pipecloud-repl-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating scratch dir");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running backup server with its test PKI; killed on drop.
-struct Backup {
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Backup {
-    fn start(scratch: &Scratch) -> Backup {
-        let dir = scratch.0.join("backup");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
-            l.local_addr().expect("probe addr").port()
-        };
-        let out = Command::new(backup_server_bin())
-            .arg("certs")
-            .arg("--dir")
-            .arg(&dir)
-            .args(["--server-name", "localhost", "--group", GROUP, "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("backup-server certs");
-        assert!(
-            out.status.success(),
-            "backup-server certs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut b = Backup {
-            dir,
-            port,
-            child: None,
-        };
-        b.spawn();
-        b
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.join("backup-server.toml")
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("server.log"))
-            .expect("server log");
-        let child = Command::new(backup_server_bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(self.config())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawning backup-server serve");
-        self.child = Some(child);
-        // Wait until it accepts connections.
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("backup-server exited early ({st}); log:\n{}", self.log());
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "backup-server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = self.child.as_ref().expect("server running").id();
-        // SAFETY: plain kill(2) on our own child's pid.
-        let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
-        assert_eq!(r, 0, "kill({pid}, {sig})");
-    }
-
-    /// SIGSTOP, then waits until every thread of the server is seen stopped
-    /// (`T` in /proc), so that nothing it does afterwards can be mistaken for
-    /// a reply of a running server.
-    fn stop(&self) {
-        self.signal(libc::SIGSTOP);
-        let pid = self.child.as_ref().expect("server running").id();
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .expect("listing the server's threads")
-                .filter_map(|e| e.ok())
-                .map(|e| std::fs::read_to_string(e.path().join("stat")).unwrap_or_default())
-                .collect::<Vec<_>>();
-            // Field 3 of /proc/*/stat (after the parenthesised name) is the state.
-            let all_stopped = tasks.iter().all(|stat| {
-                stat.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('T'))
-            });
-            if all_stopped {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "backup-server threads never stopped: {tasks:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn cont(&self) {
-        self.signal(libc::SIGCONT);
-    }
-
-    /// SIGKILL (a crash) and wait for the process to be gone.
-    fn crash(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            ca: self.dir.join("ca.pem"),
-            cert: self.dir.join(format!("{GROUP}-agent.pem")),
-            key: self.dir.join(format!("{GROUP}-agent.key")),
-        }
-    }
-
-    /// Fails the group over and returns the bytes of the disk's volume image.
-    fn failover_image(&self, out: &Path) -> Vec<u8> {
-        let o = Command::new(backup_server_bin())
-            .args(["failover", "--group", GROUP, "--out"])
-            .arg(out)
-            .arg("--config")
-            .arg(self.config())
-            .stdin(Stdio::null())
-            .output()
-            .expect("backup-server failover");
-        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success(),
-            "failover failed: {}\n{}",
-            stdout,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let image = stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("image: "))
-            .find(|p| Path::new(p).file_stem().is_some_and(|s| s == DISK))
-            .unwrap_or_else(|| panic!("no image of {DISK} in failover output:\n{stdout}"));
-        std::fs::read(image).expect("reading failover image")
-    }
-}
-
-impl Drop for Backup {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child (continue it first: a stopped child
-            // still dies on SIGKILL, this only keeps its shutdown tidy).
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// The agent side of one test: causal state, client, replicated disk, mode.
@@ -306,7 +70,11 @@ fn agent(
     let config = ReplicationConfig {
         endpoint: format!("127.0.0.1:{}", backup.port),
         server_name: "localhost".into(),
-        tls: backup.tls(),
+        tls: TlsFiles {
+            ca: backup.ca(),
+            cert: backup.agent_cert(),
+            key: backup.agent_key(),
+        },
         group: GROUP.into(),
         group_id: 7,
         agent: "agent-a".into(),
@@ -428,7 +196,7 @@ async fn join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Fails over at the backup and compares its volume with the local image.
 fn assert_backup_matches_local(scratch: &Scratch, backup: &Backup, agent: &Agent) {
-    let remote = backup.failover_image(&scratch.0.join("failover"));
+    let remote = backup.failover_image(&scratch.0.join("failover"), DISK);
     let local = std::fs::read(&agent.image).expect("reading local image");
     assert_eq!(remote.len(), local.len(), "image sizes differ");
     if let Some(i) = remote.iter().zip(&local).position(|(a, b)| a != b) {
@@ -453,7 +221,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_are_replicated_acked_and_committed() {
     let scratch = Scratch::new("basic");
-    let backup = Backup::start(&scratch);
+    let backup = Backup::start(&scratch, GROUP);
     let a = agent(
         &scratch,
         &backup,
@@ -509,7 +277,7 @@ async fn writes_are_replicated_acked_and_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_waits_for_acks_async_and_pipelined_do_not() {
     let scratch = Scratch::new("modes");
-    let mut backup = Backup::start(&scratch);
+    let mut backup = Backup::start(&scratch, GROUP);
     let a = agent(
         &scratch,
         &backup,
@@ -598,7 +366,7 @@ async fn sync_waits_for_acks_async_and_pipelined_do_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_bounds_inflight_bytes_and_loses_nothing() {
     let scratch = Scratch::new("backpressure");
-    let backup = Backup::start(&scratch);
+    let backup = Backup::start(&scratch, GROUP);
     let limit: u64 = 1 << 20;
     let a = agent(
         &scratch,
@@ -673,7 +441,7 @@ async fn backpressure_bounds_inflight_bytes_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_crash_mid_stream_resends_unacked_writes() {
     let scratch = Scratch::new("crash");
-    let mut backup = Backup::start(&scratch);
+    let mut backup = Backup::start(&scratch, GROUP);
     let a = agent(
         &scratch,
         &backup,
@@ -716,7 +484,7 @@ async fn backup_crash_mid_stream_resends_unacked_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mode_switch_at_run_time_through_the_control_socket() {
     let scratch = Scratch::new("switch");
-    let backup = Backup::start(&scratch);
+    let backup = Backup::start(&scratch, GROUP);
     let a = agent(
         &scratch,
         &backup,
@@ -820,7 +588,7 @@ async fn mode_switch_at_run_time_through_the_control_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn degrade_to_async_after_silence_and_recover() {
     let scratch = Scratch::new("degrade");
-    let backup = Backup::start(&scratch);
+    let backup = Backup::start(&scratch, GROUP);
     let policy = BackupLossPolicy::DegradeToAsync {
         after: Duration::from_secs(1),
     };
@@ -876,7 +644,7 @@ async fn degrade_to_async_after_silence_and_recover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restart_continues_numbering_after_the_durable_prefix() {
     let scratch = Scratch::new("restart");
-    let backup = Backup::start(&scratch);
+    let backup = Backup::start(&scratch, GROUP);
     let first_generation;
     let written;
     {
@@ -932,7 +700,7 @@ async fn agent_restart_continues_numbering_after_the_durable_prefix() {
 #[ignore]
 async fn figures_write_latency_and_throughput_per_mode() {
     let scratch = Scratch::new("figures");
-    let backup = Backup::start(&scratch);
+    let backup = Backup::start(&scratch, GROUP);
     let a = agent(
         &scratch,
         &backup,

@@ -1,0 +1,240 @@
+//! The tools of the block-path stack for integration tests: finding a tool (a loud
+//! SKIP when it is missing), running one, deterministic random data, and the
+//! nbdfuse + loop + ext4 script (mkfs, fsck -n, files with checksums, remount) run in
+//! a private mount namespace with a guard that tears it down even when the test fails.
+//! Include it with
+//!
+//! ```ignore
+//! #[path = "support/blockstack.rs"]
+//! mod blockstack;
+//! ```
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn have(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).is_file());
+    if !found {
+        eprintln!(
+            "\n!!!!!!!! SKIP: `{tool}` is not installed (run scripts/install-deps.sh) !!!!!!!!\n"
+        );
+    }
+    found
+}
+
+pub fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs `qemu-io -f raw` with one `-c` per command against `uri`; panics if it fails
+/// or reports a failed command (a `read -P` that does not match).
+pub fn qemu_io(uri: &str, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.arg("-f").arg("raw");
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(uri);
+    let (ok, out) = run(&mut cmd);
+    assert!(ok, "qemu-io failed: {out}");
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io reported a failure: {out}"
+    );
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        v.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Whether this process may build the mount stack (root, /dev/fuse, loop devices)
+/// and has its tools; prints a loud SKIP line when not.
+pub fn can_mount() -> bool {
+    for tool in [
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "mkfs.ext4",
+        "fsck.ext4",
+        "unshare",
+        "mountpoint",
+    ] {
+        if !have(tool) {
+            return false;
+        }
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root || !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
+        eprintln!(
+            "\n!!!!!!!! SKIP: mount test needs root, /dev/fuse and /dev/loop-control !!!!!!!!\n"
+        );
+        return false;
+    }
+    true
+}
+
+pub const MOUNT_SCRIPT: &str = r#"
+set -euo pipefail
+uri=$1; dir=$2; conns=$3
+mkdir -p "$dir/fuse" "$dir/mnt"
+loop=""; fpid=""
+cleanup() {
+  set +e
+  if mountpoint -q "$dir/mnt"; then umount "$dir/mnt"; fi
+  if [ -n "$loop" ]; then
+    losetup -d "$loop"
+    name=${loop#/dev/}
+    for _ in $(seq 200); do [ -e "/sys/block/$name/loop/backing_file" ] || break; sleep 0.05; done
+  fi
+  if mountpoint -q "$dir/fuse"; then fusermount3 -u "$dir/fuse"; fi
+  if [ -n "$fpid" ]; then
+    for _ in $(seq 200); do kill -0 "$fpid" 2>/dev/null || break; sleep 0.05; done
+    kill "$fpid" 2>/dev/null
+  fi
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
+nbdfuse -C "$conns" -P "$dir/nbdfuse.pid" "$dir/fuse/disk" "$uri" </dev/null >"$dir/nbdfuse.log" 2>&1 &
+fpid=$!
+for _ in $(seq 200); do [ -s "$dir/nbdfuse.pid" ] && break; sleep 0.05; done
+[ -s "$dir/nbdfuse.pid" ] || { echo "nbdfuse did not start"; cat "$dir/nbdfuse.log"; exit 1; }
+loop=$(losetup -f --show --direct-io=on "$dir/fuse/disk")
+echo "loop device: $loop"
+mkfs.ext4 -q "$loop"
+fsck.ext4 -n -f "$loop"
+mount "$loop" "$dir/mnt"
+for i in $(seq 1 16); do head -c $((256 * 1024 + i)) /dev/urandom > "$dir/mnt/file$i"; done
+mkdir "$dir/mnt/sub"; echo hello > "$dir/mnt/sub/hello"
+(cd "$dir/mnt" && sha256sum file* sub/hello) > "$dir/sums"
+sync
+umount "$dir/mnt"
+fsck.ext4 -n -f "$loop"
+mount "$loop" "$dir/mnt"
+(cd "$dir/mnt" && sha256sum -c --quiet "$dir/sums")
+umount "$dir/mnt"
+echo MOUNT-TEST-OK
+"#;
+
+/// Kills a still-running script and detaches any loop device backed by a file in `dir`.
+pub struct MountGuard {
+    child: Option<std::process::Child>,
+    dir: PathBuf,
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait().ok().flatten().is_none() {
+                // SIGTERM lets the script's EXIT trap tear down in order.
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(c.id().to_string())
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Belt and braces: no loop device may outlive the test.
+        let needle = self.dir.to_string_lossy().into_owned();
+        if let Ok(entries) = std::fs::read_dir("/sys/block") {
+            for e in entries.flatten() {
+                let bf = e.path().join("loop/backing_file");
+                if let Ok(b) = std::fs::read_to_string(&bf) {
+                    if b.contains(&needle) {
+                        let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+                        eprintln!("mount test: detaching leftover {dev}");
+                        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs [`MOUNT_SCRIPT`] against the NBD export at `uri` with `conns` nbdfuse
+/// connections, in a private mount namespace, its files in `work`; `guard_dir` is
+/// the directory whose files may back a loop device (detached on the way out).
+/// Panics unless the script succeeded within 5 minutes.
+pub fn mount_test(uri: &str, work: &Path, guard_dir: &Path, conns: u32) {
+    std::fs::create_dir_all(work).expect("creating the mount test's directory");
+    let mut guard = MountGuard {
+        child: None,
+        dir: guard_dir.to_path_buf(),
+    };
+    let out_path = work.join("script.out");
+    let out = std::fs::File::create(&out_path).expect("creating the script's output file");
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            MOUNT_SCRIPT,
+            "mount-test",
+        ])
+        .arg(uri)
+        .arg(work)
+        .arg(conns.to_string())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("output fd"))
+        .stderr(out)
+        .spawn()
+        .expect("spawning unshare");
+    guard.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = guard
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("waiting for the mount script"))
+        {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    eprintln!("--- mount script (connections={conns}) ---\n{text}---");
+    assert!(status.is_some(), "mount script timed out");
+    assert!(
+        status.is_some_and(|s| s.success()) && text.contains("MOUNT-TEST-OK"),
+        "mount script failed"
+    );
+}
