@@ -1,8 +1,9 @@
 //! The agent as a product: `pipecloud agent` (the real binary) serves a protected
 //! disk over NBD to real clients while it replicates to a real `backup-server` over
-//! mutual TLS, in each mode. Clients: `nbdinfo` (size), `nbdfuse` with a loop device,
-//! `mkfs.ext4`, `fsck -n`, files with checksums and a remount, an `nbdcopy` round trip
-//! of random data, and `qemu-io` patterns (write, write with FUA, zeroes, discard, flush, reads).
+//! mutual TLS, in each mode. Clients: `nbdinfo` (size), `nbdfuse` (1 and 4
+//! connections) with a loop device, `mkfs.ext4`, `fsck -n`, files with checksums and
+//! a remount, an `nbdcopy` round trip of random data, and `qemu-io` patterns (write,
+//! write with FUA, zeroes, discard, flush, reads).
 //! Then one final flush; once the backup has acked every write (`pipecloud ctl status`:
 //! lag 0; in `sync` mode that must already hold when the flush returns), the agent
 //! stops, the group is failed over at the backup, and the backup's volume image must
@@ -189,8 +190,10 @@ fn agent_with_real_clients(mode: &str) {
     assert_eq!(out.trim(), SIZE.to_string(), "nbdinfo --size");
 
     // nbdfuse + loop + ext4: mkfs (discards arrive as TRIM/WRITE_ZEROES), fsck -n,
-    // files, remount, fsck -n again.
-    mount_test(&uri, &work.join("m"), &scratch.0, 1);
+    // files, remount, fsck -n again; over one ordered connection, then over nbdfuse's
+    // four (multi-conn: a FLUSH on one connection covers the writes of the others).
+    mount_test(&uri, &work.join("m1"), &scratch.0, 1);
+    mount_test(&uri, &work.join("m4"), &scratch.0, 4);
 
     // nbdcopy round trip of 8 MiB of random data over the start of the disk.
     let data = random_bytes(8 << 20, 0x5eed_0000 + mode.len() as u64);
