@@ -11,7 +11,10 @@
 #            BIN=DIR in that list is not passed on: the variant runs `pipecloud` and `backup-server` from DIR
 #            (A/B against another build: `git worktree add` + `CARGO_TARGET_DIR=... cargo build`).
 #            POLICY=LINES adds `[policy]` lines (";"-separated) to the agent's topology;
-#            WORKERS=N runs the agent with `--worker-threads N` (default 1).
+#            WORKERS=N runs the agent with `--worker-threads N` (default 1);
+#            AGENT_ARGS="..." adds arguments to `pipecloud agent` (e.g. "--replication-thread false");
+#            BACKUP_IDLE=1 runs the backup server SCHED_IDLE (`chrt --idle 0`): it gets only CPU
+#            the primary's stack leaves idle, as if it ran on another host (its lag is not shown).
 #   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x \
 #           "agent-async:POLICY=replication_coalesce_us = 5000@hold5ms"
 # The agent variants run `pipecloud agent --no-network` with a real `backup-server` on loopback
@@ -20,7 +23,7 @@ set -euo pipefail
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-6}
 WORKLOADS=${WORKLOADS:-qd1 qd32 dsync}
-[ $# -gt 0 ] || { sed -n 2,17p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,20p "$0" >&2; exit 2; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib/bench-agent.sh
 . "$repo/scripts/lib/bench-agent.sh"
@@ -66,12 +69,15 @@ start() {
       local port; port=$(free_port)
       "$bin/backup-server" certs --dir "$B" --server-name localhost --group bench \
         --listen "127.0.0.1:$port" >/dev/null
-      env "$@" "$bin/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
+      local e pol="" wk=1 idle=() extra=()
+      for e in "$@"; do case "$e" in POLICY=*) pol=${e#POLICY=} ;; WORKERS=*) wk=${e#WORKERS=} ;;
+        BACKUP_IDLE=1) idle=(chrt --idle 0) ;; AGENT_ARGS=*) read -r -a extra <<<"${e#AGENT_ARGS=}" ;;
+        esac; done
+      env "$@" ${idle[@]+"${idle[@]}"} "$bin/backup-server" serve --config "$B/backup-server.toml" \
+        </dev/null >"$T/backup.log" 2>&1 &
       pids+=($!)
-      local e pol="" wk=1
-      for e in "$@"; do case "$e" in POLICY=*) pol=${e#POLICY=} ;; WORKERS=*) wk=${e#WORKERS=} ;; esac; done
       POLICY="$pol" bench_topology "$T/t.toml" "$T" "$B" "$port" "${kind#agent-}" 512M
-      env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network --worker-threads "$wk" \
+      env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network --worker-threads "$wk" ${extra[@]+"${extra[@]}"} \
         </dev/null >"$T/srv.log" 2>&1 &
       pids+=($!); sock="$T/nbd/disk0.sock" ;;
     *) echo "bench-ab: unknown variant kind $kind" >&2; exit 2 ;;

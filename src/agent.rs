@@ -2,8 +2,9 @@
 //!
 //! For one primary host of one protection group it starts, in this order:
 //! 1. the causal state of the group's machines;
-//! 2. the replication client (mutual TLS to the backup server) and waits for its
-//!    first welcome, which tells where this generation's numbering continues;
+//! 2. the replication client (mutual TLS to the backup server; on its own thread
+//!    unless `--replication-thread false`) and waits for its first welcome, which
+//!    tells where this generation's numbering continues;
 //! 3. one NBD export per protected disk on this host (`<nbd_dir>/<disk>.sock`),
 //!    each a [`ReplicatedDisk`] over a [`LocalImage`];
 //! 4. the network path (NFQUEUE tag and hold queues) and only then its netfilter
@@ -24,7 +25,7 @@ use crate::netfilter::{NetTopology, RuleConfig, RuleManager, DEFAULT_MTU};
 use crate::netpath::{NetPath, NetPathConfig};
 use crate::replication::{
     fresh_generation, BackupLossPolicy, DiskSpec, ModeSwitch, ReplicationClient, ReplicationConfig,
-    TlsFiles,
+    ReplicationRuntime, TlsFiles,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use pipecloud_core::netqueue::NetQueueLimits;
@@ -44,6 +45,9 @@ pub struct AgentOptions {
     pub no_network: bool,
     /// How long to wait for the backup server's first welcome before giving up.
     pub connect_wait: Duration,
+    /// Run the replication session (TLS, TCP, acks) on its own thread instead of
+    /// the runtime that serves the NBD requests ([`ReplicationRuntime`]).
+    pub replication_thread: bool,
 }
 
 /// Converts the topology's mode to the block path's mode.
@@ -129,8 +133,20 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         mode: mode.clone(),
         ..ReplicationConfig::default()
     };
+    let repl_runtime = if opts.replication_thread {
+        Some(
+            ReplicationRuntime::start("pc-replication")
+                .context("starting the replication thread")?,
+        )
+    } else {
+        None
+    };
+    let on = repl_runtime
+        .as_ref()
+        .map_or_else(tokio::runtime::Handle::current, |r| r.handle().clone());
     let client = Arc::new(
-        ReplicationClient::start(cfg, Arc::clone(&causal)).context("starting replication")?,
+        ReplicationClient::start_on(cfg, Arc::clone(&causal), &on)
+            .context("starting replication")?,
     );
     tracing::info!(group = %topo.group.name, host = %host.name, endpoint = %topo.backup.endpoint,
         "waiting for the backup server's welcome");
@@ -252,6 +268,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         h.shutdown().await;
     }
     client.shutdown();
+    // Stops the replication thread (after the client: its tasks end on shutdown).
+    drop(repl_runtime);
     Ok(())
 }
 

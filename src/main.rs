@@ -61,12 +61,19 @@ struct AgentArgs {
     /// Seconds to wait for the backup server's first welcome.
     #[arg(long, default_value_t = 60)]
     connect_wait_s: u64,
-    /// Threads of the async runtime (NBD connections, replication, control).
+    /// Threads of the async runtime (NBD connections, control; the replication
+    /// session too with `--replication-thread false`).
     /// The io_uring and network-path drivers have their own threads. One is
     /// the measured best on a 2-core host: every hand-off between runtime
     /// threads is a cross-CPU wake-up (docs/machine.md).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     worker_threads: u16,
+    /// Run the replication session (TLS, TCP, acks) on a thread of its own
+    /// (`false`: on the runtime above, with the NBD connections). Its own thread
+    /// takes that work off the thread serving the guests; in async mode it is woken
+    /// once per batch (docs/machine.md).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    replication_thread: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -139,6 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 host: args.host,
                 no_network: args.no_network,
                 connect_wait: std::time::Duration::from_secs(args.connect_wait_s),
+                replication_thread: args.replication_thread,
             }))?;
             Ok(ExitCode::SUCCESS)
         }

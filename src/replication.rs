@@ -45,11 +45,13 @@
 //! driver; the core stays clock-free.
 
 mod mode;
+mod runtime;
 mod session;
 mod state;
 mod tls;
 
 pub use mode::{BackupLossPolicy, Mode, ModeSwitch, UnknownMode};
+pub use runtime::ReplicationRuntime;
 pub use state::{write_cost, Coalesce, WRITE_OVERHEAD};
 pub use tls::{client_config, TlsError, TlsFiles};
 
@@ -444,6 +446,16 @@ impl ReplicationClient {
         config: ReplicationConfig,
         causal: Arc<CausalState>,
     ) -> Result<Self, ReplicationError> {
+        Self::start_on(config, causal, &tokio::runtime::Handle::current())
+    }
+
+    /// As [`ReplicationClient::start`], with the connection tasks on `runtime`
+    /// (e.g. a [`ReplicationRuntime`]'s, off the thread that serves the guests).
+    pub fn start_on(
+        config: ReplicationConfig,
+        causal: Arc<CausalState>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Self, ReplicationError> {
         let cfg_err = |msg: String| ReplicationError::Config {
             group: config.group.clone(),
             msg,
@@ -535,8 +547,8 @@ impl ReplicationClient {
             shutdown,
         });
         let tasks = vec![
-            tokio::spawn(session::run(Arc::clone(&shared))),
-            tokio::spawn(session::degrade_watch(Arc::clone(&shared))),
+            runtime.spawn(session::run(Arc::clone(&shared))),
+            runtime.spawn(session::degrade_watch(Arc::clone(&shared))),
         ];
         Ok(ReplicationClient { shared, tasks })
     }
