@@ -253,12 +253,9 @@ fn agent_with_real_clients(mode: &str) {
     }
     agent.stop();
 
-    let remote = backup.failover_image(&scratch.0.join("failover"), DISK);
-    let local = std::fs::read(work.join("local.img")).expect("reading the local image");
-    assert_eq!(remote.len(), local.len(), "image sizes differ");
-    if let Some(i) = remote.iter().zip(&local).position(|(a, b)| a != b) {
-        panic!("{mode}: the backup's volume differs from the local image at byte {i}");
-    }
+    let image = work.join("local.img");
+    backup.assert_volume_equals(&scratch.0.join("failover"), DISK, &image);
+    let local = std::fs::read(&image).expect("reading the local image");
     // The client saw what the image holds (nothing was lost between them).
     assert!(local[..data.len()] == data[..]);
     assert!(local[(17 << 20)..(17 << 20) + (64 << 10)]

@@ -196,12 +196,7 @@ async fn join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Fails over at the backup and compares its volume with the local image.
 fn assert_backup_matches_local(scratch: &Scratch, backup: &Backup, agent: &Agent) {
-    let remote = backup.failover_image(&scratch.0.join("failover"), DISK);
-    let local = std::fs::read(&agent.image).expect("reading local image");
-    assert_eq!(remote.len(), local.len(), "image sizes differ");
-    if let Some(i) = remote.iter().zip(&local).position(|(a, b)| a != b) {
-        panic!("backup image differs from the local image at byte {i}");
-    }
+    backup.assert_volume_equals(&scratch.0.join("failover"), DISK, &agent.image);
 }
 
 /// Polls `f` until it returns true.

@@ -35,7 +35,7 @@ impl ReplicationRuntime {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                // Either a stop message or the sender dropped: both end the runtime.
+                // Returns when the sender is dropped (see `Drop`).
                 let _ = rt.block_on(stopped);
             })?;
         Ok(ReplicationRuntime {
@@ -54,9 +54,8 @@ impl ReplicationRuntime {
 
 impl Drop for ReplicationRuntime {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        // Dropping the sender ends the thread's `block_on`.
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("the replication runtime thread panicked");
