@@ -11,7 +11,9 @@
 #        SYSCALLS=1 (also count the server's (and backup's) syscalls per write with `perf stat`;
 #        the tracepoints slow everything: CPU figures of such a run are not comparable),
 #        SCHED=1 with PERF=1 (`perf sched record` 3 s instead: `perf sched latency -i $PERF_OUT`),
-#        KEEPLOG=FILE (keep the server's log there)
+#        KEEPLOG=FILE (keep the server's log there),
+#        FIO_ARGS="..." (more fio options, after the defaults: e.g. "--rw=write --sync=1 --iodepth=1"
+#        for O_DSYNC writes, each a write + FLUSH on this path)
 set -euo pipefail
 what=${1:-agent}
 case "$what" in agent|engine|nbdkit) ;; *) echo "usage: $0 [agent|engine|nbdkit]" >&2; exit 2;; esac
@@ -98,7 +100,7 @@ if [ -n "${SYSCALLS:-}" ]; then
 fi
 fio --name=w --rw=randwrite --direct=1 --ioengine=libaio --iodepth="${QD:-32}" --filename="$loop" \
   --bs=4k --size=256M --runtime="${RT:-8}" --time_based --randrepeat=0 --output-format=json \
-  --output="$T/fio.json" >/dev/null
+  --output="$T/fio.json" ${FIO_ARGS:-} >/dev/null
 snap >"$T/s1"
 head -1 /proc/stat >"$T/stat1"
 [ -z "${SYSCALLS:-}" ] || wait "${perf_stat[@]}" || true
