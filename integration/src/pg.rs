@@ -84,11 +84,15 @@ pub fn initdb(datadir: &Path) -> Result<()> {
     .arg(datadir);
     run(&mut c).context("initdb")?;
     let conf = datadir.join("postgresql.auto.conf");
+    // Dynamic shared memory in files under the data directory (`pg_dynshmem`), not
+    // in /dev/shm: a server killed by a disaster leaves its POSIX segments behind,
+    // files in the data directory go with the run's work directory.
     std::fs::write(
         &conf,
         "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n\
          shared_buffers = 32MB\nmax_connections = 120\nwal_level = replica\n\
-         max_wal_senders = 4\nlogging_collector = off\ncheckpoint_timeout = 300\n",
+         max_wal_senders = 4\nlogging_collector = off\ncheckpoint_timeout = 300\n\
+         dynamic_shared_memory_type = mmap\n",
     )?;
     std::fs::write(
         datadir.join("pg_hba.conf"),
