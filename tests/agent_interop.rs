@@ -253,9 +253,8 @@ fn agent_with_real_clients(mode: &str) {
     }
     agent.stop();
 
-    let image = work.join("local.img");
-    backup.assert_volume_equals(&scratch.0.join("failover"), DISK, &image);
-    let local = std::fs::read(&image).expect("reading the local image");
+    let local =
+        backup.assert_volume_equals(&scratch.0.join("failover"), DISK, &work.join("local.img"));
     // The client saw what the image holds (nothing was lost between them).
     assert!(local[..data.len()] == data[..]);
     assert!(local[(17 << 20)..(17 << 20) + (64 << 10)]

@@ -246,14 +246,15 @@ impl Backup {
     }
 
     /// Fails the group over (volumes into `out`) and panics unless `disk`'s volume
-    /// equals the image file `local` byte for byte.
-    pub fn assert_volume_equals(&self, out: &Path, disk: &str, local: &Path) {
+    /// equals the image file `local` byte for byte; returns the local image's bytes.
+    pub fn assert_volume_equals(&self, out: &Path, disk: &str, local: &Path) -> Vec<u8> {
         let remote = self.failover_image(out, disk);
         let local = std::fs::read(local).expect("reading the local image");
         assert_eq!(remote.len(), local.len(), "image sizes differ");
         if let Some(i) = remote.iter().zip(&local).position(|(a, b)| a != b) {
             panic!("backup image of {disk} differs from the local image at byte {i}");
         }
+        local
     }
 }
 
