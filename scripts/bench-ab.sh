@@ -14,7 +14,9 @@
 #            WORKERS=N runs the agent with `--worker-threads N` (default 1);
 #            AGENT_ARGS="..." adds arguments to `pipecloud agent` (e.g. "--replication-thread false");
 #            BACKUP_IDLE=1 runs the backup server SCHED_IDLE (`chrt --idle 0`): it gets only CPU
-#            the primary's stack leaves idle, as if it ran on another host (its lag is not shown).
+#            the primary's stack leaves idle, as if it ran on another host.
+#   For the agent variants a second table gives the replication lag of each workload (the worst
+#   during it, what was left when it ended, how long the backup took to ack that).
 #   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x \
 #           "agent-async:POLICY=replication_coalesce_us = 5000@hold5ms"
 # The agent variants run `pipecloud agent --no-network` with a real `backup-server` on loopback
@@ -84,6 +86,30 @@ start() {
   esac
 }
 
+# The replication lag of an agent variant's workload, from `pipecloud ctl status`: repl_reset before
+# fio starts the worst-lag figures afresh; repl_lag after it prints "PEAK_LAG PEAK_MS LAG DRAIN_MS":
+# the most writes the backup had not acked at once during the workload, the longest a write waited
+# for its ack, the writes still unacked when fio ended, and how long after that the last of them was
+# acked (0 if none was pending; resolution ~10 ms, one `ctl status` per poll; "-" after 60 s).
+# Tells whether a variant's IOPS only deferred the backup's work (e.g. BACKUP_IDLE=1): async mode
+# lets the replica lag, by design, up to the in-flight budget; a lag that grows all run is not a
+# rate the pair can sustain.
+repl_reset() { "$bin/pipecloud" ctl --socket "$1" status --reset-peaks >/dev/null 2>&1 || true; }
+repl_lag() {
+  local st lag peak pms t0 now
+  t0=$(date +%s%N)
+  st=$("$bin/pipecloud" ctl --socket "$1" status 2>/dev/null) || { echo "- - - -"; return; }
+  read -r lag peak pms < <(awk '$2=="disk0" {print $7, $11, $12; exit}' <<<"$st")
+  [ "${lag:-x}" = 0 ] && { echo "$peak $pms 0 0"; return; }
+  local first=$lag
+  for _ in $(seq 6000); do
+    sleep 0.01
+    lag=$("$bin/pipecloud" ctl --socket "$1" status 2>/dev/null | awk '$2=="disk0" {print $7; exit}')
+    [ "${lag:-x}" = 0 ] && { now=$(date +%s%N); echo "$peak $pms $first $(( (now - t0) / 1000000 ))"; return; }
+  done
+  echo "${peak:--} ${pms:--} ${first:--} -"
+}
+
 run() { # LABEL KIND ENV...
   local label=$1 kind=$2; shift 2
   local e rest=(); bin="$R"
@@ -104,10 +130,12 @@ run() { # LABEL KIND ENV...
       dsync) a=(--rw=write --sync=dsync --ioengine=psync) ;;
       *) echo "bench-ab: unknown workload $w" >&2; exit 2 ;;
     esac
+    [ "${kind#agent-}" = "$kind" ] || repl_reset "$T/ctl.sock"
     fio --name=x "${a[@]}" --filename="$L" --bs=4k --size=128M --runtime="$RUNTIME" --time_based \
       --output-format=json --randrepeat=0 >"$T/fio.json"
-    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["write"]; c=j["clat_ns"]; print(sys.argv[2], sys.argv[3], "%.0f" % j["iops"], "%.0f" % (c["percentile"]["50.000000"] / 1000), "%.0f" % (c["percentile"]["99.000000"] / 1000), "%.0f" % (c["mean"] / 1000))' \
-      "$T/fio.json" "$label" "$w" | tee -a "$T/results"
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["write"]; c=j["clat_ns"]; print(sys.argv[2], sys.argv[3], "%.0f" % j["iops"], "%.0f" % (c["percentile"]["50.000000"] / 1000), "%.0f" % (c["percentile"]["99.000000"] / 1000), "%.0f" % (c["mean"] / 1000), sys.argv[4])' \
+      "$T/fio.json" "$label" "$w" "$([ "${kind#agent-}" != "$kind" ] && repl_lag "$T/ctl.sock")" \
+      | tee -a "$T/results"
   done
   stop_stack
 }
@@ -127,12 +155,16 @@ import sys, statistics, collections
 # comes and goes in bursts of seconds to minutes, so a same-round ratio is steadier than a
 # ratio of medians. "rIOPS×"/"rp50×" are the medians of those per-round ratios.
 res = collections.defaultdict(list)
+lag = collections.defaultdict(list)
 order = []
 rnd = collections.Counter()
 for line in open(sys.argv[1]):
-    label, w, iops, p50 = line.split()[:4]
+    parts = line.split()
+    label, w, iops, p50 = parts[:4]
     if label not in order: order.append(label)
     res[(label, w)].append((float(iops), float(p50)))
+    if len(parts) >= 10:  # agent variants: worst lag, lag when fio ended, drain time
+        lag[(label, w)].append(parts[6:10])
 ws = []
 for (l, w) in res:
     if w not in ws: ws.append(w)
@@ -152,4 +184,18 @@ for w in ws:
         print("%-22s %-6s %8.0f %7.0f %6s %6s %7s %7s   %s" % (l, w, i, p,
               "%.2f" % (i / bi) if bi else "-", "%.2f" % (bp / p) if bp else "-", ri, rp,
               " ".join("%.0f" % x[0] for x in xs)))
+lags = [(l, w) for w in ws for l in order if lag.get((l, w))]
+if lags:
+    # Worst lag during the workload (writes unacked at once, longest wait for an ack), the writes
+    # still unacked when fio ended and how long the backup then took to ack them ("-": not within
+    # 60 s): whether a variant only deferred the backup's work. Medians over rounds, and the max.
+    print("\n%-22s %-6s %9s %9s %8s %8s %8s %9s" % ("variant", "load", "peak lag", "max", "peak ms",
+          "max", "end lag", "drain ms"))
+    med = lambda v: "%.0f" % statistics.median(v) if v else "-"
+    for (l, w) in lags:
+        xs = lag[(l, w)]
+        num = lambda k: [float(x[k]) for x in xs if x[k] not in ("-", "")]
+        mx = lambda v: "%.0f" % max(v) if v else "-"
+        print("%-22s %-6s %9s %9s %8s %8s %8s %9s" % (l, w, med(num(0)), mx(num(0)), med(num(1)),
+              mx(num(1)), med(num(2)), mx(num(3)) if len(num(3)) == len(xs) else "-"))
 PY

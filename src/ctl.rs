@@ -4,9 +4,13 @@
 //!
 //! - `status`: one table row per replicated disk (group, disk, writer, mode,
 //!   written and acked seq, lag in writes, in-flight bytes and writes, age of the
-//!   oldest unacked write, connection state) followed by one summary line per group
+//!   oldest unacked write, the worst lag seen (most unacked writes at once, and the
+//!   longest a write waited for the backup's ack: `PEAK_LAG`, `PEAK_MS`), connection
+//!   state) followed by one summary line per group
 //!   and, where the agent runs the group's network path, one line of its counters
 //!   (tagged, merged, held, released, drops, driver sleeps and busy-poll time).
+//! - `status reset-peaks`: the same, then starts the worst-lag figures afresh
+//!   (peaks are kept from the agent's start until such a reset).
 //! - `mode MODE [GROUP]`: switches the mode (`async`, `sync`, `pipelined`) of
 //!   `GROUP` (may be omitted when the agent serves a single group) at run time.
 //!   Guest I/O keeps flowing: see [`ModeSwitch`].
@@ -99,15 +103,22 @@ impl Control {
         let mut words = line.split_whitespace();
         match (words.next(), words.next(), words.next(), words.next()) {
             (Some("status"), None, ..) => format!("ok\n{}", self.status_table()),
+            (Some("status"), Some("reset-peaks"), None, _) => {
+                let table = self.status_table();
+                for g in &self.groups {
+                    g.client.reset_peaks();
+                }
+                format!("ok\n{table}")
+            }
             (Some("mode"), Some(mode), group, None) => match self.switch(mode, group) {
                 Ok(msg) => format!("ok\n{msg}\n"),
                 Err(e) => format!("error: {e}\n"),
             },
             (Some("help"), None, ..) => {
-                "ok\nrequests: status | mode async|sync|pipelined [GROUP]\n".into()
+                "ok\nrequests: status [reset-peaks] | mode async|sync|pipelined [GROUP]\n".into()
             }
             _ => format!(
-                "error: unknown request {:?} (expected `status` or `mode MODE [GROUP]`)\n",
+                "error: unknown request {:?} (expected `status [reset-peaks]` or `mode MODE [GROUP]`)\n",
                 line.trim()
             ),
         }
@@ -143,7 +154,7 @@ impl Control {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:<9} {:<8}",
+            "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:>9} {:>8} {:<9} {:<8}",
             "GROUP",
             "DISK",
             "W",
@@ -154,6 +165,8 @@ impl Control {
             "INFL_BYTES",
             "INFL_WR",
             "OLDEST_MS",
+            "PEAK_LAG",
+            "PEAK_MS",
             "CONNECTED",
             "DEGRADED"
         );
@@ -164,7 +177,7 @@ impl Control {
                 let w = s.writers.iter().find(|w| w.writer == d.writer);
                 let _ = writeln!(
                     out,
-                    "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:<9} {:<8}",
+                    "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:>9} {:>8} {:<9} {:<8}",
                     s.group,
                     d.name,
                     d.writer.0,
@@ -176,6 +189,8 @@ impl Control {
                     d.inflight_writes,
                     w.and_then(|w| w.oldest_unacked_age)
                         .map_or(0, |a| a.as_millis()),
+                    w.map_or(0, |w| w.peaks.lag),
+                    w.map_or(0, |w| w.peaks.commit_latency.as_millis()),
                     yes_no(s.connected),
                     yes_no(s.degraded),
                 );
@@ -338,9 +353,17 @@ pub fn request(path: &Path, line: &str) -> Result<String, CtlError> {
     }
 }
 
-/// Client: the status table (`pipecloud ctl status`).
-pub fn status(path: &Path) -> Result<String, CtlError> {
-    request(path, "status")
+/// Client: the status table (`pipecloud ctl status`); with `reset_peaks`, the
+/// worst-lag figures start afresh after this answer (`--reset-peaks`).
+pub fn status(path: &Path, reset_peaks: bool) -> Result<String, CtlError> {
+    request(
+        path,
+        if reset_peaks {
+            "status reset-peaks"
+        } else {
+            "status"
+        },
+    )
 }
 
 /// Client: switches the mode of `group` (or of the agent's only group)
@@ -434,6 +457,17 @@ mod tests {
             .expect("a row per disk");
         assert!(row.contains(" sync ") && row.contains(" no "), "{row}");
         assert!(status.contains("connected=no"), "{status}");
+        // The worst-lag columns; `reset-peaks` answers the same table, other words are refused.
+        assert!(
+            status.contains("PEAK_LAG") && status.contains("PEAK_MS"),
+            "{status}"
+        );
+        assert!(control
+            .handle("status reset-peaks")
+            .starts_with("ok\nGROUP"));
+        assert!(control
+            .handle("status now")
+            .starts_with("error: unknown request"));
 
         // Two groups: the group must be named.
         let g2 = ControlGroup {
@@ -481,7 +515,7 @@ mod tests {
         let (answer, status, err, in_use) = tokio::task::spawn_blocking(move || {
             (
                 set_mode(&p, Mode::Async, None),
-                status(&p),
+                status(&p, true),
                 request(&p, "mode nonsense"),
                 CtlServer::bind(&p, Arc::new(Control::default())).err(),
             )

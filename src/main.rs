@@ -94,7 +94,11 @@ struct CtlArgs {
 #[derive(Subcommand, Debug)]
 enum CtlCommand {
     /// Print the group's state: mode, pending and committed vectors, held packets.
-    Status,
+    Status {
+        /// After printing, start the worst-lag figures (PEAK_LAG, PEAK_MS) afresh.
+        #[arg(long)]
+        reset_peaks: bool,
+    },
     /// Switch the group's replication mode.
     Mode {
         /// async | sync | pipelined | checkpoint
@@ -167,7 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let out = match args.command {
-                CtlCommand::Status => pipecloud::ctl::status(&socket)?,
+                CtlCommand::Status { reset_peaks } => pipecloud::ctl::status(&socket, reset_peaks)?,
                 CtlCommand::Mode { mode } => {
                     let m = pipecloud::agent::block_mode(mode)?;
                     pipecloud::ctl::set_mode(&socket, m, None)?

@@ -52,7 +52,7 @@ mod tls;
 
 pub use mode::{BackupLossPolicy, Mode, ModeSwitch, UnknownMode};
 pub use runtime::ReplicationRuntime;
-pub use state::{write_cost, Coalesce, WRITE_OVERHEAD};
+pub use state::{write_cost, Coalesce, Peaks, WRITE_OVERHEAD};
 pub use tls::{client_config, TlsError, TlsFiles};
 
 use std::io;
@@ -343,6 +343,8 @@ pub struct WriterStatus {
     pub oldest_unacked_age: Option<Duration>,
     /// Empty filler writes issued to cover skipped seqs (normally 0).
     pub fillers: u64,
+    /// Worst lag seen since the client started or [`ReplicationClient::reset_peaks`].
+    pub peaks: Peaks,
 }
 
 impl WriterStatus {
@@ -748,6 +750,11 @@ impl ReplicationClient {
         };
         self.shared.lock().snapshot(Instant::now(), &mut s);
         s
+    }
+
+    /// Starts every writer's high-water marks ([`WriterStatus::peaks`]) afresh.
+    pub fn reset_peaks(&self) {
+        self.shared.lock().reset_peaks();
     }
 
     /// Stops the connection tasks; pending and later submits fail with

@@ -113,23 +113,35 @@ size = "{size}"
     std::fs::write(path, toml).expect("writing the topology");
 }
 
-/// (written, acked) of the disk's writer from `pipecloud ctl status`.
-fn written_acked(ctl: &Path) -> (u64, u64) {
+/// The disk's row of `pipecloud ctl status [ARGS]`, as numbers where they are
+/// (columns: group disk writer mode written acked lag infl_bytes infl_wr oldest_ms
+/// peak_lag peak_ms connected degraded; text columns read as 0).
+fn status_row(ctl: &Path, args: &[&str]) -> Vec<u64> {
     let (ok, out) = run(Command::new(env!("CARGO_BIN_EXE_pipecloud"))
         .args(["ctl", "--socket"])
         .arg(ctl)
-        .arg("status"));
+        .arg("status")
+        .args(args));
     assert!(ok, "pipecloud ctl status failed: {out}");
     let row = out
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|c| c.len() > 5 && c[0] == GROUP && c[1] == DISK)
+        .find(|c| c.len() > 11 && c[0] == GROUP && c[1] == DISK)
         .unwrap_or_else(|| panic!("no row for {GROUP}/{DISK} in the status:\n{out}"));
-    let num = |s: &str| {
-        s.parse::<u64>()
-            .unwrap_or_else(|_| panic!("bad number {s:?} in:\n{out}"))
-    };
-    (num(row[4]), num(row[5]))
+    row.iter()
+        .enumerate()
+        .map(|(i, s)| match (i, s.parse::<u64>()) {
+            (4..=11, Ok(n)) => n,
+            (4..=11, Err(_)) => panic!("bad number {s:?} in column {i} of:\n{out}"),
+            _ => 0,
+        })
+        .collect()
+}
+
+/// (written, acked) of the disk's writer from `pipecloud ctl status`.
+fn written_acked(ctl: &Path) -> (u64, u64) {
+    let row = status_row(ctl, &[]);
+    (row[4], row[5])
 }
 
 fn agent_with_real_clients(mode: &str) {
@@ -251,6 +263,20 @@ fn agent_with_real_clients(mode: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The worst lag seen: at least the write being issued, at most every write, and
+    // no write waited longer than the test's patience. `--reset-peaks` starts afresh.
+    let row = status_row(&ctl, &["--reset-peaks"]);
+    let (written, peak_lag, peak_ms) = (row[4], row[10], row[11]);
+    assert!(
+        (1..=written).contains(&peak_lag),
+        "peak lag {peak_lag} of {written} writes"
+    );
+    assert!(
+        u128::from(peak_ms) < PATIENCE.as_millis(),
+        "peak ack wait {peak_ms} ms"
+    );
+    let row = status_row(&ctl, &[]);
+    assert_eq!((row[10], row[11]), (0, 0), "peaks after --reset-peaks");
     agent.stop();
 
     let local =
@@ -260,7 +286,10 @@ fn agent_with_real_clients(mode: &str) {
     assert!(local[(17 << 20)..(17 << 20) + (64 << 10)]
         .iter()
         .all(|&b| b == 0xcd));
-    eprintln!("{mode}: {written} writes replicated; backup volume == local image");
+    eprintln!(
+        "{mode}: {written} writes replicated (worst lag {peak_lag} writes, {peak_ms} ms); \
+         backup volume == local image"
+    );
 }
 
 #[test]

@@ -1332,7 +1332,10 @@ pub fn wait_drained(site: &Site) {
     for p in ctl_sockets(site) {
         let mut unknown = false;
         let r = wait_until(Duration::from_secs(60), "replication to drain", || {
-            match pipecloud::ctl::status(&p).ok().and_then(|s| drained(&s)) {
+            match pipecloud::ctl::status(&p, false)
+                .ok()
+                .and_then(|s| drained(&s))
+            {
                 Some(d) => d,
                 None => {
                     unknown = true;

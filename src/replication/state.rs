@@ -71,6 +71,17 @@ struct WriterBuf {
     backlog_mark: Seq,
     /// Filler writes issued to cover seqs skipped by the causal state.
     fillers: u64,
+    /// High-water marks since the start or the last [`State::reset_peaks`].
+    peaks: Peaks,
+}
+
+/// High-water marks of one writer's replication lag: the worst exposure (RPO) seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peaks {
+    /// Most writes issued but not yet committed at once (seen when a write is issued).
+    pub lag: u64,
+    /// Longest time from issuing a write to learning the backup has it durable.
+    pub commit_latency: Duration,
 }
 
 /// A disk announced in the hello.
@@ -194,6 +205,7 @@ impl State {
                 inflight_bytes: 0,
                 backlog_mark: 0,
                 fillers: 0,
+                peaks: Peaks::default(),
             });
         }
         State {
@@ -290,6 +302,10 @@ impl State {
         debug_assert!(pipecloud_core::codec::validate_frame(&Frame::Write(write.clone())).is_ok());
         Self::insert(wb, &mut self.disks, seq, write, disk, permit, now);
         wb.written = wb.written.max(seq);
+        let lag = wb
+            .written
+            .saturating_sub(self.tracker.committed().get(writer.index()));
+        wb.peaks.lag = wb.peaks.lag.max(lag);
         (writer, seq, vector)
     }
 
@@ -322,7 +338,7 @@ impl State {
     }
 
     /// Removes buffered writes of `writer` with seqs in `range` (they are durable).
-    fn release(&mut self, writer: WriterId, first: Seq, last: Seq) {
+    fn release(&mut self, writer: WriterId, first: Seq, last: Seq, now: Instant) {
         let Some(wb) = self.writers.get_mut(&writer) else {
             return;
         };
@@ -333,6 +349,10 @@ impl State {
         for s in seqs {
             if let Some(e) = wb.unacked.remove(&s) {
                 wb.inflight_bytes -= e.cost;
+                wb.peaks.commit_latency = wb
+                    .peaks
+                    .commit_latency
+                    .max(now.saturating_duration_since(e.issued_at));
                 if let Some(d) = self.disks.get_mut(e.disk) {
                     d.inflight_bytes -= e.cost;
                     d.inflight_writes -= 1;
@@ -343,12 +363,12 @@ impl State {
 
     /// Removes every buffered write at or below each writer's committed prefix
     /// and publishes the committed vector to the causal state.
-    fn prune_and_publish(&mut self, causal: &CausalState) {
+    fn prune_and_publish(&mut self, causal: &CausalState, now: Instant) {
         let writers: Vec<WriterId> = self.writers.keys().copied().collect();
         for w in writers {
             let committed = self.tracker.committed().get(w.index());
             if committed > 0 {
-                self.release(w, 1, committed);
+                self.release(w, 1, committed, now);
             }
         }
         causal.publish_committed(self.tracker.committed());
@@ -436,7 +456,7 @@ impl State {
         self.heartbeats.clear();
         self.heartbeat_to_answer = None;
         self.sender_armed = None;
-        self.prune_and_publish(causal);
+        self.prune_and_publish(causal, now);
         let mut next = BTreeMap::new();
         for (w, wb) in self.writers.iter_mut() {
             wb.backlog_mark = wb.written;
@@ -474,8 +494,8 @@ impl State {
         self.tracker
             .ack(ack.writer, ack.generation, ack.first, ack.last)
             .map_err(|e| ProtocolViolation(format!("ack refused: {e}")))?;
-        self.release(ack.writer, ack.first, ack.last);
-        self.prune_and_publish(causal);
+        self.release(ack.writer, ack.first, ack.last, now);
+        self.prune_and_publish(causal, now);
         Ok(())
     }
 
@@ -484,7 +504,7 @@ impl State {
         self.last_heard = now;
         let v = self.clamp_own(v, "committed vector");
         if self.tracker.observe_committed(&v) {
-            self.prune_and_publish(causal);
+            self.prune_and_publish(causal, now);
         }
     }
 
@@ -673,6 +693,13 @@ impl State {
     }
 
     /// A snapshot for `status` (without the fields the client fills in).
+    /// Starts the high-water marks ([`Peaks`]) of every writer afresh.
+    pub fn reset_peaks(&mut self) {
+        for wb in self.writers.values_mut() {
+            wb.peaks = Peaks::default();
+        }
+    }
+
     pub fn snapshot(&self, now: Instant, status: &mut ReplicationStatus) {
         status.connected = self.connected;
         status.registered = self.registered;
@@ -700,6 +727,7 @@ impl State {
                     .next()
                     .map(|e| now.saturating_duration_since(e.issued_at)),
                 fillers: wb.fillers,
+                peaks: wb.peaks,
             })
             .collect();
         status.disks = self
@@ -817,6 +845,52 @@ mod tests {
         stale.generation = GEN - 1;
         st.on_ack(&stale, &causal, t0).unwrap();
         assert_eq!(causal.committed().get(W.index()), 13);
+    }
+
+    #[test]
+    fn peaks_keep_the_worst_lag_until_reset() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let (mut st, causal, _) = state(t0);
+        st.on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
+            .unwrap();
+        let peaks = |st: &State| {
+            let mut s = ReplicationStatus::default();
+            st.snapshot(t0, &mut s);
+            s.writers.iter().find(|w| w.writer == W).unwrap().peaks
+        };
+        assert_eq!(peaks(&st), Peaks::default());
+        // Three writes at t0, t0+1ms, t0+2ms; nothing acked: a lag of 3.
+        for i in 0..3 {
+            st.issue(&causal, 0, 0, data(10), None, t0 + ms(i));
+        }
+        assert_eq!(peaks(&st).lag, 3);
+        assert_eq!(peaks(&st).commit_latency, Duration::ZERO);
+        // 1..=2 acked at t0+7ms: the oldest waited 7 ms. Then a fourth write: lag 2 < 3.
+        st.on_ack(&ack(1, 2), &causal, t0 + ms(7)).unwrap();
+        st.issue(&causal, 0, 0, data(10), None, t0 + ms(8));
+        assert_eq!(
+            peaks(&st),
+            Peaks {
+                lag: 3,
+                commit_latency: ms(7)
+            }
+        );
+        // Acked by a committed vector: 3 (issued at 2 ms) after 10 ms is the new worst.
+        st.on_committed(&CountVector::from_slice(&[0, 4]), &causal, t0 + ms(12));
+        assert_eq!(peaks(&st).commit_latency, ms(10));
+        // An ack arriving later never lowers a peak; a reset starts afresh.
+        st.reset_peaks();
+        assert_eq!(peaks(&st), Peaks::default());
+        st.issue(&causal, 0, 0, data(10), None, t0 + ms(20));
+        st.on_ack(&ack(5, 5), &causal, t0 + ms(21)).unwrap();
+        assert_eq!(
+            peaks(&st),
+            Peaks {
+                lag: 1,
+                commit_latency: ms(1)
+            }
+        );
     }
 
     #[test]
