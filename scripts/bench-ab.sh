@@ -14,7 +14,9 @@
 #            WORKERS=N runs the agent with `--worker-threads N` (default 1);
 #            AGENT_ARGS="..." adds arguments to `pipecloud agent` (e.g. "--replication-thread false");
 #            BACKUP_IDLE=1 runs the backup server SCHED_IDLE (`chrt --idle 0`): it gets only CPU
-#            the primary's stack leaves idle, as if it ran on another host.
+#            the primary's stack leaves idle, as if it ran on another host;
+#            PIN=W/R/B pins the agent's runtime workers to CPUs W, its replication thread to R and
+#            the backup server's threads to B (taskset lists: "0/1/1", "0/1/0-1").
 #   For the agent variants a second table gives the replication lag of each workload (the worst
 #   during it, what was left when it ended, how long the backup took to ack that).
 #   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x \
@@ -74,16 +76,33 @@ start() {
       local e pol="" wk=1 idle=() extra=()
       for e in "$@"; do case "$e" in POLICY=*) pol=${e#POLICY=} ;; WORKERS=*) wk=${e#WORKERS=} ;;
         BACKUP_IDLE=1) idle=(chrt --idle 0) ;; AGENT_ARGS=*) read -r -a extra <<<"${e#AGENT_ARGS=}" ;;
+        PIN=*) pin=${e#PIN=} ;;
         esac; done
       env "$@" ${idle[@]+"${idle[@]}"} "$bin/backup-server" serve --config "$B/backup-server.toml" \
         </dev/null >"$T/backup.log" 2>&1 &
-      pids+=($!)
+      pids+=($!); backup_pid=$!
       POLICY="$pol" bench_topology "$T/t.toml" "$T" "$B" "$port" "${kind#agent-}" 512M
       env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network --worker-threads "$wk" ${extra[@]+"${extra[@]}"} \
         </dev/null >"$T/srv.log" 2>&1 &
-      pids+=($!); sock="$T/nbd/disk0.sock" ;;
+      pids+=($!); agent_pid=$!; sock="$T/nbd/disk0.sock" ;;
     *) echo "bench-ab: unknown variant kind $kind" >&2; exit 2 ;;
   esac
+}
+
+# pin_threads W/R/B: CPU affinity (taskset lists) of the agent's runtime worker threads, its
+# replication thread and every thread of the backup server (threads started later, e.g. io-wq
+# workers, are not pinned).
+pin_threads() {
+  local w r b t
+  IFS=/ read -r w r b <<<"$1"
+  sleep 0.2 # the threads of both processes are up by then
+  for t in /proc/"$agent_pid"/task/*; do
+    case "$(cat "$t/comm")" in
+      tokio-rt-worker) taskset -pc "$w" "${t##*/}" >/dev/null ;;
+      pc-replication) taskset -pc "$r" "${t##*/}" >/dev/null ;;
+    esac
+  done
+  for t in /proc/"$backup_pid"/task/*; do taskset -pc "$b" "${t##*/}" >/dev/null; done
 }
 
 # The replication lag of an agent variant's workload, from `pipecloud ctl status`: repl_reset before
@@ -115,9 +134,10 @@ run() { # LABEL KIND ENV...
   local e rest=(); bin="$R"
   for e in "$@"; do case "$e" in BIN=*) bin=${e#BIN=} ;; *) rest+=("$e") ;; esac; done
   set -- "${rest[@]}"
-  sock=""; start "$kind" "$@"
+  sock=""; pin=""; start "$kind" "$@"
   for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
   [ -S "$sock" ] || { echo "bench-ab: $label did not start" >&2; cat "$T/srv.log" >&2; exit 1; }
+  [ -z "$pin" ] || pin_threads "$pin"
   mkdir -p "$T/fuse"; rm -f "$T/pid"
   nbdfuse -C 1 -P "$T/pid" "$T/fuse/disk" "nbd+unix:///disk0?socket=$sock" </dev/null >/dev/null 2>&1 &
   pids+=($!)
