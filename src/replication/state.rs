@@ -80,7 +80,9 @@ struct WriterBuf {
 pub struct Peaks {
     /// Most writes issued but not yet committed at once (seen when a write is issued).
     pub lag: u64,
-    /// Longest time from issuing a write to learning the backup has it durable.
+    /// Longest time from issuing a write to learning the backup has it durable. In a
+    /// status snapshot it also counts the wait so far of the oldest write still unacked,
+    /// so a backup that stays away shows here before it answers.
     pub commit_latency: Duration,
 }
 
@@ -700,6 +702,7 @@ impl State {
         }
     }
 
+    /// Fills `status` with the state as of `now`.
     pub fn snapshot(&self, now: Instant, status: &mut ReplicationStatus) {
         status.connected = self.connected;
         status.registered = self.registered;
@@ -714,20 +717,29 @@ impl State {
         status.writers = self
             .writers
             .iter()
-            .map(|(w, wb)| WriterStatus {
-                writer: *w,
-                generation: wb.generation,
-                written: wb.written,
-                acked: self.tracker.committed().get(w.index()),
-                inflight_bytes: wb.inflight_bytes,
-                inflight_writes: wb.unacked.len(),
-                oldest_unacked_age: wb
+            .map(|(w, wb)| {
+                let oldest_unacked_age = wb
                     .unacked
                     .values()
                     .next()
-                    .map(|e| now.saturating_duration_since(e.issued_at)),
-                fillers: wb.fillers,
-                peaks: wb.peaks,
+                    .map(|e| now.saturating_duration_since(e.issued_at));
+                WriterStatus {
+                    writer: *w,
+                    generation: wb.generation,
+                    written: wb.written,
+                    acked: self.tracker.committed().get(w.index()),
+                    inflight_bytes: wb.inflight_bytes,
+                    inflight_writes: wb.unacked.len(),
+                    oldest_unacked_age,
+                    fillers: wb.fillers,
+                    peaks: Peaks {
+                        lag: wb.peaks.lag,
+                        commit_latency: wb
+                            .peaks
+                            .commit_latency
+                            .max(oldest_unacked_age.unwrap_or_default()),
+                    },
+                }
             })
             .collect();
         status.disks = self
@@ -854,11 +866,12 @@ mod tests {
         let (mut st, causal, _) = state(t0);
         st.on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0)
             .unwrap();
-        let peaks = |st: &State| {
+        let peaks_at = |st: &State, now: Instant| {
             let mut s = ReplicationStatus::default();
-            st.snapshot(t0, &mut s);
+            st.snapshot(now, &mut s);
             s.writers.iter().find(|w| w.writer == W).unwrap().peaks
         };
+        let peaks = |st: &State| peaks_at(st, t0);
         assert_eq!(peaks(&st), Peaks::default());
         // Three writes at t0, t0+1ms, t0+2ms; nothing acked: a lag of 3.
         for i in 0..3 {
@@ -883,6 +896,8 @@ mod tests {
         st.reset_peaks();
         assert_eq!(peaks(&st), Peaks::default());
         st.issue(&causal, 0, 0, data(10), None, t0 + ms(20));
+        // A write still waiting counts with its wait so far (a backup that stays away).
+        assert_eq!(peaks_at(&st, t0 + ms(520)).commit_latency, ms(500));
         st.on_ack(&ack(5, 5), &causal, t0 + ms(21)).unwrap();
         assert_eq!(
             peaks(&st),
