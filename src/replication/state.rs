@@ -694,7 +694,6 @@ impl State {
         None
     }
 
-    /// A snapshot for `status` (without the fields the client fills in).
     /// Starts the high-water marks ([`Peaks`]) of every writer afresh.
     pub fn reset_peaks(&mut self) {
         for wb in self.writers.values_mut() {
@@ -702,7 +701,7 @@ impl State {
         }
     }
 
-    /// Fills `status` with the state as of `now`.
+    /// A snapshot for `status` (without the fields the client fills in).
     pub fn snapshot(&self, now: Instant, status: &mut ReplicationStatus) {
         status.connected = self.connected;
         status.registered = self.registered;
