@@ -1,8 +1,8 @@
 //! One client's request/response time, the measure of figures (b) and (c).
 //!
 //! A single client sends requests one after the other to the front tier of a
-//! site for a fixed time; each request carries a fresh id (so every tier's
-//! database insert is new) and its round trip is summarised as [`LatStats`]
+//! site for a fixed time; each request carries a fresh id (so each tier with a
+//! database inserts a new row) and its round trip is summarised as [`LatStats`]
 //! (mean, median, p99). With one client and no queueing, the response time
 //! shows directly what the replication mode adds to each request.
 

@@ -22,11 +22,11 @@ use std::time::Duration;
 /// Measured RTT of one site.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct RttRow {
-    pub(super) site: String,
-    pub(super) target_ms: f64,
-    pub(super) median_ms: f64,
-    pub(super) mean_ms: f64,
-    pub(super) p99_ms: f64,
+    site: String,
+    target_ms: f64,
+    median_ms: f64,
+    mean_ms: f64,
+    p99_ms: f64,
 }
 
 pub(super) fn rtt_row(site: &str, target: Duration, r: &RttReport) -> RttRow {
@@ -68,15 +68,15 @@ pub(super) struct CPoint {
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct DPoint {
     pub(super) mode: String,
-    pub(super) issued: i64,
-    pub(super) cv: usize,
-    pub(super) sv: usize,
-    pub(super) pv: usize,
-    pub(super) unsafe_replies: usize,
+    issued: i64,
+    cv: usize,
+    sv: usize,
+    pv: usize,
+    unsafe_replies: usize,
     pub(super) window_cv: usize,
     pub(super) window_sv: usize,
     pub(super) window_pv: usize,
-    pub(super) failover_ms: u64,
+    failover_ms: u64,
 }
 
 impl DPoint {
