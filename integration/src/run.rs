@@ -3,7 +3,8 @@
 //! primary host, the protected disks mounted through NBD -> nbdfuse -> loop ->
 //! ext4, a stock PostgreSQL per writer machine, and the CompDB tiers.
 //!
-//! Dropping a [`Site`] tears everything down in the order that works (NOTES.md):
+//! Dropping a [`Site`] tears everything down in the order that works
+//! (docs/machine.md, "Network namespaces and mounts"):
 //! clients and servers, mounts, loop devices, FUSE, agents, backup, namespaces.
 
 use crate::netns::{cleanup_prefix, spawn_in};

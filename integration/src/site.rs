@@ -1,5 +1,5 @@
 //! The site builder: a primary site, a WAN and a backup site out of network
-//! namespaces on one machine (DESIGN §5).
+//! namespaces on one machine (docs/design.md §5, testing on one machine).
 //!
 //! ```text
 //!  [client] ──┐                                  ┌── [machine web] (10.10.0.2)
@@ -20,7 +20,8 @@
 //!   only way to the backup namespace, where `backup-server` runs as `nobody`.
 //!
 //! Everything is named with the run's prefix and removed on drop, in the order that
-//! works (NOTES.md): servers, mounts, loop devices, FUSE, agents, backup, namespaces.
+//! works (docs/machine.md, "Network namespaces and mounts"): servers, mounts, loop
+//! devices, FUSE, agents, backup, namespaces.
 
 use crate::netns::{addr, route, veth, Netns};
 use crate::sys::{sh, sh_quiet, wait_until, Guarded};
@@ -306,7 +307,8 @@ impl MountedDisk {
         Ok(d)
     }
 
-    /// Tears down in the order that works (NOTES.md).
+    /// Tears down in the order that works (docs/machine.md, "Network namespaces
+    /// and mounts").
     pub fn detach(&mut self) {
         if self.mounted {
             sh_quiet(&["umount", "-l", &self.mountpoint.to_string_lossy()]);

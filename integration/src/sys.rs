@@ -65,7 +65,8 @@ pub struct Guarded {
 
 impl Guarded {
     /// Spawns `cmd` with stdio redirected to `log` (daemons started from a test
-    /// must not hold the harness's pipes: NOTES.md).
+    /// must not hold the harness's pipes: docs/machine.md,
+    /// "Network namespaces and mounts").
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Guarded> {
         let f =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -153,7 +154,8 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) ->
 
 /// Re-executes the current program inside a private mount namespace (once), so
 /// every mount the harness makes is invisible to the rest of the machine and
-/// vanishes with it (DESIGN §5, NOTES "Mounts and namespaces").
+/// vanishes with it (docs/design.md §5, testing on one machine;
+/// docs/machine.md, "Network namespaces and mounts").
 pub fn ensure_private_mount_ns() -> Result<()> {
     const MARK: &str = "PIPECLOUD_HARNESS_PRIVATE_MNT";
     if std::env::var_os(MARK).is_some() {

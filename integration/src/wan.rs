@@ -1,6 +1,6 @@
 //! WAN emulation without netem: the router namespace queues every forwarded
 //! packet to NFQUEUE and a dedicated thread issues each verdict `one_way` after
-//! the packet arrived (NOTES.md "WAN emulation").
+//! the packet arrived (docs/machine.md, "WAN emulation (no netem)").
 //!
 //! The delay is the same in both directions, so packets leave in arrival order
 //! and one batch verdict ("accept every id up to N") releases all that are due.

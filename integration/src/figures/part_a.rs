@@ -1,0 +1,195 @@
+//! Figure (a): pgbench throughput and latency against the number of clients,
+//! per replication variant, on ONE database.
+//!
+//! The agent's modes (`async`, `sync`, `pipelined`) are switched at run time on
+//! a single running site, interleaved point by point, so a drift of the
+//! machine's background load hits every variant alike; PostgreSQL's own
+//! synchronous standby is attached afterwards across the same WAN. The largest
+//! client count carries the headline ratios, so it is repeated and each
+//! variant's median run is kept.
+
+use super::report::{rtt_row, APoint, Figures};
+use super::rig::{rtt_retry, site_options, topology_file, BareRig, Rig};
+use super::{check_interrupted, Plan, SINGLE_DB};
+use crate::pgbench::{self, PgbenchResult};
+use crate::run::Site;
+use crate::standby::SyncStandby;
+use anyhow::{bail, Result};
+use pipecloud_core::topology::Mode;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A replication variant of figure (a).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum Variant {
+    Async,
+    Sync,
+    Pipelined,
+    /// PostgreSQL's synchronous streaming replication to a standby across the WAN.
+    PgSync,
+    /// PostgreSQL on a plain directory, no replication (only with `--no-agent`).
+    Plain,
+}
+
+impl Variant {
+    const ALL: [Variant; 5] = [
+        Variant::Async,
+        Variant::Sync,
+        Variant::Pipelined,
+        Variant::PgSync,
+        Variant::Plain,
+    ];
+
+    /// Name in tables, CSV files and on the command line.
+    fn as_str(self) -> &'static str {
+        match self {
+            Variant::Async => "async",
+            Variant::Sync => "sync",
+            Variant::Pipelined => "pipelined",
+            Variant::PgSync => "pg-sync-standby",
+            Variant::Plain => "no-replication",
+        }
+    }
+
+    fn mode(self) -> Option<Mode> {
+        match self {
+            Variant::Async => Some(Mode::Async),
+            Variant::Sync => Some(Mode::Sync),
+            Variant::Pipelined => Some(Mode::Pipelined),
+            Variant::PgSync | Variant::Plain => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "pgsync" | "pg-sync" => Ok(Variant::PgSync),
+            "plain" => Ok(Variant::Plain),
+            t => Variant::ALL
+                .into_iter()
+                .find(|v| v.as_str() == t)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown variant {s:?} (expected async, sync, pipelined, pgsync or plain)"
+                    )
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// (a) pgbench vs clients per variant, on ONE site (modes switched at run time).
+pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<()> {
+    let dir = work.join("a");
+    let rig = if plan.no_agent {
+        Rig::Bare(Box::new(BareRig::up(SINGLE_DB, &dir, prefix, plan.rtt)?))
+    } else {
+        let topo = topology_file(&work.join("topologies"), "single-db.toml", SINGLE_DB)?;
+        Rig::Site(Box::new(rtt_retry(|| {
+            Site::up(&topo, &dir, prefix, &site_options(plan, Mode::Async, false))
+        })?))
+    };
+    fig.rtt.push(rtt_row("(a) single-db", plan.rtt, &rig.rtt()));
+    let ep = rig.endpoint()?;
+    if let Rig::Site(_) = &rig {
+        rig.set_mode(Mode::Async)?;
+    }
+    let t = Instant::now();
+    pgbench::init(&ep, 1)?;
+    eprintln!(
+        "figures: (a) pgbench -i -s 1 took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    rig.drain();
+    // Two passes: the variants of the running site, interleaved per point (so a
+    // drift of the machine's background load hits them alike), then
+    // PostgreSQL's own synchronous standby (attached once).
+    let (local, standby_pass): (Vec<Variant>, Vec<Variant>) = plan
+        .variants
+        .iter()
+        .partition(|v| !matches!(v, Variant::PgSync));
+    for pass in [local, standby_pass] {
+        if pass.is_empty() {
+            continue;
+        }
+        let mut standby = None;
+        if pass.contains(&Variant::PgSync) {
+            if let Rig::Site(_) = &rig {
+                rig.set_mode(Mode::Async)?;
+            }
+            let t = Instant::now();
+            standby = Some(SyncStandby::attach(rig.db()?, &rig.standby_plan(&dir)?)?);
+            eprintln!(
+                "figures: (a) synchronous standby attached across the WAN in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        if pass.contains(&Variant::Plain) {
+            if let Rig::Site(_) = &rig {
+                bail!("variant no-replication needs --no-agent");
+            }
+        }
+        let top = plan.clients.iter().copied().max().unwrap_or(0);
+        for &w in &plan.workloads {
+            for &c in &plan.clients {
+                // The largest client count carries the headline ratios: repeat it
+                // (interleaved) and keep each variant's median run.
+                let reps = if c == top { plan.top_reps.max(1) } else { 1 };
+                let mut runs: BTreeMap<Variant, Vec<PgbenchResult>> = BTreeMap::new();
+                for _ in 0..reps {
+                    for &v in &pass {
+                        check_interrupted()?;
+                        if let Some(m) = v.mode() {
+                            rig.set_mode(m)?;
+                        }
+                        rig.drain();
+                        let secs = Duration::from_secs(plan.secs);
+                        match pgbench::run_workload(&ep, w, c, secs, &dir) {
+                            Ok(r) => {
+                                eprintln!(
+                                    "figures: (a) {v:<16} {w:<16} clients={c:<3} tps={:>9.1} latency={:>9.2} ms failed={}",
+                                    r.tps, r.latency_ms, r.failed
+                                );
+                                runs.entry(v).or_default().push(r);
+                            }
+                            Err(e) => eprintln!("figures: (a) {v} {w} clients={c}: FAILED: {e:#}"),
+                        }
+                    }
+                }
+                for (v, mut rs) in runs {
+                    rs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
+                    if let Some(r) = rs.get(rs.len() / 2).copied() {
+                        fig.a.push(APoint {
+                            variant: v.as_str().to_string(),
+                            workload: w.as_str().to_string(),
+                            clients: c,
+                            r,
+                        });
+                    }
+                }
+            }
+        }
+        drop(standby);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_parse() {
+        assert_eq!("pgsync".parse::<Variant>(), Ok(Variant::PgSync));
+        assert_eq!("pipelined".parse::<Variant>(), Ok(Variant::Pipelined));
+        assert!("drbd".parse::<Variant>().is_err());
+    }
+}

@@ -1,0 +1,268 @@
+//! The systems the figures measure on, and how a part steers them.
+//!
+//! Every part builds an emulated site (network namespaces, calibrated WAN,
+//! agents, backup) from an embedded topology, retrying only when the WAN
+//! calibration missed the configured RTT. Between measurement points a part
+//! switches the agents' replication mode through their control sockets and
+//! waits until replication has drained, so one variant does not inherit the
+//! previous one's backlog. Figure (a) can also run without the agent
+//! (`--no-agent`): [`Rig`] hides whether its database sits on a full site or
+//! on a [`BareRig`] (PostgreSQL on a plain directory behind the same WAN).
+
+use super::Plan;
+use crate::netns::cleanup_prefix;
+use crate::pg::{initdb, Postgres};
+use crate::pgbench::Endpoint;
+use crate::run::{ms, Site, SiteOptions, PG_PORT};
+use crate::site::{host_lan_ip, Network, BACKUP_IP};
+use crate::standby::StandbyPlan;
+use crate::sys::wait_until;
+use crate::wan::{start_calibrated, RttReport, WanDelay};
+use anyhow::{anyhow, bail, Context, Result};
+use pipecloud_core::topology::{Mode, Topology};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub(super) fn site_options(plan: &Plan, mode: Mode, tiers: bool) -> SiteOptions {
+    SiteOptions {
+        rtt: plan.rtt,
+        mode,
+        compute_ms: Vec::new(),
+        tiers,
+        rtt_tolerance: Duration::from_millis(1),
+        outbound_override: None,
+    }
+}
+
+/// Writes an embedded topology to `dir/name`.
+pub(super) fn topology_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let p = dir.join(name);
+    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    Ok(p)
+}
+
+/// Runs `f` (which builds a site) up to 3 times while it fails only because the
+/// calibrated WAN missed the configured RTT (a burst of load on this machine
+/// during the calibration); any other error is returned at once.
+pub(super) fn rtt_retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Err(e) if attempt < 3 && format!("{e:#}").contains("refusing to run") => {
+                eprintln!(
+                    "figures: {e:#}; building the site again (attempt {})",
+                    attempt + 1
+                );
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The agents' control sockets of a site (`<nbd_dir>/ctl.sock`, nbd_dir = `<work>/h<i>`).
+fn ctl_sockets(site: &Site) -> Vec<PathBuf> {
+    (0..site.topo.hosts.len())
+        .map(|i| site.work.join(format!("h{i}")).join("ctl.sock"))
+        .collect()
+}
+
+/// Switches every agent of the site to `mode` at run time.
+pub(super) fn set_mode(site: &Site, mode: Mode) -> Result<()> {
+    let m: pipecloud::replication::Mode = mode.as_str().parse().map_err(|e| anyhow!("{e}"))?;
+    for p in ctl_sockets(site) {
+        pipecloud::ctl::set_mode(&p, m, None)
+            .with_context(|| format!("switching {} to {mode}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether an agent's status shows no unacknowledged replication data.
+fn drained(status: &str) -> Option<bool> {
+    let v: Vec<&str> = status
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("inflight="))
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    Some(v.iter().all(|x| x.starts_with("0/")))
+}
+
+/// Waits (up to 60 s) until every agent has all writes acknowledged, so a
+/// variant does not inherit the previous one's backlog.
+pub(super) fn wait_drained(site: &Site) {
+    for p in ctl_sockets(site) {
+        let mut unknown = false;
+        let r = wait_until(Duration::from_secs(60), "replication to drain", || {
+            match pipecloud::ctl::status(&p, false)
+                .ok()
+                .and_then(|s| drained(&s))
+            {
+                Some(d) => d,
+                None => {
+                    unknown = true;
+                    true
+                }
+            }
+        });
+        if unknown {
+            eprintln!(
+                "figures: cannot read the in-flight bytes of {}; waiting 1 s",
+                p.display()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if let Err(e) = r {
+            eprintln!("figures: warning: {e:#}");
+        }
+    }
+}
+
+/// PostgreSQL on a plain directory behind the emulated network and WAN, with no
+/// agent (`--no-agent`: develops and checks (a)'s pgbench and standby paths).
+pub(super) struct BareRig {
+    pg: Option<Postgres>,
+    _wan: WanDelay,
+    net: Network,
+    topo: Topology,
+    rtt: RttReport,
+}
+
+impl BareRig {
+    pub(super) fn up(text: &str, work: &Path, prefix: &str, rtt: Duration) -> Result<BareRig> {
+        let topo = Topology::parse(text, "single-db.toml").map_err(|e| anyhow!("{e}"))?;
+        cleanup_prefix(prefix);
+        std::fs::create_dir_all(work)?;
+        let net = Network::build(&topo, prefix)?;
+        let probe = SocketAddr::new(BACKUP_IP.into(), 7990);
+        let (wan, r) = start_calibrated(
+            &net.names.wan(),
+            rtt,
+            &net.names.host(0),
+            &net.names.backup(),
+            probe,
+            100,
+        )?;
+        eprintln!(
+            "figures: WAN rtt target {:?}, measured median {:.2} ms",
+            rtt,
+            ms(r.median)
+        );
+        let m = topo.machines.first().context("topology without machines")?;
+        let datadir = work.join("pgdata");
+        initdb(&datadir)?;
+        let pg = Postgres::start(
+            &m.name,
+            &net.names.machine(0),
+            m.ip,
+            PG_PORT,
+            &datadir,
+            &work.join(format!("pg-{}.log", m.name)),
+            &[],
+        )?;
+        Ok(BareRig {
+            pg: Some(pg),
+            _wan: wan,
+            net,
+            topo,
+            rtt: r,
+        })
+    }
+}
+
+impl Drop for BareRig {
+    fn drop(&mut self) {
+        if let Some(mut pg) = self.pg.take() {
+            pg.stop();
+        }
+    }
+}
+
+/// Figure (a)'s database: a full site (agent) or a bare one.
+pub(super) enum Rig {
+    Site(Box<Site>),
+    Bare(Box<BareRig>),
+}
+
+impl Rig {
+    fn topo(&self) -> &Topology {
+        match self {
+            Rig::Site(s) => &s.topo,
+            Rig::Bare(b) => &b.topo,
+        }
+    }
+    fn names(&self) -> &crate::site::Names {
+        match self {
+            Rig::Site(s) => &s.net.names,
+            Rig::Bare(b) => &b.net.names,
+        }
+    }
+    pub(super) fn rtt(&self) -> RttReport {
+        match self {
+            Rig::Site(s) => s.rtt,
+            Rig::Bare(b) => b.rtt,
+        }
+    }
+    pub(super) fn db(&self) -> Result<&Postgres> {
+        match self {
+            Rig::Site(s) => s.dbs.first().and_then(|d| d.as_ref()),
+            Rig::Bare(b) => b.pg.as_ref(),
+        }
+        .context("the site has no database on its first machine")
+    }
+    pub(super) fn endpoint(&self) -> Result<Endpoint> {
+        let pg = self.db()?;
+        Ok(Endpoint {
+            client_ns: self.names().client(),
+            host: pg.ip,
+            port: pg.port,
+        })
+    }
+    pub(super) fn set_mode(&self, mode: Mode) -> Result<()> {
+        match self {
+            Rig::Site(s) => set_mode(s, mode),
+            Rig::Bare(_) => bail!("variant {mode} needs the agent (run without --no-agent)"),
+        }
+    }
+    pub(super) fn drain(&self) {
+        if let Rig::Site(s) = self {
+            wait_drained(s);
+        }
+    }
+    pub(super) fn standby_plan(&self, dir: &Path) -> Result<StandbyPlan> {
+        let topo = self.topo();
+        let m = topo.machines.first().context("no machine")?;
+        let hi = topo
+            .hosts
+            .iter()
+            .position(|h| h.name == m.host)
+            .context("machine on an unknown host")?;
+        Ok(StandbyPlan {
+            backup_ns: self.names().backup(),
+            backup_ip: BACKUP_IP,
+            wan_ns: self.names().wan(),
+            primary_host_lan_ip: host_lan_ip(hi),
+            datadir: dir.join("standby"),
+            log: dir.join("pg-standby.log"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drained_reads_the_status_summary() {
+        assert_eq!(
+            drained("group g: mode=sync inflight=0/67108864 committed=[3]"),
+            Some(true)
+        );
+        assert_eq!(drained("group g: inflight=4096/67108864"), Some(false));
+        assert_eq!(drained("no such field"), None);
+    }
+}
