@@ -959,14 +959,17 @@ fn kernel_hold_count_resyncs_after_lost_packets() {
 // (c) fail-closed: SIGKILL the agent while packets are held
 // ---------------------------------------------------------------------------
 
-/// The agent of test (c), run as a child process by `fail_closed_on_agent_kill`.
-/// Does nothing unless the environment names a dom0 namespace.
+/// The agent of test (c), run as a child process by `fail_closed_on_agent_kill`,
+/// which names its dom0 namespace in the environment. Run on its own it checks
+/// nothing, so it fails.
 #[test]
 #[ignore = "helper process of fail_closed_on_agent_kill"]
 fn child_hold_agent() {
-    let Ok(dom0) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+    let dom0 = std::env::var(CHILD_ENV).unwrap_or_else(|_| {
+        panic!(
+            "child_hold_agent is a helper process of fail_closed_on_agent_kill ({CHILD_ENV} unset)"
+        )
+    });
     let rt = runtime();
     rt.block_on(async {
         let topo = topology();
