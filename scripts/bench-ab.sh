@@ -113,7 +113,10 @@ pin_threads() {
 # Tells whether a variant's IOPS only deferred the backup's work (e.g. BACKUP_IDLE=1): async mode
 # lets the replica lag, by design, up to the in-flight budget; a lag that grows all run is not a
 # rate the pair can sustain.
-repl_reset() { "$bin/pipecloud" ctl --socket "$1" status --reset-peaks >/dev/null 2>&1 || true; }
+repl_reset() {
+  "$bin/pipecloud" ctl --socket "$1" status --reset-peaks >/dev/null 2>&1 ||
+    echo "bench-ab: could not reset the peaks of $1: its PEAK figures also cover earlier runs" >&2
+}
 repl_lag() {
   local st lag peak pms t0 now
   t0=$(date +%s%N)

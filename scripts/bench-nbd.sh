@@ -153,6 +153,7 @@ run_fio agent-pipelined "$loop" "$RUNTIME"
 agent_mode sync
 echo "bench-nbd: agent switched to sync" >&2
 run_fio agent-sync "$loop" "$RUNTIME"
+# For the reader only (a figure, not a check): a failed status leaves its error in the file.
 "$rel/pipecloud" ctl --socket "$T/ctl.sock" status >"$T/agent-status.txt" 2>&1 || true
 teardown_stack
 

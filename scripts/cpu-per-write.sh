@@ -103,6 +103,7 @@ fio --name=w --rw=randwrite --direct=1 --ioengine=libaio --iodepth="${QD:-32}" -
   --output="$T/fio.json" ${FIO_ARGS:-} >/dev/null
 snap >"$T/s1"
 head -1 /proc/stat >"$T/stat1"
+# perf stat exits non-zero when interrupted, as it is here: harmless (a figure, not a check).
 [ -z "${SYSCALLS:-}" ] || wait "${perf_stat[@]}" || true
 wait_perf() { [ -z "${PERF:-}" ] || sleep 1; }
 wait_perf

@@ -15,7 +15,11 @@ cargo build --workspace --release --all-targets
 # (a `cargo build -p backup-server` there would rebuild TLS crates with other features).
 export PIPECLOUD_BACKUP_SERVER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/backup-server"
 cargo test --workspace --release --no-fail-fast -- --nocapture 2>&1 | tee target/test-output.log
-grep -E '^model: ' target/test-output.log || true
+# A check that did not run must not pass: no SKIP line, no test ignored but the
+# deliberate ones, and the core's model test printed its summary.
+./scripts/check-test-log.sh target/test-output.log
+grep -E '^model: [1-9][0-9]* schedules' target/test-output.log ||
+  { echo "test.sh: the core's model test printed no summary: it did not run" >&2; exit 1; }
 
 # End-to-end disaster checks (issue 6): real PostgreSQL on protected disks, an
 # emulated 50 ms WAN, the whole primary site killed at random instants.

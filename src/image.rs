@@ -613,7 +613,15 @@ mod uring {
         /// the policy (for measurements).
         pub(super) fn try_fsync_inline(&self) -> Option<io::Result<()>> {
             static OVERRIDE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-            let forced = policy_override(&OVERRIDE, "PIPECLOUD_DIRECT_FSYNC");
+            self.try_fsync_inline_forced(policy_override(&OVERRIDE, "PIPECLOUD_DIRECT_FSYNC"))
+        }
+
+        /// [`Ring::try_fsync_inline`] with the override given: `None` is the policy,
+        /// `Some(true)` always direct (when a slot is free), `Some(false)` never.
+        pub(super) fn try_fsync_inline_forced(
+            &self,
+            forced: Option<bool>,
+        ) -> Option<io::Result<()>> {
             if self.shared.closed.load(Ordering::Relaxed) {
                 return None;
             }
@@ -1015,9 +1023,8 @@ mod tests {
 
     #[test]
     fn a_lone_flush_is_direct_unless_the_last_was_slow_or_io_is_in_flight() {
-        if std::env::var_os("PIPECLOUD_DIRECT_FSYNC").is_some() {
-            return; // the policy is overridden
-        }
+        // The policy itself (`None`) and both overrides, whatever
+        // PIPECLOUD_DIRECT_FSYNC says in this process's environment.
         // tmpfs where there is one: fast fsyncs, so the guard's recovery is deterministic.
         let shm = Path::new("/dev/shm");
         let dir = if shm.is_dir() {
@@ -1029,30 +1036,45 @@ mod tests {
         };
         let img = LocalImage::open(dir.0.join("f.img"), 1 << 20).unwrap();
         let Engine::Uring(ring) = &img.engine else {
-            return; // io_uring unavailable here: the pool path has no fast path
+            panic!(
+                "io_uring is unavailable here (see the warning above: kernel, seccomp or \
+                 kernel.io_uring_disabled), so the direct-FLUSH policy of the io_uring \
+                 engine cannot be checked"
+            );
         };
+        let policy = || ring.try_fsync_inline_forced(None);
         let rt = rt();
         rt.block_on(img.write(0, vec![1; 4096], false)).unwrap();
-        assert!(matches!(ring.try_fsync_inline(), Some(Ok(()))));
+        assert!(matches!(policy(), Some(Ok(()))));
         // After a slow FLUSH, FLUSHes go through the ring...
         ring.note_fsync(uring::DIRECT_FSYNC_MAX);
-        assert!(ring.try_fsync_inline().is_none());
+        assert!(policy().is_none());
+        // ... unless forced (`always`) ...
+        assert!(matches!(
+            ring.try_fsync_inline_forced(Some(true)),
+            Some(Ok(()))
+        ));
+        ring.note_fsync(uring::DIRECT_FSYNC_MAX);
         // ... until one through the ring was fast again.
         let recovered = (0..50).any(|_| {
             rt.block_on(img.flush()).unwrap();
-            ring.try_fsync_inline().is_some()
+            policy().is_some()
         });
         assert!(
             recovered,
             "a fast FLUSH through the ring re-enables the direct path"
         );
-        // Never while another operation is in flight on the image.
+        // `never` is never direct, even after a fast FLUSH with nothing in flight.
+        assert!(ring.try_fsync_inline_forced(Some(false)).is_none());
+        // Never while another operation is in flight on the image (`always`: as
+        // long as a slot is free).
         ring.note_fsync(std::time::Duration::ZERO);
         let slot = ring.hold_slot();
         assert!(slot.is_some());
-        assert!(ring.try_fsync_inline().is_none());
+        assert!(policy().is_none());
+        assert!(ring.try_fsync_inline_forced(Some(true)).is_some());
         drop(slot);
-        assert!(ring.try_fsync_inline().is_some());
+        assert!(policy().is_some());
     }
 
     #[test]

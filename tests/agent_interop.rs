@@ -9,7 +9,8 @@
 //! stops, the group is failed over at the backup, and the backup's volume image must
 //! equal the agent's local image byte for byte.
 //!
-//! A missing tool prints a loud SKIP line (CI installs them: scripts/install-deps.sh).
+//! A missing tool FAILS the test, naming the Debian package to install
+//! (scripts/install-deps.sh installs them all).
 //! Processes are killed and loop devices detached on every exit path (guards).
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ mod backup;
 mod blockstack;
 
 use backup::{Backup, Scratch, PATIENCE};
-use blockstack::{can_mount, have, mount_test, qemu_io, random_bytes, run};
+use blockstack::{mount_test, qemu_io, random_bytes, require, require_mount, run};
 
 const GROUP: &str = "interop";
 const DISK: &str = "disk0";
@@ -146,13 +147,9 @@ fn written_acked(ctl: &Path) -> (u64, u64) {
 
 fn agent_with_real_clients(mode: &str) {
     for tool in ["nbdinfo", "nbdcopy", "qemu-io"] {
-        if !have(tool) {
-            return;
-        }
+        require(tool);
     }
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let scratch = Scratch::new(&format!("interop-{mode}"));
     let backup = Backup::start(&scratch, GROUP);
     let work = scratch.0.join("agent");

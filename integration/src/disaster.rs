@@ -10,6 +10,12 @@
 //! `sync` and `pipelined` must give CV ⊆ SV at every point (for every writer's
 //! database: each acknowledged request inserted one row per tier). `async` is the
 //! control and is expected to show CV ⊄ SV at some points.
+//!
+//! A point that saw nothing proves nothing: CV ⊆ SV holds trivially when the
+//! client received no reply, and a point-in-time restore misses no acknowledged
+//! request when none was acknowledged before its instant. So every point must
+//! also have a non-empty client view, and, with `--pitr`, a restore instant
+//! after at least one acknowledged request ([`PointResult::failures`]).
 
 use crate::client::{self, Recorder, Target};
 use crate::netns::spawn_in;
@@ -18,6 +24,7 @@ use crate::run::{Site, SiteOptions, PG_PORT};
 use crate::site::MountedImage;
 use crate::sys::sh;
 use anyhow::{Context, Result};
+use pipecloud_core::topology::Mode;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -39,11 +46,71 @@ pub struct PointResult {
     pub window_pv: usize,
     pub cut: String,
     pub failover_ms: u64,
-    /// Point-in-time restore at the middle of the run: rows recovered (0 if not run).
+    /// Point-in-time restore at the middle of the run: its instant (RFC 3339;
+    /// empty if not run).
+    pub pitr_at: String,
+    /// Rows the restore recovered (0 if not run).
     pub pitr_rows: usize,
+    /// Replies the client received before that instant: what the restore must hold.
+    pub pitr_acked_before: usize,
     /// Replies acknowledged before that instant that the restore lacks (must be 0
     /// in sync/pipelined).
     pub pitr_missing_acked: usize,
+}
+
+/// What a disaster run checks at each point (from its command line).
+#[derive(Clone, Copy, Debug)]
+pub struct Check {
+    pub mode: Mode,
+    /// A point-in-time restore was made at each point.
+    pub pitr: bool,
+}
+
+impl Check {
+    /// Modes that promise zero client RPO: no unsafe reply, no acknowledged
+    /// request missing from a restore.
+    pub fn safe_mode(&self) -> bool {
+        matches!(self.mode, Mode::Sync | Mode::Pipelined)
+    }
+}
+
+impl PointResult {
+    /// Why this point fails `check`: the guarantee was broken, or the point saw
+    /// too little to show anything (it must not count as passed). Empty when
+    /// the point passes.
+    pub fn failures(&self, check: &Check) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.cv == 0 {
+            why.push(format!(
+                "the client received no reply before the disaster ({} requests issued): \
+                 an empty client view proves nothing",
+                self.issued
+            ));
+        }
+        if check.safe_mode() && self.unsafe_replies > 0 {
+            why.push(format!(
+                "{} unsafe replies in mode {}: client view ⊄ secondary view",
+                self.unsafe_replies, check.mode
+            ));
+        }
+        if check.pitr {
+            if self.pitr_acked_before == 0 {
+                why.push(format!(
+                    "no request was acknowledged before the restore instant {}: \
+                     the point-in-time check proves nothing",
+                    self.pitr_at
+                ));
+            }
+            if check.safe_mode() && self.pitr_missing_acked > 0 {
+                why.push(format!(
+                    "the point-in-time restore at {} lacks {} of the {} requests \
+                     acknowledged before that instant",
+                    self.pitr_at, self.pitr_missing_acked, self.pitr_acked_before
+                ));
+            }
+        }
+        why
+    }
 }
 
 /// A tiny deterministic PRNG (splitmix64) for disaster instants.
@@ -186,7 +253,8 @@ pub fn run_point(
     let pv = pv.unwrap_or_default();
     let unsafe_replies = cv.difference(&sv).count();
     // Point-in-time restore at the middle of the run.
-    let (mut pitr_rows, mut pitr_missing_acked) = (0, 0);
+    let (mut pitr_at, mut pitr_rows, mut pitr_acked_before, mut pitr_missing_acked) =
+        (String::new(), 0, 0, 0);
     if pitr {
         let mid = run_for / 2;
         let at = rfc3339(started_wall + mid)?;
@@ -225,6 +293,7 @@ pub fn run_point(
         }
         let all = all.unwrap_or_default();
         pitr_rows = all.len();
+        pitr_acked_before = acked_before.len();
         pitr_missing_acked = acked_before.difference(&all).count();
         eprintln!(
             "harness: restore --at {at}: {} requests, {} acked before that instant, {} of them missing",
@@ -232,6 +301,7 @@ pub fn run_point(
             acked_before.len(),
             pitr_missing_acked
         );
+        pitr_at = at;
     }
     let lo = (issued - 500).max(1);
     let win = |s: &BTreeSet<i64>| s.range(lo..=issued).count();
@@ -246,7 +316,9 @@ pub fn run_point(
         window_pv: win(&pv),
         cut,
         failover_ms,
+        pitr_at,
         pitr_rows,
+        pitr_acked_before,
         pitr_missing_acked,
     })
 }
@@ -269,4 +341,94 @@ fn rfc3339(t: std::time::SystemTime) -> Result<String> {
 /// Work directory for point `i` of a run.
 pub fn point_dir(base: &Path, i: usize) -> PathBuf {
     base.join(format!("point-{i}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A point that saw replies, all safe, with a restore that holds them.
+    fn good() -> PointResult {
+        PointResult {
+            issued: 120,
+            cv: 100,
+            sv: 110,
+            pv: 115,
+            pitr_at: "2026-12-07T13:00:00.000000Z".into(),
+            pitr_rows: 60,
+            pitr_acked_before: 50,
+            ..PointResult::default()
+        }
+    }
+
+    fn check(mode: Mode, pitr: bool) -> Check {
+        Check { mode, pitr }
+    }
+
+    #[test]
+    fn a_point_that_saw_replies_and_kept_them_passes() {
+        for mode in [Mode::Sync, Mode::Pipelined, Mode::Async] {
+            for pitr in [false, true] {
+                assert!(good().failures(&check(mode, pitr)).is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_client_view_fails_in_every_mode() {
+        let r = PointResult {
+            cv: 0,
+            sv: 0,
+            ..good()
+        };
+        for mode in [Mode::Sync, Mode::Pipelined, Mode::Async] {
+            let why = r.failures(&check(mode, false));
+            assert_eq!(why.len(), 1, "{why:?}");
+            assert!(why[0].contains("no reply"), "{why:?}");
+        }
+    }
+
+    #[test]
+    fn unsafe_replies_fail_only_the_safe_modes() {
+        let r = PointResult {
+            unsafe_replies: 3,
+            ..good()
+        };
+        assert!(r.failures(&check(Mode::Async, true)).is_empty());
+        for mode in [Mode::Sync, Mode::Pipelined] {
+            let why = r.failures(&check(mode, false));
+            assert_eq!(why.len(), 1, "{why:?}");
+            assert!(why[0].contains("3 unsafe replies"), "{why:?}");
+        }
+    }
+
+    #[test]
+    fn a_restore_before_any_ack_fails() {
+        let r = PointResult {
+            pitr_rows: 0,
+            pitr_acked_before: 0,
+            ..good()
+        };
+        for mode in [Mode::Sync, Mode::Pipelined, Mode::Async] {
+            let why = r.failures(&check(mode, true));
+            assert_eq!(why.len(), 1, "{why:?}");
+            assert!(why[0].contains("proves nothing"), "{why:?}");
+            // Without --pitr no restore was made: nothing to judge.
+            assert!(r.failures(&check(mode, false)).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_restore_missing_acked_requests_fails_the_safe_modes() {
+        let r = PointResult {
+            pitr_missing_acked: 2,
+            ..good()
+        };
+        assert!(r.failures(&check(Mode::Async, true)).is_empty());
+        for mode in [Mode::Sync, Mode::Pipelined] {
+            let why = r.failures(&check(mode, true));
+            assert_eq!(why.len(), 1, "{why:?}");
+            assert!(why[0].contains("lacks 2 of the 50"), "{why:?}");
+        }
+    }
 }

@@ -44,6 +44,7 @@
 //! agent leaves no program behind (and its hold queue rules keep failing
 //! closed).
 
+pub mod arch;
 pub mod asm;
 pub mod prog;
 pub mod sys;
@@ -133,8 +134,11 @@ impl std::fmt::Debug for KernelTagger {
 
 impl KernelTagger {
     /// Creates the maps and loads the program for `host`'s view of `topo`.
-    /// Attaches nothing yet.
+    /// Attaches nothing yet. Refuses (`Unsupported`) any architecture but
+    /// x86-64 (see [`arch`]).
     pub fn load(topo: &NetTopology, host: &str, handled_mark: u32) -> io::Result<KernelTagger> {
+        arch::kernel_tagger_supported(std::env::consts::ARCH)
+            .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
         let machines = topo.machines.len();
         let entries = u32::try_from(machines + 1).map_err(io::Error::other)?;
         let slots_map = Map::create(

@@ -1,32 +1,58 @@
-//! The tools of the block-path stack for integration tests: finding a tool (a loud
-//! SKIP when it is missing), running one, deterministic random data, and the
-//! nbdfuse + loop + ext4 script (mkfs, fsck -n, files with checksums, remount) run in
-//! a private mount namespace with a guard that tears it down even when the test fails.
-//! Include it with
+//! The tools of the block-path stack for integration tests: requiring a tool (a
+//! missing one FAILS the test, naming the Debian package to install), running one,
+//! deterministic random data, and the nbdfuse + loop + ext4 script (mkfs, fsck -n,
+//! files with checksums, remount) run in a private mount namespace with a guard that
+//! tears it down even when the test fails. Include it with
 //!
 //! ```ignore
 //! #[path = "support/blockstack.rs"]
 //! mod blockstack;
 //! ```
+//!
+//! There is no skip: a test that cannot run its check has not passed it. There is
+//! no environment switch either; `scripts/install-deps.sh` installs every tool here.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn have(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(tool).is_file());
-    if !found {
-        eprintln!(
-            "\n!!!!!!!! SKIP: `{tool}` is not installed (run scripts/install-deps.sh) !!!!!!!!\n"
-        );
+/// The Debian (12) package that installs `tool`. Panics for a tool this file does
+/// not know: add it here and to `scripts/install-deps.sh`.
+pub fn debian_package(tool: &str) -> &'static str {
+    match tool {
+        "nbdinfo" | "nbdcopy" | "nbdfuse" => "libnbd-bin",
+        "nbdkit" => "nbdkit",
+        "qemu-io" | "qemu-img" => "qemu-utils",
+        "fusermount3" => "fuse3",
+        "losetup" => "mount",
+        "unshare" | "mountpoint" | "nsenter" | "setpriv" => "util-linux",
+        "mkfs.ext4" | "fsck.ext4" => "e2fsprogs",
+        "fio" => "fio",
+        _ => panic!("blockstack: no Debian package known for `{tool}`; add it to debian_package()"),
     }
-    found
+}
+
+/// Panics unless `tool` is an executable file in a directory of `PATH` (where
+/// `Command` and the mount script look for it), naming the package to install.
+pub fn require(tool: &str) {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    if on_path {
+        return;
+    }
+    let pkg = debian_package(tool);
+    if let Some(d) = ["/usr/sbin", "/sbin"]
+        .iter()
+        .find(|d| Path::new(d).join(tool).is_file())
+    {
+        panic!("`{tool}` is in {d}, which is not on PATH: add {d} to PATH");
+    }
+    panic!(
+        "`{tool}` is not installed: install the Debian package `{pkg}` \
+         (scripts/install-deps.sh installs everything the tests use)"
+    );
 }
 
 pub fn run(cmd: &mut Command) -> (bool, String) {
@@ -45,6 +71,7 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
 /// Runs `qemu-io -f raw` with one `-c` per command against `uri`; panics if it fails
 /// or reports a failed command (a `read -P` that does not match).
 pub fn qemu_io(uri: &str, commands: &[&str]) {
+    require("qemu-io");
     let mut cmd = Command::new("qemu-io");
     cmd.arg("-f").arg("raw");
     for c in commands {
@@ -72,9 +99,9 @@ pub fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
     v
 }
 
-/// Whether this process may build the mount stack (root, /dev/fuse, loop devices)
-/// and has its tools; prints a loud SKIP line when not.
-pub fn can_mount() -> bool {
+/// Panics unless this process can build the mount stack: its tools (named with
+/// their Debian packages), root, `/dev/fuse` and `/dev/loop-control`.
+pub fn require_mount() {
     for tool in [
         "nbdfuse",
         "fusermount3",
@@ -84,9 +111,7 @@ pub fn can_mount() -> bool {
         "unshare",
         "mountpoint",
     ] {
-        if !have(tool) {
-            return false;
-        }
+        require(tool);
     }
     let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| {
@@ -94,13 +119,19 @@ pub fn can_mount() -> bool {
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false);
-    if !root || !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        eprintln!(
-            "\n!!!!!!!! SKIP: mount test needs root, /dev/fuse and /dev/loop-control !!!!!!!!\n"
-        );
-        return false;
-    }
-    true
+    assert!(
+        root,
+        "the mount test needs root (mounts, loop devices, FUSE): run the tests as root"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: install the Debian package `fuse3` and create the node \
+         (scripts/install-deps.sh does: mknod -m 666 /dev/fuse c 10 229)"
+    );
+    assert!(
+        Path::new("/dev/loop-control").exists(),
+        "/dev/loop-control is missing: load the loop driver (modprobe loop)"
+    );
 }
 
 pub const MOUNT_SCRIPT: &str = r#"
