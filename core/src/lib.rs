@@ -9,6 +9,7 @@
 //! - [`commit`]: per-writer commit tracking (contiguous prefix of out-of-order acks, generations).
 //! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
+//! - [`mode`]: replication modes and the backup-loss policy (one definition, one parsing rule).
 //! - [`ipopt`]: the IPv4 option that carries a vector between protected machines.
 //! - [`wire`] and [`codec`]: the replication protocol frames and their byte encoding.
 //! - [`topology`]: the gray-box description of one application (TOML).
@@ -17,6 +18,7 @@ pub mod codec;
 pub mod commit;
 pub mod cut;
 pub mod ipopt;
+pub mod mode;
 pub mod netqueue;
 pub mod topology;
 pub mod vector;
