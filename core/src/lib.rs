@@ -6,6 +6,7 @@
 //!
 //! One module per concept:
 //! - [`vector`]: count vectors (pending / committed).
+//! - [`prefix`]: the contiguous-prefix rule (highest seq with all of `1..=seq` present), bounded.
 //! - [`commit`]: per-writer commit tracking (contiguous prefix of out-of-order acks, generations).
 //! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
@@ -20,6 +21,7 @@ pub mod cut;
 pub mod ipopt;
 pub mod mode;
 pub mod netqueue;
+pub mod prefix;
 pub mod topology;
 pub mod vector;
 pub mod wire;
