@@ -50,17 +50,15 @@ pub struct AgentOptions {
     pub replication_thread: bool,
 }
 
-/// Converts the topology's mode to the block path's mode.
+/// The mode the agent runs for `m`: the one gate where a mode enters the agent
+/// (topology loading and the control socket). `checkpoint` is refused.
 pub fn block_mode(m: topology::Mode) -> Result<crate::replication::Mode> {
-    use crate::replication::Mode as B;
-    Ok(match m {
-        topology::Mode::Async => B::Async,
-        topology::Mode::Sync => B::Sync,
-        topology::Mode::Pipelined => B::Pipelined,
-        topology::Mode::Checkpoint => {
-            bail!("mode `checkpoint` (full-state) is not implemented yet; use async, sync or pipelined")
-        }
-    })
+    if m == topology::Mode::Checkpoint {
+        bail!(
+            "mode `checkpoint` (full-state) is not implemented yet; use async, sync or pipelined"
+        );
+    }
+    Ok(m)
 }
 
 /// Loads and validates a topology file.
@@ -304,7 +302,7 @@ fn net_mode_bridge(
                 if m == M::Sync {
                     let mut snap = CountVector::ZERO;
                     for i in 0..causal.machines() {
-                        snap.merge(&causal.pending(i));
+                        snap.merge(&causal.sync_pending(i));
                     }
                     sync_barrier = Some(snap);
                 }
@@ -318,6 +316,8 @@ fn net_mode_bridge(
                 M::Async => true,
                 M::Pipelined => deg,
                 M::Sync => deg || sync_safe,
+                // Never set (`block_mode` refuses it); hold, as the safe side.
+                M::Checkpoint => deg,
             };
             bypass.set(on);
             tokio::select! {

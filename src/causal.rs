@@ -169,8 +169,11 @@ impl CausalState {
         grew
     }
 
-    /// Current pending vector of `machine` (the tag for a packet it sends now).
-    pub fn pending(&self, machine: usize) -> CountVector {
+    /// Brings `machine`'s pending vector up to date and returns it (the tag for a
+    /// packet it sends now). Not a plain read: it first drains the tags the kernel
+    /// tagger received (its ring buffer) into every machine's vector and mirrors
+    /// each grown vector back into the kernel tagger's maps.
+    pub fn sync_pending(&self, machine: usize) -> CountVector {
         *self.slot(machine).0
     }
 
@@ -236,7 +239,7 @@ mod tests {
         assert_eq!(seq, 1);
         assert_eq!(v.get(0), 1);
         assert!(s.merge(0, &v));
-        assert_eq!(s.pending(0), v);
+        assert_eq!(s.sync_pending(0), v);
         let rx = s.subscribe_committed();
         s.publish_committed(&v);
         assert!(rx.has_changed().unwrap_or(false));

@@ -128,6 +128,7 @@ impl Control {
         let mode: Mode = mode
             .parse()
             .map_err(|e: crate::replication::UnknownMode| e.to_string())?;
+        let mode = crate::agent::block_mode(mode).map_err(|e| e.to_string())?;
         let g = match group {
             Some(name) => self
                 .groups
@@ -440,7 +441,10 @@ mod tests {
         assert_eq!(g1.mode.get(), Mode::Sync);
         assert!(control
             .handle("mode checkpoint")
-            .starts_with("error: unknown replication mode"));
+            .starts_with("error: mode `checkpoint` (full-state) is not implemented"));
+        assert!(control
+            .handle("mode SYNC")
+            .starts_with("error: unknown mode `SYNC`; expected one of async, sync"));
         assert!(control
             .handle("mode async g2")
             .starts_with("error: this agent serves no group"));

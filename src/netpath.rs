@@ -261,7 +261,7 @@ pub fn decide_tag(
     };
     match (dir.lookup(src), dir.lookup(dst)) {
         (Some(s), Some(d)) if s.local && d.local => {
-            let tag = state.pending(s.index);
+            let tag = state.sync_pending(s.index);
             state.merge(d.index, &tag);
             decision(Action::Accept, TagEvent::MergedLocal)
         }
@@ -301,7 +301,7 @@ fn tag_outgoing(
         // (fail-closed, counted) unless the sender depends on nothing yet. TCP
         // never fragments here (MSS clamp + DF); a UDP sender must fit its MTU.
         Classify::Fragment => {
-            return if state.pending(sender.index).is_zero() {
+            return if state.sync_pending(sender.index).is_zero() {
                 decision(Action::Accept, TagEvent::UntaggedFragment)
             } else {
                 decision(Action::Drop, TagEvent::TagFailed)
@@ -314,7 +314,7 @@ fn tag_outgoing(
     if !forged && !policy.tag_pure_acks && ipopt::is_pure_ack(packet) {
         return decision(Action::Accept, TagEvent::PureAckUntagged);
     }
-    let tag = state.pending(sender.index);
+    let tag = state.sync_pending(sender.index);
     if tag.is_zero() && !forged {
         return decision(Action::Accept, TagEvent::UntaggedZero);
     }
@@ -356,7 +356,7 @@ fn merge_incoming(
     let ours = group == dir.group_id();
     if ours {
         // Merge before the verdict: the receiver sees the packet only afterwards.
-        let tag = raw.resolve(&state.pending(receiver.index));
+        let tag = raw.resolve(&state.sync_pending(receiver.index));
         state.merge(receiver.index, &tag);
     }
     if !info.complete {
@@ -405,7 +405,7 @@ pub fn classify_hold(dir: &Directory, state: &CausalState, packet: &[u8]) -> Hol
     };
     HoldDecision::Push {
         flow: flow_of(src, dst, packet),
-        tag: state.pending(sender.index),
+        tag: state.sync_pending(sender.index),
     }
 }
 
@@ -1004,7 +1004,7 @@ mod tests {
         for _ in 0..5 {
             sa.issue_write(1, WriterId(0)); // app writes
         }
-        sa.merge(0, &sa.pending(1)); // web learned app's writes
+        sa.merge(0, &sa.sync_pending(1)); // web learned app's writes
         let original = tcp(WEB, DB, b"GET /", false);
         let mut scratch = Vec::new();
         let d = decide_tag(&a, &sa, TagPolicy::default(), &original, FULL, &mut scratch);
@@ -1020,8 +1020,12 @@ mod tests {
             decision(Action::AcceptModified, TagEvent::MergedStripped)
         );
         assert_eq!(scratch, original);
-        assert_eq!(sb.pending(2), v(&[5]));
-        assert_eq!(sb.pending(0), CountVector::ZERO, "only the receiver merges");
+        assert_eq!(sb.sync_pending(2), v(&[5]));
+        assert_eq!(
+            sb.sync_pending(0),
+            CountVector::ZERO,
+            "only the receiver merges"
+        );
     }
 
     #[test]
@@ -1033,7 +1037,7 @@ mod tests {
         let pkt = tcp(APP, WEB, b"x", false);
         let d = decide_tag(&a, &s, TagPolicy::default(), &pkt, FULL, &mut Vec::new());
         assert_eq!(d, decision(Action::Accept, TagEvent::MergedLocal));
-        assert_eq!(s.pending(0), v(&[1]));
+        assert_eq!(s.sync_pending(0), v(&[1]));
     }
 
     #[test]
@@ -1152,7 +1156,7 @@ mod tests {
             d,
             decision(Action::AcceptModified, TagEvent::ForeignStripped)
         );
-        assert_eq!(sb.pending(2), CountVector::ZERO);
+        assert_eq!(sb.sync_pending(2), CountVector::ZERO);
         assert_eq!(scratch, tcp(WEB, DB, b"x", false));
     }
 
@@ -1162,7 +1166,7 @@ mod tests {
         let a = Directory::new(&t, "a");
         let s = CausalState::new(3);
         s.issue_write(1, WriterId(0));
-        s.merge(0, &s.pending(1));
+        s.merge(0, &s.sync_pending(1));
         let good = udp(WEB, DB, 1000, b"hello");
         let mut partial = good.clone();
         partial[26] = 0x12; // garbage where offload left a pseudo-header sum
@@ -1204,7 +1208,7 @@ mod tests {
         for _ in 0..5 {
             s.issue_write(1, WriterId(0));
         }
-        s.merge(0, &s.pending(1)); // web depends on app's write 5
+        s.merge(0, &s.sync_pending(1)); // web depends on app's write 5
         let mut e = HoldEngine::new(NetQueueLimits::default(), 1024);
         let mut out = Vec::new();
         let now = Instant::now();
@@ -1249,7 +1253,7 @@ mod tests {
         let a = Directory::new(&t, "a");
         let s = CausalState::new(3);
         s.issue_write(1, WriterId(0));
-        s.merge(0, &s.pending(1));
+        s.merge(0, &s.sync_pending(1));
         let mut e = HoldEngine::new(NetQueueLimits::default(), 2);
         let mut out = Vec::new();
         let now = Instant::now();
@@ -1285,7 +1289,7 @@ mod tests {
         let now = Instant::now();
         // Flow X (web, port 1) tagged [1]; flow Y (app, port 2) tagged [2] later.
         s.issue_write(1, WriterId(0)); // app: [1]
-        s.merge(0, &s.pending(1)); // web: [1]
+        s.merge(0, &s.sync_pending(1)); // web: [1]
         let x = |id: u32| udp(WEB, CLIENT, 1, &[id as u8]);
         e.on_packet(&a, &s, 49, 1, &x(1), 10, now, &mut out);
         e.on_packet(&a, &s, 49, 2, &x(2), 10, now, &mut out);

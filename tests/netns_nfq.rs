@@ -546,14 +546,14 @@ fn two_host_exchange(kernel: bool) {
 
     // Causality crossed both ways.
     assert!(
-        state_b.pending(DB_IDX).dominates(&v(&[3, 2])),
+        state_b.sync_pending(DB_IDX).dominates(&v(&[3, 2])),
         "db merged web's vector: {}",
-        state_b.pending(DB_IDX)
+        state_b.sync_pending(DB_IDX)
     );
     assert!(
-        state_a.pending(WEB_IDX).dominates(&v(&[3, 2])),
+        state_a.sync_pending(WEB_IDX).dominates(&v(&[3, 2])),
         "web merged db's vector: {}",
-        state_a.pending(WEB_IDX)
+        state_a.sync_pending(WEB_IDX)
     );
 
     let (ma, mb) = (path_a.metrics().snapshot(), path_b.metrics().snapshot());
@@ -658,7 +658,7 @@ fn same_host_direct_merge() {
     let seen = at_app.finish();
     assert!(got == *data, "data intact");
     assert!(
-        state.pending(APP_IDX).dominates(&v(&[4])),
+        state.sync_pending(APP_IDX).dominates(&v(&[4])),
         "app merged web's vector"
     );
     assert!(!seen.is_empty(), "the observer in app saw the transfer");
@@ -819,7 +819,7 @@ fn hold_until_committed_with(kernel: bool) {
     for _ in 0..5 {
         state.issue_write(WEB_IDX, WriterId(0));
     }
-    assert_eq!(state.pending(WEB_IDX), v(&[5]));
+    assert_eq!(state.sync_pending(WEB_IDX), v(&[5]));
     let stream = web.run(move || {
         let mut s = stream;
         s.write_all(b"reply-that-depends-on-5").unwrap();

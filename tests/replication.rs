@@ -226,7 +226,7 @@ async fn writes_are_replicated_acked_and_committed() {
     );
     a.ready().await;
     let mut committed_rx = a.causal.subscribe_committed();
-    let base = a.causal.pending(0).get(0);
+    let base = a.causal.sync_pending(0).get(0);
 
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     join_all(spawn_writers(&a.disk, 4, 50, &done)).await;
@@ -284,7 +284,7 @@ async fn sync_waits_for_acks_async_and_pipelined_do_not() {
 
     // Sync: at the instant each write completes, its ack has been received.
     for i in 0..100u64 {
-        let seq = a.causal.pending(0).get(0) + 1;
+        let seq = a.causal.sync_pending(0).get(0) + 1;
         a.disk
             .write(4096 * i, pattern(i, 4096 + 512 * (i as usize % 8)), false)
             .await
@@ -298,7 +298,7 @@ async fn sync_waits_for_acks_async_and_pipelined_do_not() {
 
     backup.stop();
     // Sync write with the backup stalled: must not complete.
-    let seq = a.causal.pending(0).get(0) + 1;
+    let seq = a.causal.sync_pending(0).get(0) + 1;
     let disk = Arc::clone(&a.disk);
     let mut sync_write =
         tokio::spawn(async move { disk.write(1 << 20, pattern(1, 8192), false).await });
@@ -555,7 +555,7 @@ async fn mode_switch_at_run_time_through_the_control_socket() {
     assert_eq!(a.mode.get(), Mode::Sync);
     join_all(handles).await;
     backup.stop();
-    let seq = a.causal.pending(0).get(0) + 1;
+    let seq = a.causal.sync_pending(0).get(0) + 1;
     let disk = Arc::clone(&a.disk);
     let mut w = tokio::spawn(async move { disk.write(0, pattern(5, 4096), false).await });
     assert!(tokio::time::timeout(Duration::from_millis(500), &mut w)
@@ -597,7 +597,7 @@ async fn degrade_to_async_after_silence_and_recover() {
     let mut degraded = a.client.subscribe_degraded();
 
     backup.stop();
-    let seq = a.causal.pending(0).get(0) + 1;
+    let seq = a.causal.sync_pending(0).get(0) + 1;
     let sub = {
         let disk = Arc::clone(&a.disk);
         tokio::spawn(async move { disk.write(4096, pattern(2, 4096), false).await })
@@ -674,7 +674,7 @@ async fn agent_restart_continues_numbering_after_the_durable_prefix() {
         "registered at the durable prefix"
     );
     assert_eq!(
-        b.causal.pending(0).get(0),
+        b.causal.sync_pending(0).get(0),
         written,
         "causal entry raised to the prefix"
     );

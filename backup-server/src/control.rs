@@ -13,7 +13,7 @@
 //! fence: it materialises the latest closed cut not after a time, or a given cut.
 
 use crate::store::{lock, Group, Store};
-use crate::volume::{materialise, Materialised};
+use crate::volume::Materialised;
 use pipecloud_core::{CountVector, WriterId, MAX_WRITERS};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -149,7 +149,7 @@ pub fn failover(
     let g = group(store, name)?;
     fence(&g)?;
     let cut = lock(&g.state).durable_cut();
-    materialise(&g, cut, out, progress)
+    g.materialise(cut, out, progress)
 }
 
 /// Restore: materialise the cut selected by `at` into `out` (no fence).
@@ -182,7 +182,7 @@ pub fn restore(
             }
         }
     };
-    materialise(&g, cut, out, progress)
+    g.materialise(cut, out, progress)
 }
 
 /// Formats unix ms as RFC 3339 (UTC).

@@ -17,7 +17,6 @@ use crate::ingest::{self, Req, INGEST_QUEUE};
 use crate::metrics::Metrics;
 use crate::server::{accept_loop, ServerCtx};
 use crate::store::{lock, now_ms, Group, Store};
-use crate::volume::apply_to;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -205,7 +204,7 @@ fn apply_step(store: &Store, g: &Group) -> Result<(), String> {
         warn!(group = %g.name, bytes, max = store.limits.max_journal_bytes, cut = %target,
             "journal near its bound: applying beyond the retention window; the oldest restorable point moves forward");
     }
-    apply_to(g, target)
+    g.apply_to(target)
 }
 
 async fn control_loop(ul: UnixListener, store: Arc<Store>, ingest: mpsc::Sender<Req>) {

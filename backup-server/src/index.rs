@@ -8,15 +8,20 @@
 //! dependencies as a prefix, what the causal cut needs) and the prefix-max of
 //! receive times (what point-in-time restore needs).
 //!
+//! Which seqs are contiguous is decided by the one contiguous-prefix rule
+//! ([`pipecloud_core::prefix`]); this index only keeps the entries.
+//!
 //! Bound: a write more than [`MAX_AHEAD`] seqs beyond the durable prefix is refused
 //! (not journaled, not acked): a correct agent never runs that far past a hole.
-//! Memory is about 300 bytes per indexed write; the journal bound limits the count.
+//! Memory is about 300 bytes per indexed write (the journal bound limits the count)
+//! plus 8 bytes per seq of the window beyond the first hole (at most [`MAX_AHEAD`]).
 
 use crate::causal::WriterHistory;
 use crate::record::RecordKind;
+use pipecloud_core::prefix::{self, ContiguousPrefix, PrefixBounds};
 use pipecloud_core::wire::Generation;
 use pipecloud_core::{CountVector, Seq};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 /// Furthest a write may lie beyond its writer's durable prefix.
 pub const MAX_AHEAD: Seq = 1 << 20;
@@ -67,8 +72,10 @@ pub struct WriterIndex {
     base: Seq,
     base_deps: CountVector,
     base_time: u64,
+    /// Entries of `base+1..=durable`.
     run: VecDeque<Entry>,
-    ahead: BTreeMap<Seq, Entry>,
+    /// The durable prefix and the entries beyond its first hole.
+    ahead: ContiguousPrefix<Box<Entry>>,
 }
 
 impl WriterIndex {
@@ -80,7 +87,13 @@ impl WriterIndex {
             base_deps,
             base_time,
             run: VecDeque::new(),
-            ahead: BTreeMap::new(),
+            ahead: ContiguousPrefix::new(
+                base,
+                PrefixBounds {
+                    max_ahead: MAX_AHEAD,
+                    max_runs: usize::MAX,
+                },
+            ),
         }
     }
 
@@ -91,58 +104,53 @@ impl WriterIndex {
 
     /// Highest seq with all of `1..=seq` journaled.
     pub fn durable(&self) -> Seq {
-        self.base + self.run.len() as Seq
+        debug_assert_eq!(self.ahead.prefix(), self.base + self.run.len() as Seq);
+        self.ahead.prefix()
     }
 
     /// Number of journaled writes beyond the first hole.
     pub fn ahead_len(&self) -> usize {
-        self.ahead.len()
+        self.ahead.ahead_len()
     }
 
     /// Whether `seq` is journaled (or applied).
     pub fn contains(&self, seq: Seq) -> bool {
-        seq <= self.durable() || self.ahead.contains_key(&seq)
+        self.ahead.contains(seq)
     }
 
     /// Inserts a journaled write.
-    pub fn insert(&mut self, seq: Seq, mut e: Entry) -> Insert {
-        let d = self.durable();
-        if seq <= d || self.ahead.contains_key(&seq) {
-            return Insert::Duplicate;
-        }
-        if seq - d > MAX_AHEAD {
-            return Insert::TooFarAhead;
-        }
-        if seq == d + 1 {
-            self.push_run(&mut e);
-            self.run.push_back(e);
-            while let Some(mut next) = self.ahead.remove(&(self.durable() + 1)) {
-                self.push_run(&mut next);
-                self.run.push_back(next);
-            }
-        } else {
-            self.ahead.insert(seq, e);
-        }
-        Insert::Added
-    }
-
-    fn push_run(&self, e: &mut Entry) {
-        let (mut deps, time) = match self.run.back() {
-            Some(last) => (last.prefix_deps, last.prefix_time),
-            None => (self.base_deps, self.base_time),
+    pub fn insert(&mut self, seq: Seq, e: Entry) -> Insert {
+        let WriterIndex {
+            base_deps,
+            base_time,
+            run,
+            ahead,
+            ..
+        } = self;
+        let joined = |_: Seq, e: Box<Entry>| {
+            let mut e = *e;
+            let (mut deps, time) = match run.back() {
+                Some(last) => (last.prefix_deps, last.prefix_time),
+                None => (*base_deps, *base_time),
+            };
+            deps.merge(&e.vector);
+            e.prefix_deps = deps;
+            e.prefix_time = time.max(e.recv_ms);
+            run.push_back(e);
         };
-        deps.merge(&e.vector);
-        e.prefix_deps = deps;
-        e.prefix_time = time.max(e.recv_ms);
+        match ahead.insert(seq, Box::new(e), joined) {
+            prefix::Insert::Added { .. } => Insert::Added,
+            prefix::Insert::Duplicate => Insert::Duplicate,
+            // max_runs is unbounded here: only the distance bound refuses.
+            prefix::Insert::TooFarAhead | prefix::Insert::TooManyRuns => Insert::TooFarAhead,
+        }
     }
 
     /// A new generation starts after the durable prefix: writes beyond the first
     /// hole belonged to the old incarnation and are dropped.
     pub fn new_generation(&mut self, generation: Generation) -> usize {
         self.generation = generation;
-        let dropped = self.ahead.len();
-        self.ahead.clear();
-        dropped
+        self.ahead.clear_ahead()
     }
 
     /// The entry of `seq` inside the contiguous run.

@@ -8,32 +8,34 @@
 //!
 //! 1. takes one request, then drains whatever else is queued (up to
 //!    [`MAX_BATCH`] writes / [`MAX_BATCH_BYTES`]);
-//! 2. drops writes of fenced / failed groups and of stale generations (logged),
-//!    recognises resends of journaled writes (acked again, not re-journaled);
+//! 2. asks the batch ([`crate::batch`], the pure part that decides) what to do with
+//!    each: drop writes of fenced / failed groups and of stale generations (logged),
+//!    ack resends of journaled writes again without re-journaling, append the rest;
 //! 3. appends all new records to the groups' active segments, then issues **one
 //!    fdatasync per touched segment** for the whole batch;
-//! 4. indexes the records, sends every writer's connection its `Ack`s (coalesced
-//!    into seq ranges) and publishes the new committed vector, which every
-//!    connection of the group forwards as `Frame::Committed`.
+//! 4. indexes the records, publishes the new committed vector, which every
+//!    connection of the group forwards as `Frame::Committed`, and sends every
+//!    writer's connection the `Ack`s the batch gives (coalesced into seq ranges;
+//!    the batch asserts each acked write's segment was synced).
 //!
 //! Registrations and fences are processed in channel order between batches, so a
 //! fence is a clean cut in the stream of writes. A journal I/O error marks the group
 //! failed: nothing of the batch is acked, its connections are closed and hellos are
 //! refused until restart (recovery then keeps whatever made it to disk intact).
 
+use crate::batch::{Batch, GroupView, Item, Verdict, WriteKey};
 use crate::index::{Entry, Insert, Loc, MAX_AHEAD};
 use crate::journal::ActiveSegment;
 use crate::metrics::Metrics;
 use crate::record::{self, RecordHead, RecordKind};
 use crate::store::{lock, Group, Store};
-use pipecloud_core::wire::{Ack, Frame, Hello, Welcome, Write, WriteKind};
-use pipecloud_core::{Seq, WriterId};
-use std::collections::{BTreeMap, HashSet};
+use pipecloud_core::wire::{Frame, Hello, Welcome, Write, WriteKind};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
-use tracing::{error, warn};
+use tracing::warn;
 
 /// Requests the ingest channel holds.
 pub const INGEST_QUEUE: usize = 4096;
@@ -160,57 +162,54 @@ fn payload_len(w: &Write) -> usize {
     }
 }
 
-struct Staged {
-    req: WriteReq,
-    loc: Option<Loc>,
-}
-
 /// Per-group append state within one batch.
 struct GroupBatch {
     group: Arc<Group>,
-    staged: Vec<Staged>,
+    /// Appended records to index once synced: batch item and location.
+    staged: Vec<(Item, Loc)>,
     buf: Vec<u8>,
     /// Segments rolled during this batch (synced before acking).
     closed: Vec<ActiveSegment>,
     failed: bool,
 }
 
+/// What `g`'s state says about write `w` (under the state lock).
+fn view_of(g: &Group, w: &Write) -> GroupView {
+    let st = lock(&g.state);
+    if st.meta.fenced || st.failed.is_some() {
+        return GroupView::Closed;
+    }
+    match st.writers.get(&w.writer) {
+        None => GroupView::Unregistered,
+        Some(ix) => GroupView::Writer {
+            generation: ix.generation,
+            journaled: ix.contains(w.seq),
+            too_far_ahead: w.seq > ix.durable() + MAX_AHEAD,
+        },
+    }
+}
+
+/// One group commit: the I/O around a [`Batch`] (which decides what to append,
+/// sync, ack and publish).
 fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
     if pending.is_empty() {
         return;
     }
     metrics.batches.fetch_add(1, Ordering::Relaxed);
+    let mut plan = Batch::new();
     let mut batches: BTreeMap<String, GroupBatch> = BTreeMap::new();
-    let mut seen: HashSet<(String, WriterId, Seq)> = HashSet::new();
+    // Indexed by batch item.
+    let mut reqs: Vec<WriteReq> = Vec::with_capacity(pending.len());
     for req in pending.drain(..) {
         let g = req.group.clone();
         let w = &req.write;
-        // Classify under the state lock.
-        let verdict = {
-            let st = lock(&g.state);
-            if st.meta.fenced || st.failed.is_some() {
-                Verdict::Drop("group fenced or journal failed")
-            } else {
-                match st.writers.get(&w.writer) {
-                    None => Verdict::Drop("writer not registered"),
-                    Some(ix) if ix.generation != w.generation => {
-                        Verdict::Drop("stale generation (writer re-registered)")
-                    }
-                    Some(ix) if ix.contains(w.seq) => Verdict::Duplicate,
-                    Some(ix) if w.seq > ix.durable() + MAX_AHEAD => {
-                        Verdict::Drop("too far beyond the durable prefix")
-                    }
-                    Some(_) => Verdict::Append,
-                }
-            }
+        let key = WriteKey {
+            conn: req.conn.id,
+            writer: w.writer,
+            generation: w.generation,
+            seq: w.seq,
         };
-        let verdict = if matches!(verdict, Verdict::Append)
-            && !seen.insert((g.name.clone(), w.writer, w.seq))
-        {
-            Verdict::Duplicate
-        } else {
-            verdict
-        };
+        let (item, verdict) = plan.admit(&g.name, view_of(&g, w), key);
         let gb = batches.entry(g.name.clone()).or_insert_with(|| GroupBatch {
             group: g.clone(),
             staged: Vec::new(),
@@ -226,110 +225,78 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
             }
             Verdict::Duplicate => {
                 metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-                gb.staged.push(Staged { req, loc: None });
             }
-            Verdict::Append => {
-                if gb.failed {
-                    continue;
+            Verdict::Append if gb.failed => {}
+            Verdict::Append => match stage(store, gb, &req) {
+                Ok(loc) => {
+                    plan.appended(item, loc.segment);
+                    gb.staged.push((item, loc));
                 }
-                match stage(store, gb, &req) {
-                    Ok(loc) => gb.staged.push(Staged {
-                        req,
-                        loc: Some(loc),
-                    }),
-                    Err(e) => fail_group(gb, &e),
-                }
-            }
+                Err(e) => fail_group(gb, &mut plan, &e),
+            },
         }
+        reqs.push(req);
     }
     // Write and sync every group's batch.
     for gb in batches.values_mut() {
         if gb.failed {
             continue;
         }
-        if let Err(e) = flush_group(gb, metrics) {
-            fail_group(gb, &e);
+        match flush_group(gb, metrics) {
+            Ok(synced) => {
+                for n in synced {
+                    plan.synced(&gb.group.name, n);
+                }
+            }
+            Err(e) => fail_group(gb, &mut plan, &e),
         }
     }
-    // Index, ack, publish.
-    let mut acks: BTreeMap<u64, (Arc<ConnOut>, AcksOf)> = BTreeMap::new();
-    for gb in batches.into_values() {
-        if gb.failed {
-            continue;
-        }
-        let g = gb.group;
+    // Index what is durable now.
+    for gb in batches.values().filter(|gb| !gb.failed) {
+        let g = &gb.group;
         let mut st = lock(&g.state);
-        for s in gb.staged {
-            let w = &s.req.write;
-            if let Some(loc) = s.loc {
-                let (kind, len) = kind_len(&w.kind);
-                let entry = Entry {
-                    loc,
-                    disk: s.req.disk,
-                    offset: w.offset,
-                    kind,
-                    len,
-                    recv_ms: s.req.recv_ms,
-                    vector: w.vector,
-                    prefix_deps: pipecloud_core::CountVector::ZERO,
-                    prefix_time: 0,
-                };
-                g.journal_bytes
-                    .fetch_add(u64::from(loc.len), Ordering::Relaxed);
-                if let Some(info) = st.segments.get_mut(&loc.segment) {
-                    info.bytes = info.bytes.max(loc.offset + u64::from(loc.len));
+        for &(item, loc) in &gb.staged {
+            let req = &reqs[item];
+            let w = &req.write;
+            let (kind, len) = kind_len(&w.kind);
+            let entry = Entry {
+                loc,
+                disk: req.disk,
+                offset: w.offset,
+                kind,
+                len,
+                recv_ms: req.recv_ms,
+                vector: w.vector,
+                prefix_deps: pipecloud_core::CountVector::ZERO,
+                prefix_time: 0,
+            };
+            match g.journaled(&mut st, w.writer, w.seq, entry) {
+                Insert::Added => {
+                    metrics.writes.fetch_add(1, Ordering::Relaxed);
+                    metrics.write_bytes.fetch_add(len, Ordering::Relaxed);
                 }
-                match st.index_record(w.writer, w.seq, entry) {
-                    Insert::Added => {
-                        metrics.writes.fetch_add(1, Ordering::Relaxed);
-                        metrics.write_bytes.fetch_add(len, Ordering::Relaxed);
-                    }
-                    Insert::Duplicate => {}
-                    Insert::TooFarAhead => continue,
-                }
-            }
-            metrics.ack_latency.observe(s.req.recv_at.elapsed());
-            metrics.acks.fetch_add(1, Ordering::Relaxed);
-            acks.entry(s.req.conn.id)
-                .or_insert_with(|| (s.req.conn.clone(), BTreeMap::new()))
-                .1
-                .entry((w.writer, w.generation))
-                .or_default()
-                .push(w.seq);
-        }
-        g.publish(&st);
-    }
-    for (_, (conn, per_writer)) in acks {
-        for ((writer, generation), mut seqs) in per_writer {
-            seqs.sort_unstable();
-            seqs.dedup();
-            let mut i = 0;
-            while i < seqs.len() {
-                let first = seqs[i];
-                let mut last = first;
-                while i + 1 < seqs.len() && seqs[i + 1] == last + 1 {
-                    i += 1;
-                    last = seqs[i];
-                }
-                i += 1;
-                conn.send_or_kill(Frame::Ack(Ack {
-                    writer,
-                    generation,
-                    first,
-                    last,
-                }));
+                Insert::Duplicate => {}
+                Insert::TooFarAhead => plan.not_indexed(item),
             }
         }
     }
-}
-
-/// Seqs to ack per (writer, generation) of one connection.
-type AcksOf = BTreeMap<(WriterId, u64), Vec<Seq>>;
-
-enum Verdict {
-    Append,
-    Duplicate,
-    Drop(&'static str),
+    // Publish, then ack.
+    for name in plan.publish() {
+        if let Some(gb) = batches.get(name) {
+            gb.group.publish(&lock(&gb.group.state));
+        }
+    }
+    let acks = plan.acks();
+    for &item in &acks.items {
+        metrics.ack_latency.observe(reqs[item].recv_at.elapsed());
+        metrics.acks.fetch_add(1, Ordering::Relaxed);
+    }
+    let conns: BTreeMap<u64, &Arc<ConnOut>> = reqs.iter().map(|r| (r.conn.id, &r.conn)).collect();
+    for (conn, ack) in acks.frames {
+        if let Some(c) = conns.get(&conn) {
+            c.send_or_kill(Frame::Ack(ack));
+        }
+    }
 }
 
 fn kind_len(k: &WriteKind) -> (RecordKind, u64) {
@@ -383,11 +350,7 @@ fn stage(store: &Store, gb: &mut GroupBatch, req: &WriteReq) -> Result<Loc, Stri
             ActiveSegment::create(&jdir, n).map_err(|e| format!("create segment {n}: {e}"))?;
         tail.next_number = n + 1;
         tail.active = Some(seg);
-        let mut st = lock(&g.state);
-        st.active_segment = Some(n);
-        st.segments.entry(n).or_default().bytes = crate::journal::SEGMENT_HEADER_LEN;
-        g.journal_bytes
-            .fetch_add(crate::journal::SEGMENT_HEADER_LEN, Ordering::Relaxed);
+        g.segment_opened(n);
     }
     let a = tail
         .active
@@ -400,21 +363,15 @@ fn stage(store: &Store, gb: &mut GroupBatch, req: &WriteReq) -> Result<Loc, Stri
     };
     drop(tail);
     gb.buf.extend_from_slice(&rec);
-    // Claim the segment for this seq before the record is even written: the applier
-    // deletes a closed segment only when every writer's highest seq in it is
-    // applied, and must not delete one this batch is about to index.
-    {
-        let mut st = lock(&g.state);
-        let info = st.segments.entry(loc.segment).or_default();
-        if let Some(m) = info.max_seq.get_mut(w.writer.index()) {
-            *m = (*m).max(w.seq);
-        }
-    }
+    g.claim_segment(loc.segment, w.writer, w.seq);
     Ok(loc)
 }
 
-fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<(), String> {
+/// Appends the group's buffered records and fdatasyncs every segment they went
+/// to; returns the segments synced.
+fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<Vec<u64>, String> {
     let g = gb.group.clone();
+    let mut synced = Vec::new();
     let mut tail = lock(&g.tail);
     if let Some(a) = tail.active.as_mut() {
         if !gb.buf.is_empty() {
@@ -425,25 +382,24 @@ fn flush_group(gb: &mut GroupBatch, metrics: &Metrics) -> Result<(), String> {
             }
             gb.buf.clear();
         }
-        if gb.staged.iter().any(|s| s.loc.is_some()) {
+        if !gb.staged.is_empty() {
             a.sync()
                 .map_err(|e| format!("fdatasync segment {}: {e}", a.number))?;
             metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
+            synced.push(a.number);
         }
     }
     for c in gb.closed.drain(..) {
         c.sync()
             .map_err(|e| format!("fdatasync segment {}: {e}", c.number))?;
         metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
+        synced.push(c.number);
     }
-    Ok(())
+    Ok(synced)
 }
 
-fn fail_group(gb: &mut GroupBatch, e: &str) {
+fn fail_group(gb: &mut GroupBatch, plan: &mut Batch, e: &str) {
     gb.failed = true;
-    let g = &gb.group;
-    error!(group = %g.name, error = %e, "JOURNAL I/O FAILURE: nothing of this batch is acked; ingest for the group stops until restart");
-    let mut st = lock(&g.state);
-    st.failed = Some(e.to_string());
-    g.publish(&st);
+    plan.fail(&gb.group.name);
+    gb.group.journal_failed(e);
 }

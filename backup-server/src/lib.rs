@@ -16,14 +16,16 @@
 //! - [`index`]: per-writer in-memory index (durable prefix, holes, prefix vectors).
 //! - [`causal`]: the largest causally closed cut.
 //! - [`store`]: the data directory, groups, registration, cuts.
-//! - [`ingest`]: the journal thread: group commit, acks, committed fan-out.
+//! - [`batch`]: the pure part of ingest: a batch in, what to append, sync, ack and publish out.
+//! - [`ingest`]: the journal thread: group commit, acks, committed fan-out (the I/O around [`batch`]).
 //! - [`server`]: agent connections.
-//! - [`volume`]: causal applier and materialisation of images.
+//! - [`volume`]: base volume files: applying writes, materialising images.
 //! - [`control`]: status / failover / restore / unfence (socket or offline).
 //! - [`metrics`]: Prometheus exposition.
 //! - [`daemon`]: wiring and the applier thread.
 //! - [`client`]: a protocol peer for tests and the benchmark.
 
+pub mod batch;
 pub mod causal;
 pub mod certs;
 pub mod client;

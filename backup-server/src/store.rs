@@ -11,6 +11,12 @@
 //! Every path component that came from the wire (group and disk names) passed
 //! `pipecloud_core::codec::validate_name` first.
 //!
+//! The store is the one owner of a group's bookkeeping: metadata transitions
+//! (registration, fence, `applying` -> `applied`) and segment accounting (which
+//! segment is active, how many bytes each holds, which seqs it holds, when it is
+//! deleted) happen in this file only. The ingest thread and the applier call the
+//! methods here; the base volume files themselves are written by [`crate::volume`].
+//!
 //! Lock order: `Group::volumes` before `Group::state`; `Group::tail` is only taken
 //! by the ingest thread (and never while holding `state`).
 
@@ -19,6 +25,7 @@ use crate::config::Limits;
 use crate::index::{Capped, Entry, Insert, Loc, NoHistory, WriterIndex};
 use crate::journal::{self, ActiveSegment};
 use crate::meta::{self, DiskMeta, GroupMeta, WriterMeta};
+use crate::volume::{self, ImageSource, Materialised};
 use pipecloud_core::codec::validate_name;
 use pipecloud_core::wire::{Generation, Hello, Welcome, WriterState};
 use pipecloud_core::{CountVector, Seq, WriterId, MAX_WRITERS};
@@ -299,6 +306,176 @@ impl Group {
         }
         self.publish(&st);
         Ok(())
+    }
+
+    /// Moves the base volumes to `target` (a closed cut >= the applied cut): the
+    /// metadata records `applying` before the volumes are touched and the new
+    /// applied cut only after they are fsync'ed (a crash in between is finished on
+    /// restart; re-applying is idempotent), then the index is trimmed and segments
+    /// that hold nothing beyond the applied cut are deleted.
+    pub fn apply_to(&self, target: CountVector) -> Result<(), String> {
+        let _v = lock(&self.volumes);
+        let (work, disks) = {
+            let mut st = lock(&self.state);
+            if !target.dominates(&st.meta.applied) {
+                return Err(format!(
+                    "apply target {target} is below the applied cut {}",
+                    st.meta.applied
+                ));
+            }
+            st.check_cut(&target)?;
+            if target == st.meta.applied && st.meta.applying.is_none() {
+                return Ok(());
+            }
+            st.meta.applying = Some(target);
+            self.persist_meta(&st).map_err(|e| e.to_string())?;
+            (st.work_to(&target), st.meta.disks.clone())
+        };
+        let jdir = self.journal_dir();
+        let bytes = volume::apply_writes(&jdir, &disks, &self.volume_paths(&disks), &work)?;
+        let doomed = {
+            let mut st = lock(&self.state);
+            let mut deps = vec![CountVector::ZERO; MAX_WRITERS];
+            let mut t = st.meta.applied_time_ms;
+            for (w, ix) in &st.writers {
+                let s = target.get(w.index());
+                if let Some(d) = deps.get_mut(w.index()) {
+                    *d = ix.deps(s);
+                }
+                t = t.max(ix.time(s));
+            }
+            st.meta.applied = target;
+            st.meta.applied_deps = deps;
+            st.meta.applied_time_ms = t;
+            st.meta.applying = None;
+            self.persist_meta(&st).map_err(|e| e.to_string())?;
+            for (w, ix) in st.writers.iter_mut() {
+                ix.trim_to(target.get(w.index()));
+            }
+            self.forget_applied_segments(&mut st, &target)
+        };
+        for n in &doomed {
+            let p = journal::segment_path(&jdir, *n);
+            if let Err(e) = std::fs::remove_file(&p) {
+                warn!(path = %p.display(), error = %e, "cannot delete applied journal segment");
+            }
+        }
+        if !doomed.is_empty() {
+            meta::sync_dir(&jdir).map_err(|e| format!("{}: {e}", jdir.display()))?;
+        }
+        if !work.is_empty() || !doomed.is_empty() {
+            info!(group = %self.name, cut = %target, writes = work.len(), bytes, segments_deleted = doomed.len(), "applied to base volumes");
+        }
+        Ok(())
+    }
+
+    /// Writes images of every disk at exactly `cut` into `out` (which must not
+    /// exist or be empty). `progress(done, total)` is called as bytes are processed.
+    pub fn materialise(
+        &self,
+        cut: CountVector,
+        out: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Materialised, String> {
+        let start = std::time::Instant::now();
+        volume::prepare_out(out)?;
+        let _v = lock(&self.volumes);
+        let (work, disks, cut_time_ms) = {
+            let st = lock(&self.state);
+            st.check_cut(&cut)?;
+            let mut t = st.meta.applied_time_ms;
+            for (w, ix) in &st.writers {
+                t = t.max(ix.time(cut.get(w.index())));
+            }
+            (st.work_to(&cut), st.meta.disks.clone(), t)
+        };
+        let src = ImageSource {
+            group: &self.name,
+            disks: &disks,
+            volumes: &self.volume_paths(&disks),
+            jdir: &self.journal_dir(),
+            work: &work,
+            cut,
+            cut_time_ms,
+        };
+        volume::write_images(&src, out, progress, start)
+    }
+
+    fn volume_paths(&self, disks: &[DiskMeta]) -> Vec<PathBuf> {
+        disks.iter().map(|d| self.volume_path(&d.name)).collect()
+    }
+
+    /// Drops from the accounting every segment that is not the active one and
+    /// holds no seq beyond `applied`; returns their numbers (to delete).
+    fn forget_applied_segments(&self, st: &mut GroupState, applied: &CountVector) -> Vec<u64> {
+        let active = st.active_segment;
+        let doomed: Vec<u64> = st
+            .segments
+            .iter()
+            .filter(|(n, info)| {
+                Some(**n) != active
+                    && info
+                        .max_seq
+                        .iter()
+                        .enumerate()
+                        .all(|(i, m)| *m <= applied.get(i))
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for n in &doomed {
+            if let Some(info) = st.segments.remove(n) {
+                self.journal_bytes.fetch_sub(info.bytes, Ordering::Relaxed);
+            }
+        }
+        doomed
+    }
+
+    /// The journal failed (ingest I/O error): ingest for the group stops until
+    /// restart; connections close and hellos are refused.
+    pub fn journal_failed(&self, e: &str) {
+        error!(group = %self.name, error = %e, "JOURNAL I/O FAILURE: nothing of this batch is acked; ingest for the group stops until restart");
+        let mut st = lock(&self.state);
+        st.failed = Some(e.to_string());
+        self.publish(&st);
+    }
+
+    /// Ingest opened segment `n` (empty but for its header) and appends to it now.
+    pub fn segment_opened(&self, n: u64) {
+        let mut st = lock(&self.state);
+        st.active_segment = Some(n);
+        st.segments.entry(n).or_default().bytes = journal::SEGMENT_HEADER_LEN;
+        self.journal_bytes
+            .fetch_add(journal::SEGMENT_HEADER_LEN, Ordering::Relaxed);
+    }
+
+    /// Ingest is about to write `writer`'s `seq` into `segment`: claim the segment
+    /// for it before the record is even written, so the applier (which deletes a
+    /// closed segment only when every writer's highest seq in it is applied) never
+    /// deletes one a batch is about to index.
+    pub fn claim_segment(&self, segment: u64, writer: WriterId, seq: Seq) {
+        let mut st = lock(&self.state);
+        let info = st.segments.entry(segment).or_default();
+        if let Some(m) = info.max_seq.get_mut(writer.index()) {
+            *m = (*m).max(seq);
+        }
+    }
+
+    /// Ingest made `writer`'s `seq` durable at `entry.loc`: account its bytes and
+    /// index it (caller holds the state lock).
+    pub fn journaled(
+        &self,
+        st: &mut GroupState,
+        writer: WriterId,
+        seq: Seq,
+        entry: Entry,
+    ) -> Insert {
+        let loc = entry.loc;
+        self.journal_bytes
+            .fetch_add(u64::from(loc.len), Ordering::Relaxed);
+        if let Some(info) = st.segments.get_mut(&loc.segment) {
+            info.bytes = info.bytes.max(loc.offset + u64::from(loc.len));
+        }
+        st.index_record(writer, seq, entry)
     }
 }
 
@@ -682,7 +859,7 @@ fn recover_group(name: &str, dir: &Path, m: GroupMeta) -> Result<(Group, u64, u6
     let pending = lock(&group.state).meta.applying;
     if let Some(target) = pending {
         info!(group = name, cut = %target, "finishing an interrupted apply");
-        crate::volume::apply_to(&group, target).map_err(StoreError::Io)?;
+        group.apply_to(target).map_err(StoreError::Io)?;
     }
     {
         let st = lock(&group.state);

@@ -1,35 +1,32 @@
-//! Causal applier and materialisation of volumes.
+//! Base volume files: applying journaled writes to them and materialising images.
 //!
-//! **Applying** ([`apply_to`]) moves the base volumes (`volumes/<disk>.img`) from
-//! the applied cut to a larger causally closed cut: the journaled writes of each
-//! writer are applied in seq order (every disk belongs to exactly one writer, so
-//! two writes to the same block are always applied in their writer's seq order and
-//! never reordered). The target is recorded in the metadata *before* the volumes are
-//! touched (`applying`) and the new applied cut only after they are fsync'ed; a
-//! crash in between is finished on restart (re-applying is idempotent because the
-//! order is the same). Then segments that hold nothing beyond the applied cut are
-//! deleted.
+//! This module is plain file I/O on inputs it is given; it knows nothing of groups,
+//! metadata or segments. The store ([`crate::store`]) owns that bookkeeping and
+//! calls in here:
 //!
-//! **Materialising** ([`materialise`]) writes raw images `<disk>.img` (sized as
-//! registered) of every disk of a group at exactly a given closed cut into an
-//! output directory: copy of the base volume (sparse: holes stay holes) plus the
-//! journaled writes between the applied cut and the cut. Each image is fsync'ed, then
+//! **Applying** ([`apply_writes`]) writes journaled writes into the base volumes
+//! (`volumes/<disk>.img`) in the order given (each writer's writes in seq order:
+//! every disk belongs to exactly one writer, so two writes to the same block are
+//! always applied in their writer's seq order and never reordered), then fsyncs
+//! every volume. Re-applying the same list is idempotent, which is what lets the
+//! store finish an interrupted apply on restart.
+//!
+//! **Materialising** ([`write_images`]) writes raw images `<disk>.img` (sized as
+//! registered) into an output directory: copy of the base volume (sparse: holes
+//! stay holes) plus the journaled writes given. Each image is fsync'ed, then
 //! `cut.toml` (group, cut, time) is written last as the completion marker.
 
 use crate::index::Entry;
 use crate::journal;
 use crate::meta::DiskMeta;
 use crate::record::{self, RecordKind};
-use crate::store::{lock, Group};
 use pipecloud_core::{CountVector, Seq, WriterId, MAX_WRITERS};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
 
 const CHUNK: usize = 1 << 20;
 
@@ -107,95 +104,30 @@ fn open_rw(p: &Path) -> Result<File, String> {
         .map_err(|e| format!("{}: {e}", p.display()))
 }
 
-/// Moves the group's base volumes to `target` (a closed cut >= the applied cut),
-/// then trims the index and deletes segments that are no longer needed.
-pub fn apply_to(group: &Group, target: CountVector) -> Result<(), String> {
-    let _v = lock(&group.volumes);
-    let (work, disks) = {
-        let mut st = lock(&group.state);
-        if !target.dominates(&st.meta.applied) {
-            return Err(format!(
-                "apply target {target} is below the applied cut {}",
-                st.meta.applied
-            ));
-        }
-        st.check_cut(&target)?;
-        if target == st.meta.applied && st.meta.applying.is_none() {
-            return Ok(());
-        }
-        st.meta.applying = Some(target);
-        group.persist_meta(&st).map_err(|e| e.to_string())?;
-        (st.work_to(&target), st.meta.disks.clone())
-    };
-    let files = disks
+/// One journaled write to apply: its writer, seq and index entry.
+pub type Work = (WriterId, Seq, Entry);
+
+/// Applies `work` (in order) to the base volumes `volumes` (one path per disk of
+/// `disks`, same order), reading payloads from the journal in `jdir`, then fsyncs
+/// every volume. Returns the bytes applied.
+pub fn apply_writes(
+    jdir: &Path,
+    disks: &[DiskMeta],
+    volumes: &[PathBuf],
+    work: &[Work],
+) -> Result<u64, String> {
+    let files = volumes
         .iter()
-        .map(|d| open_rw(&group.volume_path(&d.name)))
+        .map(|p| open_rw(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let jdir = group.journal_dir();
     let mut bytes = 0;
-    for (w, s, e) in &work {
-        bytes += apply_one(&jdir, &disks, &files, *w, *s, e)?;
+    for (w, s, e) in work {
+        bytes += apply_one(jdir, disks, &files, *w, *s, e)?;
     }
-    for (f, d) in files.iter().zip(&disks) {
+    for (f, d) in files.iter().zip(disks) {
         f.sync_all().map_err(|e| format!("{}: {e}", d.name))?;
     }
-    let mut doomed = Vec::new();
-    {
-        let mut st = lock(&group.state);
-        let mut deps = vec![CountVector::ZERO; MAX_WRITERS];
-        let mut t = st.meta.applied_time_ms;
-        for (w, ix) in &st.writers {
-            let s = target.get(w.index());
-            if let Some(d) = deps.get_mut(w.index()) {
-                *d = ix.deps(s);
-            }
-            t = t.max(ix.time(s));
-        }
-        st.meta.applied = target;
-        st.meta.applied_deps = deps;
-        st.meta.applied_time_ms = t;
-        st.meta.applying = None;
-        group.persist_meta(&st).map_err(|e| e.to_string())?;
-        for (w, ix) in st.writers.iter_mut() {
-            ix.trim_to(target.get(w.index()));
-        }
-        let active = st.active_segment;
-        let keep: Vec<u64> = st
-            .segments
-            .iter()
-            .filter(|(n, info)| {
-                Some(**n) == active
-                    || info
-                        .max_seq
-                        .iter()
-                        .enumerate()
-                        .any(|(i, m)| *m > target.get(i))
-            })
-            .map(|(n, _)| *n)
-            .collect();
-        let all: Vec<u64> = st.segments.keys().copied().collect();
-        for n in all {
-            if !keep.contains(&n) {
-                if let Some(info) = st.segments.remove(&n) {
-                    group.journal_bytes.fetch_sub(info.bytes, Ordering::Relaxed);
-                    doomed.push(n);
-                }
-            }
-        }
-    }
-    for n in &doomed {
-        let p = journal::segment_path(&jdir, *n);
-        if let Err(e) = std::fs::remove_file(&p) {
-            warn!(path = %p.display(), error = %e, "cannot delete applied journal segment");
-        }
-    }
-    if !doomed.is_empty() {
-        crate::meta::sync_dir(&jdir).map_err(|e| format!("{}: {e}", jdir.display()))?;
-    }
-    if !work.is_empty() || !doomed.is_empty() {
-        info!(group = %group.name, cut = %target, writes = work.len(), bytes, segments_deleted = doomed.len(), "applied to base volumes");
-    }
-    Ok(())
+    Ok(bytes)
 }
 
 /// What a materialisation produced.
@@ -212,7 +144,8 @@ pub struct Materialised {
     pub elapsed: Duration,
 }
 
-fn prepare_out(out: &Path) -> Result<(), String> {
+/// Makes sure `out` exists and is empty (created if missing).
+pub fn prepare_out(out: &Path) -> Result<(), String> {
     match std::fs::read_dir(out) {
         Ok(mut it) => {
             if it.next().is_some() {
@@ -283,43 +216,45 @@ fn copy_sparse(
     Ok(d)
 }
 
-/// Writes images of every disk of `group` at exactly `cut` into `out` (which must
-/// not exist or be empty). `progress(done, total)` is called as bytes are processed.
-pub fn materialise(
-    group: &Group,
-    cut: CountVector,
+/// What images are made of: the group's disks, their base volumes, the journal
+/// and the journaled writes to put on top, and the cut they reach.
+pub struct ImageSource<'a> {
+    pub group: &'a str,
+    pub disks: &'a [DiskMeta],
+    /// Base volume per disk (same order as `disks`).
+    pub volumes: &'a [PathBuf],
+    pub jdir: &'a Path,
+    pub work: &'a [Work],
+    pub cut: CountVector,
+    /// Newest receive time (unix ms) of a write inside the cut.
+    pub cut_time_ms: u64,
+}
+
+/// Writes an image of every disk of `src` into `out` (prepared by [`prepare_out`]).
+/// `progress(done, total)` is called as bytes are processed.
+pub fn write_images(
+    src: &ImageSource<'_>,
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
+    start: Instant,
 ) -> Result<Materialised, String> {
-    let start = Instant::now();
-    prepare_out(out)?;
-    let _v = lock(&group.volumes);
-    let (work, disks, cut_time) = {
-        let st = lock(&group.state);
-        st.check_cut(&cut)?;
-        let mut t = st.meta.applied_time_ms;
-        for (w, ix) in &st.writers {
-            t = t.max(ix.time(cut.get(w.index())));
-        }
-        (st.work_to(&cut), st.meta.disks.clone(), t)
-    };
+    let (work, disks, cut, cut_time) = (src.work, src.disks, src.cut, src.cut_time_ms);
     let total: u64 =
         disks.iter().map(|d| d.size).sum::<u64>() + work.iter().map(|(_, _, e)| e.len).sum::<u64>();
     let mut done = 0u64;
     let mut files = Vec::new();
     let mut images = Vec::new();
-    for d in &disks {
+    for (d, vol) in disks.iter().zip(src.volumes) {
         let dst = out.join(format!("{}.img", d.name));
-        let f = copy_sparse(&group.volume_path(&d.name), &dst, d.size, &mut |n| {
+        let f = copy_sparse(vol, &dst, d.size, &mut |n| {
             done += n;
             progress(done, total);
         })?;
         files.push(f);
         images.push(dst);
     }
-    let jdir = group.journal_dir();
-    for (w, s, e) in &work {
-        done += apply_one(&jdir, &disks, &files, *w, *s, e)?;
+    for (w, s, e) in work {
+        done += apply_one(src.jdir, disks, &files, *w, *s, e)?;
         progress(done, total);
     }
     for (f, p) in files.iter().zip(&images) {
@@ -329,7 +264,7 @@ pub fn materialise(
     let entries: Vec<String> = (0..MAX_WRITERS).map(|i| cut.get(i).to_string()).collect();
     let text = format!(
         "# Written by backup-server after every image was fsync'ed.\ngroup = \"{}\"\ncut = [{}]\ncut_time_ms = {}\nwrites_applied = {}\n",
-        group.name,
+        src.group,
         entries.join(", "),
         cut_time,
         work.len()
@@ -341,7 +276,7 @@ pub fn materialise(
     crate::meta::sync_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
     progress(total, total);
     Ok(Materialised {
-        group: group.name.clone(),
+        group: src.group.to_owned(),
         cut,
         cut_time_ms: cut_time,
         images,

@@ -9,7 +9,7 @@
 //! end of the contiguous prefix of acked seqs, never just the highest ack.
 //!
 //! - [`WriterCommit`] tracks one writer: the prefix plus a bounded set of
-//!   out-of-order acked ranges beyond it.
+//!   out-of-order acked ranges beyond it (the rule itself is [`crate::prefix`]).
 //! - [`CommitTracker`] tracks a protection group: one [`WriterCommit`] per
 //!   registered writer and the group's committed [`CountVector`], whose entry
 //!   `w` is the committed seq of writer `w`.
@@ -23,11 +23,13 @@
 //! **Bounds.** Out-of-order acks are kept only up to [`MAX_ACK_GAP`] seqs past
 //! the prefix and in at most [`MAX_ACK_RANGES`] disjoint ranges; an ack beyond
 //! either bound is refused with an error and changes nothing (the sender can
-//! resend it later, once the prefix has caught up).
+//! resend it later, once the prefix has caught up). Memory per writer is at most
+//! one byte per seq of the window beyond the prefix, so [`MAX_ACK_GAP`] bytes.
 //!
 //! **Monotonicity.** Nothing here ever lowers a committed seq or an entry of the
 //! committed vector; this is the property the netqueue's correctness rests on.
 
+use crate::prefix::{ContiguousPrefix, Insert, PrefixBounds};
 use crate::vector::{CountVector, Seq, WriterId, EPOCH_ENTRY, MAX_WRITERS};
 use crate::wire::Generation;
 use std::collections::BTreeMap;
@@ -127,17 +129,13 @@ impl AckOutcome {
 }
 
 /// Commit state of one writer generation: the contiguous prefix of durable seqs
-/// plus the out-of-order acked ranges beyond it.
-///
-/// Invariant: every range `(start, end)` in `ranges` satisfies
-/// `committed + 1 < start <= end`, and ranges are disjoint and non-adjacent.
+/// plus the out-of-order acked seqs beyond it, kept by the one contiguous-prefix
+/// rule ([`ContiguousPrefix`]) with the bounds [`MAX_ACK_GAP`] and [`MAX_ACK_RANGES`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriterCommit {
     generation: Generation,
     base: Seq,
-    committed: Seq,
-    /// start -> end (inclusive) of acked ranges beyond the prefix.
-    ranges: BTreeMap<Seq, Seq>,
+    acked: ContiguousPrefix<()>,
 }
 
 impl WriterCommit {
@@ -147,8 +145,13 @@ impl WriterCommit {
         WriterCommit {
             generation,
             base,
-            committed: base,
-            ranges: BTreeMap::new(),
+            acked: ContiguousPrefix::new(
+                base,
+                PrefixBounds {
+                    max_ahead: MAX_ACK_GAP,
+                    max_runs: MAX_ACK_RANGES,
+                },
+            ),
         }
     }
 
@@ -164,19 +167,17 @@ impl WriterCommit {
 
     /// Highest seq such that all of `1..=seq` are durable.
     pub fn committed(&self) -> Seq {
-        self.committed
+        self.acked.prefix()
     }
 
     /// Number of disjoint out-of-order ranges held beyond the prefix.
     pub fn pending_ranges(&self) -> usize {
-        self.ranges.len()
+        self.acked.runs()
     }
 
     /// Highest seq acked so far (the prefix or the end of the last range).
     pub fn highest_acked(&self) -> Seq {
-        self.ranges
-            .last_key_value()
-            .map_or(self.committed, |(_, end)| *end)
+        self.acked.highest()
     }
 
     /// Records that seqs `first..=last` of `generation` are durable.
@@ -204,78 +205,32 @@ impl WriterCommit {
                 last,
             });
         }
-        if last <= self.committed {
-            return Ok(AckOutcome::Unchanged);
-        }
-        if last - self.committed > MAX_ACK_GAP {
-            return Err(CommitError::AckTooFarAhead {
-                writer,
-                last,
-                committed: self.committed,
-                max_gap: MAX_ACK_GAP,
-            });
-        }
-        let first = first.max(self.committed + 1);
-        let from = self.committed;
-        if first == self.committed + 1 {
-            self.committed = last;
-            self.absorb_ranges();
-            return Ok(AckOutcome::Advanced {
-                writer,
-                from,
-                to: self.committed,
-            });
-        }
-        // Beyond a hole: merge with every range that overlaps or touches
-        // `first..=last`. Ranges are sorted and disjoint, so those are the last
-        // ranges starting at or before `last + 1` whose end reaches `first - 1`.
-        let mut merged: Vec<(Seq, Seq)> = Vec::new();
-        for (&start, &end) in self.ranges.range(..=last.saturating_add(1)).rev() {
-            if end.saturating_add(1) < first {
-                break;
+        let committed = self.committed();
+        match self.acked.insert_range(first, last) {
+            Insert::Added { from, to } if to > from => {
+                Ok(AckOutcome::Advanced { writer, from, to })
             }
-            merged.push((start, end));
-        }
-        if merged.is_empty() && self.ranges.len() >= MAX_ACK_RANGES {
-            return Err(CommitError::TooManyRanges {
+            Insert::Added { .. } | Insert::Duplicate => Ok(AckOutcome::Unchanged),
+            Insert::TooFarAhead => Err(CommitError::AckTooFarAhead {
                 writer,
-                first,
                 last,
-                committed: self.committed,
+                committed,
+                max_gap: MAX_ACK_GAP,
+            }),
+            Insert::TooManyRuns => Err(CommitError::TooManyRanges {
+                writer,
+                first: first.max(committed + 1),
+                last,
+                committed,
                 max: MAX_ACK_RANGES,
-            });
+            }),
         }
-        let mut start = first;
-        let mut end = last;
-        for (s, e) in merged {
-            self.ranges.remove(&s);
-            start = start.min(s);
-            end = end.max(e);
-        }
-        self.ranges.insert(start, end);
-        Ok(AckOutcome::Unchanged)
     }
 
     /// Raises the prefix to at least `seq` (the backup said so authoritatively,
     /// e.g. in a pushed committed vector); returns whether it grew. Never lowers.
     pub fn advance_to(&mut self, seq: Seq) -> bool {
-        if seq <= self.committed {
-            return false;
-        }
-        self.committed = seq;
-        self.absorb_ranges();
-        true
-    }
-
-    /// Moves ranges that now touch or lie under the prefix into it.
-    fn absorb_ranges(&mut self) {
-        while let Some(entry) = self.ranges.first_entry() {
-            if *entry.key() > self.committed.saturating_add(1) {
-                break;
-            }
-            let end = entry.remove();
-            self.committed = self.committed.max(end);
-        }
+        self.acked.advance_to(seq, |_, ()| {})
     }
 }
 

@@ -31,8 +31,8 @@
 //! prefixes up to `S`; the number of rounds is small for real histories and at
 //! most `Σ s_i + 1` for adversarial ones (every round lowers some `s_i`).
 
+use crate::prefix::{ContiguousPrefix, Insert, PrefixBounds};
 use crate::vector::{CountVector, Seq, VECTOR_LEN};
-use std::collections::BTreeMap;
 
 /// The journaled writes of one writer, as the cut needs them.
 pub trait WriterHistory {
@@ -95,14 +95,34 @@ pub fn largest_closed_cut(writers: &[&dyn WriterHistory]) -> CountVector {
 /// A simple in-memory [`WriterHistory`]: writes `(seq, vector)` added in any
 /// order, possibly with holes. Keeps the prefix maxima of the contiguous
 /// journaled prefix (one vector per write) and the writes beyond the first
-/// hole until the hole is filled. Memory grows with the writes added; meant for
-/// tests, models and small journals.
-#[derive(Debug, Clone, Default)]
+/// hole until the hole is filled (the contiguous-prefix rule of
+/// [`crate::prefix`]). Memory grows with the writes added; meant for tests,
+/// models and small journals. A write more than [`VEC_HISTORY_MAX_AHEAD`] seqs
+/// beyond the prefix is refused.
+#[derive(Debug, Clone)]
 pub struct VecHistory {
     /// `prefix_max[k - 1]` = max of the vectors of writes `1..=k`.
     prefix_max: Vec<CountVector>,
-    /// Writes beyond the first hole.
-    beyond: BTreeMap<Seq, CountVector>,
+    /// The contiguous prefix and the writes beyond its first hole.
+    seqs: ContiguousPrefix<CountVector>,
+}
+
+/// Furthest a [`VecHistory`] write may lie beyond the contiguous prefix.
+pub const VEC_HISTORY_MAX_AHEAD: Seq = 1 << 16;
+
+impl Default for VecHistory {
+    fn default() -> Self {
+        VecHistory {
+            prefix_max: Vec::new(),
+            seqs: ContiguousPrefix::new(
+                0,
+                PrefixBounds {
+                    max_ahead: VEC_HISTORY_MAX_AHEAD,
+                    max_runs: usize::MAX,
+                },
+            ),
+        }
+    }
 }
 
 impl VecHistory {
@@ -120,33 +140,17 @@ impl VecHistory {
         h
     }
 
-    /// Adds write `seq` with its vector. Seq 0 and seqs already in the
-    /// contiguous prefix are ignored (returns `false`); a repeated seq beyond
-    /// the prefix replaces the earlier one.
+    /// Adds write `seq` with its vector; returns whether it was new. Seq 0, seqs
+    /// already present (in the prefix or held beyond it: the first copy stays) and
+    /// seqs too far ahead are ignored (returns `false`).
     pub fn insert(&mut self, seq: Seq, vector: CountVector) -> bool {
-        let len = self.prefix_max.len() as Seq;
-        if seq == 0 || seq <= len {
-            return false;
-        }
-        if seq > len + 1 {
-            self.beyond.insert(seq, vector);
-            return true;
-        }
-        self.push(vector);
-        while let Some(entry) = self.beyond.first_entry() {
-            if *entry.key() != self.prefix_max.len() as Seq + 1 {
-                break;
-            }
-            let v = entry.remove();
-            self.push(v);
-        }
-        true
-    }
-
-    fn push(&mut self, vector: CountVector) {
-        let mut max = self.prefix_max.last().copied().unwrap_or_default();
-        max.merge(&vector);
-        self.prefix_max.push(max);
+        let prefix_max = &mut self.prefix_max;
+        let added = self.seqs.insert(seq, vector, |_, v| {
+            let mut max = prefix_max.last().copied().unwrap_or_default();
+            max.merge(&v);
+            prefix_max.push(max);
+        });
+        matches!(added, Insert::Added { .. })
     }
 }
 

@@ -6,9 +6,11 @@
 //!
 //! One module per concept:
 //! - [`vector`]: count vectors (pending / committed).
+//! - [`prefix`]: the contiguous-prefix rule (highest seq with all of `1..=seq` present), bounded.
 //! - [`commit`]: per-writer commit tracking (contiguous prefix of out-of-order acks, generations).
 //! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
+//! - [`mode`]: replication modes and the backup-loss policy (one definition, one parsing rule).
 //! - [`ipopt`]: the IPv4 option that carries a vector between protected machines.
 //! - [`wire`] and [`codec`]: the replication protocol frames and their byte encoding.
 //! - [`topology`]: the gray-box description of one application (TOML).
@@ -17,7 +19,9 @@ pub mod codec;
 pub mod commit;
 pub mod cut;
 pub mod ipopt;
+pub mod mode;
 pub mod netqueue;
+pub mod prefix;
 pub mod topology;
 pub mod vector;
 pub mod wire;

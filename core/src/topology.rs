@@ -98,7 +98,7 @@
 
 use crate::vector::{WriterId, MAX_WRITERS};
 use crate::wire::{MAX_DISKS_PER_HELLO, MAX_NAME_LEN, MAX_WRITE_PAYLOAD};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -149,81 +149,7 @@ pub const MIN_NETQUEUE_BYTES: u64 = 65_535;
 // The loaded model
 // ---------------------------------------------------------------------------
 
-/// Replication mode of a protection group (DESIGN §1), switchable at run time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Writes complete locally, packets leave at once (baseline; client RPO > 0).
-    Async,
-    /// Writes complete when the backup acked them (DRBD protocol C).
-    Sync,
-    /// Writes complete locally; client-bound packets wait for their dependencies.
-    #[default]
-    Pipelined,
-    /// Full-state (Remus-style) checkpoints. Accepted in files; not implemented yet.
-    Checkpoint,
-}
-
-impl Mode {
-    /// Every mode, in the order of DESIGN §1.
-    pub const ALL: [Mode; 4] = [Mode::Async, Mode::Sync, Mode::Pipelined, Mode::Checkpoint];
-
-    /// The name used in files and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Async => "async",
-            Mode::Sync => "sync",
-            Mode::Pipelined => "pipelined",
-            Mode::Checkpoint => "checkpoint",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that names no [`Mode`].
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown mode `{0}`; expected one of async, sync, pipelined, checkpoint")]
-pub struct UnknownMode(pub String);
-
-impl FromStr for Mode {
-    type Err = UnknownMode;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| UnknownMode(s.to_owned()))
-    }
-}
-
-/// What a group does while the backup is unreachable (DESIGN §4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum BackupLossPolicy {
-    /// Hold client-bound packets until the backup is back (zero RPO).
-    #[default]
-    Stall,
-    /// After `after` without the backup, release packets as in `async` mode, with
-    /// a loud alarm; zero RPO returns once the backlog is drained.
-    DegradeToAsync {
-        /// How long the backup may be unreachable before degrading.
-        after: Duration,
-    },
-}
-
-impl fmt::Display for BackupLossPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BackupLossPolicy::Stall => f.write_str("stall"),
-            BackupLossPolicy::DegradeToAsync { after } => {
-                write!(f, "degrade-to-async after {} s", after.as_secs())
-            }
-        }
-    }
-}
+pub use crate::mode::{BackupLossPolicy, Mode, UnknownMode};
 
 /// The protection group.
 #[derive(Clone, Debug, PartialEq, Eq)]

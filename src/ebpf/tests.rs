@@ -195,7 +195,7 @@ fn strips_records_and_holds_back_tags_until_merged() {
     assert_eq!(t.stats().fallbacks, 1);
 
     // Any access to the causal state merges first.
-    assert_eq!(state.pending(DB_IDX), v(&[5, 1]));
+    assert_eq!(state.sync_pending(DB_IDX), v(&[5, 1]));
     let mut want = reply.clone();
     ipopt::insert_tag(&mut want, GROUP, &v(&[5, 1])).unwrap();
     assert_eq!(

@@ -826,7 +826,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(next.get(&W), Some(&11));
-        assert_eq!(causal.pending(0).get(W.index()), 10);
+        assert_eq!(causal.sync_pending(0).get(W.index()), 10);
         assert_eq!(causal.committed(), CountVector::from_slice(&[3, 10]));
         for (i, disk) in [0, 1, 0].into_iter().enumerate() {
             let (w, seq, v) = st.issue(&causal, disk, 0, data(100), None, t0);
