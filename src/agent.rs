@@ -50,6 +50,27 @@ pub struct AgentOptions {
     pub replication_thread: bool,
 }
 
+/// Why `pipelined` (and `checkpoint`) cannot run without the network path:
+/// their promise rests on holding every client-bound packet until the backup
+/// holds the writes it depends on, while the disks acknowledge writes at once.
+/// With nothing held, an acknowledged write is lost in a disaster.
+pub const PIPELINED_NEEDS_NETWORK: &str = "mode `pipelined` needs the network path, which holds \
+     client-bound packets until the backup holds the writes they depend on; this agent runs \
+     without it (--no-network), so writes would be acknowledged that the backup may not hold. \
+     Use mode `sync` for a pure block client (a write completes once the backup holds it), \
+     or `async` if losing the last acknowledged writes in a disaster is acceptable";
+
+/// Refuses a mode whose guarantee needs the network path when the agent runs
+/// without one (`--no-network`).
+pub fn check_mode_without_network(mode: topology::Mode, no_network: bool) -> Result<()> {
+    match mode {
+        topology::Mode::Pipelined | topology::Mode::Checkpoint if no_network => {
+            bail!("cannot start in mode `{mode}`: {PIPELINED_NEEDS_NETWORK}")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Converts the topology's mode to the block path's mode.
 pub fn block_mode(m: topology::Mode) -> Result<crate::replication::Mode> {
     use crate::replication::Mode as B;
@@ -73,6 +94,7 @@ pub fn load_topology(path: &Path) -> Result<Topology> {
 /// Runs the agent until a termination signal.
 pub async fn run(opts: AgentOptions) -> Result<()> {
     let topo = load_topology(&opts.topology)?;
+    check_mode_without_network(topo.group.mode, opts.no_network)?;
     let host = topo
         .host(&opts.host)
         .with_context(|| format!("host `{}` is not in {}", opts.host, opts.topology.display()))?
