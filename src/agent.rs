@@ -214,7 +214,12 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             max_packets: usize::try_from(topo.policy.netqueue_max_packets).unwrap_or(65_536),
             max_bytes: usize::try_from(topo.policy.netqueue_max_bytes).unwrap_or(usize::MAX),
         };
+        // Fail-closed: a local machine whose interface cannot be found could
+        // send IPv6 (or from another address) unheld, so the agent does not start.
+        let links = crate::netfilter::resolve_links(&nt, &host.name, None)
+            .context("finding the interface of each local protected machine")?;
         let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
+        ncfg.links = links.clone();
         ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);
         let queues = ncfg.queues;
         let np = if host.kernel_tagger {
@@ -248,6 +253,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 mtu: DEFAULT_MTU,
                 netns: None,
                 kernel_tagger_mark,
+                links,
             },
         )?;
         rules = Some(rm.install().context("installing netfilter rules")?);

@@ -304,7 +304,7 @@ fn async_agent_serves_real_clients_and_the_backup_matches() {
 
 /// `pipelined` needs the network path (the agent refuses `--no-network` in that
 /// mode), so this one runs the agent with it, in a private network namespace of
-/// its own: a dummy interface routes to the machine's address, the rules and
+/// its own: a veth (both ends there) routes to the machine's address, the rules and
 /// queues live and die there, and the backup listens on that namespace's loopback.
 #[test]
 fn pipelined_agent_serves_real_clients_and_the_backup_matches() {
@@ -319,9 +319,10 @@ fn pipelined_agent_serves_real_clients_and_the_backup_matches() {
         );
         for args in [
             "link set lo up",
-            "link add pcm0 type dummy",
+            "link add pcm0 type veth peer name pcm1",
             "addr add 10.10.0.1/24 dev pcm0",
             "link set pcm0 up",
+            "link set pcm1 up",
         ] {
             let (ok, out) = run(Command::new("ip").args(args.split_whitespace()));
             assert!(ok, "ip {args}: {out}");
