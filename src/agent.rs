@@ -104,6 +104,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    // Fail-closed, and before anything is served: a local machine whose
+    // interface cannot be found could send IPv6 (or from another address)
+    // unheld, so the agent does not start.
+    let nt = NetTopology::from_topology(&topo);
+    let links = if opts.no_network {
+        Vec::new()
+    } else {
+        crate::netfilter::resolve_links(&nt, &host.name, None)
+            .context("finding the interface of each local protected machine")?
+    };
     let causal = Arc::new(CausalState::new(topo.machines.len()));
     let mode = ModeSwitch::new(block_mode(topo.group.mode)?);
 
@@ -208,16 +218,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // Network path.
     let mut net = None;
     let mut rules = None;
-    let nt = NetTopology::from_topology(&topo);
     if !opts.no_network && nt.local_machines(&host.name).next().is_some() {
         let limits = NetQueueLimits {
             max_packets: usize::try_from(topo.policy.netqueue_max_packets).unwrap_or(65_536),
             max_bytes: usize::try_from(topo.policy.netqueue_max_bytes).unwrap_or(usize::MAX),
         };
-        // Fail-closed: a local machine whose interface cannot be found could
-        // send IPv6 (or from another address) unheld, so the agent does not start.
-        let links = crate::netfilter::resolve_links(&nt, &host.name, None)
-            .context("finding the interface of each local protected machine")?;
         let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
         ncfg.links = links.clone();
         ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);

@@ -4,6 +4,10 @@
 //! refuses to start in `pipelined` (naming `sync` and `async` instead), and
 //! refuses a run-time switch to `pipelined` while it keeps its mode.
 //!
+//! With the network path, the agent refuses to start when it cannot find the
+//! interface of a local protected machine (it could not hold that machine's
+//! IPv6 or other-address packets).
+//!
 //! Real binaries: `pipecloud` and (for the switch) a `backup-server` on loopback.
 
 use std::path::{Path, PathBuf};
@@ -77,9 +81,10 @@ impl Drop for Agent {
     }
 }
 
-#[test]
-fn pipelined_without_network_path_refuses_to_start() {
-    let scratch = Scratch::new("nonet-start");
+/// Runs `pipecloud agent` (pipelined, backup absent) with `prefix` before it
+/// and `extra` arguments; returns its exit status and stderr once it exits.
+fn agent_exit(tag: &str, prefix: &[&str], extra: &[&str]) -> (std::process::ExitStatus, String) {
+    let scratch = Scratch::new(tag);
     let work = scratch.0.clone();
     let topo = work.join("t.toml");
     // No backup is needed: the refusal comes before any connection.
@@ -90,10 +95,20 @@ fn pipelined_without_network_path_refuses_to_start() {
         "pipelined",
         ("127.0.0.1:9".into(), none.clone(), none.clone(), none),
     );
-    let mut child = pipecloud()
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_pipecloud"));
+            c
+        }
+        None => pipecloud(),
+    };
+    let mut child = cmd
         .args(["agent", "--topology"])
         .arg(&topo)
-        .args(["--host", "h", "--no-network", "--connect-wait-s", "5"])
+        .args(["--host", "h", "--connect-wait-s", "5"])
+        .args(extra)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -102,23 +117,44 @@ fn pipelined_without_network_path_refuses_to_start() {
     while child.try_wait().expect("waiting for the agent").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the agent kept running in pipelined mode without a network path");
+            panic!("the agent kept running");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().expect("agent output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "exit status {}", out.status);
+    assert!(
+        !work.join("nbd").join("disk0.sock").exists(),
+        "no disk was served"
+    );
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// In a fresh network namespace (`unshare --net`, util-linux) nothing routes
+/// to the machine: the agent must refuse before serving anything.
+#[test]
+fn no_interface_for_a_local_machine_refuses_to_start() {
+    let (status, stderr) = agent_exit("nolink", &["unshare", "--net", "--"], &[]);
+    assert!(!status.success(), "exit status {status}");
+    assert!(
+        stderr.contains("finding the interface of each local protected machine")
+            && stderr.contains("machine `m` (10.10.0.10): no interface routes to it"),
+        "unexpected error:\n{stderr}"
+    );
+}
+
+#[test]
+fn pipelined_without_network_path_refuses_to_start() {
+    let (status, stderr) = agent_exit("nonet-start", &[], &["--no-network"]);
+    assert!(!status.success(), "exit status {status}");
     assert!(
         stderr.contains("cannot start in mode `pipelined`")
             && stderr.contains("--no-network")
             && stderr.contains("Use mode `sync`")
             && stderr.contains("`async`"),
         "unexpected error:\n{stderr}"
-    );
-    assert!(
-        !work.join("nbd").join("disk0.sock").exists(),
-        "no disk was served"
     );
 }
 
