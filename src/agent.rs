@@ -1,4 +1,4 @@
-//! `pipecloud agent`: the host agent, wired from the topology (DESIGN §2).
+//! `pipecloud agent`: the host agent, wired from the topology (docs/design.md, the agent).
 //!
 //! For one primary host of one protection group it starts, in this order:
 //! 1. the causal state of the group's machines;

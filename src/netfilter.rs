@@ -120,7 +120,7 @@
 //! A tag grows a packet by `8 + 4k` bytes (`k` non-zero vector entries, at most
 //! the group's writers). SYNs between protected machines get their MSS clamped
 //! to `mtu - 40 - (8 + 4k)` so full-sized tagged TCP segments still fit the
-//! path MTU (NOTES: do not lower the veth MTU instead). Non-TCP senders that
+//! path MTU (measured: lowering the veth MTU instead drops bigger received frames). Non-TCP senders that
 //! fill the MTU need a route MTU inside the guest (`ip route ... mtu 1460`).
 //!
 //! # GSO: which queues may see super-packets
@@ -160,7 +160,7 @@
 //! # Kernel dependency
 //!
 //! Tagging and stripping rewrite the IPv4 header length through the NFQUEUE
-//! verdict payload (measured to work on this kernel, NOTES). An upstream patch
+//! verdict payload (measured to work on this kernel, docs/machine.md). An upstream patch
 //! posted in June 2026 ("netfilter: nfnetlink_queue: restrict writes to network
 //! header") rejects payloads whose IHL or options differ from the original; on
 //! such a kernel the verdict fails and the kernel drops the packet: still

@@ -1,7 +1,7 @@
 //! The agent's network path: what happens to each guest packet that the
 //! netfilter rules ([`crate::netfilter`]) hand to the agent through NFQUEUE.
 //!
-//! Two queues per group and host (DESIGN §3, paper §4.2-§4.3):
+//! Two queues per group and host (docs/design.md, causality tracking; paper §4.2-§4.3):
 //!
 //! - **Tag queue** (packets between a local protected machine and one on
 //!   another host) and **local queue** (both ends local); one decision serves both:
@@ -191,7 +191,7 @@ fn addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
 /// Optional behaviour of the tagger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TagPolicy {
-    /// Tag pure TCP ACKs too (DESIGN §3 allows leaving them untagged; default off).
+    /// Tag pure TCP ACKs too (docs/design.md allows leaving them untagged; default off).
     pub tag_pure_acks: bool,
 }
 
@@ -322,7 +322,7 @@ fn tag_outgoing(
         Classify::NotIpv4 => return decision(Action::Accept, TagEvent::UntaggedNonIpv4),
         Classify::Malformed(_) => return decision(Action::Accept, TagEvent::Malformed),
         Classify::OtherOptions => return decision(Action::Accept, TagEvent::UntaggedOtherOptions),
-        // A fragment cannot carry the tag (DESIGN §3): passing it untagged would
+        // A fragment cannot carry the tag (docs/design.md, tags): passing it untagged would
         // lose the sender's dependencies on the other host, so it is dropped
         // (fail-closed, counted) unless the sender depends on nothing yet. TCP
         // never fragments here (MSS clamp + DF); a UDP sender must fit its MTU.

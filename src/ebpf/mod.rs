@@ -9,7 +9,7 @@
 //! offload state right and lowers the GSO segment size, so super-packets
 //! pass whole and nothing leaves the kernel on the fast path.
 //!
-//! How causality is kept (DESIGN §3):
+//! How causality is kept (docs/design.md, causality tracking):
 //!
 //! - **Tagging** needs the sender's pending vector. The agent publishes each
 //!   local machine's vector, already encoded as the options area, into that
