@@ -1148,9 +1148,21 @@ fn fail_closed_on_agent_kill_with(kernel: bool) {
 /// dom0 and web keeps working with the rules in place.
 #[test]
 fn ipv6_and_second_address_are_held_until_committed() {
+    ipv6_and_second_address_with(false);
+}
+
+/// The same with the kernel tagger, which never marks IPv6 or an unknown
+/// IPv4 source, so both still meet the hold queue.
+#[test]
+fn ipv6_and_second_address_are_held_until_committed_kernel_tagger() {
+    ipv6_and_second_address_with(true);
+}
+
+fn ipv6_and_second_address_with(kernel: bool) {
     let rt = runtime();
     let _enter = rt.enter();
     let mut site = Site::build(false);
+    site.kernel = kernel;
     site.ipv6();
     site.web.ip("addr add 10.1.1.20/24 dev eth0");
     let state = Arc::new(CausalState::new(MACHINES));
