@@ -197,6 +197,12 @@ impl Site {
                 mtu,
                 netns: Some(self.dom0(host).path()),
                 kernel_tagger_mark: mark,
+                links: pipecloud::netfilter::resolve_links(
+                    &topo,
+                    host,
+                    Some(&self.dom0(host).path()),
+                )
+                .expect("machine interfaces"),
             },
         )
         .expect("rules");

@@ -1,4 +1,4 @@
-//! `pipecloud agent`: the host agent, wired from the topology (DESIGN §2).
+//! `pipecloud agent`: the host agent, wired from the topology (docs/design.md, the agent).
 //!
 //! For one primary host of one protection group it starts, in this order:
 //! 1. the causal state of the group's machines;
@@ -50,6 +50,27 @@ pub struct AgentOptions {
     pub replication_thread: bool,
 }
 
+/// Why `pipelined` (and `checkpoint`) cannot run without the network path:
+/// their promise rests on holding every client-bound packet until the backup
+/// holds the writes it depends on, while the disks acknowledge writes at once.
+/// With nothing held, an acknowledged write is lost in a disaster.
+pub const PIPELINED_NEEDS_NETWORK: &str = "mode `pipelined` needs the network path, which holds \
+     client-bound packets until the backup holds the writes they depend on; this agent runs \
+     without it (--no-network), so writes would be acknowledged that the backup may not hold. \
+     Use mode `sync` for a pure block client (a write completes once the backup holds it), \
+     or `async` if losing the last acknowledged writes in a disaster is acceptable";
+
+/// Refuses a mode whose guarantee needs the network path when the agent runs
+/// without one (`--no-network`).
+pub fn check_mode_without_network(mode: topology::Mode, no_network: bool) -> Result<()> {
+    match mode {
+        topology::Mode::Pipelined | topology::Mode::Checkpoint if no_network => {
+            bail!("cannot start in mode `{mode}`: {PIPELINED_NEEDS_NETWORK}")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The mode the agent runs for `m`: the one gate where a mode enters the agent
 /// (topology loading and the control socket). `checkpoint` is refused.
 pub fn block_mode(m: topology::Mode) -> Result<crate::replication::Mode> {
@@ -71,6 +92,7 @@ pub fn load_topology(path: &Path) -> Result<Topology> {
 /// Runs the agent until a termination signal.
 pub async fn run(opts: AgentOptions) -> Result<()> {
     let topo = load_topology(&opts.topology)?;
+    check_mode_without_network(topo.group.mode, opts.no_network)?;
     let host = topo
         .host(&opts.host)
         .with_context(|| format!("host `{}` is not in {}", opts.host, opts.topology.display()))?
@@ -80,6 +102,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    // Fail-closed, and before anything is served: a local machine whose
+    // interface cannot be found could send IPv6 (or from another address)
+    // unheld, so the agent does not start.
+    let nt = NetTopology::from_topology(&topo);
+    let links = if opts.no_network {
+        Vec::new()
+    } else {
+        crate::netfilter::resolve_links(&nt, &host.name, None)
+            .context("finding the interface of each local protected machine")?
+    };
     let causal = Arc::new(CausalState::new(topo.machines.len()));
     let mode = ModeSwitch::new(block_mode(topo.group.mode)?);
 
@@ -184,13 +216,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // Network path.
     let mut net = None;
     let mut rules = None;
-    let nt = NetTopology::from_topology(&topo);
     if !opts.no_network && nt.local_machines(&host.name).next().is_some() {
         let limits = NetQueueLimits {
             max_packets: usize::try_from(topo.policy.netqueue_max_packets).unwrap_or(65_536),
             max_bytes: usize::try_from(topo.policy.netqueue_max_bytes).unwrap_or(usize::MAX),
         };
         let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
+        ncfg.links = links.clone();
         ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);
         let queues = ncfg.queues;
         let np = if host.kernel_tagger {
@@ -224,6 +256,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 mtu: DEFAULT_MTU,
                 netns: None,
                 kernel_tagger_mark,
+                links,
             },
         )?;
         rules = Some(rm.install().context("installing netfilter rules")?);

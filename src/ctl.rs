@@ -145,6 +145,9 @@ impl Control {
                 }
             },
         };
+        if mode == Mode::Pipelined && g.net.is_none() {
+            return Err(crate::agent::PIPELINED_NEEDS_NETWORK.into());
+        }
         let old = g.mode.set(mode);
         tracing::warn!(group = %g.client.group(), from = %old, to = %mode, "replication mode switched");
         Ok(format!("group {}: mode {old} -> {mode}", g.client.group()))

@@ -42,11 +42,40 @@
 //! -A PIPECLOUD-g -s L -d M -j NFQUEUE --queue-num <tag queue>
 //! ```
 //!
-//! then, for every local machine, everything else it sends leaves the group:
+//! then, for every local machine, everything else it sends leaves the group,
+//! and last, whatever else arrives from the dom0-side interface that routes to
+//! a local machine (a second address, a spoofed one) is held too:
 //!
 //! ```text
 //! -A PIPECLOUD-g -s L -j NFQUEUE --queue-num <hold>   (or --queue-balance a:b)
+//! -A PIPECLOUD-g -i <L's interface> -j NFQUEUE --queue-num <hold>
 //! ```
+//!
+//! The same chain exists in `ip6tables`' `mangle FORWARD` (same name, same
+//! comment, installed and removed together with the IPv4 one): every IPv6
+//! packet forwarded from a local machine's interface goes to the hold queue,
+//!
+//! ```text
+//! -A PIPECLOUD-g -i <L's interface> -j NFQUEUE --queue-num <hold>
+//! ```
+//!
+//! where the agent attributes it to the machine(s) behind that interface by
+//! its input interface (`netpath`). Nothing a protected machine sends out of
+//! its host escapes both chains unqueued, except what the IPv4 rules hand to
+//! the tag and local queues or the kernel tagger marked as handled.
+//! Neighbour discovery and other link-local IPv6 is never forwarded, so it
+//! never meets these rules.
+//!
+//! # IPv6 between protected machines: held, untagged
+//!
+//! IPv6 cannot carry the IPv4 tag option, so IPv6 between protected machines
+//! is held in the hold queue with the sender's pending vector, like a
+//! client-bound packet, and not merged at the receiver. That is safe: the
+//! receiver only ever sees state the backup already holds, so what it computes
+//! from it depends on nothing unreplicated, and each released vector is itself
+//! a causally closed cut; the failover cut (the largest closed cut under the
+//! journaled prefixes) still contains everything any client saw. The price is
+//! one backup round trip per packet: use IPv4 between tiers.
 //!
 //! What the agent does on each queue (see `netpath`):
 //!
@@ -83,16 +112,15 @@
 //! The agent's own replication and control traffic originates in dom0 itself
 //! (OUTPUT chain, then POSTROUTING): it never traverses FORWARD, so none of
 //! these rules can queue or delay it. Traffic between hosts that is not from a
-//! protected machine matches no rule either. Non-IPv4 traffic is outside
-//! iptables' reach (IPv4 only): protected guests should not have IPv6 routes
-//! to clients (an `ip6tables` policy is the operator's job).
+//! protected machine matches no rule either. IPv6 is covered by the
+//! `ip6tables` chain above; other protocols (ARP) are never forwarded.
 //!
 //! # MTU headroom
 //!
 //! A tag grows a packet by `8 + 4k` bytes (`k` non-zero vector entries, at most
 //! the group's writers). SYNs between protected machines get their MSS clamped
 //! to `mtu - 40 - (8 + 4k)` so full-sized tagged TCP segments still fit the
-//! path MTU (NOTES: do not lower the veth MTU instead). Non-TCP senders that
+//! path MTU (measured: lowering the veth MTU instead drops bigger received frames). Non-TCP senders that
 //! fill the MTU need a route MTU inside the guest (`ip route ... mtu 1460`).
 //!
 //! # GSO: which queues may see super-packets
@@ -132,7 +160,7 @@
 //! # Kernel dependency
 //!
 //! Tagging and stripping rewrite the IPv4 header length through the NFQUEUE
-//! verdict payload (measured to work on this kernel, NOTES). An upstream patch
+//! verdict payload (measured to work on this kernel, docs/machine.md). An upstream patch
 //! posted in June 2026 ("netfilter: nfnetlink_queue: restrict writes to network
 //! header") rejects payloads whose IHL or options differ from the original; on
 //! such a kernel the verdict fails and the kernel drops the packet: still
@@ -284,6 +312,17 @@ pub enum NetfilterError {
     /// The MTU leaves no room for a tagged TCP segment.
     #[error("MTU {mtu} too small for tagged packets")]
     MtuTooSmall { mtu: u16 },
+    /// A local machine has no resolvable dom0-side interface.
+    #[error("machine `{machine}` ({ip}): no interface routes to it: {source}")]
+    NoLink {
+        machine: String,
+        ip: Ipv4Addr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A local machine has no entry in [`RuleConfig::links`].
+    #[error("machine `{0}` has no interface in the rule configuration")]
+    MissingLink(String),
     /// A command could not be started.
     #[error("cannot run `{cmd}`: {source}")]
     Spawn {
@@ -298,6 +337,79 @@ pub enum NetfilterError {
         status: String,
         stderr: String,
     },
+}
+
+/// The dom0-side interface that routes to one local protected machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineLink {
+    /// Index of the machine in the topology.
+    pub machine: usize,
+    /// Interface name (in the host's network namespace).
+    pub iface: String,
+    /// Its interface index (`NFQA_IFINDEX_INDEV` of the machine's packets).
+    pub ifindex: u32,
+}
+
+/// The interface `ip route get` names for `ip` (this thread's namespace).
+pub fn route_device(ip: Ipv4Addr) -> std::io::Result<String> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "route", "get", &ip.to_string()])
+        .output()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("running ip route get: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "dev" {
+            if let Some(d) = words.next() {
+                return Ok(d.to_owned());
+            }
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no route to {ip}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// The interface of every machine of `topo` on `host`, as routed in `netns`.
+/// A local machine without a route is an error: its packets could not be
+/// attributed, and the agent must not start without holding them.
+pub fn resolve_links(
+    topo: &NetTopology,
+    host: &str,
+    netns: Option<&Path>,
+) -> Result<Vec<MachineLink>, NetfilterError> {
+    let mut links = Vec::new();
+    for (machine, m) in topo.machines.iter().enumerate() {
+        if m.host != host {
+            continue;
+        }
+        let resolved = crate::nfq::in_netns(netns, || {
+            let iface = route_device(m.ip)?;
+            let c = std::ffi::CString::new(iface.clone()).map_err(std::io::Error::other)?;
+            // SAFETY: `c` is a valid NUL-terminated string.
+            let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            if ifindex == 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(MachineLink {
+                machine,
+                iface,
+                ifindex,
+            })
+        });
+        match resolved {
+            Ok(Ok(l)) => links.push(l),
+            Ok(Err(source)) | Err(source) => {
+                return Err(NetfilterError::NoLink {
+                    machine: m.name.clone(),
+                    ip: m.ip,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(links)
 }
 
 /// Host-specific settings of the rules.
@@ -316,6 +428,9 @@ pub struct RuleConfig {
     /// the pair's packets (its fallbacks, and any it never saw) go to the tag
     /// queue. `None`: every packet of a cross-host pair goes to the tag queue.
     pub kernel_tagger_mark: Option<u32>,
+    /// The interface of every local machine ([`resolve_links`]): IPv6 and any
+    /// other-source IPv4 from it is held.
+    pub links: Vec<MachineLink>,
 }
 
 /// The rules of one group on one host.
@@ -364,6 +479,11 @@ impl RuleManager {
                 group: topo.group.clone(),
                 host: cfg.host.clone(),
             });
+        }
+        for (i, m) in topo.machines.iter().enumerate() {
+            if m.host == cfg.host && !cfg.links.iter().any(|l| l.machine == i) {
+                return Err(NetfilterError::MissingLink(m.name.clone()));
+            }
         }
         let q = cfg.queues;
         if q.hold_count == 0
@@ -466,15 +586,7 @@ impl RuleManager {
                 );
             }
         }
-        let hold = if q.hold_count == 1 {
-            format!("--queue-num {}", q.hold_first)
-        } else {
-            format!(
-                "--queue-balance {}:{}",
-                q.hold_first,
-                q.hold_first + q.hold_count - 1
-            )
-        };
+        let hold = self.hold_target();
         for l in &local {
             if let Some(mark) = self.cfg.kernel_tagger_mark {
                 // Passed by the kernel tagger: nothing to hold it for.
@@ -486,7 +598,48 @@ impl RuleManager {
             }
             let _ = writeln!(out, "-A {c} -s {}/32 {m} -j NFQUEUE {hold}", l.ip);
         }
+        // Any other source from a machine's interface (a second address, a
+        // spoofed one): held, attributed to the machines behind it.
+        out.push_str(&self.interface_rules(&hold));
         out
+    }
+
+    /// `-i <iface> -j NFQUEUE <hold>` for each distinct interface of the local
+    /// machines (shared by both families).
+    fn interface_rules(&self, hold: &str) -> String {
+        let (c, mut out) = (&self.chain, String::new());
+        let mut seen: Vec<&str> = Vec::new();
+        for l in &self.cfg.links {
+            if !seen.contains(&l.iface.as_str()) {
+                seen.push(&l.iface);
+                let _ = writeln!(
+                    out,
+                    "-A {c} -i {} -m comment --comment \"{}\" -j NFQUEUE {hold}",
+                    l.iface, self.comment
+                );
+            }
+        }
+        out
+    }
+
+    /// The `-A` lines of the group's `ip6tables` chain: every IPv6 packet from
+    /// a local machine's interface goes to the hold queue (module docs).
+    pub fn chain_rules_v6(&self) -> String {
+        self.interface_rules(&self.hold_target())
+    }
+
+    /// The NFQUEUE target arguments of the hold queue(s).
+    fn hold_target(&self) -> String {
+        let q = self.cfg.queues;
+        if q.hold_count == 1 {
+            format!("--queue-num {}", q.hold_first)
+        } else {
+            format!(
+                "--queue-balance {}:{}",
+                q.hold_first,
+                q.hold_first + q.hold_count - 1
+            )
+        }
     }
 
     /// The whole iptables-restore (`--noflush`) input that replaces the group's
@@ -494,12 +647,21 @@ impl RuleManager {
     /// declared (created, or flushed if it exists), refilled, and exactly one
     /// jump from FORWARD is left. Applied as one transaction.
     pub fn install_script(&self, current_mangle: &str) -> String {
+        self.install_script_with(current_mangle, &self.chain_rules())
+    }
+
+    /// [`RuleManager::install_script`] for the `ip6tables` chain.
+    pub fn install_script_v6(&self, current_mangle: &str) -> String {
+        self.install_script_with(current_mangle, &self.chain_rules_v6())
+    }
+
+    fn install_script_with(&self, current_mangle: &str, rules: &str) -> String {
         let mut s = String::from("*mangle\n");
         let _ = writeln!(s, ":{} - [0:0]", self.chain);
         for line in foreign_references(current_mangle, &self.comment, &[self.chain.as_str()]) {
             let _ = writeln!(s, "-D{}", &line[2..]);
         }
-        s.push_str(&self.chain_rules());
+        s.push_str(rules);
         let _ = writeln!(
             s,
             "-I FORWARD 1 -m comment --comment \"{}\" -j {}",
@@ -513,8 +675,18 @@ impl RuleManager {
     /// by an earlier run (e.g. after a crash) are replaced, so calling this
     /// twice leaves one copy. Returns a guard that removes them when dropped.
     pub fn install(&self) -> Result<RulesGuard, NetfilterError> {
-        let current = self.save_mangle()?;
-        restore(self.cfg.netns.as_deref(), &self.install_script(&current))?;
+        let netns = self.cfg.netns.as_deref();
+        let current = save_mangle(netns, Family::V4)?;
+        restore(netns, Family::V4, &self.install_script(&current))?;
+        let v6 = save_mangle(netns, Family::V6)
+            .and_then(|current| restore(netns, Family::V6, &self.install_script_v6(&current)));
+        if let Err(e) = v6 {
+            // Never leave IPv4 held and IPv6 open: take both down, report.
+            if let Err(r) = self.remove() {
+                tracing::error!(error = %r, "removing the IPv4 rules after the IPv6 ones failed");
+            }
+            return Err(e);
+        }
         tracing::info!(
             chain = %self.chain,
             tag_queue = self.cfg.queues.tag,
@@ -536,13 +708,9 @@ impl RuleManager {
 
     /// Whether the group's chain exists now.
     pub fn is_installed(&self) -> Result<bool, NetfilterError> {
-        let current = self.save_mangle()?;
+        let current = save_mangle(self.cfg.netns.as_deref(), Family::V4)?;
         let installed = declared_chains(&current).any(|c| c == self.chain);
         Ok(installed)
-    }
-
-    fn save_mangle(&self) -> Result<String, NetfilterError> {
-        save_mangle(self.cfg.netns.as_deref())
     }
 }
 
@@ -627,41 +795,81 @@ fn comment_group(line: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
-/// Removes every rule and chain of `group` in namespace `netns`.
+/// Removes every rule and chain of `group` in namespace `netns` (both families;
+/// both are tried even when one fails, the first error is returned).
 pub fn remove_group(netns: Option<&Path>, group: &str) -> Result<(), NetfilterError> {
-    let saved = save_mangle(netns)?;
-    if let Some(script) = removal_script(&saved, Some(group)) {
-        restore(netns, &script)?;
+    let mut first = Ok(());
+    for family in [Family::V4, Family::V6] {
+        let r = save_mangle(netns, family).and_then(|saved| {
+            match removal_script(&saved, Some(group)) {
+                Some(script) => restore(netns, family, &script),
+                None => Ok(()),
+            }
+        });
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    if first.is_ok() {
         tracing::info!(group, "netfilter rules removed");
     }
-    Ok(())
+    first
 }
 
 /// Removes the rules and chains of **every** group (stale state of any earlier
 /// agent) in namespace `netns`.
 pub fn remove_all(netns: Option<&Path>) -> Result<(), NetfilterError> {
-    let saved = save_mangle(netns)?;
-    if let Some(script) = removal_script(&saved, None) {
-        restore(netns, &script)?;
+    for family in [Family::V4, Family::V6] {
+        let saved = save_mangle(netns, family)?;
+        if let Some(script) = removal_script(&saved, None) {
+            restore(netns, family, &script)?;
+        }
     }
     Ok(())
 }
 
-/// Counts the rules this agent owns (any group) in namespace `netns`.
+/// Counts the rules this agent owns (any group, both families) in namespace `netns`.
 pub fn count_rules(netns: Option<&Path>) -> Result<usize, NetfilterError> {
-    let saved = save_mangle(netns)?;
-    Ok(saved
-        .lines()
-        .filter(|l| l.starts_with("-A ") && comment_group(l).is_some())
-        .count())
+    let mut n = 0;
+    for family in [Family::V4, Family::V6] {
+        let saved = save_mangle(netns, family)?;
+        n += saved
+            .lines()
+            .filter(|l| l.starts_with("-A ") && comment_group(l).is_some())
+            .count();
+    }
+    Ok(n)
 }
 
-fn save_mangle(netns: Option<&Path>) -> Result<String, NetfilterError> {
-    run(netns, "iptables-save", &["-t", "mangle"], None)
+/// Which netfilter family (`iptables` or `ip6tables`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
 }
 
-fn restore(netns: Option<&Path>, script: &str) -> Result<(), NetfilterError> {
-    run(netns, "iptables-restore", &["--noflush"], Some(script)).map(|_| ())
+impl Family {
+    fn save(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+}
+
+fn save_mangle(netns: Option<&Path>, family: Family) -> Result<String, NetfilterError> {
+    run(netns, family.save(), &["-t", "mangle"], None)
+}
+
+fn restore(netns: Option<&Path>, family: Family, script: &str) -> Result<(), NetfilterError> {
+    run(netns, family.restore(), &["--noflush"], Some(script)).map(|_| ())
 }
 
 /// Runs `prog args` inside `netns`, feeding `stdin`; returns its stdout.
@@ -760,15 +968,34 @@ mod tests {
         }
     }
 
+    /// web and app share host a's bridge `br0`; db has `vb0` on host b.
+    fn links(host: &str) -> Vec<MachineLink> {
+        let l = |machine, iface: &str, ifindex| MachineLink {
+            machine,
+            iface: iface.into(),
+            ifindex,
+        };
+        match host {
+            "a" => vec![l(0, "br0", 7), l(1, "br0", 7)],
+            "b" => vec![l(2, "vb0", 9)],
+            _ => vec![],
+        }
+    }
+
     fn manager(host: &str) -> RuleManager {
+        manager_with(host, 65_536, None)
+    }
+
+    fn manager_with(host: &str, max_held: u64, kernel_tagger_mark: Option<u32>) -> RuleManager {
         RuleManager::new(
             &topo(),
             RuleConfig {
                 host: host.into(),
-                queues: QueuePlan::for_group(3, 65_536),
+                queues: QueuePlan::for_group(3, max_held),
                 mtu: 1500,
                 netns: None,
-                kernel_tagger_mark: None,
+                kernel_tagger_mark,
+                links: links(host),
             },
         )
         .unwrap()
@@ -808,8 +1035,9 @@ mod tests {
         let rules = m.chain_rules();
         let lines: Vec<&str> = rules.lines().collect();
         // web->db, db->web, app->db, db->app: 4 remote pairs, 2 lines each;
-        // web->app, app->web: 2 local lines; 2 hold rules.
-        assert_eq!(lines.len(), 4 * 2 + 2 + 2, "{rules}");
+        // web->app, app->web: 2 local lines; 2 hold rules; 1 rule for the
+        // interface both share.
+        assert_eq!(lines.len(), 4 * 2 + 2 + 2 + 1, "{rules}");
         assert!(rules.contains(
             "-A PIPECLOUD-shop -s 10.1.2.2/32 -d 10.1.1.2/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 48"
         ));
@@ -824,9 +1052,15 @@ mod tests {
         assert!(rules.contains("-A PIPECLOUD-shop -s 10.1.1.3/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 50"));
         // Fail-closed: never a bypass.
         assert!(!rules.contains("bypass"));
-        // Hold rules come after every inter-machine rule.
+        // Hold rules come after every inter-machine rule, the interface
+        // catch-all last.
         let first_hold = lines.iter().position(|l| !l.contains(" -d ")).unwrap();
         assert!(lines[first_hold..].iter().all(|l| !l.contains(" -d ")));
+        assert_eq!(
+            lines.last().copied(),
+            Some("-A PIPECLOUD-shop -i br0 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 50")
+        );
+        assert_eq!(rules.matches(" -i ").count(), 1);
         // Every rule is tagged with the group comment.
         assert!(lines
             .iter()
@@ -835,22 +1069,16 @@ mod tests {
 
     #[test]
     fn kernel_tagger_rules_pass_only_marked_packets() {
-        let m = RuleManager::new(
-            &topo(),
-            RuleConfig {
-                host: "a".into(),
-                queues: QueuePlan::for_group(3, 65_536),
-                mtu: 1500,
-                netns: None,
-                kernel_tagger_mark: Some(0x0200_0000),
-            },
-        )
-        .unwrap();
+        let m = manager_with("a", 65_536, Some(0x0200_0000));
         let rules = m.chain_rules();
         let lines: Vec<&str> = rules.lines().collect();
         // 4 remote pairs, 3 lines each (clamp, return if marked, tag queue);
-        // 2 local lines; 2 hold rules, each after a return-if-marked.
-        assert_eq!(lines.len(), 4 * 3 + 2 + 2 * 2, "{rules}");
+        // 2 local lines; 2 hold rules, each after a return-if-marked; the
+        // interface catch-all, never passed on a mark.
+        assert_eq!(lines.len(), 4 * 3 + 2 + 2 * 2 + 1, "{rules}");
+        assert!(lines
+            .last()
+            .is_some_and(|l| l.contains("-i br0 ") && !l.contains("mark")));
         let pair = "-A PIPECLOUD-shop -s 10.1.1.2/32 -d 10.1.2.2/32";
         let passed = lines
             .iter()
@@ -871,18 +1099,46 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_rules_queue_everything_from_the_machines_interfaces() {
+        let v6 = manager("a").chain_rules_v6();
+        assert_eq!(
+            v6,
+            "-A PIPECLOUD-shop -i br0 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-num 50\n"
+        );
+        assert!(!v6.contains("bypass"), "fail-closed");
+        let s = manager("a").install_script_v6(SAVED);
+        assert!(s.starts_with("*mangle\n:PIPECLOUD-shop - [0:0]\n"));
+        assert!(s.contains(&v6));
+        assert!(s.ends_with(
+            "-I FORWARD 1 -m comment --comment \"pipecloud:shop\" -j PIPECLOUD-shop\nCOMMIT\n"
+        ));
+        let b = manager_with("b", 3 * 65_536, None);
+        assert_eq!(
+            b.chain_rules_v6(),
+            "-A PIPECLOUD-shop -i vb0 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-balance 50:52\n"
+        );
+    }
+
+    #[test]
+    fn every_local_machine_needs_an_interface() {
+        let mut cfg = RuleConfig {
+            host: "a".into(),
+            queues: QueuePlan::for_group(3, 1),
+            mtu: 1500,
+            netns: None,
+            kernel_tagger_mark: None,
+            links: links("a"),
+        };
+        cfg.links.remove(1);
+        assert!(matches!(
+            RuleManager::new(&topo(), cfg),
+            Err(NetfilterError::MissingLink(m)) if m == "app"
+        ));
+    }
+
+    #[test]
     fn multiple_hold_queues_balance() {
-        let m = RuleManager::new(
-            &topo(),
-            RuleConfig {
-                host: "b".into(),
-                queues: QueuePlan::for_group(3, 3 * 65_536),
-                mtu: 1500,
-                netns: None,
-                kernel_tagger_mark: None,
-            },
-        )
-        .unwrap();
+        let m = manager_with("b", 3 * 65_536, None);
         assert!(m
             .chain_rules()
             .contains("-s 10.1.2.2/32 -m comment --comment \"pipecloud:shop\" -j NFQUEUE --queue-balance 50:52"));
@@ -896,6 +1152,7 @@ mod tests {
             mtu,
             netns: None,
             kernel_tagger_mark: None,
+            links: links(host),
         };
         assert!(matches!(
             RuleManager::new(&topo(), cfg("nowhere", 1500)),

@@ -1,7 +1,7 @@
 //! The agent's network path: what happens to each guest packet that the
 //! netfilter rules ([`crate::netfilter`]) hand to the agent through NFQUEUE.
 //!
-//! Two queues per group and host (DESIGN §3, paper §4.2-§4.3):
+//! Two queues per group and host (docs/design.md, causality tracking; paper §4.2-§4.3):
 //!
 //! - **Tag queue** (packets between a local protected machine and one on
 //!   another host) and **local queue** (both ends local); one decision serves both:
@@ -21,6 +21,12 @@
 //!   each packet is pushed into the core [`NetQueue`] with its sender's pending
 //!   vector and leaves, unmodified, once the committed vector dominates that
 //!   tag; flows are never reordered. A full netqueue drops (fail-closed).
+//!   A packet whose IPv4 source is no local machine (a second address) and
+//!   every IPv6 packet is attributed by its input interface to the local
+//!   machine(s) behind it: its tag is their pending vector (the element-wise
+//!   maximum when several share the interface, e.g. a bridge: an
+//!   over-approximation, always safe). One that cannot be attributed is
+//!   dropped and counted (`drops(unknown=..)`), never accepted.
 //!
 //! Reading a pending vector *after* the guest emitted the packet is always
 //! safe: vectors only grow, so the tag can only be larger than at emission.
@@ -73,7 +79,7 @@ use pipecloud_core::CountVector;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -103,6 +109,8 @@ pub struct Directory {
     group_id: u16,
     machines: usize,
     by_ip: HashMap<Ipv4Addr, Endpoint>,
+    /// Local machines behind each dom0-side interface index.
+    by_ifindex: HashMap<u32, Vec<usize>>,
 }
 
 impl Directory {
@@ -127,7 +135,25 @@ impl Directory {
             group_id: topo.group_id,
             machines: topo.machines.len(),
             by_ip,
+            by_ifindex: HashMap::new(),
         }
+    }
+
+    /// The same, attributing packets that arrive on a local machine's
+    /// interface ([`crate::netfilter::resolve_links`]) to that machine.
+    pub fn with_links(mut self, links: &[crate::netfilter::MachineLink]) -> Directory {
+        for l in links.iter().filter(|l| l.machine < self.machines) {
+            let v = self.by_ifindex.entry(l.ifindex).or_default();
+            if !v.contains(&l.machine) {
+                v.push(l.machine);
+            }
+        }
+        self
+    }
+
+    /// The local machines behind interface `ifindex`.
+    pub fn behind(&self, ifindex: u32) -> &[usize] {
+        self.by_ifindex.get(&ifindex).map_or(&[], Vec::as_slice)
     }
 
     /// The group id carried in tags.
@@ -165,7 +191,7 @@ fn addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
 /// Optional behaviour of the tagger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TagPolicy {
-    /// Tag pure TCP ACKs too (DESIGN §3 allows leaving them untagged; default off).
+    /// Tag pure TCP ACKs too (docs/design.md allows leaving them untagged; default off).
     pub tag_pure_acks: bool,
 }
 
@@ -296,7 +322,7 @@ fn tag_outgoing(
         Classify::NotIpv4 => return decision(Action::Accept, TagEvent::UntaggedNonIpv4),
         Classify::Malformed(_) => return decision(Action::Accept, TagEvent::Malformed),
         Classify::OtherOptions => return decision(Action::Accept, TagEvent::UntaggedOtherOptions),
-        // A fragment cannot carry the tag (DESIGN §3): passing it untagged would
+        // A fragment cannot carry the tag (docs/design.md, tags): passing it untagged would
         // lose the sender's dependencies on the other host, so it is dropped
         // (fail-closed, counted) unless the sender depends on nothing yet. TCP
         // never fragments here (MSS clamp + DF); a UDP sender must fit its MTU.
@@ -395,18 +421,65 @@ pub enum HoldDecision {
     UnknownSender,
 }
 
-/// Tag and flow of a client-bound packet.
-pub fn classify_hold(dir: &Directory, state: &CausalState, packet: &[u8]) -> HoldDecision {
-    let Some((src, dst)) = addresses(packet) else {
-        return HoldDecision::UnknownSender;
+/// Tag and flow of a packet of the hold queue that arrived on interface
+/// `indev`. An IPv4 packet of a local machine's address takes that machine's
+/// pending vector; any other IPv4 packet and every IPv6 packet takes the
+/// element-wise maximum of the pending vectors of the local machines behind
+/// `indev` (module docs). Nothing to attribute it to: [`HoldDecision::UnknownSender`].
+pub fn classify_hold(
+    dir: &Directory,
+    state: &CausalState,
+    packet: &[u8],
+    indev: Option<u32>,
+) -> HoldDecision {
+    let flow = match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let Some((src, dst)) = addresses(packet) else {
+                return HoldDecision::UnknownSender;
+            };
+            if let Some(sender) = dir.lookup(src).filter(|e| e.local) {
+                return HoldDecision::Push {
+                    flow: flow_of(src, dst, packet),
+                    tag: state.sync_pending(sender.index),
+                };
+            }
+            flow_of(src, dst, packet)
+        }
+        Some(6) => match flow_of_v6(packet) {
+            Some(f) => f,
+            None => return HoldDecision::UnknownSender,
+        },
+        _ => return HoldDecision::UnknownSender,
     };
-    let Some(sender) = dir.lookup(src).filter(|e| e.local) else {
+    let behind = indev.map_or(&[][..], |i| dir.behind(i));
+    if behind.is_empty() {
         return HoldDecision::UnknownSender;
-    };
-    HoldDecision::Push {
-        flow: flow_of(src, dst, packet),
-        tag: state.sync_pending(sender.index),
     }
+    let mut tag = CountVector::ZERO;
+    for &m in behind {
+        tag.merge(&state.sync_pending(m));
+    }
+    HoldDecision::Push { flow, tag }
+}
+
+/// Flow identity of an IPv6 packet: addresses, next header and, when the next
+/// header is TCP or UDP directly, the ports (extension headers make the flow
+/// coarser, which is always safe: one flow is never reordered).
+fn flow_of_v6(packet: &[u8]) -> Option<FlowId> {
+    let h = packet.get(..40)?;
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&h[8..24]).ok()?);
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&h[24..40]).ok()?);
+    let next = h[6];
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    src.hash(&mut hasher);
+    dst.hash(&mut hasher);
+    next.hash(&mut hasher);
+    if next == 6 || next == 17 {
+        if let Some(ports) = packet.get(40..44) {
+            ports.hash(&mut hasher);
+        }
+    }
+    Some(FlowId(hasher.finish()))
 }
 
 /// Flow identity: addresses, protocol and (for TCP/UDP first fragments or
@@ -502,8 +575,8 @@ impl HoldEngine {
         }
     }
 
-    /// A client-bound packet arrived on kernel queue `queue` with id `id`.
-    /// Appends its verdict to `out` when it is decided now.
+    /// A client-bound packet arrived on kernel queue `queue` with id `id`
+    /// from interface `indev`. Appends its verdict to `out` when it is decided now.
     #[allow(clippy::too_many_arguments)]
     pub fn on_packet(
         &mut self,
@@ -512,11 +585,12 @@ impl HoldEngine {
         queue: u16,
         id: u32,
         packet: &[u8],
+        indev: Option<u32>,
         wire_len: usize,
         now: Instant,
         out: &mut Vec<u8>,
     ) -> HoldOutcome {
-        let HoldDecision::Push { flow, tag } = classify_hold(dir, state, packet) else {
+        let HoldDecision::Push { flow, tag } = classify_hold(dir, state, packet, indev) else {
             proto::build_verdict(out, queue, id, Verdict::Drop);
             return HoldOutcome::DroppedUnknown;
         };
@@ -1215,7 +1289,7 @@ mod tests {
         for id in 1..=3 {
             let p = udp(WEB, CLIENT, 1000, &[id as u8]);
             assert_eq!(
-                e.on_packet(&a, &s, 49, id, &p, p.len(), now, &mut out),
+                e.on_packet(&a, &s, 49, id, &p, None, p.len(), now, &mut out),
                 HoldOutcome::Held
             );
         }
@@ -1233,7 +1307,7 @@ mod tests {
         out.clear();
         let p = udp(WEB, CLIENT, 1000, b"z");
         assert_eq!(
-            e.on_packet(&a, &s, 49, 4, &p, p.len(), now, &mut out),
+            e.on_packet(&a, &s, 49, 4, &p, None, p.len(), now, &mut out),
             HoldOutcome::ReleasedNow
         );
         assert_eq!(verdicts(&out), vec![(SINGLE, 4, true)]);
@@ -1241,10 +1315,88 @@ mod tests {
         out.clear();
         let p = udp(DB, CLIENT, 1000, b"z"); // db is not local on host a
         assert_eq!(
-            e.on_packet(&a, &s, 49, 5, &p, p.len(), now, &mut out),
+            e.on_packet(&a, &s, 49, 5, &p, None, p.len(), now, &mut out),
             HoldOutcome::DroppedUnknown
         );
         assert_eq!(verdicts(&out), vec![(SINGLE, 5, false)]);
+    }
+
+    fn udp6(sport: u16, payload: &[u8]) -> Vec<u8> {
+        let src = [0xfd, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let dst = [0xfd, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        let b = PacketBuilder::ipv6(src, dst, 64).udp(sport, 53);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn link(machine: usize, ifindex: u32) -> crate::netfilter::MachineLink {
+        crate::netfilter::MachineLink {
+            machine,
+            iface: format!("if{ifindex}"),
+            ifindex,
+        }
+    }
+
+    #[test]
+    fn ipv6_and_other_sources_are_attributed_by_interface() {
+        let t = topo();
+        // web behind ifindex 7, app behind 8; db (host b) is ignored on a.
+        let a = Directory::new(&t, "a").with_links(&[link(0, 7), link(1, 8)]);
+        let s = CausalState::new(3);
+        for _ in 0..5 {
+            s.issue_write(1, WriterId(0));
+        }
+        let tag_of = |p: &[u8], indev| match classify_hold(&a, &s, p, indev) {
+            HoldDecision::Push { tag, .. } => Some(tag),
+            HoldDecision::UnknownSender => None,
+        };
+        let p6 = udp6(1000, b"x");
+        assert_eq!(tag_of(&p6, Some(8)), Some(v(&[5])));
+        assert_eq!(tag_of(&p6, Some(7)), Some(CountVector::ZERO));
+        assert_eq!(tag_of(&p6, None), None, "no interface: dropped");
+        assert_eq!(tag_of(&p6, Some(99)), None, "not a machine's interface");
+        // IPv4 from a second address of app: app's vector; from a known
+        // local address the address decides, whatever the interface.
+        let other = udp([10, 1, 1, 99], CLIENT, 1, b"x");
+        assert_eq!(tag_of(&other, Some(8)), Some(v(&[5])));
+        assert_eq!(tag_of(&other, None), None);
+        assert_eq!(
+            tag_of(&udp(WEB, CLIENT, 1, b"x"), Some(8)),
+            Some(CountVector::ZERO)
+        );
+        assert_eq!(tag_of(&[0x60, 0, 0], Some(8)), None, "truncated IPv6");
+        assert_eq!(tag_of(&[0x20; 40], Some(8)), None, "neither IPv4 nor IPv6");
+        // Several machines behind one interface (a bridge): the maximum.
+        let shared = Directory::new(&t, "a").with_links(&[link(0, 7), link(1, 7)]);
+        s.merge(0, &v(&[0, 3]));
+        match classify_hold(&shared, &s, &p6, Some(7)) {
+            HoldDecision::Push { tag, .. } => assert_eq!(tag, v(&[5, 3])),
+            d => panic!("{d:?}"),
+        }
+        // Flows: ports count for UDP/TCP directly after the IPv6 header.
+        let flow = |p: &[u8]| match classify_hold(&a, &s, p, Some(8)) {
+            HoldDecision::Push { flow, .. } => flow,
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(flow(&udp6(1000, b"a")), flow(&udp6(1000, b"bb")));
+        assert_ne!(flow(&udp6(1000, b"a")), flow(&udp6(1001, b"a")));
+        // Held until committed covers app's vector, then released.
+        let mut e = HoldEngine::new(NetQueueLimits::default(), 1024);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        assert_eq!(
+            e.on_packet(&a, &s, 50, 1, &p6, Some(8), p6.len(), now, &mut out),
+            HoldOutcome::Held
+        );
+        assert_eq!(
+            e.on_packet(&a, &s, 50, 2, &p6, None, p6.len(), now, &mut out),
+            HoldOutcome::DroppedUnknown
+        );
+        assert_eq!(verdicts(&out), vec![(SINGLE, 2, false)]);
+        out.clear();
+        assert_eq!(e.on_committed(&v(&[5]), &mut out), 1);
+        assert_eq!(verdicts(&out), vec![(BATCH, 1, true)]);
     }
 
     #[test]
@@ -1259,7 +1411,7 @@ mod tests {
         let now = Instant::now();
         for id in 1..=5 {
             let p = udp(WEB, CLIENT, 1000, &[id as u8]);
-            e.on_packet(&a, &s, 49, id, &p, p.len(), now, &mut out);
+            e.on_packet(&a, &s, 49, id, &p, None, p.len(), now, &mut out);
         }
         assert!(out.is_empty(), "nothing is committed: all held");
         assert_eq!(e.release_all(&mut out), 5);
@@ -1291,14 +1443,14 @@ mod tests {
         s.issue_write(1, WriterId(0)); // app: [1]
         s.merge(0, &s.sync_pending(1)); // web: [1]
         let x = |id: u32| udp(WEB, CLIENT, 1, &[id as u8]);
-        e.on_packet(&a, &s, 49, 1, &x(1), 10, now, &mut out);
-        e.on_packet(&a, &s, 49, 2, &x(2), 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 1, &x(1), None, 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 2, &x(2), None, 10, now, &mut out);
         s.issue_write(1, WriterId(0)); // app: [2]
         let y = |id: u32| udp(APP, CLIENT, 2, &[id as u8]);
-        e.on_packet(&a, &s, 49, 3, &y(3), 10, now, &mut out);
-        e.on_packet(&a, &s, 49, 4, &x(4), 10, now, &mut out);
-        e.on_packet(&a, &s, 49, 5, &x(5), 10, now, &mut out);
-        e.on_packet(&a, &s, 49, 6, &x(6), 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 3, &y(3), None, 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 4, &x(4), None, 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 5, &x(5), None, 10, now, &mut out);
+        e.on_packet(&a, &s, 49, 6, &x(6), None, 10, now, &mut out);
         assert!(out.is_empty());
         // [1] releases X's 1,2 (prefix, one chunk of 2) and X's 4,5,6 behind Y's 3.
         assert_eq!(e.on_committed(&v(&[1]), &mut out), 5);
@@ -1334,6 +1486,7 @@ mod tests {
                 49,
                 id,
                 &udp(WEB, CLIENT, 1, b"a"),
+                None,
                 10,
                 Instant::now(),
                 &mut out,
@@ -1363,12 +1516,12 @@ mod tests {
         let p = udp(WEB, CLIENT, 1, b"a");
         for id in 1..=2 {
             assert_eq!(
-                e.on_packet(&a, &s, 49, id, &p, 10, Instant::now(), &mut out),
+                e.on_packet(&a, &s, 49, id, &p, None, 10, Instant::now(), &mut out),
                 HoldOutcome::Held
             );
         }
         assert_eq!(
-            e.on_packet(&a, &s, 49, 3, &p, 10, Instant::now(), &mut out),
+            e.on_packet(&a, &s, 49, 3, &p, None, 10, Instant::now(), &mut out),
             HoldOutcome::DroppedFull
         );
         assert_eq!(verdicts(&out), vec![(SINGLE, 3, false)]);

@@ -161,7 +161,12 @@ fn agent_with_real_clients(mode: &str) {
     let child = Command::new(env!("CARGO_BIN_EXE_pipecloud"))
         .args(["agent", "--topology"])
         .arg(&topology)
-        .args(["--host", "h", "--no-network"])
+        .args(["--host", "h"])
+        .args(if mode == "pipelined" {
+            &[][..]
+        } else {
+            &["--no-network"][..]
+        })
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("log fd"))
@@ -294,9 +299,36 @@ fn async_agent_serves_real_clients_and_the_backup_matches() {
     agent_with_real_clients("async");
 }
 
+/// `pipelined` needs the network path (the agent refuses `--no-network` in that
+/// mode), so this one runs the agent with it, in a private network namespace of
+/// its own: a veth (both ends there) routes to the machine's address, the rules and
+/// queues live and die there, and the backup listens on that namespace's loopback.
 #[test]
 fn pipelined_agent_serves_real_clients_and_the_backup_matches() {
-    agent_with_real_clients("pipelined");
+    let t = std::thread::spawn(|| {
+        // SAFETY: unshare(2) for this thread only; its children inherit the namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET) needs root: {}",
+            std::io::Error::last_os_error()
+        );
+        for args in [
+            "link set lo up",
+            "link add pcm0 type veth peer name pcm1",
+            "addr add 10.10.0.1/24 dev pcm0",
+            "link set pcm0 up",
+            "link set pcm1 up",
+        ] {
+            let (ok, out) = run(Command::new("ip").args(args.split_whitespace()));
+            assert!(ok, "ip {args}: {out}");
+        }
+        agent_with_real_clients("pipelined");
+    });
+    if let Err(p) = t.join() {
+        std::panic::resume_unwind(p);
+    }
 }
 
 #[test]

@@ -47,6 +47,8 @@ fn cli_topology_check_valid_file_prints_summary() {
         "mode pipelined",
         "writer w2",
         "outbound",
+        "ipv6: held at the hold queue, untagged",
+        "one backup round trip per packet",
     ] {
         assert!(
             stdout.contains(needle),

@@ -25,7 +25,7 @@ use pipecloud::netfilter::{
 use pipecloud::netpath::{NetPath, NetPathConfig};
 use pipecloud::nfq;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,9 @@ const WEB: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
 const APP: Ipv4Addr = Ipv4Addr::new(10, 1, 3, 2);
 const DB: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
+const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+const DOM0A6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
 const WEB_IDX: usize = 0;
 const DB_IDX: usize = 1;
 const APP_IDX: usize = 2;
@@ -120,6 +123,15 @@ impl Site {
         client.addr("eth0", "10.2.0.2/24");
         client.ip("route add default via 10.2.0.1");
         dom0a.sysctl("net.ipv4.ip_forward", "1");
+        if !with_app {
+            // app is in the topology: give its address a route (a veth whose
+            // peer stays in dom0: no dummy driver here), so the agent finds
+            // an interface for every local machine.
+            dom0a.ip("link add vapp type veth peer name vappx");
+            dom0a.addr("vapp", "10.1.3.1/24");
+            dom0a.ip("link set vapp up");
+            dom0a.ip("link set vappx up");
+        }
         let app = with_app.then(|| {
             let app = Netns::new("app");
             dom0a.veth_to("vapp", &app, "eth0");
@@ -166,6 +178,19 @@ impl Site {
         }
     }
 
+    /// IPv6 (ULA, no duplicate address detection) on web, client and dom0-a,
+    /// forwarded by dom0-a.
+    fn ipv6(&self) {
+        let (d, w, c) = (&self.dom0a, &self.web, &self.client);
+        d.sysctl("net.ipv6.conf.all.forwarding", "1");
+        d.ip("-6 addr add fd00:1::1/64 dev vweb nodad");
+        w.ip("-6 addr add fd00:1::2/64 dev eth0 nodad");
+        w.ip("-6 route add default via fd00:1::1");
+        d.ip("-6 addr add fd00:2::1/64 dev vcl nodad");
+        c.ip("-6 addr add fd00:2::2/64 dev eth0 nodad");
+        c.ip("-6 route add default via fd00:2::1");
+    }
+
     fn rule_manager(&self, host: &str) -> RuleManager {
         let topo = topology();
         RuleManager::new(
@@ -176,6 +201,7 @@ impl Site {
                 mtu: 1500,
                 netns: Some(self.dom0(host).path()),
                 kernel_tagger_mark: self.kernel.then_some(pipecloud::ebpf::DEFAULT_HANDLED_MARK),
+                links: self.links(host),
             },
         )
         .expect("rule manager")
@@ -202,7 +228,14 @@ impl Site {
         cfg.rcvbuf = 16 << 20;
         cfg.busy_poll = self.busy_poll[usize::from(host != "a")];
         cfg.kernel_tagger = self.kernel.then_some(pipecloud::ebpf::DEFAULT_HANDLED_MARK);
+        cfg.links = self.links(host);
         NetPath::start(&topo, state, cfg).expect("start network path")
+    }
+
+    /// The dom0-side interface of each machine of `host`, as the agent finds it.
+    fn links(&self, host: &str) -> Vec<pipecloud::netfilter::MachineLink> {
+        pipecloud::netfilter::resolve_links(&topology(), host, Some(&self.dom0(host).path()))
+            .expect("machine interfaces")
     }
 }
 
@@ -431,7 +464,9 @@ fn two_host_exchange(kernel: bool) {
     // Installing twice leaves one copy (idempotent).
     site.install_rules("a");
     let rules_a = netfilter::count_rules(Some(&site.dom0a.path())).unwrap();
-    let expected = site.rule_manager("a").chain_rules().lines().count() + 1;
+    // Both families: each chain's rules plus its jump from FORWARD.
+    let rm = site.rule_manager("a");
+    let expected = rm.chain_rules().lines().count() + 1 + rm.chain_rules_v6().lines().count() + 1;
     assert_eq!(rules_a, expected, "rules in dom0-a after two installs");
 
     // web has seen writes 1..=3 of writer 0; db has issued writes 1..=2 of writer 1.
@@ -696,13 +731,18 @@ struct ClientSink {
 
 impl ClientSink {
     fn start(client: &Netns) -> ClientSink {
+        ClientSink::start_at(client, IpAddr::V4(CLIENT))
+    }
+
+    /// Listens on `ip` (UDP 6000, TCP 7000) inside `client`.
+    fn start_at(client: &Netns, ip: IpAddr) -> ClientSink {
         let stop = Arc::new(AtomicBool::new(false));
         let udp = Arc::new(Mutex::new(Vec::new()));
         let tcp = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (s, u, r) = (stop.clone(), udp.clone(), ready_tx.clone());
         let t1 = client.spawn(move || {
-            let sock = UdpSocket::bind((CLIENT, 6000)).expect("udp bind");
+            let sock = UdpSocket::bind((ip, 6000)).expect("udp bind");
             sock.set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
             r.send(()).unwrap();
@@ -715,7 +755,7 @@ impl ClientSink {
         });
         let (s, t, r) = (stop.clone(), tcp.clone(), ready_tx);
         let t2 = client.spawn(move || {
-            let l = TcpListener::bind((CLIENT, 7000)).expect("tcp bind");
+            let l = TcpListener::bind((ip, 7000)).expect("tcp bind");
             l.set_nonblocking(true).unwrap();
             r.send(()).unwrap();
             let mut conn = None;
@@ -984,7 +1024,9 @@ fn child_hold_agent() {
             state.issue_write(WEB_IDX, WriterId(0));
         }
         let mut cfg = NetPathConfig::new(&topo, "a", NetQueueLimits::default());
-        cfg.netns = Some(dom0.into());
+        cfg.netns = Some(dom0.clone().into());
+        cfg.links = netfilter::resolve_links(&topo, "a", Some(std::path::Path::new(&dom0)))
+            .expect("child: machine interfaces");
         if std::env::var_os(CHILD_KERNEL_ENV).is_some() {
             cfg.kernel_tagger = Some(pipecloud::ebpf::DEFAULT_HANDLED_MARK);
         }
@@ -1052,13 +1094,17 @@ fn fail_closed_on_agent_kill_with(kernel: bool) {
     rx.recv_timeout(Duration::from_secs(60))
         .expect("child agent ready");
     site.install_rules("a");
+    site.ipv6();
     let sink = ClientSink::start(&site.client);
+    let sink6 = ClientSink::start_at(&site.client, IpAddr::V6(CLIENT6));
 
     let send = |from: u8, n: u8| {
         site.web.run(move || {
             let u = UdpSocket::bind((WEB, 0)).unwrap();
+            let u6 = UdpSocket::bind((WEB6, 0)).unwrap();
             for i in from..from + n {
                 u.send_to(&[i; 64], (CLIENT, 6000)).unwrap();
+                u6.send_to(&[i; 64], (CLIENT6, 6000)).unwrap();
             }
         })
     };
@@ -1069,12 +1115,12 @@ fn fail_closed_on_agent_kill_with(kernel: bool) {
             nfq::read_queue_stats(Some(&dom0))
                 .unwrap()
                 .iter()
-                .any(|s| s.queue == queue && s.queued >= 10)
+                .any(|s| s.queue == queue && s.queued >= 20)
         }),
-        "the child agent holds the datagrams"
+        "the child agent holds the IPv4 and IPv6 datagrams"
     );
     std::thread::sleep(QUIET);
-    assert_eq!(sink.counts().0, 0);
+    assert_eq!((sink.counts().0, sink6.counts().0), (0, 0));
 
     // SIGKILL: the kernel drops what the agent held; new packets find no listener.
     child.0.kill().expect("SIGKILL");
@@ -1082,9 +1128,9 @@ fn fail_closed_on_agent_kill_with(kernel: bool) {
     send(10, 10);
     std::thread::sleep(QUIET);
     assert_eq!(
-        sink.counts().0,
-        0,
-        "no client-bound packet leaks after the agent died"
+        (sink.counts().0, sink6.counts().0),
+        (0, 0),
+        "no client-bound packet (IPv4 or IPv6) leaks after the agent died"
     );
     assert!(
         !nfq::read_queue_stats(Some(&dom0))
@@ -1098,5 +1144,154 @@ fn fail_closed_on_agent_kill_with(kernel: bool) {
     netfilter::remove_all(Some(&dom0)).expect("cleanup as on the next start");
     site.rules.drain(..).for_each(RulesGuard::keep);
     drop(sink);
+    no_leftovers(&site);
+}
+
+// ---------------------------------------------------------------------------
+// IPv6 and other source addresses never bypass the hold
+// ---------------------------------------------------------------------------
+
+/// A client-bound IPv6 TCP reply and IPv6 datagrams of web, and an IPv4
+/// datagram from a second address of web, are held while web's writes are
+/// unacked and released once they are committed; neighbour discovery between
+/// dom0 and web keeps working with the rules in place.
+#[test]
+fn ipv6_and_second_address_are_held_until_committed() {
+    ipv6_and_second_address_with(false);
+}
+
+/// The same with the kernel tagger, which never marks IPv6 or an unknown
+/// IPv4 source, so both still meet the hold queue.
+#[test]
+fn ipv6_and_second_address_are_held_until_committed_kernel_tagger() {
+    ipv6_and_second_address_with(true);
+}
+
+fn ipv6_and_second_address_with(kernel: bool) {
+    let rt = runtime();
+    let _enter = rt.enter();
+    let mut site = Site::build(false);
+    site.kernel = kernel;
+    site.ipv6();
+    site.web.ip("addr add 10.1.1.20/24 dev eth0");
+    let state = Arc::new(CausalState::new(MACHINES));
+    let path = site.start_agent("a", state.clone());
+    site.install_rules("a");
+    let v6rules = site.rule_manager("a").chain_rules_v6();
+    assert!(
+        v6rules.contains("-i vweb ") && v6rules.contains("-i vapp "),
+        "{v6rules}"
+    );
+    let sink = ClientSink::start(&site.client);
+    let sink6 = ClientSink::start_at(&site.client, IpAddr::V6(CLIENT6));
+
+    // (d) Neighbour discovery and IPv6 between dom0 and web: a UDP echo
+    // across the link, both ways resolved by NDP, never forwarded.
+    let echo = site.web.spawn(|| {
+        let u = UdpSocket::bind((WEB6, 5353)).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = u.recv_from(&mut buf).expect("web: echo request");
+        u.send_to(&buf[..n], from).unwrap();
+    });
+    let answer = site.dom0a.run(|| {
+        let u = UdpSocket::bind((DOM0A6, 0)).unwrap();
+        u.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        for _ in 0..50 {
+            u.send_to(b"nd-echo", (WEB6, 5353)).unwrap();
+            if let Ok(n) = u.recv(&mut buf) {
+                return buf[..n].to_vec();
+            }
+        }
+        Vec::new()
+    });
+    echo.join().expect("echo thread");
+    assert_eq!(answer, b"nd-echo", "IPv6 between dom0 and web (NDP) works");
+
+    // Connect while web's vector is zero: the handshake leaves at once.
+    let stream = site
+        .web
+        .run(|| {
+            TcpStream::connect_timeout(&SocketAddr::from((CLIENT6, 7000)), Duration::from_secs(10))
+        })
+        .expect("connect web -> client over IPv6");
+    for _ in 0..5 {
+        state.issue_write(WEB_IDX, WriterId(0));
+    }
+    let stream = site.web.run(move || {
+        let mut s = stream;
+        s.write_all(b"v6-reply-that-depends-on-5").unwrap();
+        let u6 = UdpSocket::bind((WEB6, 0)).unwrap();
+        for i in 0..5u8 {
+            u6.send_to(&[i; 100], (CLIENT6, 6000)).unwrap();
+        }
+        // (c) a second IPv4 address of web.
+        let u = UdpSocket::bind((Ipv4Addr::new(10, 1, 1, 20), 0)).unwrap();
+        for i in 0..5u8 {
+            u.send_to(&[i; 100], (CLIENT, 6000)).unwrap();
+        }
+        s
+    });
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        (sink6.counts(), sink.counts()),
+        ((0, 0), (0, 0)),
+        "nothing leaves before the commit"
+    );
+    let m = path.metrics().snapshot();
+    println!("held: {m}");
+    assert!(
+        m.held_packets >= 11,
+        "5 + 5 datagrams + the TCP segment held: {m}"
+    );
+    assert_eq!(m.hold_unknown_drops, 0, "{m}");
+
+    state.publish_committed(&v(&[4]));
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        (sink6.counts(), sink.counts()),
+        ((0, 0), (0, 0)),
+        "[4] does not cover [5]"
+    );
+
+    state.publish_committed(&v(&[5]));
+    assert!(
+        wait_for(Duration::from_secs(10), || sink6.counts()
+            == (5, b"v6-reply-that-depends-on-5".len())
+            && sink.counts().0 == 5),
+        "everything arrives once [5] is committed: v6 {:?} v4 {:?}",
+        sink6.counts(),
+        sink.counts()
+    );
+    let udp6: Vec<u8> = sink6.udp.lock().unwrap().iter().map(|d| d[0]).collect();
+    assert_eq!(udp6, (0..5).collect::<Vec<u8>>(), "datagrams in order");
+    assert_eq!(
+        &sink6.tcp.lock().unwrap()[..],
+        b"v6-reply-that-depends-on-5"
+    );
+
+    // Async/sync bypass the hold for IPv6 as for IPv4 (same path): web is
+    // ahead of the committed vector again, and the datagram still leaves.
+    state.merge(WEB_IDX, &v(&[9]));
+    path.bypass_switch().set(true);
+    site.web.run(|| {
+        let u6 = UdpSocket::bind((WEB6, 0)).unwrap();
+        u6.send_to(&[42; 10], (CLIENT6, 6000)).unwrap();
+    });
+    assert!(
+        wait_for(Duration::from_secs(10), || sink6.counts().0 == 6),
+        "bypassed IPv6 datagram arrives: {:?}",
+        sink6.counts()
+    );
+
+    drop(stream);
+    drop(sink);
+    drop(sink6);
+    rt.block_on(path.stop()).expect("stop");
+    for g in site.rules.drain(..) {
+        g.remove().expect("remove rules");
+    }
     no_leftovers(&site);
 }

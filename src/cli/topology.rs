@@ -5,6 +5,11 @@ use pipecloud::core::topology::{Topology, TopologyErrors, MAX_TOPOLOGY_BYTES};
 use std::io::Read as _;
 use std::path::Path;
 
+/// What `topology check` says about IPv6 (docs: `pipecloud::netfilter`).
+pub const IPV6_NOTE: &str = "ipv6: held at the hold queue, untagged: IPv6 from a protected \
+     machine leaves only once the backup holds its writes, so IPv6 between protected machines \
+     costs one backup round trip per packet (use IPv4 between tiers)";
+
 /// Reads a topology file (at most [`MAX_TOPOLOGY_BYTES`]) as UTF-8 text.
 pub fn read_text(path: &Path) -> anyhow::Result<String> {
     let file = std::fs::File::open(path)
@@ -59,6 +64,7 @@ pub fn check(files: &[impl AsRef<Path>]) -> bool {
             Ok(Ok(t)) => {
                 println!("{}: OK", path.display());
                 print!("{}", t.summary());
+                println!("{IPV6_NOTE}");
             }
             Ok(Err(errors)) => {
                 all_valid = false;

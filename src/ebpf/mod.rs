@@ -9,7 +9,7 @@
 //! offload state right and lowers the GSO segment size, so super-packets
 //! pass whole and nothing leaves the kernel on the fast path.
 //!
-//! How causality is kept (DESIGN §3):
+//! How causality is kept (docs/design.md, causality tracking):
 //!
 //! - **Tagging** needs the sender's pending vector. The agent publishes each
 //!   local machine's vector, already encoded as the options area, into that
@@ -259,7 +259,7 @@ impl KernelTagger {
     pub fn attach_routes(&self, topo: &NetTopology) -> io::Result<Vec<String>> {
         let mut names: Vec<String> = Vec::new();
         for m in &topo.machines {
-            match route_device(m.ip) {
+            match crate::netfilter::route_device(m.ip) {
                 Ok(dev) if !names.contains(&dev) => names.push(dev),
                 Ok(_) => {}
                 // Its packets are not seen by the program, so not marked: the
@@ -482,27 +482,6 @@ fn cross_host_pairs(topo: &NetTopology, host: &str) -> Vec<(u32, usize, usize)> 
         }
     }
     out
-}
-
-/// The interface `ip route get` names for `ip` (this thread's namespace).
-fn route_device(ip: Ipv4Addr) -> io::Result<String> {
-    let out = std::process::Command::new("ip")
-        .args(["-o", "-4", "route", "get", &ip.to_string()])
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("running ip route get: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut words = text.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "dev" {
-            if let Some(d) = words.next() {
-                return Ok(d.to_owned());
-            }
-        }
-    }
-    Err(io::Error::other(format!(
-        "no route to {ip}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
 }
 
 fn is_ethernet(dev: &str) -> io::Result<bool> {

@@ -360,3 +360,31 @@ mod prop {
         }
     }
 }
+
+/// IPv6 is never marked handled (the program continues at once for anything
+/// but IPv4), and neither is IPv4 from an address that is no machine's: both
+/// meet the interface catch-all rules and the hold queue, even while the hold
+/// is bypassed and nothing is pending (when web's IPv4 would pass).
+#[test]
+fn never_marks_ipv6_or_unknown_sources() {
+    let t = Arc::new(tagger("a"));
+    let state = CausalState::new(3);
+    state.attach_kernel(t.clone());
+    t.set_bypass(true);
+    let web4 = tcp(WEB, CLIENT, b"reply", false);
+    assert_eq!(run(&t, &web4), handled(&web4), "the IPv4 baseline passes");
+    let other = tcp([10, 1, 1, 20], CLIENT, b"reply", false);
+    assert_eq!(run(&t, &other), queued(&other));
+    let mut ip6 = Vec::new();
+    PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64)
+        .tcp(40000, 5432, 1, 1000)
+        .ack(9)
+        .write(&mut ip6, b"reply")
+        .unwrap();
+    let mut f = frame(&ip6);
+    f[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let r = sys::test_run(t.program_fd(), &f).expect("test run");
+    assert_eq!(r.retval, prog::TCX_NEXT);
+    assert_eq!(r.mark, 0, "an IPv6 packet is never marked");
+    assert_eq!(&r.data[..], &f[..], "nor changed");
+}

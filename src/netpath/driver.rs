@@ -29,8 +29,8 @@
 //! hold, tag and local sockets, each burst's verdicts in one `sendmsg`.
 
 use super::{
-    decide_tag, decision, Action, Directory, HoldEngine, NetPathMetrics, PacketInfo, TagEvent,
-    TagPolicy, M,
+    decide_tag, decision, Action, Directory, HoldEngine, HoldOutcome, NetPathMetrics, PacketInfo,
+    TagEvent, TagPolicy, M,
 };
 use crate::causal::CausalState;
 use crate::ebpf::{KernelTagger, COUNTED_MARK};
@@ -90,6 +90,11 @@ pub struct NetPathConfig {
     /// with the same mark (they queue the unmarked rest). `None`: the tag
     /// queue takes every cross-host packet.
     pub kernel_tagger: Option<u32>,
+    /// The dom0-side interface of each local machine
+    /// ([`crate::netfilter::resolve_links`]): IPv6 packets, and IPv4 ones from
+    /// an address that is no machine's, are attributed by their input
+    /// interface. Without it they are dropped (counted as unknown).
+    pub links: Vec<crate::netfilter::MachineLink>,
 }
 
 impl NetPathConfig {
@@ -108,6 +113,7 @@ impl NetPathConfig {
             release_chunk: 1024,
             busy_poll: DEFAULT_BUSY_POLL,
             kernel_tagger: None,
+            links: Vec::new(),
         }
     }
 }
@@ -192,7 +198,7 @@ impl NetPath {
                 topology: topo.machines.len(),
             });
         }
-        let dir = Arc::new(Directory::new(topo, &cfg.host));
+        let dir = Arc::new(Directory::new(topo, &cfg.host).with_links(&cfg.links));
         let queue_cfg = |queues: Vec<u16>, max_len: u32| QueueConfig {
             queues,
             max_len,
@@ -251,6 +257,7 @@ impl NetPath {
             all_queues,
             hold_queues: cfg.queues.hold_queues(),
             last_to_hold: None,
+            unknown_logged: None,
             dir,
             state: Arc::clone(&state),
             policy: cfg.tag_policy,
@@ -358,6 +365,8 @@ struct Driver {
     hold_queues: Vec<u16>,
     /// The kernel tagger's hold count at the previous stats read.
     last_to_hold: Option<u64>,
+    /// When an unattributable packet was last logged (rate limit).
+    unknown_logged: Option<Instant>,
     dir: Arc<Directory>,
     state: Arc<CausalState>,
     policy: TagPolicy,
@@ -550,8 +559,13 @@ impl Driver {
             n += 1;
             match r {
                 Received::Datagram(len) => {
-                    let (engine, metrics, dir, state) =
-                        (&mut self.engine, &self.metrics, &self.dir, &self.state);
+                    let (engine, metrics, dir, state, unknown_logged) = (
+                        &mut self.engine,
+                        &self.metrics,
+                        &self.dir,
+                        &self.state,
+                        &mut self.unknown_logged,
+                    );
                     for_each_packet(&b.recv[..len], metrics, |p| {
                         if p.mark.is_some_and(|m| m & COUNTED_MARK != 0) {
                             counted += 1;
@@ -566,11 +580,15 @@ impl Driver {
                             p.queue,
                             p.id,
                             p.payload,
+                            p.indev,
                             p.cap_len.map_or(p.payload.len(), |l| l as usize),
                             now,
                             &mut b.out,
                         );
                         metrics.count_hold(o);
+                        if o == HoldOutcome::DroppedUnknown {
+                            log_unknown(unknown_logged, now, p, metrics);
+                        }
                     });
                 }
                 Received::Overrun => self.metrics.add(M::socket_overruns, 1),
@@ -583,6 +601,30 @@ impl Driver {
         }
         Ok(n > 0)
     }
+}
+
+/// How often a dropped, unattributable packet of the hold queue is logged.
+const UNKNOWN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs a hold-queue packet that could not be attributed to a local machine
+/// (dropped), at most once per [`UNKNOWN_LOG_EVERY`]; the counter has them all.
+fn log_unknown(
+    last: &mut Option<Instant>,
+    now: Instant,
+    p: &PacketMsg<'_>,
+    metrics: &NetPathMetrics,
+) {
+    if last.is_some_and(|t| now.duration_since(t) < UNKNOWN_LOG_EVERY) {
+        return;
+    }
+    *last = Some(now);
+    tracing::warn!(
+        version = p.payload.first().map_or(0, |b| b >> 4),
+        indev = ?p.indev,
+        dropped_total = metrics.snapshot().hold_unknown_drops,
+        "hold queue: dropped a packet no local protected machine can be attributed to \
+         (unknown source address and interface); counted in drops(unknown=..)"
+    );
 }
 
 /// Takes up to [`BURST`] datagrams from a tag (or local) socket, decides each

@@ -24,7 +24,7 @@
 //! every queued packet up to an id ([`proto::build_verdict_batch`]). The kernel
 //! applies them in the order sent.
 //!
-//! Measured facts this design rests on: `../shared/NOTES.md`, "Network path".
+//! Measured facts this design rests on: `docs/machine.md`, network path.
 
 pub mod netns;
 pub mod proto;
