@@ -131,6 +131,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             }
         },
         mode: mode.clone(),
+        heartbeat_interval: Duration::from_millis(topo.policy.heartbeat_interval_ms),
+        heartbeat_timeout: Duration::from_millis(topo.policy.heartbeat_timeout_ms),
         ..ReplicationConfig::default()
     };
     let repl_runtime = if opts.replication_thread {
