@@ -240,6 +240,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         mode: mode.clone(),
         net: net.as_ref().map(|n: &NetPath| Arc::clone(n.metrics())),
     }]));
+    let metrics_task = match host.metrics_listen {
+        Some(addr) => Some(tokio::spawn(crate::metrics::serve(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics endpoint {addr} (metrics_listen)"))?,
+            Arc::clone(&control),
+        ))),
+        None => None,
+    };
     let ctl = CtlServer::bind(&host.ctl_socket, control)
         .with_context(|| format!("control socket {}", host.ctl_socket.display()))?;
     let ctl_task = tokio::spawn(async move {
@@ -256,6 +265,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     wait_for_signal().await?;
     tracing::info!("stopping");
     ctl_task.abort();
+    if let Some(t) = &metrics_task {
+        t.abort();
+    }
     if let Some(r) = rules.take() {
         if let Err(e) = r.remove() {
             tracing::error!("removing netfilter rules: {e}");

@@ -103,6 +103,11 @@ impl Control {
         Control { groups }
     }
 
+    /// The groups it serves.
+    pub fn groups(&self) -> &[ControlGroup] {
+        &self.groups
+    }
+
     /// Answers one request line (see the module documentation).
     pub fn handle(&self, line: &str) -> String {
         let mut words = line.split_whitespace();

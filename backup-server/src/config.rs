@@ -3,7 +3,8 @@
 //! ```toml
 //! listen = "0.0.0.0:7070"          # agents connect here (mutual TLS)
 //! data_dir = "data"                # journal, volumes, control socket, lock
-//! metrics = "127.0.0.1:9700"       # optional: Prometheus text exposition
+//! metrics = "127.0.0.1:9700"       # optional: Prometheus /metrics over HTTP (alias
+//!                                  # metrics_listen; `serve --metrics-listen` overrides)
 //!
 //! [tls]
 //! ca = "ca.pem"                    # CA that signs agent certificates
@@ -88,8 +89,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the journal, volumes, the control socket and the lock.
     pub data_dir: PathBuf,
-    /// Address of the Prometheus metrics endpoint (none when absent).
-    #[serde(default)]
+    /// Address of the Prometheus metrics endpoint (none when absent; also
+    /// accepted as `metrics_listen`, the agent's name for it; `serve
+    /// --metrics-listen` overrides it).
+    #[serde(default, alias = "metrics_listen")]
     pub metrics: Option<SocketAddr>,
     /// TLS material.
     pub tls: TlsConfig,
