@@ -510,6 +510,33 @@ mod tests {
             "{status}"
         );
         assert!(!status.contains("network g1"), "{status}");
+        // The metrics endpoint reads the same snapshots: network-path families only
+        // for the group that runs one, no RTT before a heartbeat was answered.
+        let m = crate::metrics::render(Arc::new(control.clone()));
+        for line in [
+            "# TYPE pipecloud_disk_written_seq gauge",
+            "pipecloud_disk_written_seq{group=\"g1\",disk=\"g1-disk\",writer=\"0\"} 0",
+            "pipecloud_disk_oldest_unacked_age_seconds{group=\"g2\",disk=\"g2-disk\",writer=\"0\"} 0.0",
+            "pipecloud_replication_connected{group=\"g1\"} 0",
+            "pipecloud_group_mode{group=\"g1\",mode=\"sync\"} 1",
+            "pipecloud_group_mode{group=\"g2\",mode=\"sync\"} 0",
+            "pipecloud_group_mode{group=\"g2\",mode=\"async\"} 1",
+            "pipecloud_group_degraded{group=\"g2\"} 0",
+            "# TYPE pipecloud_group_degrade_events_total counter",
+            "pipecloud_group_held_packets{group=\"g2\"} 0",
+            "pipecloud_group_released_packets_total{group=\"g2\",when=\"after_hold\"} 0",
+            "pipecloud_group_dropped_packets_total{group=\"g2\",reason=\"full\"} 0",
+        ] {
+            assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
+        }
+        assert!(
+            !m.contains("pipecloud_group_held_packets{group=\"g1\"}"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("pipecloud_replication_heartbeat_rtt_seconds{"),
+            "{m}"
+        );
         assert!(control
             .handle("mode sync")
             .starts_with("error: this agent serves several groups"));
