@@ -177,6 +177,17 @@ mod tests {
         assert_eq!(c.tls.cert, PathBuf::from("/abs/s.pem"));
         assert_eq!(c.limits.retention_secs, 5);
         assert_eq!(c.limits.segment_bytes, 64 << 20);
+        assert_eq!(c.metrics, None);
+        // The metrics endpoint, under its own name or the agent's.
+        for key in ["metrics", "metrics_listen"] {
+            std::fs::write(
+                &p,
+                format!("listen = \"127.0.0.1:7070\"\ndata_dir = \"d\"\n{key} = \"127.0.0.1:9700\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"),
+            )
+            .unwrap();
+            let c = Config::load(&p).unwrap();
+            assert_eq!(c.metrics, Some("127.0.0.1:9700".parse().unwrap()), "{key}");
+        }
         std::fs::write(&p, "listen = \"x\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
     }
