@@ -3,7 +3,8 @@
 //! (sync mode, block path only), scraped over HTTP before and after writes sent
 //! through the agent's NBD export. The output must parse as the Prometheus text
 //! format, carry the names operators alert on, and move: the disk's written and
-//! acked seq, the backup's journal counters and committed seq.
+//! acked seq, the backup's journal counters and committed seq; and once the
+//! backup is stopped, the time since it was last heard from.
 //!
 //! No timing is asserted; polls only bound how long a condition may take.
 
@@ -222,4 +223,24 @@ fn both_daemons_serve_metrics_that_move_with_writes() {
         1.0
     );
     assert_eq!(value(&b1, &key("pipecloud_backup_fenced", &group)), 0.0);
+
+    // A silent backup (SIGSTOP) shows on the agent's endpoint: the time since it
+    // was last heard from grows past two heartbeat intervals (200 ms here) and the
+    // connection reads late (or is dropped at the heartbeat timeout).
+    let heard = key("pipecloud_replication_last_heard_seconds", &group);
+    let heard1 = value(&a1, &heard);
+    backup.stop();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let a = scrape_parsed(&agent_metrics, agent_log);
+        let h = value(&a, &heard);
+        let late = value(&a, &key("pipecloud_replication_late", &group)) == 1.0;
+        let down = value(&a, &key("pipecloud_replication_connected", &group)) == 0.0;
+        if h > 0.4 && h > heard1 && (late || down) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "silence never showed: {a:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    backup.cont();
 }
