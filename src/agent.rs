@@ -82,6 +82,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    // Bound first: a taken address fails the start before anything is installed.
+    let metrics_listener = match host.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics endpoint {addr} (metrics_listen)"))?,
+        ),
+        None => None,
+    };
     let causal = Arc::new(CausalState::new(topo.machines.len()));
     let mode = ModeSwitch::new(block_mode(topo.group.mode)?);
 
@@ -240,15 +249,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         mode: mode.clone(),
         net: net.as_ref().map(|n: &NetPath| Arc::clone(n.metrics())),
     }]));
-    let metrics_task = match host.metrics_listen {
-        Some(addr) => Some(tokio::spawn(crate::metrics::serve(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics endpoint {addr} (metrics_listen)"))?,
-            Arc::clone(&control),
-        ))),
-        None => None,
-    };
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, Arc::clone(&control))));
     let ctl = CtlServer::bind(&host.ctl_socket, control)
         .with_context(|| format!("control socket {}", host.ctl_socket.display()))?;
     let ctl_task = tokio::spawn(async move {
