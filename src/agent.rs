@@ -9,7 +9,8 @@
 //!    each a [`ReplicatedDisk`] over a [`LocalImage`];
 //! 4. the network path (NFQUEUE tag and hold queues) and only then its netfilter
 //!    rules (queues first, or the kernel drops what arrives in between);
-//! 5. the control socket (`pipecloud ctl`).
+//! 5. the control socket (`pipecloud ctl`) and, with `[[host]] metrics_listen`, the
+//!    Prometheus `/metrics` endpoint (its address is bound first of all).
 //!
 //! It runs until SIGINT/SIGTERM, then removes its rules, stops the network path
 //! and the NBD server. A crash (SIGKILL) leaves the hold rules in place without
