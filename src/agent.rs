@@ -9,7 +9,8 @@
 //!    each a [`ReplicatedDisk`] over a [`LocalImage`];
 //! 4. the network path (NFQUEUE tag and hold queues) and only then its netfilter
 //!    rules (queues first, or the kernel drops what arrives in between);
-//! 5. the control socket (`pipecloud ctl`).
+//! 5. the control socket (`pipecloud ctl`) and, with `[[host]] metrics_listen`, the
+//!    Prometheus `/metrics` endpoint (its address is bound first of all).
 //!
 //! It runs until SIGINT/SIGTERM, then removes its rules, stops the network path
 //! and the NBD server. A crash (SIGKILL) leaves the hold rules in place without
@@ -112,6 +113,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         crate::netfilter::resolve_links(&nt, &host.name, None)
             .context("finding the interface of each local protected machine")?
     };
+    // Bound first: a taken address fails the start before anything is installed.
+    let metrics_listener = match host.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics endpoint {addr} (metrics_listen)"))?,
+        ),
+        None => None,
+    };
     let causal = Arc::new(CausalState::new(topo.machines.len()));
     let mode = ModeSwitch::new(block_mode(topo.group.mode)?);
 
@@ -161,6 +171,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             }
         },
         mode: mode.clone(),
+        heartbeat_interval: Duration::from_millis(topo.policy.heartbeat_interval_ms),
+        heartbeat_timeout: Duration::from_millis(topo.policy.heartbeat_timeout_ms),
         ..ReplicationConfig::default()
     };
     let repl_runtime = if opts.replication_thread {
@@ -269,6 +281,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         mode: mode.clone(),
         net: net.as_ref().map(|n: &NetPath| Arc::clone(n.metrics())),
     }]));
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, Arc::clone(&control))));
     let ctl = CtlServer::bind(&host.ctl_socket, control)
         .with_context(|| format!("control socket {}", host.ctl_socket.display()))?;
     let ctl_task = tokio::spawn(async move {
@@ -285,6 +299,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     wait_for_signal().await?;
     tracing::info!("stopping");
     ctl_task.abort();
+    if let Some(t) = &metrics_task {
+        t.abort();
+    }
     if let Some(r) = rules.take() {
         if let Err(e) = r.remove() {
             tracing::error!("removing netfilter rules: {e}");

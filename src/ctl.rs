@@ -4,9 +4,14 @@
 //!
 //! - `status`: one table row per replicated disk (group, disk, writer, mode,
 //!   written and acked seq, lag in writes, in-flight bytes and writes, age of the
-//!   oldest unacked write, the worst lag seen (most unacked writes at once, and the
-//!   longest a write waited for the backup's ack: `PEAK_LAG`, `PEAK_MS`), connection
-//!   state) followed by one summary line per group
+//!   oldest unacked write of the disk's writer (`OLDEST_MS`: a disk's writes are
+//!   committed in its writer's order, so that write holds the disk's replies), the
+//!   worst lag seen (most unacked writes at once, and the longest a write waited for
+//!   the backup's ack: `PEAK_LAG`, `PEAK_MS`), the time since the backup was last
+//!   heard from (`HEARD_MS`, any frame; `-` if never), connection state
+//!   (`CONNECTED`: `yes`, `no`, or `late` when a session's backup has been silent
+//!   for more than two heartbeat intervals, before the heartbeat timeout drops
+//!   the session) and the degraded flag) followed by one summary line per group
 //!   and, where the agent runs the group's network path, one line of its counters
 //!   (tagged, merged, held, released, drops, driver sleeps and busy-poll time).
 //! - `status reset-peaks`: the same, then starts the worst-lag figures afresh
@@ -37,7 +42,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::netpath::NetPathMetrics;
-use crate::replication::{Mode, ModeSwitch, ReplicationClient};
+use crate::replication::{Mode, ModeSwitch, ReplicationClient, ReplicationStatus};
 
 /// Requests served concurrently; more are refused with `error: busy`.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -96,6 +101,11 @@ impl Control {
     /// A control interface over `groups`.
     pub fn new(groups: Vec<ControlGroup>) -> Self {
         Control { groups }
+    }
+
+    /// The groups it serves.
+    pub fn groups(&self) -> &[ControlGroup] {
+        &self.groups
     }
 
     /// Answers one request line (see the module documentation).
@@ -158,7 +168,7 @@ impl Control {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:>9} {:>8} {:<9} {:<8}",
+            "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:>9} {:>8} {:>9} {:<9} {:<8}",
             "GROUP",
             "DISK",
             "W",
@@ -171,6 +181,7 @@ impl Control {
             "OLDEST_MS",
             "PEAK_LAG",
             "PEAK_MS",
+            "HEARD_MS",
             "CONNECTED",
             "DEGRADED"
         );
@@ -181,7 +192,7 @@ impl Control {
                 let w = s.writers.iter().find(|w| w.writer == d.writer);
                 let _ = writeln!(
                     out,
-                    "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:>9} {:>8} {:<9} {:<8}",
+                    "{:<16} {:<16} {:>3} {:<9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:>9} {:>8} {:>9} {:<9} {:<8}",
                     s.group,
                     d.name,
                     d.writer.0,
@@ -195,7 +206,8 @@ impl Control {
                         .map_or(0, |a| a.as_millis()),
                     w.map_or(0, |w| w.peaks.lag),
                     w.map_or(0, |w| w.peaks.commit_latency.as_millis()),
-                    yes_no(s.connected),
+                    heard_ms(&s),
+                    s.link().as_str(),
                     yes_no(s.degraded),
                 );
             }
@@ -205,11 +217,12 @@ impl Control {
             let _ = writeln!(
                 out,
                 "group {}: mode={} endpoint={} connected={} degraded={} degrade_events={} \
-                 sessions={} rtt_ms={} silent_ms={} inflight={}/{} committed={} policy={:?}{}",
+                 sessions={} rtt_ms={} heard_ms={} silent_ms={} heartbeat_ms={}/{} inflight={}/{} \
+                 committed={} policy={:?}{}",
                 s.group,
                 g.mode.get(),
                 s.endpoint,
-                yes_no(s.connected),
+                s.link().as_str(),
                 yes_no(s.degraded),
                 s.degrade_events,
                 s.sessions,
@@ -217,7 +230,10 @@ impl Control {
                     || "-".to_owned(),
                     |r| format!("{:.3}", r.as_secs_f64() * 1e3)
                 ),
+                heard_ms(&s),
                 s.silent_for.as_millis(),
+                s.heartbeat_interval.as_millis(),
+                s.heartbeat_timeout.as_millis(),
                 s.inflight_bytes,
                 s.max_inflight_bytes,
                 s.committed,
@@ -232,6 +248,12 @@ impl Control {
         }
         out
     }
+}
+
+/// Milliseconds since the backup was last heard from, `-` if it never was.
+fn heard_ms(s: &ReplicationStatus) -> String {
+    s.last_heard_age
+        .map_or_else(|| "-".to_owned(), |a| a.as_millis().to_string())
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -464,6 +486,12 @@ mod tests {
             .expect("a row per disk");
         assert!(row.contains(" sync ") && row.contains(" no "), "{row}");
         assert!(status.contains("connected=no"), "{status}");
+        // Never heard from: `-`, not the time since the start; the heartbeat settings.
+        assert!(
+            status.contains("HEARD_MS") && status.contains("heard_ms=- "),
+            "{status}"
+        );
+        assert!(status.contains("heartbeat_ms=1000/5000"), "{status}");
         // The worst-lag columns; `reset-peaks` answers the same table, other words are refused.
         assert!(
             status.contains("PEAK_LAG") && status.contains("PEAK_MS"),
@@ -489,6 +517,33 @@ mod tests {
             "{status}"
         );
         assert!(!status.contains("network g1"), "{status}");
+        // The metrics endpoint reads the same snapshots: network-path families only
+        // for the group that runs one, no RTT before a heartbeat was answered.
+        let m = crate::metrics::render(Arc::new(control.clone()));
+        for line in [
+            "# TYPE pipecloud_disk_written_seq gauge",
+            "pipecloud_disk_written_seq{group=\"g1\",disk=\"g1-disk\",writer=\"0\"} 0",
+            "pipecloud_disk_oldest_unacked_age_seconds{group=\"g2\",disk=\"g2-disk\",writer=\"0\"} 0.0",
+            "pipecloud_replication_connected{group=\"g1\"} 0",
+            "pipecloud_group_mode{group=\"g1\",mode=\"sync\"} 1",
+            "pipecloud_group_mode{group=\"g2\",mode=\"sync\"} 0",
+            "pipecloud_group_mode{group=\"g2\",mode=\"async\"} 1",
+            "pipecloud_group_degraded{group=\"g2\"} 0",
+            "# TYPE pipecloud_group_degrade_events_total counter",
+            "pipecloud_group_held_packets{group=\"g2\"} 0",
+            "pipecloud_group_released_packets_total{group=\"g2\",when=\"after_hold\"} 0",
+            "pipecloud_group_dropped_packets_total{group=\"g2\",reason=\"full\"} 0",
+        ] {
+            assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
+        }
+        assert!(
+            !m.contains("pipecloud_group_held_packets{group=\"g1\"}"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("pipecloud_replication_heartbeat_rtt_seconds{"),
+            "{m}"
+        );
         assert!(control
             .handle("mode sync")
             .starts_with("error: this agent serves several groups"));

@@ -347,6 +347,45 @@ pub struct WriterStatus {
     pub peaks: Peaks,
 }
 
+/// How the connection to the backup looks in a [`ReplicationStatus`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// No session (connecting, or backing off between attempts).
+    Down,
+    /// A session, but the backup has not been heard from for more than two
+    /// heartbeat intervals: it is probably gone, and the session ends at the
+    /// heartbeat timeout.
+    Late,
+    /// A session, and the backup was heard from recently.
+    Up,
+}
+
+impl LinkState {
+    /// `yes`, `late` or `no` (the `CONNECTED` column of `ctl status`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "yes",
+            LinkState::Late => "late",
+            LinkState::Down => "no",
+        }
+    }
+}
+
+impl ReplicationStatus {
+    /// The connection's state: [`LinkState::Late`] once a session's backup has
+    /// been silent for more than two heartbeat intervals (it answers every
+    /// heartbeat, so two missed answers mean the link or the backup is in trouble).
+    pub fn link(&self) -> LinkState {
+        if !self.connected {
+            LinkState::Down
+        } else if self.silent_for > self.heartbeat_interval.saturating_mul(2) {
+            LinkState::Late
+        } else {
+            LinkState::Up
+        }
+    }
+}
+
 impl WriterStatus {
     /// Writes issued but not committed (seq lag).
     pub fn lag(&self) -> u64 {
@@ -382,8 +421,19 @@ pub struct ReplicationStatus {
     pub sessions: u64,
     /// Last heartbeat round-trip time.
     pub last_rtt: Option<Duration>,
-    /// Time since the backup last sent anything.
+    /// Time since the backup last sent anything (since the client started, if
+    /// it never did): what the heartbeat timeout and the backup-loss policy use.
     pub silent_for: Duration,
+    /// Time since the backup last sent any frame (ack, committed vector,
+    /// heartbeat or its reply); `None` if it never did in this agent run. While
+    /// the backup is up this stays below about one heartbeat interval plus the
+    /// round trip; a dead link shows here at once, growing, while `connected`
+    /// stays true until the heartbeat timeout ends the session.
+    pub last_heard_age: Option<Duration>,
+    /// The client's heartbeat period (from the configuration).
+    pub heartbeat_interval: Duration,
+    /// The client's heartbeat timeout (from the configuration).
+    pub heartbeat_timeout: Duration,
     /// Why the last session or connection attempt failed.
     pub last_error: Option<String>,
     /// The committed vector as known to this client.
@@ -745,6 +795,8 @@ impl ReplicationClient {
             group: self.shared.config.group.clone(),
             endpoint: self.shared.config.endpoint.clone(),
             policy: self.shared.config.backup_loss,
+            heartbeat_interval: self.shared.config.heartbeat_interval,
+            heartbeat_timeout: self.shared.config.heartbeat_timeout,
             max_inflight_bytes: self.shared.max_permits,
             ..Default::default()
         };

@@ -633,6 +633,111 @@ async fn degrade_to_async_after_silence_and_recover() {
     assert_backup_matches_local(&scratch, &backup, &a);
 }
 
+/// The `HEARD_MS` and `OLDEST_MS` columns of the disk's row in `ctl status`.
+fn status_ages(control: &Control) -> (Option<u64>, u64, String) {
+    let table = control.handle("status");
+    let mut lines = table.lines().skip(1);
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    let row: Vec<&str> = lines
+        .find(|l| l.split_whitespace().nth(1) == Some(DISK))
+        .expect("the disk's row")
+        .split_whitespace()
+        .collect();
+    let col = |name: &str| row[header.iter().position(|h| *h == name).expect(name)];
+    (
+        col("HEARD_MS").parse().ok(),
+        col("OLDEST_MS").parse().expect("OLDEST_MS"),
+        col("CONNECTED").to_owned(),
+    )
+}
+
+/// Detection an operator can see: once the backup stops answering, the time
+/// since it was last heard from and the age of the oldest unacked write grow
+/// (in the status and in `ctl status`) while a sync write waits, and the
+/// connection shows `late` before the heartbeat timeout ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_shows_as_growing_heard_and_oldest_unacked_ages() {
+    let scratch = Scratch::new("heard");
+    let backup = Backup::start(&scratch, GROUP);
+    let a = agent(
+        &scratch,
+        &backup,
+        Mode::Sync,
+        4 << 20,
+        BackupLossPolicy::Stall,
+    );
+    a.ready().await;
+    a.disk
+        .write(0, pattern(1, 4096), false)
+        .await
+        .expect("write");
+    let control = Control::new(vec![ControlGroup {
+        client: Arc::clone(&a.client),
+        mode: a.mode.clone(),
+        net: None,
+    }]);
+    eventually("the backup is heard from", || {
+        a.client.status().last_heard_age.is_some()
+    })
+    .await;
+    let (heard, oldest, _) = status_ages(&control);
+    assert!(heard.is_some(), "HEARD_MS shows a figure once heard from");
+    assert_eq!(oldest, 0, "nothing unacked yet");
+
+    backup.stop();
+    let sub = {
+        let disk = Arc::clone(&a.disk);
+        tokio::spawn(async move { disk.write(4096, pattern(2, 4096), false).await })
+    };
+    eventually("the sync write is in flight", || {
+        a.client.status().writers[0].oldest_unacked_age.is_some()
+    })
+    .await;
+    let first = a.client.status();
+    let heard0 = first.last_heard_age.expect("heard before");
+    let oldest0 = first.writers[0].oldest_unacked_age.expect("in flight");
+    // Both ages grow while the write waits; the link turns `late` (two
+    // heartbeat intervals of silence) or is dropped (heartbeat timeout).
+    eventually("both ages grow and the link is no longer `yes`", || {
+        let s = a.client.status();
+        s.last_heard_age
+            .is_some_and(|h| h > heard0 + Duration::from_millis(500))
+            && s.writers[0]
+                .oldest_unacked_age
+                .is_some_and(|o| o > oldest0 + Duration::from_millis(500))
+            && s.link() != pipecloud::replication::LinkState::Up
+    })
+    .await;
+    assert!(
+        !sub.is_finished(),
+        "a sync write waits while the backup is stopped"
+    );
+    let (heard1, oldest1, link1) = status_ages(&control);
+    let heard1 = heard1.expect("HEARD_MS");
+    assert!(heard1 >= 500 && oldest1 >= 500, "{heard1} {oldest1}");
+    assert_ne!(link1, "yes");
+    eventually("ctl status shows the ages still growing", || {
+        let (h, o, _) = status_ages(&control);
+        h.is_some_and(|h| h > heard1) && o > oldest1
+    })
+    .await;
+
+    backup.cont();
+    tokio::time::timeout(PATIENCE, sub)
+        .await
+        .expect("the sync write completes once the backup is back")
+        .expect("task")
+        .expect("write");
+    a.drained().await;
+    eventually("the link is back and nothing is unacked", || {
+        let s = a.client.status();
+        s.link() == pipecloud::replication::LinkState::Up
+            && s.writers[0].oldest_unacked_age.is_none()
+    })
+    .await;
+    assert_backup_matches_local(&scratch, &backup, &a);
+}
+
 /// An agent restart picks a newer generation; the backup's welcome tells where
 /// the writer's numbering continues, so seqs stay monotone and the new writes
 /// join the old ones without a hole.

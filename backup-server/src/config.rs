@@ -3,7 +3,8 @@
 //! ```toml
 //! listen = "0.0.0.0:7070"          # agents connect here (mutual TLS)
 //! data_dir = "data"                # journal, volumes, control socket, lock
-//! metrics = "127.0.0.1:9700"       # optional: Prometheus text exposition
+//! metrics = "127.0.0.1:9700"       # optional: Prometheus /metrics over HTTP (alias
+//!                                  # metrics_listen; `serve --metrics-listen` overrides)
 //!
 //! [tls]
 //! ca = "ca.pem"                    # CA that signs agent certificates
@@ -88,8 +89,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the journal, volumes, the control socket and the lock.
     pub data_dir: PathBuf,
-    /// Address of the Prometheus metrics endpoint (none when absent).
-    #[serde(default)]
+    /// Address of the Prometheus metrics endpoint (none when absent; also
+    /// accepted as `metrics_listen`, the agent's name for it; `serve
+    /// --metrics-listen` overrides it).
+    #[serde(default, alias = "metrics_listen")]
     pub metrics: Option<SocketAddr>,
     /// TLS material.
     pub tls: TlsConfig,
@@ -174,6 +177,17 @@ mod tests {
         assert_eq!(c.tls.cert, PathBuf::from("/abs/s.pem"));
         assert_eq!(c.limits.retention_secs, 5);
         assert_eq!(c.limits.segment_bytes, 64 << 20);
+        assert_eq!(c.metrics, None);
+        // The metrics endpoint, under its own name or the agent's.
+        for key in ["metrics", "metrics_listen"] {
+            std::fs::write(
+                &p,
+                format!("listen = \"127.0.0.1:7070\"\ndata_dir = \"d\"\n{key} = \"127.0.0.1:9700\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n"),
+            )
+            .unwrap();
+            let c = Config::load(&p).unwrap();
+            assert_eq!(c.metrics, Some("127.0.0.1:9700".parse().unwrap()), "{key}");
+        }
         std::fs::write(&p, "listen = \"x\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
     }

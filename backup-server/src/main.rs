@@ -49,6 +49,10 @@ enum Cmd {
     Serve {
         #[arg(long)]
         config: PathBuf,
+        /// Serve Prometheus metrics on http://ADDR/metrics (overrides the config
+        /// file's `metrics` key).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Create a test CA, server and per-group agent certificates, and a config.
     Certs {
@@ -266,8 +270,12 @@ fn finish(r: Reply) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Serve { config } => {
-            let cfg = Config::load(&config)?;
+        Cmd::Serve {
+            config,
+            metrics_listen,
+        } => {
+            let mut cfg = Config::load(&config)?;
+            cfg.metrics = metrics_listen.or(cfg.metrics);
             let d = Daemon::start(&cfg).context("starting backup-server")?;
             d.wait_for_signal();
             Ok(())

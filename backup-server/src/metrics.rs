@@ -1,6 +1,9 @@
-//! Prometheus metrics (text exposition format 0.0.4) over a tiny HTTP handler.
+//! Prometheus metrics of the backup server: `GET /metrics` on the configured
+//! address (`metrics` in the config file or `serve --metrics-listen`), encoded by
+//! `prometheus-client` through [`pipecloud_metrics_http`]; the per-group values
+//! are read from the store at scrape time.
 //!
-//! `GET /metrics` on the configured address. Server-wide counters:
+//! Server-wide counters:
 //! `pipecloud_backup_writes_total`, `_write_bytes_total`, `_duplicate_writes_total`,
 //! `_acks_total`, `_fsyncs_total`, `_batches_total`, `_rejections_total`,
 //! `_connections_total`, `_stalled_writes_total` (backpressure at the journal
@@ -9,13 +12,15 @@
 //! and per writer (labels `group`, `writer`) `_committed_seq`, `_applied_seq`.
 
 use crate::store::{lock, Store};
-use std::fmt::Write as _;
+use pipecloud_metrics_http::{counter, gauges, Labels};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
 
 /// Upper bounds of the latency buckets, microseconds.
 const BUCKETS_US: [u64; 14] = [
@@ -60,176 +65,144 @@ pub struct Metrics {
     pub ack_latency: Histogram,
 }
 
-fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-    );
+/// What a scrape reads: the counters and the store's groups (read at scrape time).
+struct Scrape {
+    metrics: Arc<Metrics>,
+    store: Arc<Store>,
 }
 
-impl Metrics {
-    /// Renders every metric.
-    pub fn render(&self, store: &Store) -> String {
-        let mut o = String::new();
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scrape").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let m = &self.metrics;
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(
-            &mut o,
-            "pipecloud_backup_writes_total",
-            "Writes journaled.",
-            c(&self.writes),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_write_bytes_total",
-            "Payload bytes journaled.",
-            c(&self.write_bytes),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_duplicate_writes_total",
-            "Resent writes that were already journaled.",
-            c(&self.duplicates),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_acks_total",
-            "Writes acknowledged.",
-            c(&self.acks),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_fsyncs_total",
-            "fdatasync calls of the journal.",
-            c(&self.fsyncs),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_batches_total",
-            "Group-commit batches.",
-            c(&self.batches),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_rejections_total",
-            "Rejected connections and frames.",
-            c(&self.rejections),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_connections_total",
-            "Agent connections accepted.",
-            c(&self.connections),
-        );
-        counter(
-            &mut o,
-            "pipecloud_backup_stalled_writes_total",
-            "Writes held back because a journal was at its bound.",
-            c(&self.stalled),
-        );
-        let h = &self.ack_latency;
-        let name = "pipecloud_backup_ack_latency_seconds";
-        let _ = writeln!(o, "# HELP {name} Time from receiving a write to queueing its ack.\n# TYPE {name} histogram");
-        let mut cum = 0;
-        for (i, b) in BUCKETS_US.iter().enumerate() {
-            cum += c(&h.counts[i]);
-            let _ = writeln!(o, "{name}_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1e6);
+        for (name, help, v) in [
+            ("pipecloud_backup_writes", "Writes journaled", &m.writes),
+            (
+                "pipecloud_backup_write_bytes",
+                "Payload bytes journaled",
+                &m.write_bytes,
+            ),
+            (
+                "pipecloud_backup_duplicate_writes",
+                "Resent writes that were already journaled",
+                &m.duplicates,
+            ),
+            ("pipecloud_backup_acks", "Writes acknowledged", &m.acks),
+            (
+                "pipecloud_backup_fsyncs",
+                "fdatasync calls of the journal",
+                &m.fsyncs,
+            ),
+            (
+                "pipecloud_backup_batches",
+                "Group-commit batches",
+                &m.batches,
+            ),
+            (
+                "pipecloud_backup_rejections",
+                "Rejected connections and frames",
+                &m.rejections,
+            ),
+            (
+                "pipecloud_backup_connections",
+                "Agent connections accepted",
+                &m.connections,
+            ),
+            (
+                "pipecloud_backup_stalled_writes",
+                "Writes held back because a journal was at its bound",
+                &m.stalled,
+            ),
+        ] {
+            counter(&mut enc, name, help, c(v))?;
         }
-        cum += c(&h.counts[BUCKETS_US.len()]);
-        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(o, "{name}_sum {}", c(&h.sum_us) as f64 / 1e6);
-        let _ = writeln!(o, "{name}_count {cum}");
-        let _ = writeln!(o, "# TYPE pipecloud_backup_journal_bytes gauge");
-        let _ = writeln!(o, "# TYPE pipecloud_backup_connected_agents gauge");
-        let _ = writeln!(o, "# TYPE pipecloud_backup_fenced gauge");
-        let _ = writeln!(o, "# TYPE pipecloud_backup_committed_seq gauge");
-        let _ = writeln!(o, "# TYPE pipecloud_backup_applied_seq gauge");
-        for g in store.groups() {
+        let h = &m.ack_latency;
+        let mut buckets: Vec<(f64, u64)> = BUCKETS_US
+            .iter()
+            .zip(&h.counts)
+            .map(|(b, n)| (*b as f64 / 1e6, c(n)))
+            .collect();
+        buckets.push((f64::INFINITY, c(&h.counts[BUCKETS_US.len()])));
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        enc.encode_descriptor(
+            "pipecloud_backup_ack_latency_seconds",
+            "Time from receiving a write to queueing its ack",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(
+            c(&h.sum_us) as f64 / 1e6,
+            count,
+            &buckets,
+            None,
+        )?;
+
+        let (mut journal, mut agents, mut fenced) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut committed, mut applied) = (Vec::new(), Vec::new());
+        for g in self.store.groups() {
             let st = lock(&g.state);
-            let n = &g.name;
-            let _ = writeln!(
-                o,
-                "pipecloud_backup_journal_bytes{{group=\"{n}\"}} {}",
-                g.journal_bytes.load(Ordering::Relaxed)
-            );
-            let _ = writeln!(
-                o,
-                "pipecloud_backup_connected_agents{{group=\"{n}\"}} {}",
-                st.agents.len()
-            );
-            let _ = writeln!(
-                o,
-                "pipecloud_backup_fenced{{group=\"{n}\"}} {}",
-                u8::from(st.meta.fenced)
-            );
+            let group: Labels = vec![("group", g.name.clone())];
+            journal.push((group.clone(), g.journal_bytes.load(Ordering::Relaxed)));
+            agents.push((group.clone(), st.agents.len() as u64));
+            fenced.push((group, u64::from(st.meta.fenced)));
             for (w, ix) in &st.writers {
-                let _ = writeln!(
-                    o,
-                    "pipecloud_backup_committed_seq{{group=\"{n}\",writer=\"{}\"}} {}",
-                    w.0,
-                    ix.durable()
-                );
-                let _ = writeln!(
-                    o,
-                    "pipecloud_backup_applied_seq{{group=\"{n}\",writer=\"{}\"}} {}",
-                    w.0,
-                    ix.base()
-                );
+                let labels: Labels = vec![("group", g.name.clone()), ("writer", w.0.to_string())];
+                committed.push((labels.clone(), ix.durable()));
+                applied.push((labels, ix.base()));
             }
         }
-        o
+        gauges(
+            &mut enc,
+            "pipecloud_backup_journal_bytes",
+            "Bytes in the group's journal (not yet applied to its volumes)",
+            &journal,
+        )?;
+        gauges(
+            &mut enc,
+            "pipecloud_backup_connected_agents",
+            "Agents connected for the group",
+            &agents,
+        )?;
+        gauges(
+            &mut enc,
+            "pipecloud_backup_fenced",
+            "1 when the group is fenced (failed over: ingest refused)",
+            &fenced,
+        )?;
+        gauges(
+            &mut enc,
+            "pipecloud_backup_committed_seq",
+            "Writer's durable prefix: every seq up to it is journaled and fsynced",
+            &committed,
+        )?;
+        gauges(
+            &mut enc,
+            "pipecloud_backup_applied_seq",
+            "Writer's seq up to which writes are applied to the volumes",
+            &applied,
+        )
     }
+}
+
+/// The registry behind the endpoint: the counters and the store, read at scrape time.
+pub fn registry(metrics: Arc<Metrics>, store: Arc<Store>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape { metrics, store }));
+    registry
+}
+
+/// Renders every metric (Prometheus text format 0.0.4).
+pub fn render(metrics: Arc<Metrics>, store: Arc<Store>) -> String {
+    pipecloud_metrics_http::encode(&registry(metrics, store))
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Arc<Store>) {
-    if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "metrics endpoint listening");
-    }
-    loop {
-        let (mut sock, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        let store = store.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut n = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() {
-                    let k = sock.read(&mut buf[n..]).await?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                warn!(%peer, "metrics request timed out or failed");
-                return;
-            }
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let resp = if req.starts_with("GET /metrics ") || req.starts_with("GET / ") {
-                let body = metrics.render(&store);
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
-            };
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
+    pipecloud_metrics_http::serve(listener, Arc::new(registry(metrics, store))).await
 }

@@ -41,6 +41,10 @@
 //!                                          # acks before it is sent anyway (0: send at once)
 //! replication_async_batch_us = 1000        # 0..=10000, async mode only: writes are sent in
 //!                                          # batches at most this old (0: send at once)
+//! heartbeat_interval_ms = 1000             # 10..=60000: how often the agent sends the backup a
+//!                                          # heartbeat (RTT figure, liveness)
+//! heartbeat_timeout_ms = 5000              # 100..=600000, at least twice the interval: a backup
+//!                                          # silent this long is disconnected and dialled again
 //!
 //! [[host]]
 //! name = "dom0-a"
@@ -48,6 +52,7 @@
 //! ctl_socket = "/run/pipecloud/dom0-a/ctl.sock"   # optional, default <nbd_dir>/ctl.sock
 //! busy_poll_us = 0                         # optional, 0..=10000 (0: off): network-path busy polling
 //! kernel_tagger = true                     # optional: tagging and hold fast path in eBPF (false: NFQUEUE only)
+//! metrics_listen = "127.0.0.1:9701"        # optional: Prometheus `/metrics` over HTTP (absent: none)
 //!
 //! [[machine]]
 //! name = "web"
@@ -101,7 +106,7 @@ use crate::wire::{MAX_DISKS_PER_HELLO, MAX_NAME_LEN, MAX_WRITE_PAYLOAD};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
@@ -136,6 +141,18 @@ pub const MAX_REPLICATION_COALESCE_US: u64 = 10_000;
 pub const DEFAULT_REPLICATION_ASYNC_BATCH_US: u64 = 1_000;
 /// Largest `policy.replication_async_batch_us` (10 ms).
 pub const MAX_REPLICATION_ASYNC_BATCH_US: u64 = 10_000;
+/// Default `policy.heartbeat_interval_ms`.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// Smallest `policy.heartbeat_interval_ms` (10 ms).
+pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 10;
+/// Largest `policy.heartbeat_interval_ms` (one minute).
+pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 60_000;
+/// Default `policy.heartbeat_timeout_ms`.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
+/// Smallest `policy.heartbeat_timeout_ms` (100 ms).
+pub const MIN_HEARTBEAT_TIMEOUT_MS: u64 = 100;
+/// Largest `policy.heartbeat_timeout_ms` (ten minutes).
+pub const MAX_HEARTBEAT_TIMEOUT_MS: u64 = 600_000;
 /// Default `policy.max_inflight_bytes` (64 MiB).
 pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 /// Default `policy.netqueue_max_packets`.
@@ -268,6 +285,17 @@ pub struct Policy {
     /// `0..=MAX_REPLICATION_ASYNC_BATCH_US`; 0: every write goes as soon as the
     /// sender runs). Adds at most this much to the async lag (RPO).
     pub replication_async_batch_us: u64,
+    /// Period of the agent's heartbeats to the backup (ms,
+    /// `MIN_HEARTBEAT_INTERVAL_MS..=MAX_HEARTBEAT_INTERVAL_MS`): they measure the
+    /// round trip and keep an idle session heard from.
+    pub heartbeat_interval_ms: u64,
+    /// A backup that sent nothing (no ack, committed vector or heartbeat) for
+    /// this long is taken as gone: the session is dropped and dialled again (ms,
+    /// `MIN_HEARTBEAT_TIMEOUT_MS..=MAX_HEARTBEAT_TIMEOUT_MS`, at least twice the
+    /// interval so one late heartbeat does not end a session). Until then
+    /// `ctl status` still says connected; the time since the backup was last
+    /// heard from shows the silence as it grows.
+    pub heartbeat_timeout_ms: u64,
 }
 
 impl Default for Policy {
@@ -279,6 +307,8 @@ impl Default for Policy {
             netqueue_max_bytes: DEFAULT_NETQUEUE_MAX_BYTES,
             replication_coalesce_us: DEFAULT_REPLICATION_COALESCE_US,
             replication_async_batch_us: DEFAULT_REPLICATION_ASYNC_BATCH_US,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
         }
     }
 }
@@ -300,6 +330,9 @@ pub struct Host {
     /// need no holding, in a TCX eBPF program (GSO super-packets stay whole);
     /// `false`: the NFQUEUE queues do all of it.
     pub kernel_tagger: bool,
+    /// Address of the agent's Prometheus `/metrics` endpoint (plain HTTP);
+    /// `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Default `host.kernel_tagger`: on (the agent falls back to the NFQUEUE tag
@@ -494,13 +527,15 @@ impl Topology {
         let p = &self.policy;
         let _ = writeln!(
             s,
-            "policy    on backup loss: {}; max in-flight {}; netqueue at most {} packets / {}; coalesce writes {} us (async: batches of {} us)",
+            "policy    on backup loss: {}; max in-flight {}; netqueue at most {} packets / {}; coalesce writes {} us (async: batches of {} us); heartbeat every {} ms, backup gone after {} ms silent",
             p.on_backup_loss,
             format_size(p.max_inflight_bytes),
             p.netqueue_max_packets,
             format_size(p.netqueue_max_bytes),
             p.replication_coalesce_us,
-            p.replication_async_batch_us
+            p.replication_async_batch_us,
+            p.heartbeat_interval_ms,
+            p.heartbeat_timeout_ms
         );
         let writers = self.writers().len();
         let _ = writeln!(
@@ -521,10 +556,12 @@ impl Topology {
                 .collect();
             let _ = writeln!(
                 s,
-                "  {:<12} nbd_dir {}, ctl {}, machines: {}",
+                "  {:<12} nbd_dir {}, ctl {}, metrics {}, machines: {}",
                 h.name,
                 h.nbd_dir.display(),
                 h.ctl_socket.display(),
+                h.metrics_listen
+                    .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
                 if machines.is_empty() {
                     "(none)".to_owned()
                 } else {
@@ -1200,6 +1237,12 @@ fn conv_loss(node: &Node) -> Result<LossKind, String> {
     }
 }
 
+fn conv_socket_addr(node: &Node) -> Result<SocketAddr, String> {
+    let s = conv_str(node)?;
+    s.parse()
+        .map_err(|_| format!("`{s}` is not an IP address and port"))
+}
+
 fn conv_endpoint(node: &Node) -> Result<Endpoint, String> {
     conv_str(node)?.parse()
 }
@@ -1222,6 +1265,7 @@ struct RawHost {
     ctl_socket: Option<At<PathBuf>>,
     busy_poll_us: Option<At<u64>>,
     kernel_tagger: Option<At<bool>>,
+    metrics_listen: Option<At<SocketAddr>>,
 }
 
 struct RawMachine {
@@ -1252,6 +1296,8 @@ const POLICY_KEYS: &[&str] = &[
     "netqueue_max_bytes",
     "replication_coalesce_us",
     "replication_async_batch_us",
+    "heartbeat_interval_ms",
+    "heartbeat_timeout_ms",
 ];
 const HOST_KEYS: &[&str] = &[
     "name",
@@ -1259,6 +1305,7 @@ const HOST_KEYS: &[&str] = &[
     "ctl_socket",
     "busy_poll_us",
     "kernel_tagger",
+    "metrics_listen",
 ];
 const MACHINE_KEYS: &[&str] = &["name", "ip", "mac", "host", "outbound", "writer"];
 const DISK_KEYS: &[&str] = &["name", "machine", "image", "size"];
@@ -1439,7 +1486,55 @@ fn parse_policy(cx: &mut Cx<'_>, node: Option<&Spanned<Node>>) -> Option<Policy>
         "microseconds, an integer in 0..=10000",
         |n| conv_int_range(n, 0, MAX_REPLICATION_ASYNC_BATCH_US as i64),
     );
+    let hb_interval = t.optional(
+        cx,
+        "heartbeat_interval_ms",
+        "milliseconds, an integer in 10..=60000",
+        |n| {
+            conv_int_range(
+                n,
+                MIN_HEARTBEAT_INTERVAL_MS as i64,
+                MAX_HEARTBEAT_INTERVAL_MS as i64,
+            )
+        },
+    );
+    let hb_timeout = t.optional(
+        cx,
+        "heartbeat_timeout_ms",
+        "milliseconds, an integer in 100..=600000",
+        |n| {
+            conv_int_range(
+                n,
+                MIN_HEARTBEAT_TIMEOUT_MS as i64,
+                MAX_HEARTBEAT_TIMEOUT_MS as i64,
+            )
+        },
+    );
     t.finish(cx);
+    let heartbeat_interval_ms = hb_interval
+        .as_ref()
+        .map_or(DEFAULT_HEARTBEAT_INTERVAL_MS, |v| v.value);
+    let heartbeat_timeout_ms = hb_timeout
+        .as_ref()
+        .map_or(DEFAULT_HEARTBEAT_TIMEOUT_MS, |v| v.value);
+    if heartbeat_timeout_ms < heartbeat_interval_ms.saturating_mul(2) {
+        // Point at whichever of the two the file sets (the timeout if both).
+        let (span, field) = match (&hb_timeout, &hb_interval) {
+            (Some(t), _) => (t.span.clone(), t.field.clone()),
+            (None, Some(i)) => (i.span.clone(), i.field.clone()),
+            (None, None) => (node.span(), "policy".to_owned()),
+        };
+        cx.error(
+            &span,
+            &field,
+            format!(
+                "heartbeat timeout {heartbeat_timeout_ms} ms is shorter than twice the heartbeat \
+                 interval {heartbeat_interval_ms} ms; expected heartbeat_timeout_ms >= 2 * heartbeat_interval_ms \
+                 (one late heartbeat must not end a session)"
+            ),
+        );
+        return None;
+    }
 
     let on_backup_loss = match (loss.as_ref().map(|l| l.value), &after) {
         (Some(LossKind::Degrade), Some(a)) => BackupLossPolicy::DegradeToAsync {
@@ -1473,6 +1568,8 @@ fn parse_policy(cx: &mut Cx<'_>, node: Option<&Spanned<Node>>) -> Option<Policy>
         replication_coalesce_us: coalesce.map_or(DEFAULT_REPLICATION_COALESCE_US, |v| v.value),
         replication_async_batch_us: async_batch
             .map_or(DEFAULT_REPLICATION_ASYNC_BATCH_US, |v| v.value),
+        heartbeat_interval_ms,
+        heartbeat_timeout_ms,
     })
 }
 
@@ -1498,6 +1595,12 @@ fn parse_host(cx: &mut Cx<'_>, i: usize, span: Range<usize>, table: &NodeTable) 
         |n| conv_int_range(n, 0, MAX_BUSY_POLL_US as i64),
     );
     let kernel_tagger = t.optional(cx, "kernel_tagger", "true or false", conv_bool);
+    let metrics_listen = t.optional(
+        cx,
+        "metrics_listen",
+        "\"IP:PORT\" to serve Prometheus metrics on, e.g. \"127.0.0.1:9701\"",
+        conv_socket_addr,
+    );
     t.finish(cx);
     RawHost {
         name,
@@ -1505,6 +1608,7 @@ fn parse_host(cx: &mut Cx<'_>, i: usize, span: Range<usize>, table: &NodeTable) 
         ctl_socket,
         busy_poll_us,
         kernel_tagger,
+        metrics_listen,
     }
 }
 
@@ -1969,6 +2073,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
                 ctl_socket,
                 busy_poll_us: h.busy_poll_us.map_or(DEFAULT_BUSY_POLL_US, |v| v.value),
                 kernel_tagger: h.kernel_tagger.map_or(DEFAULT_KERNEL_TAGGER, |v| v.value),
+                metrics_listen: h.metrics_listen.map(|v| v.value),
             })
         })
         .collect::<Option<Vec<_>>>()?;
@@ -2470,6 +2575,8 @@ size = "1GiB"
                 netqueue_max_bytes: 1 << 20,
                 replication_coalesce_us: 0,
                 replication_async_batch_us: 250,
+                heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+                heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
             }
         );
         assert!(t.summary().contains("degrade-to-async after 30 s"));
@@ -2515,7 +2622,66 @@ size = "1GiB"
             "policy.replication_async_batch_us",
             "0..=10000",
         );
+        // Heartbeats: bounded, and the timeout leaves room for a late heartbeat.
+        let t = Topology::parse(
+            &with("heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 1500"),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            (
+                t.policy.heartbeat_interval_ms,
+                t.policy.heartbeat_timeout_ms
+            ),
+            (200, 1500)
+        );
+        assert!(t
+            .summary()
+            .contains("heartbeat every 200 ms, backup gone after 1500 ms"));
+        assert_error(
+            &errors_of(&with("heartbeat_interval_ms = 5")),
+            15,
+            "policy.heartbeat_interval_ms",
+            "10..=60000",
+        );
+        assert_error(
+            &errors_of(&with("heartbeat_interval_ms = \"1s\"")),
+            15,
+            "policy.heartbeat_interval_ms",
+            "milliseconds",
+        );
+        assert_error(
+            &errors_of(&with("heartbeat_timeout_ms = 600001")),
+            15,
+            "policy.heartbeat_timeout_ms",
+            "100..=600000",
+        );
+        // Timeout below twice the interval: named at the timeout when set...
+        let errs = errors_of(&with(
+            "heartbeat_interval_ms = 1000\nheartbeat_timeout_ms = 1999",
+        ));
+        assert_error(
+            &errs,
+            16,
+            "policy.heartbeat_timeout_ms",
+            "twice the heartbeat interval",
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        // ... at the interval when only it is set (against the default timeout).
+        assert_error(
+            &errors_of(&with("heartbeat_interval_ms = 3000")),
+            15,
+            "policy.heartbeat_interval_ms",
+            "heartbeat timeout 5000 ms",
+        );
         let defaults = Topology::parse(&with(""), "t").expect("valid").policy;
+        assert_eq!(
+            (
+                defaults.heartbeat_interval_ms,
+                defaults.heartbeat_timeout_ms
+            ),
+            (DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS)
+        );
         assert_eq!(
             defaults.replication_coalesce_us,
             DEFAULT_REPLICATION_COALESCE_US
@@ -2579,6 +2745,37 @@ size = "1GiB"
         let errs = errors_of(&good_with(dir, &format!("{dir}\nbusy_poll_us = 10001")));
         assert_error(&errs, 17, "host[0].busy_poll_us", "0..=10000");
         assert_eq!(errs.len(), 1, "{errs:?}");
+    }
+
+    #[test]
+    fn host_metrics_listen_is_an_optional_socket_address() {
+        let dir = "nbd_dir = \"/run/pipecloud/dom0-a\"";
+        let t = Topology::parse(GOOD, "t").expect("valid");
+        assert_eq!(t.hosts[0].metrics_listen, None, "off by default");
+        assert!(t.summary().contains("metrics off"));
+        let t = Topology::parse(
+            &good_with(dir, &format!("{dir}\nmetrics_listen = \"127.0.0.1:9701\"")),
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.hosts[0].metrics_listen,
+            Some("127.0.0.1:9701".parse().expect("addr"))
+        );
+        assert!(t
+            .summary()
+            .contains("metrics http://127.0.0.1:9701/metrics"));
+        let t = Topology::parse(
+            &good_with(dir, &format!("{dir}\nmetrics_listen = \"[::1]:0\"")),
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(t.hosts[0].metrics_listen.is_some_and(|a| a.is_ipv6()));
+        for bad in ["\"localhost:9701\"", "\"127.0.0.1\"", "9701"] {
+            let errs = errors_of(&good_with(dir, &format!("{dir}\nmetrics_listen = {bad}")));
+            assert_error(&errs, 17, "host[0].metrics_listen", "IP:PORT");
+            assert_eq!(errs.len(), 1, "{errs:?}");
+        }
     }
 
     #[test]

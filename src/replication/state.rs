@@ -171,7 +171,10 @@ pub struct State {
     pub disks: Vec<DiskSlot>,
     registered: bool,
     connected: bool,
+    /// When the backup last sent a frame (the client's start until it first does).
     last_heard: Instant,
+    /// Whether the backup sent any frame in this agent run.
+    ever_heard: bool,
     degraded: watch::Sender<bool>,
     degrade_events: u64,
     sessions: u64,
@@ -217,6 +220,7 @@ impl State {
             registered: false,
             connected: false,
             last_heard: now,
+            ever_heard: false,
             degraded,
             degrade_events: 0,
             sessions: 0,
@@ -453,7 +457,7 @@ impl State {
         self.registered = true;
         self.connected = true;
         self.sessions += 1;
-        self.last_heard = now;
+        self.heard(now);
         self.last_error = None;
         self.heartbeats.clear();
         self.heartbeat_to_answer = None;
@@ -475,7 +479,7 @@ impl State {
         causal: &CausalState,
         now: Instant,
     ) -> Result<(), ProtocolViolation> {
-        self.last_heard = now;
+        self.heard(now);
         let Some(wb) = self.writers.get(&ack.writer) else {
             return Err(ProtocolViolation(format!(
                 "ack for writer {} which this agent does not serve",
@@ -503,16 +507,17 @@ impl State {
 
     /// Adopts a committed vector pushed by the backup.
     pub fn on_committed(&mut self, v: &CountVector, causal: &CausalState, now: Instant) {
-        self.last_heard = now;
+        self.heard(now);
         let v = self.clamp_own(v, "committed vector");
         if self.tracker.observe_committed(&v) {
             self.prune_and_publish(causal, now);
         }
     }
 
-    /// Any other frame was received (liveness).
+    /// A frame was received from the backup (liveness).
     pub fn heard(&mut self, now: Instant) {
         self.last_heard = now;
+        self.ever_heard = true;
     }
 
     /// The session ended.
@@ -542,7 +547,7 @@ impl State {
 
     /// A heartbeat reply arrived; returns the round-trip time if the nonce is known.
     pub fn heartbeat_reply(&mut self, nonce: u64, now: Instant) -> Option<Duration> {
-        self.last_heard = now;
+        self.heard(now);
         let i = self.heartbeats.iter().position(|(n, _)| *n == nonce)?;
         let (_, sent) = self.heartbeats.remove(i)?;
         // Replies to earlier heartbeats that never came back are not coming any more.
@@ -554,7 +559,7 @@ impl State {
 
     /// The backup sent a heartbeat: remember to answer it.
     pub fn heartbeat_to_answer(&mut self, nonce: u64, now: Instant) {
-        self.last_heard = now;
+        self.heard(now);
         self.heartbeat_to_answer = Some(nonce);
     }
 
@@ -710,6 +715,7 @@ impl State {
         status.sessions = self.sessions;
         status.last_rtt = self.last_rtt;
         status.silent_for = self.silent_for(now);
+        status.last_heard_age = self.ever_heard.then(|| self.silent_for(now));
         status.last_error = self.last_error.clone();
         status.committed = *self.tracker.committed();
         status.inflight_bytes = self.inflight_bytes();
@@ -1226,6 +1232,55 @@ mod tests {
         assert_eq!(s.writers[0].written, 3);
         assert_eq!(s.writers[0].lag(), 1);
         assert_eq!(s.sessions, 2);
+    }
+
+    #[test]
+    fn last_heard_age_and_oldest_unacked_age_grow_while_the_backup_is_silent() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let (mut st, causal, _) = state(t0);
+        let snap = |st: &State, now| {
+            let mut s = ReplicationStatus {
+                heartbeat_interval: ms(100),
+                ..Default::default()
+            };
+            st.snapshot(now, &mut s);
+            s
+        };
+        // Never heard from: no age (not the time since the client started).
+        let s = snap(&st, t0 + ms(50));
+        assert_eq!(s.last_heard_age, None);
+        assert_eq!(s.silent_for, ms(50));
+        assert_eq!(s.link(), super::super::LinkState::Down);
+        st.on_welcome(&welcome(0, GEN, CountVector::ZERO), &causal, t0 + ms(100))
+            .unwrap();
+        st.issue(&causal, 0, 0, data(10), None, t0 + ms(110));
+        let s = snap(&st, t0 + ms(150));
+        assert_eq!(s.last_heard_age, Some(ms(50)));
+        assert_eq!(s.writers[0].oldest_unacked_age, Some(ms(40)));
+        assert_eq!(s.link(), super::super::LinkState::Up);
+        // The backup goes silent: both ages grow with `now`, and the link turns
+        // late after two heartbeat intervals while the session still stands.
+        let s = snap(&st, t0 + ms(400));
+        assert_eq!(s.last_heard_age, Some(ms(300)));
+        assert_eq!(s.writers[0].oldest_unacked_age, Some(ms(290)));
+        assert!(s.connected);
+        assert_eq!(s.link(), super::super::LinkState::Late);
+        // Any frame resets the silence (a heartbeat reply with an unknown nonce too).
+        assert_eq!(st.heartbeat_reply(99, t0 + ms(410)), None);
+        let s = snap(&st, t0 + ms(420));
+        assert_eq!(s.last_heard_age, Some(ms(10)));
+        assert_eq!(s.link(), super::super::LinkState::Up);
+        // The ack clears the oldest unacked write; the heard age restarts.
+        st.on_ack(&ack(1, 1), &causal, t0 + ms(430)).unwrap();
+        let s = snap(&st, t0 + ms(440));
+        assert_eq!(s.writers[0].oldest_unacked_age, None);
+        assert_eq!(s.last_heard_age, Some(ms(10)));
+        // A lost session keeps the last heard age growing (not reset by the disconnect).
+        st.disconnected("gone".into());
+        let s = snap(&st, t0 + ms(1430));
+        assert_eq!(s.last_heard_age, Some(ms(1000)));
+        assert_eq!(s.link(), super::super::LinkState::Down);
     }
 
     #[test]

@@ -126,6 +126,11 @@ impl Backup {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    /// Starts `backup-server serve --config ... EXTRA...` (e.g. `--metrics-listen ADDR`).
+    pub fn spawn_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -135,6 +140,7 @@ impl Backup {
             .arg("serve")
             .arg("--config")
             .arg(self.config())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
