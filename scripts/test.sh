@@ -29,4 +29,5 @@ for topo in single-db two-host; do
   done
   "$H" disaster --topology "topology/$topo.toml" --mode async --points "$POINTS" --seed 7 --expect-unsafe
 done
+"$H" disaster --topology topology/single-db.toml --mode pipelined --points 1 --seed 7 --ipv6-client  # issue 18: client over IPv6
 echo "test.sh: all tests passed"

@@ -1234,6 +1234,7 @@ fn site_options(plan: &Plan, mode: Mode, tiers: bool) -> SiteOptions {
         tiers,
         rtt_tolerance: Duration::from_millis(1),
         outbound_override: None,
+        ipv6_client: false,
     }
 }
 
