@@ -16,6 +16,7 @@ cargo build --workspace --release --all-targets
 export PIPECLOUD_BACKUP_SERVER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/backup-server"
 cargo test --workspace --release --no-fail-fast -- --nocapture 2>&1 | tee target/test-output.log
 grep -E '^model: ' target/test-output.log || true
+./scripts/deploy-guide-test.sh  # docs/deploy.md followed literally, then a disaster check (issue 18)
 
 # End-to-end disaster checks (issue 6): real PostgreSQL on protected disks, an
 # emulated 50 ms WAN, the whole primary site killed at random instants.
