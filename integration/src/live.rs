@@ -225,3 +225,66 @@ pub fn exec_command(site: &SiteDir, prefix: &str, who: &str, cmd: &[String]) -> 
         .args(args);
     Ok(c)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pc-live-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn site_dirs_are_site_dash_pid_only() {
+        let base = scratch("dirs");
+        for n in ["site-123", "site-abc", "other", "disaster-x-9", "site-7"] {
+            std::fs::create_dir_all(base.join(n)).unwrap();
+        }
+        let got: Vec<u32> = site_dirs(&base).iter().map(|s| s.pid).collect();
+        assert_eq!(got, vec![7, 123]);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn exec_enters_the_mount_namespace_then_the_machines_net_namespace() {
+        let base = scratch("exec");
+        let topo = concat!(env!("CARGO_MANIFEST_DIR"), "/../topology/two-tier.toml");
+        std::fs::copy(topo, base.join("topology.toml")).unwrap();
+        let site = SiteDir {
+            pid: 42,
+            dir: base.clone(),
+        };
+        let cmd = |who: &str| {
+            exec_command(&site, "pch", who, &["df".to_string(), "-h".to_string()]).map(|c| {
+                c.get_args()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Machines in file order: web = m0, db = m1; the host is h0.
+        assert_eq!(
+            cmd("db").unwrap(),
+            [
+                "--mount=/proc/42/ns/mnt",
+                "--",
+                "nsenter",
+                "--net=/run/netns/pch42-m1",
+                "--",
+                "df",
+                "-h"
+            ]
+        );
+        assert!(cmd("dom0-a")
+            .unwrap()
+            .contains(&"--net=/run/netns/pch42-h0".to_string()));
+        assert!(cmd("client")
+            .unwrap()
+            .contains(&"--net=/run/netns/pch42-client".to_string()));
+        let err = format!("{:#}", cmd("nosuch").unwrap_err());
+        assert!(err.contains("web") && err.contains("dom0-a"), "{err}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
