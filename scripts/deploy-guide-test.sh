@@ -33,6 +33,7 @@ need iptables iptables
 need ip6tables iptables
 need ip iproute2
 need systemd-analyze systemd
+need qemu-img qemu-utils
 PGBIN=/usr/lib/postgresql/15/bin
 [ -x "$PGBIN/postgres" ] || fail "$PGBIN/postgres not found: install the Debian package postgresql-15"
 BIN=${PIPECLOUD_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
