@@ -6,8 +6,8 @@
 # builder: the test itself only builds the world around the guide (a host, a backup
 # site and a client as network namespaces, linked by veths), runs a workload on the
 # protected disk (PostgreSQL 15 in the guide's container, a client inserting numbered
-# rows over the held path), kills the primary (agent first: the rules then drop every
-# outbound packet), fails over by the guide, recovers PostgreSQL on the failed-over
+# rows over the held path), cuts the backup link, a second later kills the primary
+# (agent first: the rules then drop every outbound packet), fails over by the guide, recovers PostgreSQL on the failed-over
 # volume and checks that every insert the client saw acknowledged is there. An empty
 # client view fails the test. It also checks the systemd units with
 # `systemd-analyze verify`.
@@ -165,8 +165,13 @@ client() { # FIRST_ID: inserts FIRST_ID, FIRST_ID+1000, ... until killed
 client 1 & C1=$!
 client 2 & C2=$!
 sleep 6
-# --- The disaster: the agent dies first (its rules then drop every outbound packet,
-# so no later reply can reach the client), then everything else on the primary. ---
+# --- The disaster: the link to the backup dies first, and the primary keeps running for
+# a second without it (writes the backup never gets; a reply that depended on one and
+# still reached the client is what the check below catches), then the agent dies (its
+# rules then drop every outbound packet, so no later reply can reach the client), then
+# everything else on the primary. ---
+ip -n "$NS_HOST" link set bk0 down
+sleep 1
 AGENT_PID=$(pgrep -f "pipecloud agent --topology $PC_ETC/" | head -n1)
 [ -n "$AGENT_PID" ] || fail "agent not found"
 kill -9 "$AGENT_PID"
