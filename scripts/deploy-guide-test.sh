@@ -82,12 +82,15 @@ ip -n "$NS_HOST" addr add 10.99.0.1/24 dev bk0
 ip -n "$NS_HOST" addr add 10.200.0.1/24 dev cl0
 ip -n "$NS_BACKUP" addr add 10.99.0.2/24 dev eth0
 ip -n "$NS_CLIENT" addr add 10.200.0.100/24 dev eth0
+ip -n "$NS_HOST" addr add fd70:6300:200::1/64 dev cl0 nodad
+ip -n "$NS_CLIENT" addr add fd70:6300:200::100/64 dev eth0 nodad
 for l in "$NS_HOST bk0" "$NS_HOST cl0" "$NS_BACKUP eth0" "$NS_CLIENT eth0"; do
   set -- $l
   ip -n "$1" link set "$2" up
 done
 ip -n "$NS_BACKUP" route add 10.0.0.0/8 via 10.99.0.1
 ip -n "$NS_CLIENT" route add default via 10.200.0.1
+ip -n "$NS_CLIENT" -6 route add default via fd70:6300:200::1
 
 # --- The guide's blocks. ---
 BLOCKS=$WORK/blocks
@@ -140,30 +143,33 @@ chown postgres: "$MNT/pgdata" "$PGSOCK"
 chmod 0700 "$MNT/pgdata"
 setpriv --reuid=postgres --regid=postgres --init-groups -- "$PGBIN/initdb" -A trust -U postgres \
   --locale=C -D "$MNT/pgdata" >/dev/null
-echo "host all all 0.0.0.0/0 trust" >>"$MNT/pgdata/pg_hba.conf"
-MACHINE_IP=$(bash -c "source '$BLOCKS/$NAMES'; echo \$MACHINE_IP")
+printf 'host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n' >>"$MNT/pgdata/pg_hba.conf"
+names() { bash -c "source '$BLOCKS/$NAMES'; echo \$$1"; }
+MACHINE_IP=$(names MACHINE_IP)
+MACHINE_IP6=$(names MACHINE_IP6)
 nsenter --net="/run/netns/$CONTAINER" -- setpriv --reuid=postgres --regid=postgres --init-groups -- \
-  "$PGBIN/postgres" -D "$MNT/pgdata" -c listen_addresses="$MACHINE_IP" -c unix_socket_directories="$PGSOCK" \
+  "$PGBIN/postgres" -D "$MNT/pgdata" -c listen_addresses="$MACHINE_IP,$MACHINE_IP6" -c unix_socket_directories="$PGSOCK" \
   -c fsync=on -c synchronous_commit=on >"$WORK/postgres.log" 2>&1 </dev/null &
 DAEMONS+=($!)
 disown $!
 psql_local() { setpriv --reuid=postgres --regid=postgres --init-groups -- psql -qAt -h "$PGSOCK" -U postgres -c "$1"; }
 for i in $(seq 100); do psql_local "select 1" >/dev/null 2>&1 && break; sleep 0.2; done
 psql_local "CREATE TABLE req (id bigint PRIMARY KEY)"
-# The client: inserts over the network (through the agent's hold), one numbered row per
-# statement, and records each id once PostgreSQL's reply arrived.
+# The clients: insert over the network (through the agent's hold), one numbered row per
+# statement, and record each id once PostgreSQL's reply arrived; one over IPv4, one
+# over IPv6 (Debian gives machines IPv6 by default: its replies must be held too).
 CLIENT_LOG=$WORK/acked
 : >"$CLIENT_LOG"
-client() { # FIRST_ID: inserts FIRST_ID, FIRST_ID+1000, ... until killed
+client() { # FIRST_ID ADDRESS: inserts FIRST_ID, FIRST_ID+1000, ... until killed
   local id=$1
   while nsenter --net="/run/netns/$NS_CLIENT" -- setpriv --reuid=postgres --regid=postgres --init-groups -- \
-    psql -qAt -h "$MACHINE_IP" -U postgres -c "INSERT INTO req VALUES ($id)" >/dev/null 2>&1; do
+    psql -qAt -h "$2" -U postgres -c "INSERT INTO req VALUES ($id)" >/dev/null 2>&1; do
     echo "$id" >>"$CLIENT_LOG"
     id=$((id + 1000))
   done
 }
-client 1 & C1=$!
-client 2 & C2=$!
+client 1 "$MACHINE_IP" & C1=$!
+client 2 "$MACHINE_IP6" & C2=$!
 sleep 6
 # --- The disaster: the link to the backup dies first, and the primary keeps running for
 # a second without it (writes the backup never gets; a reply that depended on one and
@@ -180,12 +186,17 @@ kill "$C1" "$C2" 2>/dev/null || true
 wait "$C1" "$C2" 2>/dev/null || true
 for p in $(ip netns pids "$CONTAINER"); do kill -9 "$p"; done
 ACKED=$(sort -n "$CLIENT_LOG" | uniq | wc -l)
-echo "deploy-guide-test: client view: $ACKED acknowledged inserts" >&2
-[ "$ACKED" -gt 0 ] || { tail -n 20 "$WORK"/*.log >&2; fail "the client saw no acknowledged insert: nothing was checked"; }
+ACKED4=$(grep -c '1$' "$CLIENT_LOG" || true)
+ACKED6=$(grep -c '2$' "$CLIENT_LOG" || true)
+echo "deploy-guide-test: client view: $ACKED acknowledged inserts ($ACKED4 over IPv4, $ACKED6 over IPv6)" >&2
+[ "$ACKED4" -gt 0 ] && [ "$ACKED6" -gt 0 ] || {
+  tail -n 20 "$WORK"/*.log >&2
+  fail "a client saw no acknowledged insert (IPv4 $ACKED4, IPv6 $ACKED6): nothing was checked on that path"
+}
 
 # --- Failover, by the guide. ---
 run_block "$FAILOVER"
-DISK=$(bash -c "source '$BLOCKS/$NAMES'; echo \$DISK")
+DISK=$(names DISK)
 IMG=$BACKUP_ETC/failover/$DISK.img
 [ -s "$IMG" ] || fail "failover wrote no $IMG"
 mkdir -p "$WORK/recovered"
@@ -209,7 +220,10 @@ sort -n "$CLIENT_LOG" | uniq >"$WORK/acked-ids"
 MISSING=$(comm -23 "$WORK/acked-ids" "$WORK/recovered-ids" | wc -l)
 RECOVERED=$(wc -l <"$WORK/recovered-ids")
 echo "deploy-guide-test: acknowledged=$ACKED recovered=$RECOVERED missing=$MISSING" >&2
-[ "$MISSING" -eq 0 ] || fail "$MISSING acknowledged inserts are missing from the failed-over volume"
+if [ "$MISSING" -ne 0 ]; then
+  M6=$(comm -23 "$WORK/acked-ids" "$WORK/recovered-ids" | grep -c '2$' || true)
+  fail "$MISSING acknowledged inserts are missing from the failed-over volume ($((MISSING - M6)) over IPv4, $M6 over IPv6)"
+fi
 
 # --- The systemd units parse. ---
 systemd-analyze verify --man=no "$ROOT"/deploy/systemd/pipecloud-backup.service \
