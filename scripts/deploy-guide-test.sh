@@ -171,6 +171,17 @@ client() { # FIRST_ID ADDRESS: inserts FIRST_ID, FIRST_ID+1000, ... until killed
 client 1 "$MACHINE_IP" & C1=$!
 client 2 "$MACHINE_IP6" & C2=$!
 sleep 6
+# The guide's wiring check: the hold saw the replies.
+HOST_NAME=$(names HOST)
+STATUS=$(nsenter --net="/run/netns/$NS_HOST" -- pipecloud ctl --topology "$PC_ETC/$(names GROUP).toml" \
+  --host "$HOST_NAME" status)
+SEEN=0
+for k in held_total hold_passed hold_queued; do
+  v=$(grep -o "$k=[0-9]*" <<<"$STATUS" | head -n1 | cut -d= -f2)
+  SEEN=$((SEEN + ${v:-0}))
+done
+echo "deploy-guide-test: packets the hold saw: $SEEN" >&2
+[ "$SEEN" -gt 0 ] || { echo "$STATUS" >&2; fail "ctl status shows no packet at the hold: the wiring bypasses the agent"; }
 # --- The disaster: the link to the backup dies first, and the primary keeps running for
 # a second without it (writes the backup never gets; a reply that depended on one and
 # still reached the client is what the check below catches), then the agent dies (its
