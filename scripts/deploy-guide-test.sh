@@ -4,16 +4,17 @@
 # in the background) in order, each in a fresh bash that first runs the guide's names
 # block, inside the network namespace standing in for ROLE. No harness, no site
 # builder: the test itself only builds the world around the guide (a host, a backup
-# site and a client as network namespaces, linked by veths), runs a workload on the
-# protected disk (PostgreSQL 15 in the guide's container, a client inserting numbered
-# rows over the held path), cuts the backup link, a second later kills the primary
-# (agent first: the rules then drop every outbound packet), fails over by the guide, recovers PostgreSQL on the failed-over
-# volume and checks that every insert the client saw acknowledged is there. An empty
-# client view fails the test. It also checks the systemd units with
-# `systemd-analyze verify`.
+# site and a client as network namespaces, linked by veths) and runs a workload on the
+# protected disk: PostgreSQL 15 in the guide's container, two clients inserting
+# numbered rows through the hold, one over IPv4 and one over IPv6 (each must see
+# acknowledgements). It checks the guide's wiring check (`ctl status` shows packets at
+# the hold), cuts the backup link, a second later kills the primary (agent first: its
+# rules then drop every outbound packet), fails over by the guide, recovers PostgreSQL
+# on the failed-over volume and checks that every insert a client saw acknowledged is
+# there. Last, `systemd-analyze verify` on the units in deploy/systemd.
 #
 # Needs root. Runs in a private mount namespace; everything it creates carries a unique
-# name and is removed on exit, failed or not. About 30 s.
+# name and is removed on exit, failed or not. About 20-25 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
