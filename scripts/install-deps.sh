@@ -4,7 +4,7 @@
 # its package, never a test that later skips. Idempotent: only installs what is
 # missing. Needs root (the test machines run as root).
 set -euo pipefail
-pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin)
+pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

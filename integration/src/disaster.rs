@@ -170,9 +170,11 @@ pub fn run_point(
     let mut site = Site::up(topo, work, prefix, opts)?;
     let single = site.topo.machines.len() == 1;
     let target = if single {
-        let m = &site.topo.machines[0];
         Target::Sql {
-            conninfo: format!("host={} port={PG_PORT} user=postgres dbname=postgres", m.ip),
+            conninfo: format!(
+                "host={} port={PG_PORT} user=postgres dbname=postgres",
+                site.client_ip(0)
+            ),
         }
     } else {
         Target::Http { addr: site.front() }

@@ -7,6 +7,7 @@ mod app;
 mod client;
 mod disaster;
 mod figures;
+mod live;
 mod netns;
 mod pg;
 mod pgbench;
@@ -43,9 +44,26 @@ enum SiteCmd {
         rtt_ms: u64,
         #[arg(long, default_value = "pipelined")]
         mode: Mode,
+        /// Give the machines and the client IPv6 addresses too (see `disaster --ipv6-client`).
+        #[arg(long)]
+        ipv6_client: bool,
     },
-    /// Remove everything a site (or a crashed run) left behind.
+    /// Remove everything a site (or a crashed run) left behind: namespaces and the
+    /// work directories of `site up` runs that are no longer running.
     Down,
+    /// Run a command inside a live site, as MACHINE: in its network namespace and the
+    /// site's mount namespace (where the protected disks are mounted). MACHINE is a
+    /// machine or host (dom0) name of the topology, or client, backup, wan, lan.
+    Exec {
+        /// The `site up` to enter (its pid, shown in its work directory's name);
+        /// needed only when several run.
+        #[arg(long)]
+        pid: Option<u32>,
+        machine: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +100,11 @@ enum Cmd {
         /// Also restore each point at the middle of its run (point-in-time check).
         #[arg(long)]
         pitr: bool,
+        /// Give the machines and the client IPv6 (ULA) addresses too, and let the
+        /// client talk to the front machine over IPv6 (PostgreSQL and the front tier
+        /// listen on it); everything else is unchanged.
+        #[arg(long)]
+        ipv6_client: bool,
     },
     /// Build only the network and the WAN emulation, and measure the achieved RTT.
     Wan {
@@ -114,11 +137,15 @@ enum Cmd {
     },
 }
 
-fn work_dir(tag: &str) -> PathBuf {
-    let base = std::env::var_os("PIPECLOUD_WORK")
+/// Where runs keep their files (`PIPECLOUD_WORK`, default /var/tmp/pipecloud-harness).
+fn work_base() -> PathBuf {
+    std::env::var_os("PIPECLOUD_WORK")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/pipecloud-harness"));
-    base.join(format!("{tag}-{}", std::process::id()))
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/pipecloud-harness"))
+}
+
+fn work_dir(tag: &str) -> PathBuf {
+    work_base().join(format!("{tag}-{}", std::process::id()))
 }
 
 fn main() {
@@ -188,8 +215,17 @@ fn real_main() -> Result<()> {
         }
         Cmd::Site { cmd: SiteCmd::Down } => {
             netns::cleanup_prefix(PREFIX);
-            println!("RESULT status=ok cleaned_prefix={PREFIX}");
+            let dirs = live::remove_dead_site_dirs(&work_base());
+            println!("RESULT status=ok cleaned_prefix={PREFIX} removed_work_dirs={dirs}");
             Ok(())
+        }
+        Cmd::Site {
+            cmd: SiteCmd::Exec { pid, machine, cmd },
+        } => {
+            use std::os::unix::process::CommandExt;
+            let site = live::pick_site(&work_base(), pid)?;
+            let err = live::exec_command(&site, PREFIX, &machine, &cmd)?.exec();
+            Err(err).context("executing nsenter")
         }
         Cmd::Site {
             cmd:
@@ -197,11 +233,15 @@ fn real_main() -> Result<()> {
                     topology,
                     rtt_ms,
                     mode,
+                    ipv6_client,
                 },
         } => {
             sys::ensure_private_mount_ns()?;
             let work = work_dir("site");
-            let opts = site_opts(rtt_ms, mode);
+            // Dropped after the site (declared first): the work directory goes on
+            // Ctrl-C and on a failed start alike.
+            let _work_guard = live::RemoveOnDrop(work.clone());
+            let opts = site_opts(rtt_ms, mode, ipv6_client);
             let site = run::Site::up(
                 &topology,
                 &work,
@@ -209,7 +249,8 @@ fn real_main() -> Result<()> {
                 &opts,
             )?;
             println!(
-                "RESULT status=up rtt_ms={:.2} work={} front={}",
+                "RESULT status=up pid={} rtt_ms={:.2} work={} front={}",
+                std::process::id(),
                 run::ms(site.rtt.median),
                 work.display(),
                 site.front()
@@ -234,6 +275,7 @@ fn real_main() -> Result<()> {
             max_ms,
             expect_unsafe,
             pitr,
+            ipv6_client,
         } => {
             sys::ensure_private_mount_ns()?;
             let name = topology
@@ -241,7 +283,7 @@ fn real_main() -> Result<()> {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let base = work_dir(&format!("disaster-{name}-{mode}"));
-            let opts = site_opts(rtt_ms, mode);
+            let opts = site_opts(rtt_ms, mode, ipv6_client);
             let mut rng = disaster::Rng(seed);
             let (mut cv, mut sv, mut pv, mut unsafe_total, mut unsafe_points) = (0, 0, 0, 0, 0);
             let (mut pitr_rows, mut pitr_missing) = (0, 0);
@@ -309,7 +351,7 @@ fn real_main() -> Result<()> {
             // The points' directories are gone (unless kept): so is the run's.
             let _ = std::fs::remove_dir(&base);
             println!(
-                "RESULT topology={name} mode={mode} points={done} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv} pitr_rows={pitr_rows} pitr_missing_acked={pitr_missing} failed_points={failed_points}"
+                "RESULT topology={name} mode={mode} ipv6_client={ipv6_client} points={done} unsafe_replies={unsafe_total} unsafe_points={unsafe_points} cv={cv} sv={sv} pv={pv} pitr_rows={pitr_rows} pitr_missing_acked={pitr_missing} failed_points={failed_points}"
             );
             if failed_points > 0 {
                 anyhow::bail!("{failed_points} of {done} points failed (the FAIL lines say why)");
@@ -325,7 +367,7 @@ fn real_main() -> Result<()> {
     }
 }
 
-fn site_opts(rtt_ms: u64, mode: Mode) -> run::SiteOptions {
+fn site_opts(rtt_ms: u64, mode: Mode, ipv6_client: bool) -> run::SiteOptions {
     run::SiteOptions {
         rtt: Duration::from_millis(rtt_ms),
         mode,
@@ -333,6 +375,7 @@ fn site_opts(rtt_ms: u64, mode: Mode) -> run::SiteOptions {
         tiers: true,
         rtt_tolerance: Duration::from_millis(1),
         outbound_override: None,
+        ipv6_client,
     }
 }
 

@@ -7,7 +7,7 @@
 
 use crate::sys::{ns_sh, sh, sh_quiet};
 use anyhow::{Context, Result};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// A named network namespace, deleted (with everything inside) on drop.
 pub struct Netns {
@@ -62,18 +62,26 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     Ok(())
 }
 
-/// Adds `addr/prefix` to `dev` in `ns`.
-pub fn addr(ns: &Netns, dev: &str, ip: Ipv4Addr, prefix: u8) -> Result<()> {
-    ns.sh(&["ip", "addr", "add", &format!("{ip}/{prefix}"), "dev", dev])?;
+/// Adds `addr/prefix` to `dev` in `ns`. IPv6 addresses skip duplicate address
+/// detection (`nodad`): the emulated links are ours, and a tentative address would
+/// refuse to be used for a second or so.
+pub fn addr(ns: &Netns, dev: &str, ip: impl Into<IpAddr>, prefix: u8) -> Result<()> {
+    let ip = ip.into();
+    let cidr = format!("{ip}/{prefix}");
+    let mut args = vec!["ip", "addr", "add", &cidr, "dev", dev];
+    if ip.is_ipv6() {
+        args.push("nodad");
+    }
+    ns.sh(&args)?;
     Ok(())
 }
 
-/// Adds a route `dst` via device (and optional gateway) in `ns`.
-pub fn route(ns: &Netns, dst: &str, dev: &str, via: Option<Ipv4Addr>) -> Result<()> {
+/// Adds a route `dst` (IPv4 or IPv6) via device (and optional gateway) in `ns`.
+pub fn route(ns: &Netns, dst: &str, dev: &str, via: Option<impl Into<IpAddr>>) -> Result<()> {
     let mut args = vec!["ip", "route", "replace", dst];
     let via_s;
     if let Some(v) = via {
-        via_s = v.to_string();
+        via_s = v.into().to_string();
         args.extend(["via", &via_s]);
     }
     args.extend(["dev", dev, "onlink"]);

@@ -96,7 +96,8 @@ pub fn initdb(datadir: &Path) -> Result<()> {
     )?;
     std::fs::write(
         datadir.join("pg_hba.conf"),
-        "local all all trust\nhost all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n",
+        "local all all trust\nhost all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n\
+         host all all ::/0 trust\nhost replication all ::/0 trust\n",
     )?;
     chown_postgres(datadir)?;
     Ok(())

@@ -9,12 +9,14 @@
 
 use crate::netns::{cleanup_prefix, spawn_in};
 use crate::pg::{initdb, Postgres};
-use crate::site::{render_topology, MountedDisk, Network, BACKUP_IP, BACKUP_PORT, CLIENT_IP};
+use crate::site::{
+    machine_ip6, render_topology, MountedDisk, Network, BACKUP_IP, BACKUP_PORT, CLIENT_IP,
+};
 use crate::sys::{ns_cmd, run, sh, sh_quiet, wait_until, Guarded};
 use crate::wan::{start_calibrated, RttReport, WanDelay};
 use anyhow::{bail, Context, Result};
 use pipecloud_core::topology::{Mode, Topology};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -38,6 +40,10 @@ pub struct SiteOptions {
     /// Treat these machines as outbound in addition to the topology's (the
     /// "naive" variant of figure (b) protects only the DB tier's machine).
     pub outbound_override: Option<Vec<String>>,
+    /// Give the machines and the client IPv6 addresses too; PostgreSQL and the tiers
+    /// listen on IPv6 as well, and the client talks to the front machine over IPv6
+    /// ([`Site::client_ip`]).
+    pub ipv6_client: bool,
 }
 
 /// Paths of the harness's own binaries.
@@ -81,7 +87,7 @@ impl Site {
         }
         cleanup_prefix(prefix);
         std::fs::create_dir_all(work)?;
-        let net = Network::build(&topo, prefix)?;
+        let net = Network::build_with(&topo, prefix, opts.ipv6_client)?;
         let names = net.names.clone();
         let mut site = Site {
             topo: topo.clone(),
@@ -221,6 +227,11 @@ impl Site {
             let datadir = site.work.join("mnt").join(&disk).join("pgdata");
             initdb(&datadir)?;
             sh(&["sync"])?;
+            let extra = if opts.ipv6_client {
+                vec![format!("listen_addresses={},{}", m.ip, machine_ip6(j))]
+            } else {
+                Vec::new()
+            };
             let pg = Postgres::start(
                 &m.name,
                 &names.machine(j),
@@ -228,7 +239,7 @@ impl Site {
                 PG_PORT,
                 &datadir,
                 &site.work.join(format!("pg-{}.log", m.name)),
-                &[],
+                &extra,
             )?;
             pg.psql(
                 "CREATE TABLE IF NOT EXISTS req (id bigint NOT NULL, tier text NOT NULL, at timestamptz DEFAULT now())",
@@ -249,8 +260,15 @@ impl Site {
                     &names.machine(j),
                     &bin("pipecloud-harness").to_string_lossy(),
                 );
+                // With IPv6, one dual-stack socket: the client comes over IPv6,
+                // the previous tier over IPv4.
+                let listen = if opts.ipv6_client {
+                    SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), TIER_PORT)
+                } else {
+                    SocketAddr::new(m.ip.into(), TIER_PORT)
+                };
                 cmd.args(["compdb", "--tier", &m.name])
-                    .args(["--listen", &format!("{}:{TIER_PORT}", m.ip)])
+                    .args(["--listen", &listen.to_string()])
                     .args([
                         "--compute-ms",
                         &opts.compute_ms.get(j).copied().unwrap_or(0).to_string(),
@@ -286,10 +304,19 @@ impl Site {
         Ok(site)
     }
 
+    /// The address clients use to reach machine `j`: its IPv6 address on an
+    /// `ipv6_client` site, else its IPv4 address.
+    pub fn client_ip(&self, j: usize) -> IpAddr {
+        if self.net.ipv6 {
+            machine_ip6(j).into()
+        } else {
+            self.topo.machines[j].ip.into()
+        }
+    }
+
     /// The address clients use: the front tier (first machine) or its database.
     pub fn front(&self) -> SocketAddr {
-        let m = &self.topo.machines[0];
-        SocketAddr::new(m.ip.into(), TIER_PORT)
+        SocketAddr::new(self.client_ip(0), TIER_PORT)
     }
 
     /// Namespace of the client.

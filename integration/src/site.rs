@@ -15,6 +15,11 @@
 //!   where the host's `pipecloud agent` tags, merges and holds packets;
 //! - the dom0s, the client and the WAN router share a LAN bridge; traffic between
 //!   machines on different hosts crosses the LAN (so the IP option really crosses a wire);
+//! - with `ipv6` (the `--ipv6-client` runs), the machines, the dom0s and the client
+//!   also get IPv6 ULA addresses (`fd70:6300::/32`, [`machine_ip6`], [`CLIENT_IP6`]):
+//!   each machine's IPv6 default route goes via [`MACHINE_GW6`] on its dom0, the dom0s
+//!   forward IPv6 and route every machine's /128 (to its veth, or over the LAN to its
+//!   host). The backup link and the links between tiers stay IPv4;
 //! - the WAN router namespace delays every forwarded packet by RTT/2 in each
 //!   direction (NFQUEUE verdicts held in userspace: netem is absent here) and is the
 //!   only way to the backup namespace, where `backup-server` runs as `nobody`.
@@ -28,7 +33,7 @@ use crate::sys::{sh, sh_quiet, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
 use pipecloud_core::topology::{Mode, Topology};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -45,6 +50,21 @@ pub const WAN_LAN_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 254);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
 /// Gateway address every dom0 veth towards a machine carries.
 pub const MACHINE_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+
+/// IPv6 address of the client on the LAN (`--ipv6-client`).
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd70, 0x6300, 0x200, 0, 0, 0, 0, 0x100);
+/// IPv6 gateway address every dom0 veth towards a machine carries (`--ipv6-client`).
+pub const MACHINE_GW6: Ipv6Addr = Ipv6Addr::new(0xfd70, 0x6300, 0xff, 0, 0, 0, 0, 1);
+
+/// IPv6 LAN address of host `i` (`--ipv6-client`).
+pub fn host_lan_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd70, 0x6300, 0x200, 0, 0, 0, 0, (i + 1) as u16)
+}
+
+/// IPv6 address of machine `j` (`--ipv6-client`).
+pub fn machine_ip6(j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd70, 0x6300, 0x10, 0, 0, 0, 0, (j + 2) as u16)
+}
 
 /// LAN address of host `i`.
 pub fn host_lan_ip(i: usize) -> Ipv4Addr {
@@ -83,11 +103,19 @@ pub struct Network {
     pub names: Names,
     /// Dropped last-to-first: machines, hosts, client, wan, backup, lan.
     pub namespaces: Vec<Netns>,
+    /// The machines and the client also have IPv6 addresses.
+    pub ipv6: bool,
 }
 
 impl Network {
-    /// Builds the namespaces and links for `topo`.
+    /// Builds the namespaces and links for `topo` (IPv4 only).
     pub fn build(topo: &Topology, prefix: &str) -> Result<Network> {
+        Network::build_with(topo, prefix, false)
+    }
+
+    /// Builds the namespaces and links for `topo`; with `ipv6` the machines, the
+    /// dom0s and the client get IPv6 addresses and routes too.
+    pub fn build_with(topo: &Topology, prefix: &str, ipv6: bool) -> Result<Network> {
         let names = Names {
             prefix: prefix.to_string(),
         };
@@ -111,6 +139,9 @@ impl Network {
         veth(&client, "eth0", &lan, "pcli")?;
         lan.sh(&["ip", "link", "set", "pcli", "master", "br0"])?;
         addr(&client, "eth0", CLIENT_IP, 24)?;
+        if ipv6 {
+            addr(&client, "eth0", CLIENT_IP6, 64)?;
+        }
         let mut host_ns = Vec::new();
         for (i, h) in topo.hosts.iter().enumerate() {
             let ns = Netns::new(&names.host(i))?;
@@ -120,6 +151,10 @@ impl Network {
             addr(&ns, "lan0", host_lan_ip(i), 24)?;
             ns.sysctl("net.ipv4.ip_forward", "1")?;
             route(&ns, "10.99.0.0/24", "lan0", Some(WAN_LAN_SIDE))?;
+            if ipv6 {
+                addr(&ns, "lan0", host_lan_ip6(i), 64)?;
+                ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            }
             let _ = h;
             host_ns.push(ns);
         }
@@ -159,6 +194,23 @@ impl Network {
                 "eth0",
                 Some(host_lan_ip(hi)),
             )?;
+            if ipv6 {
+                let (ip6, gw6) = (machine_ip6(j), MACHINE_GW6.to_string());
+                addr(&ns, "eth0", ip6, 128)?;
+                ns.sh(&["ip", "-6", "route", "add", &gw6, "dev", "eth0"])?;
+                ns.sh(&[
+                    "ip", "-6", "route", "add", "default", "via", &gw6, "dev", "eth0",
+                ])?;
+                addr(&host_ns[hi], &dev, MACHINE_GW6, 128)?;
+                let dst = format!("{ip6}/128");
+                route(&host_ns[hi], &dst, &dev, None::<IpAddr>)?;
+                for (i, hns) in host_ns.iter().enumerate() {
+                    if i != hi {
+                        route(hns, &dst, "lan0", Some(host_lan_ip6(hi)))?;
+                    }
+                }
+                route(&client, &dst, "eth0", Some(host_lan_ip6(hi)))?;
+            }
             machine_ns.push(ns);
         }
         namespaces.push(lan);
@@ -167,7 +219,11 @@ impl Network {
         namespaces.push(client);
         namespaces.extend(host_ns);
         namespaces.extend(machine_ns);
-        Ok(Network { names, namespaces })
+        Ok(Network {
+            names,
+            namespaces,
+            ipv6,
+        })
     }
 }
 

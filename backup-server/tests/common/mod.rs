@@ -63,11 +63,18 @@ impl Env {
         let g =
             backup_server::certs::generate(&dir.join("pki"), "localhost", &groups, "127.0.0.1:0")
                 .expect("certs");
-        let mut text = std::fs::read_to_string(&g.config).expect("config");
-        text = text.replace(
-            "data_dir = \"data\"",
-            &format!("data_dir = \"{}\"", dir.join("data").display()),
-        );
+        let text = std::fs::read_to_string(&g.config).expect("config");
+        // `certs` writes `data_dir = "<pki>/data"`: keep the data next to the PKI instead.
+        let mut text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("data_dir") {
+                    format!("data_dir = \"{}\"\n", dir.join("data").display())
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
         text.push_str(limits);
         text.push('\n');
         std::fs::write(&g.config, text).expect("write config");

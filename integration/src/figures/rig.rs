@@ -32,6 +32,7 @@ pub(super) fn site_options(plan: &Plan, mode: Mode, tiers: bool) -> SiteOptions 
         tiers,
         rtt_tolerance: Duration::from_millis(1),
         outbound_override: None,
+        ipv6_client: false,
     }
 }
 
