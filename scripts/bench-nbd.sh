@@ -48,7 +48,7 @@ B=$(mktemp -d "${BACKUP_DIR:-$T}/pc-bench-backup.XXXXXX")
 server_pid=""; fuse_pid=""; loop=""; backup_pid=""
 
 teardown_stack() {
-  # Order from NOTES.md: (umount) -> losetup -d + wait -> fusermount3 -u -> stop server.
+  # Order from docs/machine.md ("Network namespaces and mounts"): (umount) -> losetup -d + wait -> fusermount3 -u -> stop server.
   set +e
   if [ -n "$loop" ]; then
     losetup -d "$loop"

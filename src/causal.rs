@@ -1,4 +1,4 @@
-//! The agent's causal state for one protection group on this host (DESIGN §3).
+//! The agent's causal state for one protection group on this host (docs/design.md §3).
 //!
 //! Shared by the block path (which assigns each write its seq and vector) and the
 //! network path (which tags, merges and holds packets). The rules live in

@@ -1,4 +1,4 @@
-//! The largest causally closed cut (DESIGN §3): re-exported from
+//! The largest causally closed cut (docs/design.md §3): re-exported from
 //! `pipecloud_core::cut`, the one place the rule lives.
 //!
 //! How the server feeds it: writer `i`'s history is its index ([`crate::index`]),

@@ -1,6 +1,6 @@
 //! # backup-server
 //!
-//! The unprivileged backup site of PipeCloud-rs (DESIGN §2-§4, PipeCloud §4.4): a TCP
+//! The unprivileged backup site of PipeCloud-rs (docs/design.md §2-§4, PipeCloud §4.4): a TCP
 //! (mutual TLS) port and a data directory, nothing else. It journals every write
 //! durably before acking it, fans the group's committed vector out to every agent of
 //! the group, applies writes to per-disk volumes in causal order, and materialises a

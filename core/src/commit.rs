@@ -1,4 +1,4 @@
-//! Commit tracking: which writes are durable at the backup (DESIGN §3).
+//! Commit tracking: which writes are durable at the backup (docs/design.md §3.3).
 //!
 //! The backup acknowledges writes as soon as they are durable in its journal,
 //! in whatever order its disk completes them, possibly more than once (resends

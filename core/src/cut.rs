@@ -1,5 +1,5 @@
-//! The largest causally closed cut over journaled writes (DESIGN §3, "Backup
-//! ordering and failover cut").
+//! The largest causally closed cut over journaled writes (docs/design.md §3.6, the
+//! failover cut).
 //!
 //! At failover the backup materialises its volumes at a *cut*: for each writer
 //! `i` a prefix `s_i` of its writes (no holes). A cut is *closed* when every

@@ -1,5 +1,5 @@
 //! The IPv4 option that carries a count vector between protected machines
-//! (DESIGN §3, PipeCloud paper §4.2).
+//! (docs/design.md §3, PipeCloud paper §4.2).
 //!
 //! A packet from protected machine *a* to protected machine *b* carries *a*'s
 //! pending vector; *b*'s agent merges it into *b*'s pending vector. The vector
@@ -53,7 +53,7 @@
 //!
 //! * non-IPv4 packets ([`Classify::NotIpv4`]), never modified;
 //! * packets that already carry IPv4 options ([`Classify::OtherOptions`]): passed
-//!   untouched, the caller counts them (DESIGN §3);
+//!   untouched, the caller counts them (docs/design.md §3.2);
 //! * fragments (MF set or a non-zero fragment offset, [`Classify::Fragment`]):
 //!   only the first fragment holds the TCP/UDP header, so flows and pure ACKs
 //!   cannot be recognised on the others; a receiver's reassembly keeps the
@@ -607,7 +607,7 @@ pub fn strip_tag(packet: &mut Vec<u8>) -> Result<Option<(u16, RawTag)>, OptionEr
 }
 
 /// Whether `packet` is a TCP segment without payload and without SYN, FIN or
-/// RST, with ACK set (DESIGN §3: may be left untagged). Anything unparsable,
+/// RST, with ACK set (docs/design.md §3.2: may be left untagged). Anything unparsable,
 /// fragmented or truncated before the TCP flags is *not* a pure ACK (so it
 /// gets tagged).
 pub fn is_pure_ack(packet: &[u8]) -> bool {

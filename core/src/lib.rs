@@ -1,6 +1,6 @@
 //! # pipecloud-core
 //!
-//! The pure causal engine of PipeCloud-rs (DESIGN §3): plain data structures and
+//! The pure causal engine of PipeCloud-rs (docs/design.md §3): plain data structures and
 //! functions, no I/O, no clock reads, no threads. Drivers (NBD, NFQUEUE, sockets,
 //! files, time) live in the `pipecloud` agent and the `backup-server` and call in here.
 //!

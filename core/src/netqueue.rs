@@ -1,5 +1,5 @@
 //! The netqueue: client-bound packets held until the committed vector
-//! dominates their tag (DESIGN §3, paper §4.3).
+//! dominates their tag (docs/design.md §3.4, paper §4.3).
 //!
 //! # The release rule
 //!
@@ -341,7 +341,7 @@ impl<H> NetQueue<H> {
     ///
     /// Only for teardown or a degrade-to-async policy: this ignores the release
     /// rule, so a client may see replies that depend on writes the backup does not
-    /// hold; the client RPO is no longer zero (DESIGN §4). The committed vector
+    /// hold; the client RPO is no longer zero (docs/design.md §4). The committed vector
     /// and the push sequence numbers are kept.
     pub fn drain_all(&mut self, out: &mut Vec<H>) {
         let packets = std::mem::take(&mut self.packets);

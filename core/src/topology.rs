@@ -1,4 +1,4 @@
-//! Topology files: the gray-box description of one protected application (DESIGN §2).
+//! Topology files: the gray-box description of one protected application (docs/design.md §2).
 //!
 //! A topology file is TOML. It names the protection group, the backup server, the
 //! policies, the primary hosts, the protected machines and their protected disks.
@@ -124,7 +124,7 @@ pub const MAX_DISKS: usize = 256;
 /// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
 pub const MAX_UNIX_SOCKET_PATH: usize = 107;
 /// Most packets the kernel holds in one NFQUEUE, whatever the queue length says
-/// (measured, NOTES.md); the netqueue cannot hold more than that.
+/// (measured, docs/machine.md "NFQUEUE"); the netqueue cannot hold more than that.
 pub const MAX_NETQUEUE_PACKETS: u64 = 65_536;
 /// Longest `degrade_after_s` (one day).
 pub const MAX_DEGRADE_AFTER_S: u64 = 86_400;

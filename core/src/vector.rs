@@ -1,4 +1,4 @@
-//! Count vectors: per-writer knowledge of disk writes (DESIGN §3).
+//! Count vectors: per-writer knowledge of disk writes (docs/design.md §3).
 //!
 //! Entry `j` of a machine's *pending* vector is the highest sequence number of
 //! writer `j` whose write may have causally preceded the machine's current
