@@ -232,8 +232,8 @@ impl<B: BlockBackend> BlockBackend for ReplicatedDisk<B> {
         // held by the network path wait for them. In async mode nothing waits for
         // the backup, and the batch age (`replication_async_batch_us`) already bounds
         // how long the flushed writes stay unsent; hurrying them costs the guest a
-        // wake-up of the sender and a backup round per flush (O_DSYNC QD1 0.83x vs
-        // 0.96x nbdkit, same run, docs/machine.md).
+        // wake-up of the sender and a backup round per flush, which measured slower at
+        // O_DSYNC QD1 in a same-run A/B (`docs/machine.md`, "Block path, session 10").
         if self.mode.get() != Mode::Async {
             self.client.send_now();
         }

@@ -1,4 +1,5 @@
-//! Deterministic model test of the whole pipelined-synchrony protocol (DESIGN §3).
+//! Deterministic model test of the whole pipelined-synchrony protocol
+//! (`docs/design.md §3`, the rules).
 //!
 //! Every schedule is a pure function of one `u64` seed. It builds a random group
 //! (1..=4 writers, 0..=2 intermediates, 1..=2 outbound machines, random edges),
@@ -28,10 +29,10 @@
 //! cannot be in any client's view, since every packet depending on it also
 //! depends on the missing one.
 //!
-//! Writer reconnection follows DESIGN §4: the new generation is registered with
-//! base = the backup's durable prefix, and the agent resends every write above it
-//! (same seqs, same contents); writes in flight on the old connection are lost,
-//! acks in flight on it arrive stale.
+//! Writer reconnection follows `docs/design.md §4` (failure handling): the new
+//! generation is registered with base = the backup's durable prefix, and the agent
+//! resends every write above it (same seqs, same contents); writes in flight on the
+//! old connection are lost, acks in flight on it arrive stale.
 //!
 //! A schedule without a disaster runs to quiescence and then checks liveness:
 //! everything acked, every netqueue empty, every held packet released.
@@ -768,7 +769,7 @@ impl Sim {
         let seq = self.writers[w].writes.len() as Seq + 1;
         let mach = &mut self.machines[m];
         mach.truth.raise(w, seq);
-        // DESIGN §3: seq = ++P[i][i] before the write completes to the guest.
+        // `docs/design.md §3`: seq = ++P[i][i] before the write completes to the guest.
         let visible = if self.bug == Bug::LazyBump {
             seq - 1
         } else {
@@ -1368,6 +1369,11 @@ fn default_threads() -> usize {
 #[test]
 fn model_100k_schedules() {
     let count = env_u64("PIPECLOUD_MODEL_SCHEDULES", 100_000);
+    assert!(
+        count > 0,
+        "PIPECLOUD_MODEL_SCHEDULES=0 runs no schedule, so nothing would be checked; \
+         set it to 1 or more (default 100 000)"
+    );
     let start = env_u64("PIPECLOUD_MODEL_SEED", 0);
     let trace = count == 1 || std::env::var("PIPECLOUD_MODEL_TRACE").is_ok_and(|v| v == "1");
     let began = std::time::Instant::now();
@@ -1401,6 +1407,10 @@ fn model_100k_schedules() {
                 s.healthy,
             );
             assert_eq!(s.schedules, count);
+            assert!(
+                s.schedules > 0,
+                "the model ran no schedule: nothing was checked"
+            );
         }
         Err(f) => {
             if let Some(t) = &f.trace {

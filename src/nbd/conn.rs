@@ -6,8 +6,8 @@
 //! - *request tasks* call the backend and hand their reply to the writer;
 //! - the *writer* task serialises replies onto the socket, batching whatever is queued
 //!   before each flush (one syscall for many replies at high queue depth; measured: having
-//!   each task lock the socket and write its own reply lost ~30% IOPS at QD32 and gained
-//!   only ~5 us at QD1).
+//!   each task lock the socket and write its own reply lost IOPS at QD32 and gained little
+//!   at QD1; current block-path figures in `docs/results.md`).
 //!
 //! Bounds: at most `max_in_flight` request tasks and `max_in_flight_bytes` of READ/WRITE
 //! payload per connection. At either bound the reader stops reading the socket until a
