@@ -475,7 +475,8 @@ async fn backup_crash_mid_stream_resends_unacked_writes() {
 
 /// (e) Mode switches at run time (through the control socket) while writes are
 /// in flight: no write fails, a sync write waiting on a stalled backup completes
-/// when the mode switches to async, and everything ends up durable.
+/// when the mode switches to async, everything ends up durable, and a switch to
+/// pipelined is refused (this group runs no network path).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mode_switch_at_run_time_through_the_control_socket() {
     let scratch = Scratch::new("switch");
@@ -532,6 +533,20 @@ async fn mode_switch_at_run_time_through_the_control_socket() {
             "async" => "mode async",
             _ => "mode pipelined",
         };
+        if *m == "pipelined" {
+            // This group runs no network path (`net: None`): nothing would hold
+            // replies, so the switch is refused and the mode stays.
+            let before = a.mode.get();
+            let refused = ctl_call(req)
+                .await
+                .expect_err("pipelined without a network path");
+            assert!(
+                format!("{refused:?}").contains("needs the network path"),
+                "refusal {refused:?}"
+            );
+            assert_eq!(a.mode.get(), before);
+            continue;
+        }
         let answer = ctl_call(req).await.expect("mode switch");
         assert!(answer.contains(&format!("-> {m}")), "answer {answer:?}");
         assert_eq!(a.mode.get().as_str(), *m);
