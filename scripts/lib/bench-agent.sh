@@ -36,6 +36,7 @@ bench_net_down() {
 # bench_agent_net_args MODE: sets BENCH_NET_ARGS to the `pipecloud agent` arguments for MODE:
 # none for `pipelined` (it runs with its network path), `--no-network` otherwise (async and sync
 # run as a pure block client, as they always have here).
+# shellcheck disable=SC2034 # read by the scripts that source this file
 bench_agent_net_args() {
   BENCH_NET_ARGS=(--no-network)
   [ "$1" != pipelined ] || BENCH_NET_ARGS=()
