@@ -15,10 +15,13 @@ free_port() {
 # it with --no-network), and that path's rules and queues must live and die there, with the backup
 # server on the same namespace's loopback. bench_net_up brings loopback up and adds a veth pair
 # (both ends in the namespace) whose first end routes the machine's address, so the agent finds
-# the machine's interface; no packet flows on it. It refuses to run in the host's namespace.
+# the machine's interface; no packet flows on it. It refuses to touch a namespace that has any
+# link but loopback (a fresh one has only that), so it never adds the veth to the host's.
 bench_net_up() {
-  if [ "$(readlink /proc/self/ns/net)" = "$(readlink /proc/1/ns/net)" ]; then
-    echo "bench: refusing to add $BENCH_VETH in the host's network namespace" >&2
+  local links
+  links=$(ip -o link show | awk -F': ' '{print $2}' | tr '\n' ' ')
+  if [ "$links" != "lo " ]; then
+    echo "bench: not a fresh network namespace (links: $links): refusing to add $BENCH_VETH" >&2
     return 1
   fi
   ip link set lo up
