@@ -21,8 +21,11 @@
 #   during it, what was left when it ended, how long the backup took to ack that).
 #   e.g.  scripts/bench-ab.sh nbdkit engine agent-async agent-async:PIPECLOUD_X=1@x \
 #           "agent-async:POLICY=replication_coalesce_us = 5000@hold5ms"
-# The agent variants run `pipecloud agent --no-network` with a real `backup-server` on loopback
-# (journal in $BACKUP_DIR, default the temp dir on the same disk as the images).
+# The agent variants run `pipecloud agent` with a real `backup-server` on loopback (journal in
+# $BACKUP_DIR, default the temp dir on the same disk as the images): async and sync with
+# --no-network, pipelined with its network path (it needs one). Every variant runs in a private
+# network namespace the script makes (`unshare --net`), with a veth pair routing the topology's
+# machine address; the namespace, its veth and the agent's rules go when the script ends.
 set -euo pipefail
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-6}
@@ -34,7 +37,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${BENCH_AB_IN_NS:-}" ]; then
   (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud -p pipecloud \
      && cargo build --release --quiet -p backup-server --bin backup-server)
-  exec unshare --mount --propagation private env BENCH_AB_IN_NS=1 bash "$0" "$@"
+  exec unshare --mount --net --propagation private env BENCH_AB_IN_NS=1 bash "$0" "$@"
 fi
 R="${CARGO_TARGET_DIR:-$repo/target}/release"
 T=$(mktemp -d /tmp/pc-ab.XXXXXX)
@@ -51,11 +54,12 @@ stop_stack() {
   sleep 0.1
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
   pids=()
-  rm -rf "$T/nbd" "$T/s.sock" "$T/ctl.sock" "$T"/*.img "$B"/*
+  rm -rf "$T/nbd" "$T/s.sock" "$T/ctl.sock" "$T"/*.img "${B:?}"/*
   set -e
 }
-trap 'stop_stack; rm -rf "$T" "$B"' EXIT
+trap 'stop_stack; bench_net_down; rm -rf "$T" "$B"' EXIT
 trap 'exit 143' TERM INT
+bench_net_up
 
 # start VARIANT-KIND ENV... : starts the server(s); sets $sock to the NBD socket path
 start() {
@@ -82,7 +86,9 @@ start() {
         </dev/null >"$T/backup.log" 2>&1 &
       pids+=($!); backup_pid=$!
       POLICY="$pol" bench_topology "$T/t.toml" "$T" "$B" "$port" "${kind#agent-}" 512M
-      env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h --no-network --worker-threads "$wk" ${extra[@]+"${extra[@]}"} \
+      bench_agent_net_args "${kind#agent-}"
+      env "$@" "$bin/pipecloud" agent --topology "$T/t.toml" --host h ${BENCH_NET_ARGS[@]+"${BENCH_NET_ARGS[@]}"} \
+        --worker-threads "$wk" ${extra[@]+"${extra[@]}"} \
         </dev/null >"$T/srv.log" 2>&1 &
       pids+=($!); agent_pid=$!; sock="$T/nbd/disk0.sock" ;;
     *) echo "bench-ab: unknown variant kind $kind" >&2; exit 2 ;;

@@ -2,11 +2,16 @@
 # Benchmarks the block path: fio through `nbdfuse -C 1` + loop (--direct-io=on) against
 #   (1) `pipecloud agent` (the product: NBD export -> ReplicatedDisk -> io_uring LocalImage,
 #       replicating over mutual TLS to a real `backup-server` on loopback, RTT ~ 0) in
-#       `async` mode, then switched at run time (`pipecloud ctl mode`) to `pipelined` and
-#       `sync`,
+#       `async` mode, then switched at run time (`pipecloud ctl mode`) to `sync`, both with
+#       --no-network (a pure block client); then a second agent (fresh image and backup) in
+#       `pipelined` mode, which needs the agent's network path: no packet flows, but its
+#       rules, queues and kernel tagger are in place as in production,
 #   (2) our NBD server alone on a LocalImage (examples/nbd-serve.rs: no replication),
 #   (3) `nbdkit file` on the same stack,
-# plus the raw image file as a baseline. Prints IOPS and p50 completion latency per
+# plus the raw image file as a baseline. Everything runs in a private network namespace the
+# script makes (`unshare --net`: loopback, and a veth pair routing the topology's machine
+# address for the network path); it, the veth and the agent's rules go when the script ends.
+# Prints IOPS and p50 completion latency per
 # workload and the ratios against nbdkit. nbdkit runs twice (before and after ours) and
 # the better of its two runs is the baseline, so a load spike cannot flatter us.
 #
@@ -30,22 +35,23 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib/bench-agent.sh
 . "$repo/scripts/lib/bench-agent.sh"
 
-# Everything (servers, FUSE mounts) lives in a private mount namespace that dies with us.
+# Everything (servers, FUSE mounts, the agent's network path) lives in a private mount and
+# network namespace that dies with us.
 if [ -z "${BENCH_NBD_IN_NS:-}" ]; then
-  for t in fio nbdkit nbdfuse fusermount3 losetup unshare python3; do
+  for t in fio nbdkit nbdfuse fusermount3 losetup unshare python3 ip; do
     command -v "$t" >/dev/null || { echo "bench-nbd: missing $t (run scripts/install-deps.sh)" >&2; exit 1; }
   done
   echo "bench-nbd: building examples/nbd-serve (release)" >&2
   (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud -p pipecloud \
      && cargo build --release --quiet -p backup-server --bin backup-server)
-  exec unshare --mount --propagation private env BENCH_NBD_IN_NS=1 bash "$0" "$@"
+  exec unshare --mount --net --propagation private env BENCH_NBD_IN_NS=1 bash "$0" "$@"
 fi
 
 rel="${CARGO_TARGET_DIR:-$repo/target}/release"
 serve_bin="$rel/examples/nbd-serve"
 T=$(mktemp -d /tmp/pc-bench-nbd.XXXXXX)
 B=$(mktemp -d "${BACKUP_DIR:-$T}/pc-bench-backup.XXXXXX")
-server_pid=""; fuse_pid=""; loop=""; backup_pid=""
+server_pid=""; fuse_pid=""; loop=""; backup_pid=""; A=""
 
 teardown_stack() {
   # Order from docs/machine.md ("Network namespaces and mounts"): (umount) -> losetup -d + wait -> fusermount3 -u -> stop server.
@@ -68,13 +74,19 @@ teardown_stack() {
   fi
   set -e
 }
+stop_backup() {
+  if [ -n "$backup_pid" ]; then kill "$backup_pid" 2>/dev/null; wait "$backup_pid" 2>/dev/null; fi
+  backup_pid=""
+}
 cleanup() {
   teardown_stack
-  if [ -n "$backup_pid" ]; then kill "$backup_pid" 2>/dev/null; wait "$backup_pid" 2>/dev/null; fi
+  stop_backup
+  bench_net_down
   if [ -z "${KEEP:-}" ]; then rm -rf "$T" "$B"; else echo "kept $T $B" >&2; fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
+bench_net_up
 
 # fio JSON -> "IOPS P50_US"
 fio_summary() {
@@ -116,21 +128,30 @@ stack() {
   run_fio "$label" "$loop" "$RUNTIME"
 }
 
-# The agent under test: a real backup-server on loopback and a one-disk topology.
+# start_agent MODE: the agent under test in MODE, with its own work dir ($T/agent-MODE: image,
+# NBD and control sockets) and a real backup-server on loopback (journal in $B/MODE).
 start_agent() {
-  local port
+  local mode=$1 port
+  A="$T/agent-$mode"
+  mkdir -p "$A" "$B/$mode"
   port=$(free_port)
-  "$rel/backup-server" certs --dir "$B" --server-name localhost --group bench \
+  "$rel/backup-server" certs --dir "$B/$mode" --server-name localhost --group bench \
     --listen "127.0.0.1:$port" >/dev/null
-  "$rel/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
+  "$rel/backup-server" serve --config "$B/$mode/backup-server.toml" </dev/null \
+    >"$T/backup-$mode.log" 2>&1 &
   backup_pid=$!
-  bench_topology "$T/bench.toml" "$T" "$B" "$port" async "$SIZE"
-  "$rel/pipecloud" agent --topology "$T/bench.toml" --host h --no-network \
-    </dev/null >"$T/agent.log" 2>&1 &
+  bench_topology "$A/bench.toml" "$A" "$B/$mode" "$port" "$mode" "$SIZE"
+  bench_agent_net_args "$mode"
+  "$rel/pipecloud" agent --topology "$A/bench.toml" --host h ${BENCH_NET_ARGS[@]+"${BENCH_NET_ARGS[@]}"} \
+    </dev/null >"$T/agent-$mode.log" 2>&1 &
   server_pid=$!
 }
 agent_mode() {
-  "$rel/pipecloud" ctl --socket "$T/ctl.sock" mode "$1" >/dev/null
+  "$rel/pipecloud" ctl --socket "$A/ctl.sock" mode "$1" >/dev/null
+}
+# For the reader only (a figure, not a check): a failed status leaves its error in the file.
+agent_status() {
+  "$rel/pipecloud" ctl --socket "$A/ctl.sock" status >"$T/agent-status-$1.txt" 2>&1 || true
 }
 
 # nbdkit file plugin on the same stack (first of two runs)
@@ -144,18 +165,22 @@ kit() {
 }
 kit nbdkit1
 
-# the agent: async, then pipelined and sync on the same export (switched at run time)
-start_agent
-stack agent-async "$T/nbd/disk0.sock"
-agent_mode pipelined
-echo "bench-nbd: agent switched to pipelined" >&2
-run_fio agent-pipelined "$loop" "$RUNTIME"
+# the agent: async, then sync on the same export (switched at run time), --no-network
+start_agent async
+stack agent-async "$A/nbd/disk0.sock"
 agent_mode sync
 echo "bench-nbd: agent switched to sync" >&2
 run_fio agent-sync "$loop" "$RUNTIME"
-# For the reader only (a figure, not a check): a failed status leaves its error in the file.
-"$rel/pipecloud" ctl --socket "$T/ctl.sock" status >"$T/agent-status.txt" 2>&1 || true
+agent_status async-sync
 teardown_stack
+stop_backup
+
+# the agent in pipelined mode, with its network path (a fresh image, as async had)
+start_agent pipelined
+stack agent-pipelined "$A/nbd/disk0.sock"
+agent_status pipelined
+teardown_stack
+stop_backup
 
 # our NBD server alone (no replication)
 "$serve_bin" --image "$T/ours.img" --size "$SIZE" --name disk0 --socket "$T/ours.sock" \

@@ -14,6 +14,9 @@
 #        KEEPLOG=FILE (keep the server's log there),
 #        FIO_ARGS="..." (more fio options, after the defaults: e.g. "--rw=write --sync=1 --iodepth=1"
 #        for O_DSYNC writes, each a write + FLUSH on this path)
+# Runs in a private network namespace of its own (`unshare --net`, loopback and a veth pair routing
+# the topology's machine address): MODE=pipelined runs the agent with its network path (it needs
+# one), async and sync with --no-network. The namespace and the agent's rules go when it ends.
 set -euo pipefail
 what=${1:-agent}
 case "$what" in agent|engine|nbdkit) ;; *) echo "usage: $0 [agent|engine|nbdkit]" >&2; exit 2;; esac
@@ -24,7 +27,7 @@ rel="${CARGO_TARGET_DIR:-$repo/target}/release"
 if [ -z "${CPW_IN_NS:-}" ]; then
   (cd "$repo" && cargo build --release --quiet --bin pipecloud --example nbd-serve -p pipecloud \
      && cargo build --release --quiet -p backup-server --bin backup-server)
-  exec unshare --mount --propagation private env CPW_IN_NS=1 bash "$0" "$@"
+  exec unshare --mount --net --propagation private env CPW_IN_NS=1 bash "$0" "$@"
 fi
 T=$(mktemp -d /tmp/pc-cpw.XXXXXX)
 B=$(mktemp -d "${BACKUP_DIR:-/dev/shm}/pc-cpw-backup.XXXXXX")
@@ -38,10 +41,12 @@ cleanup() {
   mountpoint -q "$T/fuse" && fusermount3 -u "$T/fuse"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
+  bench_net_down
   [ -z "${KEEPLOG:-}" ] || cp "$T/server.log" "$KEEPLOG"; rm -rf "$T" "$B"
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
+bench_net_up
 mkdir -p "$T/nbd" "$T/fuse"
 sock="$T/nbd/disk0.sock"
 case "$what" in
@@ -60,7 +65,8 @@ case "$what" in
     "$rel/backup-server" serve --config "$B/backup-server.toml" </dev/null >"$T/backup.log" 2>&1 &
     pids+=($!); backup=$!
     bench_topology "$T/t.toml" "$T" "$B" "$port" "${MODE:-async}" 1G
-    "$rel/pipecloud" agent --topology "$T/t.toml" --host h --no-network \
+    bench_agent_net_args "${MODE:-async}"
+    "$rel/pipecloud" agent --topology "$T/t.toml" --host h ${BENCH_NET_ARGS[@]+"${BENCH_NET_ARGS[@]}"} \
       ${WORKERS:+--worker-threads "$WORKERS"} </dev/null >"$T/server.log" 2>&1 &
     pids+=($!); server=$! ;;
 esac
@@ -98,9 +104,10 @@ if [ -n "${SYSCALLS:-}" ]; then
     perf_stat+=($!)
   done
 fi
+read -r -a fio_args <<<"${FIO_ARGS:-}" || true
 fio --name=w --rw=randwrite --direct=1 --ioengine=libaio --iodepth="${QD:-32}" --filename="$loop" \
   --bs=4k --size=256M --runtime="${RT:-8}" --time_based --randrepeat=0 --output-format=json \
-  --output="$T/fio.json" ${FIO_ARGS:-} >/dev/null
+  --output="$T/fio.json" ${fio_args[@]+"${fio_args[@]}"} >/dev/null
 snap >"$T/s1"
 head -1 /proc/stat >"$T/stat1"
 # perf stat exits non-zero when interrupted, as it is here: harmless (a figure, not a check).

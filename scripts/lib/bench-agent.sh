@@ -1,8 +1,48 @@
-# Shared by scripts/bench-nbd.sh and scripts/cpu-per-write.sh (sourced, not run).
+# shellcheck shell=bash
+# Shared by scripts/bench-ab.sh, scripts/bench-nbd.sh and scripts/cpu-per-write.sh (sourced, not run).
+
+# The protected machine's address in the benchmarks' topology, and the veth pair that routes it.
+BENCH_MACHINE_IP=10.10.0.10
+BENCH_VETH=pcbench0
 
 # A free TCP port on loopback.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# The benchmarks run in a private network namespace of their own (`unshare --net`, made when the
+# script re-executes itself): mode `pipelined` needs the agent's network path (the agent refuses
+# it with --no-network), and that path's rules and queues must live and die there, with the backup
+# server on the same namespace's loopback. bench_net_up brings loopback up and adds a veth pair
+# (both ends in the namespace) whose first end routes the machine's address, so the agent finds
+# the machine's interface; no packet flows on it. It refuses to touch a namespace that has any
+# link but loopback (a fresh one has only that), so it never adds the veth to the host's.
+bench_net_up() {
+  local links
+  links=$(ip -o link show | awk -F': ' '{print $2}' | tr '\n' ' ')
+  if [ "$links" != "lo " ]; then
+    echo "bench: not a fresh network namespace (links: $links): refusing to add $BENCH_VETH" >&2
+    return 1
+  fi
+  ip link set lo up
+  ip link add "$BENCH_VETH" type veth peer name "${BENCH_VETH}p"
+  ip addr add "${BENCH_MACHINE_IP%.*}.1/24" dev "$BENCH_VETH"
+  ip link set "$BENCH_VETH" up
+  ip link set "${BENCH_VETH}p" up
+}
+# bench_net_down: removes the veth pair (from the EXIT trap; the namespace itself goes with the
+# script's last process, and with it whatever rules the agent left there).
+bench_net_down() {
+  ip link del "$BENCH_VETH" 2>/dev/null || true
+}
+
+# bench_agent_net_args MODE: sets BENCH_NET_ARGS to the `pipecloud agent` arguments for MODE:
+# none for `pipelined` (it runs with its network path), `--no-network` otherwise (async and sync
+# run as a pure block client, as they always have here).
+# shellcheck disable=SC2034 # read by the scripts that source this file
+bench_agent_net_args() {
+  BENCH_NET_ARGS=(--no-network)
+  [ "$1" != pipelined ] || BENCH_NET_ARGS=()
 }
 
 # bench_topology FILE WORKDIR CERTDIR PORT MODE SIZE: the one-disk topology of the benchmarks
@@ -30,7 +70,7 @@ nbd_dir = "$work/nbd"
 ctl_socket = "$work/ctl.sock"
 [[machine]]
 name = "m"
-ip = "10.10.0.10"
+ip = "$BENCH_MACHINE_IP"
 host = "h"
 outbound = true
 writer = true
