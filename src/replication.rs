@@ -46,6 +46,7 @@
 
 mod mode;
 mod runtime;
+mod send_policy;
 mod session;
 mod state;
 mod tls;

@@ -28,9 +28,10 @@
 //! release held packets), then at most [`BURST`] datagrams from each of the
 //! hold, tag and local sockets, each burst's verdicts in one `sendmsg`.
 
+use super::metrics::M;
 use super::{
     decide_tag, decision, Action, Directory, HoldEngine, HoldOutcome, NetPathMetrics, PacketInfo,
-    TagEvent, TagPolicy, M,
+    TagEvent, TagPolicy,
 };
 use crate::causal::CausalState;
 use crate::ebpf::{KernelTagger, COUNTED_MARK};

@@ -25,6 +25,8 @@ use pipecloud_core::{CountVector, Seq, WriterId};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::mode::BackupLossPolicy;
+use super::send_policy::{self, SenderArm, Unsent};
+pub use super::send_policy::{Coalesce, SendDecision, SendRule};
 use super::{DiskStatus, ReplicationStatus, WriterStatus};
 use crate::causal::CausalState;
 
@@ -117,44 +119,6 @@ impl DiskSlot {
 /// queue depth 1) never waits; under load the backup's acks clock the batches.
 /// `delay` zero sends every write as soon as the sender runs.
 ///
-/// In `async` mode no completion waits for an ack, so the latency of a send does
-/// not matter, only its cost: writes then go in batches by age (`async_delay`,
-/// or `bytes`), whatever the acks do. That takes the per-write send (TLS record,
-/// loopback/NIC work, a wake-up of the backup) off the guest's path: same-run
-/// A/B through `nbdfuse -C 1` + loop, fio 4 KiB randwrite QD1, 1.07x `nbdkit
-/// file` with 1 ms batches vs 0.80x with the ack-clocked rule (docs/machine.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Coalesce {
-    /// Longest a write waits for earlier writes' acks before it is sent anyway.
-    pub delay: Duration,
-    /// Unsent bytes (write cost) that make the sender go at once.
-    pub bytes: u64,
-    /// In async mode: longest a write waits for a batch (zero: at once).
-    pub async_delay: Duration,
-}
-
-/// Which coalescing rule [`State::send_decision`] applies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendRule {
-    /// Nagle's rule with a deadline (`Coalesce::delay`): sync and pipelined.
-    AckClocked,
-    /// Batches by age (`Coalesce::async_delay`): async.
-    ByAge,
-    /// Whatever is unsent goes now: a guest FLUSH asked for it (any mode).
-    AtOnce,
-}
-
-/// What [`State::send_decision`] says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendDecision {
-    /// No unsent write.
-    Nothing,
-    /// Send the unsent writes now.
-    Now,
-    /// Wait for an ack, more writes, or this instant, whichever comes first.
-    At(Instant),
-}
-
 /// What a degrade check changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DegradeChange {
@@ -184,12 +148,9 @@ pub struct State {
     /// Nonce of the backup's latest heartbeat not yet answered (older ones are
     /// superseded: one answer proves liveness as well as several).
     heartbeat_to_answer: Option<u64>,
-    /// Set by [`send_decision`](Self::send_decision) when it answered
-    /// [`SendDecision::At`]: the sender sleeps until a deadline that covers every
-    /// newer write too, so a new write need not wake it unless it fills the byte
-    /// bound; the value is the room left before that bound. `None`: a new write
-    /// must wake the sender (it is idle, sending, or between sessions).
-    sender_armed: Option<u64>,
+    /// Armed by [`send_decision`](Self::send_decision), read by
+    /// [`wake_sender_for`](Self::wake_sender_for).
+    sender_armed: SenderArm,
 }
 
 impl State {
@@ -228,7 +189,7 @@ impl State {
             last_error: None,
             heartbeats: VecDeque::new(),
             heartbeat_to_answer: None,
-            sender_armed: None,
+            sender_armed: SenderArm::default(),
         }
     }
 
@@ -461,7 +422,7 @@ impl State {
         self.last_error = None;
         self.heartbeats.clear();
         self.heartbeat_to_answer = None;
-        self.sender_armed = None;
+        self.sender_armed.disarm();
         self.prune_and_publish(causal, now);
         let mut next = BTreeMap::new();
         for (w, wb) in self.writers.iter_mut() {
@@ -523,7 +484,7 @@ impl State {
     /// The session ended.
     pub fn disconnected(&mut self, reason: String) {
         self.connected = false;
-        self.sender_armed = None;
+        self.sender_armed.disarm();
         self.last_error = Some(reason);
     }
 
@@ -570,7 +531,7 @@ impl State {
 
     /// Whether the sender should write the unsent frames (from `next` on per
     /// writer) now, later, or has nothing to send: the coalescing rule of
-    /// [`Coalesce`] under `rule`. Pure: `now` is passed in. Remembers an
+    /// [`Coalesce`] under `rule` (`send_policy::decide`). Pure: `now` is passed in. Remembers an
     /// [`SendDecision::At`] answer for [`wake_sender_for`](Self::wake_sender_for).
     pub fn send_decision(
         &mut self,
@@ -579,11 +540,23 @@ impl State {
         rule: SendRule,
         now: Instant,
     ) -> SendDecision {
-        let (decision, bytes) = self.decide(next, coalesce, rule, now);
-        self.sender_armed = match decision {
-            SendDecision::At(_) => Some(coalesce.bytes.saturating_sub(bytes)),
-            SendDecision::Now | SendDecision::Nothing => None,
-        };
+        // Writes sent in this session and not yet acked (below `next`).
+        let outstanding = self.writers.iter().any(|(w, wb)| {
+            next.get(w)
+                .is_some_and(|&from| wb.unacked.range(..from).next().is_some())
+        });
+        // Writes not sent yet (from `next` on), writer by writer.
+        let unsent = self
+            .writers
+            .iter()
+            .filter_map(|(w, wb)| Some(wb.unacked.range(*next.get(w)?..)))
+            .flatten()
+            .map(|(_, e)| Unsent {
+                issued_at: e.issued_at,
+                cost: e.cost,
+            });
+        let (decision, bytes) = send_policy::decide(outstanding, unsent, coalesce, rule, now);
+        self.sender_armed.after_decision(decision, coalesce, bytes);
         decision
     }
 
@@ -592,57 +565,7 @@ impl State {
     /// deadline, an ack or a mode switch wakes it anyway) and the byte bound is
     /// not reached: under load this spares one wake-up of the sender per write.
     pub fn wake_sender_for(&mut self, cost: u64) -> bool {
-        match &mut self.sender_armed {
-            Some(room) if *room > cost => {
-                *room -= cost;
-                false
-            }
-            _ => {
-                self.sender_armed = None;
-                true
-            }
-        }
-    }
-
-    /// [`send_decision`](Self::send_decision)'s rule; also returns the unsent bytes counted.
-    fn decide(
-        &self,
-        next: &BTreeMap<WriterId, Seq>,
-        coalesce: Coalesce,
-        rule: SendRule,
-        now: Instant,
-    ) -> (SendDecision, u64) {
-        let mut outstanding = false;
-        let mut oldest: Option<Instant> = None;
-        let mut bytes = 0u64;
-        for (w, wb) in &self.writers {
-            let Some(&from) = next.get(w) else {
-                continue;
-            };
-            outstanding |= wb.unacked.range(..from).next().is_some();
-            for e in wb.unacked.range(from..).map(|(_, e)| e) {
-                oldest = Some(oldest.map_or(e.issued_at, |o| o.min(e.issued_at)));
-                bytes += e.cost;
-                if bytes >= coalesce.bytes {
-                    return (SendDecision::Now, bytes);
-                }
-            }
-        }
-        let Some(oldest) = oldest else {
-            return (SendDecision::Nothing, 0);
-        };
-        let (delay, ack_clocked) = match rule {
-            SendRule::AckClocked => (coalesce.delay, true),
-            SendRule::ByAge => (coalesce.async_delay, false),
-            SendRule::AtOnce => return (SendDecision::Now, bytes),
-        };
-        let due = oldest.checked_add(delay).unwrap_or(oldest);
-        let decision = if (ack_clocked && !outstanding) || due <= now {
-            SendDecision::Now
-        } else {
-            SendDecision::At(due)
-        };
-        (decision, bytes)
+        self.sender_armed.wake_for(cost)
     }
 
     /// Write frames not yet sent in this session, from `next` on per writer, up to
