@@ -17,11 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/agent_topology.rs"]
+mod agent_topology;
 #[path = "support/backup.rs"]
 mod backup;
 #[path = "support/blockstack.rs"]
 mod blockstack;
 
+use agent_topology::OneDisk;
 use backup::{Backup, Scratch, PATIENCE};
 use blockstack::{mount_test, qemu_io, random_bytes, require, require_mount, run};
 
@@ -77,41 +80,21 @@ impl Drop for AgentProc {
 }
 
 fn write_topology(path: &Path, work: &Path, backup: &Backup, mode: &str) {
-    let toml = format!(
-        r#"[group]
-name = "{GROUP}"
-id = 11
-mode = "{mode}"
-[backup]
-endpoint = "127.0.0.1:{port}"
-server_name = "localhost"
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[[host]]
-name = "h"
-nbd_dir = "{work}/nbd"
-ctl_socket = "{work}/ctl.sock"
-[[machine]]
-name = "m"
-ip = "10.10.0.10"
-host = "h"
-outbound = true
-writer = true
-[[disk]]
-name = "{DISK}"
-machine = "m"
-image = "{work}/local.img"
-size = "{size}"
-"#,
-        port = backup.port,
-        ca = backup.ca().display(),
-        cert = backup.agent_cert().display(),
-        key = backup.agent_key().display(),
-        work = work.display(),
-        size = SIZE,
-    );
-    std::fs::write(path, toml).expect("writing the topology");
+    OneDisk {
+        group: GROUP,
+        id: 11,
+        mode,
+        endpoint: format!("127.0.0.1:{}", backup.port),
+        ca: &backup.ca(),
+        cert: &backup.agent_cert(),
+        key: &backup.agent_key(),
+        work,
+        disk: DISK,
+        size: SIZE,
+        policy: "",
+        host: "",
+    }
+    .write(path);
 }
 
 /// The disk's row of `pipecloud ctl status [ARGS]`, as numbers where they are

@@ -14,9 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/agent_topology.rs"]
+mod agent_topology;
 #[path = "support/backup.rs"]
 mod backup;
 
+use agent_topology::OneDisk;
 use backup::{Backup, Scratch, PATIENCE};
 
 const GROUP: &str = "nonet";
@@ -30,39 +33,21 @@ fn write_topology(
     backup: (String, PathBuf, PathBuf, PathBuf),
 ) {
     let (endpoint, ca, cert, key) = backup;
-    let toml = format!(
-        r#"[group]
-name = "{GROUP}"
-id = 12
-mode = "{mode}"
-[backup]
-endpoint = "{endpoint}"
-server_name = "localhost"
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[[host]]
-name = "h"
-nbd_dir = "{work}/nbd"
-ctl_socket = "{work}/ctl.sock"
-[[machine]]
-name = "m"
-ip = "10.10.0.10"
-host = "h"
-outbound = true
-writer = true
-[[disk]]
-name = "disk0"
-machine = "m"
-image = "{work}/local.img"
-size = "1048576"
-"#,
-        ca = ca.display(),
-        cert = cert.display(),
-        key = key.display(),
-        work = work.display(),
-    );
-    std::fs::write(path, toml).expect("writing the topology");
+    OneDisk {
+        group: GROUP,
+        id: 12,
+        mode,
+        endpoint,
+        ca: &ca,
+        cert: &cert,
+        key: &key,
+        work,
+        disk: "disk0",
+        size: 1 << 20,
+        policy: "",
+        host: "",
+    }
+    .write(path);
 }
 
 fn pipecloud() -> Command {

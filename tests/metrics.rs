@@ -12,11 +12,14 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/agent_topology.rs"]
+mod agent_topology;
 #[path = "support/backup.rs"]
 mod backup;
 #[path = "support/metrics.rs"]
 mod metrics;
 
+use agent_topology::OneDisk;
 use backup::{Backup, Scratch, PATIENCE};
 use metrics::{free_port, parse_exposition, scrape, value, Nbd};
 
@@ -35,43 +38,21 @@ impl Drop for AgentProc {
 }
 
 fn topology(work: &Path, backup: &Backup, metrics: &str) -> String {
-    format!(
-        r#"[group]
-name = "{GROUP}"
-id = 12
-mode = "sync"
-[backup]
-endpoint = "127.0.0.1:{port}"
-server_name = "localhost"
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[policy]
-heartbeat_interval_ms = 200
-heartbeat_timeout_ms = 2000
-[[host]]
-name = "h"
-nbd_dir = "{work}/nbd"
-ctl_socket = "{work}/ctl.sock"
-metrics_listen = "{metrics}"
-[[machine]]
-name = "m"
-ip = "10.10.0.10"
-host = "h"
-outbound = true
-writer = true
-[[disk]]
-name = "{DISK}"
-machine = "m"
-image = "{work}/local.img"
-size = "{SIZE}"
-"#,
-        port = backup.port,
-        ca = backup.ca().display(),
-        cert = backup.agent_cert().display(),
-        key = backup.agent_key().display(),
-        work = work.display(),
-    )
+    OneDisk {
+        group: GROUP,
+        id: 12,
+        mode: "sync",
+        endpoint: format!("127.0.0.1:{}", backup.port),
+        ca: &backup.ca(),
+        cert: &backup.agent_cert(),
+        key: &backup.agent_key(),
+        work,
+        disk: DISK,
+        size: SIZE,
+        policy: "heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 2000",
+        host: &format!("metrics_listen = \"{metrics}\""),
+    }
+    .toml()
 }
 
 /// Scrapes `addr` until it answers, then parses strictly.
