@@ -138,9 +138,9 @@
 //! never correctness. A real NIC doing TSO from that stale offset would build
 //! broken segments too, so this holds beyond the emulation.
 //!
-//! Measured cost of the tag queue (`examples/netpath_bench.rs`, 2 vCPUs):
-//! 0.75-1.35 Gb/s for one cross-host TCP stream at MTU 1500, 2.0-3.8 Gb/s with
-//! 9000-byte frames. Two shortcuts fail (session-4 reading of the kernel code):
+//! So the tag queue is slow for bulk streams between hosts (measured with
+//! `examples/netpath_bench.rs`; current figures in `docs/results.md`, "Network
+//! path"). Two shortcuts fail (session-4 reading of the kernel code):
 //! - a same-length rewrite of a GSO packet (option room inserted elsewhere,
 //!   vector filled here) still breaks: `nfqnl_mangle` sets `CHECKSUM_NONE`, and
 //!   a GSO skb delivered without segmentation to the receiver's stack then
@@ -153,9 +153,9 @@
 //! program at the ingress of the interfaces leading to the group's machines,
 //! resizing with `bpf_skb_adjust_room(BPF_ADJ_ROOM_NET)`, which keeps the
 //! transport-header offset right and lowers `gso_size`. Super-packets cross
-//! whole: 12.0-12.9 Gb/s for one cross-host stream (no-queue baseline in the
-//! same runs 12.0-16.3 Gb/s), and about 0 us added per traversal (p50). The
-//! tag queue stays as its fallback for what the program does not handle.
+//! whole, at about the no-queue throughput and with no measurable latency added
+//! per traversal (`docs/results.md`, "Network path"). The tag queue stays as
+//! its fallback for what the program does not handle.
 //!
 //! # Kernel dependency
 //!

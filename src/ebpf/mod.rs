@@ -4,7 +4,7 @@
 //!
 //! The NFQUEUE tag queue copies every packet to the agent and back, cannot
 //! take GSO super-packets (a resized GSO skb keeps a stale transport offset)
-//! and so tops out near 1 Gb/s per stream. `bpf_skb_adjust_room` resizes the
+//! and so is slow for bulk streams. `bpf_skb_adjust_room` resizes the
 //! network header in place, keeps the transport header and the checksum
 //! offload state right and lowers the GSO segment size, so super-packets
 //! pass whole and nothing leaves the kernel on the fast path.

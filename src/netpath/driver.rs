@@ -6,19 +6,19 @@
 //!
 //! On this kind of (virtual) machine, what a bare NFQUEUE round trip costs is
 //! mostly the wake-up of the sleeping reader, not the work: an accept-all loop
-//! on tokio or on a thread blocked in `poll(2)` adds 13-15 us per queue
-//! traversal, the same loop that keeps polling for a moment after each packet
-//! adds about 5 us (`examples/netpath_bench.rs`, docs/machine.md). So the
+//! on tokio or on a thread blocked in `poll(2)` adds about three times the
+//! latency per queue traversal of the same loop kept polling for a moment after
+//! each packet (`examples/netpath_bench.rs`; `docs/machine.md`, "Wake-ups are
+//! the cost"). So the
 //! thread, after handling anything, keeps polling its sockets (non-blocking
 //! `recv`) for [`NetPathConfig::busy_poll`] before it sleeps in `poll(2)` on
 //! the three sockets and a [`Wake`]. Busy polling only costs CPU while traffic
 //! flows: an idle group sleeps. `busy_poll = 0` never spins, and is the default:
-//! under load the spinning takes CPU from the guests. Measured on 2 cores,
-//! pgbench TPC-B at 64 clients over a 50 ms WAN (`pipecloud-harness figures
-//! --parts a --variants async,pipelined --workloads tpcb --clients 64`, median
-//! of 3 per run): with 50 µs busy polling pipelined reached 277-384 tps (0.55-0.61
-//! of async, 4 runs), without 386-422 tps (0.61-0.81 of async, 4 runs). Hosts
-//! with cores to spare and latency-sensitive traffic set `busy_poll_us = 50`.
+//! under load the spinning takes CPU from the guests: on 2 cores, pipelined
+//! TPC-B at 64 clients was lower with 50 µs busy polling than without
+//! (`pipecloud-harness figures --parts a --variants async,pipelined --workloads
+//! tpcb --clients 64`; README, tuning). Hosts with cores to spare and
+//! latency-sensitive traffic set `busy_poll_us = 50`.
 //!
 //! Wake-ups while asleep: a packet on any socket, a raise of the committed
 //! vector ([`CausalState::wake_on_commit`]), a bypass change

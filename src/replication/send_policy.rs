@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 /// In `async` mode no completion waits for an ack, so the latency of a send does
 /// not matter, only its cost: writes then go in batches by age (`async_delay`,
 /// or `bytes`), whatever the acks do. That takes the per-write send (TLS record,
-/// loopback/NIC work, a wake-up of the backup) off the guest's path: same-run
-/// A/B through `nbdfuse -C 1` + loop, fio 4 KiB randwrite QD1, 1.07x `nbdkit
-/// file` with 1 ms batches vs 0.80x with the ack-clocked rule (docs/machine.md).
+/// loopback/NIC work, a wake-up of the backup) off the guest's path, which
+/// measured clearly better at queue depth 1 than the ack-clocked rule in a
+/// same-run A/B against `nbdkit file` (`docs/machine.md`, "Block path, sessions 7–8").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Coalesce {
     /// Longest a write waits for earlier writes' acks before it is sent anyway.
