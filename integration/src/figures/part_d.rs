@@ -40,6 +40,15 @@ pub(super) fn part_d(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
             "figures: (d) {m:<10}: issued {} last500 PV {} SV {} CV {} unsafe {} failover {} ms",
             r.issued, r.window_pv, r.window_sv, r.window_cv, r.unsafe_replies, r.failover_ms
         );
+        // The figure shows the guarantee: a point that broke it, or proves
+        // nothing (the client saw no reply), fails the run with its reasons.
+        let why = r.failures(&disaster::Check {
+            mode: m,
+            pitr: false,
+        });
+        if !why.is_empty() {
+            anyhow::bail!("figure (d), mode {m}: {}", why.join("; "));
+        }
         fig.d.push(DPoint::of(m, &r));
         if !keep_work() {
             let _ = std::fs::remove_dir_all(&dir);
