@@ -25,7 +25,7 @@ use crate::nbd::NbdServer;
 use crate::netfilter::{NetTopology, RuleConfig, RuleManager, DEFAULT_MTU};
 use crate::netpath::{NetPath, NetPathConfig};
 use crate::replication::{
-    fresh_generation, BackupLossPolicy, DiskSpec, ModeSwitch, ReplicationClient, ReplicationConfig,
+    fresh_generation, DiskSpec, ModeSwitch, ReplicationClient, ReplicationConfig,
     ReplicationRuntime, TlsFiles,
 };
 use anyhow::{anyhow, bail, Context, Result};
@@ -164,12 +164,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             bytes: crate::replication::DEFAULT_COALESCE.bytes,
             async_delay: std::time::Duration::from_micros(topo.policy.replication_async_batch_us),
         },
-        backup_loss: match topo.policy.on_backup_loss {
-            topology::BackupLossPolicy::Stall => BackupLossPolicy::Stall,
-            topology::BackupLossPolicy::DegradeToAsync { after } => {
-                BackupLossPolicy::DegradeToAsync { after }
-            }
-        },
+        backup_loss: topo.policy.on_backup_loss,
         mode: mode.clone(),
         heartbeat_interval: Duration::from_millis(topo.policy.heartbeat_interval_ms),
         heartbeat_timeout: Duration::from_millis(topo.policy.heartbeat_timeout_ms),
