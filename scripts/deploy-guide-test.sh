@@ -149,7 +149,7 @@ names() { bash -c "source '$BLOCKS/$NAMES'; echo \$$1"; }
 MACHINE_IP=$(names MACHINE_IP)
 MACHINE_IP6=$(names MACHINE_IP6)
 nsenter --net="/run/netns/$CONTAINER" -- setpriv --reuid=postgres --regid=postgres --init-groups -- \
-  "$PGBIN/postgres" -D "$MNT/pgdata" -c listen_addresses="$MACHINE_IP,$MACHINE_IP6" -c unix_socket_directories="$PGSOCK" \
+  "$PGBIN/postgres" -D "$MNT/pgdata" -c listen_addresses="$MACHINE_IP,$MACHINE_IP6" -c unix_socket_directories="$PGSOCK" -c dynamic_shared_memory_type=mmap \
   -c fsync=on -c synchronous_commit=on >"$WORK/postgres.log" 2>&1 </dev/null &
 DAEMONS+=($!)
 disown $!
@@ -216,7 +216,7 @@ RLOOP=$(losetup -f --show "$IMG")
 mount -t ext4 "$RLOOP" "$WORK/recovered"
 rm -f "$WORK/recovered/pgdata/postmaster.pid"
 setpriv --reuid=postgres --regid=postgres --init-groups -- "$PGBIN/postgres" -D "$WORK/recovered/pgdata" \
-  -c listen_addresses= -c unix_socket_directories="$PGSOCK" -c port=5499 >"$WORK/recovery.log" 2>&1 </dev/null &
+  -c listen_addresses= -c unix_socket_directories="$PGSOCK" -c port=5499 -c dynamic_shared_memory_type=mmap >"$WORK/recovery.log" 2>&1 </dev/null &
 DAEMONS+=($!)
 disown $!
 ok=
