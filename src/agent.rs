@@ -61,15 +61,20 @@ pub const PIPELINED_NEEDS_NETWORK: &str = "mode `pipelined` needs the network pa
      Use mode `sync` for a pure block client (a write completes once the backup holds it), \
      or `async` if losing the last acknowledged writes in a disaster is acceptable";
 
+/// Whether `mode`'s guarantee rests on the network path holding output
+/// (`pipelined`, `checkpoint`): the one home of that rule, used at start and by
+/// `ctl mode` ([`PIPELINED_NEEDS_NETWORK`] says why).
+pub fn needs_network_path(mode: topology::Mode) -> bool {
+    matches!(mode, topology::Mode::Pipelined | topology::Mode::Checkpoint)
+}
+
 /// Refuses a mode whose guarantee needs the network path when the agent runs
 /// without one (`--no-network`).
 pub fn check_mode_without_network(mode: topology::Mode, no_network: bool) -> Result<()> {
-    match mode {
-        topology::Mode::Pipelined | topology::Mode::Checkpoint if no_network => {
-            bail!("cannot start in mode `{mode}`: {PIPELINED_NEEDS_NETWORK}")
-        }
-        _ => Ok(()),
+    if no_network && needs_network_path(mode) {
+        bail!("cannot start in mode `{mode}`: {PIPELINED_NEEDS_NETWORK}");
     }
+    Ok(())
 }
 
 /// The mode the agent runs for `m`: the one gate where a mode enters the agent

@@ -155,7 +155,7 @@ impl Control {
                 }
             },
         };
-        if mode == Mode::Pipelined && g.net.is_none() {
+        if crate::agent::needs_network_path(mode) && g.net.is_none() {
             return Err(crate::agent::PIPELINED_NEEDS_NETWORK.into());
         }
         let old = g.mode.set(mode);

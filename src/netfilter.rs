@@ -371,6 +371,20 @@ pub fn route_device(ip: Ipv4Addr) -> std::io::Result<String> {
     )))
 }
 
+/// The index of interface `name` (this thread's namespace).
+pub fn interface_index(name: &str) -> std::io::Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("interface {name}: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    Ok(ifindex)
+}
+
 /// The interface of every machine of `topo` on `host`, as routed in `netns`.
 /// A local machine without a route is an error: its packets could not be
 /// attributed, and the agent must not start without holding them.
@@ -386,12 +400,7 @@ pub fn resolve_links(
         }
         let resolved = crate::nfq::in_netns(netns, || {
             let iface = route_device(m.ip)?;
-            let c = std::ffi::CString::new(iface.clone()).map_err(std::io::Error::other)?;
-            // SAFETY: `c` is a valid NUL-terminated string.
-            let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            if ifindex == 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let ifindex = interface_index(&iface)?;
             Ok(MachineLink {
                 machine,
                 iface,

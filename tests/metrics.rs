@@ -18,10 +18,14 @@ mod agent_topology;
 mod backup;
 #[path = "support/metrics.rs"]
 mod metrics;
+#[path = "support/nbd_raw.rs"]
+mod nbd_raw;
 
 use agent_topology::OneDisk;
 use backup::{Backup, Scratch, PATIENCE};
-use metrics::{free_port, parse_exposition, scrape, value, Nbd};
+use metrics::{free_port, parse_exposition, scrape, value};
+use nbd_raw::Raw;
+use pipecloud::nbd::proto::{CMD_FLUSH, CMD_WRITE};
 
 const GROUP: &str = "obs";
 const DISK: &str = "disk0";
@@ -151,15 +155,14 @@ fn both_daemons_serve_metrics_that_move_with_writes() {
 
     // Writes through the agent's NBD export; sync: each reply waits for the ack.
     let sock = work.join("nbd").join(format!("{DISK}.sock"));
-    let mut nbd = Nbd::connect(&sock, DISK)
-        .unwrap_or_else(|e| panic!("NBD connect {}: {e}; log:\n{}", sock.display(), agent_log()));
-    assert_eq!(nbd.size, SIZE);
+    let (mut nbd, size) = Raw::go(&sock, DISK);
+    assert_eq!(size, SIZE);
     const WRITES: u64 = 20;
     for i in 0..WRITES {
-        nbd.write(i * 8192, &vec![i as u8 + 1; 4096])
-            .expect("NBD write");
+        let err = nbd.call(CMD_WRITE, 0, i, i * 8192, 4096, &vec![i as u8 + 1; 4096]);
+        assert_eq!(err, 0, "NBD write {i}; log:\n{}", agent_log());
     }
-    nbd.flush().expect("NBD flush");
+    assert_eq!(nbd.call(CMD_FLUSH, 0, WRITES, 0, 0, &[]), 0, "NBD flush");
 
     let a1 = scrape_parsed(&agent_metrics, agent_log);
     let b1 = scrape_parsed(&backup_metrics, backup_log);

@@ -10,9 +10,8 @@
 //! umount -> losetup -d (wait for backing_file to vanish) -> fusermount3 -u -> server stop,
 //! with a Drop guard that detaches any loop device left on our files.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,7 +19,10 @@ use std::time::Duration;
 
 #[path = "support/blockstack.rs"]
 mod blockstack;
+#[path = "support/nbd_raw.rs"]
+mod nbd_raw;
 use blockstack::{mount_test, qemu_io, random_bytes, require, require_mount, run};
+use nbd_raw::Raw;
 
 use pipecloud::image::LocalImage;
 use pipecloud::nbd::proto::*;
@@ -95,129 +97,6 @@ impl Drop for Served {
             let _ = self.rt.block_on(async {
                 tokio::time::timeout(Duration::from_secs(30), h.shutdown()).await
             });
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Raw protocol client (blocking)
-// ---------------------------------------------------------------------------
-
-struct Raw {
-    s: UnixStream,
-}
-
-impl Raw {
-    fn connect(sock: &Path) -> Raw {
-        let mut s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut g = [0u8; GREETING_LEN];
-        s.read_exact(&mut g).unwrap();
-        assert_eq!(g, encode_greeting());
-        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-            .unwrap();
-        Raw { s }
-    }
-
-    /// Connect + NBD_OPT_GO "disk0"; returns the export size.
-    fn go(sock: &Path) -> (Raw, u64) {
-        let mut r = Raw::connect(sock);
-        let name = b"disk0";
-        let mut b = IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&OPT_GO.to_be_bytes());
-        b.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        b.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        b.extend_from_slice(name);
-        b.extend_from_slice(&0u16.to_be_bytes());
-        r.s.write_all(&b).unwrap();
-        let mut size = None;
-        loop {
-            let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
-            r.s.read_exact(&mut h).unwrap();
-            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-            let mut d = vec![0; len];
-            r.s.read_exact(&mut d).unwrap();
-            match ty {
-                REP_INFO if d[0..2] == INFO_EXPORT.to_be_bytes() => {
-                    size = Some(u64::from_be_bytes(d[2..10].try_into().unwrap()))
-                }
-                REP_INFO => {}
-                REP_ACK => return (r, size.unwrap()),
-                other => panic!("GO failed with reply type {other:#x}"),
-            }
-        }
-    }
-
-    fn send(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        handle: u64,
-        offset: u64,
-        length: u32,
-        payload: &[u8],
-    ) {
-        let h = RequestHeader {
-            flags,
-            kind,
-            handle,
-            offset,
-            length,
-        };
-        let mut b = encode_request_header(&h).to_vec();
-        b.extend_from_slice(payload);
-        self.s.write_all(&b).unwrap();
-    }
-
-    /// (error, handle) of the next simple reply.
-    fn reply(&mut self) -> (u32, u64) {
-        let mut r = [0u8; SIMPLE_REPLY_LEN];
-        self.s.read_exact(&mut r).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(r[0..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        (
-            u32::from_be_bytes(r[4..8].try_into().unwrap()),
-            u64::from_be_bytes(r[8..16].try_into().unwrap()),
-        )
-    }
-
-    fn call(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        handle: u64,
-        offset: u64,
-        length: u32,
-        payload: &[u8],
-    ) -> u32 {
-        self.send(kind, flags, handle, offset, length, payload);
-        let (err, h) = self.reply();
-        assert_eq!(h, handle);
-        err
-    }
-
-    fn read(&mut self, handle: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        self.send(CMD_READ, 0, handle, offset, len, &[]);
-        let (err, h) = self.reply();
-        assert_eq!(h, handle);
-        if err != 0 {
-            return Err(err);
-        }
-        let mut d = vec![0; len as usize];
-        self.s.read_exact(&mut d).unwrap();
-        Ok(d)
-    }
-
-    /// True if the server closed the connection (EOF) rather than leaving it open.
-    fn closed_by_server(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        match self.s.read(&mut b) {
-            Ok(0) => true,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-            Ok(_) => false,
         }
     }
 }
@@ -363,11 +242,11 @@ fn nbdfuse_loop_ext4_mount() {
 fn malformed_requests_do_not_hurt_the_server() {
     let srv = Served::start("bad", 1 << 20);
     // A well-behaved connection stays open throughout.
-    let (mut good, size) = Raw::go(&srv.sock);
+    let (mut good, size) = Raw::go(&srv.sock, "disk0");
     assert_eq!(size, 1 << 20);
     assert_eq!(good.call(CMD_WRITE, 0, 1, 0, 4, &[1, 2, 3, 4]), 0);
 
-    let (mut c, _) = Raw::go(&srv.sock);
+    let (mut c, _) = Raw::go(&srv.sock, "disk0");
     assert_eq!(c.read(1, 1 << 20, 512), Err(EINVAL), "read past the end");
     assert_eq!(
         c.read(2, u64::MAX - 10, 512),
@@ -397,7 +276,7 @@ fn malformed_requests_do_not_hurt_the_server() {
     assert!(c.closed_by_server());
 
     // bad request magic: closed
-    let (mut c, _) = Raw::go(&srv.sock);
+    let (mut c, _) = Raw::go(&srv.sock, "disk0");
     c.s.write_all(&[0x55; REQUEST_HEADER_LEN]).unwrap();
     assert!(c.closed_by_server());
 
@@ -407,13 +286,13 @@ fn malformed_requests_do_not_hurt_the_server() {
     assert!(c.closed_by_server());
 
     // a client vanishing mid-request
-    let (mut c, _) = Raw::go(&srv.sock);
+    let (mut c, _) = Raw::go(&srv.sock, "disk0");
     c.send(CMD_WRITE, 0, 12, 0, 4096, &[7; 100]);
     drop(c);
 
     // the good connection and new connections still work; nothing was corrupted
     assert_eq!(good.read(2, 0, 4).unwrap(), vec![1, 2, 3, 4]);
-    let (mut fresh, _) = Raw::go(&srv.sock);
+    let (mut fresh, _) = Raw::go(&srv.sock, "disk0");
     assert_eq!(fresh.read(1, 0, 4).unwrap(), vec![1, 2, 3, 4]);
     // A real client still negotiates and sees the export's size.
     require("nbdinfo");
@@ -435,8 +314,8 @@ fn malformed_requests_do_not_hurt_the_server() {
 #[test]
 fn flush_on_one_connection_covers_writes_of_another() {
     let srv = Served::start("multiconn", 4 << 20);
-    let (mut a, _) = Raw::go(&srv.sock);
-    let (mut b, _) = Raw::go(&srv.sock);
+    let (mut a, _) = Raw::go(&srv.sock, "disk0");
+    let (mut b, _) = Raw::go(&srv.sock, "disk0");
     // Pipelined writes on A: all sent, then all replies collected.
     let chunks: Vec<Vec<u8>> = (0..32u64).map(|i| random_bytes(65536, i + 1)).collect();
     for (i, d) in chunks.iter().enumerate() {

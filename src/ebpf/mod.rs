@@ -235,15 +235,7 @@ impl KernelTagger {
     /// Attaches the program at the TCX ingress of interface `name` (in the
     /// calling thread's network namespace).
     pub fn attach(&self, name: &str) -> io::Result<()> {
-        let c = std::ffi::CString::new(name).map_err(io::Error::other)?;
-        // SAFETY: `c` is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("interface {name}: {}", io::Error::last_os_error()),
-            ));
-        }
+        let ifindex = crate::netfilter::interface_index(name)?;
         let link = sys::tcx_attach(&self.prog, ifindex, sys::TCX_INGRESS).map_err(|e| {
             io::Error::new(e.kind(), format!("attaching the tagger to {name}: {e}"))
         })?;

@@ -1,16 +1,13 @@
 //! Test helpers for the `/metrics` endpoints: a scrape over plain HTTP, a strict
 //! reader of the Prometheus text format 0.0.4 (so a test fails on output a
-//! Prometheus server would reject), and a minimal NBD client (fixed newstyle,
-//! `NBD_OPT_EXPORT_NAME`, simple replies) to write through a live agent without
-//! external tools.
+//! Prometheus server would reject). Writes through a live agent use the raw NBD
+//! client of `nbd_raw.rs`.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 
 /// A free TCP port on loopback (probed; the caller binds it soon after).
 pub fn free_port() -> u16 {
@@ -177,71 +174,4 @@ pub fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
     *samples
         .get(key)
         .unwrap_or_else(|| panic!("no sample {key}; have:\n{samples:#?}"))
-}
-
-/// A minimal NBD client over a Unix socket: one export, writes and flushes.
-pub struct Nbd {
-    sock: UnixStream,
-    handle: u64,
-    pub size: u64,
-}
-
-impl Nbd {
-    /// Fixed newstyle handshake and `NBD_OPT_EXPORT_NAME` of `export`.
-    pub fn connect(path: &Path, export: &str) -> std::io::Result<Nbd> {
-        let mut sock = UnixStream::connect(path)?;
-        let mut hello = [0u8; 18];
-        sock.read_exact(&mut hello)?;
-        assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT", "NBD server greeting");
-        let no_zeroes = u16::from_be_bytes([hello[16], hello[17]]) & 2 != 0;
-        let client_flags: u32 = 1 | if no_zeroes { 2 } else { 0 };
-        sock.write_all(&client_flags.to_be_bytes())?;
-        let mut opt = Vec::new();
-        opt.extend_from_slice(b"IHAVEOPT");
-        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        sock.write_all(&opt)?;
-        let mut info = vec![0u8; if no_zeroes { 10 } else { 134 }];
-        sock.read_exact(&mut info)?;
-        let size = u64::from_be_bytes(info[..8].try_into().expect("8 bytes"));
-        Ok(Nbd {
-            sock,
-            handle: 0,
-            size,
-        })
-    }
-
-    fn request(&mut self, kind: u16, offset: u64, data: &[u8], len: u32) -> std::io::Result<()> {
-        self.handle += 1;
-        let mut r = Vec::with_capacity(28 + data.len());
-        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&kind.to_be_bytes());
-        r.extend_from_slice(&self.handle.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
-        r.extend_from_slice(data);
-        self.sock.write_all(&r)?;
-        let mut reply = [0u8; 16];
-        self.sock.read_exact(&mut reply)?;
-        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "simple reply");
-        let error = u32::from_be_bytes(reply[4..8].try_into().expect("4 bytes"));
-        assert_eq!(error, 0, "NBD error {error}");
-        assert_eq!(
-            u64::from_be_bytes(reply[8..].try_into().expect("8 bytes")),
-            self.handle
-        );
-        Ok(())
-    }
-
-    /// `NBD_CMD_WRITE` (waits for the reply).
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.request(1, offset, data, data.len() as u32)
-    }
-
-    /// `NBD_CMD_FLUSH` (waits for the reply).
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        self.request(3, 0, &[], 0)
-    }
 }
