@@ -26,15 +26,16 @@
 
 use crate::vector::{CountVector, EPOCH_ENTRY, MAX_WRITERS};
 use crate::wire::{
-    Ack, Checkpoint, Frame, Hello, WriteKind, FRAME_HEADER_LEN, MAX_DISKS_PER_HELLO,
-    MAX_FRAME_BODY, MAX_NAME_LEN, MAX_WRITE_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Ack, Checkpoint, Frame, Hello, WriteKind, FRAME_HEADER_LEN, MAX_DEVICE_STATE,
+    MAX_DISKS_PER_HELLO, MAX_FRAME_BODY, MAX_GUEST_RAM, MAX_NAME_LEN, MAX_WRITE_PAYLOAD,
+    MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
 /// Largest `len` of a `Zeroes` or `Trim` write (1 TiB): larger requests are split by the agent.
 pub const MAX_RANGE_LEN: u64 = 1 << 40;
 /// Longest human-readable reason of a `Reject` frame, in bytes.
 pub const MAX_REASON_LEN: usize = 4096;
-/// Largest chunk of checkpoint state carried by one `Checkpoint::State` frame.
+/// Largest chunk of checkpoint state carried by one `Checkpoint::Pages` or `Checkpoint::Device` frame.
 pub const MAX_CHECKPOINT_CHUNK: usize = MAX_WRITE_PAYLOAD;
 /// Most bytes a [`FrameReader`] ever buffers: one maximal frame with its header.
 pub const MAX_BUFFERED: usize = FRAME_HEADER_LEN + MAX_FRAME_BODY;
@@ -169,18 +170,100 @@ fn validate_ack(a: &Ack) -> Result<(), CodecError> {
 }
 
 fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
+    let epoch_ok = |epoch: u64, what: &str| {
+        if epoch == 0 {
+            Err(invalid(format!(
+                "checkpoint {what}: epoch 0 (epochs start at 1)"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let chunk_ok = |len: usize, what: &str| {
+        if len > MAX_CHECKPOINT_CHUNK {
+            Err(invalid(format!(
+                "checkpoint {what} chunk of {len} bytes (max {MAX_CHECKPOINT_CHUNK})"
+            )))
+        } else {
+            Ok(())
+        }
+    };
     match c {
-        Checkpoint::Begin { machine, .. } => validate_name(machine),
-        Checkpoint::State { offset, data, .. } => {
-            if data.len() > MAX_CHECKPOINT_CHUNK {
+        Checkpoint::Begin {
+            machine,
+            epoch,
+            ram_bytes,
+        } => {
+            validate_name(machine)?;
+            epoch_ok(*epoch, "begin")?;
+            if *ram_bytes == 0 || *ram_bytes % PAGE_SIZE != 0 || *ram_bytes > MAX_GUEST_RAM {
                 return Err(invalid(format!(
-                    "checkpoint chunk of {} bytes (max {MAX_CHECKPOINT_CHUNK})",
-                    data.len()
+                    "checkpoint begin of {machine}: RAM size {ram_bytes} is not a positive \
+                     multiple of {PAGE_SIZE} up to {MAX_GUEST_RAM}"
                 )));
             }
-            validate_range(*offset, data.len() as u64, "checkpoint chunk")
+            Ok(())
         }
-        Checkpoint::Commit { .. } | Checkpoint::Ack { .. } => Ok(()),
+        Checkpoint::Pages {
+            epoch,
+            offset,
+            data,
+            ..
+        } => {
+            epoch_ok(*epoch, "pages")?;
+            chunk_ok(data.len(), "pages")?;
+            let len = data.len() as u64;
+            if *offset % PAGE_SIZE != 0 || len == 0 || len % PAGE_SIZE != 0 {
+                return Err(invalid(format!(
+                    "checkpoint pages at {offset}, {len} bytes: not whole {PAGE_SIZE}-byte pages"
+                )));
+            }
+            validate_range(*offset, len, "checkpoint pages")?;
+            if offset + len > MAX_GUEST_RAM {
+                return Err(invalid(format!(
+                    "checkpoint pages end at {} beyond {MAX_GUEST_RAM}",
+                    offset + len
+                )));
+            }
+            Ok(())
+        }
+        Checkpoint::Device {
+            epoch,
+            offset,
+            data,
+        } => {
+            epoch_ok(*epoch, "device")?;
+            chunk_ok(data.len(), "device")?;
+            validate_range(*offset, data.len() as u64, "checkpoint device chunk")?;
+            if offset + data.len() as u64 > MAX_DEVICE_STATE {
+                return Err(invalid(format!(
+                    "checkpoint device state beyond {MAX_DEVICE_STATE} bytes"
+                )));
+            }
+            Ok(())
+        }
+        Checkpoint::End {
+            epoch,
+            pages,
+            device_bytes,
+        } => {
+            epoch_ok(*epoch, "end")?;
+            if *pages > MAX_GUEST_RAM / PAGE_SIZE || *device_bytes > MAX_DEVICE_STATE {
+                return Err(invalid(format!(
+                    "checkpoint end: {pages} pages / {device_bytes} device bytes out of range"
+                )));
+            }
+            Ok(())
+        }
+        Checkpoint::Commit { epoch, barrier } => {
+            epoch_ok(*epoch, "commit")?;
+            validate_vector(barrier, "checkpoint barrier")?;
+            if barrier.get(EPOCH_ENTRY) != 0 {
+                return Err(invalid("checkpoint barrier: epoch entry must be 0"));
+            }
+            Ok(())
+        }
+        Checkpoint::Ack { epoch } => epoch_ok(*epoch, "ack"),
     }
 }
 
@@ -195,7 +278,9 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
 /// [`MAX_DISKS_PER_HELLO`] disks with distinct names; a welcome names a version
 /// this build speaks ([`CodecError::UnsupportedVersion`] otherwise) and each
 /// writer at most once; a reject reason is at most [`MAX_REASON_LEN`] bytes;
-/// checkpoint chunks are at most [`MAX_CHECKPOINT_CHUNK`] bytes.
+/// checkpoint frames have epochs ≥ 1, chunks of at most [`MAX_CHECKPOINT_CHUNK`]
+/// bytes, RAM pages whole and page aligned below [`MAX_GUEST_RAM`], device state
+/// below [`MAX_DEVICE_STATE`] and a barrier without an epoch entry.
 pub fn validate_frame(frame: &Frame) -> Result<(), CodecError> {
     match frame {
         Frame::Hello(h) => validate_hello(h),
@@ -648,21 +733,52 @@ mod tests {
     }
 
     fn checkpoint() -> impl Strategy<Value = Checkpoint> {
+        let page = PAGE_SIZE as usize;
         prop_oneof![
-            (name(), any::<u64>())
-                .prop_map(|(machine, epoch)| Checkpoint::Begin { machine, epoch }),
+            (name(), 1..u64::MAX, 1..=MAX_GUEST_RAM / PAGE_SIZE).prop_map(
+                |(machine, epoch, pages)| Checkpoint::Begin {
+                    machine,
+                    epoch,
+                    ram_bytes: pages * PAGE_SIZE
+                }
+            ),
             (
-                any::<u64>(),
-                0..u64::MAX / 2,
+                1..u64::MAX,
+                0..MAX_GUEST_RAM / PAGE_SIZE - 2,
+                1..3usize,
+                any::<u8>()
+            )
+                .prop_map(move |(epoch, page_no, n, b)| Checkpoint::Pages {
+                    epoch,
+                    offset: page_no * PAGE_SIZE,
+                    encoding: crate::wire::PageEncoding::Raw,
+                    data: vec![b; n * page]
+                }),
+            (
+                1..u64::MAX,
+                0..MAX_DEVICE_STATE / 2,
                 proptest::collection::vec(any::<u8>(), 0..512)
             )
-                .prop_map(|(epoch, offset, data)| Checkpoint::State {
+                .prop_map(|(epoch, offset, data)| Checkpoint::Device {
                     epoch,
                     offset,
                     data
                 }),
-            any::<u64>().prop_map(|epoch| Checkpoint::Commit { epoch }),
-            any::<u64>().prop_map(|epoch| Checkpoint::Ack { epoch }),
+            (
+                1..u64::MAX,
+                0..=MAX_GUEST_RAM / PAGE_SIZE,
+                0..=MAX_DEVICE_STATE
+            )
+                .prop_map(|(epoch, pages, device_bytes)| Checkpoint::End {
+                    epoch,
+                    pages,
+                    device_bytes
+                }),
+            (1..u64::MAX, vector()).prop_map(|(epoch, mut barrier)| {
+                barrier.set(EPOCH_ENTRY, 0);
+                Checkpoint::Commit { epoch, barrier }
+            }),
+            (1..u64::MAX).prop_map(|epoch| Checkpoint::Ack { epoch }),
         ]
     }
 
@@ -873,15 +989,48 @@ mod tests {
         cases.push(Frame::Reject {
             reason: "x".repeat(MAX_REASON_LEN + 1),
         });
-        cases.push(Frame::Checkpoint(Checkpoint::State {
+        let pages = |epoch, offset, len| {
+            Frame::Checkpoint(Checkpoint::Pages {
+                epoch,
+                offset,
+                encoding: crate::wire::PageEncoding::Raw,
+                data: vec![0; len],
+            })
+        };
+        let page = PAGE_SIZE as usize;
+        cases.push(pages(1, 0, MAX_CHECKPOINT_CHUNK + page));
+        cases.push(pages(0, 0, page));
+        cases.push(pages(1, 1, page));
+        cases.push(pages(1, 0, page + 1));
+        cases.push(pages(1, 0, 0));
+        cases.push(pages(1, MAX_GUEST_RAM, page));
+        cases.push(pages(1, u64::MAX - PAGE_SIZE + 1, page));
+        cases.push(Frame::Checkpoint(Checkpoint::Device {
             epoch: 1,
-            offset: 0,
-            data: vec![0; MAX_CHECKPOINT_CHUNK + 1],
+            offset: MAX_DEVICE_STATE,
+            data: vec![0; 1],
         }));
         cases.push(Frame::Checkpoint(Checkpoint::Begin {
             machine: "..".into(),
             epoch: 1,
+            ram_bytes: PAGE_SIZE,
         }));
+        for ram_bytes in [0, PAGE_SIZE + 1, MAX_GUEST_RAM + PAGE_SIZE] {
+            cases.push(Frame::Checkpoint(Checkpoint::Begin {
+                machine: "vm".into(),
+                epoch: 1,
+                ram_bytes,
+            }));
+        }
+        cases.push(Frame::Checkpoint(Checkpoint::End {
+            epoch: 1,
+            pages: 0,
+            device_bytes: MAX_DEVICE_STATE + 1,
+        }));
+        let mut barrier = CountVector::ZERO;
+        barrier.set(EPOCH_ENTRY, 3);
+        cases.push(Frame::Checkpoint(Checkpoint::Commit { epoch: 1, barrier }));
+        cases.push(Frame::Checkpoint(Checkpoint::Ack { epoch: 0 }));
         for f in cases {
             let body = postcard::to_allocvec(&f).unwrap();
             let r = decode_frame(&raw_frame(&body));

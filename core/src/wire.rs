@@ -119,22 +119,76 @@ pub struct Ack {
     pub last: Seq,
 }
 
-/// Frame types of the later full-state (checkpoint) mode; reserved now so the
-/// format does not change when that mode lands.
+/// Size of one guest RAM page as carried by checkpoint frames.
+pub const PAGE_SIZE: u64 = 4096;
+/// Largest guest RAM a checkpoint may describe (1 TiB).
+pub const MAX_GUEST_RAM: u64 = 1 << 40;
+/// Largest device-state blob of one machine in one epoch (64 MiB; QEMU's is ~4–60 KB).
+pub const MAX_DEVICE_STATE: u64 = 64 << 20;
+
+/// How the bytes of a [`Checkpoint::Pages`] frame encode the pages. Only `Raw`
+/// exists now; compressed encodings (issue 22) are added as new variants so the
+/// backup, which always stores full pages, can decode each frame on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageEncoding {
+    /// `data` is the pages themselves, `data.len()` a multiple of [`PAGE_SIZE`].
+    Raw,
+}
+
+/// Frames of the full-state (checkpoint) mode. One epoch of one agent is sent as
+///
+/// ```text
+/// for each checkpointed machine of the agent:
+///     Begin { machine, epoch, ram_bytes }
+///     Pages { epoch, .. }*      dirty RAM since the previous epoch (epoch 1: all of it)
+///     Device { epoch, .. }*     the device state blob, in order
+///     End { epoch, pages, device_bytes }
+/// Commit { epoch, barrier }     this agent's part of the epoch is complete
+/// ```
+///
+/// interleaved with the agent's ordinary `Write` frames. `barrier[w]` is the last
+/// seq writer `w` issued before the pause of `epoch` (the disk writes that belong
+/// to checkpoint `epoch`). The backup answers `Ack { epoch }` only once, for every
+/// agent of the group, all pages, device state and the writes up to the barrier
+/// are durable; the agent then raises entry [`crate::EPOCH_ENTRY`] of its
+/// committed view to `epoch`, which releases the output that epoch produced.
+/// An epoch whose `End`/`Commit` never arrived (torn) is never used.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Checkpoint {
-    /// Start of the state of `epoch` for `machine`.
-    Begin { machine: String, epoch: u64 },
-    /// A chunk of memory or device state of `epoch`.
-    State {
+    /// Start of `machine`'s part of `epoch` (≥ 1). `ram_bytes` is the guest RAM
+    /// size, a multiple of [`PAGE_SIZE`] at most [`MAX_GUEST_RAM`], the same in
+    /// every epoch of the machine. Following `Pages`/`Device` frames of the
+    /// connection belong to this machine until its `End`.
+    Begin {
+        machine: String,
+        epoch: u64,
+        ram_bytes: u64,
+    },
+    /// Guest RAM pages at RAM offset `offset` (page aligned), contiguous.
+    Pages {
+        epoch: u64,
+        offset: u64,
+        encoding: PageEncoding,
+        #[serde(with = "crate::codec::payload_bytes")]
+        data: Vec<u8>,
+    },
+    /// A chunk of the machine's device state, at byte `offset` of the blob.
+    Device {
         epoch: u64,
         offset: u64,
         #[serde(with = "crate::codec::payload_bytes")]
         data: Vec<u8>,
     },
-    /// All of `epoch` (memory, device state, disk writes) has been sent.
-    Commit { epoch: u64 },
-    /// The backup holds `epoch` durably (entry EPOCH_ENTRY of the committed vector).
+    /// End of the machine opened by `Begin`: `pages` pages and `device_bytes`
+    /// bytes of device state were sent (lets the backup detect a torn epoch).
+    End {
+        epoch: u64,
+        pages: u64,
+        device_bytes: u64,
+    },
+    /// All of this agent's part of `epoch` has been sent; `barrier` as above.
+    Commit { epoch: u64, barrier: CountVector },
+    /// Backup → agent: the group's `epoch` is durable (entry EPOCH_ENTRY of the committed vector).
     Ack { epoch: u64 },
 }
 
