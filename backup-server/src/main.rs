@@ -208,6 +208,12 @@ fn print_done(m: &Materialised) {
     for i in &m.images {
         println!("image: {}", i.display());
     }
+    if let Some(c) = &m.checkpoint {
+        println!("checkpoint epoch: {}", c.epoch);
+        for (name, ram, dev) in &c.machines {
+            println!("machine {name}: {name}.ram ({ram} bytes), {name}.devstate ({dev} bytes)");
+        }
+    }
     println!("time taken: {:.3} s", m.elapsed.as_secs_f64());
 }
 
@@ -255,6 +261,19 @@ fn finish(r: Reply) -> anyhow::Result<()> {
                     },
                     g.oldest_cut
                 );
+                if let Some(c) = &g.checkpoint {
+                    println!(
+                        "  checkpoint: last acked epoch {} (barrier {}), {:.1} epochs/s, {} bytes received, {} epochs pending",
+                        c.acked_epoch, c.barrier, c.epochs_per_s, c.bytes, c.pending_epochs
+                    );
+                    println!(
+                        "  checkpoint agents: {:?}, machines: {:?}",
+                        c.members, c.machines
+                    );
+                    if let Some(f) = &c.failed {
+                        println!("  CHECKPOINT STORE FAILED: {f}");
+                    }
+                }
                 for w in g.writers {
                     println!(
                         "  {}: generation {} durable {} applied {} beyond-hole {}",
