@@ -102,6 +102,7 @@ impl GroupCkpt {
     pub fn open(name: &str, group_dir: &Path) -> Result<GroupCkpt, String> {
         let files = Files::new(group_dir);
         let rec = files::recover(&files)?;
+        files.create()?;
         if rec.state.acked > 0 || !rec.pending.is_empty() || rec.torn_parts > 0 {
             info!(
                 group = name,
@@ -312,8 +313,13 @@ fn handle(group: &Group, staged: &mut StagedFile, w: Work) -> Result<(), String>
                 ck.files.discard(epoch, id);
             }
         }
-        Work::Step(Step::Open { epoch, id, .. }) => {
+        Work::Step(Step::Open {
+            epoch, id, discard, ..
+        }) => {
             staged.close();
+            for (e, i) in discard {
+                ck.files.discard(e, i);
+            }
             ck.files.open_part(epoch, id)?;
         }
         Work::Step(Step::Pages {

@@ -84,6 +84,9 @@ pub enum Step {
         epoch: u64,
         machine: String,
         id: u64,
+        /// Staged parts (epoch, id) of an older connection of the same agent
+        /// that this one supersedes (torn: to delete).
+        discard: Vec<(u64, u64)>,
     },
     /// Append pages at RAM offset `offset` to part `id`'s pages file.
     Pages {
@@ -234,18 +237,25 @@ impl Ledger {
     }
 
     /// The connection is gone: its epoch in progress is torn. Returns the staged
-    /// part ids to discard (with their epoch).
+    /// parts to discard (epoch, id).
     pub fn disconnect(&mut self, conn: u64) -> Vec<(u64, u64)> {
-        let Some(c) = self.conns.remove(&conn) else {
+        let torn = self.tear(conn);
+        self.conns.remove(&conn);
+        torn
+    }
+
+    /// Tears the epoch in progress of `conn` (its later frames of it are refused).
+    fn tear(&mut self, conn: u64) -> Vec<(u64, u64)> {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return Vec::new();
         };
         let mut torn = Vec::new();
-        let epoch = c.epoch.unwrap_or(0);
-        if let Some(o) = c.open {
+        let epoch = c.epoch.take().unwrap_or(0);
+        if let Some(o) = c.open.take() {
             self.busy.remove(&o.machine);
             torn.push((o.epoch, o.id));
         }
-        for p in c.parts {
+        for p in std::mem::take(&mut c.parts) {
             self.busy.remove(&p.machine);
             torn.push((epoch, p.id));
         }
@@ -314,11 +324,21 @@ impl Ledger {
                         ));
                     }
                 }
-                if let Some(other) = self.busy.get(&machine) {
-                    return Err(format!(
-                        "checkpoint begin of {machine}: connection {other} is sending it"
-                    ));
+                let mut discard = Vec::new();
+                if let Some(&other) = self.busy.get(&machine) {
+                    // The same agent reconnected while its old connection lingers
+                    // (half open): the old connection's epoch in progress is torn.
+                    let same = self.conns.get(&other).is_some_and(|o| o.agent == agent);
+                    if !same || other == conn {
+                        return Err(format!(
+                            "checkpoint begin of {machine}: connection {other} is sending it"
+                        ));
+                    }
+                    discard = self.tear(other);
                 }
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return Err("checkpoint frame on an unknown connection".into());
+                };
                 let id = self.next_id;
                 self.next_id += 1;
                 self.busy.insert(machine.clone(), conn);
@@ -333,7 +353,12 @@ impl Ledger {
                     contiguous: Some(0),
                 });
                 self.d.members.insert(agent);
-                Ok(Step::Open { epoch, machine, id })
+                Ok(Step::Open {
+                    epoch,
+                    machine,
+                    id,
+                    discard,
+                })
             }
             Checkpoint::Pages {
                 epoch,
@@ -715,11 +740,15 @@ mod tests {
         l.connect(2, "b");
         let e = l.frame(2, begin("vm1", 4)).unwrap_err();
         assert!(e.contains("checkpointed by agent a"), "{e}");
-        // Two connections of a may not send the same machine at once.
+        // A second connection of a supersedes the first one's epoch in progress.
         l.connect(3, "a");
         l.frame(1, begin("vm1", 4)).unwrap();
-        let e = l.frame(3, begin("vm1", 4)).unwrap_err();
-        assert!(e.contains("is sending it"), "{e}");
+        let Step::Open { discard, .. } = l.frame(3, begin("vm1", 4)).unwrap() else {
+            panic!("open step expected")
+        };
+        assert_eq!(discard.len(), 1);
+        let e = l.frame(1, pages(4, 0, 1)).unwrap_err();
+        assert!(e.contains("without a Begin"), "{e}");
     }
 
     #[test]
