@@ -205,9 +205,20 @@ impl Files {
                 f.sync_data().map_err(|e| err(&p, e))?;
             }
         }
+        // Written in place (no rename: a marker is written once): a torn marker
+        // fails its checksum and counts as absent, which is right, since only a
+        // marker that was fsync'ed ever counts as durable.
         let body = postcard::to_stdvec(c).map_err(|e| e.to_string())?;
         let marker = self.epoch_dir(c.epoch).join(format!("{}.commit", c.agent));
-        write_atomic(&marker, COMMIT_MAGIC, &body)?;
+        let mut bytes = Vec::with_capacity(body.len() + 12);
+        bytes.extend_from_slice(COMMIT_MAGIC);
+        bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let mut f = File::create(&marker).map_err(|e| err(&marker, e))?;
+        f.write_all(&bytes).map_err(|e| err(&marker, e))?;
+        f.sync_data().map_err(|e| err(&marker, e))?;
+        let d = self.epoch_dir(c.epoch);
+        sync_dir(&d).map_err(|e| err(&d, e))?;
         sync_dir(&self.epochs()).map_err(|e| err(&self.epochs(), e))
     }
 
@@ -412,10 +423,21 @@ pub fn recover(files: &Files) -> Result<Recovered, String> {
             let name = e.file_name().to_string_lossy().to_string();
             let p = e.path();
             if name.ends_with(".commit") {
-                let body = read_checked(&p, COMMIT_MAGIC)?.ok_or_else(|| err(&p, "vanished"))?;
-                let c: Commit = postcard::from_bytes(&body).map_err(|e| err(&p, e))?;
-                ids.extend(c.parts.iter().map(|p| p.id));
-                commits.push(c);
+                let c = read_checked(&p, COMMIT_MAGIC)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| postcard::from_bytes::<Commit>(&b).ok());
+                match c {
+                    Some(c) => {
+                        ids.extend(c.parts.iter().map(|p| p.id));
+                        commits.push(c);
+                    }
+                    None => {
+                        // Torn while being written: never durable, never acked.
+                        tracing::warn!(path = %p.display(), "discarding a torn checkpoint commit marker");
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
             } else if let Some(id) = name
                 .strip_suffix(".pages")
                 .or_else(|| name.strip_suffix(".dev"))

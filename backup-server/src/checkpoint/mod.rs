@@ -17,8 +17,13 @@
 //!   durable ([`files`]), and, whenever a commit became durable or the group's
 //!   committed vector (durable disk prefixes) moved, asks the ledger which epoch is
 //!   [`ready`](plan::Ledger::ready): it persists the new acknowledged state, sends
-//!   `Checkpoint::Ack { epoch }` to every connection of the group, then applies the
-//!   epoch to the RAM replica (one file per machine) and the device state.
+//!   `Checkpoint::Ack { epoch }` to every connection of the group. Acknowledged
+//!   epochs are applied to the RAM replica (one file per machine) and the device
+//!   state by the group's **replica thread** in batches ([`APPLY_EVERY`] epochs,
+//!   [`APPLY_BYTES`], after [`APPLY_IDLE`] idle; by the failover before its output):
+//!   staged on disk until then, so a restart re-applies them, and the replica's
+//!   writes and fsyncs are off the per-epoch path. If it falls [`APPLY_EVERY`]×4
+//!   epochs behind, the checkpoint thread waits for it (bounded staging).
 //! - the applier never moves a checkpoint group's base volumes beyond the last
 //!   acknowledged barrier ([`GroupCkpt::disk_cap`]), so failover can write the disks
 //!   at exactly that barrier.
@@ -54,6 +59,13 @@ use tracing::{error, info, warn};
 pub const QUEUE: usize = 16;
 /// Acknowledgements remembered for the epochs/s figure.
 const RATE_WINDOW: usize = 64;
+/// Acknowledged epochs staged before they are applied to the RAM replica in one go
+/// (also applied after [`APPLY_IDLE`] without a new one, and before a failover).
+const APPLY_EVERY: usize = 16;
+/// Staged page bytes of acknowledged epochs that trigger an apply.
+const APPLY_BYTES: u64 = 256 << 20;
+/// An idle group applies its acknowledged epochs after this long.
+const APPLY_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Work for the checkpoint thread.
 #[derive(Debug)]
@@ -76,6 +88,13 @@ pub struct GroupCkpt {
     conns: Mutex<BTreeMap<u64, Arc<ConnOut>>>,
     failed: Mutex<Option<String>>,
     acks: Mutex<VecDeque<Instant>>,
+    /// Acknowledged commits not yet applied to the replica (epoch order; staged on
+    /// disk, so a restart re-applies them).
+    unapplied: Mutex<Vec<plan::Commit>>,
+    /// Wakes the replica thread.
+    apply_wake: std::sync::Condvar,
+    /// Held while the replica is written (replica thread, failover).
+    replica: Mutex<()>,
     /// Page and device-state bytes received.
     pub bytes: AtomicU64,
     /// Epochs acknowledged since start.
@@ -122,6 +141,9 @@ impl GroupCkpt {
             conns: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(None),
             acks: Mutex::new(VecDeque::new()),
+            unapplied: Mutex::new(Vec::new()),
+            apply_wake: std::sync::Condvar::new(),
+            replica: Mutex::new(()),
             bytes: AtomicU64::new(0),
             acked_total: AtomicU64::new(0),
         })
@@ -176,6 +198,11 @@ impl GroupCkpt {
                 .name(format!("ckpt-{}", group.name))
                 .spawn(move || run(g, rx))
                 .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
+            let g = group.clone();
+            std::thread::Builder::new()
+                .name(format!("ckpt-replica-{}", group.name))
+                .spawn(move || replica_thread(g))
+                .map_err(|e| format!("cannot start the checkpoint replica thread: {e}"))?;
         }
         self.tx
             .get()
@@ -377,7 +404,79 @@ fn try_ack(group: &Group) -> Result<(), String> {
             a.pop_front();
         }
     }
-    ck.files.apply(&commits)?;
+    let backlog = {
+        let mut u = lock(&ck.unapplied);
+        u.extend(commits);
+        let due = due(&u);
+        if due {
+            ck.apply_wake.notify_one();
+        }
+        u.len() >= 4 * APPLY_EVERY
+    };
+    if backlog {
+        // The replica thread fell behind: wait for it (bounds the staged epochs).
+        let _r = lock(&ck.replica);
+        apply_acked(ck)?;
+    }
+    Ok(())
+}
+
+/// Whether the acknowledged, unapplied commits are due for applying.
+fn due(u: &[plan::Commit]) -> bool {
+    let epochs = u
+        .iter()
+        .map(|c| c.epoch)
+        .collect::<std::collections::BTreeSet<_>>();
+    let bytes: u64 = u
+        .iter()
+        .flat_map(|c| &c.parts)
+        .map(|p| p.pages * pipecloud_core::wire::PAGE_SIZE)
+        .sum();
+    epochs.len() >= APPLY_EVERY || bytes >= APPLY_BYTES
+}
+
+/// The replica thread of one group: applies acknowledged epochs to the RAM
+/// replica in batches, off the checkpoint thread's per-epoch path.
+fn replica_thread(group: Arc<Group>) {
+    let ck = &group.checkpoint;
+    loop {
+        {
+            let mut u = lock(&ck.unapplied);
+            loop {
+                if due(&u) {
+                    break;
+                }
+                if u.is_empty() {
+                    u = ck.apply_wake.wait(u).unwrap_or_else(|e| e.into_inner());
+                } else {
+                    let (g, t) = ck
+                        .apply_wake
+                        .wait_timeout(u, APPLY_IDLE)
+                        .unwrap_or_else(|e| e.into_inner());
+                    u = g;
+                    if t.timed_out() && !u.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        if lock(&ck.failed).is_some() {
+            return;
+        }
+        let _r = lock(&ck.replica);
+        if let Err(e) = apply_acked(ck) {
+            fail(&group, &e);
+        }
+    }
+}
+
+/// Applies the acknowledged, not yet applied commits to the RAM replica (caller
+/// holds the replica lock).
+fn apply_acked(ck: &GroupCkpt) -> Result<(), String> {
+    let commits = std::mem::take(&mut *lock(&ck.unapplied));
+    if !commits.is_empty() {
+        ck.files.apply(&commits)?;
+    }
     Ok(())
 }
 
@@ -406,6 +505,8 @@ pub fn failover_output(
     let ck = &g.checkpoint;
     let _io = lock(&ck.io);
     let d = lock(&ck.ledger).durable_state().clone();
+    let _r = lock(&ck.replica);
+    apply_acked(ck)?;
     if d.acked == 0 {
         return Err(format!(
             "checkpoint group {} has no acknowledged epoch: there is no state to resume",
