@@ -206,7 +206,7 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
             wait(e).await?;
             lat.push(t.elapsed());
             base.push(baseline(
-                &base_path,
+                base_path,
                 (dirty * PAGE_SIZE) as usize + dev.len(),
             )?);
         }
