@@ -194,6 +194,21 @@ impl Files {
         let _ = std::fs::remove_file(self.dev_path(epoch, id));
     }
 
+    /// Deletes superseded commit markers durably (a restarted agent starts over).
+    pub fn drop_commits(&self, markers: &[(u64, String)]) -> Result<(), String> {
+        for (epoch, agent) in markers {
+            let d = self.epoch_dir(*epoch);
+            let p = d.join(format!("{agent}.commit"));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(&p, e)),
+            }
+            sync_dir(&d).map_err(|e| err(&d, e))?;
+        }
+        Ok(())
+    }
+
     /// Makes a commit durable: its parts' files, then its marker.
     pub fn commit(&self, c: &Commit) -> Result<(), String> {
         for part in &c.parts {

@@ -341,9 +341,14 @@ fn handle(group: &Group, staged: &mut StagedFile, w: Work) -> Result<(), String>
             }
         }
         Work::Step(Step::Open {
-            epoch, id, discard, ..
+            epoch,
+            id,
+            discard,
+            drop_commits,
+            ..
         }) => {
             staged.close();
+            ck.files.drop_commits(&drop_commits)?;
             for (e, i) in discard {
                 ck.files.discard(e, i);
             }

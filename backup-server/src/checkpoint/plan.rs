@@ -84,9 +84,12 @@ pub enum Step {
         epoch: u64,
         machine: String,
         id: u64,
-        /// Staged parts (epoch, id) of an older connection of the same agent
-        /// that this one supersedes (torn: to delete).
+        /// Staged parts (epoch, id) to delete first: an older connection's epoch
+        /// in progress, or the superseded commits below.
         discard: Vec<(u64, u64)>,
+        /// Commit markers (epoch, agent) to delete, durably, before anything else
+        /// of this connection: a restarted agent's commits it starts over from.
+        drop_commits: Vec<(u64, String)>,
     },
     /// Append pages at RAM offset `offset` to part `id`'s pages file.
     Pages {
@@ -133,6 +136,8 @@ struct Conn {
     open: Option<Open>,
     /// Closed parts of the epoch in progress.
     parts: Vec<Part>,
+    /// The connection committed an epoch.
+    committed_any: bool,
 }
 
 /// Pending (not yet acknowledged) commits of one epoch, per agent, with durability.
@@ -232,6 +237,7 @@ impl Ledger {
                 epoch: None,
                 open: None,
                 parts: Vec::new(),
+                committed_any: false,
             },
         );
     }
@@ -242,6 +248,41 @@ impl Ledger {
         let torn = self.tear(conn);
         self.conns.remove(&conn);
         torn
+    }
+
+    /// Drops `agent`'s pending commits of epochs `>= from` (a restarted agent
+    /// starts over there). Returns their staged parts and epochs. The agent's
+    /// machines without a remaining pending commit must send a full epoch next.
+    fn supersede(&mut self, agent: &str, from: u64) -> (Vec<(u64, u64)>, Vec<u64>) {
+        let mut parts = Vec::new();
+        let mut epochs = Vec::new();
+        for (e, cs) in self.pending.range_mut(from..) {
+            if let Some((c, _)) = cs.remove(agent) {
+                epochs.push(*e);
+                parts.extend(c.parts.iter().map(|p| (*e, p.id)));
+            }
+        }
+        self.pending.retain(|_, cs| !cs.is_empty());
+        let mut last = 0;
+        let mut machines: BTreeMap<String, u64> = BTreeMap::new();
+        for (e, cs) in &self.pending {
+            if let Some((c, _)) = cs.get(agent) {
+                last = *e;
+                for p in &c.parts {
+                    machines.insert(p.machine.clone(), *e);
+                }
+            }
+        }
+        self.agent_last.insert(agent.to_string(), last);
+        for (m, owner) in &self.owner {
+            if owner == agent {
+                match machines.get(m) {
+                    Some(e) => self.machine_last.insert(m.clone(), *e),
+                    None => self.machine_last.remove(m),
+                };
+            }
+        }
+        (parts, epochs)
     }
 
     /// Tears the epoch in progress of `conn` (its later frames of it are refused).
@@ -276,6 +317,7 @@ impl Ledger {
                 ram_bytes,
             } => {
                 validate_name(&machine).map_err(|e| e.to_string())?;
+                let mut restart = false;
                 if let Some(o) = &c.open {
                     return Err(format!(
                         "checkpoint begin of {machine} epoch {epoch} while {} epoch {} is open (no End)",
@@ -291,7 +333,11 @@ impl Ledger {
                     Some(_) => {}
                     None => {
                         let last = self.agent_last.get(&agent).copied().unwrap_or(0);
-                        if epoch <= acked || epoch <= last {
+                        // A restarted agent (first epoch of a connection) may start
+                        // over above the acknowledged epoch: its commits from there on
+                        // are superseded.
+                        restart = epoch > acked && epoch <= last && !c.committed_any;
+                        if epoch <= acked || (epoch <= last && !restart) {
                             return Err(format!(
                                 "checkpoint epoch {epoch} out of order: the group acknowledged epoch {acked}, \
                                  agent {agent} committed epoch {last}; epochs must increase"
@@ -336,6 +382,12 @@ impl Ledger {
                     }
                     discard = self.tear(other);
                 }
+                let mut drop_commits = Vec::new();
+                if restart {
+                    let (parts, markers) = self.supersede(&agent, epoch);
+                    discard.extend(parts);
+                    drop_commits = markers.into_iter().map(|e| (e, agent.clone())).collect();
+                }
                 let Some(c) = self.conns.get_mut(&conn) else {
                     return Err("checkpoint frame on an unknown connection".into());
                 };
@@ -358,6 +410,7 @@ impl Ledger {
                     machine,
                     id,
                     discard,
+                    drop_commits,
                 })
             }
             Checkpoint::Pages {
@@ -455,6 +508,7 @@ impl Ledger {
                 }
                 let parts = std::mem::take(&mut c.parts);
                 c.epoch = None;
+                c.committed_any = true;
                 for p in &parts {
                     self.busy.remove(&p.machine);
                 }
@@ -749,6 +803,53 @@ mod tests {
         assert_eq!(discard.len(), 1);
         let e = l.frame(1, pages(4, 0, 1)).unwrap_err();
         assert!(e.contains("without a Begin"), "{e}");
+    }
+
+    #[test]
+    fn a_restarted_agent_starts_over_above_the_ack() {
+        let mut l = Ledger::default();
+        l.connect(1, "a");
+        for e in 1..=4 {
+            machine(&mut l, 1, "vm1", e, e == 1);
+            l.frame(1, commit(e, &[0])).unwrap();
+            l.durable("a", e);
+        }
+        l.ack(2, &v(&[0]));
+        // The agent restarts and starts over at epoch 3 (it learned epoch 2 from the
+        // Ack on connect): its commits 3 and 4 are superseded.
+        l.connect(2, "a");
+        assert!(l
+            .frame(2, begin("vm1", 2))
+            .unwrap_err()
+            .contains("out of order"));
+        l.disconnect(2);
+        l.connect(3, "a");
+        let Step::Open {
+            discard,
+            drop_commits,
+            ..
+        } = l.frame(3, begin("vm1", 3)).unwrap()
+        else {
+            panic!("open step expected")
+        };
+        assert_eq!(discard.len(), 2);
+        assert_eq!(
+            drop_commits,
+            vec![(3, "a".to_string()), (4, "a".to_string())]
+        );
+        assert_eq!(l.pending_epochs(), 0);
+        // Its machine must send a full epoch: the chain was cut.
+        l.frame(3, pages(3, 0, 1)).unwrap();
+        assert!(l.frame(3, end(3, 1, 0)).unwrap_err().contains("full epoch"));
+        l.disconnect(3);
+        l.connect(4, "a");
+        machine(&mut l, 4, "vm1", 3, true);
+        l.frame(4, commit(3, &[0])).unwrap();
+        // Within a connection, epochs still only increase.
+        assert!(l
+            .frame(4, begin("vm1", 3))
+            .unwrap_err()
+            .contains("out of order"));
     }
 
     #[test]
