@@ -1,5 +1,5 @@
 //! Full-state (checkpoint) mode at the backup: durable checkpoint epochs, the ack
-//! rule, the RAM replica and the failover output (docs/design.md §16).
+//! rule, the RAM replica and the failover output (docs/design.md §11).
 //!
 //! An agent of a checkpoint group sends, per epoch, every checkpointed machine's
 //! dirty RAM pages and device state, then `Commit { epoch, barrier }` (the wire
