@@ -12,13 +12,9 @@
 //! commit-to-ack latency p50/p99 and its ratio to the baseline, epochs/s, bytes per
 //! epoch, and the load average.
 
+use crate::bench::{pct, BenchServer};
 use anyhow::Context;
-use backup_server::config::{Config, Limits, TlsConfig};
-use backup_server::daemon::Daemon;
-use pipecloud_core::wire::{
-    Checkpoint, DiskHello, Frame, Hello, PageEncoding, Write, WriteKind, PAGE_SIZE,
-    PROTOCOL_VERSION,
-};
+use pipecloud_core::wire::{Checkpoint, Frame, PageEncoding, Write, WriteKind, PAGE_SIZE};
 use pipecloud_core::{CountVector, WriterId};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,33 +23,15 @@ use std::time::{Duration, Instant};
 /// Pages per `Pages` frame (1 MiB).
 const RUN: u64 = 256;
 
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v.sort_unstable();
-    v[(((v.len() as f64 - 1.0) * p).round() as usize).min(v.len() - 1)]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// Runs the benchmark and prints the figures.
 pub fn run(ram_mib: u64, dirty: u64, epochs: u64, dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let (dir, temporary) = match dir {
-        Some(d) => (d, false),
-        None => (
-            std::env::temp_dir().join(format!("backup-bench-ckpt-{}", std::process::id())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let r = measure(ram_mib, dirty, epochs, &dir);
-    if temporary {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    r
+    crate::bench::in_dir(dir, "backup-bench-ckpt", |d| {
+        measure(ram_mib, dirty, epochs, d)
+    })
 }
 
 fn frames(epoch: u64, ram: u64, pages: &[u64], dev: &[u8], seq: u64) -> Vec<Frame> {
@@ -118,41 +96,12 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
         dirty > 0 && dirty <= ram_pages,
         "--dirty-pages must be 1..={ram_pages}"
     );
-    let pki = dir.join("pki");
-    let _ = std::fs::remove_dir_all(&pki);
-    backup_server::certs::generate(&pki, "localhost", &["bench".to_string()], "127.0.0.1:0")?;
-    let data = dir.join("data");
-    let _ = std::fs::remove_dir_all(&data);
-    let cfg = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: data.clone(),
-        metrics: None,
-        tls: TlsConfig {
-            ca: pki.join("ca.pem"),
-            cert: pki.join("server.pem"),
-            key: pki.join("server.key"),
-        },
-        limits: Limits::default(),
-    };
-    let daemon = Daemon::start(&cfg).map_err(|e| anyhow::anyhow!(e))?;
-    let tls = backup_server::tls::client_config(
-        &pki.join("ca.pem"),
-        &pki.join("bench-agent.pem"),
-        &pki.join("bench-agent.key"),
-    )?;
-    let hello = Hello {
-        min_version: PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        group: "bench".into(),
-        group_id: 1,
-        agent: "bench".into(),
-        disks: vec![DiskHello {
-            name: "d".into(),
-            size: 1 << 20,
-            writer: WriterId(0),
-            generation: 1,
-        }],
-    };
+    let BenchServer {
+        daemon,
+        tls,
+        hello,
+        data,
+    } = BenchServer::start(dir, 1 << 20)?;
     let dev: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
     let base_path = dir.join("baseline.bin");
     let addr = daemon.addr;

@@ -35,19 +35,6 @@ const CHUNK_PAGES: u64 = 32;
 /// correct server; a premature one is caught by the injected fault run).
 const QUIET: Duration = Duration::from_millis(700);
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// What the resumed machine must be at one epoch.
 #[derive(Clone)]
 struct Snapshot {
