@@ -4,7 +4,8 @@
 //! then `--epochs` delta epochs of `--dirty-pages` random pages and ~4 KB of device
 //! state, each with one 4 KiB disk write inside its barrier, one epoch at a time
 //! (send, wait for its `Ack`: what bounds an agent's checkpoint rate when shipping
-//! is on the critical path).
+//! is on the critical path), then as many pipelined, up to [`IN_FLIGHT`] ahead of
+//! their `Ack` (what the agent's background shipping sustains).
 //!
 //! Interleaved with the epochs, in the same run, the baseline: the same bytes
 //! written to a file on the same file system and fdatasync'ed once (the least a
@@ -20,6 +21,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Epochs shipped ahead of their Ack in the pipelined phase.
+const IN_FLIGHT: u64 = 4;
 /// Pages per `Pages` frame (1 MiB).
 const RUN: u64 = 256;
 
@@ -109,15 +112,15 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (full, lat, base, el, bytes) = rt.block_on(async move {
+    let (full, lat, base, el, bytes, piped) = rt.block_on(async move {
         let (mut w, mut r, _) = backup_server::client::connect(addr, "localhost", tls, &hello)
             .await
             .context("connect")?;
-        let mut wait = async |e: u64| -> anyhow::Result<()> {
+        let mut wait = async |e: u64| -> anyhow::Result<u64> {
             loop {
                 match r.recv().await? {
                     Some(Frame::Checkpoint(Checkpoint::Ack { epoch })) if epoch >= e => {
-                        return Ok(())
+                        return Ok(epoch)
                     }
                     Some(Frame::Reject { reason }) => anyhow::bail!("rejected: {reason}"),
                     Some(_) => {}
@@ -133,11 +136,7 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
         wait(1).await?;
         let full = t.elapsed();
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut lat = Vec::new();
-        let mut base = Vec::new();
-        let mut bytes = 0u64;
-        let t0 = Instant::now();
-        for e in 2..epochs + 2 {
+        let mut dirty_set = move || {
             let mut pages = std::collections::BTreeSet::new();
             while (pages.len() as u64) < dirty {
                 x ^= x << 13;
@@ -145,7 +144,14 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
                 x ^= x << 17;
                 pages.insert(x % ram_pages);
             }
-            let pages: Vec<u64> = pages.into_iter().collect();
+            pages.into_iter().collect::<Vec<u64>>()
+        };
+        let mut lat = Vec::new();
+        let mut base = Vec::new();
+        let mut bytes = 0u64;
+        let t0 = Instant::now();
+        for e in 2..epochs + 2 {
+            let pages = dirty_set();
             bytes += dirty * PAGE_SIZE + dev.len() as u64;
             let f = frames(e, ram, &pages, dev, e);
             let t = Instant::now();
@@ -159,7 +165,26 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
                 (dirty * PAGE_SIZE) as usize + dev.len(),
             )?);
         }
-        Ok::<_, anyhow::Error>((full, lat, base, t0.elapsed(), bytes))
+        let el = t0.elapsed();
+        // Pipelined: up to IN_FLIGHT epochs shipped before their Ack (an Ack of E
+        // covers every epoch up to E).
+        let first = epochs + 2;
+        let last = first + epochs - 1;
+        let (mut next, mut acked) = (first, first - 1);
+        let tp = Instant::now();
+        while acked < last {
+            if next <= last && next - acked <= IN_FLIGHT {
+                let pages = dirty_set();
+                for chunk in frames(next, ram, &pages, dev, next).chunks(16) {
+                    w.send(chunk).await?;
+                }
+                next += 1;
+            } else {
+                acked = wait(acked + 1).await?;
+            }
+        }
+        let piped = tp.elapsed();
+        Ok::<_, anyhow::Error>((full, lat, base, el, bytes, piped))
     })?;
     drop(daemon);
     let _ = std::fs::remove_dir_all(&data);
@@ -202,6 +227,10 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
         "{:.0} epochs/s acked back to back (excluding the baseline), {:.1} MB per epoch shipped",
         epochs as f64 / bench.max(1e-9),
         bytes as f64 / epochs as f64 / 1e6
+    );
+    println!(
+        "pipelined, up to {IN_FLIGHT} epochs in flight: {:.0} epochs/s",
+        epochs as f64 / piped.as_secs_f64().max(1e-9)
     );
     println!(
         "wall time {total:.1} s; load average {}",
