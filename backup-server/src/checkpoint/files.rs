@@ -3,7 +3,8 @@
 //! [`super::plan`].
 //!
 //! ```text
-//! groups/<g>/checkpoint/state                  acknowledged epoch, its barrier, members, RAM sizes
+//! groups/<g>/checkpoint/state.0, state.1       acknowledged epoch, its barrier, members, RAM sizes
+//!                                              (two slots written in turn, see Files::store_state)
 //! groups/<g>/checkpoint/epochs/<E>/<id>.pages  staged pages of part <id>: records
 //!                                              [offset u64 LE][len u32 LE][crc32c u32 LE][bytes]
 //! groups/<g>/checkpoint/epochs/<E>/<id>.dev    staged device state of part <id> (the blob)
@@ -14,9 +15,9 @@
 //! ```
 //!
 //! fsync discipline: a commit's staged files are fdatasync'ed before its marker is
-//! written (temp file, fsync, rename, fsync directory): a marker on disk means its
-//! parts are complete on disk. The state file (same atomic write) is written before
-//! the `Ack` is sent. Applying an acknowledged epoch writes its pages into the
+//! written and fsync'ed (a torn marker fails its checksum and counts as absent): a
+//! valid marker on disk means its parts are complete on disk. The state (a slot
+//! written in place and fdatasync'ed) is written before the `Ack` is sent. Applying an acknowledged epoch writes its pages into the
 //! replica (idempotent), replaces the device state (atomically), fsyncs, and only
 //! then moves the epoch directory to `trash/` (fsync of `epochs/` after each move,
 //! in epoch order, so an epoch directory still present implies every later one is
@@ -38,35 +39,27 @@ const COMMIT_MAGIC: &[u8; 8] = b"PCCMIT01";
 const REC_HEAD: usize = 16;
 
 /// Paths of one group's checkpoint store.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Files {
     pub dir: PathBuf,
+    /// Sequence number of the last state written (slot `seq % 2`).
+    state_seq: std::sync::atomic::AtomicU64,
 }
 
 fn err(p: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", p.display())
 }
 
-/// Writes `magic + crc32c(body) + body` atomically and durably.
-fn write_atomic(path: &Path, magic: &[u8; 8], body: &[u8]) -> Result<(), String> {
+/// `magic + crc32c(body) + body`.
+fn checked(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(body.len() + 12);
     bytes.extend_from_slice(magic);
     bytes.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
     bytes.extend_from_slice(body);
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp).map_err(|e| err(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| err(&tmp, e))?;
-        f.sync_all().map_err(|e| err(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| err(path, e))?;
-    if let Some(d) = path.parent() {
-        sync_dir(d).map_err(|e| err(d, e))?;
-    }
-    Ok(())
+    bytes
 }
 
-/// Reads a file written by [`write_atomic`]; `None` if absent, `Err` if corrupt.
+/// Reads a file written as [`checked`] bytes; `None` if absent, `Err` if corrupt.
 fn read_checked(path: &Path, magic: &[u8; 8]) -> Result<Option<Vec<u8>>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -102,6 +95,7 @@ impl Files {
     pub fn new(group_dir: &Path) -> Files {
         Files {
             dir: group_dir.join("checkpoint"),
+            state_seq: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -225,10 +219,7 @@ impl Files {
         // marker that was fsync'ed ever counts as durable.
         let body = postcard::to_stdvec(c).map_err(|e| e.to_string())?;
         let marker = self.epoch_dir(c.epoch).join(format!("{}.commit", c.agent));
-        let mut bytes = Vec::with_capacity(body.len() + 12);
-        bytes.extend_from_slice(COMMIT_MAGIC);
-        bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
+        let bytes = checked(COMMIT_MAGIC, &body);
         let mut f = File::create(&marker).map_err(|e| err(&marker, e))?;
         f.write_all(&bytes).map_err(|e| err(&marker, e))?;
         f.sync_data().map_err(|e| err(&marker, e))?;
@@ -237,10 +228,52 @@ impl Files {
         sync_dir(&self.epochs()).map_err(|e| err(&self.epochs(), e))
     }
 
-    /// Persists the acknowledged state (before the `Ack` is sent).
+    /// Persists the acknowledged state (before the `Ack` is sent): two slots
+    /// `state.0` / `state.1` written in turn in place (one fdatasync; the slot's
+    /// directory entry is fsync'ed once, when it is created), each checksummed with
+    /// a sequence number; recovery takes the valid slot with the higher one, so a
+    /// torn write leaves the previous state.
     pub fn store_state(&self, d: &Durable) -> Result<(), String> {
-        let body = postcard::to_stdvec(d).map_err(|e| e.to_string())?;
-        write_atomic(&self.dir.join("state"), STATE_MAGIC, &body)
+        use std::sync::atomic::Ordering;
+        let seq = self.state_seq.load(Ordering::Relaxed) + 1;
+        let body = postcard::to_stdvec(&(seq, d)).map_err(|e| e.to_string())?;
+        let bytes = checked(STATE_MAGIC, &body);
+        let p = self.dir.join(format!("state.{}", seq % 2));
+        let new = !p.exists();
+        let f = File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(|e| err(&p, e))?;
+        f.write_all_at(&bytes, 0).map_err(|e| err(&p, e))?;
+        f.set_len(bytes.len() as u64).map_err(|e| err(&p, e))?;
+        f.sync_data().map_err(|e| err(&p, e))?;
+        if new {
+            sync_dir(&self.dir).map_err(|e| err(&self.dir, e))?;
+        }
+        self.state_seq.store(seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The newest valid state slot, if any (and sets the sequence to continue from).
+    fn load_state(&self) -> Option<Durable> {
+        let mut best: Option<(u64, Durable)> = None;
+        for slot in 0..2 {
+            let p = self.dir.join(format!("state.{slot}"));
+            let Some(body) = read_checked(&p, STATE_MAGIC).ok().flatten() else {
+                continue;
+            };
+            if let Ok((seq, d)) = postcard::from_bytes::<(u64, Durable)>(&body) {
+                if best.as_ref().is_none_or(|b| seq > b.0) {
+                    best = Some((seq, d));
+                }
+            }
+        }
+        let (seq, d) = best?;
+        self.state_seq
+            .store(seq, std::sync::atomic::Ordering::Relaxed);
+        Some(d)
     }
 
     /// Applies acknowledged commits (epoch order) to the replica, fsyncs it, then
@@ -414,8 +447,8 @@ pub fn recover(files: &Files) -> Result<Recovered, String> {
     {
         let _ = std::fs::remove_dir_all(e.path());
     }
-    if let Some(body) = read_checked(&files.dir.join("state"), STATE_MAGIC)? {
-        rec.state = postcard::from_bytes(&body).map_err(|e| err(&files.dir, e))?;
+    if let Some(d) = files.load_state() {
+        rec.state = d;
     }
     let mut epochs: Vec<u64> = Vec::new();
     let ed = files.epochs();
@@ -585,6 +618,32 @@ mod tests {
         assert_eq!(page(&f.ram_path("vm"), 4), 1);
         assert_eq!(std::fs::read(f.devstate_path("vm")).unwrap(), b"dev-2");
         assert!(!f.epoch_dir(2).exists());
+    }
+
+    #[test]
+    fn a_torn_state_slot_leaves_the_previous_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = Files::new(tmp.path());
+        f.create().unwrap();
+        let d = |acked| Durable {
+            acked,
+            ..Durable::default()
+        };
+        for e in 1..=3 {
+            f.store_state(&d(e)).unwrap();
+        }
+        assert_eq!(recover(&Files::new(tmp.path())).unwrap().state, d(3));
+        // Epoch 3 went to slot 1: tear it.
+        let p = f.dir.join("state.1");
+        let mut b = std::fs::read(&p).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        let g = Files::new(tmp.path());
+        assert_eq!(recover(&g).unwrap().state, d(2));
+        // Writing on continues above the surviving slot's sequence.
+        g.store_state(&d(4)).unwrap();
+        assert_eq!(recover(&Files::new(tmp.path())).unwrap().state, d(4));
     }
 
     #[test]
