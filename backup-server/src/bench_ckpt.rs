@@ -186,6 +186,9 @@ fn measure(ram_mib: u64, dirty: u64, epochs: u64, dir: &Path) -> anyhow::Result<
         let piped = tp.elapsed();
         Ok::<_, anyhow::Error>((full, lat, base, el, bytes, piped))
     })?;
+    // Let the replica thread finish its idle apply before the data goes (the
+    // server's threads outlive `Daemon`).
+    std::thread::sleep(Duration::from_millis(1500));
     drop(daemon);
     let _ = std::fs::remove_dir_all(&data);
     let _ = std::fs::remove_file(base_path);
