@@ -43,7 +43,8 @@
 //!
 //! Bounds: at most [`MAX_PENDING_EPOCHS`] epochs beyond the acknowledged one are
 //! held (a `Begin` further ahead is rejected: a member that stopped committing
-//! stalls the group's output, as it must); per connection one open machine.
+//! stalls the group's output, as it must); per connection one open machine; at
+//! most [`MAX_MACHINES`] machines and as many agents per group.
 
 use pipecloud_core::codec::validate_name;
 use pipecloud_core::wire::{Checkpoint, PageEncoding, PAGE_SIZE};
@@ -53,6 +54,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Most epochs beyond the acknowledged one the backup holds (staged on disk).
 pub const MAX_PENDING_EPOCHS: u64 = 64;
+/// Most checkpointed machines, and most checkpointing agents, per group.
+pub const MAX_MACHINES: usize = 64;
 
 /// One machine's part of one epoch, as committed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,6 +357,18 @@ impl Ledger {
                 if c.parts.iter().any(|p| p.machine == machine) {
                     return Err(format!(
                         "checkpoint begin of {machine} twice in epoch {epoch}"
+                    ));
+                }
+                if !self.d.ram.contains_key(&machine)
+                    && self.d.ram.len() + c.parts.len() >= MAX_MACHINES
+                {
+                    return Err(format!(
+                        "checkpoint begin of {machine}: the group has {MAX_MACHINES} checkpointed machines already"
+                    ));
+                }
+                if !self.d.members.contains(&agent) && self.d.members.len() >= MAX_MACHINES {
+                    return Err(format!(
+                        "checkpoint begin by agent {agent}: the group has {MAX_MACHINES} checkpointing agents already"
                     ));
                 }
                 if let Some(&r) = self.d.ram.get(&machine) {
@@ -790,6 +805,23 @@ mod tests {
             "differs",
         );
         expect(&mut l, begin("vm1", 3 + MAX_PENDING_EPOCHS + 1), "beyond");
+        // Bounded machines per group.
+        l.frame(1, begin("vm1", 4)).unwrap();
+        l.frame(1, pages(4, 0, 1)).unwrap();
+        l.frame(1, end(4, 1, 0)).unwrap();
+        for i in 2..MAX_MACHINES {
+            let m = format!("m{i}");
+            l.frame(1, begin(&m, 4)).unwrap();
+            l.frame(1, pages(4, 0, 4)).unwrap();
+            l.frame(1, end(4, 4, 0)).unwrap();
+        }
+        expect(
+            &mut l,
+            begin("one-too-many", 4),
+            "checkpointed machines already",
+        );
+        l.disconnect(1);
+        l.connect(1, "a");
         // Another agent may not checkpoint a machine of a.
         l.connect(2, "b");
         let e = l.frame(2, begin("vm1", 4)).unwrap_err();
