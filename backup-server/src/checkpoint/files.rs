@@ -5,9 +5,9 @@
 //! ```text
 //! groups/<g>/checkpoint/state.0, state.1       acknowledged epoch, its barrier, members, RAM sizes
 //!                                              (two slots written in turn, see Files::store_state)
-//! groups/<g>/checkpoint/epochs/<E>/<id>.pages  staged pages of part <id>: records
-//!                                              [offset u64 LE][len u32 LE][crc32c u32 LE][bytes]
-//! groups/<g>/checkpoint/epochs/<E>/<id>.dev    staged device state of part <id> (the blob)
+//! groups/<g>/checkpoint/epochs/<E>/<id>.pages  staged part <id>: records
+//!                                              [offset u64 LE][len u32 LE][crc32c u32 LE][bytes],
+//!                                              RAM pages, or device-state chunks (offset | DEVICE)
 //! groups/<g>/checkpoint/epochs/<E>/<agent>.commit   commit marker (Commit, checksummed)
 //! groups/<g>/checkpoint/replica/<machine>.ram       RAM at the applied epoch (sparse)
 //! groups/<g>/checkpoint/replica/<machine>.devstate  device state at the applied epoch
@@ -37,6 +37,9 @@ const STATE_MAGIC: &[u8; 8] = b"PCCKPT01";
 const COMMIT_MAGIC: &[u8; 8] = b"PCCMIT01";
 /// Bytes of a pages record header.
 const REC_HEAD: usize = 16;
+/// Flag in a record's offset: a device-state chunk (at the rest of the offset),
+/// not RAM pages (RAM offsets stay below 2^40, device state below 2^26).
+const DEVICE: u64 = 1 << 63;
 
 /// Paths of one group's checkpoint store.
 #[derive(Debug)]
@@ -125,10 +128,6 @@ impl Files {
         self.epoch_dir(epoch).join(format!("{id}.pages"))
     }
 
-    fn dev_path(&self, epoch: u64, id: u64) -> PathBuf {
-        self.epoch_dir(epoch).join(format!("{id}.dev"))
-    }
-
     /// Creates the directories.
     pub fn create(&self) -> Result<(), String> {
         for d in [self.epochs(), self.replica(), self.dir.join("trash")] {
@@ -143,9 +142,8 @@ impl Files {
         if !d.exists() {
             std::fs::create_dir_all(&d).map_err(|e| err(&d, e))?;
         }
-        for p in [self.pages_path(epoch, id), self.dev_path(epoch, id)] {
-            File::create(&p).map_err(|e| err(&p, e))?;
-        }
+        let p = self.pages_path(epoch, id);
+        File::create(&p).map_err(|e| err(&p, e))?;
         Ok(())
     }
 
@@ -159,7 +157,7 @@ impl Files {
         data: &[u8],
     ) -> Result<(), String> {
         let p = self.pages_path(epoch, id);
-        let file = f.get(&p, (epoch, id, false))?;
+        let file = f.get(&p, (epoch, id))?;
         let mut head = [0u8; REC_HEAD];
         head[..8].copy_from_slice(&offset.to_le_bytes());
         head[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
@@ -168,7 +166,8 @@ impl Files {
         file.write_all(data).map_err(|e| err(&p, e))
     }
 
-    /// Writes device-state bytes at `offset` of part `id`.
+    /// Appends a device-state chunk (at `offset` of the blob) to part `id`: one
+    /// staged file per part, so one fdatasync at its commit.
     pub fn write_device(
         &self,
         f: &mut StagedFile,
@@ -177,15 +176,12 @@ impl Files {
         offset: u64,
         data: &[u8],
     ) -> Result<(), String> {
-        let p = self.dev_path(epoch, id);
-        let file = f.get(&p, (epoch, id, true))?;
-        file.write_all_at(data, offset).map_err(|e| err(&p, e))
+        self.append_pages(f, epoch, id, offset | DEVICE, data)
     }
 
     /// Deletes a torn part's staged files.
     pub fn discard(&self, epoch: u64, id: u64) {
         let _ = std::fs::remove_file(self.pages_path(epoch, id));
-        let _ = std::fs::remove_file(self.dev_path(epoch, id));
     }
 
     /// Deletes superseded commit markers durably (a restarted agent starts over).
@@ -206,13 +202,9 @@ impl Files {
     /// Makes a commit durable: its parts' files, then its marker.
     pub fn commit(&self, c: &Commit) -> Result<(), String> {
         for part in &c.parts {
-            for p in [
-                self.pages_path(c.epoch, part.id),
-                self.dev_path(c.epoch, part.id),
-            ] {
-                let f = File::open(&p).map_err(|e| err(&p, e))?;
-                f.sync_data().map_err(|e| err(&p, e))?;
-            }
+            let p = self.pages_path(c.epoch, part.id);
+            let f = File::open(&p).map_err(|e| err(&p, e))?;
+            f.sync_data().map_err(|e| err(&p, e))?;
         }
         // Written in place (no rename: a marker is written once): a torn marker
         // fails its checksum and counts as absent, which is right, since only a
@@ -299,8 +291,10 @@ impl Files {
                     files.insert(part.machine.clone(), f);
                 }
                 let ram = &files[&part.machine];
-                bytes += apply_pages(&self.pages_path(c.epoch, part.id), ram, part)?;
-                self.install_devstate(c.epoch, part)?;
+                let path = self.pages_path(c.epoch, part.id);
+                let (b, dev) = apply_part(&path, ram, part)?;
+                bytes += b;
+                self.install_devstate(part, &dev)?;
                 touched.insert(part.machine.clone());
             }
         }
@@ -317,27 +311,12 @@ impl Files {
         Ok(bytes)
     }
 
-    fn install_devstate(&self, epoch: u64, part: &Part) -> Result<(), String> {
-        let src = self.dev_path(epoch, part.id);
+    fn install_devstate(&self, part: &Part, data: &[u8]) -> Result<(), String> {
         let dst = self.devstate_path(&part.machine);
         let tmp = dst.with_extension("devstate.tmp");
-        let mut data = Vec::new();
-        File::open(&src)
-            .and_then(|f| f.take(part.device_bytes).read_to_end(&mut data))
-            .map_err(|e| err(&src, e))?;
-        if data.len() as u64 != part.device_bytes {
-            return Err(err(
-                &src,
-                format!(
-                    "{} device-state bytes on disk, the commit says {}",
-                    data.len(),
-                    part.device_bytes
-                ),
-            ));
-        }
         {
             let mut f = File::create(&tmp).map_err(|e| err(&tmp, e))?;
-            f.write_all(&data).map_err(|e| err(&tmp, e))?;
+            f.write_all(data).map_err(|e| err(&tmp, e))?;
             f.sync_all().map_err(|e| err(&tmp, e))?;
         }
         std::fs::rename(&tmp, &dst).map_err(|e| err(&dst, e))
@@ -358,14 +337,16 @@ impl Files {
     }
 }
 
-/// Applies the pages records of one part to the RAM replica.
-fn apply_pages(path: &Path, ram: &File, part: &Part) -> Result<u64, String> {
+/// Applies the pages records of one part to the RAM replica; returns the page
+/// bytes applied and the part's device state.
+fn apply_part(path: &Path, ram: &File, part: &Part) -> Result<(u64, Vec<u8>), String> {
     let f = File::open(path).map_err(|e| err(path, e))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut head = [0u8; REC_HEAD];
     let mut buf = Vec::new();
     let mut pages = 0u64;
     let mut bytes = 0u64;
+    let mut dev = Vec::new();
     loop {
         match r.read_exact(&mut head) {
             Ok(()) => {}
@@ -375,8 +356,14 @@ fn apply_pages(path: &Path, ram: &File, part: &Part) -> Result<u64, String> {
         let offset = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
         let len = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()) as usize;
         let crc = u32::from_le_bytes(head[12..].try_into().unwrap_or_default());
+        let is_dev = offset & DEVICE != 0;
+        let (offset, limit) = if is_dev {
+            (offset & !DEVICE, part.device_bytes)
+        } else {
+            (offset, part.ram_bytes)
+        };
         if len > pipecloud_core::codec::MAX_CHECKPOINT_CHUNK
-            || offset.saturating_add(len as u64) > part.ram_bytes
+            || offset.saturating_add(len as u64) > limit
         {
             return Err(err(
                 path,
@@ -391,32 +378,44 @@ fn apply_pages(path: &Path, ram: &File, part: &Part) -> Result<u64, String> {
                 format!("checksum mismatch at RAM offset {offset}"),
             ));
         }
+        if is_dev {
+            let end = offset as usize + len;
+            if dev.len() < end {
+                dev.resize(end, 0);
+            }
+            dev[offset as usize..end].copy_from_slice(&buf);
+            continue;
+        }
         ram.write_all_at(&buf, offset).map_err(|e| err(path, e))?;
         pages += len as u64 / pipecloud_core::wire::PAGE_SIZE;
         bytes += len as u64;
     }
-    if pages != part.pages {
+    if pages != part.pages || dev.len() as u64 != part.device_bytes {
         return Err(err(
             path,
-            format!("{pages} pages staged, the commit says {}", part.pages),
+            format!(
+                "{pages} pages and {} device-state bytes staged, the commit says {} and {}",
+                dev.len(),
+                part.pages,
+                part.device_bytes
+            ),
         ));
     }
-    Ok(bytes)
+    Ok((bytes, dev))
 }
 
 /// The staged file being appended to (one at a time: frames of a part arrive in a
 /// row), kept open between frames.
 #[derive(Debug, Default)]
 pub struct StagedFile {
-    cur: Option<((u64, u64, bool), File)>,
+    cur: Option<((u64, u64), File)>,
 }
 
 impl StagedFile {
-    fn get(&mut self, p: &Path, key: (u64, u64, bool)) -> Result<&mut File, String> {
+    fn get(&mut self, p: &Path, key: (u64, u64)) -> Result<&mut File, String> {
         if self.cur.as_ref().map(|c| c.0) != Some(key) {
             let f = File::options()
-                .append(!key.2)
-                .write(true)
+                .append(true)
                 .open(p)
                 .map_err(|e| err(p, e))?;
             self.cur = Some((key, f));
@@ -488,7 +487,6 @@ pub fn recover(files: &Files) -> Result<Recovered, String> {
                 }
             } else if let Some(id) = name
                 .strip_suffix(".pages")
-                .or_else(|| name.strip_suffix(".dev"))
                 .and_then(|s| s.parse::<u64>().ok())
             {
                 rec.next_id = rec.next_id.max(id + 1);
@@ -499,7 +497,7 @@ pub fn recover(files: &Files) -> Result<Recovered, String> {
         }
         for (p, id) in staged {
             if !ids.contains(&id) {
-                rec.torn_parts += usize::from(p.extension().is_some_and(|x| x == "pages"));
+                rec.torn_parts += 1;
                 let _ = std::fs::remove_file(&p);
             }
         }
