@@ -1,4 +1,4 @@
-//! Dirty-page capture of the full-state mode (docs/design.md §17), proven on a
+//! Dirty-page capture of the full-state mode (docs/design.md §9), proven on a
 //! plain child process before QEMU is involved: the child maps a shared file with
 //! the preload shim (`shim/`) loaded, writes a random set of pages each round and
 //! stops (as a stopped guest does); the agent's `PAGEMAP_SCAN` wrapper must then

@@ -1,6 +1,6 @@
 //! # pipecloud-shim: dirty-page tracking inside QEMU, set up by a preload library
 //!
-//! The full-state mode (docs/design.md §17) must know, at each pause, exactly which
+//! The full-state mode (docs/design.md §9) must know, at each pause, exactly which
 //! guest RAM pages changed since the previous pause. Linux offers this for a
 //! *foreign* process only through the `PAGEMAP_SCAN` ioctl on `/proc/PID/pagemap`,
 //! and only for memory that the owning process registered with a userfaultfd in

@@ -1,4 +1,4 @@
-//! Full-state (checkpoint) mode on the primary host (docs/design.md §17): the
+//! Full-state (checkpoint) mode on the primary host (docs/design.md §9): the
 //! agent pauses each QEMU guest of a group at every epoch, captures the RAM pages
 //! written since the previous epoch and the device state, resumes the guest, and
 //! ships the epoch to the backup in the background; the epoch rule itself (which
@@ -6,7 +6,5 @@
 //! `pipecloud_core::epoch`.
 //!
 //! - [`pagemap`]: `PAGEMAP_SCAN` on QEMU's `/proc/PID/pagemap` (dirty pages, from outside).
-//! - [`qmp`]: a minimal QMP client over QEMU's unix socket (`stop`, `cont`, device state).
-//! - [`capture`]: one pause: stop → scan → copy dirty pages → device state → cont.
 
 pub mod pagemap;
