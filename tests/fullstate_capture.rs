@@ -13,7 +13,12 @@
 //! (`cargo build --release -p pipecloud-shim`, done by scripts/test.sh's workspace
 //! build) or `PIPECLOUD_SHIM_SO`.
 
+#[path = "support/qemu_guest.rs"]
+#[allow(dead_code)]
+mod qemu_guest;
+
 use pipecloud::fullstate::pagemap::{find_ram_mapping, PagemapScanner, Rearm};
+use qemu_guest::shim_path;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::ops::Range;
@@ -24,23 +29,6 @@ const PAGE: usize = 4096;
 const CHILD_ENV: &str = "PIPECLOUD_TEST_SCAN_CHILD_FILE";
 const CHILD_PAGES_ENV: &str = "PIPECLOUD_TEST_SCAN_CHILD_PAGES";
 const READY: &str = "PIPECLOUD-SCAN-CHILD-READY";
-
-/// Path of the shim library; a missing one fails the test naming the build step.
-pub fn shim_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("PIPECLOUD_SHIM_SO") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let so = dir.join("libpipecloud_shim.so");
-    assert!(
-        so.exists(),
-        "{} is missing: build it first with `cargo build --release -p pipecloud-shim` \
-         (scripts/test.sh builds the whole workspace) or set PIPECLOUD_SHIM_SO",
-        so.display()
-    );
-    so
-}
 
 /// splitmix64.
 struct Rng(u64);

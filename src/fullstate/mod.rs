@@ -6,5 +6,9 @@
 //! `pipecloud_core::epoch`.
 //!
 //! - [`pagemap`]: `PAGEMAP_SCAN` on QEMU's `/proc/PID/pagemap` (dirty pages, from outside).
+//! - [`qmp`]: a minimal QMP client over QEMU's unix socket (`stop`, `cont`, device state).
+//! - [`capture`]: one pause of a group: stop all → open the epoch → scan, copy, device state → cont all.
 
+pub mod capture;
 pub mod pagemap;
+pub mod qmp;
