@@ -191,6 +191,20 @@ impl Epochs {
         }
     }
 
+    /// An agent (re)starting a group whose backup already acknowledged
+    /// `backup_acked` (the welcome's committed epoch entry): numbering continues
+    /// above it, so no epoch number is ever reused for other output; the first
+    /// pause ships the whole RAM.
+    pub fn resume(limits: EpochLimits, backup_acked: u64) -> Self {
+        let mut e = Epochs::new(limits);
+        e.open = backup_acked + 1;
+        e.captured = backup_acked;
+        e.shipped = backup_acked;
+        e.acked = backup_acked;
+        e.given_up = backup_acked;
+        e
+    }
+
     /// The epoch output seen now belongs to.
     pub fn open(&self) -> u64 {
         self.open
@@ -427,6 +441,15 @@ mod tests {
         });
         let p = e.begin_pause(&v(7)).unwrap();
         assert!(!p.full_ram);
+    }
+
+    #[test]
+    fn resume_continues_above_the_backups_epoch() {
+        let mut e = Epochs::resume(EpochLimits::default(), 41);
+        assert_eq!(e.tag(&v(0)).get(EPOCH_ENTRY), 42);
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 41);
+        let p = e.begin_pause(&v(1)).unwrap();
+        assert_eq!((p.epoch, p.full_ram), (42, true));
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //!
 //! - [`pagemap`]: `PAGEMAP_SCAN` on QEMU's `/proc/PID/pagemap` (dirty pages, from outside).
 //! - [`qmp`]: a minimal QMP client over QEMU's unix socket (`stop`, `cont`, device state).
+//! - [`driver`]: the per-group epoch loop and its shipper (pause, ship, acks → committed vector).
 //! - [`capture`]: one pause of a group: stop all → open the epoch → scan, copy, device state → cont all.
 
 pub mod capture;
+pub mod driver;
 pub mod pagemap;
 pub mod qmp;

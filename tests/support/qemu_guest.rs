@@ -2,7 +2,7 @@
 //! guest's kernel (`scripts/build-guest.sh` → `$CARGO_TARGET_DIR/guest/vmlinuz`,
 //! or `PIPECLOUD_GUEST_KERNEL`) with an initramfs of our own (static busybox and a
 //! shell `/init`) whose memory load we choose: `Load::Light` sleeps,
-//! `Load::Heavy` rewrites ~500 random pages of a tmpfs file every 100 ms.
+//! `Load::Heavy` rewrites a 5,000-page tmpfs file with random bytes, then sleeps 100 ms, in a loop.
 //! Guest RAM is a `/dev/shm` file shared with the agent, the preload shim tracks
 //! it; QMP on a unix socket. Everything is removed on drop (QEMU killed).
 
@@ -81,7 +81,7 @@ echo PCGUEST-READY
 case "$($B cat /proc/cmdline)" in
 *pcload=heavy*)
   while :; do
-    $B dd if=/dev/urandom of=/tmp/f bs=4096 count=500 conv=notrunc 2>/dev/null
+    $B dd if=/dev/urandom of=/tmp/f bs=4096 count=5000 conv=notrunc 2>/dev/null
     $B usleep 100000
   done ;;
 *) while :; do $B sleep 1; done ;;
