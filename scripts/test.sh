@@ -20,6 +20,8 @@ cargo test --workspace --release --no-fail-fast -- --nocapture 2>&1 | tee target
 ./scripts/check-test-log.sh target/test-output.log
 grep -E '^model: [1-9][0-9]* schedules' target/test-output.log ||
   { echo "test.sh: the core's model test printed no summary: it did not run" >&2; exit 1; }
+grep -E '^model-epoch: [1-9][0-9]* schedules' target/test-output.log ||
+  { echo "test.sh: the epoch model test printed no summary: it did not run" >&2; exit 1; }
 ./scripts/deploy-guide-test.sh  # docs/deploy.md followed literally, then a disaster check (issue 18)
 
 # End-to-end disaster checks (issue 6): real PostgreSQL on protected disks, an
