@@ -280,7 +280,12 @@ impl Group {
                     durable: ix.durable(),
                 })
                 .collect(),
-            committed: st.committed(),
+            committed: {
+                // A checkpoint agent resumes its epoch numbering above this.
+                let mut c = st.committed();
+                c.set(pipecloud_core::EPOCH_ENTRY, self.checkpoint.acked());
+                c
+            },
         };
         self.publish(&st);
         Ok(welcome)

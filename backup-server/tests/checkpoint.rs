@@ -364,9 +364,11 @@ async fn acks_wait_for_commit_and_barrier_and_failover_resumes_the_last_acked_ep
     // The agent reconnects; its old connection lingers (half open): the new one
     // takes the machine over.
     drop(inbox);
-    let (mut wr, rd, _) = connect(server.addr(), tls.clone(), &h)
+    let (mut wr, rd, wel) = connect(server.addr(), tls.clone(), &h)
         .await
         .expect("reconnect");
+    // The welcome carries the acknowledged epoch (the agent numbers on above it).
+    assert_eq!(wel.committed.get(pipecloud_core::EPOCH_ENTRY), 3);
     let mut inbox = Inbox::spawn(rd);
     // A reconnecting agent is told the last acknowledged epoch.
     assert_eq!(inbox.ack(3).await, 3);

@@ -156,6 +156,12 @@ impl GroupCkpt {
         l.is_checkpoint_group().then(|| l.durable_state().barrier)
     }
 
+    /// Last acknowledged epoch (0: none); the welcome carries it in the
+    /// committed vector's `EPOCH_ENTRY`.
+    pub fn acked(&self) -> u64 {
+        lock(&self.ledger).acked()
+    }
+
     /// Whether the group checkpoints.
     pub fn is_checkpoint_group(&self) -> bool {
         lock(&self.ledger).is_checkpoint_group()
