@@ -591,6 +591,7 @@ mod tests {
             barrier: c1.barrier,
             members: ["a".to_string()].into(),
             ram: [("vm".to_string(), RAM)].into(),
+            chain: Default::default(),
         };
         f.store_state(&d).unwrap();
         assert_eq!(f.apply(std::slice::from_ref(&c1)).unwrap(), RAM);

@@ -30,14 +30,14 @@
 //!    machine's previous epoch, which must have been committed (enforced at `End`:
 //!    a delta on an epoch the backup never got is rejected).
 //!
-//! Proof sketch: an epoch is acked only from [`Ledger::ready`], which checks 1–3
-//! directly; 4 holds for every commit by construction (`End` is the only way a part
-//! enters a commit). The RAM replica at `E` is the in-order application of every
+//! Proof sketch: an epoch is acked only from [`Ledger::ready`], which checks 1–4
+//! directly (4 against each machine's chain in the replica, [`Durable::chain`];
+//! `End` also refuses a delta on an epoch the backup does not hold, early). The RAM replica at `E` is the in-order application of every
 //! committed part `<= E` (2 makes all of them durable, 4 makes the chain of deltas
 //! of each machine gap-free back to a full epoch), the device state is the newest
 //! committed one `<= E`, the disks are the journal at the barrier (3). Torn parts
 //! (no `End`, no `Commit`, or a connection lost in between) never enter a commit and
-//! are discarded. [`Ledger::ack`] re-checks 1–3 with an always-on `assert!`: an ack
+//! are discarded. [`Ledger::ack`] re-checks 1–4 with an always-on `assert!`: an ack
 //! the rule does not allow is a bug in the checkpoint thread, and the server stops
 //! rather than acknowledge a checkpoint a crash could lose.
 //!
@@ -158,6 +158,8 @@ pub struct Durable {
     pub members: BTreeSet<String>,
     /// RAM size of every machine ever seen.
     pub ram: BTreeMap<String, u64>,
+    /// Each machine's newest epoch in the replica (the acknowledged chain).
+    pub chain: BTreeMap<String, u64>,
 }
 
 /// The group's checkpoint bookkeeping (see the module documentation).
@@ -554,7 +556,11 @@ impl Ledger {
     }
 
     /// Why `epoch` may not be acked now, or its barrier if it may (rule 1–3).
-    fn check(&self, epoch: u64, committed: &CountVector) -> Result<CountVector, String> {
+    fn check(
+        &self,
+        epoch: u64,
+        committed: &CountVector,
+    ) -> Result<(CountVector, BTreeMap<String, u64>), String> {
         let Some(commits) = self.pending.get(&epoch) else {
             return Err(format!("no commit of epoch {epoch}"));
         };
@@ -566,6 +572,29 @@ impl Ledger {
                 return Err(format!("the commit of epoch {e} by {a} is not durable"));
             }
         }
+        // Rule 4 again, at the ack: every machine's chain in the replica is intact
+        // at E (a delta continues the previous epoch; a full epoch restarts the
+        // chain). Defence in depth: End refuses a broken delta when it arrives.
+        let mut chain = self.d.chain.clone();
+        let mut broken: BTreeMap<String, u64> = BTreeMap::new();
+        for (e, cs) in self.pending.range(..=epoch) {
+            for (c, _) in cs.values() {
+                for p in &c.parts {
+                    let last = chain.get(&p.machine).copied().unwrap_or(0);
+                    if p.full {
+                        broken.remove(&p.machine);
+                    } else if last == 0 || last + 1 != *e {
+                        broken.insert(p.machine.clone(), *e);
+                    }
+                    chain.insert(p.machine.clone(), *e);
+                }
+            }
+        }
+        if let Some((m, e)) = broken.iter().next() {
+            return Err(format!(
+                "epoch {e} of {m} is a delta on an epoch the replica's chain does not hold, and no full epoch of {m} follows it up to {epoch}"
+            ));
+        }
         let mut barrier = CountVector::ZERO;
         for (c, _) in commits.values() {
             barrier.merge(&c.barrier);
@@ -575,7 +604,7 @@ impl Ledger {
                 "disk writes up to the barrier {barrier} are not all durable (committed {committed})"
             ));
         }
-        Ok(barrier)
+        Ok((barrier, chain))
     }
 
     /// The newest epoch that may be acknowledged now given the group's committed
@@ -590,10 +619,11 @@ impl Ledger {
 
     /// What an acknowledgement of `epoch` makes durable (to persist before acking).
     pub fn would_ack(&self, epoch: u64, committed: &CountVector) -> Result<Durable, String> {
-        let barrier = self.check(epoch, committed)?;
+        let (barrier, chain) = self.check(epoch, committed)?;
         let mut d = self.d.clone();
         d.acked = epoch;
         d.barrier = barrier;
+        d.chain = chain;
         Ok(d)
     }
 
@@ -602,14 +632,15 @@ impl Ledger {
     /// epoch order.
     ///
     /// # Panics
-    /// If `epoch` may not be acknowledged (rule 1–3 of the module documentation).
+    /// If `epoch` may not be acknowledged (rule 1–4 of the module documentation).
     pub fn ack(&mut self, epoch: u64, committed: &CountVector) -> Vec<Commit> {
-        let barrier = match self.check(epoch, committed) {
+        let (barrier, chain) = match self.check(epoch, committed) {
             Ok(b) => b,
             Err(why) => panic!("BUG: acknowledging checkpoint epoch {epoch}: {why}"),
         };
         self.d.acked = epoch;
         self.d.barrier = barrier;
+        self.d.chain = chain;
         let rest = self.pending.split_off(&(epoch + 1));
         let done = std::mem::replace(&mut self.pending, rest);
         done.into_values()
@@ -885,6 +916,43 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_whose_chain_is_broken_is_never_acked() {
+        // A delta on epoch 4 recovered while the replica's chain of vm1 ends at 2
+        // (epochs 3-4 of vm1 never made it): epoch 5 must not be acknowledged.
+        let c = Commit {
+            agent: "a".into(),
+            epoch: 5,
+            barrier: v(&[0]),
+            parts: vec![Part {
+                machine: "vm1".into(),
+                id: 1,
+                ram_bytes: RAM,
+                pages: 1,
+                device_bytes: 0,
+                full: false,
+            }],
+        };
+        let d = Durable {
+            acked: 4,
+            members: ["a".to_string()].into(),
+            chain: [("vm1".to_string(), 2)].into(),
+            ..Durable::default()
+        };
+        let mut l = Ledger::new(d, vec![c], 2);
+        assert_eq!(l.ready(&v(&[0])), None);
+        assert!(l
+            .would_ack(5, &v(&[0]))
+            .unwrap_err()
+            .contains("chain does not hold"));
+        // A full epoch of vm1 restores the chain: epoch 6 may be acknowledged.
+        l.connect(1, "a");
+        machine(&mut l, 1, "vm1", 6, true);
+        l.frame(1, commit(6, &[0])).unwrap();
+        l.durable("a", 6);
+        assert_eq!(l.ready(&v(&[0])), Some(6));
+    }
+
+    #[test]
     #[should_panic(expected = "is not durable")]
     fn ack_before_the_commit_is_durable_is_refused_loudly() {
         let mut l = Ledger::default();
@@ -924,6 +992,7 @@ mod tests {
         let d = Durable {
             acked: 4,
             members: ["a".to_string()].into(),
+            chain: [("vm1".to_string(), 4)].into(),
             ..Durable::default()
         };
         let mut l = Ledger::new(d, vec![c], 10);
