@@ -708,6 +708,33 @@ mod tests {
         CountVector::from_slice(x)
     }
 
+    /// A recovered, durable one-page delta commit of vm1 by agent a.
+    fn delta_commit(epoch: u64, barrier: &[u64], id: u64) -> Commit {
+        Commit {
+            agent: "a".into(),
+            epoch,
+            barrier: v(barrier),
+            parts: vec![Part {
+                machine: "vm1".into(),
+                id,
+                ram_bytes: RAM,
+                pages: 1,
+                device_bytes: 0,
+                full: false,
+            }],
+        }
+    }
+
+    /// A recovered state: epoch `acked` acknowledged, vm1's chain at `chain`.
+    fn recovered(acked: u64, chain: u64) -> Durable {
+        Durable {
+            acked,
+            members: ["a".to_string()].into(),
+            chain: [("vm1".to_string(), chain)].into(),
+            ..Durable::default()
+        }
+    }
+
     /// A whole machine epoch: full (all pages) or a delta of one page.
     fn machine(l: &mut Ledger, conn: u64, m: &str, epoch: u64, full: bool) {
         l.frame(conn, begin(m, epoch)).unwrap();
@@ -919,25 +946,8 @@ mod tests {
     fn a_delta_whose_chain_is_broken_is_never_acked() {
         // A delta on epoch 4 recovered while the replica's chain of vm1 ends at 2
         // (epochs 3-4 of vm1 never made it): epoch 5 must not be acknowledged.
-        let c = Commit {
-            agent: "a".into(),
-            epoch: 5,
-            barrier: v(&[0]),
-            parts: vec![Part {
-                machine: "vm1".into(),
-                id: 1,
-                ram_bytes: RAM,
-                pages: 1,
-                device_bytes: 0,
-                full: false,
-            }],
-        };
-        let d = Durable {
-            acked: 4,
-            members: ["a".to_string()].into(),
-            chain: [("vm1".to_string(), 2)].into(),
-            ..Durable::default()
-        };
+        let c = delta_commit(5, &[0], 1);
+        let d = recovered(4, 2);
         let mut l = Ledger::new(d, vec![c], 2);
         assert_eq!(l.ready(&v(&[0])), None);
         assert!(l
@@ -976,25 +986,8 @@ mod tests {
 
     #[test]
     fn recovery_keeps_durable_commits_beyond_the_ack() {
-        let c = Commit {
-            agent: "a".into(),
-            epoch: 5,
-            barrier: v(&[1]),
-            parts: vec![Part {
-                machine: "vm1".into(),
-                id: 9,
-                ram_bytes: RAM,
-                pages: 1,
-                device_bytes: 0,
-                full: false,
-            }],
-        };
-        let d = Durable {
-            acked: 4,
-            members: ["a".to_string()].into(),
-            chain: [("vm1".to_string(), 4)].into(),
-            ..Durable::default()
-        };
+        let c = delta_commit(5, &[1], 9);
+        let d = recovered(4, 4);
         let mut l = Ledger::new(d, vec![c], 10);
         assert_eq!(l.ready(&v(&[1])), Some(5));
         l.connect(1, "a");
