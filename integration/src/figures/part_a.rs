@@ -8,6 +8,7 @@
 //! client count carries the headline ratios, so it is repeated and each
 //! variant's median run is kept.
 
+use super::hold::HoldRow;
 use super::report::{rtt_row, APoint, Figures};
 use super::rig::{rtt_retry, site_options, topology_file, BareRig, Rig};
 use super::{check_interrupted, Plan, SINGLE_DB};
@@ -15,6 +16,7 @@ use crate::pgbench::{self, PgbenchResult};
 use crate::run::Site;
 use crate::standby::SyncStandby;
 use anyhow::{bail, Result};
+use pipecloud::netpath::HoldSnapshot;
 use pipecloud_core::topology::Mode;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -143,7 +145,8 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                 // The largest client count carries the headline ratios: repeat it
                 // (interleaved) and keep each variant's median run.
                 let reps = if c == top { plan.top_reps.max(1) } else { 1 };
-                let mut runs: BTreeMap<Variant, Vec<PgbenchResult>> = BTreeMap::new();
+                let mut runs: BTreeMap<Variant, Vec<(PgbenchResult, Option<HoldSnapshot>)>> =
+                    BTreeMap::new();
                 for _ in 0..reps {
                     for &v in &pass {
                         check_interrupted()?;
@@ -152,27 +155,41 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                         }
                         rig.drain();
                         let secs = Duration::from_secs(plan.secs);
+                        let held = (v == Variant::Pipelined).then(|| rig.hold()).flatten();
                         match pgbench::run_workload(&ep, w, c, secs, &dir) {
                             Ok(r) => {
                                 eprintln!(
                                     "figures: (a) {v:<16} {w:<16} clients={c:<3} tps={:>9.1} latency={:>9.2} ms failed={}",
                                     r.tps, r.latency_ms, r.failed
                                 );
-                                runs.entry(v).or_default().push(r);
+                                let hold = held
+                                    .zip(rig.hold())
+                                    .map(|(before, after)| after.since(&before));
+                                if let Some(h) = &hold {
+                                    eprintln!(
+                                        "figures: (a)   hold {}",
+                                        HoldRow::of(w.as_str(), c, h)
+                                            .line(rig.rtt().median.as_secs_f64() * 1e3)
+                                    );
+                                }
+                                runs.entry(v).or_default().push((r, hold));
                             }
                             Err(e) => eprintln!("figures: (a) {v} {w} clients={c}: FAILED: {e:#}"),
                         }
                     }
                 }
                 for (v, mut rs) in runs {
-                    rs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
-                    if let Some(r) = rs.get(rs.len() / 2).copied() {
+                    rs.sort_by(|a, b| a.0.tps.total_cmp(&b.0.tps));
+                    if let Some((r, hold)) = rs.get(rs.len() / 2).cloned() {
                         fig.a.push(APoint {
                             variant: v.as_str().to_string(),
                             workload: w.as_str().to_string(),
                             clients: c,
                             r,
                         });
+                        if let Some(h) = hold {
+                            fig.holds.push(HoldRow::of(w.as_str(), c, &h));
+                        }
                     }
                 }
             }

@@ -229,6 +229,25 @@ impl Rig {
             Rig::Bare(_) => bail!("variant {mode} needs the agent (run without --no-agent)"),
         }
     }
+    /// The hold breakdown of the site's agents so far (the first agent with a
+    /// network path; `None` without the agent or when it cannot be read).
+    pub(super) fn hold(&self) -> Option<pipecloud::netpath::HoldSnapshot> {
+        let Rig::Site(s) = self else { return None };
+        ctl_sockets(s).iter().find_map(|p| {
+            pipecloud::ctl::hold(p)
+                .map_err(|e| {
+                    eprintln!(
+                        "figures: reading the hold breakdown of {}: {e}",
+                        p.display()
+                    )
+                })
+                .ok()?
+                .into_iter()
+                .next()
+                .map(|(_, h)| h)
+        })
+    }
+
     pub(super) fn drain(&self) {
         if let Rig::Site(s) = self {
             wait_drained(s);
