@@ -144,8 +144,10 @@ mod tests {
 
     #[test]
     fn rows_round_trip_through_csv() {
-        let mut s = HoldSnapshot::default();
-        s.hold_us = "530000;".parse().unwrap();
+        let s = HoldSnapshot {
+            hold_us: "530000;".parse().unwrap(),
+            ..HoldSnapshot::default()
+        };
         let h: HistSnapshot = "106000;".parse().unwrap();
         assert_eq!(h.count(), 0);
         let r = HoldRow::of("tpcb", 64, &s);
