@@ -1,6 +1,6 @@
 //! The write timeline: when each recent write of this agent was issued, sent to
 //! the backup and learned durable, for the network path to explain where a held
-//! reply's time went (issue 20, `docs/design.md §7`).
+//! reply's time went (issue 20, `docs/design.md §8`).
 //!
 //! A held client-bound packet waits for the newest writes in its tag. Knowing,
 //! for that write, when it was issued (`State::issue`), when its frame was

@@ -16,6 +16,7 @@ pub(super) struct HoldRow {
     pub(super) released: u64,
     pub(super) hold_p50: f64,
     pub(super) hold_p99: f64,
+    pub(super) hold_mean: f64,
     pub(super) dep_send_p50: f64,
     pub(super) dep_send_p99: f64,
     pub(super) round_p50: f64,
@@ -31,9 +32,9 @@ pub(super) struct HoldRow {
 }
 
 /// CSV header of `hold.csv`.
-pub(super) const CSV_HEADER: &str = "workload,clients,released,hold_p50_ms,hold_p99_ms,dep_send_p50_ms,dep_send_p99_ms,round_p50_ms,round_p99_ms,release_p50_ms,release_p99_ms,dep_age_p50_ms,waits_for_p50,waits_for_p99,explained_share";
+pub(super) const CSV_HEADER: &str = "workload,clients,released,hold_p50_ms,hold_p99_ms,hold_mean_ms,dep_send_p50_ms,dep_send_p99_ms,round_p50_ms,round_p99_ms,release_p50_ms,release_p99_ms,dep_age_p50_ms,waits_for_p50,waits_for_p99,explained_share";
 /// Fields of a `hold.csv` row.
-pub(super) const CSV_FIELDS: usize = 15;
+pub(super) const CSV_FIELDS: usize = 16;
 
 fn q(h: &HistSnapshot, p: f64, scale: f64) -> f64 {
     h.quantile(p).map_or(f64::NAN, |v| v / scale)
@@ -49,6 +50,7 @@ impl HoldRow {
             released: n,
             hold_p50: q(&s.hold_us, 0.5, 1e3),
             hold_p99: q(&s.hold_us, 0.99, 1e3),
+            hold_mean: s.hold_us.mean().map_or(f64::NAN, |v| v / 1e3),
             dep_send_p50: q(&s.dep_send_us, 0.5, 1e3),
             dep_send_p99: q(&s.dep_send_us, 0.99, 1e3),
             round_p50: q(&s.round_us, 0.5, 1e3),
@@ -69,12 +71,13 @@ impl HoldRow {
     /// One line for the log and the table.
     pub(super) fn line(&self, rtt_ms: f64) -> String {
         format!(
-            "{:<8} {:>4} released={:<7} hold p50/p99 {:.1}/{:.1} (extra {:+.1}/{:+.1}) = send {:.1}/{:.1} + round {:.1}/{:.1} + release {:.1}/{:.1}; newest dep {:.1} old, waits for {:.0}/{:.0} writes; explained {:.0}%",
+            "{:<8} {:>4} released={:<7} hold p50/p99 {:.1}/{:.1} mean {:.1} (extra {:+.1}/{:+.1}) = send {:.1}/{:.1} + round {:.1}/{:.1} + release {:.1}/{:.1}; newest dep {:.1} old, waits for {:.0}/{:.0} writes; explained {:.0}%",
             self.workload,
             self.clients,
             self.released,
             self.hold_p50,
             self.hold_p99,
+            self.hold_mean,
             self.hold_p50 - rtt_ms,
             self.hold_p99 - rtt_ms,
             self.dep_send_p50,
@@ -95,6 +98,7 @@ impl HoldRow {
         for v in [
             self.hold_p50,
             self.hold_p99,
+            self.hold_mean,
             self.dep_send_p50,
             self.dep_send_p99,
             self.round_p50,
@@ -124,16 +128,17 @@ impl HoldRow {
             released: f(2)? as u64,
             hold_p50: f(3)?,
             hold_p99: f(4)?,
-            dep_send_p50: f(5)?,
-            dep_send_p99: f(6)?,
-            round_p50: f(7)?,
-            round_p99: f(8)?,
-            release_p50: f(9)?,
-            release_p99: f(10)?,
-            dep_age_p50: f(11)?,
-            waits_p50: f(12)?,
-            waits_p99: f(13)?,
-            explained_share: f(14)?,
+            hold_mean: f(5)?,
+            dep_send_p50: f(6)?,
+            dep_send_p99: f(7)?,
+            round_p50: f(8)?,
+            round_p99: f(9)?,
+            release_p50: f(10)?,
+            release_p99: f(11)?,
+            dep_age_p50: f(12)?,
+            waits_p50: f(13)?,
+            waits_p99: f(14)?,
+            explained_share: f(15)?,
         })
     }
 }

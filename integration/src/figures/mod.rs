@@ -76,13 +76,17 @@ pub(crate) struct FiguresArgs {
     #[arg(long, value_delimiter = ',', default_value = "tpcb,insert")]
     workloads: Vec<Workload>,
     /// (a) client counts.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4,8,16,32,64,128,256"
+    )]
     clients: Vec<u32>,
     /// (a) seconds per pgbench point.
     #[arg(long, default_value_t = 5)]
     secs: u64,
-    /// (a) runs of the largest client count per variant, interleaved; the
-    /// median (by tps) is reported.
+    /// (a) runs of each client count from 64 on per variant, interleaved;
+    /// the median (by tps) is reported.
     #[arg(long, default_value_t = 3)]
     top_reps: usize,
     /// (b) front-tier computation per request, ms.
@@ -110,6 +114,11 @@ pub(crate) struct FiguresArgs {
     /// directory (variants plain and pgsync).
     #[arg(long)]
     no_agent: bool,
+    /// (a) same-run A/B: every point runs each variant with this knob off,
+    /// then on, interleaved (`wan-rt`: the WAN emulator's thread at real-time
+    /// priority); the knob-on points are named `variant+knob`.
+    #[arg(long)]
+    ab: Option<part_a::Knob>,
     /// Re-render table and plots from the CSV files in this directory; run nothing.
     #[arg(long)]
     replot: Option<PathBuf>,
@@ -142,7 +151,7 @@ struct Plan {
     workloads: Vec<Workload>,
     clients: Vec<u32>,
     secs: u64,
-    /// Runs of the largest client count per variant (the median is kept).
+    /// Runs of each client count from 64 on per variant (the median is kept).
     top_reps: usize,
     compute_ms: Vec<u64>,
     latency_secs: u64,
@@ -152,6 +161,7 @@ struct Plan {
     disaster_ms: u64,
     disaster_workers: usize,
     no_agent: bool,
+    ab: Option<part_a::Knob>,
 }
 
 impl Plan {
@@ -188,6 +198,7 @@ impl Plan {
             disaster_ms: a.disaster_ms,
             disaster_workers: a.disaster_workers.max(1),
             no_agent: a.no_agent,
+            ab: a.ab,
         })
     }
 
@@ -219,6 +230,7 @@ impl Plan {
             disaster_ms: 4000,
             disaster_workers: 16,
             no_agent: false,
+            ab: None,
         }
     }
 }
@@ -245,6 +257,14 @@ fn loadavg() -> String {
         psi("cpu"),
         psi("io")
     )
+}
+
+/// The 1-minute load average (printed with every point).
+fn loadavg1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// `pipecloud-harness figures`.
