@@ -68,34 +68,9 @@ impl HoldRow {
         }
     }
 
-    /// One line for the log and the table.
-    pub(super) fn line(&self, rtt_ms: f64) -> String {
-        format!(
-            "{:<8} {:>4} released={:<7} hold p50/p99 {:.1}/{:.1} mean {:.1} (extra {:+.1}/{:+.1}) = send {:.1}/{:.1} + round {:.1}/{:.1} + release {:.1}/{:.1}; newest dep {:.1} old, waits for {:.0}/{:.0} writes; explained {:.0}%",
-            self.workload,
-            self.clients,
-            self.released,
-            self.hold_p50,
-            self.hold_p99,
-            self.hold_mean,
-            self.hold_p50 - rtt_ms,
-            self.hold_p99 - rtt_ms,
-            self.dep_send_p50,
-            self.dep_send_p99,
-            self.round_p50,
-            self.round_p99,
-            self.release_p50,
-            self.release_p99,
-            self.dep_age_p50,
-            self.waits_p50,
-            self.waits_p99,
-            self.explained_share * 100.0,
-        )
-    }
-
-    pub(super) fn csv(&self) -> String {
-        let mut s = format!("{},{},{}", self.workload, self.clients, self.released);
-        for v in [
+    /// The numbers after workload, clients and released, in CSV order.
+    fn values(&self) -> [f64; 13] {
+        [
             self.hold_p50,
             self.hold_p99,
             self.hold_mean,
@@ -109,7 +84,27 @@ impl HoldRow {
             self.waits_p50,
             self.waits_p99,
             self.explained_share,
-        ] {
+        ]
+    }
+
+    /// One line for the log and the table.
+    pub(super) fn line(&self, rtt_ms: f64) -> String {
+        let [h50, h99, mean, s50, s99, r50, r99, l50, l99, age, w50, w99, explained] =
+            self.values();
+        format!(
+            "{:<8} {:>4} released={:<7} hold p50/p99 {h50:.1}/{h99:.1} mean {mean:.1} (extra {:+.1}/{:+.1}) = send {s50:.1}/{s99:.1} + round {r50:.1}/{r99:.1} + release {l50:.1}/{l99:.1}; newest dep {age:.1} old, waits for {w50:.0}/{w99:.0} writes; explained {:.0}%",
+            self.workload,
+            self.clients,
+            self.released,
+            h50 - rtt_ms,
+            h99 - rtt_ms,
+            explained * 100.0,
+        )
+    }
+
+    pub(super) fn csv(&self) -> String {
+        let mut s = format!("{},{},{}", self.workload, self.clients, self.released);
+        for v in self.values() {
             let _ = write!(s, ",{v:.3}");
         }
         s

@@ -152,6 +152,9 @@ fn noisy<T>(
     })
 }
 
+/// One pgbench run and, for pipelined, its hold breakdown.
+type Run = (PgbenchResult, Option<HoldSnapshot>);
+
 /// A point's variant name: with the knob of an A/B on, `variant+knob`.
 fn label(v: Variant, knob: Option<Knob>, on: Option<bool>) -> String {
     match (knob, on) {
@@ -221,10 +224,7 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                 } else {
                     1
                 };
-                let mut runs: BTreeMap<
-                    (Variant, String),
-                    Vec<(PgbenchResult, Option<HoldSnapshot>)>,
-                > = BTreeMap::new();
+                let mut runs: BTreeMap<(Variant, String), Vec<Run>> = BTreeMap::new();
                 // With `--ab KNOB`: each variant with the knob off, then on, interleaved.
                 let settings: Vec<Option<bool>> = match plan.ab {
                     Some(_) => vec![Some(false), Some(true)],
