@@ -85,6 +85,9 @@ pub(crate) struct FiguresArgs {
     /// (a) seconds per pgbench point.
     #[arg(long, default_value_t = 5)]
     secs: u64,
+    /// (a) seconds of unmeasured pgbench before each point (0: none).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
     /// (a) runs of each client count from 64 on per variant, interleaved;
     /// the median (by tps) is reported.
     #[arg(long, default_value_t = 3)]
@@ -135,6 +138,9 @@ pub(crate) struct DemoArgs {
     /// Seconds per measurement point.
     #[arg(long, default_value_t = 3)]
     secs: u64,
+    /// Seconds of unmeasured pgbench before each point of (a) (0: none).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
 }
 
 /// What one run does (resolved from [`FiguresArgs`] or [`DemoArgs`]).
@@ -151,6 +157,8 @@ struct Plan {
     workloads: Vec<Workload>,
     clients: Vec<u32>,
     secs: u64,
+    /// Unmeasured seconds before each point of (a).
+    warmup_secs: u64,
     /// Runs of each client count from 64 on per variant (the median is kept).
     top_reps: usize,
     compute_ms: Vec<u64>,
@@ -184,6 +192,7 @@ impl Plan {
             workloads: a.workloads.clone(),
             clients: a.clients.clone(),
             secs: a.secs.max(1),
+            warmup_secs: a.warmup_secs,
             top_reps: a.top_reps.max(1),
             compute_ms: a.compute_ms.clone(),
             latency_secs: a.latency_secs.max(1),
@@ -221,6 +230,7 @@ impl Plan {
             workloads: vec![Workload::TpcB, Workload::Insert],
             clients: vec![1, 8, 64],
             secs: a.secs.max(1),
+            warmup_secs: a.warmup_secs,
             top_reps: 3,
             compute_ms: Vec::new(),
             latency_secs: a.secs.max(1),

@@ -247,6 +247,17 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                             }
                             rig.drain();
                             let label = label(v, plan.ab, on);
+                            if plan.warmup_secs > 0 {
+                                // Not measured: the first second after a mode switch is
+                                // slow for every variant (new backends, the stream's
+                                // window; pipelined most: see the per-second shape).
+                                let warm = Duration::from_secs(plan.warmup_secs);
+                                if let Err(e) =
+                                    pgbench::run_workload_progress(&ep, w, c, warm, &dir)
+                                {
+                                    eprintln!("figures: (a) {label} {w} clients={c}: warm-up FAILED: {e:#}");
+                                }
+                            }
                             let secs = Duration::from_secs(plan.secs);
                             let held = (v == Variant::Pipelined).then(|| rig.hold()).flatten();
                             match pgbench::run_workload_progress(&ep, w, c, secs, &dir) {
