@@ -415,6 +415,14 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(e.on_committed(&v(&[5]), &mut out), 3);
         assert_eq!(verdicts(&out), vec![(BATCH, 3, true)]);
+        // What the hold breakdown reads: the released packets, their tag,
+        // arrival and the writes they needed beyond the committed vector.
+        let ids: Vec<u32> = e.last_released().iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        assert!(e
+            .last_released()
+            .iter()
+            .all(|h| h.tag == v(&[5]) && h.arrived == now && h.waits_for == 5));
         assert_eq!(e.held(), 0);
         assert_eq!(e.oldest_since(), None);
         // Committed now covers web's vector: the next packet leaves at once.

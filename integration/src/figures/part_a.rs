@@ -325,6 +325,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn knobs_label_and_noisy_points() {
+        assert_eq!("wan-rt".parse::<Knob>(), Ok(Knob::WanRealtime));
+        assert_eq!("tcp-keep-window".parse::<Knob>(), Ok(Knob::TcpKeepWindow));
+        assert!("nagle".parse::<Knob>().is_err());
+        let on = label(Variant::Pipelined, Some(Knob::WanRealtime), Some(true));
+        assert_eq!(on, "pipelined+wan-rt");
+        assert_eq!(
+            label(Variant::Async, Some(Knob::WanRealtime), Some(false)),
+            "async"
+        );
+        let run = |tps: f64| {
+            (
+                PgbenchResult {
+                    tps,
+                    ..PgbenchResult::default()
+                },
+                (),
+            )
+        };
+        assert_eq!(
+            noisy("async", "tpcb", 64, &[run(100.0), run(105.0), run(109.0)]),
+            None
+        );
+        let n = noisy("async", "tpcb", 64, &[run(100.0), run(105.0), run(120.0)]).unwrap();
+        assert!(n.contains("span 19%"), "{n}");
+        assert_eq!(noisy("async", "tpcb", 64, &[run(100.0)]), None);
+    }
+
+    #[test]
     fn variants_parse() {
         assert_eq!("pgsync".parse::<Variant>(), Ok(Variant::PgSync));
         assert_eq!("pipelined".parse::<Variant>(), Ok(Variant::Pipelined));
