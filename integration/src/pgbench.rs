@@ -169,16 +169,27 @@ pub struct PgbenchResult {
     pub failed: u64,
 }
 
+/// How one pgbench run went over time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunShape {
+    /// tps of each second of the run (`--progress 1`).
+    pub per_second: Vec<f64>,
+    /// pgbench's `initial connection time` (ms): with replies held one round
+    /// trip, every connection's handshake (SYN-ACK, SSL refusal, startup)
+    /// costs several, and pgbench connects a thread's clients one by one.
+    pub connect_ms: Option<f64>,
+}
+
 /// Runs `workload` with `clients` clients for `duration`; returns pgbench's
-/// summary and its tps of each second of the run (`--progress 1`): the shape
-/// of a point, e.g. a slow start after a mode switch.
+/// summary and the shape of the run: its tps of each second, e.g. a slow
+/// start, and its connection time.
 pub fn run_workload_progress(
     ep: &Endpoint,
     workload: Workload,
     clients: u32,
     duration: Duration,
     script_dir: &Path,
-) -> Result<(PgbenchResult, Vec<f64>)> {
+) -> Result<(PgbenchResult, RunShape)> {
     let script = script_dir.join(format!("pgbench-{}.sql", workload.as_str()));
     std::fs::write(&script, workload.script())
         .with_context(|| format!("writing {}", script.display()))?;
@@ -199,9 +210,21 @@ pub fn run_workload_progress(
     if !out.status.success() {
         anyhow::bail!("{} failed ({}): {}", what(), out.status, stderr.trim());
     }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let connect_ms = stdout.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("initial connection time =")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
     Ok((
-        parse_summary(&String::from_utf8_lossy(&out.stdout))?,
-        parse_progress(&stderr),
+        parse_summary(&stdout)?,
+        RunShape {
+            per_second: parse_progress(&stderr),
+            connect_ms,
+        },
     ))
 }
 

@@ -261,12 +261,16 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                             let secs = Duration::from_secs(plan.secs);
                             let held = (v == Variant::Pipelined).then(|| rig.hold()).flatten();
                             match pgbench::run_workload_progress(&ep, w, c, secs, &dir) {
-                                Ok((r, per_second)) => {
-                                    let shape: Vec<String> =
-                                        per_second.iter().map(|t| format!("{t:.0}")).collect();
+                                Ok((r, shape)) => {
+                                    let per_second: Vec<String> = shape
+                                        .per_second
+                                        .iter()
+                                        .map(|t| format!("{t:.0}"))
+                                        .collect();
                                     eprintln!(
-                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} tps per second: {}",
-                                        shape.join(" ")
+                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} connect {} ms, tps per second: {}",
+                                        shape.connect_ms.map_or_else(|| "?".into(), |m| format!("{m:.0}")),
+                                        per_second.join(" ")
                                     );
                                     eprintln!(
                                         "figures: (a) {label:<16} {w:<16} clients={c:<3} tps={:>9.1} latency={:>9.2} ms failed={} load {}",
