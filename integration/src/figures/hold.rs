@@ -117,23 +117,29 @@ impl HoldRow {
                 .parse::<f64>()
                 .map_err(|e| format!("hold.csv field {i}: {e}"))
         };
+        let mut v = [0.0; 13];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = f(3 + i)?;
+        }
+        let [hold_p50, hold_p99, hold_mean, dep_send_p50, dep_send_p99, round_p50, round_p99, release_p50, release_p99, dep_age_p50, waits_p50, waits_p99, explained_share] =
+            v;
         Ok(HoldRow {
             workload: r.first().cloned().unwrap_or_default(),
             clients: f(1)? as u32,
             released: f(2)? as u64,
-            hold_p50: f(3)?,
-            hold_p99: f(4)?,
-            hold_mean: f(5)?,
-            dep_send_p50: f(6)?,
-            dep_send_p99: f(7)?,
-            round_p50: f(8)?,
-            round_p99: f(9)?,
-            release_p50: f(10)?,
-            release_p99: f(11)?,
-            dep_age_p50: f(12)?,
-            waits_p50: f(13)?,
-            waits_p99: f(14)?,
-            explained_share: f(15)?,
+            hold_p50,
+            hold_p99,
+            hold_mean,
+            dep_send_p50,
+            dep_send_p99,
+            round_p50,
+            round_p99,
+            release_p50,
+            release_p99,
+            dep_age_p50,
+            waits_p50,
+            waits_p99,
+            explained_share,
         })
     }
 }
