@@ -348,17 +348,23 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 
     // Full-state epochs (checkpoint mode).
     let epochs = if topo.group.mode == topology::Mode::Checkpoint {
-        Some(start_epochs(&topo, &host.name, &client, &causal)?)
+        Some(Arc::new(start_epochs(&topo, &host.name, &client, &causal)?))
     } else {
         None
     };
 
     // Control socket.
-    let control = Arc::new(Control::new(vec![ControlGroup {
+    let mut control = Control::new(vec![ControlGroup {
         client: Arc::clone(&client),
         mode: mode.clone(),
         net: net.as_ref().map(|n: &NetPath| Arc::clone(n.metrics())),
-    }]));
+    }]);
+    if let Some(d) = &epochs {
+        let d = Arc::downgrade(d);
+        let group = topo.group.name.clone();
+        control = control.with_epochs(Arc::new(move || Some(d.upgrade()?.status().line(&group))));
+    }
+    let control = Arc::new(control);
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, Arc::clone(&control))));
     let ctl = CtlServer::bind(&host.ctl_socket, control)

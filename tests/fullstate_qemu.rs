@@ -263,7 +263,12 @@ fn epoch_driver_ships_and_releases_by_ack() {
         open > held,
         "output of the open epoch {open} held at {held}"
     );
-    println!("fullstate driver: alarm {:?}", driver.status().alarm);
+    let line = driver.status().line("drv");
+    assert!(
+        line.contains("ALARM (output held)"),
+        "ctl status line: {line}"
+    );
+    println!("fullstate driver: {line}");
     done.store(true, Ordering::Release);
     let epochs = backup
         .join()

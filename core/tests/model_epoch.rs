@@ -35,9 +35,14 @@
 //! Environment: `PIPECLOUD_MODEL_EPOCH_SCHEDULES` (default 20 000),
 //! `PIPECLOUD_MODEL_EPOCH_SEED` (first seed, default 0).
 
+#[path = "model/rng.rs"]
+#[allow(dead_code)]
+mod rng;
+
 use pipecloud_core::epoch::{Captured, EpochLimits, Epochs};
 use pipecloud_core::netqueue::{FlowId, NetQueue, NetQueueLimits, Push};
 use pipecloud_core::{CountVector, WriterId, EPOCH_ENTRY};
+use rng::Rng;
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,24 +78,6 @@ enum Check {
 struct Violation {
     check: Check,
     what: String,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
-    }
-    /// True with probability `1/n`.
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
 }
 
 struct Pkt {
@@ -169,7 +156,7 @@ fn violation<T>(check: Check, what: String) -> Result<T, Violation> {
 
 impl Sim {
     fn new(seed: u64, bug: Bug, release_checks: bool) -> Self {
-        let mut rng = Rng(seed ^ 0x243f_6a88_85a3_08d3);
+        let mut rng = Rng::new(seed);
         let writers = 1 + rng.below(3) as usize;
         let max_unacked = 1 + rng.below(8);
         Sim {
@@ -331,7 +318,7 @@ impl Sim {
         if !self.running || quiet {
             return;
         }
-        if self.rng.one_in(2) {
+        if self.rng.chance(1, 2) {
             let w = self.rng.below(self.writers as u64) as usize;
             let seq = self.issued.bump(WriterId(w as u8));
             let due = self.disk_due[w].max(self.t + self.rng.below(6));
@@ -381,7 +368,7 @@ impl Sim {
                 }
             }
             self.running = true;
-        } else if self.pausing.is_none() && self.rng.one_in(4) {
+        } else if self.pausing.is_none() && self.rng.chance(1, 4) {
             if let Err(_refused) = self.epochs.may_pause() {
                 self.stats.stalls += 1;
             } else {
@@ -408,7 +395,7 @@ impl Sim {
                         Err(e) => return violation(Check::Protocol, format!("t={t} pause: {e}")),
                     }
                 };
-                let fails = faults && self.rng.one_in(300);
+                let fails = faults && self.rng.chance(1, 300);
                 self.pausing = Some(Pausing {
                     ckpt: Ckpt {
                         epoch: pause.epoch,
@@ -422,7 +409,7 @@ impl Sim {
             }
         }
         // Shipping in the background.
-        if !self.to_ship.is_empty() && !self.rng.one_in(3) {
+        if !self.to_ship.is_empty() && !self.rng.chance(1, 3) {
             let ck = self.to_ship.pop_front().unwrap();
             if let Err(e) = self.epochs.ship_done(ck.epoch) {
                 return violation(Check::Protocol, format!("t={t} ship: {e}"));
@@ -432,7 +419,7 @@ impl Sim {
             self.ckpt_q.push_back((due, self.conn, ck));
         }
         // The connection breaks.
-        if faults && self.rng.one_in(150) {
+        if faults && self.rng.chance(1, 150) {
             self.stats.reconnects += 1;
             self.conn += 1;
             self.chain = 0;
@@ -491,8 +478,8 @@ impl Sim {
 fn run_schedule(seed: u64, bug: Bug, release_checks: bool) -> Result<Stats, Violation> {
     let mut sim = Sim::new(seed, bug, release_checks);
     let ticks = 100 + sim.rng.below(400);
-    let disaster_at = sim.rng.one_in(2).then(|| sim.rng.below(ticks));
-    let faults = sim.rng.one_in(2);
+    let disaster_at = sim.rng.chance(1, 2).then(|| sim.rng.below(ticks));
+    let faults = sim.rng.chance(1, 2);
     for t in 0..ticks + 300 {
         sim.t = t;
         let quiet = t >= ticks;

@@ -204,6 +204,24 @@ impl EpochDriver {
     }
 }
 
+impl DriverStatus {
+    /// One line for `ctl status`; an alarm comes first and loud.
+    pub fn line(&self, group: &str) -> String {
+        let alarm = self
+            .alarm
+            .as_deref()
+            .map_or_else(String::new, |a| format!("ALARM (output held): {a}; "));
+        let pause = self.last_pause.map_or_else(
+            || "-".to_owned(),
+            |p| format!("{:.2}ms/{}pages", p.total.as_secs_f64() * 1e3, p.pages),
+        );
+        format!(
+            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause}",
+            self.open, self.shipped, self.acked, self.pauses, self.stalls
+        )
+    }
+}
+
 impl Drop for EpochDriver {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
