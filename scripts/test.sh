@@ -37,4 +37,5 @@ for topo in single-db two-host; do
   "$H" disaster --topology "topology/$topo.toml" --mode async --points "$POINTS" --seed 7 --expect-unsafe
 done
 "$H" disaster --topology topology/single-db.toml --mode pipelined --points 1 --seed 7 --ipv6-client  # issue 18: client over IPv6
+./scripts/fault-checkpoint.sh  # issue 21: the checkpoint tests catch an ack before durability
 echo "test.sh: all tests passed"
