@@ -66,7 +66,8 @@ pub struct DriverStatus {
 
 struct State {
     epochs: Epochs,
-    /// Connection generation (see `CheckpointLink`).
+    /// The synchronised connection generation frames are shipped on (see
+    /// `CheckpointLink`; 0: none yet, no pause happens).
     generation: u64,
     status: DriverStatus,
 }
@@ -77,6 +78,8 @@ struct Shared {
     link: Arc<CheckpointLink>,
     stop: AtomicBool,
     group: String,
+    /// Local machines whose pending vectors carry the epoch.
+    machines: Vec<usize>,
 }
 
 impl Shared {
@@ -84,7 +87,7 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Raises the committed vector's epoch entry to the acknowledged epoch.
+    /// Raises the committed vector's epoch entry to this run's acknowledged epoch.
     fn publish(&self, st: &State) {
         let view = st.epochs.committed_view(&CountVector::ZERO);
         self.causal.publish_committed(&view);
@@ -99,18 +102,27 @@ impl Shared {
 }
 
 impl CheckpointEvents for Shared {
-    fn welcome(&self, backup_acked: u64) {
+    fn connection(&self, generation: u64, backup_acked: u64) {
         let mut st = self.lock();
-        st.generation += 1;
-        self.link.new_connection(st.generation);
+        if generation <= st.generation {
+            return; // reported already
+        }
+        st.generation = generation;
         match st.epochs.reconnected(backup_acked) {
-            Ok(()) => self.publish(&st),
-            Err(e) => self.alarm(&mut st, format!("backup welcome: {e}")),
+            Ok(()) => {
+                // The first connection may move the numbering above the backup's.
+                raise_epoch(&self.causal, &self.machines, st.epochs.open());
+                self.publish(&st);
+            }
+            Err(e) => self.alarm(&mut st, format!("backup connection: {e}")),
         }
     }
 
-    fn ack(&self, epoch: u64) {
+    fn ack(&self, generation: u64, epoch: u64) {
         let mut st = self.lock();
+        if generation != st.generation {
+            return; // an ack of a connection not (or no longer) ours
+        }
         match st.epochs.ack(epoch) {
             Ok(true) => self.publish(&st),
             Ok(false) => {}
@@ -136,17 +148,16 @@ struct ToShip {
 impl EpochDriver {
     /// Starts the loop: attaches to the guests (waiting for their QMP sockets),
     /// then pauses every `interval`. Registers itself as `link`'s event handler.
-    /// `backup_acked`: the epoch the backup's welcome says is acknowledged
-    /// (numbering continues above it).
+    /// No pause happens before the link reports a synchronised connection
+    /// (the numbering continues above the backup's acknowledged epoch).
     pub fn start(
         group: &str,
         specs: Vec<GuestSpec>,
         cfg: DriverConfig,
         causal: Arc<CausalState>,
         link: Arc<CheckpointLink>,
-        backup_acked: u64,
     ) -> Result<Self> {
-        let epochs = Epochs::resume(cfg.limits, backup_acked);
+        let epochs = Epochs::new(cfg.limits);
         let first = epochs.open();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -161,6 +172,7 @@ impl EpochDriver {
             link: Arc::clone(&link),
             stop: AtomicBool::new(false),
             group: group.to_owned(),
+            machines: cfg.machines.clone(),
         });
         // Output of the first epoch is tagged from the start.
         raise_epoch(&shared.causal, &cfg.machines, first);
