@@ -13,7 +13,6 @@
 //! tests/support/qemu_guest.rs).
 
 #[path = "support/backup.rs"]
-#[allow(dead_code)]
 mod backup;
 #[path = "support/qemu_guest.rs"]
 #[allow(dead_code)]
@@ -25,9 +24,7 @@ use pipecloud::core::epoch::EpochLimits;
 use pipecloud::core::{WriterId, EPOCH_ENTRY};
 use pipecloud::fullstate::driver::{DriverConfig, EpochDriver};
 use pipecloud::replication::checkpoint::CheckpointLink;
-use pipecloud::replication::{
-    fresh_generation, DiskSpec, ReplicationClient, ReplicationConfig, TlsFiles,
-};
+use pipecloud::replication::{fresh_generation, DiskSpec, ReplicationClient, ReplicationConfig};
 use qemu_guest::{Load, TestGuest};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,14 +40,6 @@ fn epochs_acked_by_the_real_backup_and_failed_over() {
     let causal = Arc::new(CausalState::new(1));
     let link = Arc::new(CheckpointLink::new(16 << 20));
     let config = ReplicationConfig {
-        endpoint: format!("127.0.0.1:{}", backup.port),
-        server_name: "localhost".into(),
-        tls: TlsFiles {
-            ca: backup.ca(),
-            cert: backup.agent_cert(),
-            key: backup.agent_key(),
-        },
-        group: GROUP.into(),
         group_id: 9,
         agent: "agent-fs".into(),
         disks: vec![DiskSpec {
@@ -63,7 +52,7 @@ fn epochs_acked_by_the_real_backup_and_failed_over() {
         heartbeat_interval: Duration::from_millis(200),
         heartbeat_timeout: Duration::from_secs(3),
         checkpoint: Some(Arc::clone(&link)),
-        ..ReplicationConfig::default()
+        ..backup.client_config()
     };
     let client = ReplicationClient::start(config, Arc::clone(&causal)).expect("client");
     let tg = TestGuest::boot("fsvm", 128, Load::Light);
@@ -123,18 +112,7 @@ fn epochs_acked_by_the_real_backup_and_failed_over() {
     drop(tg);
 
     let out = scratch.0.join("failover");
-    let o = std::process::Command::new(backup::backup_server_bin())
-        .args(["failover", "--group", GROUP, "--out"])
-        .arg(&out)
-        .arg("--config")
-        .arg(backup.config())
-        .output()
-        .expect("backup-server failover");
-    assert!(
-        o.status.success(),
-        "failover: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    backup.failover(&out);
     let manifest = std::fs::read_to_string(out.join("checkpoint.toml")).expect("checkpoint.toml");
     let epoch: u64 = manifest
         .lines()
