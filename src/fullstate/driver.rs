@@ -64,8 +64,13 @@ pub struct DriverStatus {
     pub stalls: u64,
 }
 
+/// Pause records kept for [`EpochDriver::take_pauses`] (the oldest are dropped).
+pub const MAX_PAUSE_RECORDS: usize = 16_384;
+
 struct State {
     epochs: Epochs,
+    /// The latest pauses, for figures (bounded by [`MAX_PAUSE_RECORDS`]).
+    pauses: std::collections::VecDeque<PauseTimes>,
     /// The synchronised connection generation frames are shipped on (see
     /// `CheckpointLink`; 0: none yet, no pause happens).
     generation: u64,
@@ -166,6 +171,7 @@ impl EpochDriver {
                     ..DriverStatus::default()
                 },
                 epochs,
+                pauses: std::collections::VecDeque::new(),
                 generation: 0,
             }),
             causal,
@@ -203,6 +209,11 @@ impl EpochDriver {
             shared,
             threads: vec![shipper, looper],
         })
+    }
+
+    /// The pauses recorded since the last call (figures).
+    pub fn take_pauses(&self) -> Vec<PauseTimes> {
+        self.shared.lock().pauses.drain(..).collect()
     }
 
     /// The loop's state now.
@@ -336,6 +347,10 @@ fn epoch_loop(
         let p = pause.ok_or_else(|| anyhow!("pause without an epoch"))?;
         st.status.pauses += 1;
         st.status.last_pause = Some(t);
+        if st.pauses.len() == MAX_PAUSE_RECORDS {
+            st.pauses.pop_front();
+        }
+        st.pauses.push_back(t);
         match st.epochs.capture_done(p.epoch)? {
             Captured::Ship => {
                 drop(st);
