@@ -272,9 +272,17 @@ fn attach_all(shared: &Shared, specs: &[GuestSpec], cfg: &DriverConfig) -> Resul
             }
             match Guest::attach(spec.clone(), cfg.qmp_timeout) {
                 Ok(mut g) => {
-                    // A guest the launcher keeps stopped (-S) is not checkpointed yet.
-                    if g.qmp().status().is_ok_and(|s| s == "running") {
-                        break g;
+                    // A guest the launcher keeps stopped (-S, `prelaunch`) is not
+                    // checkpointed yet; one left `paused` by an agent killed
+                    // mid-pause is (its first pause continues it).
+                    match g.qmp().status() {
+                        Ok(s) if s == "running" => break g,
+                        Ok(s) if s == "paused" => {
+                            tracing::warn!(group = %shared.group, guest = %spec.name,
+                                "guest found paused (an agent stopped mid-pause?): the next pause continues it");
+                            break g;
+                        }
+                        _ => {}
                     }
                 }
                 Err(e) => {
