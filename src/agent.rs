@@ -324,6 +324,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         let kernel_tagger_mark = np
             .kernel_tagger()
             .map(|_| crate::ebpf::DEFAULT_HANDLED_MARK);
+        np.metrics().attach_timeline(client.timeline());
         net_mode_bridge(&np, &mode, &client, &causal);
         net = Some(np);
         let rm = RuleManager::new(

@@ -14,8 +14,14 @@
 //!   the session) and the degraded flag) followed by one summary line per group
 //!   and, where the agent runs the group's network path, one line of its counters
 //!   (tagged, merged, held, released, drops, driver sleeps and busy-poll time).
+//!   A `hold` line per group with a network path gives the hold breakdown of
+//!   released client-bound packets since the agent started (p50/p99 of the hold
+//!   time and of its parts, `crate::netpath::HoldBreakdown`).
 //! - `status reset-peaks`: the same, then starts the worst-lag figures afresh
 //!   (peaks are kept from the agent's start until such a reset).
+//! - `hold`: the hold breakdown's histograms, machine-readable, one line per
+//!   group with a network path: `GROUP name=SUM;BUCKET:COUNT,... ...`
+//!   ([`crate::netpath::HoldSnapshot::to_line`]); the harness diffs two of them.
 //! - `mode MODE [GROUP]`: switches the mode (`async`, `sync`, `pipelined`) of
 //!   `GROUP` (may be omitted when the agent serves a single group) at run time.
 //!   Guest I/O keeps flowing: see [`ModeSwitch`].
@@ -138,8 +144,17 @@ impl Control {
                 Ok(msg) => format!("ok\n{msg}\n"),
                 Err(e) => format!("error: {e}\n"),
             },
+            (Some("hold"), None, ..) => {
+                let mut out = String::from("ok\n");
+                for g in &self.groups {
+                    if let Some(net) = &g.net {
+                        let _ = writeln!(out, "{} {}", g.client.group(), net.hold.snapshot().to_line());
+                    }
+                }
+                out
+            }
             (Some("help"), None, ..) => {
-                "ok\nrequests: status [reset-peaks] | mode async|sync|pipelined [GROUP]\n".into()
+                "ok\nrequests: status [reset-peaks] | hold | mode async|sync|pipelined [GROUP]\n".into()
             }
             _ => format!(
                 "error: unknown request {:?} (expected `status [reset-peaks]` or `mode MODE [GROUP]`)\n",
@@ -258,6 +273,7 @@ impl Control {
             );
             if let Some(net) = &g.net {
                 let _ = writeln!(out, "network {}: {}", s.group, net.snapshot());
+                let _ = writeln!(out, "hold {}: {}", s.group, net.hold.snapshot().summary());
             }
         }
         for e in &self.epochs {
@@ -409,6 +425,19 @@ pub fn status(path: &Path, reset_peaks: bool) -> Result<String, CtlError> {
             "status"
         },
     )
+}
+
+/// Client: the hold breakdown of each group with a network path (`hold` request).
+pub fn hold(path: &Path) -> Result<Vec<(String, crate::netpath::HoldSnapshot)>, CtlError> {
+    request(path, "hold")?
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(g, rest)| {
+            crate::netpath::HoldSnapshot::parse_line(rest)
+                .map(|h| (g.to_owned(), h))
+                .map_err(CtlError::Malformed)
+        })
+        .collect()
 }
 
 /// Client: switches the mode of `group` (or of the agent's only group)

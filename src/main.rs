@@ -5,6 +5,7 @@
 //! pipecloud agent --topology FILE --host N  run the host agent
 //! pipecloud ctl [--socket PATH] status      query a running agent
 //! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode
+//! pipecloud ctl [--socket PATH] hold        the hold breakdown's histograms
 //! ```
 //!
 //! Exit status: 0 on success, 1 on failure (invalid topology, I/O error), 2 on
@@ -99,6 +100,8 @@ enum CtlCommand {
         #[arg(long)]
         reset_peaks: bool,
     },
+    /// Print the hold breakdown's histograms, machine-readable (docs/design.md §8).
+    Hold,
     /// Switch the group's replication mode.
     Mode {
         /// async | sync | pipelined | checkpoint
@@ -172,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let out = match args.command {
                 CtlCommand::Status { reset_peaks } => pipecloud::ctl::status(&socket, reset_peaks)?,
+                CtlCommand::Hold => pipecloud::ctl::request(&socket, "hold")?,
                 CtlCommand::Mode { mode } => {
                     let m = pipecloud::agent::block_mode(mode)?;
                     pipecloud::ctl::set_mode(&socket, m, None)?

@@ -30,13 +30,19 @@
 //! `pipecloud_group_released_packets_total` (label `when`: `after_hold` or
 //! `at_once`), `pipecloud_group_dropped_packets_total` (label `reason`: `full`,
 //! `unknown_sender`, `tag_failed`, `kernel_queue`, `kernel_user`,
-//! `socket_overrun`).
+//! `socket_overrun`), and the hold breakdown (issue 20,
+//! `crate::netpath::HoldBreakdown`): the histogram
+//! `pipecloud_group_hold_seconds` (label `part`: `hold` for the whole hold of
+//! every released packet, `dep_send`, `round`, `release` for its parts,
+//! `dep_age` for the age of its newest dependency on arrival) and the histogram
+//! `pipecloud_group_hold_waits_for_writes`.
 
 use std::sync::Arc;
 
 use pipecloud_metrics_http::{counters, gauges, seconds, Labels};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -79,6 +85,53 @@ struct Samples {
     oldest_held: Vec<(Labels, f64)>,
     released: Vec<(Labels, u64)>,
     dropped: Vec<(Labels, u64)>,
+    hold_parts: Vec<(Labels, crate::netpath::HistSnapshot)>,
+    hold_waits: Vec<(Labels, crate::netpath::HistSnapshot)>,
+}
+
+/// Bucket bounds of the hold histograms, µs.
+const HOLD_BOUNDS_US: [u64; 18] = [
+    100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 55_000, 60_000, 75_000, 100_000,
+    150_000, 200_000, 500_000, 1_000_000, 5_000_000,
+];
+/// Bucket bounds of the waits-for histogram, writes.
+const WAITS_BOUNDS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024];
+
+/// Encodes the histogram family `name`, one sample per `(labels, snapshot)`,
+/// the snapshot's values scaled by `scale` (µs -> s: 1e-6).
+fn histograms(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, crate::netpath::HistSnapshot)],
+    bounds: &[u64],
+    scale: f64,
+) -> std::fmt::Result {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in samples {
+        // Per-bucket counts: the encoder accumulates them.
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = h
+            .cumulative(bounds)
+            .into_iter()
+            .map(|(le, c)| {
+                let n = c - below;
+                below = c;
+                (le as f64 * scale, n)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, h.count() - below));
+        m.encode_family(labels)?.encode_histogram::<NoLabelSet>(
+            h.sum() as f64 * scale,
+            h.count(),
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 impl AgentCollector {
@@ -150,6 +203,19 @@ impl AgentCollector {
                     labels.push(("reason", reason.to_owned()));
                     x.dropped.push((labels, v));
                 }
+                let h = net.hold.snapshot();
+                for (part, hist) in [
+                    ("hold", &h.hold_us),
+                    ("dep_send", &h.dep_send_us),
+                    ("round", &h.round_us),
+                    ("release", &h.release_us),
+                    ("dep_age", &h.dep_age_us),
+                ] {
+                    let mut labels = group();
+                    labels.push(("part", part.to_owned()));
+                    x.hold_parts.push((labels, hist.clone()));
+                }
+                x.hold_waits.push((group(), h.waits_for.clone()));
             }
         }
         x
@@ -271,6 +337,22 @@ impl Collector for AgentCollector {
             "pipecloud_group_dropped_packets",
             "Packets dropped by the network path, by reason",
             &x.dropped,
+        )?;
+        histograms(
+            e,
+            "pipecloud_group_hold_seconds",
+            "Hold of released client-bound packets and its parts (issue 20 breakdown)",
+            &x.hold_parts,
+            &HOLD_BOUNDS_US,
+            1e-6,
+        )?;
+        histograms(
+            e,
+            "pipecloud_group_hold_waits_for_writes",
+            "Writes beyond the committed vector a held packet's tag needed on arrival",
+            &x.hold_waits,
+            &WAITS_BOUNDS,
+            1.0,
         )
     }
 }

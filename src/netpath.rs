@@ -80,12 +80,16 @@ use pipecloud_core::ipopt::{self, Classify, InsertOutcome, OptionError};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
+mod breakdown;
 mod driver;
+mod histogram;
 mod hold;
 mod metrics;
+pub use breakdown::{HoldBreakdown, HoldSnapshot};
 pub use driver::{
     BypassSwitch, NetPath, NetPathConfig, NetPathError, DEFAULT_BUSY_POLL, LOW_LATENCY_BUSY_POLL,
 };
+pub use histogram::{HistSnapshot, LogHistogram};
 pub use hold::{classify_hold, HoldDecision, HoldEngine, HoldHandle, HoldOutcome};
 pub use metrics::{MetricsSnapshot, NetPathMetrics};
 

@@ -50,11 +50,13 @@ mod runtime;
 mod send_policy;
 mod session;
 mod state;
+mod timeline;
 mod tls;
 
 pub use mode::{BackupLossPolicy, Mode, ModeSwitch, UnknownMode};
 pub use runtime::ReplicationRuntime;
 pub use state::{write_cost, Coalesce, Peaks, WRITE_OVERHEAD};
+pub use timeline::{WriteTimeline, WriteTimes};
 pub use tls::{client_config, TlsError, TlsFiles};
 
 use std::io;
@@ -623,6 +625,12 @@ impl ReplicationClient {
     /// The causal state it publishes committed vectors to.
     pub fn causal(&self) -> &Arc<CausalState> {
         &self.shared.causal
+    }
+
+    /// When its recent writes were issued, sent and acked (for the network
+    /// path's hold breakdown, [`WriteTimeline`]).
+    pub fn timeline(&self) -> Arc<WriteTimeline> {
+        Arc::clone(&self.shared.lock().timeline)
     }
 
     /// The handle of disk `name`, if this client replicates it.

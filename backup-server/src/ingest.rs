@@ -196,6 +196,12 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
         return;
     }
     metrics.batches.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    for r in pending.iter() {
+        metrics
+            .queue_latency
+            .observe(started.saturating_duration_since(r.recv_at));
+    }
     let mut plan = Batch::new();
     let mut batches: BTreeMap<String, GroupBatch> = BTreeMap::new();
     // Indexed by batch item.
@@ -251,6 +257,7 @@ fn commit_batch(store: &Store, pending: &mut Vec<WriteReq>, metrics: &Metrics) {
             Err(e) => fail_group(gb, &mut plan, &e),
         }
     }
+    metrics.journal_latency.observe(started.elapsed());
     // Index what is durable now.
     for gb in batches.values().filter(|gb| !gb.failed) {
         let g = &gb.group;

@@ -7,7 +7,10 @@
 //! `pipecloud_backup_writes_total`, `_write_bytes_total`, `_duplicate_writes_total`,
 //! `_acks_total`, `_fsyncs_total`, `_batches_total`, `_rejections_total`,
 //! `_connections_total`, `_stalled_writes_total` (backpressure at the journal
-//! bound), and the histogram `_ack_latency_seconds` (frame received -> ack queued).
+//! bound), and the histograms `_ack_latency_seconds` (frame received -> ack queued),
+//! `_queue_latency_seconds` (frame received -> its group commit starts: the wait
+//! behind the previous batch's fsync) and `_journal_latency_seconds` (per batch:
+//! journal append + fdatasync).
 //! Per group (label `group`): `_journal_bytes`, `_connected_agents`, `_fenced`,
 //! and per writer (labels `group`, `writer`) `_committed_seq`, `_applied_seq`.
 //! Per checkpoint group (label `group`): `_checkpoint_acked_epoch`,
@@ -66,6 +69,10 @@ pub struct Metrics {
     pub connections: AtomicU64,
     pub stalled: AtomicU64,
     pub ack_latency: Histogram,
+    /// Per write: received -> its batch starts.
+    pub queue_latency: Histogram,
+    /// Per batch: start -> journal appended and synced.
+    pub journal_latency: Histogram,
 }
 
 /// What a scrape reads: the counters and the store's groups (read at scrape time).
@@ -125,26 +132,34 @@ impl Collector for Scrape {
         ] {
             counter(&mut enc, name, help, c(v))?;
         }
-        let h = &m.ack_latency;
-        let mut buckets: Vec<(f64, u64)> = BUCKETS_US
-            .iter()
-            .zip(&h.counts)
-            .map(|(b, n)| (*b as f64 / 1e6, c(n)))
-            .collect();
-        buckets.push((f64::INFINITY, c(&h.counts[BUCKETS_US.len()])));
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        enc.encode_descriptor(
-            "pipecloud_backup_ack_latency_seconds",
-            "Time from receiving a write to queueing its ack",
-            None,
-            MetricType::Histogram,
-        )?
-        .encode_histogram::<NoLabelSet>(
-            c(&h.sum_us) as f64 / 1e6,
-            count,
-            &buckets,
-            None,
-        )?;
+        for (h, name, help) in [
+            (
+                &m.ack_latency,
+                "pipecloud_backup_ack_latency_seconds",
+                "Time from receiving a write to queueing its ack",
+            ),
+            (
+                &m.queue_latency,
+                "pipecloud_backup_queue_latency_seconds",
+                "Time from receiving a write to the start of its group commit",
+            ),
+            (
+                &m.journal_latency,
+                "pipecloud_backup_journal_latency_seconds",
+                "Time a group commit takes to append and fdatasync the journal",
+            ),
+        ] {
+            // Per-bucket counts: the encoder accumulates them.
+            let mut buckets: Vec<(f64, u64)> = BUCKETS_US
+                .iter()
+                .zip(&h.counts)
+                .map(|(b, n)| (*b as f64 / 1e6, c(n)))
+                .collect();
+            buckets.push((f64::INFINITY, c(&h.counts[BUCKETS_US.len()])));
+            let total = buckets.iter().map(|(_, n)| n).sum();
+            enc.encode_descriptor(name, help, None, MetricType::Histogram)?
+                .encode_histogram::<NoLabelSet>(c(&h.sum_us) as f64 / 1e6, total, &buckets, None)?;
+        }
 
         let (mut journal, mut agents, mut fenced) = (Vec::new(), Vec::new(), Vec::new());
         let (mut committed, mut applied) = (Vec::new(), Vec::new());

@@ -196,7 +196,8 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
         } => {
             validate_name(machine)?;
             epoch_ok(*epoch, "begin")?;
-            if *ram_bytes == 0 || *ram_bytes % PAGE_SIZE != 0 || *ram_bytes > MAX_GUEST_RAM {
+            if *ram_bytes == 0 || !ram_bytes.is_multiple_of(PAGE_SIZE) || *ram_bytes > MAX_GUEST_RAM
+            {
                 return Err(invalid(format!(
                     "checkpoint begin of {machine}: RAM size {ram_bytes} is not a positive \
                      multiple of {PAGE_SIZE} up to {MAX_GUEST_RAM}"
@@ -213,7 +214,7 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
             epoch_ok(*epoch, "pages")?;
             chunk_ok(data.len(), "pages")?;
             let len = data.len() as u64;
-            if *offset % PAGE_SIZE != 0 || len == 0 || len % PAGE_SIZE != 0 {
+            if !offset.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
                 return Err(invalid(format!(
                     "checkpoint pages at {offset}, {len} bytes: not whole {PAGE_SIZE}-byte pages"
                 )));

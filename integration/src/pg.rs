@@ -90,7 +90,7 @@ pub fn initdb(datadir: &Path) -> Result<()> {
     std::fs::write(
         &conf,
         "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n\
-         shared_buffers = 32MB\nmax_connections = 120\nwal_level = replica\n\
+         shared_buffers = 32MB\nmax_connections = 300\nwal_level = replica\n\
          max_wal_senders = 4\nlogging_collector = off\ncheckpoint_timeout = 300\n\
          dynamic_shared_memory_type = mmap\n",
     )?;

@@ -169,29 +169,75 @@ pub struct PgbenchResult {
     pub failed: u64,
 }
 
-/// Runs `workload` with `clients` connections for `duration`; the script is
-/// written to `script_dir`.
-pub fn run_workload(
+/// How one pgbench run went over time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunShape {
+    /// tps of each second of the run (`--progress 1`).
+    pub per_second: Vec<f64>,
+    /// pgbench's `initial connection time` (ms): with replies held one round
+    /// trip, every connection's handshake (SYN-ACK, SSL refusal, startup)
+    /// costs several, and pgbench connects a thread's clients one by one.
+    pub connect_ms: Option<f64>,
+}
+
+/// Runs `workload` with `clients` clients for `duration`; returns pgbench's
+/// summary and the shape of the run: its tps of each second, e.g. a slow
+/// start, and its connection time.
+pub fn run_workload_progress(
     ep: &Endpoint,
     workload: Workload,
     clients: u32,
     duration: Duration,
     script_dir: &Path,
-) -> Result<PgbenchResult> {
+) -> Result<(PgbenchResult, RunShape)> {
     let script = script_dir.join(format!("pgbench-{}.sql", workload.as_str()));
     std::fs::write(&script, workload.script())
         .with_context(|| format!("writing {}", script.display()))?;
     let threads = clients.clamp(1, 2);
     let mut c = ep.base("pgbench");
-    c.args(["-n", "-M", "prepared", "-s", "1"])
+    c.args(["-n", "-M", "prepared", "-s", "1", "-P", "1"])
         .args(["-c", &clients.to_string(), "-j", &threads.to_string()])
         .args(["-T", &duration.as_secs().max(1).to_string()])
         .arg("-f")
         .arg(&script)
         .arg("postgres");
-    let out = run(&mut c)
-        .with_context(|| format!("pgbench {} with {clients} clients", workload.as_str()))?;
-    parse_summary(&out)
+    let what = || format!("pgbench {} with {clients} clients", workload.as_str());
+    let out = c
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(what)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        anyhow::bail!("{} failed ({}): {}", what(), out.status, stderr.trim());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let connect_ms = stdout.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("initial connection time =")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    Ok((
+        parse_summary(&stdout)?,
+        RunShape {
+            per_second: parse_progress(&stderr),
+            connect_ms,
+        },
+    ))
+}
+
+/// The tps of each `progress: T s, X tps, ...` line pgbench prints with `-P`.
+pub fn parse_progress(stderr: &str) -> Vec<f64> {
+    stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("progress:"))
+        .filter_map(|rest| {
+            let tps = rest.split(',').nth(1)?.split_whitespace().next()?;
+            tps.parse().ok()
+        })
+        .collect()
 }
 
 /// Parses pgbench's summary (the lines `number of transactions actually
@@ -252,6 +298,14 @@ tps = 945.983211 (without initial connection time)
         assert_eq!(r.failed, 0);
         assert!((r.latency_ms - 67.654).abs() < 1e-9);
         assert!((r.tps - 945.983211).abs() < 1e-9);
+    }
+
+    #[test]
+    fn parses_the_progress_lines() {
+        let e = "pgbench (15.8)\nprogress: 1.0 s, 212.0 tps, lat 301.2 ms stddev 20.1, 0 failed\n\
+                 progress: 2.0 s, 3410.5 tps, lat 74.9 ms stddev 3.0, 0 failed\n";
+        assert_eq!(parse_progress(e), vec![212.0, 3410.5]);
+        assert!(parse_progress("").is_empty());
     }
 
     #[test]

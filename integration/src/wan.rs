@@ -32,6 +32,8 @@ pub struct WanDelay {
     cut: Arc<AtomicBool>,
     /// Current one-way delay in nanoseconds (adjustable while running).
     one_way_ns: Arc<AtomicU64>,
+    /// Whether the delay thread runs at real-time priority ([`WanDelay::set_realtime`]).
+    realtime: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
@@ -44,6 +46,8 @@ impl WanDelay {
         let cut2 = Arc::clone(&cut);
         let one_way_ns = Arc::new(AtomicU64::new(one_way.as_nanos() as u64));
         let delay2 = Arc::clone(&one_way_ns);
+        let realtime = Arc::new(AtomicBool::new(REALTIME_DEFAULT));
+        let realtime2 = Arc::clone(&realtime);
         let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
         let ns_path = PathBuf::from(format!("/run/netns/{ns}"));
         let thread = std::thread::spawn(move || {
@@ -62,7 +66,7 @@ impl WanDelay {
                 }
             };
             let _ = tx.send(Ok(()));
-            delay_loop(&sock, &delay2, &stop2, &cut2)
+            delay_loop(&sock, &delay2, &stop2, &cut2, &realtime2)
         });
         rx.recv_timeout(Duration::from_secs(10))
             .context("WAN delay thread did not start")??;
@@ -82,8 +86,17 @@ impl WanDelay {
             stop,
             cut,
             one_way_ns,
+            realtime,
             thread: Some(thread),
         })
+    }
+
+    /// Runs the delay thread at real-time priority (`SCHED_FIFO`) or not. A
+    /// real link does not slow down when the machine's CPUs are busy; an
+    /// emulator thread that waits for a core does (its verdicts, hence the RTT,
+    /// grow with the load), for every variant measured across it alike.
+    pub fn set_realtime(&self, on: bool) {
+        self.realtime.store(on, Ordering::Relaxed);
     }
 
     /// The WAN is lost (part of a disaster): packets in flight never arrive.
@@ -121,12 +134,42 @@ impl Drop for WanDelay {
     }
 }
 
+/// Whether the delay thread starts at real-time priority: yes, since a
+/// same-run A/B on a loaded machine (`figures --ab wan-rt`, docs/results.md)
+/// showed the emulator's own scheduling delays in the round trip's tail.
+pub const REALTIME_DEFAULT: bool = true;
+
+/// Real-time priority of the delay thread when [`WanDelay::set_realtime`] is on
+/// (low: above every normal task, below the kernel's own real-time threads).
+const REALTIME_PRIORITY: libc::c_int = 1;
+
+/// Switches the calling thread to `SCHED_FIFO` (or back to `SCHED_OTHER`).
+fn apply_realtime(on: bool) {
+    let param = libc::sched_param {
+        sched_priority: if on { REALTIME_PRIORITY } else { 0 },
+    };
+    let policy = if on {
+        libc::SCHED_FIFO
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid param.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        eprintln!(
+            "wan: cannot set the delay thread's scheduling policy: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn delay_loop(
     sock: &NfqSocket,
     one_way_ns: &AtomicU64,
     stop: &AtomicBool,
     cut: &AtomicBool,
+    realtime: &AtomicBool,
 ) -> Result<()> {
+    let mut applied = false;
     // Wake up on time: the default 50 µs timer slack would add up to 0.1 ms per RTT.
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
     unsafe {
@@ -138,6 +181,11 @@ fn delay_loop(
     let mut held: VecDeque<(Instant, u32)> = VecDeque::new();
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        let want = realtime.load(Ordering::Relaxed);
+        if want != applied {
+            apply_realtime(want);
+            applied = want;
+        }
         // Receive everything that is ready.
         loop {
             match sock.try_recv(&mut buf) {

@@ -431,6 +431,8 @@ impl Driver {
                 let n = self.engine.on_committed(&c, &mut b.out);
                 self.hold.send(&b.out)?;
                 self.metrics.count_release(n);
+                self.metrics
+                    .record_released(self.engine.last_released(), Instant::now());
                 self.metrics.gauge_hold(&mut self.engine);
                 self.hold_progress(0);
                 worked = true;

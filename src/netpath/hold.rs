@@ -127,6 +127,12 @@ pub struct HoldHandle {
     pub id: u32,
     /// Arrival number on that queue (does not wrap, unlike `id`).
     pub ordinal: u64,
+    /// Its tag (what it waits for): for the hold breakdown.
+    pub tag: CountVector,
+    /// When it was pushed into the netqueue.
+    pub arrived: Instant,
+    /// Writes its tag needed beyond the committed vector when it arrived.
+    pub waits_for: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,12 +217,23 @@ impl HoldEngine {
         let ord = self.next_ordinal.entry(queue).or_insert(0);
         let ordinal = *ord;
         *ord += 1;
-        let handle = HoldHandle { queue, id, ordinal };
+        let committed = state.committed();
+        let waits_for = tag
+            .as_slice()
+            .iter()
+            .zip(committed.as_slice())
+            .map(|(t, c)| t.saturating_sub(*c))
+            .sum();
+        let handle = HoldHandle {
+            queue,
+            id,
+            ordinal,
+            tag,
+            arrived: now,
+            waits_for,
+        };
         let seq = self.netqueue.next_push_seq();
-        match self
-            .netqueue
-            .push(flow, &tag, wire_len, handle, &state.committed())
-        {
+        match self.netqueue.push(flow, &tag, wire_len, handle, &committed) {
             Push::Release(h) => {
                 proto::build_verdict(out, h.queue, h.id, Verdict::Accept);
                 HoldOutcome::ReleasedNow
@@ -269,6 +286,7 @@ impl HoldEngine {
     pub fn release_all(&mut self, out: &mut Vec<u8>) -> usize {
         let mut all = Vec::new();
         self.netqueue.drain_all(&mut all);
+        self.released.clear();
         for q in self.slots.values_mut() {
             for s in q.iter_mut() {
                 if s.state == SlotState::Held {
@@ -317,6 +335,13 @@ impl HoldEngine {
             }
         }
         self.slots.retain(|_, q| !q.is_empty());
+    }
+
+    /// The packets the latest [`on_committed`](Self::on_committed) released
+    /// (for the hold breakdown; [`release_all`](Self::release_all) clears it:
+    /// a bypass release says nothing about the backup).
+    pub fn last_released(&self) -> &[HoldHandle] {
+        &self.released
     }
 
     /// Packets held.
@@ -390,6 +415,14 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(e.on_committed(&v(&[5]), &mut out), 3);
         assert_eq!(verdicts(&out), vec![(BATCH, 3, true)]);
+        // What the hold breakdown reads: the released packets, their tag,
+        // arrival and the writes they needed beyond the committed vector.
+        let ids: Vec<u32> = e.last_released().iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        assert!(e
+            .last_released()
+            .iter()
+            .all(|h| h.tag == v(&[5]) && h.arrived == now && h.waits_for == 5));
         assert_eq!(e.held(), 0);
         assert_eq!(e.oldest_since(), None);
         // Committed now covers web's vector: the next packet leaves at once.

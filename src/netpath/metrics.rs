@@ -23,6 +23,11 @@ pub struct NetPathMetrics {
     counters: [AtomicU64; COUNTERS],
     /// The kernel tagger, when one runs (its counters live in its map).
     kernel: std::sync::OnceLock<std::sync::Arc<crate::ebpf::KernelTagger>>,
+    /// Where the held packets' time went (issue 20).
+    pub hold: super::breakdown::HoldBreakdown,
+    /// The replication client's write timeline, once attached: without it the
+    /// breakdown records only the hold times.
+    timeline: std::sync::OnceLock<std::sync::Arc<crate::replication::WriteTimeline>>,
 }
 
 macro_rules! metrics {
@@ -139,6 +144,8 @@ impl Default for NetPathMetrics {
             epoch: Instant::now(),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
             kernel: std::sync::OnceLock::new(),
+            hold: Default::default(),
+            timeline: std::sync::OnceLock::new(),
         };
         m.set(M::oldest_held_at_ns, NONE);
         m
@@ -149,6 +156,30 @@ impl NetPathMetrics {
     /// Reports the kernel tagger's counters in snapshots from now on.
     pub fn attach_kernel(&self, k: std::sync::Arc<crate::ebpf::KernelTagger>) {
         let _ = self.kernel.set(k);
+    }
+
+    /// Splits the hold times of released packets using `t` (the group's
+    /// replication client's [`WriteTimeline`](crate::replication::WriteTimeline)).
+    pub fn attach_timeline(&self, t: std::sync::Arc<crate::replication::WriteTimeline>) {
+        let _ = self.timeline.set(t);
+    }
+
+    /// Records the hold breakdown of `packets`, released at `now`.
+    pub(super) fn record_released(&self, packets: &[super::HoldHandle], now: Instant) {
+        if packets.is_empty() {
+            return;
+        }
+        match self.timeline.get() {
+            Some(t) => self.hold.record(packets, now, t),
+            None => {
+                for h in packets {
+                    let us = now.saturating_duration_since(h.arrived).as_micros();
+                    self.hold
+                        .hold_us
+                        .record(u64::try_from(us).unwrap_or(u64::MAX));
+                }
+            }
+        }
     }
 
     fn get(&self, m: M) -> u64 {

@@ -344,6 +344,7 @@ async fn send<W: AsyncWrite + Unpin>(
     // The batching rule follows the mode: by age in async, ack-clocked otherwise.
     let mut mode = shared.config.mode.subscribe();
     let mut mode_alive = true;
+    let timeline = Arc::clone(&shared.lock().timeline);
     loop {
         out.clear();
         let now = Instant::now();
@@ -375,15 +376,23 @@ async fn send<W: AsyncWrite + Unpin>(
         for f in &batch {
             encode_frame(f, &mut out)?;
         }
-        drop(batch);
         if let Some(link) = shared.config.checkpoint.as_deref() {
             link.take(&mut out, MAX_BATCH_BYTES as usize);
         }
         if !out.is_empty() {
             wr.write_all(&out).await?;
             wr.flush().await?;
+            if !batch.is_empty() {
+                let sent_at = Instant::now();
+                for f in &batch {
+                    if let Frame::Write(w) = &**f {
+                        timeline.sent(w.writer, w.seq, sent_at);
+                    }
+                }
+            }
             continue;
         }
+        drop(batch);
         let heartbeat_due = last_heartbeat.map_or(now, |t| t + interval);
         let wake_at = due.map_or(heartbeat_due, |d| d.min(heartbeat_due));
         // Woken by a new write, an ack (coalesced writes may go), a heartbeat to

@@ -27,6 +27,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use super::mode::BackupLossPolicy;
 use super::send_policy::{self, SenderArm, Unsent};
 pub use super::send_policy::{Coalesce, SendDecision, SendRule};
+use super::timeline::WriteTimeline;
 use super::{DiskStatus, ReplicationStatus, WriterStatus};
 use crate::causal::CausalState;
 
@@ -151,6 +152,8 @@ pub struct State {
     /// Armed by [`send_decision`](Self::send_decision), read by
     /// [`wake_sender_for`](Self::wake_sender_for).
     sender_armed: SenderArm,
+    /// When recent writes were issued, sent and acked (read by the network path).
+    pub timeline: Arc<WriteTimeline>,
 }
 
 impl State {
@@ -174,7 +177,9 @@ impl State {
                 peaks: Peaks::default(),
             });
         }
+        let timeline = Arc::new(WriteTimeline::new(writers.keys().copied(), now));
         State {
+            timeline,
             tracker: CommitTracker::new(),
             writers,
             disks,
@@ -253,6 +258,7 @@ impl State {
                 kind: WriteKind::Zeroes { len: 0 },
             };
             Self::insert(wb, &mut self.disks, s, filler, disk, None, now);
+            self.timeline.issued(writer, s, now);
             wb.written = s;
             wb.fillers += 1;
         }
@@ -268,6 +274,7 @@ impl State {
         };
         debug_assert!(pipecloud_core::codec::validate_frame(&Frame::Write(write.clone())).is_ok());
         Self::insert(wb, &mut self.disks, seq, write, disk, permit, now);
+        self.timeline.issued(writer, seq, now);
         wb.written = wb.written.max(seq);
         let lag = wb
             .written
@@ -315,6 +322,7 @@ impl State {
         let seqs: Vec<Seq> = wb.unacked.range(first..=last).map(|(s, _)| *s).collect();
         for s in seqs {
             if let Some(e) = wb.unacked.remove(&s) {
+                self.timeline.acked(writer, s, now);
                 wb.inflight_bytes -= e.cost;
                 wb.peaks.commit_latency = wb
                     .peaks

@@ -23,6 +23,7 @@
 //! times one client's requests, `report` holds what a run measured and renders
 //! it as the table, the CSV files and the `RESULT` line, and `plots` draws it.
 
+mod hold;
 mod latency;
 mod part_a;
 mod part_b;
@@ -75,13 +76,20 @@ pub(crate) struct FiguresArgs {
     #[arg(long, value_delimiter = ',', default_value = "tpcb,insert")]
     workloads: Vec<Workload>,
     /// (a) client counts.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4,8,16,32,64,128,256"
+    )]
     clients: Vec<u32>,
     /// (a) seconds per pgbench point.
     #[arg(long, default_value_t = 5)]
     secs: u64,
-    /// (a) runs of the largest client count per variant, interleaved; the
-    /// median (by tps) is reported.
+    /// (a) seconds of unmeasured pgbench before each point (0: none).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// (a) runs of each client count from 64 on per variant, interleaved;
+    /// the median (by tps) is reported.
     #[arg(long, default_value_t = 3)]
     top_reps: usize,
     /// (b) front-tier computation per request, ms.
@@ -109,6 +117,11 @@ pub(crate) struct FiguresArgs {
     /// directory (variants plain and pgsync).
     #[arg(long)]
     no_agent: bool,
+    /// (a) same-run A/B: every point runs each variant with this knob off,
+    /// then on, interleaved (`wan-rt`: the WAN emulator's thread at real-time
+    /// priority); the knob-on points are named `variant+knob`.
+    #[arg(long)]
+    ab: Option<part_a::Knob>,
     /// Re-render table and plots from the CSV files in this directory; run nothing.
     #[arg(long)]
     replot: Option<PathBuf>,
@@ -125,6 +138,9 @@ pub(crate) struct DemoArgs {
     /// Seconds per measurement point.
     #[arg(long, default_value_t = 3)]
     secs: u64,
+    /// Seconds of unmeasured pgbench before each point of (a) (0: none).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
 }
 
 /// What one run does (resolved from [`FiguresArgs`] or [`DemoArgs`]).
@@ -141,7 +157,9 @@ struct Plan {
     workloads: Vec<Workload>,
     clients: Vec<u32>,
     secs: u64,
-    /// Runs of the largest client count per variant (the median is kept).
+    /// Unmeasured seconds before each point of (a).
+    warmup_secs: u64,
+    /// Runs of each client count from 64 on per variant (the median is kept).
     top_reps: usize,
     compute_ms: Vec<u64>,
     latency_secs: u64,
@@ -151,6 +169,7 @@ struct Plan {
     disaster_ms: u64,
     disaster_workers: usize,
     no_agent: bool,
+    ab: Option<part_a::Knob>,
 }
 
 impl Plan {
@@ -173,6 +192,7 @@ impl Plan {
             workloads: a.workloads.clone(),
             clients: a.clients.clone(),
             secs: a.secs.max(1),
+            warmup_secs: a.warmup_secs,
             top_reps: a.top_reps.max(1),
             compute_ms: a.compute_ms.clone(),
             latency_secs: a.latency_secs.max(1),
@@ -187,6 +207,7 @@ impl Plan {
             disaster_ms: a.disaster_ms,
             disaster_workers: a.disaster_workers.max(1),
             no_agent: a.no_agent,
+            ab: a.ab,
         })
     }
 
@@ -209,6 +230,7 @@ impl Plan {
             workloads: vec![Workload::TpcB, Workload::Insert],
             clients: vec![1, 8, 64],
             secs: a.secs.max(1),
+            warmup_secs: a.warmup_secs,
             top_reps: 3,
             compute_ms: Vec::new(),
             latency_secs: a.secs.max(1),
@@ -218,6 +240,7 @@ impl Plan {
             disaster_ms: 4000,
             disaster_workers: 16,
             no_agent: false,
+            ab: None,
         }
     }
 }
@@ -244,6 +267,14 @@ fn loadavg() -> String {
         psi("cpu"),
         psi("io")
     )
+}
+
+/// The 1-minute load average (printed with every point).
+fn loadavg1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// `pipecloud-harness figures`.

@@ -8,6 +8,7 @@
 //! client count carries the headline ratios, so it is repeated and each
 //! variant's median run is kept.
 
+use super::hold::HoldRow;
 use super::report::{rtt_row, APoint, Figures};
 use super::rig::{rtt_retry, site_options, topology_file, BareRig, Rig};
 use super::{check_interrupted, Plan, SINGLE_DB};
@@ -15,6 +16,7 @@ use crate::pgbench::{self, PgbenchResult};
 use crate::run::Site;
 use crate::standby::SyncStandby;
 use anyhow::{bail, Result};
+use pipecloud::netpath::HoldSnapshot;
 use pipecloud_core::topology::Mode;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -86,6 +88,83 @@ impl std::fmt::Display for Variant {
     }
 }
 
+/// A change of the rig toggled point by point for a same-run A/B (`figures --ab`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum Knob {
+    /// The WAN emulator's delay thread at real-time priority ([`crate::wan::WanDelay::set_realtime`]).
+    WanRealtime,
+    /// `net.ipv4.tcp_slow_start_after_idle = 0` in the site's host and backup
+    /// namespaces (the replication stream keeps its window across idle moments;
+    /// on by default since the A/B in docs/results.md: the tail of the held
+    /// replies of INSERT shrank at 64, 128 and 256 clients).
+    TcpKeepWindow,
+}
+
+impl Knob {
+    fn as_str(self) -> &'static str {
+        match self {
+            Knob::WanRealtime => "wan-rt",
+            Knob::TcpKeepWindow => "tcp-keep-window",
+        }
+    }
+
+    /// Its setting outside an A/B.
+    pub(super) fn default_on(self) -> bool {
+        match self {
+            Knob::WanRealtime => crate::wan::REALTIME_DEFAULT,
+            Knob::TcpKeepWindow => true,
+        }
+    }
+}
+
+impl std::str::FromStr for Knob {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "wan-rt" => Ok(Knob::WanRealtime),
+            "tcp-keep-window" => Ok(Knob::TcpKeepWindow),
+            _ => Err(format!(
+                "unknown knob {s:?} (expected wan-rt or tcp-keep-window)"
+            )),
+        }
+    }
+}
+
+/// Most spread between repeated runs of a point (max - min over the median)
+/// before the point is reported as noisy.
+const NOISY_SPREAD: f64 = 0.10;
+
+/// A note when the repeated runs `rs` (sorted by tps) of a point spread more
+/// than [`NOISY_SPREAD`].
+fn noisy<T>(
+    label: &str,
+    workload: &str,
+    clients: u32,
+    rs: &[(PgbenchResult, T)],
+) -> Option<String> {
+    let (first, last) = (rs.first()?.0.tps, rs.last()?.0.tps);
+    let median = rs.get(rs.len() / 2)?.0.tps;
+    let spread = (last - first) / median.max(f64::MIN_POSITIVE);
+    (rs.len() > 1 && spread > NOISY_SPREAD).then(|| {
+        format!(
+            "noisy point: {label} {workload} {clients} clients: {} runs span {:.0}% of the median ({first:.1} .. {last:.1} tps)",
+            rs.len(),
+            spread * 100.0
+        )
+    })
+}
+
+/// One pgbench run and, for pipelined, its hold breakdown.
+type Run = (PgbenchResult, Option<HoldSnapshot>);
+
+/// A point's variant name: with the knob of an A/B on, `variant+knob`.
+fn label(v: Variant, knob: Option<Knob>, on: Option<bool>) -> String {
+    match (knob, on) {
+        (Some(k), Some(true)) => format!("{}+{}", v.as_str(), k.as_str()),
+        _ => v.as_str().to_string(),
+    }
+}
+
 /// (a) pgbench vs clients per variant, on ONE site (modes switched at run time).
 pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<()> {
     let dir = work.join("a");
@@ -98,6 +177,9 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
         })?))
     };
     fig.rtt.push(rtt_row("(a) single-db", plan.rtt, &rig.rtt()));
+    for k in [Knob::WanRealtime, Knob::TcpKeepWindow] {
+        rig.set_knob(k, k.default_on());
+    }
     let ep = rig.endpoint()?;
     if let Rig::Site(_) = &rig {
         rig.set_mode(Mode::Async)?;
@@ -140,39 +222,99 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
         let top = plan.clients.iter().copied().max().unwrap_or(0);
         for &w in &plan.workloads {
             for &c in &plan.clients {
-                // The largest client count carries the headline ratios: repeat it
+                // 64 clients and more carry the headline ratios: repeat them
                 // (interleaved) and keep each variant's median run.
-                let reps = if c == top { plan.top_reps.max(1) } else { 1 };
-                let mut runs: BTreeMap<Variant, Vec<PgbenchResult>> = BTreeMap::new();
+                let reps = if c >= top.min(64) {
+                    plan.top_reps.max(1)
+                } else {
+                    1
+                };
+                let mut runs: BTreeMap<(Variant, String), Vec<Run>> = BTreeMap::new();
+                // With `--ab KNOB`: each variant with the knob off, then on, interleaved.
+                let settings: Vec<Option<bool>> = match plan.ab {
+                    Some(_) => vec![Some(false), Some(true)],
+                    None => vec![None],
+                };
                 for _ in 0..reps {
-                    for &v in &pass {
-                        check_interrupted()?;
-                        if let Some(m) = v.mode() {
-                            rig.set_mode(m)?;
+                    for &on in &settings {
+                        if let (Some(k), Some(on)) = (plan.ab, on) {
+                            rig.set_knob(k, on);
                         }
-                        rig.drain();
-                        let secs = Duration::from_secs(plan.secs);
-                        match pgbench::run_workload(&ep, w, c, secs, &dir) {
-                            Ok(r) => {
-                                eprintln!(
-                                    "figures: (a) {v:<16} {w:<16} clients={c:<3} tps={:>9.1} latency={:>9.2} ms failed={}",
-                                    r.tps, r.latency_ms, r.failed
-                                );
-                                runs.entry(v).or_default().push(r);
+                        for &v in &pass {
+                            check_interrupted()?;
+                            if let Some(m) = v.mode() {
+                                rig.set_mode(m)?;
                             }
-                            Err(e) => eprintln!("figures: (a) {v} {w} clients={c}: FAILED: {e:#}"),
+                            rig.drain();
+                            let label = label(v, plan.ab, on);
+                            if plan.warmup_secs > 0 {
+                                // Not measured: the first second after a mode switch is
+                                // slow for every variant (new backends, the stream's
+                                // window; pipelined most: see the per-second shape).
+                                let warm = Duration::from_secs(plan.warmup_secs);
+                                if let Err(e) =
+                                    pgbench::run_workload_progress(&ep, w, c, warm, &dir)
+                                {
+                                    eprintln!("figures: (a) {label} {w} clients={c}: warm-up FAILED: {e:#}");
+                                }
+                            }
+                            let secs = Duration::from_secs(plan.secs);
+                            let held = (v == Variant::Pipelined).then(|| rig.hold()).flatten();
+                            match pgbench::run_workload_progress(&ep, w, c, secs, &dir) {
+                                Ok((r, shape)) => {
+                                    let per_second: Vec<String> = shape
+                                        .per_second
+                                        .iter()
+                                        .map(|t| format!("{t:.0}"))
+                                        .collect();
+                                    eprintln!(
+                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} connect {} ms, tps per second: {}",
+                                        shape.connect_ms.map_or_else(|| "?".into(), |m| format!("{m:.0}")),
+                                        per_second.join(" ")
+                                    );
+                                    eprintln!(
+                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} tps={:>9.1} latency={:>9.2} ms failed={} load {}",
+                                        r.tps, r.latency_ms, r.failed, super::loadavg1()
+                                    );
+                                    let hold = held
+                                        .zip(rig.hold())
+                                        .map(|(before, after)| after.since(&before));
+                                    if let Some(h) = &hold {
+                                        eprintln!(
+                                            "figures: (a)   hold {}",
+                                            HoldRow::of(w.as_str(), c, h)
+                                                .line(rig.rtt().median.as_secs_f64() * 1e3)
+                                        );
+                                    }
+                                    runs.entry((v, label)).or_default().push((r, hold));
+                                }
+                                Err(e) => {
+                                    eprintln!("figures: (a) {label} {w} clients={c}: FAILED: {e:#}")
+                                }
+                            }
                         }
                     }
                 }
-                for (v, mut rs) in runs {
-                    rs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
-                    if let Some(r) = rs.get(rs.len() / 2).copied() {
+                // Back to the default between points.
+                if let Some(k) = plan.ab {
+                    rig.set_knob(k, k.default_on());
+                }
+                for ((_, label), mut rs) in runs {
+                    rs.sort_by(|a, b| a.0.tps.total_cmp(&b.0.tps));
+                    if let Some(note) = noisy(&label, w.as_str(), c, &rs) {
+                        eprintln!("figures: (a) {note}");
+                        fig.notes.push(note);
+                    }
+                    if let Some((r, hold)) = rs.get(rs.len() / 2).cloned() {
                         fig.a.push(APoint {
-                            variant: v.as_str().to_string(),
+                            variant: label.clone(),
                             workload: w.as_str().to_string(),
                             clients: c,
                             r,
                         });
+                        if let Some(h) = hold.filter(|_| label == Variant::Pipelined.as_str()) {
+                            fig.holds.push(HoldRow::of(w.as_str(), c, &h));
+                        }
                     }
                 }
             }
@@ -185,6 +327,35 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knobs_label_and_noisy_points() {
+        assert_eq!("wan-rt".parse::<Knob>(), Ok(Knob::WanRealtime));
+        assert_eq!("tcp-keep-window".parse::<Knob>(), Ok(Knob::TcpKeepWindow));
+        assert!("nagle".parse::<Knob>().is_err());
+        let on = label(Variant::Pipelined, Some(Knob::WanRealtime), Some(true));
+        assert_eq!(on, "pipelined+wan-rt");
+        assert_eq!(
+            label(Variant::Async, Some(Knob::WanRealtime), Some(false)),
+            "async"
+        );
+        let run = |tps: f64| {
+            (
+                PgbenchResult {
+                    tps,
+                    ..PgbenchResult::default()
+                },
+                (),
+            )
+        };
+        assert_eq!(
+            noisy("async", "tpcb", 64, &[run(100.0), run(105.0), run(109.0)]),
+            None
+        );
+        let n = noisy("async", "tpcb", 64, &[run(100.0), run(105.0), run(120.0)]).unwrap();
+        assert!(n.contains("span 19%"), "{n}");
+        assert_eq!(noisy("async", "tpcb", 64, &[run(100.0)]), None);
+    }
 
     #[test]
     fn variants_parse() {

@@ -8,6 +8,7 @@
 //! them back with [`Figures::load`] and renders table and plots again, so the
 //! writer and the reader live side by side here.
 
+use super::hold::HoldRow;
 use super::latency::LatStats;
 use crate::disaster::PointResult;
 use crate::pgbench::PgbenchResult;
@@ -105,6 +106,8 @@ pub(super) struct Figures {
     pub(super) b: Vec<BPoint>,
     pub(super) c: Vec<CPoint>,
     pub(super) d: Vec<DPoint>,
+    /// Hold breakdown of the pipelined points of (a) (issue 20).
+    pub(super) holds: Vec<HoldRow>,
     /// Context of the run (machine load), printed under the table.
     pub(super) notes: Vec<String>,
 }
@@ -161,9 +164,27 @@ impl Figures {
     }
 
     fn ratio(&self, a: &str, b: &str) -> Option<f64> {
-        let x = self.tps(a, "tpcb", 64)?;
-        let y = self.tps(b, "tpcb", 64)?;
+        self.ratio_at(a, b, "tpcb", 64)
+    }
+
+    fn ratio_at(&self, a: &str, b: &str, workload: &str, clients: u32) -> Option<f64> {
+        let x = self.tps(a, workload, clients)?;
+        let y = self.tps(b, workload, clients)?;
         (y > 0.0).then(|| x / y)
+    }
+
+    /// Held time minus the measured RTT at TPC-B 64 clients (p50, p99), ms.
+    fn hold_extra(&self) -> (Option<f64>, Option<f64>) {
+        let rtt = self.rtt_ms();
+        let row = self
+            .holds
+            .iter()
+            .find(|h| h.workload == "tpcb" && h.clients == 64);
+        let f = |v: f64| (!v.is_nan()).then_some(v - rtt);
+        (
+            row.and_then(|h| f(h.hold_p50)),
+            row.and_then(|h| f(h.hold_p99)),
+        )
     }
 
     pub(super) fn c_median(&self, tiers: usize, mode: &str) -> Option<f64> {
@@ -200,6 +221,28 @@ impl Figures {
             self.ratio("pipelined", "pg-sync-standby"),
             10.0,
         );
+        ge(
+            "TPC-B 256 clients: pipelined / async (tps)",
+            self.ratio_at("pipelined", "async", "tpcb", 256),
+            0.9,
+        );
+        ge(
+            "INSERT 64 clients: pipelined / pg-sync-standby (tps)",
+            self.ratio_at("pipelined", "pg-sync-standby", "insert", 64),
+            1.0,
+        );
+        let (x50, x99) = self.hold_extra();
+        for (what, value, max) in [
+            ("TPC-B 64: held minus RTT, p50 (ms)", x50, 5.0),
+            ("TPC-B 64: held minus RTT, p99 (ms)", x99, 50.0),
+        ] {
+            v.push(Floor {
+                what: what.into(),
+                value,
+                bound: format!("<= {max}"),
+                ok: value.map(|x| x <= max),
+            });
+        }
         let one = self
             .a_point("pipelined", "insert", 1)
             .map(|p| p.r.latency_ms);
@@ -239,7 +282,7 @@ impl Figures {
     /// The contract's last line.
     pub(super) fn result_line(&self) -> String {
         format!(
-            "RESULT rtt_ms={:.2} tpcb64_pipelined_over_sync={} tpcb64_pipelined_over_async={} tpcb64_pipelined_over_pgsync={} tier1_ms={} tier3_ms={} tier3_sync_ms={}",
+            "RESULT rtt_ms={:.2} tpcb64_pipelined_over_sync={} tpcb64_pipelined_over_async={} tpcb64_pipelined_over_pgsync={} tier1_ms={} tier3_ms={} tier3_sync_ms={} insert64_pipelined_over_pgsync={} hold_extra_p50_ms={} hold_extra_p99_ms={} tpcb256_pipelined_over_async={}",
             self.rtt_ms(),
             f2(self.ratio("pipelined", "sync")),
             f2(self.ratio("pipelined", "async")),
@@ -247,6 +290,10 @@ impl Figures {
             f2(self.c_median(1, "pipelined")),
             f2(self.c_median(3, "pipelined")),
             f2(self.c_median(3, "sync")),
+            f2(self.ratio_at("pipelined", "pg-sync-standby", "insert", 64)),
+            f2(self.hold_extra().0),
+            f2(self.hold_extra().1),
+            f2(self.ratio_at("pipelined", "async", "tpcb", 256)),
         )
     }
 
@@ -304,6 +351,16 @@ impl Figures {
                     }
                     let _ = writeln!(s, "{line}");
                 }
+            }
+        }
+        if !self.holds.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n== (a) pipelined: where a held reply's time goes, ms (p50/p99; extra = held - RTT {:.2})",
+                self.rtt_ms()
+            );
+            for h in &self.holds {
+                let _ = writeln!(s, "{}", h.line(self.rtt_ms()));
             }
         }
         if !self.b.is_empty() {
@@ -458,6 +515,11 @@ impl Figures {
             );
         }
         w("fig_a.csv", a)?;
+        let mut h = format!("{}\n", super::hold::CSV_HEADER);
+        for r in &self.holds {
+            let _ = writeln!(h, "{}", r.csv());
+        }
+        w("hold.csv", h)?;
         let mut b = String::from("variant,compute_ms,n,mean_ms,p50_ms,p99_ms\n");
         for p in &self.b {
             let _ = writeln!(
@@ -562,6 +624,9 @@ impl Figures {
                     failed: num(&r[6], "failed")?,
                 },
             });
+        }
+        for r in rows(dir, "hold.csv", super::hold::CSV_FIELDS)? {
+            f.holds.push(HoldRow::from_csv(&r).map_err(|e| anyhow!(e))?);
         }
         let lat = |r: &[String]| -> Result<LatStats> {
             Ok(LatStats {
@@ -707,6 +772,15 @@ mod tests {
                 failover_ms: 120,
             });
         }
+        f.holds.push(HoldRow {
+            workload: "tpcb".into(),
+            clients: 64,
+            released: 5000,
+            hold_p50: 53.0,
+            hold_p99: 70.0,
+            explained_share: 1.0,
+            ..HoldRow::default()
+        });
         f
     }
 
@@ -724,10 +798,14 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "hold_extra_p50_ms",
+                "hold_extra_p99_ms",
+                "insert64_pipelined_over_pgsync",
                 "rtt_ms",
                 "tier1_ms",
                 "tier3_ms",
                 "tier3_sync_ms",
+                "tpcb256_pipelined_over_async",
                 "tpcb64_pipelined_over_async",
                 "tpcb64_pipelined_over_pgsync",
                 "tpcb64_pipelined_over_sync"
@@ -739,14 +817,23 @@ mod tests {
         assert_eq!(kv.get("tpcb64_pipelined_over_pgsync"), Some(&"52.78"));
         assert_eq!(kv.get("tier1_ms"), Some(&"54.00"));
         assert_eq!(kv.get("tier3_sync_ms"), Some(&"156.00"));
-        assert_eq!(Figures::default().result_line().matches("=na").count(), 6);
+        assert_eq!(kv.get("insert64_pipelined_over_pgsync"), Some(&"1.00"));
+        assert_eq!(kv.get("hold_extra_p50_ms"), Some(&"2.98"));
+        assert_eq!(kv.get("hold_extra_p99_ms"), Some(&"19.98"));
+        assert_eq!(kv.get("tpcb256_pipelined_over_async"), Some(&"na"));
+        assert_eq!(Figures::default().result_line().matches("=na").count(), 10);
     }
 
     #[test]
     fn floors_are_judged_on_the_measured_values() {
         let mut f = synthetic();
         let ok = |f: &Figures| -> Vec<Option<bool>> { f.floors().iter().map(|x| x.ok).collect() };
-        assert!(ok(&f).iter().all(|o| *o == Some(true)), "{:?}", f.floors());
+        assert!(ok(&f).iter().flatten().all(|o| *o), "{:?}", f.floors());
+        assert_eq!(
+            ok(&f).iter().filter(|o| o.is_none()).count(),
+            1,
+            "no 256-client point"
+        );
         // Pipelined TPC-B barely above sync: the first floor must fail.
         for p in f.a.iter_mut() {
             if p.variant == "pipelined" && p.workload == "tpcb" {
@@ -786,6 +873,7 @@ mod tests {
         assert_eq!(back.b, f.b);
         assert_eq!(back.c, f.c);
         assert_eq!(back.d, f.d);
+        assert_eq!(back.holds, f.holds);
         assert_eq!(back.result_line(), f.result_line());
         let svg = std::fs::read_to_string(dir.join("fig_a_tpcb_tps.svg")).unwrap_or_default();
         // One polyline per variant.

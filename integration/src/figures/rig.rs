@@ -229,6 +229,51 @@ impl Rig {
             Rig::Bare(_) => bail!("variant {mode} needs the agent (run without --no-agent)"),
         }
     }
+    /// The hold breakdown of the site's agents so far (the first agent with a
+    /// network path; `None` without the agent or when it cannot be read).
+    pub(super) fn hold(&self) -> Option<pipecloud::netpath::HoldSnapshot> {
+        let Rig::Site(s) = self else { return None };
+        ctl_sockets(s).iter().find_map(|p| {
+            pipecloud::ctl::hold(p)
+                .map_err(|e| {
+                    eprintln!(
+                        "figures: reading the hold breakdown of {}: {e}",
+                        p.display()
+                    )
+                })
+                .ok()?
+                .into_iter()
+                .next()
+                .map(|(_, h)| h)
+        })
+    }
+
+    /// Sets a knob of a same-run A/B (no-op without the agent's site).
+    pub(super) fn set_knob(&self, k: super::part_a::Knob, on: bool) {
+        use super::part_a::Knob;
+        match (self, k) {
+            (Rig::Site(s), Knob::WanRealtime) => {
+                if let Some(w) = &s.wan {
+                    w.set_realtime(on);
+                }
+            }
+            (Rig::Bare(b), Knob::WanRealtime) => b._wan.set_realtime(on),
+            (_, Knob::TcpKeepWindow) => {
+                let names = self.names();
+                let mut nss: Vec<String> = (0..self.topo().hosts.len())
+                    .map(|i| names.host(i))
+                    .collect();
+                nss.push(names.backup());
+                let v = format!("net.ipv4.tcp_slow_start_after_idle={}", u8::from(!on));
+                for ns in nss {
+                    if let Err(e) = crate::sys::ns_sh(&ns, &["sysctl", "-qw", &v]) {
+                        eprintln!("figures: setting {v} in {ns}: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+
     pub(super) fn drain(&self) {
         if let Rig::Site(s) = self {
             wait_drained(s);
