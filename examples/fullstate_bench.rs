@@ -8,8 +8,13 @@
 //!
 //! Run (after `cargo build --release -p pipecloud-shim` and scripts/build-guest.sh):
 //! `cargo run --release --example fullstate_bench -- [seconds per load] [interval ms] [RAM MiB]`
-//! (defaults 10 s, 20 ms, 256 MiB).
+//! (defaults 10 s, 20 ms, 256 MiB). With `PIPECLOUD_BENCH_BACKUP=1` the agent's own
+//! epoch loop ships to a real backup server (`backup-server` binary next to the
+//! example or `PIPECLOUD_BACKUP_SERVER_BIN`) and the figure is epochs *acknowledged*
+//! per second.
 
+#[path = "../tests/support/backup.rs"]
+mod backup;
 #[path = "../tests/support/qemu_guest.rs"]
 #[allow(dead_code)]
 mod qemu_guest;
@@ -144,6 +149,84 @@ fn run(load: Load, seconds: u64, interval: Duration, ram_mib: u64) -> Run {
     r
 }
 
+/// The agent's own epoch loop (`fullstate::driver`) shipping to a real backup
+/// server over mutual TLS (loopback): epochs acknowledged per second, pauses.
+fn run_backup(load: Load, seconds: u64, interval: Duration, ram_mib: u64) {
+    use pipecloud::causal::CausalState;
+    use pipecloud::core::epoch::EpochLimits;
+    use pipecloud::core::{WriterId, EPOCH_ENTRY};
+    use pipecloud::fullstate::driver::{DriverConfig, EpochDriver};
+    use pipecloud::replication::checkpoint::CheckpointLink;
+    use pipecloud::replication::{
+        fresh_generation, DiskSpec, ReplicationClient, ReplicationConfig,
+    };
+    use std::sync::Arc;
+    let scratch = backup::Scratch::new("bench");
+    let server = backup::Backup::start(&scratch, "bench");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in = rt.enter();
+    let causal = Arc::new(CausalState::new(1));
+    let link = Arc::new(CheckpointLink::new(16 << 20));
+    let client = ReplicationClient::start(
+        ReplicationConfig {
+            group_id: 3,
+            agent: "bench-agent".into(),
+            disks: vec![DiskSpec {
+                name: "d".into(),
+                size: 1 << 20,
+                writer: WriterId(0),
+                machine: 0,
+            }],
+            generation: fresh_generation(Some(&scratch.0.join("generation"))).unwrap(),
+            checkpoint: Some(Arc::clone(&link)),
+            ..server.client_config()
+        },
+        Arc::clone(&causal),
+    )
+    .unwrap();
+    let tg = TestGuest::boot("benchb", ram_mib, load);
+    let driver = EpochDriver::start(
+        "bench",
+        vec![tg.spec.clone()],
+        DriverConfig {
+            interval,
+            qmp_timeout: Duration::from_secs(5),
+            limits: EpochLimits::default(),
+            writers: vec![(0, WriterId(0))],
+            machines: vec![0],
+        },
+        Arc::clone(&causal),
+        link,
+    )
+    .unwrap();
+    // Past the seed (whole RAM) epoch.
+    while causal.committed().get(EPOCH_ENTRY) < 3 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    driver.take_pauses();
+    let a0 = causal.committed().get(EPOCH_ENTRY);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let acked = causal.committed().get(EPOCH_ENTRY) - a0;
+    let el = t0.elapsed().as_secs_f64();
+    let p = driver.take_pauses();
+    let mut ms: Vec<f64> = p.iter().map(|t| t.total.as_secs_f64() * 1e3).collect();
+    let pages: u64 = p.iter().map(|t| t.pages).sum();
+    let paused: f64 = ms.iter().sum::<f64>() / 1e3 / el;
+    let (p50, p99) = (percentile(&mut ms, 0.5), percentile(&mut ms, 0.99));
+    println!(
+        "{load:?} to the backup server: {} pauses, {acked} epochs acked in {el:.1} s = {:.1} acked/s, \
+         pause p50 {p50:.2} ms p99 {p99:.2} ms, paused {:.1} %, {:.0} dirty pages/pause, status: {}",
+        p.len(),
+        acked as f64 / el,
+        paused * 100.0,
+        pages as f64 / p.len().max(1) as f64,
+        driver.status().line("bench")
+    );
+    drop(driver);
+    client.shutdown();
+}
+
 fn main() {
     let args: Vec<u64> = std::env::args()
         .skip(1)
@@ -154,6 +237,14 @@ fn main() {
     let ram_mib = args.get(2).copied().unwrap_or(256);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("fullstate_bench: {ram_mib} MiB guest, TCG, {interval:?} epochs, {seconds} s per load; loadavg before: {}", load.trim());
+    if std::env::var_os("PIPECLOUD_BENCH_BACKUP").is_some() {
+        for l in [Load::Light, Load::Heavy] {
+            run_backup(l, seconds, interval, ram_mib);
+        }
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!("loadavg after: {}", load.trim());
+        return;
+    }
     for l in [Load::Light, Load::Heavy] {
         let mut r = run(l, seconds, interval, ram_mib);
         let rate = r.epochs as f64 / r.elapsed.as_secs_f64();

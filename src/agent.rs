@@ -106,7 +106,7 @@ pub const EPOCH_INTERVAL: Duration = Duration::from_millis(20);
 fn start_epochs(
     topo: &Topology,
     host: &str,
-    client: &ReplicationClient,
+    link: Arc<crate::replication::checkpoint::CheckpointLink>,
     causal: &Arc<CausalState>,
 ) -> Result<crate::fullstate::driver::EpochDriver> {
     use crate::fullstate::capture::GuestSpec;
@@ -135,11 +135,6 @@ fn start_epochs(
             writers.push((i, w));
         }
     }
-    let link = Arc::new(crate::replication::checkpoint::CheckpointLink::new(
-        16 << 20,
-    ));
-    client.attach_checkpoint(Arc::clone(&link));
-    let backup_acked = causal.committed().get(pipecloud_core::EPOCH_ENTRY);
     let cfg = DriverConfig {
         interval: EPOCH_INTERVAL,
         qmp_timeout: Duration::from_secs(5),
@@ -147,16 +142,9 @@ fn start_epochs(
         writers,
         machines: (0..topo.machines.len()).collect(),
     };
-    tracing::info!(group = %topo.group.name, guests = specs.len(), ?EPOCH_INTERVAL, backup_acked,
+    tracing::info!(group = %topo.group.name, guests = specs.len(), ?EPOCH_INTERVAL,
         "checkpoint mode: starting the epoch loop (output held until its epoch is acked)");
-    EpochDriver::start(
-        &topo.group.name,
-        specs,
-        cfg,
-        Arc::clone(causal),
-        link,
-        backup_acked,
-    )
+    EpochDriver::start(&topo.group.name, specs, cfg, Arc::clone(causal), link)
 }
 
 /// Loads and validates a topology file.
@@ -242,6 +230,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         },
         backup_loss: topo.policy.on_backup_loss,
         mode: mode.clone(),
+        // Checkpoint mode: the epoch loop's frames share the connection (set before
+        // it connects, so the backup's acked epoch on connecting is not missed).
+        checkpoint: (topo.group.mode == topology::Mode::Checkpoint).then(|| {
+            Arc::new(crate::replication::checkpoint::CheckpointLink::new(
+                16 << 20,
+            ))
+        }),
         heartbeat_interval: Duration::from_millis(topo.policy.heartbeat_interval_ms),
         heartbeat_timeout: Duration::from_millis(topo.policy.heartbeat_timeout_ms),
         ..ReplicationConfig::default()
@@ -348,18 +343,28 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     }
 
     // Full-state epochs (checkpoint mode).
-    let epochs = if topo.group.mode == topology::Mode::Checkpoint {
-        Some(start_epochs(&topo, &host.name, &client, &causal)?)
-    } else {
-        None
+    let epochs = match &client.config().checkpoint {
+        Some(link) => Some(Arc::new(start_epochs(
+            &topo,
+            &host.name,
+            Arc::clone(link),
+            &causal,
+        )?)),
+        None => None,
     };
 
     // Control socket.
-    let control = Arc::new(Control::new(vec![ControlGroup {
+    let mut control = Control::new(vec![ControlGroup {
         client: Arc::clone(&client),
         mode: mode.clone(),
         net: net.as_ref().map(|n: &NetPath| Arc::clone(n.metrics())),
-    }]));
+    }]);
+    if let Some(d) = &epochs {
+        let d = Arc::downgrade(d);
+        let group = topo.group.name.clone();
+        control = control.with_epochs(Arc::new(move || Some(d.upgrade()?.status().line(&group))));
+    }
+    let control = Arc::new(control);
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, Arc::clone(&control))));
     let ctl = CtlServer::bind(&host.ctl_socket, control)

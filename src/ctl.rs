@@ -101,12 +101,26 @@ pub struct ControlGroup {
 #[derive(Clone, Default)]
 pub struct Control {
     groups: Vec<ControlGroup>,
+    /// One status line per checkpoint-mode group (its epoch loop, alarms first).
+    epochs: Vec<EpochStatusFn>,
 }
+
+/// Renders the status line of a group's epoch loop (`None` once it is gone).
+pub type EpochStatusFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Control {
     /// A control interface over `groups`.
     pub fn new(groups: Vec<ControlGroup>) -> Self {
-        Control { groups }
+        Control {
+            groups,
+            epochs: Vec::new(),
+        }
+    }
+
+    /// Adds the status line of a checkpoint group's epoch loop to `status`.
+    pub fn with_epochs(mut self, status: EpochStatusFn) -> Self {
+        self.epochs.push(status);
+        self
     }
 
     /// The groups it serves.
@@ -260,6 +274,11 @@ impl Control {
             if let Some(net) = &g.net {
                 let _ = writeln!(out, "network {}: {}", s.group, net.snapshot());
                 let _ = writeln!(out, "hold {}: {}", s.group, net.hold.snapshot().summary());
+            }
+        }
+        for e in &self.epochs {
+            if let Some(line) = e() {
+                let _ = writeln!(out, "{line}");
             }
         }
         out

@@ -136,6 +136,8 @@ pub struct ReplicationConfig {
     pub coalesce: Coalesce,
     /// The group's mode switch: the sender batches by age while it says `async`.
     pub mode: ModeSwitch,
+    /// Checkpoint mode: the epoch driver's link (its frames share this connection).
+    pub checkpoint: Option<Arc<checkpoint::CheckpointLink>>,
 }
 
 impl Default for ReplicationConfig {
@@ -165,6 +167,7 @@ impl Default for ReplicationConfig {
             reconnect_max: Duration::from_secs(2),
             coalesce: DEFAULT_COALESCE,
             mode: ModeSwitch::default(),
+            checkpoint: None,
         }
     }
 }
@@ -463,8 +466,6 @@ pub(crate) struct Shared {
     ready: watch::Sender<bool>,
     degraded: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
-    /// The full-state epoch driver's link, in checkpoint mode (`checkpoint.rs`).
-    checkpoint: std::sync::OnceLock<Arc<checkpoint::CheckpointLink>>,
 }
 
 impl Shared {
@@ -603,7 +604,6 @@ impl ReplicationClient {
             ready,
             degraded: degraded_rx,
             shutdown,
-            checkpoint: std::sync::OnceLock::new(),
         });
         let tasks = vec![
             runtime.spawn(session::run(Arc::clone(&shared))),
@@ -776,13 +776,6 @@ impl ReplicationClient {
         self.shared
             .send_now
             .store(true, std::sync::atomic::Ordering::Release);
-        self.shared.wake_sender.notify_one();
-    }
-
-    /// Carries the full-state epoch driver's checkpoint frames and acks over this
-    /// connection (checkpoint mode; at most one link).
-    pub fn attach_checkpoint(&self, link: Arc<checkpoint::CheckpointLink>) {
-        let _ = self.shared.checkpoint.set(link);
         self.shared.wake_sender.notify_one();
     }
 

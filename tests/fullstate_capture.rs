@@ -18,7 +18,12 @@
 mod qemu_guest;
 
 use pipecloud::fullstate::pagemap::{find_ram_mapping, PagemapScanner, Rearm};
+#[path = "../core/tests/model/rng.rs"]
+#[allow(dead_code)]
+mod rng;
+
 use qemu_guest::shim_path;
+use rng::Rng;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::ops::Range;
@@ -29,21 +34,6 @@ const PAGE: usize = 4096;
 const CHILD_ENV: &str = "PIPECLOUD_TEST_SCAN_CHILD_FILE";
 const CHILD_PAGES_ENV: &str = "PIPECLOUD_TEST_SCAN_CHILD_PAGES";
 const READY: &str = "PIPECLOUD-SCAN-CHILD-READY";
-
-/// splitmix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A shared-memory file removed on drop (also on a failed assertion).
 struct ShmFile(PathBuf);
@@ -187,7 +177,7 @@ fn child_dirty_writer() {
             .split_whitespace()
             .map(|x| x.parse().unwrap())
             .collect();
-        let (mut rng, changed, same) = (Rng(v[0]), v[1], v[2]);
+        let (mut rng, changed, same) = (Rng::new(v[0]), v[1], v[2]);
         let mut touched = BTreeSet::new();
         for i in 0..changed {
             // Runs of adjacent pages as well as scattered ones, and the edges.
@@ -269,7 +259,7 @@ fn run_rounds(pages: usize, rounds: u64, rearm: Rearm, seed: u64) -> Result<u64,
     if !out.is_empty() {
         return Err(format!("a fresh, unwritten mapping reports {out:?}"));
     }
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut total = 0;
     for round in 0..rounds {
         let changed_n = match round % 10 {
@@ -277,7 +267,7 @@ fn run_rounds(pages: usize, rounds: u64, rearm: Rearm, seed: u64) -> Result<u64,
             1 => pages as u64, // about two thirds of all pages
             _ => rng.below(300),
         };
-        let touched = w.round(rng.next(), changed_n, rng.below(20));
+        let touched = w.round(rng.next_u64(), changed_n, rng.below(20));
         out.clear();
         scanner.scan(range.clone(), rearm, &mut out).expect("scan");
         let reported = pages_of(&out);

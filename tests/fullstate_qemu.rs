@@ -94,7 +94,9 @@ fn qemu_capture_reports_every_changed_page() {
 /// The epoch loop (`fullstate::driver`) on a real guest, with a test double of
 /// the backup that reads the queued frames and acknowledges each `Commit`
 /// (a unit test of the agent's half; the proof runs against the real
-/// backup server). Checks: epoch 1 ships the whole RAM, every epoch arrives whole
+/// backup server). The double says it acknowledged epoch 41 when the connection
+/// opened (a previous run's). Checks: numbering continues at 42, which ships the
+/// whole RAM, 41 releases nothing, every epoch arrives whole
 /// (Begin, Pages, Device, End, Commit) and in order, the committed epoch entry
 /// follows the acks and never passes what the backup acknowledged, a tag taken
 /// now is covered only by an ack of its epoch; a backup that stops acknowledging
@@ -128,9 +130,13 @@ fn epoch_driver_ships_and_releases_by_ack() {
         cfg,
         Arc::clone(&causal),
         Arc::clone(&link),
-        0,
     )
     .expect("start");
+    // A backup that acknowledged epoch 41 before this agent started: the
+    // numbering continues above it, and that ack releases nothing of this run.
+    link.on_welcome();
+    link.on_ack(41);
+    link.on_heartbeat_reply();
     // The backup double.
     let acking = Arc::new(AtomicBool::new(true));
     let last_commit = Arc::new(AtomicU64::new(0));
@@ -170,7 +176,7 @@ fn epoch_driver_ships_and_releases_by_ack() {
                         };
                         match c {
                             Checkpoint::Begin { epoch, .. } => {
-                                let prev = last_commit.load(Ordering::Acquire);
+                                let prev = last_commit.load(Ordering::Acquire).max(41);
                                 if epoch != prev + 1 || open.is_some() {
                                     return Err(format!("Begin {epoch} after commit {prev}"));
                                 }
@@ -188,8 +194,10 @@ fn epoch_driver_ships_and_releases_by_ack() {
                                 if open != Some(epoch) || p != pages || device_bytes == 0 {
                                     return Err(format!("End {epoch}: {p} pages, {pages} seen"));
                                 }
-                                if epoch == 1 && pages != ram_pages {
-                                    return Err(format!("epoch 1 carried {pages} pages"));
+                                if epoch == 42 && pages != ram_pages {
+                                    return Err(format!(
+                                        "epoch 42 (the first) carried {pages} pages"
+                                    ));
                                 }
                                 (open, ended) = (None, Some(epoch));
                             }
@@ -228,7 +236,12 @@ fn epoch_driver_ships_and_releases_by_ack() {
         }
     };
     // A packet tagged now is released only by the ack of its epoch.
-    wait("epoch 3", &|| causal.committed().get(EPOCH_ENTRY) >= 3);
+    assert_eq!(
+        causal.committed().get(EPOCH_ENTRY),
+        0,
+        "another run's epoch 41 released output"
+    );
+    wait("epoch 44", &|| causal.committed().get(EPOCH_ENTRY) >= 44);
     let tag = causal.sync_pending(0);
     let e = tag.get(EPOCH_ENTRY);
     assert!(
@@ -263,7 +276,12 @@ fn epoch_driver_ships_and_releases_by_ack() {
         open > held,
         "output of the open epoch {open} held at {held}"
     );
-    println!("fullstate driver: alarm {:?}", driver.status().alarm);
+    let line = driver.status().line("drv");
+    assert!(
+        line.contains("ALARM (output held)"),
+        "ctl status line: {line}"
+    );
+    println!("fullstate driver: {line}");
     done.store(true, Ordering::Release);
     let epochs = backup
         .join()

@@ -94,6 +94,7 @@ fn agent(
         reconnect_max: Duration::from_millis(500),
         coalesce: pipecloud::replication::DEFAULT_COALESCE,
         mode: mode.clone(),
+        checkpoint: None,
     };
     let client = Arc::new(ReplicationClient::start(config, Arc::clone(&causal)).expect("client"));
     let image = scratch.0.join("local.img");

@@ -196,7 +196,8 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
         } => {
             validate_name(machine)?;
             epoch_ok(*epoch, "begin")?;
-            if *ram_bytes == 0 || !ram_bytes.is_multiple_of(PAGE_SIZE) || *ram_bytes > MAX_GUEST_RAM {
+            if *ram_bytes == 0 || !ram_bytes.is_multiple_of(PAGE_SIZE) || *ram_bytes > MAX_GUEST_RAM
+            {
                 return Err(invalid(format!(
                     "checkpoint begin of {machine}: RAM size {ram_bytes} is not a positive \
                      multiple of {PAGE_SIZE} up to {MAX_GUEST_RAM}"

@@ -68,6 +68,11 @@
 //! more pauses, no more acks taken, and every packet of the open epoch stays held
 //! (fail-closed; the driver raises the alarm).
 //!
+//! Numbering: no pause happens before the agent learnt the backup's
+//! acknowledged epoch on its first connection ([`Epochs::reconnected`]); the
+//! first epoch is the next number, so a restarted agent never reuses a number
+//! whose ack belongs to another run's state.
+//!
 //! Pure: no I/O, no clock. The driver (`src/fullstate`) calls in.
 
 use crate::vector::{CountVector, EPOCH_ENTRY};
@@ -100,6 +105,8 @@ pub enum PauseRefused {
     TooManyUnacked { acked: u64, unacked: u64 },
     #[error("a capture failed: the group's output stays held")]
     Failed,
+    #[error("not synchronised with the backup yet (its acknowledged epoch is not known)")]
+    NotSynced,
 }
 
 /// A call that does not fit the state (a driver bug or a hostile backup).
@@ -166,6 +173,11 @@ pub struct Epochs {
     needs_full: bool,
     /// The connection was replaced during the pause in progress.
     reconnected_in_pause: bool,
+    /// The backup's acknowledged epoch was learnt once ([`Epochs::reconnected`]).
+    synced: bool,
+    /// Epochs up to here belong to another run of the agent (numbered before
+    /// this one started): their acks say nothing about this run's output.
+    floor: u64,
     failed: bool,
 }
 
@@ -187,22 +199,10 @@ impl Epochs {
             barriers: VecDeque::new(),
             needs_full: true,
             reconnected_in_pause: false,
+            synced: false,
+            floor: 0,
             failed: false,
         }
-    }
-
-    /// An agent (re)starting a group whose backup already acknowledged
-    /// `backup_acked` (the welcome's committed epoch entry): numbering continues
-    /// above it, so no epoch number is ever reused for other output; the first
-    /// pause ships the whole RAM.
-    pub fn resume(limits: EpochLimits, backup_acked: u64) -> Self {
-        let mut e = Epochs::new(limits);
-        e.open = backup_acked + 1;
-        e.captured = backup_acked;
-        e.shipped = backup_acked;
-        e.acked = backup_acked;
-        e.given_up = backup_acked;
-        e
     }
 
     /// The epoch output seen now belongs to.
@@ -237,6 +237,9 @@ impl Epochs {
     pub fn may_pause(&self) -> Result<(), PauseRefused> {
         if self.failed {
             return Err(PauseRefused::Failed);
+        }
+        if !self.synced {
+            return Err(PauseRefused::NotSynced);
         }
         if let Some(p) = &self.pausing {
             return Err(PauseRefused::InPause(p.epoch));
@@ -287,7 +290,7 @@ impl Epochs {
         if p.full_ram {
             self.needs_full = false;
         }
-        self.captured = epoch;
+        self.captured = self.captured.max(epoch);
         self.barriers.push_back((epoch, p.barrier));
         debug_assert!(self.barriers.len() as u64 <= self.limits.max_unacked);
         if self.reconnected_in_pause && !p.full_ram {
@@ -330,8 +333,8 @@ impl Epochs {
                 shipped: self.shipped,
             });
         }
-        if epoch <= self.acked {
-            return Ok(false);
+        if epoch <= self.acked || epoch <= self.floor {
+            return Ok(false); // a repeat, or another run's epoch
         }
         self.acked = epoch;
         while self.barriers.front().is_some_and(|(e, _)| *e <= epoch) {
@@ -340,14 +343,33 @@ impl Epochs {
         Ok(true)
     }
 
-    /// A new connection to the backup, whose welcome says `backup_acked` is its
-    /// largest acknowledged epoch. Epochs shipped on the old connection and not
-    /// acknowledged are torn there: they are given up (they can never be
-    /// acknowledged on their own; a later epoch covers their output) and the next
-    /// pause ships the whole RAM again. A pause in progress that captures only
-    /// dirty pages is given up too ([`Captured::GiveUp`]).
+    /// The agent is synchronised with a (new) connection to the backup, which
+    /// reported `backup_acked` as its acknowledged epoch when the connection
+    /// opened (0: none).
+    ///
+    /// The first time (this agent's first connection) the numbering continues
+    /// above `backup_acked`: an agent restart never reuses an epoch number the
+    /// backup knows, no pause happens before this (`NotSynced`), and an ack of
+    /// an epoch up to `backup_acked` (another run's state) never releases this
+    /// run's output. Later,
+    /// epochs shipped on the old connection and not acknowledged are torn there:
+    /// they are given up (they can never be acknowledged on their own; a later
+    /// epoch covers their output) and the next pause ships the whole RAM again. A
+    /// pause in progress that captures only dirty pages is given up too
+    /// ([`Captured::GiveUp`]).
     pub fn reconnected(&mut self, backup_acked: u64) -> Result<(), EpochError> {
-        if backup_acked < self.acked {
+        if !self.synced {
+            debug_assert!(self.pausing.is_none() && self.captured == 0);
+            self.synced = true;
+            self.floor = backup_acked;
+            self.open = backup_acked + 1;
+            self.captured = backup_acked;
+            self.shipped = backup_acked;
+            self.given_up = backup_acked;
+            self.needs_full = true;
+            return Ok(());
+        }
+        if backup_acked < self.acked && self.acked > self.floor {
             return Err(EpochError::AckWentBack {
                 backup: backup_acked,
                 acked: self.acked,
@@ -412,6 +434,8 @@ mod tests {
     #[test]
     fn one_epoch_goes_through_pause_ship_ack() {
         let mut e = Epochs::new(EpochLimits::default());
+        assert_eq!(e.may_pause(), Err(PauseRefused::NotSynced));
+        e.reconnected(0).unwrap();
         assert_eq!(e.tag(&v(0)).get(EPOCH_ENTRY), 1);
         assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
         let p = e.begin_pause(&v(5)).unwrap();
@@ -444,10 +468,18 @@ mod tests {
     }
 
     #[test]
-    fn resume_continues_above_the_backups_epoch() {
-        let mut e = Epochs::resume(EpochLimits::default(), 41);
+    fn first_sync_continues_above_the_backups_epoch() {
+        let mut e = Epochs::new(EpochLimits::default());
+        e.reconnected(41).unwrap();
         assert_eq!(e.tag(&v(0)).get(EPOCH_ENTRY), 42);
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 41);
+        assert_eq!(
+            e.committed_view(&v(0)).get(EPOCH_ENTRY),
+            0,
+            "41 is another run's"
+        );
+        assert_eq!(e.ack(41), Ok(false));
+        e.reconnected(41).unwrap();
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
         let p = e.begin_pause(&v(1)).unwrap();
         assert_eq!((p.epoch, p.full_ram), (42, true));
     }
@@ -455,6 +487,7 @@ mod tests {
     #[test]
     fn unacked_bound_stalls_pauses() {
         let mut e = Epochs::new(EpochLimits { max_unacked: 2 });
+        e.reconnected(0).unwrap();
         for n in 1..=2 {
             e.begin_pause(&v(n)).unwrap();
             e.capture_done(n).unwrap();
@@ -472,6 +505,7 @@ mod tests {
     #[test]
     fn failed_capture_stops_everything() {
         let mut e = Epochs::new(EpochLimits::default());
+        e.reconnected(0).unwrap();
         e.begin_pause(&v(1)).unwrap();
         e.capture_failed();
         assert_eq!(e.may_pause(), Err(PauseRefused::Failed));
@@ -482,6 +516,7 @@ mod tests {
     #[test]
     fn reconnection_gives_up_torn_epochs_and_reseeds() {
         let mut e = Epochs::new(EpochLimits::default());
+        e.reconnected(0).unwrap();
         for n in 1..=3 {
             e.begin_pause(&v(n)).unwrap();
             e.capture_done(n).unwrap();
@@ -516,6 +551,7 @@ mod tests {
     #[test]
     fn capture_done_must_name_the_pause() {
         let mut e = Epochs::new(EpochLimits::default());
+        e.reconnected(0).unwrap();
         assert!(e.capture_done(1).is_err());
         e.begin_pause(&v(0)).unwrap();
         assert!(matches!(e.may_pause(), Err(PauseRefused::InPause(1))));

@@ -11,7 +11,10 @@
 //! that applies an epoch as a delta only on top of its predecessor, makes it
 //! durable once the disk writes up to its barrier are journaled, and acks it;
 //! the connection breaks now and then (frames and acks in flight are lost, the
-//! agent reconnects with the backup's durable epoch).
+//! agent reconnects with the backup's durable epoch), and the agent is killed and
+//! restarted now and then (its held packets are dropped, fail-closed; the new one
+//! numbers its epochs above the backup's acknowledged epoch; the backup drops the
+//! old run's pending epochs, an assumption stated in docs/design.md §9).
 //!
 //! The model keeps the truth the protocol never sees: the epoch in which each
 //! packet was really emitted (`1 +` the number of stops before it) and the writes
@@ -30,14 +33,19 @@
 //! Injected bugs (in the model's driver or backup, never in the product) that the
 //! checks must catch: release on ship instead of ack, tag with the previous epoch,
 //! a barrier off by one, continuing the guests before the epoch opens, a backup
-//! that ignores the barrier, a delta shipped on a new connection.
+//! that ignores the barrier, a delta shipped on a new connection, a restarted agent numbering from 1.
 //!
 //! Environment: `PIPECLOUD_MODEL_EPOCH_SCHEDULES` (default 20 000),
 //! `PIPECLOUD_MODEL_EPOCH_SEED` (first seed, default 0).
 
+#[path = "model/rng.rs"]
+#[allow(dead_code)]
+mod rng;
+
 use pipecloud_core::epoch::{Captured, EpochLimits, Epochs};
 use pipecloud_core::netqueue::{FlowId, NetQueue, NetQueueLimits, Push};
 use pipecloud_core::{CountVector, WriterId, EPOCH_ENTRY};
+use rng::Rng;
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +64,9 @@ enum Bug {
     BackupIgnoresBarrier,
     /// The driver ships an epoch the state machine gave up at a reconnection.
     ShipGivenUp,
+    /// A restarted agent numbers its epochs from 1 again (does not learn the
+    /// backup's acknowledged epoch).
+    RestartFromOne,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +76,7 @@ enum Check {
     DiskBehindCheckpoint,
     BarrierNotIssued,
     DeltaWithoutBase,
+    EpochReused,
     NotReleased,
     Protocol,
 }
@@ -75,27 +87,10 @@ struct Violation {
     what: String,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
-    }
-    /// True with probability `1/n`.
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-}
-
 struct Pkt {
-    /// The epoch it was really emitted in.
-    true_epoch: u64,
+    /// It was emitted before the `stop_index`-th stop of the guests (and after
+    /// the one before): checkpoints of that pause and later remember it.
+    stop_index: u64,
     /// Writes it really depends on.
     deps: CountVector,
     flow: u64,
@@ -109,6 +104,9 @@ struct Ckpt {
     barrier: CountVector,
     /// Writes really issued before the pause (the model's truth).
     true_issued: CountVector,
+    /// Which stop of the guests this checkpoint was taken at (the truth, independent
+    /// of epoch numbers, which restart above the backup's after an agent restart).
+    stop_index: u64,
 }
 
 struct Pausing {
@@ -127,6 +125,7 @@ struct Stats {
     given_up: u64,
     failed_captures: u64,
     reconnects: u64,
+    restarts: u64,
     acks: u64,
 }
 
@@ -169,9 +168,11 @@ fn violation<T>(check: Check, what: String) -> Result<T, Violation> {
 
 impl Sim {
     fn new(seed: u64, bug: Bug, release_checks: bool) -> Self {
-        let mut rng = Rng(seed ^ 0x243f_6a88_85a3_08d3);
+        let mut rng = Rng::new(seed);
         let writers = 1 + rng.below(3) as usize;
         let max_unacked = 1 + rng.below(8);
+        let mut epochs = Epochs::new(EpochLimits { max_unacked });
+        epochs.reconnected(0).expect("first connection");
         Sim {
             rng,
             bug,
@@ -183,7 +184,7 @@ impl Sim {
             stops: 0,
             packets: Vec::new(),
             arriving: VecDeque::new(),
-            epochs: Epochs::new(EpochLimits { max_unacked }),
+            epochs,
             nq: NetQueue::new(NetQueueLimits {
                 max_packets: 1 << 20,
                 max_bytes: 1 << 30,
@@ -209,6 +210,10 @@ impl Sim {
         self.durable.as_ref().map_or(0, |c| c.epoch)
     }
 
+    fn durable_stop(&self) -> u64 {
+        self.durable.as_ref().map_or(0, |c| c.stop_index)
+    }
+
     fn committed_view(&self) -> CountVector {
         let mut c = self.epochs.committed_view(&self.agent_committed);
         if self.bug == Bug::ReleaseOnShip {
@@ -222,15 +227,15 @@ impl Sim {
         self.stats.released += 1;
         let p = &self.packets[id];
         if self.release_checks
-            && (p.true_epoch > self.durable_epoch() || !self.journaled.dominates(&p.deps))
+            && (p.stop_index > self.durable_stop() || !self.journaled.dominates(&p.deps))
         {
             return violation(
                 Check::ReleasedNotDurable,
                 format!(
-                    "t={} packet {id} of epoch {} released, backup durable at epoch {}",
+                    "t={} packet {id} of stop {} released, backup durable at stop {}",
                     self.t,
-                    p.true_epoch,
-                    self.durable_epoch()
+                    p.stop_index,
+                    self.durable_stop()
                 ),
             );
         }
@@ -276,6 +281,18 @@ impl Sim {
                     ),
                 );
             }
+            if ck.epoch <= self.durable_epoch() {
+                return violation(
+                    Check::EpochReused,
+                    format!(
+                        "t={t} epoch {} shipped, the backup acknowledged {}",
+                        ck.epoch,
+                        self.durable_epoch()
+                    ),
+                );
+            }
+            // A restarted agent starts over: its pending commits from here are superseded.
+            self.pending.retain(|(_, p)| p.epoch < ck.epoch);
             self.chain = ck.epoch;
             self.pending.push_back((conn, ck));
         }
@@ -331,7 +348,7 @@ impl Sim {
         if !self.running || quiet {
             return;
         }
-        if self.rng.one_in(2) {
+        if self.rng.chance(1, 2) {
             let w = self.rng.below(self.writers as u64) as usize;
             let seq = self.issued.bump(WriterId(w as u8));
             let due = self.disk_due[w].max(self.t + self.rng.below(6));
@@ -342,7 +359,7 @@ impl Sim {
         for _ in 0..self.rng.below(3) {
             let id = self.packets.len();
             self.packets.push(Pkt {
-                true_epoch: self.stops + 1,
+                stop_index: self.stops + 1,
                 deps: self.issued,
                 flow: self.rng.below(4),
                 released: false,
@@ -381,7 +398,7 @@ impl Sim {
                 }
             }
             self.running = true;
-        } else if self.pausing.is_none() && self.rng.one_in(4) {
+        } else if self.pausing.is_none() && self.rng.chance(1, 4) {
             if let Err(_refused) = self.epochs.may_pause() {
                 self.stats.stalls += 1;
             } else {
@@ -408,13 +425,14 @@ impl Sim {
                         Err(e) => return violation(Check::Protocol, format!("t={t} pause: {e}")),
                     }
                 };
-                let fails = faults && self.rng.one_in(300);
+                let fails = faults && self.rng.chance(1, 300);
                 self.pausing = Some(Pausing {
                     ckpt: Ckpt {
                         epoch: pause.epoch,
                         full: pause.full_ram,
                         barrier: pause.barrier,
                         true_issued,
+                        stop_index: self.stops,
                     },
                     due: t + self.rng.below(3),
                     fails,
@@ -422,7 +440,7 @@ impl Sim {
             }
         }
         // Shipping in the background.
-        if !self.to_ship.is_empty() && !self.rng.one_in(3) {
+        if !self.to_ship.is_empty() && !self.rng.chance(1, 3) {
             let ck = self.to_ship.pop_front().unwrap();
             if let Err(e) = self.epochs.ship_done(ck.epoch) {
                 return violation(Check::Protocol, format!("t={t} ship: {e}"));
@@ -431,8 +449,38 @@ impl Sim {
             let due = due.max(self.ckpt_q.back().map_or(0, |c| c.0));
             self.ckpt_q.push_back((due, self.conn, ck));
         }
+        // The agent is killed and restarted: its held packets are gone (fail-closed),
+        // a new epoch state learns the backup's acked epoch on connecting.
+        if faults && self.rng.chance(1, 400) {
+            self.stats.restarts += 1;
+            self.nq = NetQueue::new(NetQueueLimits {
+                max_packets: 1 << 20,
+                max_bytes: 1 << 30,
+            });
+            self.arriving.clear();
+            self.pausing = None;
+            self.running = true;
+            self.epochs = Epochs::new(EpochLimits {
+                max_unacked: 1 + self.rng.below(8),
+            });
+            self.conn += 1;
+            self.chain = 0;
+            self.to_ship.clear();
+            // ASSUMPTION (docs/design.md §9): the backup drops a restarted agent's
+            // pending (committed, not yet durable) epochs when it connects, so none
+            // of them becomes durable under a number the new run uses.
+            self.pending.clear();
+            let backup_acked = if self.bug == Bug::RestartFromOne {
+                0
+            } else {
+                self.durable_epoch()
+            };
+            if let Err(e) = self.epochs.reconnected(backup_acked) {
+                return violation(Check::Protocol, format!("t={t} restart: {e}"));
+            }
+        }
         // The connection breaks.
-        if faults && self.rng.one_in(150) {
+        if faults && self.rng.chance(1, 150) {
             self.stats.reconnects += 1;
             self.conn += 1;
             self.chain = 0;
@@ -468,12 +516,14 @@ impl Sim {
             }
         }
         for (id, p) in self.packets.iter().enumerate().filter(|(_, p)| p.released) {
-            if p.true_epoch > d {
+            if p.stop_index > self.durable_stop() {
                 return violation(
                     Check::ClientAheadOfCheckpoint,
                     format!(
-                        "t={} client saw packet {id} of epoch {}, backup resumes epoch {d}",
-                        self.t, p.true_epoch
+                        "t={} client saw packet {id} of stop {}, backup resumes epoch {d} of stop {}",
+                        self.t,
+                        p.stop_index,
+                        self.durable_stop()
                     ),
                 );
             }
@@ -491,8 +541,8 @@ impl Sim {
 fn run_schedule(seed: u64, bug: Bug, release_checks: bool) -> Result<Stats, Violation> {
     let mut sim = Sim::new(seed, bug, release_checks);
     let ticks = 100 + sim.rng.below(400);
-    let disaster_at = sim.rng.one_in(2).then(|| sim.rng.below(ticks));
-    let faults = sim.rng.one_in(2);
+    let disaster_at = sim.rng.chance(1, 2).then(|| sim.rng.below(ticks));
+    let faults = sim.rng.chance(1, 2);
     for t in 0..ticks + 300 {
         sim.t = t;
         let quiet = t >= ticks;
@@ -553,6 +603,7 @@ fn run_many(
         total.given_up += s.given_up;
         total.failed_captures += s.failed_captures;
         total.reconnects += s.reconnects;
+        total.restarts += s.restarts;
         total.acks += s.acks;
     }
     Ok(total)
@@ -571,7 +622,7 @@ fn model_epoch_schedules() {
             eprintln!(
                 "model-epoch: {} schedules, {} disasters, {} packets released, 0 violations \
                  ({} pauses, {} stalled pauses, {} epochs given up, {} failed captures, \
-                 {} reconnects, {} acks)",
+                 {} reconnects, {} agent restarts, {} acks)",
                 s.schedules,
                 s.disasters,
                 s.released,
@@ -580,10 +631,17 @@ fn model_epoch_schedules() {
                 s.given_up,
                 s.failed_captures,
                 s.reconnects,
+                s.restarts,
                 s.acks
             );
             assert_eq!(s.schedules, count);
-            assert!(s.released > 0 && s.disasters > 0 && s.given_up > 0 && s.failed_captures > 0);
+            assert!(
+                s.released > 0
+                    && s.disasters > 0
+                    && s.given_up > 0
+                    && s.failed_captures > 0
+                    && s.restarts > 0
+            );
         }
         Err((seed, v)) => panic!(
             "epoch model violation at seed {seed}: {:?}: {}\nreplay: PIPECLOUD_MODEL_EPOCH_SEED={seed} \
@@ -649,6 +707,11 @@ fn catches_shipping_a_given_up_delta() {
         assert_caught(Bug::ShipGivenUp, true),
         Check::DeltaWithoutBase
     );
+}
+
+#[test]
+fn catches_a_restart_that_reuses_epoch_numbers() {
+    assert_eq!(assert_caught(Bug::RestartFromOne, true), Check::EpochReused);
 }
 
 #[test]

@@ -64,9 +64,15 @@ pub struct DriverStatus {
     pub stalls: u64,
 }
 
+/// Pause records kept for [`EpochDriver::take_pauses`] (the oldest are dropped).
+pub const MAX_PAUSE_RECORDS: usize = 16_384;
+
 struct State {
     epochs: Epochs,
-    /// Connection generation (see `CheckpointLink`).
+    /// The latest pauses, for figures (bounded by [`MAX_PAUSE_RECORDS`]).
+    pauses: std::collections::VecDeque<PauseTimes>,
+    /// The synchronised connection generation frames are shipped on (see
+    /// `CheckpointLink`; 0: none yet, no pause happens).
     generation: u64,
     status: DriverStatus,
 }
@@ -77,6 +83,8 @@ struct Shared {
     link: Arc<CheckpointLink>,
     stop: AtomicBool,
     group: String,
+    /// Local machines whose pending vectors carry the epoch.
+    machines: Vec<usize>,
 }
 
 impl Shared {
@@ -84,7 +92,7 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Raises the committed vector's epoch entry to the acknowledged epoch.
+    /// Raises the committed vector's epoch entry to this run's acknowledged epoch.
     fn publish(&self, st: &State) {
         let view = st.epochs.committed_view(&CountVector::ZERO);
         self.causal.publish_committed(&view);
@@ -99,18 +107,27 @@ impl Shared {
 }
 
 impl CheckpointEvents for Shared {
-    fn welcome(&self, backup_acked: u64) {
+    fn connection(&self, generation: u64, backup_acked: u64) {
         let mut st = self.lock();
-        st.generation += 1;
-        self.link.new_connection(st.generation);
+        if generation <= st.generation {
+            return; // reported already
+        }
+        st.generation = generation;
         match st.epochs.reconnected(backup_acked) {
-            Ok(()) => self.publish(&st),
-            Err(e) => self.alarm(&mut st, format!("backup welcome: {e}")),
+            Ok(()) => {
+                // The first connection may move the numbering above the backup's.
+                raise_epoch(&self.causal, &self.machines, st.epochs.open());
+                self.publish(&st);
+            }
+            Err(e) => self.alarm(&mut st, format!("backup connection: {e}")),
         }
     }
 
-    fn ack(&self, epoch: u64) {
+    fn ack(&self, generation: u64, epoch: u64) {
         let mut st = self.lock();
+        if generation != st.generation {
+            return; // an ack of a connection not (or no longer) ours
+        }
         match st.epochs.ack(epoch) {
             Ok(true) => self.publish(&st),
             Ok(false) => {}
@@ -136,17 +153,16 @@ struct ToShip {
 impl EpochDriver {
     /// Starts the loop: attaches to the guests (waiting for their QMP sockets),
     /// then pauses every `interval`. Registers itself as `link`'s event handler.
-    /// `backup_acked`: the epoch the backup's welcome says is acknowledged
-    /// (numbering continues above it).
+    /// No pause happens before the link reports a synchronised connection
+    /// (the numbering continues above the backup's acknowledged epoch).
     pub fn start(
         group: &str,
         specs: Vec<GuestSpec>,
         cfg: DriverConfig,
         causal: Arc<CausalState>,
         link: Arc<CheckpointLink>,
-        backup_acked: u64,
     ) -> Result<Self> {
-        let epochs = Epochs::resume(cfg.limits, backup_acked);
+        let epochs = Epochs::new(cfg.limits);
         let first = epochs.open();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -155,12 +171,14 @@ impl EpochDriver {
                     ..DriverStatus::default()
                 },
                 epochs,
+                pauses: std::collections::VecDeque::new(),
                 generation: 0,
             }),
             causal,
             link: Arc::clone(&link),
             stop: AtomicBool::new(false),
             group: group.to_owned(),
+            machines: cfg.machines.clone(),
         });
         // Output of the first epoch is tagged from the start.
         raise_epoch(&shared.causal, &cfg.machines, first);
@@ -193,6 +211,11 @@ impl EpochDriver {
         })
     }
 
+    /// The pauses recorded since the last call (figures).
+    pub fn take_pauses(&self) -> Vec<PauseTimes> {
+        self.shared.lock().pauses.drain(..).collect()
+    }
+
     /// The loop's state now.
     pub fn status(&self) -> DriverStatus {
         let st = self.shared.lock();
@@ -201,6 +224,24 @@ impl EpochDriver {
         s.acked = st.epochs.acked();
         s.shipped = st.epochs.shipped();
         s
+    }
+}
+
+impl DriverStatus {
+    /// One line for `ctl status`; an alarm comes first and loud.
+    pub fn line(&self, group: &str) -> String {
+        let alarm = self
+            .alarm
+            .as_deref()
+            .map_or_else(String::new, |a| format!("ALARM (output held): {a}; "));
+        let pause = self.last_pause.map_or_else(
+            || "-".to_owned(),
+            |p| format!("{:.2}ms/{}pages", p.total.as_secs_f64() * 1e3, p.pages),
+        );
+        format!(
+            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause}",
+            self.open, self.shipped, self.acked, self.pauses, self.stalls
+        )
     }
 }
 
@@ -231,9 +272,17 @@ fn attach_all(shared: &Shared, specs: &[GuestSpec], cfg: &DriverConfig) -> Resul
             }
             match Guest::attach(spec.clone(), cfg.qmp_timeout) {
                 Ok(mut g) => {
-                    // A guest the launcher keeps stopped (-S) is not checkpointed yet.
-                    if g.qmp().status().is_ok_and(|s| s == "running") {
-                        break g;
+                    // A guest the launcher keeps stopped (-S, `prelaunch`) is not
+                    // checkpointed yet; one left `paused` by an agent killed
+                    // mid-pause is (its first pause continues it).
+                    match g.qmp().status() {
+                        Ok(s) if s == "running" => break g,
+                        Ok(s) if s == "paused" => {
+                            tracing::warn!(group = %shared.group, guest = %spec.name,
+                                "guest found paused (an agent stopped mid-pause?): the next pause continues it");
+                            break g;
+                        }
+                        _ => {}
                     }
                 }
                 Err(e) => {
@@ -306,6 +355,10 @@ fn epoch_loop(
         let p = pause.ok_or_else(|| anyhow!("pause without an epoch"))?;
         st.status.pauses += 1;
         st.status.last_pause = Some(t);
+        if st.pauses.len() == MAX_PAUSE_RECORDS {
+            st.pauses.pop_front();
+        }
+        st.pauses.push_back(t);
         match st.epochs.capture_done(p.epoch)? {
             Captured::Ship => {
                 drop(st);

@@ -12,7 +12,7 @@ use pipecloud_core::codec::{encode_frame, FrameReader};
 use pipecloud_core::wire::{
     Checkpoint, DiskHello, Frame, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use pipecloud_core::{Seq, WriterId, EPOCH_ENTRY};
+use pipecloud_core::{Seq, WriterId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -254,8 +254,8 @@ async fn session(shared: &Arc<Shared>) -> Result<(), SessionError> {
                 .on_welcome(&w, &shared.causal, Instant::now())?;
             tracing::info!(group = %cfg.group, endpoint = %cfg.endpoint, committed = %w.committed,
                 "connected to the backup; re-sending unacked writes");
-            if let Some(link) = shared.checkpoint.get() {
-                link.on_welcome(w.committed.get(EPOCH_ENTRY));
+            if let Some(link) = shared.config.checkpoint.as_deref() {
+                link.on_welcome();
             }
             next
         }
@@ -295,6 +295,11 @@ async fn receive<R: AsyncRead + Unpin>(
                 if let Some(rtt) = st.heartbeat_reply(nonce, now) {
                     tracing::trace!(?rtt, "heartbeat reply");
                 }
+                if let Some(link) = shared.config.checkpoint.as_deref() {
+                    drop(st);
+                    link.on_heartbeat_reply();
+                    st = shared.lock();
+                }
             }
             Frame::Heartbeat { nonce } => {
                 st.heartbeat_to_answer(nonce, now);
@@ -303,7 +308,7 @@ async fn receive<R: AsyncRead + Unpin>(
             Frame::Reject { reason } => return Err(SessionError::Rejected(reason)),
             Frame::Checkpoint(Checkpoint::Ack { epoch }) => {
                 st.heard(now);
-                if let Some(link) = shared.checkpoint.get() {
+                if let Some(link) = shared.config.checkpoint.as_deref() {
                     drop(st);
                     link.on_ack(epoch);
                     st = shared.lock();
@@ -371,7 +376,7 @@ async fn send<W: AsyncWrite + Unpin>(
         for f in &batch {
             encode_frame(f, &mut out)?;
         }
-        if let Some(link) = shared.checkpoint.get() {
+        if let Some(link) = shared.config.checkpoint.as_deref() {
             link.take(&mut out, MAX_BATCH_BYTES as usize);
         }
         if !out.is_empty() {
@@ -403,7 +408,7 @@ async fn send<W: AsyncWrite + Unpin>(
 
 /// Checkpoint frames were queued (never, without a checkpoint link).
 async fn checkpoint_ready(shared: &Shared) {
-    match shared.checkpoint.get() {
+    match shared.config.checkpoint.as_deref() {
         Some(link) => link.ready().notified().await,
         None => std::future::pending().await,
     }

@@ -226,8 +226,8 @@ impl Backup {
         self.dir.join(format!("{}-agent.key", self.group))
     }
 
-    /// Fails the group over and returns the bytes of `disk`'s volume image.
-    pub fn failover_image(&self, out: &Path, disk: &str) -> Vec<u8> {
+    /// Fails the group over into `out`; returns the command's output (panics on failure).
+    pub fn failover(&self, out: &Path) -> String {
         let o = Command::new(backup_server_bin())
             .args(["failover", "--group", &self.group, "--out"])
             .arg(out)
@@ -243,6 +243,28 @@ impl Backup {
             stdout,
             String::from_utf8_lossy(&o.stderr)
         );
+        stdout
+    }
+
+    /// A replication client configuration for this server's group (its PKI,
+    /// `localhost`); the caller fills in the rest.
+    pub fn client_config(&self) -> pipecloud::replication::ReplicationConfig {
+        pipecloud::replication::ReplicationConfig {
+            endpoint: format!("127.0.0.1:{}", self.port),
+            server_name: "localhost".into(),
+            tls: pipecloud::replication::TlsFiles {
+                ca: self.ca(),
+                cert: self.agent_cert(),
+                key: self.agent_key(),
+            },
+            group: self.group.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Fails the group over and returns the bytes of `disk`'s volume image.
+    pub fn failover_image(&self, out: &Path, disk: &str) -> Vec<u8> {
+        let stdout = self.failover(out);
         let image = stdout
             .lines()
             .filter_map(|l| l.strip_prefix("image: "))
