@@ -213,7 +213,7 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
             epoch_ok(*epoch, "pages")?;
             chunk_ok(data.len(), "pages")?;
             let len = data.len() as u64;
-            if *offset % PAGE_SIZE != 0 || len == 0 || len % PAGE_SIZE != 0 {
+            if *offset % PAGE_SIZE != 0 || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
                 return Err(invalid(format!(
                     "checkpoint pages at {offset}, {len} bytes: not whole {PAGE_SIZE}-byte pages"
                 )));

@@ -2,7 +2,7 @@
 //!
 //! A machine with a `vm` table is a guest that `pipecloud vm start` launches
 //! from the topology and that the agent can checkpoint (full-state mode,
-//! docs/design.md §13): its RAM lives in a shared memory file the agent can read
+//! docs/design.md §10): its RAM lives in a shared memory file the agent can read
 //! (`ram_file`, `ram_mib`), QEMU answers on a QMP socket (`qmp`), its disks are
 //! the machine's `[[disk]]`s served by the agent's NBD export, and its NIC is a
 //! tap device on the machine's host (`tap`), so its packets cross the agent's
