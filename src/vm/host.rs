@@ -139,6 +139,13 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host side's MAC: `fe:00:` + the guest's IPv4 address (locally
+/// administered, unicast), the same on every site.
+pub fn tap_mac(guest_ip: Ipv4Addr) -> String {
+    let guest = super::cmdline::guest_mac(None, guest_ip);
+    format!("fe{}", &guest[2..])
+}
+
 /// Makes the guest's tap (persistent), brings it up and gives the host its
 /// side of the guest's subnet (module doc). Idempotent.
 pub fn ensure_tap(vm: &Vm, guest_ip: Ipv4Addr) -> anyhow::Result<()> {
@@ -154,6 +161,9 @@ pub fn ensure_tap(vm: &Vm, guest_ip: Ipv4Addr) -> anyhow::Result<()> {
     if !exists {
         ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
     }
+    // The same MAC on every site: a restored guest's ARP entry for its gateway
+    // stays right on the backup site's tap.
+    ip(&["link", "set", tap, "address", &tap_mac(guest_ip)])?;
     ip(&["link", "set", tap, "up"])?;
     match vm.gateway {
         Some(gw) => {
