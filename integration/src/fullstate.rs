@@ -28,13 +28,27 @@
 //! show the check can fail) lets the guest run and answer for a while after the
 //! snapshot before the kill, as output released before its checkpoint is safe
 //! would: the check must then report gaps and unsafe replies.
+//!
+//! **Known problem (session 13).** In this harness the resumed guest does not
+//! answer the client's existing connection (every point fails with
+//! "connection did not survive"), and its console `poweroff` does not complete,
+//! while the very same RAM image, device state and a fresh failover of the same
+//! backup data restore fine by hand (a new connection continues the counter,
+//! power-off is clean), and `tests/guest_vm.rs`, which checkpoints between
+//! requests, keeps its connection. A hand test that checkpoints while one
+//! connection is busy recovered 1 time in 3 (microvm and q35 alike). The client's
+//! socket shows every byte it sent acknowledged: the guest received the request
+//! before the checkpoint, so the reply (or its retransmission) is what never
+//! comes. Next steps: capture on the backup site's tap through the restore and
+//! read the guest's state (is the service blocked in `fdatasync`?).
 
 use crate::netns::{addr, cleanup_prefix, route, spawn_in, veth, Netns};
 use crate::run::bin;
+use crate::site::render_topology;
 use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
 use pipecloud::vm::qmp::Qmp;
-use pipecloud_core::topology::Topology;
+use pipecloud_core::topology::{Mode, Topology};
 use serde_json::json;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -121,9 +135,10 @@ impl PointResult {
     }
 }
 
-/// The run's topology: the given one's group, machines and guests with every
-/// path under `work` (and the RAM file named after the run), mode `sync`
-/// (module doc). Only one host is supported.
+/// The run's topology: the harness's usual rendering (every path under `work`,
+/// mode `sync`: module doc) with each guest's `[machine.vm]` table added, its
+/// kernel and initrd made absolute and its RAM file named after the run. Only
+/// one host is supported.
 fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result<String> {
     if topo.hosts.len() != 1 {
         bail!(
@@ -131,25 +146,7 @@ fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result
             topo.hosts.len()
         );
     }
-    let g = &topo.group.name;
-    let certs = work.join("certs");
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "[group]\nname = \"{g}\"\nid = {}\nmode = \"sync\"\n\n[backup]\nendpoint = \"{BACKUP_IP}:{BACKUP_PORT}\"\n\
-         server_name = \"backup.pipecloud.test\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        topo.group.id,
-        certs.join("ca.pem").display(),
-        certs.join(format!("{g}-agent.pem")).display(),
-        certs.join(format!("{g}-agent.key")).display(),
-    );
-    let h = &topo.hosts[0];
-    let _ = writeln!(
-        s,
-        "[[host]]\nname = \"{}\"\nnbd_dir = \"{}\"\n",
-        h.name,
-        work.join("h0").display()
-    );
+    let mut s = render_topology(topo, Mode::Sync, &work.join("certs"), work);
     for m in &topo.machines {
         let vm =
             m.vm.as_ref()
@@ -159,15 +156,9 @@ fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result
             std::fs::canonicalize(&p)
                 .with_context(|| format!("{} (run scripts/build-guest.sh)", p.display()))
         };
-        let _ = writeln!(
-            s,
-            "[[machine]]\nname = \"{}\"\nip = \"{}\"\nhost = \"{}\"\noutbound = {}\n\n[machine.vm]\n\
-             kernel = \"{}\"\nram_mib = {}\nplatform = \"{}\"\ntap = \"{}\"\nprefix_len = {}\n\
-             ram_file = \"/dev/shm/{prefix}-{}.ram\"\nappend = \"{}\"",
-            m.name,
-            m.ip,
-            m.host,
-            m.outbound,
+        let mut t = format!(
+            "[machine.vm]\nkernel = \"{}\"\nram_mib = {}\nplatform = \"{}\"\ntap = \"{}\"\n\
+             prefix_len = {}\nram_file = \"/dev/shm/{prefix}-{}.ram\"\nappend = \"{}\"\n",
             abs(&vm.kernel)?.display(),
             vm.ram_mib,
             vm.platform,
@@ -177,24 +168,19 @@ fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result
             vm.append
         );
         if let Some(i) = &vm.initrd {
-            let _ = writeln!(s, "initrd = \"{}\"", abs(i)?.display());
+            let _ = writeln!(t, "initrd = \"{}\"", abs(i)?.display());
         }
         if let Some(gw) = vm.gateway {
-            let _ = writeln!(s, "gateway = \"{gw}\"");
+            let _ = writeln!(t, "gateway = \"{gw}\"");
         }
-        s.push('\n');
-    }
-    for d in &topo.disks {
-        let _ = writeln!(
-            s,
-            "[[disk]]\nname = \"{}\"\nmachine = \"{}\"\nimage = \"{}\"\nsize = {}\n",
-            d.name,
-            d.machine,
-            work.join("images")
-                .join(format!("{}.img", d.name))
-                .display(),
-            d.size
-        );
+        // After the machine's own keys (site::render_topology writes `outbound` last).
+        let head = format!("name = \"{}\"\nip = \"{}\"\n", m.name, m.ip);
+        let at = s
+            .find(&head)
+            .and_then(|i| s[i..].find("outbound = ").map(|j| i + j))
+            .and_then(|i| s[i..].find('\n').map(|j| i + j + 1))
+            .context("machine not found in the rendered topology")?;
+        s.insert_str(at, &t);
     }
     Ok(s)
 }
@@ -390,6 +376,14 @@ pub fn run_point(
         &format!("{}/32", m.ip),
         "eth0",
         Some(HOST_CLIENT_SIDE),
+    )?;
+    // The backup site reaches the client's address over its own link (the
+    // connection keeps the client's primary-side address).
+    route(
+        backup_ns,
+        &format!("{CLIENT_IP}/32"),
+        "c0",
+        Some(CLIENT_IP_B),
     )?;
 
     // Backup server (unprivileged) and its PKI.
