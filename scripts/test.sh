@@ -20,6 +20,8 @@ cargo test --workspace --release --no-fail-fast -- --nocapture 2>&1 | tee target
 ./scripts/check-test-log.sh target/test-output.log
 grep -E '^model: [1-9][0-9]* schedules' target/test-output.log ||
   { echo "test.sh: the core's model test printed no summary: it did not run" >&2; exit 1; }
+grep -E '^model-epoch: [1-9][0-9]* schedules' target/test-output.log ||
+  { echo "test.sh: the epoch model test printed no summary: it did not run" >&2; exit 1; }
 ./scripts/deploy-guide-test.sh  # docs/deploy.md followed literally, then a disaster check (issue 18)
 
 # End-to-end disaster checks (issue 6): real PostgreSQL on protected disks, an
@@ -35,4 +37,5 @@ for topo in single-db two-host; do
   "$H" disaster --topology "topology/$topo.toml" --mode async --points "$POINTS" --seed 7 --expect-unsafe
 done
 "$H" disaster --topology topology/single-db.toml --mode pipelined --points 1 --seed 7 --ipv6-client  # issue 18: client over IPv6
+./scripts/fault-checkpoint.sh  # issue 21: the checkpoint tests catch an ack before durability
 echo "test.sh: all tests passed"

@@ -21,12 +21,11 @@
 //! `vm cmdline` prints the command line instead of running it.
 //!
 //! `cmdline` is pure (the command line from the topology); `host` does the
-//! side effects (tap, files, processes); `qmp` is the small QMP client the
-//! restore needs.
+//! side effects (tap, files, processes) and talks QMP through the agent's client
+//! (`crate::fullstate::qmp`).
 
 pub mod cmdline;
 pub mod host;
-pub mod qmp;
 
 pub use cmdline::{qemu_command, DiskSource, QemuCommand, Spec};
 pub use host::{restore, start, RestoreOptions, StartOptions};

@@ -38,7 +38,7 @@ use agent_topology::OneDisk;
 use backup::{Backup, Scratch, PATIENCE};
 use blockstack::{require, run};
 use netns::Netns;
-use pipecloud::vm::qmp::Qmp;
+use pipecloud::fullstate::qmp::Qmp;
 use serde_json::json;
 
 const GROUP: &str = "guestvm";
@@ -276,22 +276,20 @@ fn guest_boots_on_the_agents_export_and_resumes_from_a_checkpoint_on_one_connect
     let ram_copy = scratch.0.join("ram.img");
     {
         let mut q = Qmp::connect(&run_dir.join("m.qmp"), PATIENCE).expect("QMP");
-        q.execute("stop", json!({})).expect("stop");
+        q.execute("stop", None).expect("stop");
         q.execute(
             "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
         )
         .expect("x-ignore-shared");
         q.execute(
             "migrate",
-            json!({"uri": format!("exec:cat > '{}'", state.display())}),
+            Some(json!({"uri": format!("exec:cat > '{}'", state.display())})),
         )
         .expect("migrate");
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let m = q
-                .execute("query-migrate", json!({}))
-                .expect("query-migrate");
+            let m = q.execute("query-migrate", None).expect("query-migrate");
             match m["status"].as_str() {
                 Some("completed") => break,
                 Some("failed") => panic!("saving the device state failed: {m}"),

@@ -9,6 +9,7 @@
 //! - [`prefix`]: the contiguous-prefix rule (highest seq with all of `1..=seq` present), bounded.
 //! - [`commit`]: per-writer commit tracking (contiguous prefix of out-of-order acks, generations).
 //! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
+//! - [`epoch`]: checkpoint epochs of the full-state mode (tag, barrier, release by ack).
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
 //! - [`mode`]: replication modes and the backup-loss policy (one definition, one parsing rule).
 //! - [`ipopt`]: the IPv4 option that carries a vector between protected machines.
@@ -18,6 +19,7 @@
 pub mod codec;
 pub mod commit;
 pub mod cut;
+pub mod epoch;
 pub mod ipopt;
 pub mod mode;
 pub mod netqueue;

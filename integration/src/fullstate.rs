@@ -47,7 +47,7 @@ use crate::run::bin;
 use crate::site::render_topology;
 use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
-use pipecloud::vm::qmp::Qmp;
+use pipecloud::fullstate::qmp::Qmp;
 use pipecloud_core::topology::{Mode, Topology};
 use serde_json::json;
 use std::collections::HashMap;
@@ -267,18 +267,18 @@ impl Drop for QemuPid {
 /// Stop, device state to `state`, RAM to `ram` (the test-only checkpoint).
 fn snapshot(qmp: &Path, ram_file: &Path, state: &Path, ram: &Path) -> Result<()> {
     let mut q = Qmp::connect(qmp, PATIENCE)?;
-    q.execute("stop", json!({}))?;
+    q.execute("stop", None)?;
     q.execute(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
     )?;
     q.execute(
         "migrate",
-        json!({"uri": format!("exec:cat > '{}'", state.display())}),
+        Some(json!({"uri": format!("exec:cat > '{}'", state.display())})),
     )?;
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let m = q.execute("query-migrate", json!({}))?;
+        let m = q.execute("query-migrate", None)?;
         match m["status"].as_str() {
             Some("completed") => break,
             Some("failed") => bail!("saving the device state failed: {m}"),
@@ -296,7 +296,7 @@ fn resume(qmp: &Path) -> Result<()> {
     let mut q = Qmp::connect(qmp, PATIENCE)?;
     let deadline = Instant::now() + PATIENCE;
     while q.status()? != "running" {
-        if let Err(e) = q.execute("cont", json!({})) {
+        if let Err(e) = q.execute("cont", None) {
             if Instant::now() > deadline {
                 return Err(e);
             }

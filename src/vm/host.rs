@@ -10,7 +10,7 @@
 //! the guest on the tap and answers its ARP by proxy.
 
 use super::cmdline::{qemu_command, DiskSource, QemuCommand, Spec};
-use super::qmp::Qmp;
+use crate::fullstate::qmp::Qmp;
 use anyhow::{bail, Context};
 use pipecloud_core::topology::{Topology, Vm};
 use serde_json::json;
@@ -328,11 +328,11 @@ pub fn restore(o: &RestoreOptions) -> anyhow::Result<Started> {
         let mut q = Qmp::connect(&vm.qmp, QMP_TIMEOUT)?;
         q.execute(
             "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
         )?;
         q.execute(
             "migrate-incoming",
-            json!({"uri": format!("exec:cat {}", sh_quote(&o.device_state))}),
+            Some(json!({"uri": format!("exec:cat {}", sh_quote(&o.device_state))})),
         )?;
         // While it loads, the guest is `inmigrate`; then it runs (QEMU's
         // autostart) or waits paused for `cont`, which right after a migration
@@ -345,7 +345,7 @@ pub fn restore(o: &RestoreOptions) -> anyhow::Result<Started> {
                 "running" => break,
                 "inmigrate" => {}
                 "paused" | "postmigrate" | "prelaunch" | "finish-migrate" => {
-                    if let Err(e) = q.execute("cont", json!({})) {
+                    if let Err(e) = q.execute("cont", None) {
                         tracing::debug!("cont: {e:#}; retrying");
                     }
                 }
