@@ -21,7 +21,8 @@
 //! **Where the checkpoint comes from.** Until the agent's epoch loop and the
 //! backup's checkpoint store are in main, the checkpoint is taken by this
 //! harness at the disaster instant: the guest is stopped, its device state saved
-//! over QMP (`x-ignore-shared`: RAM stays in its shared file, which is copied),
+//! over QMP (`xen-save-devices-state`, as the epoch loop does; RAM stays in its
+//! shared file, which is copied),
 //! and only then the primary is killed; the agent runs `sync`, so the backup's
 //! disk holds every write the stopped guest completed. The RESULT line says
 //! `source=harness-snapshot`. `--inject-fault stale-checkpoint` (harness only, to
@@ -36,7 +37,8 @@
 //! backup data restore fine by hand (a new connection continues the counter,
 //! power-off is clean), and `tests/guest_vm.rs`, which checkpoints between
 //! requests, keeps its connection. A hand test that checkpoints while one
-//! connection is busy recovered 1 time in 3 (microvm and q35 alike). The client's
+//! connection is busy recovered 1 time in 3 (microvm and q35 alike; device
+//! state by `migrate` or by `xen-save-devices-state` alike). The client's
 //! socket shows every byte it sent acknowledged: the guest received the request
 //! before the checkpoint, so the reply (or its retransmission) is what never
 //! comes. Next steps: capture on the backup site's tap through the restore and
@@ -49,7 +51,6 @@ use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
 use pipecloud::fullstate::qmp::Qmp;
 use pipecloud_core::topology::{Mode, Topology};
-use serde_json::json;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
@@ -266,29 +267,12 @@ impl Drop for QemuPid {
 
 /// Stop, device state to `state`, RAM to `ram` (the test-only checkpoint).
 fn snapshot(qmp: &Path, ram_file: &Path, state: &Path, ram: &Path) -> Result<()> {
+    // The epoch loop's way (src/fullstate): stop, device state without RAM
+    // (`xen-save-devices-state`, loaded later by `migrate-incoming`), RAM copy.
     let mut q = Qmp::connect(qmp, PATIENCE)?;
-    q.execute("stop", None)?;
-    q.execute(
-        "migrate-set-capabilities",
-        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
-    )?;
-    q.execute(
-        "migrate",
-        Some(json!({"uri": format!("exec:cat > '{}'", state.display())})),
-    )?;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let m = q.execute("query-migrate", None)?;
-        match m["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") => bail!("saving the device state failed: {m}"),
-            _ if Instant::now() > deadline => bail!("saving the device state never completed"),
-            _ => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
+    q.stop()?;
+    q.save_device_state(state)?;
     std::fs::copy(ram_file, ram).context("copying the RAM of the stopped guest")?;
-    // `completed` may come before QEMU's `cat` wrote everything: let it finish.
-    std::thread::sleep(Duration::from_millis(200));
     Ok(())
 }
 
