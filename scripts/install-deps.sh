@@ -4,7 +4,8 @@
 # its package, never a test that later skips. Idempotent: only installs what is
 # missing. Needs root (the test machines run as root).
 set -euo pipefail
-pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin systemd qemu-system-x86 busybox-static)
+pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin systemd
+  qemu-system-x86 busybox-static cpio libc6-dev)  # the last four: the test guest (scripts/build-guest.sh)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,10 +30,10 @@ need=(
   "qemu-io qemu-utils" "qemu-img qemu-utils" "fio fio"
   "losetup mount" "mount mount" "umount mount"
   "unshare util-linux" "nsenter util-linux" "setpriv util-linux" "mountpoint util-linux"
-  "mkfs.ext4 e2fsprogs" "fsck.ext4 e2fsprogs"
+  "mkfs.ext4 e2fsprogs" "fsck.ext4 e2fsprogs" "e2fsck e2fsprogs" "debugfs e2fsprogs" "mke2fs e2fsprogs"
+  "qemu-system-x86_64 qemu-system-x86" "busybox busybox-static" "cpio cpio" "dpkg-deb dpkg"
   "pkill procps" "sysctl procps"
   "rsvg-convert librsvg2-bin"
-  "qemu-system-x86_64 qemu-system-x86" "busybox busybox-static"
   "$pg/postgres postgresql-15" "$pg/initdb postgresql-15" "$pg/pg_ctl postgresql-15"
   "$pg/pgbench postgresql-15" "$pg/psql postgresql-client-15"
   "$pg/pg_basebackup postgresql-client-15"
@@ -61,6 +62,12 @@ grep -qw fuse /proc/filesystems ||
   { echo "install-deps: the kernel has no fuse file system (modprobe fuse)" >&2; bad=1; }
 [ -c /dev/loop-control ] ||
   { echo "install-deps: /dev/loop-control is missing: load the loop driver (modprobe loop)" >&2; bad=1; }
+
+# The test guest is linked statically (glibc's libc.a) and its busybox must be static.
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] ||
+  { echo "install-deps: libc.a is missing: install the Debian package libc6-dev" >&2; bad=1; }
+{ ldd "$(command -v busybox 2>/dev/null || echo /bin/busybox)" 2>&1 || true; } | grep -Eq 'not a dynamic executable|statically linked' ||
+  { echo "install-deps: busybox is not the static one: install the Debian package busybox-static" >&2; bad=1; }
 
 [ "$bad" = 0 ] || { echo "install-deps: FAILED (see above)" >&2; exit 1; }
 echo "install-deps: ok" >&2

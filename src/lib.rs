@@ -21,4 +21,5 @@ pub mod netfilter;
 pub mod netpath;
 pub mod nfq;
 pub mod replication;
+pub mod vm;
 pub mod wake;

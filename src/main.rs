@@ -6,6 +6,10 @@
 //! pipecloud ctl [--socket PATH] status      query a running agent
 //! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode
 //! pipecloud ctl [--socket PATH] hold        the hold breakdown's histograms
+//! pipecloud vm start --topology F --machine M      boot a QEMU guest of the topology
+//! pipecloud vm restore --topology F --machine M --ram R --device-state S --disk [NAME=]FILE
+//!                                                  resume a guest from a checkpoint
+//! pipecloud vm cmdline --topology F --machine M    print its QEMU command line
 //! ```
 //!
 //! Exit status: 0 on success, 1 on failure (invalid topology, I/O error), 2 on
@@ -35,6 +39,9 @@ enum Command {
     Agent(AgentArgs),
     /// Talk to a running agent over its control socket.
     Ctl(CtlArgs),
+    /// QEMU guests of a topology (`[machine.vm]`): start, restore, command line.
+    #[command(subcommand)]
+    Vm(cli::vm::VmCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,6 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Vm(command) => cli::vm::run(command),
         Command::Ctl(args) => {
             let socket = match (&args.socket, &args.topology) {
                 (Some(s), _) => s.clone(),

@@ -7,6 +7,7 @@ mod app;
 mod client;
 mod disaster;
 mod figures;
+mod fullstate;
 mod live;
 mod netns;
 mod pg;
@@ -105,6 +106,10 @@ enum Cmd {
         /// listen on it); everything else is unchanged.
         #[arg(long)]
         ipv6_client: bool,
+        /// Test only, `--mode checkpoint`: inject a fault the check must catch
+        /// (`stale-checkpoint`: the guest answers after the checkpoint it is resumed from).
+        #[arg(long, value_enum)]
+        inject_fault: Option<fullstate::Fault>,
     },
     /// Build only the network and the WAN emulation, and measure the achieved RTT.
     Wan {
@@ -276,8 +281,15 @@ fn real_main() -> Result<()> {
             expect_unsafe,
             pitr,
             ipv6_client,
+            inject_fault,
         } => {
             sys::ensure_private_mount_ns()?;
+            if mode == Mode::Checkpoint {
+                return fullstate_disaster(&topology, points, seed, min_ms, max_ms, inject_fault);
+            }
+            if inject_fault.is_some() {
+                anyhow::bail!("--inject-fault is for --mode checkpoint");
+            }
             let name = topology
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -364,6 +376,71 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `disaster --mode checkpoint` (issue 21): see `fullstate`.
+fn fullstate_disaster(
+    topology: &std::path::Path,
+    points: usize,
+    seed: u64,
+    min_ms: u64,
+    max_ms: u64,
+    fault: Option<fullstate::Fault>,
+) -> Result<()> {
+    let name = topology
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-guest.sh");
+    sys::run(&mut std::process::Command::new(&guest)).context("building the guest")?;
+    let base = work_dir(&format!("disaster-{name}-checkpoint"));
+    let mut rng = disaster::Rng(seed);
+    let (mut resumed, mut survived, mut gaps, mut unsafe_replies, mut fsck) = (0, 0, 0, 0, 0);
+    let mut failed = 0;
+    for i in 0..points {
+        let run_for = Duration::from_millis(rng.range(min_ms, max_ms));
+        let dir = disaster::point_dir(&base, i);
+        let r = fullstate::run_point(
+            topology,
+            &dir,
+            &format!("{PREFIX}{}", std::process::id()),
+            run_for,
+            fault,
+        )
+        .with_context(|| format!("full-state point {i} (work dir {})", dir.display()))?;
+        println!(
+            "point {i}: run {run_for:?} replies before={} after={} resumed={} survived={} gaps={} unsafe={} fsck_clean={} missing_in_log={} failover={}ms restore={}ms",
+            r.replies_before, r.replies_after, r.resumed, r.survived, r.counter_gaps,
+            r.unsafe_replies, r.fsck_clean, r.missing_in_log, r.failover_ms, r.restore_ms
+        );
+        let why = r.failures();
+        for w in &why {
+            println!("point {i}: FAIL: {w}");
+        }
+        failed += usize::from(!why.is_empty());
+        resumed += usize::from(r.resumed);
+        survived += usize::from(r.survived);
+        fsck += usize::from(r.fsck_clean);
+        gaps += r.counter_gaps;
+        unsafe_replies += r.unsafe_replies;
+        if std::env::var_os("PIPECLOUD_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    let _ = std::fs::remove_dir(&base);
+    println!(
+        "RESULT topology={name} mode=checkpoint points={points} resumed={resumed} connections_survived={survived} counter_gaps={gaps} unsafe_replies={unsafe_replies} fsck_clean={fsck} source=harness-snapshot{}",
+        if fault.is_some() { " fault=stale-checkpoint" } else { "" }
+    );
+    match fault {
+        None if failed > 0 => {
+            anyhow::bail!("{failed} of {points} points failed (the FAIL lines say why)")
+        }
+        Some(_) if gaps == 0 || unsafe_replies == 0 => anyhow::bail!(
+            "the injected fault went unnoticed (gaps {gaps}, unsafe replies {unsafe_replies}): the check is too weak"
+        ),
+        _ => Ok(()),
     }
 }
 

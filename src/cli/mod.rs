@@ -4,3 +4,4 @@
 //! the agent driver and its control socket land.
 
 pub mod topology;
+pub mod vm;

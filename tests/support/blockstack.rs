@@ -27,7 +27,8 @@ pub fn debian_package(tool: &str) -> &'static str {
         "fusermount3" => "fuse3",
         "losetup" => "mount",
         "unshare" | "mountpoint" | "nsenter" | "setpriv" => "util-linux",
-        "mkfs.ext4" | "fsck.ext4" => "e2fsprogs",
+        "mkfs.ext4" | "fsck.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
+        "qemu-system-x86_64" => "qemu-system-x86",
         "fio" => "fio",
         _ => panic!("blockstack: no Debian package known for `{tool}`; add it to debian_package()"),
     }

@@ -158,9 +158,10 @@ pub use model::{
 };
 pub use values::{check_name, format_mac, format_size, parse_mac, parse_size};
 pub use vm::{
-    default_pidfile, default_qmp, default_ram_file, default_tap, Platform, Vm, DEFAULT_VM_APPEND,
-    DEFAULT_VM_CPUS, DEFAULT_VM_PREFIX_LEN, DEFAULT_VM_QEMU, DEFAULT_VM_RAM_MIB, MAX_IFNAME_LEN,
-    MAX_VM_CPUS, MAX_VM_EXTRA_ARGS, MAX_VM_RAM_MIB, MIN_VM_RAM_MIB,
+    default_console, default_pidfile, default_qmp, default_ram_file, default_tap, Accel, Platform,
+    Vm, DEFAULT_VM_APPEND, DEFAULT_VM_CPUS, DEFAULT_VM_PREFIX_LEN, DEFAULT_VM_QEMU,
+    DEFAULT_VM_RAM_MIB, MAX_IFNAME_LEN, MAX_VM_CPUS, MAX_VM_EXTRA_ARGS, MAX_VM_RAM_MIB,
+    MIN_VM_RAM_MIB,
 };
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! A machine with a `vm` table is a guest that `pipecloud vm start` launches
 //! from the topology and that the agent can checkpoint (full-state mode,
-//! docs/design.md §13): its RAM lives in a shared memory file the agent can read
+//! docs/design.md §10): its RAM lives in a shared memory file the agent can read
 //! (`ram_file`, `ram_mib`), QEMU answers on a QMP socket (`qmp`), its disks are
 //! the machine's `[[disk]]`s served by the agent's NBD export, and its NIC is a
 //! tap device on the machine's host (`tap`), so its packets cross the agent's
@@ -19,6 +19,7 @@
 //! ram_mib = 256                 # 16..=1048576 (default 256)
 //! cpus = 1                      # 1..=64 (default 1)
 //! platform = "microvm"          # microvm (default) | q35
+//! accel = "tcg"                 # tcg (default: works everywhere) | kvm
 //! qemu = "qemu-system-x86_64"   # binary: a name looked up in PATH, or a path (default)
 //! tap = "pc-web"                # host-side NIC, 1..=15 characters (default "pc-<machine>")
 //! prefix_len = 24               # the guest's address is ip/prefix_len (default 24)
@@ -26,11 +27,12 @@
 //! qmp = "/run/pipecloud/dom0-a/web.qmp"       # default <nbd_dir>/<machine>.qmp
 //! ram_file = "/dev/shm/pipecloud-shop-web.ram" # default /dev/shm/pipecloud-<group>-<machine>.ram
 //! pidfile = "/run/pipecloud/dom0-a/web.pid"   # default <nbd_dir>/<machine>.pid
+//! console = "/run/pipecloud/dom0-a/web.console" # serial console socket, default <nbd_dir>/<machine>.console
 //! extra_args = []               # appended to the QEMU command line as they are
 //! ```
 //!
 //! The reading here checks each value; the rules across machines (a tap name
-//! once per host, a QMP socket, RAM file and pid file once per group, every
+//! once per host, a QMP socket, console, RAM file and pid file once per group, every
 //! machine a guest in `checkpoint` mode) are in [`check_vms`].
 
 use super::convert::{conv_abs_path, conv_int_range, conv_ipv4, conv_path};
@@ -94,6 +96,32 @@ impl fmt::Display for Platform {
     }
 }
 
+/// QEMU's accelerator for a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// `-accel tcg`: emulation, works on any host (and the only choice where KVM
+    /// cannot boot a stock kernel, docs/machine.md).
+    Tcg,
+    /// `-accel kvm`.
+    Kvm,
+}
+
+impl Accel {
+    /// The name in files and on QEMU's command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A machine that is a QEMU guest: what the launcher and the agent need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vm {
@@ -103,6 +131,8 @@ pub struct Vm {
     pub cpus: u64,
     /// QEMU machine type.
     pub platform: Platform,
+    /// QEMU accelerator.
+    pub accel: Accel,
     /// QEMU binary: a bare name is looked up in `PATH`.
     pub qemu: PathBuf,
     /// Kernel image; relative paths are relative to the topology file.
@@ -123,6 +153,9 @@ pub struct Vm {
     pub ram_file: PathBuf,
     /// QEMU's pid file.
     pub pidfile: PathBuf,
+    /// The guest's serial console: a Unix socket QEMU listens on (its output
+    /// is also logged to `<console>.log`).
+    pub console: PathBuf,
     /// Arguments appended to the QEMU command line as they are.
     pub extra_args: Vec<String>,
 }
@@ -136,10 +169,11 @@ impl Vm {
     /// One-line human summary for `topology check`.
     pub fn summary(&self) -> String {
         format!(
-            "vm {} MiB x{} cpu {}, qemu {}, kernel {}{}, tap {}, qmp {}, ram {}",
+            "vm {} MiB x{} cpu {}/{}, qemu {}, kernel {}{}, tap {}, qmp {}, ram {}",
             self.ram_mib,
             self.cpus,
             self.platform,
+            self.accel,
             self.qemu.display(),
             self.kernel.display(),
             self.initrd
@@ -168,6 +202,11 @@ pub fn default_ram_file(group: &str, machine: &str) -> PathBuf {
     PathBuf::from(format!("/dev/shm/pipecloud-{group}-{machine}.ram"))
 }
 
+/// `<nbd_dir>/<machine>.console`.
+pub fn default_console(nbd_dir: &Path, machine: &str) -> PathBuf {
+    nbd_dir.join(format!("{machine}.console"))
+}
+
 /// `<nbd_dir>/<machine>.pid`.
 pub fn default_pidfile(nbd_dir: &Path, machine: &str) -> PathBuf {
     nbd_dir.join(format!("{machine}.pid"))
@@ -180,6 +219,7 @@ const VM_KEYS: &[&str] = &[
     "ram_mib",
     "cpus",
     "platform",
+    "accel",
     "qemu",
     "tap",
     "prefix_len",
@@ -187,6 +227,7 @@ const VM_KEYS: &[&str] = &[
     "qmp",
     "ram_file",
     "pidfile",
+    "console",
     "extra_args",
 ];
 
@@ -200,6 +241,7 @@ pub(super) struct RawVm {
     pub(super) ram_mib: Option<At<u64>>,
     pub(super) cpus: Option<At<u64>>,
     pub(super) platform: Option<At<Platform>>,
+    pub(super) accel: Option<At<Accel>>,
     pub(super) qemu: Option<At<PathBuf>>,
     pub(super) tap: Option<At<String>>,
     pub(super) prefix_len: Option<At<u64>>,
@@ -207,6 +249,7 @@ pub(super) struct RawVm {
     pub(super) qmp: Option<At<PathBuf>>,
     pub(super) ram_file: Option<At<PathBuf>>,
     pub(super) pidfile: Option<At<PathBuf>>,
+    pub(super) console: Option<At<PathBuf>>,
     pub(super) extra_args: Option<At<Vec<String>>>,
 }
 
@@ -215,6 +258,15 @@ fn conv_platform(node: &Node) -> Result<Platform, String> {
         Node::Str(s) if s == "microvm" => Ok(Platform::Microvm),
         Node::Str(s) if s == "q35" => Ok(Platform::Q35),
         Node::Str(s) => Err(format!("unknown platform `{s}`")),
+        other => Err(format!("found {}", other.kind())),
+    }
+}
+
+fn conv_accel(node: &Node) -> Result<Accel, String> {
+    match node {
+        Node::Str(s) if s == "tcg" => Ok(Accel::Tcg),
+        Node::Str(s) if s == "kvm" => Ok(Accel::Kvm),
+        Node::Str(s) => Err(format!("unknown accelerator `{s}`")),
         other => Err(format!("found {}", other.kind())),
     }
 }
@@ -308,6 +360,7 @@ pub(super) fn parse_vm(cx: &mut Cx<'_>, i: usize, node: &Spanned<Node>) -> Optio
         |n| conv_int_range(n, 1, MAX_VM_CPUS as i64),
     );
     let platform = t.optional(cx, "platform", "\"microvm\" or \"q35\"", conv_platform);
+    let accel = t.optional(cx, "accel", "\"tcg\" or \"kvm\"", conv_accel);
     let qemu = t.optional(
         cx,
         "qemu",
@@ -347,6 +400,12 @@ pub(super) fn parse_vm(cx: &mut Cx<'_>, i: usize, node: &Spanned<Node>) -> Optio
         "an absolute path for QEMU's pid file",
         conv_abs_path,
     );
+    let console = t.optional(
+        cx,
+        "console",
+        "an absolute path for the guest's serial console socket",
+        conv_abs_path,
+    );
     let extra_args = t.optional(
         cx,
         "extra_args",
@@ -363,6 +422,7 @@ pub(super) fn parse_vm(cx: &mut Cx<'_>, i: usize, node: &Spanned<Node>) -> Optio
         ram_mib,
         cpus,
         platform,
+        accel,
         qemu,
         tap,
         prefix_len,
@@ -370,6 +430,7 @@ pub(super) fn parse_vm(cx: &mut Cx<'_>, i: usize, node: &Spanned<Node>) -> Optio
         qmp,
         ram_file,
         pidfile,
+        console,
         extra_args,
     })
 }
@@ -404,6 +465,7 @@ struct Names {
     qmp: Origin<PathBuf>,
     ram_file: Origin<PathBuf>,
     pidfile: Origin<PathBuf>,
+    console: Origin<PathBuf>,
 }
 
 fn nbd_dir_of<'h>(hosts: &'h [RawHost], host: &str) -> Option<&'h Path> {
@@ -462,16 +524,24 @@ pub(super) fn check_vms(
             "qmp",
             default_qmp(nbd_dir, &name.value),
         );
-        if qmp.value.as_os_str().len() > MAX_UNIX_SOCKET_PATH {
-            cx.error(
-                &qmp.span,
-                &qmp.field,
-                format!(
-                    "QMP socket {} is {} bytes; expected at most {MAX_UNIX_SOCKET_PATH} (Unix socket paths are limited)",
-                    qmp.value.display(),
-                    qmp.value.as_os_str().len()
-                ),
-            );
+        let console = resolved(
+            vm.console.as_ref(),
+            vm,
+            "console",
+            default_console(nbd_dir, &name.value),
+        );
+        for (what, o) in [("QMP socket", &qmp), ("console socket", &console)] {
+            if o.value.as_os_str().len() > MAX_UNIX_SOCKET_PATH {
+                cx.error(
+                    &o.span,
+                    &o.field,
+                    format!(
+                        "{what} {} is {} bytes; expected at most {MAX_UNIX_SOCKET_PATH} (Unix socket paths are limited)",
+                        o.value.display(),
+                        o.value.as_os_str().len()
+                    ),
+                );
+            }
         }
         let ram_file = resolved(
             vm.ram_file.as_ref(),
@@ -492,6 +562,7 @@ pub(super) fn check_vms(
             qmp,
             ram_file,
             pidfile,
+            console,
         });
     }
     let mut taps: HashMap<(String, String), String> = HashMap::new();
@@ -514,6 +585,7 @@ pub(super) fn check_vms(
             ("QMP socket", &n.qmp),
             ("RAM file", &n.ram_file),
             ("pid file", &n.pidfile),
+            ("console socket", &n.console),
         ] {
             if let Some(first) = files.get(&o.value) {
                 cx.error(
@@ -542,6 +614,7 @@ pub(super) fn build_vm(vm: RawVm, group: &str, machine: &str, nbd_dir: &Path) ->
         ram_mib: vm.ram_mib.map_or(DEFAULT_VM_RAM_MIB, |v| v.value),
         cpus: vm.cpus.map_or(DEFAULT_VM_CPUS, |v| v.value),
         platform: vm.platform.map_or(Platform::Microvm, |v| v.value),
+        accel: vm.accel.map_or(Accel::Tcg, |v| v.value),
         qemu: vm
             .qemu
             .map_or_else(|| PathBuf::from(DEFAULT_VM_QEMU), |v| v.value),
@@ -559,6 +632,9 @@ pub(super) fn build_vm(vm: RawVm, group: &str, machine: &str, nbd_dir: &Path) ->
         pidfile: vm
             .pidfile
             .map_or_else(|| default_pidfile(nbd_dir, machine), |v| v.value),
+        console: vm
+            .console
+            .map_or_else(|| default_console(nbd_dir, machine), |v| v.value),
         extra_args: vm.extra_args.map(|v| v.value).unwrap_or_default(),
     })
 }
@@ -593,12 +669,17 @@ mod tests {
         assert_eq!(vm.qmp, PathBuf::from("/run/pipecloud/dom0-a/db.qmp"));
         assert_eq!(vm.ram_file, PathBuf::from("/dev/shm/pipecloud-shop-db.ram"));
         assert_eq!(vm.pidfile, PathBuf::from("/run/pipecloud/dom0-a/db.pid"));
+        assert_eq!(
+            vm.console,
+            PathBuf::from("/run/pipecloud/dom0-a/db.console")
+        );
+        assert_eq!(vm.accel, Accel::Tcg);
         assert_eq!(vm.prefix_len, 24);
         assert_eq!(vm.gateway, None);
         assert!(vm.extra_args.is_empty());
         assert!(t.vm("web").is_none());
         let s = t.summary();
-        assert!(s.contains("vm 256 MiB x1 cpu microvm"), "{s}");
+        assert!(s.contains("vm 256 MiB x1 cpu microvm/tcg"), "{s}");
         assert!(s.contains("tap pc-db"), "{s}");
     }
 
@@ -606,7 +687,7 @@ mod tests {
     fn vm_every_key() {
         let text = with_db_vm(
             "kernel = \"/k\"\ninitrd = \"/i\"\nappend = \"console=ttyS0 quiet\"\nram_mib = 64\n\
-             cpus = 2\nplatform = \"q35\"\nqemu = \"/usr/bin/qemu-system-x86_64\"\ntap = \"tdb\"\n\
+             cpus = 2\nplatform = \"q35\"\naccel = \"kvm\"\nconsole = \"/run/c.sock\"\nqemu = \"/usr/bin/qemu-system-x86_64\"\ntap = \"tdb\"\n\
              prefix_len = 16\ngateway = \"10.10.0.1\"\nqmp = \"/run/q.sock\"\n\
              ram_file = \"/dev/shm/x.ram\"\npidfile = \"/run/x.pid\"\nextra_args = [\"-S\"]\n",
         );
@@ -615,6 +696,8 @@ mod tests {
         assert_eq!(vm.ram_mib, 64);
         assert_eq!(vm.cpus, 2);
         assert_eq!(vm.platform, Platform::Q35);
+        assert_eq!(vm.accel, Accel::Kvm);
+        assert_eq!(vm.console, PathBuf::from("/run/c.sock"));
         assert_eq!(vm.initrd, Some(PathBuf::from("/i")));
         assert_eq!(vm.append, "console=ttyS0 quiet");
         assert_eq!(vm.tap, "tdb");

@@ -1,0 +1,552 @@
+//! The full-state disaster (issue 21 "Tests"): `pipecloud-harness disaster
+//! --topology topology/guest.toml --mode checkpoint --points N`.
+//!
+//! One point: a primary host namespace runs the agent and the guest (`pipecloud
+//! vm start`, NIC on a tap, disk from the agent's NBD export); a client namespace
+//! holds **one TCP connection** to the guest's counter service and keeps sending
+//! requests; a backup namespace runs `backup-server`. At a random instant the
+//! whole primary site dies (QEMU and the agent SIGKILLed, the host namespace
+//! deleted with its links). The backup fails over, `pipecloud vm restore`
+//! resumes the guest in the backup namespace (same tap name and addresses), and
+//! the guest's address moves: the client's route to it now goes to the backup
+//! site. The client only waits on its socket; a reconnect would be a failure.
+//!
+//! Checks per point: the connection survived; the replies continue the counter
+//! exactly (`counter_gaps`: a reply that is not the previous one + 1); no reply
+//! the client saw before the disaster is unknown to the resumed guest
+//! (`unsafe_replies`: replies at or above the first value after the restore);
+//! after a clean power-off every acknowledged request is in the guest's on-disk
+//! log and `e2fsck -fn` of the disk is clean.
+//!
+//! **Where the checkpoint comes from.** Until the agent's epoch loop and the
+//! backup's checkpoint store are in main, the checkpoint is taken by this
+//! harness at the disaster instant: the guest is stopped, its device state saved
+//! over QMP (`xen-save-devices-state`, as the epoch loop does; RAM stays in its
+//! shared file, which is copied),
+//! and only then the primary is killed; the agent runs `sync`, so the backup's
+//! disk holds every write the stopped guest completed. The RESULT line says
+//! `source=harness-snapshot`. `--inject-fault stale-checkpoint` (harness only, to
+//! show the check can fail) lets the guest run and answer for a while after the
+//! snapshot before the kill, as output released before its checkpoint is safe
+//! would: the check must then report gaps and unsafe replies.
+//!
+//! **Known problem (session 13).** In this harness the resumed guest does not
+//! answer the client's existing connection (every point fails with
+//! "connection did not survive"), and its console `poweroff` does not complete,
+//! while the very same RAM image, device state and a fresh failover of the same
+//! backup data restore fine by hand (a new connection continues the counter,
+//! power-off is clean), and `tests/guest_vm.rs`, which checkpoints between
+//! requests, keeps its connection. A hand test that checkpoints while one
+//! connection is busy recovered 1 time in 3 (microvm and q35 alike; device
+//! state by `migrate` or by `xen-save-devices-state` alike). The client's
+//! socket shows every byte it sent acknowledged: the guest received the request
+//! before the checkpoint, so the reply (or its retransmission) is what never
+//! comes. Next steps: capture on the backup site's tap through the restore and
+//! read the guest's state (is the service blocked in `fdatasync`?).
+
+use crate::netns::{addr, cleanup_prefix, route, spawn_in, veth, Netns};
+use crate::run::bin;
+use crate::site::render_topology;
+use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
+use anyhow::{bail, Context, Result};
+use pipecloud::fullstate::qmp::Qmp;
+use pipecloud_core::topology::{Mode, Topology};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The backup server's address and port (the shipped guest topology's endpoint).
+const BACKUP_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const BACKUP_PORT: u16 = 7800;
+/// The primary host's side of the backup link.
+const HOST_BACKUP_SIDE: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// The client's link to the primary host, and the host's side of it.
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+const HOST_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+/// The client's link to the backup site, and the backup's side of it.
+const CLIENT_IP_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 100);
+const BACKUP_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+/// The guest service's port (the guest's init default).
+const SERVICE_PORT: u16 = 7000;
+/// Replies the client must get after the restore before the point ends.
+const REPLIES_AFTER: usize = 20;
+/// Longest wait for a boot, a restore or a reply.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Faults a run can inject to show the check fails (harness only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// The guest keeps answering after the checkpoint the backup resumes from.
+    StaleCheckpoint,
+}
+
+/// What one point found.
+#[derive(Debug, Default)]
+pub struct PointResult {
+    pub replies_before: usize,
+    pub replies_after: usize,
+    pub resumed: bool,
+    pub survived: bool,
+    pub counter_gaps: usize,
+    pub unsafe_replies: usize,
+    pub fsck_clean: bool,
+    pub missing_in_log: usize,
+    pub failover_ms: u128,
+    pub restore_ms: u128,
+    pub notes: Vec<String>,
+}
+
+impl PointResult {
+    /// Why the point broke the guarantee (empty: it held).
+    pub fn failures(&self) -> Vec<String> {
+        let mut w = self.notes.clone();
+        if !self.resumed {
+            w.push("the guest did not resume".into());
+        }
+        if !self.survived {
+            w.push("the client's connection did not survive".into());
+        }
+        if self.counter_gaps > 0 {
+            w.push(format!("{} counter gaps", self.counter_gaps));
+        }
+        if self.unsafe_replies > 0 {
+            w.push(format!(
+                "{} replies the resumed guest does not remember",
+                self.unsafe_replies
+            ));
+        }
+        if !self.fsck_clean {
+            w.push("e2fsck -fn of the recovered disk is not clean".into());
+        }
+        if self.missing_in_log > 0 {
+            w.push(format!(
+                "{} acknowledged requests missing from the on-disk log",
+                self.missing_in_log
+            ));
+        }
+        if self.replies_before == 0 {
+            w.push("no reply before the disaster: the point proves nothing".into());
+        }
+        w
+    }
+}
+
+/// The run's topology: the harness's usual rendering (every path under `work`,
+/// mode `sync`: module doc) with each guest's `[machine.vm]` table added, its
+/// kernel and initrd made absolute and its RAM file named after the run. Only
+/// one host is supported.
+fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result<String> {
+    if topo.hosts.len() != 1 {
+        bail!(
+            "the full-state disaster supports one primary host; the topology has {}",
+            topo.hosts.len()
+        );
+    }
+    let mut s = render_topology(topo, Mode::Sync, &work.join("certs"), work);
+    for m in &topo.machines {
+        let vm =
+            m.vm.as_ref()
+                .with_context(|| format!("machine `{}` is not a guest ([machine.vm])", m.name))?;
+        let abs = |p: &Path| -> Result<PathBuf> {
+            let p = topo_dir.join(p);
+            std::fs::canonicalize(&p)
+                .with_context(|| format!("{} (run scripts/build-guest.sh)", p.display()))
+        };
+        let mut t = format!(
+            "[machine.vm]\nkernel = \"{}\"\nram_mib = {}\nplatform = \"{}\"\ntap = \"{}\"\n\
+             prefix_len = {}\nram_file = \"/dev/shm/{prefix}-{}.ram\"\nappend = \"{}\"\n",
+            abs(&vm.kernel)?.display(),
+            vm.ram_mib,
+            vm.platform,
+            vm.tap,
+            vm.prefix_len,
+            m.name,
+            vm.append
+        );
+        if let Some(i) = &vm.initrd {
+            let _ = writeln!(t, "initrd = \"{}\"", abs(i)?.display());
+        }
+        if let Some(gw) = vm.gateway {
+            let _ = writeln!(t, "gateway = \"{gw}\"");
+        }
+        // After the machine's own keys (site::render_topology writes `outbound` last).
+        let head = format!("name = \"{}\"\nip = \"{}\"\n", m.name, m.ip);
+        let at = s
+            .find(&head)
+            .and_then(|i| s[i..].find("outbound = ").map(|j| i + j))
+            .and_then(|i| s[i..].find('\n').map(|j| i + j + 1))
+            .context("machine not found in the rendered topology")?;
+        s.insert_str(at, &t);
+    }
+    Ok(s)
+}
+
+/// The client: one connection, requests until `stop`; every reply in `replies`.
+/// Returns why it ended (Ok: stopped as asked).
+fn client(
+    target: SocketAddr,
+    replies: Arc<Mutex<Vec<(u64, u64)>>>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let deadline = Instant::now() + PATIENCE;
+    let stream = loop {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context("the guest's service never accepted a connection")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_nodelay(true)?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    for n in 1u64.. {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        out.write_all(format!("req-{n}\n").as_bytes())
+            .with_context(|| format!("sending request {n}"))?;
+        line.clear();
+        if reader
+            .read_line(&mut line)
+            .with_context(|| format!("waiting for reply {n}"))?
+            == 0
+        {
+            bail!("the connection closed at request {n}");
+        }
+        let v: u64 = line
+            .trim()
+            .parse()
+            .with_context(|| format!("reply {line:?} to request {n}"))?;
+        replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((n, v));
+    }
+    Ok(())
+}
+
+/// A daemonized QEMU, known by its pid file: SIGKILLed on drop.
+struct QemuPid(PathBuf);
+
+impl QemuPid {
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.0).ok()?.trim().parse().ok()
+    }
+    fn kill(&self) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on the QEMU this run started (its pid file).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    fn running(&self) -> bool {
+        self.pid().is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            })
+        })
+    }
+}
+
+impl Drop for QemuPid {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Stop, device state to `state`, RAM to `ram` (the test-only checkpoint).
+fn snapshot(qmp: &Path, ram_file: &Path, state: &Path, ram: &Path) -> Result<()> {
+    // The epoch loop's way (src/fullstate): stop, device state without RAM
+    // (`xen-save-devices-state`, loaded later by `migrate-incoming`), RAM copy.
+    let mut q = Qmp::connect(qmp, PATIENCE)?;
+    q.stop()?;
+    q.save_device_state(state)?;
+    std::fs::copy(ram_file, ram).context("copying the RAM of the stopped guest")?;
+    Ok(())
+}
+
+fn resume(qmp: &Path) -> Result<()> {
+    let mut q = Qmp::connect(qmp, PATIENCE)?;
+    let deadline = Instant::now() + PATIENCE;
+    while q.status()? != "running" {
+        if let Err(e) = q.execute("cont", None) {
+            if Instant::now() > deadline {
+                return Err(e);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Runs one point in `work` with namespaces named `<prefix>-…`.
+pub fn run_point(
+    topo_path: &Path,
+    work: &Path,
+    prefix: &str,
+    run_for: Duration,
+    fault: Option<Fault>,
+) -> Result<PointResult> {
+    let text = std::fs::read_to_string(topo_path)
+        .with_context(|| format!("reading {}", topo_path.display()))?;
+    let topo = Topology::parse(&text, &topo_path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let topo_dir = std::fs::canonicalize(
+        topo_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )?;
+    let m = topo
+        .machines
+        .iter()
+        .find(|m| m.outbound && m.vm.is_some())
+        .context("no outbound guest in the topology")?
+        .clone();
+    let disk = topo
+        .disks_of(&m.name)
+        .first()
+        .map(|d| d.name.clone())
+        .context("the guest has no disk")?;
+    let g = topo.group.name.clone();
+    cleanup_prefix(prefix);
+    std::fs::create_dir_all(work.join("images"))?;
+    std::fs::create_dir_all(work.join("h0"))?;
+    let run_topo = work.join("topology.toml");
+    std::fs::write(&run_topo, render(&topo, &topo_dir, work, prefix)?)?;
+    let rt = Topology::parse(&std::fs::read_to_string(&run_topo)?, "run topology")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let vm = rt.vm(&m.name).context("guest")?.clone();
+    let ram_file = vm.ram_file.clone();
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _ram_guard = RemoveOnDrop(ram_file.clone());
+
+    // Network (no WAN delay: what is measured here is whether the state survives).
+    let lan = [
+        Netns::new(&format!("{prefix}-client"))?,
+        Netns::new(&format!("{prefix}-backup"))?,
+    ];
+    let (client_ns, backup_ns) = (&lan[0], &lan[1]);
+    let host_ns = Netns::new(&format!("{prefix}-h0"))?;
+    veth(&host_ns, "c0", client_ns, "eth0")?;
+    addr(&host_ns, "c0", HOST_CLIENT_SIDE, 24)?;
+    addr(client_ns, "eth0", CLIENT_IP, 24)?;
+    veth(&host_ns, "b0", backup_ns, "eth0")?;
+    addr(&host_ns, "b0", HOST_BACKUP_SIDE, 24)?;
+    addr(backup_ns, "eth0", BACKUP_IP, 24)?;
+    veth(client_ns, "eth1", backup_ns, "c0")?;
+    addr(client_ns, "eth1", CLIENT_IP_B, 24)?;
+    addr(backup_ns, "c0", BACKUP_CLIENT_SIDE, 24)?;
+    host_ns.sysctl("net.ipv4.ip_forward", "1")?;
+    backup_ns.sysctl("net.ipv4.ip_forward", "1")?;
+    route(
+        client_ns,
+        &format!("{}/32", m.ip),
+        "eth0",
+        Some(HOST_CLIENT_SIDE),
+    )?;
+    // The backup site reaches the client's address over its own link (the
+    // connection keeps the client's primary-side address).
+    route(
+        backup_ns,
+        &format!("{CLIENT_IP}/32"),
+        "c0",
+        Some(CLIENT_IP_B),
+    )?;
+
+    // Backup server (unprivileged) and its PKI.
+    let certs = work.join("certs");
+    let data = work.join("backup");
+    run(std::process::Command::new(bin("backup-server"))
+        .args(["certs", "--dir"])
+        .arg(&certs)
+        .args(["--server-name", "backup.pipecloud.test", "--group", &g])
+        .args(["--listen", &format!("{BACKUP_IP}:{BACKUP_PORT}")]))?;
+    std::fs::create_dir_all(&data)?;
+    sh(&["chown", "-R", "nobody:nogroup", &data.to_string_lossy()])?;
+    sh(&["chmod", "-R", "a+rX", &certs.to_string_lossy()])?;
+    sh(&["chmod", "a+x", &work.to_string_lossy()])?;
+    let cfg = work.join("backup.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"{BACKUP_IP}:{BACKUP_PORT}\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            data.display(),
+            certs.join("ca.pem").display(),
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        ),
+    )?;
+    let mut cmd = ns_cmd(&backup_ns.name, "setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("backup-server"))
+        .args(["serve", "--config"])
+        .arg(&cfg);
+    let _backup = Guarded::spawn("backup-server", &mut cmd, &work.join("backup-server.log"))?;
+
+    // The agent and the guest on the primary host.
+    let mut cmd = ns_cmd(&host_ns.name, &bin("pipecloud").to_string_lossy());
+    cmd.args(["agent", "--topology"]).arg(&run_topo).args([
+        "--host",
+        &topo.hosts[0].name,
+        "--no-network",
+    ]);
+    let mut agent = Guarded::spawn("agent", &mut cmd, &work.join("agent.log"))?;
+    let sock = rt.nbd_socket(&disk).context("NBD socket")?;
+    wait_until(PATIENCE, "the agent's NBD export", || sock.exists())?;
+    let qemu = QemuPid(vm.pidfile.clone());
+    run(ns_cmd(&host_ns.name, &bin("pipecloud").to_string_lossy())
+        .args(["vm", "start", "--topology"])
+        .arg(&run_topo)
+        .args(["--machine", &m.name]))
+    .context("pipecloud vm start")?;
+
+    // The client and its one connection.
+    let replies: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let target = SocketAddr::new(m.ip.into(), SERVICE_PORT);
+    let handle = {
+        let (r, s) = (replies.clone(), stop.clone());
+        spawn_in(&client_ns.name, move || client(target, r, s))
+    };
+    let count = || replies.lock().unwrap_or_else(|p| p.into_inner()).len();
+    wait_until(PATIENCE, "the first reply of the guest", || {
+        count() > 0 || handle.is_finished()
+    })?;
+    std::thread::sleep(run_for);
+
+    // The disaster, with the checkpoint the backup will resume from.
+    let state = work.join("device-state.bin");
+    let ram = work.join("ram.img");
+    snapshot(&vm.qmp, &ram_file, &state, &ram)?;
+    if fault == Some(Fault::StaleCheckpoint) {
+        resume(&vm.qmp)?;
+        let more = count() + 5;
+        wait_until(PATIENCE, "replies after the stale checkpoint", || {
+            count() >= more
+        })?;
+    }
+    qemu.kill();
+    agent.kill();
+    let replies_before = count();
+    drop(host_ns); // the primary site's links die with it
+    let t0 = Instant::now();
+    let failover = work.join("failover");
+    std::fs::create_dir_all(&failover)?;
+    sh(&["chown", "nobody:nogroup", &failover.to_string_lossy()])?;
+    let out = run(std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("backup-server"))
+        .args(["failover", "--group", &g, "--out"])
+        .arg(&failover)
+        .arg("--data-dir")
+        .arg(&data))?;
+    let image = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("image: "))
+        .map(PathBuf::from)
+        .find(|p| p.file_stem().is_some_and(|s| s.to_string_lossy() == disk))
+        .with_context(|| format!("no image of {disk} in the failover output:\n{out}"))?;
+    let failover_ms = t0.elapsed().as_millis();
+    let t1 = Instant::now();
+    let restored = run(ns_cmd(&backup_ns.name, &bin("pipecloud").to_string_lossy())
+        .args(["vm", "restore", "--topology"])
+        .arg(&run_topo)
+        .args(["--machine", &m.name, "--ram"])
+        .arg(&ram)
+        .arg("--device-state")
+        .arg(&state)
+        .arg("--disk")
+        .arg(format!("{disk}={}", image.display())));
+    let restore_ms = t1.elapsed().as_millis();
+    let mut r = PointResult {
+        replies_before,
+        failover_ms,
+        restore_ms,
+        ..PointResult::default()
+    };
+    if let Err(e) = &restored {
+        r.notes.push(format!("restore failed: {e:#}"));
+    }
+    r.resumed = restored.is_ok();
+    // The guest's address moves to the backup site.
+    client_ns.sh(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{}/32", m.ip),
+        "via",
+        &BACKUP_CLIENT_SIDE.to_string(),
+    ])?;
+    if r.resumed {
+        let _ = wait_until(PATIENCE, "replies from the resumed guest", || {
+            count() >= replies_before + REPLIES_AFTER || handle.is_finished()
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    if r.resumed {
+        match handle.join() {
+            Ok(Ok(())) => r.survived = true,
+            Ok(Err(e)) => r.notes.push(format!("client: {e:#}")),
+            Err(_) => r.notes.push("the client thread panicked".into()),
+        }
+    }
+    let got = replies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    r.replies_after = got.len().saturating_sub(replies_before);
+    r.counter_gaps = got.windows(2).filter(|w| w[1].1 != w[0].1 + 1).count()
+        + usize::from(got.first().is_some_and(|f| f.1 != 1));
+    if let Some(first_after) = got.get(replies_before) {
+        r.unsafe_replies = got[..replies_before]
+            .iter()
+            .filter(|x| x.1 >= first_after.1)
+            .count();
+    }
+
+    // Clean power-off, then the disk.
+    if r.resumed {
+        if let Ok(mut con) = std::os::unix::net::UnixStream::connect(&vm.console) {
+            let _ = con.write_all(b"poweroff\n");
+        }
+        if wait_until(PATIENCE, "the resumed guest's power-off", || {
+            !qemu.running()
+        })
+        .is_err()
+        {
+            r.notes.push("the resumed guest did not power off".into());
+        }
+    }
+    qemu.kill();
+    r.fsck_clean = run(std::process::Command::new("e2fsck").arg("-fn").arg(&image)).is_ok();
+    let log = run(std::process::Command::new("debugfs")
+        .args(["-R", "cat /requests.log"])
+        .arg(&image))
+    .unwrap_or_default();
+    let on_disk: HashMap<String, u64> = log
+        .lines()
+        .filter_map(|l| {
+            let (v, req) = l.split_once(' ')?;
+            Some((req.to_owned(), v.parse().ok()?))
+        })
+        .collect();
+    r.missing_in_log = got
+        .iter()
+        .filter(|(n, v)| on_disk.get(&format!("req-{n}")) != Some(v))
+        .count();
+    Ok(r)
+}
