@@ -11,6 +11,8 @@ export PIPECLOUD_MODEL_SCHEDULES="${PIPECLOUD_MODEL_SCHEDULES:-100000}"
 mkdir -p target
 # Release mode: the model test runs 100k schedules, the block tests push real I/O.
 cargo build --workspace --release --all-targets
+# The test guest of the full-state tests (Debian kernel + busybox initramfs + our service; cached).
+./scripts/build-guest.sh
 # The agent's replication tests use this server binary instead of building their own
 # (a `cargo build -p backup-server` there would rebuild TLS crates with other features).
 export PIPECLOUD_BACKUP_SERVER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/backup-server"
