@@ -4,7 +4,7 @@
 # its package, never a test that later skips. Idempotent: only installs what is
 # missing. Needs root (the test machines run as root).
 set -euo pipefail
-pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin systemd)
+pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin systemd etcd-server etcd-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,6 +35,7 @@ need=(
   "$pg/postgres postgresql-15" "$pg/initdb postgresql-15" "$pg/pg_ctl postgresql-15"
   "$pg/pgbench postgresql-15" "$pg/psql postgresql-client-15"
   "$pg/pg_basebackup postgresql-client-15"
+  "etcd etcd-server" "etcdctl etcd-client"
 )
 bad=0
 for entry in "${need[@]}"; do

@@ -10,6 +10,7 @@
 //! - [`commit`]: per-writer commit tracking (contiguous prefix of out-of-order acks, generations).
 //! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
+//! - [`lease`]: the group's lease and generation (fencing token): which site may be active.
 //! - [`mode`]: replication modes and the backup-loss policy (one definition, one parsing rule).
 //! - [`ipopt`]: the IPv4 option that carries a vector between protected machines.
 //! - [`wire`] and [`codec`]: the replication protocol frames and their byte encoding.
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod commit;
 pub mod cut;
 pub mod ipopt;
+pub mod lease;
 pub mod mode;
 pub mod netqueue;
 pub mod prefix;
