@@ -95,12 +95,28 @@ pub struct ControlGroup {
 #[derive(Clone, Default)]
 pub struct Control {
     groups: Vec<ControlGroup>,
+    /// The group's lease on etcd, when the topology has `[quorum]`.
+    lease: Option<(String, Arc<pipecloud_quorum::LeaseKeeper>)>,
 }
 
 impl Control {
     /// A control interface over `groups`.
     pub fn new(groups: Vec<ControlGroup>) -> Self {
-        Control { groups }
+        Control {
+            groups,
+            lease: None,
+        }
+    }
+
+    /// Also shows group `group`'s lease (role, generation, time left).
+    pub fn with_lease(mut self, group: &str, keeper: Arc<pipecloud_quorum::LeaseKeeper>) -> Self {
+        self.lease = Some((group.to_owned(), keeper));
+        self
+    }
+
+    /// The lease status, when the agent keeps one.
+    pub fn lease(&self) -> Option<(&str, pipecloud_quorum::LeaseStatus)> {
+        self.lease.as_ref().map(|(g, k)| (g.as_str(), k.status()))
     }
 
     /// The groups it serves.
@@ -245,6 +261,18 @@ impl Control {
             if let Some(net) = &g.net {
                 let _ = writeln!(out, "network {}: {}", s.group, net.snapshot());
             }
+        }
+        if let Some((group, l)) = self.lease() {
+            let _ = writeln!(
+                out,
+                "lease {group}: role={} generation={} known_generation={} time_left_ms={}{}",
+                l.role,
+                l.generation,
+                l.known_generation,
+                l.time_left_ms,
+                l.fence_reason
+                    .map_or_else(String::new, |r| format!(" fenced_because={r:?}")),
+            );
         }
         out
     }

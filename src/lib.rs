@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod disk;
 pub mod ebpf;
 pub mod image;
+pub mod lease;
 pub mod metrics;
 pub mod nbd;
 pub mod netfilter;

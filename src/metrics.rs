@@ -31,6 +31,11 @@
 //! `at_once`), `pipecloud_group_dropped_packets_total` (label `reason`: `full`,
 //! `unknown_sender`, `tag_failed`, `kernel_queue`, `kernel_user`,
 //! `socket_overrun`).
+//!
+//! With `[quorum]` (docs/design.md §7), per group: `pipecloud_lease_role` (label
+//! `role`: 1 for `standby`, `active` or `fenced`, 0 for the others),
+//! `pipecloud_lease_generation` (held or last held), `pipecloud_lease_time_left_seconds`
+//! (0: the gate is closed).
 
 use std::sync::Arc;
 
@@ -79,6 +84,9 @@ struct Samples {
     oldest_held: Vec<(Labels, f64)>,
     released: Vec<(Labels, u64)>,
     dropped: Vec<(Labels, u64)>,
+    lease_role: Vec<(Labels, u64)>,
+    lease_generation: Vec<(Labels, u64)>,
+    lease_time_left: Vec<(Labels, f64)>,
 }
 
 impl AgentCollector {
@@ -151,6 +159,17 @@ impl AgentCollector {
                     x.dropped.push((labels, v));
                 }
             }
+        }
+        if let Some((group, l)) = self.control.lease() {
+            let labels = || -> Labels { vec![("group", group.to_owned())] };
+            for role in ["standby", "active", "fenced"] {
+                let mut with_role = labels();
+                with_role.push(("role", role.to_owned()));
+                x.lease_role.push((with_role, u64::from(l.role == role)));
+            }
+            x.lease_generation.push((labels(), l.generation));
+            x.lease_time_left
+                .push((labels(), l.time_left_ms as f64 / 1e3));
         }
         x
     }
@@ -271,6 +290,24 @@ impl Collector for AgentCollector {
             "pipecloud_group_dropped_packets",
             "Packets dropped by the network path, by reason",
             &x.dropped,
+        )?;
+        gauges(
+            e,
+            "pipecloud_lease_role",
+            "1 for this site's role for the group's lease (standby, active, fenced)",
+            &x.lease_role,
+        )?;
+        gauges(
+            e,
+            "pipecloud_lease_generation",
+            "The generation (fencing token) this site holds or last held",
+            &x.lease_generation,
+        )?;
+        gauges(
+            e,
+            "pipecloud_lease_time_left_seconds",
+            "How long this site may still release output without a renewal (0: gate closed)",
+            &x.lease_time_left,
         )
     }
 }

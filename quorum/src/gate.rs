@@ -54,6 +54,16 @@ impl LeaseGate {
     }
 }
 
+/// Two gates are equal when they are the same gate (configurations that hold
+/// one compare by identity).
+impl PartialEq for LeaseGate {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for LeaseGate {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,7 @@ pub struct LeaseStatus {
 
 /// One site's lease on one group, kept alive by a thread.
 pub struct LeaseKeeper {
+    records: Arc<Mutex<GroupRecords>>,
     gate: Arc<LeaseGate>,
     status: Arc<Mutex<LeaseStatus>>,
     stop: Arc<AtomicBool>,
@@ -51,7 +52,7 @@ pub struct LeaseKeeper {
 impl LeaseKeeper {
     /// Starts the keeper; the gate stays closed until the lease is won.
     pub fn start(
-        mut records: GroupRecords,
+        records: GroupRecords,
         lease: LeaseConfig,
         site: &str,
         ambition: Ambition,
@@ -65,7 +66,9 @@ impl LeaseKeeper {
         let confirm = Arc::new(AtomicBool::new(false));
         let (tx, rx) = sync_channel(EVENTS_QUEUED_MAX);
         let mut sm = LeaseState::new(lease, site, ambition, gate.now_ms());
+        let records = Arc::new(Mutex::new(records));
         let (g, st, sp, cf) = (gate.clone(), status.clone(), stop.clone(), confirm.clone());
+        let recs = records.clone();
         let thread = std::thread::Builder::new()
             .name(format!("lease-{site}"))
             .spawn(move || {
@@ -74,7 +77,7 @@ impl LeaseKeeper {
                         sm.confirm_takeover(g.now_ms());
                     }
                     if let Some(req) = sm.poll_request(g.now_ms()) {
-                        let reply = records.execute(req);
+                        let reply = recs.lock().unwrap_or_else(|p| p.into_inner()).execute(req);
                         sm.handle_reply(reply, g.now_ms());
                     }
                     sm.handle_timeout(g.now_ms());
@@ -93,6 +96,7 @@ impl LeaseKeeper {
             })?;
         Ok((
             LeaseKeeper {
+                records,
                 gate,
                 status,
                 stop,
@@ -116,6 +120,26 @@ impl LeaseKeeper {
             .clone();
         s.time_left_ms = self.gate.time_left().map_or(0, |d| d.as_millis() as u64);
         s
+    }
+
+    /// Degrade to async only as the lease holder: one etcd transaction
+    /// conditioned on this site's generation and lease. Blocking.
+    pub fn record_degraded(&self) -> bool {
+        if !self.gate.is_open() {
+            return false;
+        }
+        match self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record_degraded()
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!("lease: recording degrade-to-async failed: {e}");
+                false
+            }
+        }
     }
 
     /// An operator confirmed a takeover (policy `alarm-only`).

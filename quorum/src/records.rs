@@ -78,6 +78,7 @@ pub struct GroupRecords {
     site: String,
     generation_key: String,
     lease_key: String,
+    degraded_key: String,
     lease_ttl_s: i64,
     /// The etcd lease this site holds the group with, and its generation.
     held: Option<(i64, Generation)>,
@@ -98,6 +99,7 @@ impl GroupRecords {
             site: site.to_string(),
             generation_key: format!("/pipecloud/group/{group}/generation"),
             lease_key: format!("/pipecloud/group/{group}/lease"),
+            degraded_key: format!("/pipecloud/group/{group}/degraded"),
             lease_ttl_s: (lease_ms / 1000).max(1) as i64,
             held: None,
         })
@@ -213,6 +215,20 @@ impl GroupRecords {
         let mut compares = generation_is(&self.generation_key, generation);
         compares.push(Compare::LeaseIs(self.lease_key.clone(), lease));
         Ok(self.etcd.txn(&compares, ops, &[])?.succeeded)
+    }
+
+    /// Records that this site runs the group degraded to async (its backup is
+    /// lost): allowed only to the lease holder (docs/design.md §4, §7).
+    pub fn record_degraded(&self) -> Result<bool, RecordError> {
+        let Some((_, generation)) = self.held else {
+            return Ok(false);
+        };
+        let value = encode_record(generation, &self.site);
+        self.decide(&[Op::Put {
+            key: self.degraded_key.clone(),
+            value,
+            lease: 0,
+        }])
     }
 
     /// Gives the lease up at once (a planned hand-over); the generation stays.
