@@ -31,6 +31,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod controller;
 pub mod daemon;
 pub mod index;
 pub mod ingest;
