@@ -4,10 +4,13 @@
 //! Members listen on loopback ports chosen by the kernel (bound, released, then
 //! handed to etcd: a port taken in between makes the start fail loudly), or on
 //! the addresses a caller gives (one per site namespace); each has its own
-//! data directory under a fresh temporary directory. A member can be stopped
+//! data directory under a fresh temporary directory. With [`ServerTls`] the
+//! members serve their clients over TLS (`https://`), optionally requiring
+//! client certificates. A member can be stopped
 //! (SIGKILL: a crashed site) and started again on its data. Everything is torn
 //! down on drop: members killed and reaped, directories removed.
 
+use crate::etcd::{Etcd, EtcdConfig, EtcdTls};
 use anyhow::{bail, Context, Result};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -37,11 +40,25 @@ struct Member {
     child: Option<Child>,
 }
 
+/// TLS on the members' client port.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The members' certificate (its SANs must name the members' addresses) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA clients' certificates must chain to; `Some` turns on
+    /// `--client-cert-auth`.
+    pub client_ca: Option<PathBuf>,
+    /// What the cluster's own readiness check connects with.
+    pub client: EtcdTls,
+}
+
 /// A running etcd cluster, torn down on drop.
 pub struct EtcdCluster {
     dir: PathBuf,
     token: String,
     members: Vec<Member>,
+    tls: Option<ServerTls>,
 }
 
 /// A port the kernel considers free on `ip` right now.
@@ -53,6 +70,11 @@ fn free_port(ip: Ipv4Addr) -> Result<u16> {
 impl EtcdCluster {
     /// Three members on 127.0.0.1, on free ports.
     pub fn start_local(tag: &str) -> Result<EtcdCluster> {
+        EtcdCluster::start_local_with(tag, None)
+    }
+
+    /// As [`EtcdCluster::start_local`], with TLS on the client port.
+    pub fn start_local_with(tag: &str, tls: Option<ServerTls>) -> Result<EtcdCluster> {
         let lo = Ipv4Addr::LOCALHOST;
         let mut addrs = Vec::new();
         for _ in 0..3 {
@@ -63,11 +85,11 @@ impl EtcdCluster {
                 netns: None,
             });
         }
-        EtcdCluster::start(tag, addrs)
+        EtcdCluster::start(tag, addrs, tls)
     }
 
     /// One member per address, all started and answering before this returns.
-    pub fn start(tag: &str, addrs: Vec<MemberAddr>) -> Result<EtcdCluster> {
+    pub fn start(tag: &str, addrs: Vec<MemberAddr>, tls: Option<ServerTls>) -> Result<EtcdCluster> {
         if Command::new(ETCD_BIN)
             .arg("--version")
             .stdout(Stdio::null())
@@ -93,6 +115,7 @@ impl EtcdCluster {
                 .collect(),
             dir,
             token,
+            tls,
         };
         for i in 0..cluster.members.len() {
             cluster.spawn(i)?;
@@ -114,8 +137,9 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) -> Result<()> {
         let initial = self.initial_cluster();
         let token = self.token.clone();
+        let client = self.client_url(i);
+        let tls = self.tls.clone();
         let m = &mut self.members[i];
-        let client = format!("http://{}:{}", m.addr.ip, m.addr.client_port);
         let peer = format!("http://{}:{}", m.addr.ip, m.addr.peer_port);
         let mut cmd = match &m.addr.netns {
             Some(ns) => {
@@ -156,10 +180,19 @@ impl EtcdCluster {
             .args(["--initial-cluster-state", "new"])
             // Fast failure detection inside the cluster: a new leader within ~1 s.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+            .args(["--logger", "zap", "--log-outputs", "stderr"]);
+        if let Some(t) = &tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key);
+            if let Some(ca) = &t.client_ca {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(ca);
+            }
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting etcd member {}", m.name))?;
@@ -169,20 +202,16 @@ impl EtcdCluster {
 
     fn wait_ready(&mut self, i: usize) -> Result<()> {
         let deadline = Instant::now() + START_WAIT;
-        let url = self.client_url(i);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_millis(500)))
-            .http_status_as_error(false)
-            .build()
-            .new_agent();
+        // A linearizable read answers only once the member has joined a
+        // cluster with a leader.
+        let probe = Etcd::new(&EtcdConfig {
+            endpoints: vec![self.client_url(i)],
+            tls: self.tls.as_ref().map(|t| t.client.clone()),
+            attempt_timeout: Duration::from_millis(500),
+        })?;
         loop {
-            if let Ok(mut r) = agent.get(format!("{url}/health")).call() {
-                if r.body_mut()
-                    .read_to_string()
-                    .is_ok_and(|b| b.contains("\"true\""))
-                {
-                    return Ok(());
-                }
+            if probe.get("/pipecloud/ready-probe").is_ok() {
+                return Ok(());
             }
             let m = &mut self.members[i];
             if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
@@ -203,10 +232,11 @@ impl EtcdCluster {
         }
     }
 
-    /// `http://ip:port` of member `i`.
+    /// `http://ip:port` (`https://` with TLS) of member `i`.
     pub fn client_url(&self, i: usize) -> String {
         let m = &self.members[i];
-        format!("http://{}:{}", m.addr.ip, m.addr.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", m.addr.ip, m.addr.client_port)
     }
 
     /// Every member's client URL.

@@ -15,7 +15,7 @@ fn client(cluster: &EtcdCluster) -> Arc<Etcd> {
     let cfg = EtcdConfig {
         endpoints: cluster.endpoints(),
         tls: None,
-        attempt_timeout: Duration::from_millis(300),
+        attempt_timeout: Duration::from_millis(1000),
     };
     Arc::new(Etcd::new(&cfg).expect("etcd client"))
 }
