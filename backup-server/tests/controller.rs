@@ -192,27 +192,54 @@ fn etcd_client(cluster: &EtcdCluster) -> Arc<Etcd> {
     Arc::new(Etcd::new(&cfg).unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn controller_takes_over_once_when_the_home_lease_lapses() {
+/// A site whose backup server journaled some writes of group `shop`, an etcd
+/// cluster, and the home site holding generation 1 there, its keeper gone
+/// (it never renews: the disaster), plus the controller's topology and --out.
+struct Scene {
+    env: Env,
+    server: Server,
+    _cluster: EtcdCluster,
+    home: GroupRecords,
+    topo: PathBuf,
+    out: PathBuf,
+}
+
+async fn scene(tag: &str, policy: &str) -> Scene {
     let mut env = Env::new(&["shop"], "");
     let server = env.start();
     journal_some_writes(&env, &server).await;
-
-    let cluster = EtcdCluster::start_local("ctl").expect("etcd cluster (Debian etcd-server)");
-    let etcd = etcd_client(&cluster);
-    // The home site holds generation 1, then stops renewing (the disaster).
-    let mut home = GroupRecords::new(etcd.clone(), "shop", "primary", LEASE_MS).unwrap();
+    let cluster = EtcdCluster::start_local(tag).expect("etcd cluster (Debian etcd-server)");
+    let mut home = GroupRecords::new(etcd_client(&cluster), "shop", "primary", LEASE_MS).unwrap();
     assert!(matches!(home.execute(Request::Observe), Reply::Observed(_)));
     assert_eq!(
         home.execute(Request::Acquire { expected: 0 }),
         Reply::Acquired { generation: 1 }
     );
-    let lapsed_from = Instant::now();
-
     let hook = hook(&env);
-    let topo = topology(&env, &cluster.endpoints(), "automatic", &hook);
+    let topo = topology(&env, &cluster.endpoints(), policy, &hook);
     let out = env.out_dir("takeover");
     chown_for_server(&env);
+    Scene {
+        env,
+        server,
+        _cluster: cluster,
+        home,
+        topo,
+        out,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_takes_over_once_when_the_home_lease_lapses() {
+    let Scene {
+        env,
+        server,
+        _cluster,
+        mut home,
+        topo,
+        out,
+    } = scene("ctl", "automatic").await;
+    let lapsed_from = Instant::now();
     let ctl = Controller::start(&env, &topo, &out, 1);
     wait_until(
         "takeover",
@@ -268,22 +295,14 @@ async fn controller_takes_over_once_when_the_home_lease_lapses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alarm_only_waits_for_the_operator() {
-    let mut env = Env::new(&["shop"], "");
-    let server = env.start();
-    journal_some_writes(&env, &server).await;
-    let cluster = EtcdCluster::start_local("alarm").expect("etcd cluster (Debian etcd-server)");
-    let etcd = etcd_client(&cluster);
-    let mut home = GroupRecords::new(etcd.clone(), "shop", "primary", LEASE_MS).unwrap();
-    let _ = home.execute(Request::Observe);
-    assert_eq!(
-        home.execute(Request::Acquire { expected: 0 }),
-        Reply::Acquired { generation: 1 }
-    );
-
-    let hook = hook(&env);
-    let topo = topology(&env, &cluster.endpoints(), "alarm-only", &hook);
-    let out = env.out_dir("takeover");
-    chown_for_server(&env);
+    let Scene {
+        env,
+        server,
+        _cluster,
+        topo,
+        out,
+        ..
+    } = scene("alarm", "alarm-only").await;
     let ctl = Controller::start(&env, &topo, &out, 1);
     wait_until(
         "alarm",
