@@ -7,6 +7,7 @@ mod app;
 mod client;
 mod disaster;
 mod figures;
+mod lifecycle;
 mod live;
 mod netns;
 mod pg;
@@ -72,6 +73,20 @@ enum Cmd {
     Site {
         #[command(subcommand)]
         cmd: SiteCmd,
+    },
+    /// The disaster-recovery lifecycle on a lease (issue 23): load on the primary,
+    /// disaster, automatic failover decided on etcd, clients served by the backup.
+    Lifecycle {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
+        /// The group's lease (whole seconds).
+        #[arg(long, default_value_t = 3000)]
+        lease_ms: u64,
+        /// Seconds of load before the disaster.
+        #[arg(long, default_value_t = 8)]
+        load_s: u64,
     },
     /// Randomized disasters: CV ⊆ SV check per point.
     Disaster {
@@ -264,6 +279,56 @@ fn real_main() -> Result<()> {
             drop(site);
             Ok(())
         }
+        Cmd::Lifecycle {
+            topology,
+            rtt_ms,
+            lease_ms,
+            load_s,
+        } => {
+            sys::ensure_private_mount_ns()?;
+            let work = work_dir("lifecycle");
+            let opts = site_opts(rtt_ms, Mode::Pipelined, false);
+            // A site whose measured RTT is off is rebuilt (as `disaster` does).
+            let mut attempt = 0;
+            let r = loop {
+                let r = lifecycle::run(
+                    &topology,
+                    &work,
+                    &format!("{PREFIX}{}", std::process::id()),
+                    opts.clone(),
+                    lease_ms,
+                    Duration::from_secs(load_s),
+                );
+                match r {
+                    Err(e) if attempt < 2 && format!("{e:#}").contains("refusing to run") => {
+                        attempt += 1;
+                        eprintln!("harness: lifecycle: {e:#}; retrying");
+                        let _ = std::fs::remove_dir_all(&work);
+                    }
+                    r => break r,
+                }
+            }
+            .with_context(|| format!("lifecycle (work dir {})", work.display()))?;
+            if std::env::var_os("PIPECLOUD_KEEP").is_none() {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            println!(
+                "RESULT rto_s={:.3} takeover_s={:.3} split_brain_windows={} lost_acked={} partitions=0 \
+                 acked_primary={} acked_backup={} lease_ms={lease_ms} rtt_ms={rtt_ms}",
+                r.rto.as_secs_f64(),
+                r.takeover.as_secs_f64(),
+                r.split_brain_windows,
+                r.lost_acked,
+                r.acked_primary,
+                r.acked_backup
+            );
+            if r.lost_acked > 0 || r.split_brain_windows > 0 {
+                anyhow::bail!(
+                    "the lifecycle lost acknowledged requests or overlapped the two sites' replies"
+                );
+            }
+            Ok(())
+        }
         Cmd::Disaster {
             topology,
             mode,
@@ -376,6 +441,7 @@ fn site_opts(rtt_ms: u64, mode: Mode, ipv6_client: bool) -> run::SiteOptions {
         rtt_tolerance: Duration::from_millis(1),
         outbound_override: None,
         ipv6_client,
+        quorum_lease_ms: None,
     }
 }
 

@@ -209,8 +209,11 @@ impl EtcdCluster {
             tls: self.tls.as_ref().map(|t| t.client.clone()),
             attempt_timeout: Duration::from_millis(500),
         })?;
+        let netns = self.members[i].addr.netns.clone();
         loop {
-            if probe.get("/pipecloud/ready-probe").is_ok() {
+            if in_netns(netns.as_deref(), || {
+                probe.get("/pipecloud/ready-probe").is_ok()
+            }) {
                 return Ok(());
             }
             let m = &mut self.members[i];
@@ -274,6 +277,29 @@ impl Drop for EtcdCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `f` in network namespace `ns` (`/run/netns/NAME`) on a scoped thread;
+/// `None`: here. A namespace that cannot be entered counts as `false`.
+fn in_netns(ns: Option<&str>, f: impl FnOnce() -> bool + Send) -> bool {
+    let Some(ns) = ns else {
+        return f();
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            let Ok(file) = std::fs::File::open(format!("/run/netns/{ns}")) else {
+                return false;
+            };
+            // SAFETY: setns(2) on a namespace fd we opened; affects this thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return false;
+            }
+            f()
+        })
+        .join()
+        .unwrap_or(false)
+    })
 }
 
 fn nanos() -> u128 {
