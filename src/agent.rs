@@ -132,7 +132,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // With [quorum]: nothing is released and no write completes until this
     // site holds the group's lease (docs/design.md §7).
     let lease = crate::lease::start(&topo, &base_dir)?;
-    let lease_gate = lease.as_ref().map(|k| k.gate());
+    let lease_gate = lease.as_ref().and_then(crate::lease::data_path_gate);
 
     // Replication client.
     let mut disks = Vec::new();

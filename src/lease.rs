@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use pipecloud_core::lease::Ambition;
 use pipecloud_core::topology::Topology;
 use pipecloud_quorum::records::GroupRecords;
-use pipecloud_quorum::LeaseKeeper;
+use pipecloud_quorum::{LeaseGate, LeaseKeeper};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -35,4 +35,17 @@ pub fn start(topo: &Topology, base_dir: &Path) -> Result<Option<Arc<LeaseKeeper>
     tracing::info!(group = %topo.group.name, site = %q.home_site, endpoints = ?q.endpoints,
         lease_ms = q.lease_ms, "keeping the group's lease on etcd");
     Ok(Some(Arc::new(keeper)))
+}
+
+/// The gate the data path obeys: the keeper's. With the test-only
+/// `fault-injection` feature and `PIPECLOUD_FAULT_UNGATED=1`, none: an agent
+/// that keeps the lease but does not obey it, which the harness's partition
+/// check must catch (`lifecycle --expect-split-brain`).
+pub fn data_path_gate(keeper: &Arc<LeaseKeeper>) -> Option<Arc<LeaseGate>> {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var_os("PIPECLOUD_FAULT_UNGATED").is_some() {
+        tracing::error!("FAULT INJECTED: the data path ignores the lease");
+        return None;
+    }
+    Some(keeper.gate())
 }

@@ -21,7 +21,18 @@
 //! `lost_acked` (acknowledged inserts missing from the backup's database: must
 //! be 0), `split_brain_windows` (1 if a reply of the primary arrived after the
 //! first reply of the backup: the two sites' reply windows overlap; must be 0).
-//! Not yet: partition schedules, failback, reverse protection, switch-back.
+//!
+//! With `--partition primary-quorum` there is no disaster: the primary's host
+//! is cut from the etcd majority (its member from the others, its agent from
+//! the backup's and the witness's client ports; rules in the WAN router) while
+//! it keeps running and keeps replicating. A second client at the backup site
+//! talks to the same address (the primary until the takeover, the backup's
+//! own PostgreSQL after it), and both clients also read (a `SELECT` depends on
+//! no write, so only the lease gate can stop a stale primary answering it).
+//! `split_brain_windows` then really tests the fencing: the primary must stop
+//! answering, within its lease, before the backup's first answer.
+//!
+//! Not yet: more partition schedules, failback, reverse protection, switch-back.
 
 use crate::netns::spawn_in;
 use crate::pg::{chown_postgres, Postgres};
@@ -35,10 +46,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// One acknowledged insert.
+/// One acknowledged insert (`id`) or read (`None`).
 #[derive(Clone, Debug)]
 struct Reply {
-    id: i64,
+    id: Option<i64>,
     /// The answering server's data directory (which site).
     datadir: String,
     at: Instant,
@@ -60,17 +71,48 @@ pub struct LifecycleResult {
     pub acked_backup: usize,
     pub lost_acked: usize,
     pub split_brain_windows: usize,
+    pub partitions: usize,
+}
+
+/// Cuts host `ip` (the primary's dom0, with its etcd member and agent) from
+/// the etcd majority, in the WAN router: its traffic to and from the etcd
+/// ports of the other members (the backup's, forwarded; the witness's, local)
+/// is dropped; replication and client traffic still pass.
+fn cut_from_quorum(wan: &str, ip: std::net::Ipv4Addr) -> Result<()> {
+    let ip = ip.to_string();
+    let ports = format!(
+        "{}:{}",
+        crate::run::ETCD_CLIENT_PORT,
+        crate::run::ETCD_PEER_PORT
+    );
+    let rules = [
+        ("FORWARD", "-s"),
+        ("FORWARD", "-d"),
+        ("INPUT", "-s"),
+        ("OUTPUT", "-d"),
+    ];
+    for (chain, dir) in rules {
+        for port_dir in ["--dport", "--sport"] {
+            sh(&[
+                "ip", "netns", "exec", wan, "iptables", "-I", chain, "1", dir, &ip, "-p", "tcp",
+                port_dir, &ports, "-j", "DROP",
+            ])?;
+        }
+    }
+    Ok(())
 }
 
 /// A client inserting numbered rows, reconnecting after errors, until `stop`.
 fn start_client(
     ns: &str,
     conninfo: String,
+    first_id: i64,
+    reads_only: bool,
     seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Result<()>> {
     spawn_in(ns, move || {
-        let mut id: i64 = 1;
+        let mut id: i64 = first_id;
         let mut conn: Option<postgres::Client> = None;
         while !stop.load(Ordering::SeqCst) {
             let c = match &mut conn {
@@ -88,19 +130,27 @@ fn start_client(
                     }
                 }
             };
-            let r = c.query_one(
-                "INSERT INTO req (id, tier) VALUES ($1, 'db') RETURNING current_setting('data_directory')",
-                &[&id],
-            );
+            let insert = "INSERT INTO req (id, tier) VALUES ($1, 'db') \
+                          RETURNING current_setting('data_directory')";
+            let read = "SELECT current_setting('data_directory')";
+            // A read depends on no write: only the lease gate holds its reply.
+            let r = if reads_only {
+                c.query_one(read, &[]).map(|row| vec![(None, row)])
+            } else {
+                c.query_one(insert, &[&id])
+                    .and_then(|w| Ok(vec![(Some(id), w), (None, c.query_one(read, &[])?)]))
+            };
             match r {
-                Ok(row) => {
-                    let datadir: String = row.get(0);
+                Ok(rows) => {
+                    let at = Instant::now();
                     let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                    s.replies.push(Reply {
-                        id,
-                        datadir,
-                        at: Instant::now(),
-                    });
+                    for (id, row) in rows {
+                        s.replies.push(Reply {
+                            id,
+                            datadir: row.get(0),
+                            at,
+                        });
+                    }
                 }
                 Err(_) => {
                     seen.lock().unwrap_or_else(|e| e.into_inner()).errors += 1;
@@ -122,6 +172,7 @@ pub fn run(
     mut opts: SiteOptions,
     lease_ms: u64,
     load: Duration,
+    partition: bool,
 ) -> Result<LifecycleResult> {
     opts.quorum_lease_ms = Some(lease_ms);
     opts.tiers = false;
@@ -159,18 +210,37 @@ pub fn run(
         "host={} port={PG_PORT} user=postgres dbname=postgres",
         machine.ip
     );
-    let client = start_client(&names.client(), conninfo, seen.clone(), stop.clone());
+    let client = |ns: &str, first_id, reads_only| {
+        start_client(
+            ns,
+            conninfo.clone(),
+            first_id,
+            reads_only,
+            seen.clone(),
+            stop.clone(),
+        )
+    };
+    let mut clients = vec![client(&names.client(), 1, false)];
+    if partition {
+        // A reader near the primary, and a writer at the backup site.
+        clients.push(client(&names.client(), 0, true));
+        clients.push(client(&names.backup(), 1 << 40, false));
+    }
     std::thread::sleep(load);
     let primary_replies = seen.lock().unwrap_or_else(|e| e.into_inner()).replies.len();
     if primary_replies == 0 {
         bail!("no insert was acknowledged by the primary in {load:?}: the run proves nothing");
     }
 
-    // The disaster: the whole primary site, including its etcd member.
     let disaster = Instant::now();
-    site.disaster();
-    if let Some(e) = site.etcd.as_mut() {
-        e.kill(0);
+    if partition {
+        cut_from_quorum(&names.wan(), crate::site::host_lan_ip(0))?;
+    } else {
+        // The disaster: the whole primary site, including its etcd member.
+        site.disaster();
+        if let Some(e) = site.etcd.as_mut() {
+            e.kill(0);
+        }
     }
     let marker = out.join("activated-2");
     wait_until(Duration::from_secs(60), "the controller's takeover", || {
@@ -178,7 +248,9 @@ pub fn run(
     })
     .with_context(|| std::fs::read_to_string(work.join("controller.log")).unwrap_or_default())?;
     let takeover = disaster.elapsed();
-    site.teardown_primary();
+    if !partition {
+        site.teardown_primary();
+    }
 
     // Activation (the hook's and BGP's stand-in): the failed-over volume at
     // the backup, PostgreSQL on the machine's address there, the route moved.
@@ -209,32 +281,34 @@ pub fn run(
         &[],
     )
     .context("PostgreSQL on the failed-over volume")?;
-    let wan = names.wan();
-    let dst = format!("{}/32", machine.ip);
-    sh(&["ip", "-n", &wan, "link", "set", "lan0", "up"])?;
-    sh(&[
-        "ip",
-        "-n",
-        &wan,
-        "route",
-        "replace",
-        &dst,
-        "via",
-        &BACKUP_IP.to_string(),
-    ])?;
-    if let Some(w) = &site.wan {
-        w.restore();
+    if !partition {
+        let wan = names.wan();
+        let dst = format!("{}/32", machine.ip);
+        sh(&["ip", "-n", &wan, "link", "set", "lan0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &wan,
+            "route",
+            "replace",
+            &dst,
+            "via",
+            &BACKUP_IP.to_string(),
+        ])?;
+        if let Some(w) = &site.wan {
+            w.restore();
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &names.client(),
+            "route",
+            "replace",
+            &dst,
+            "via",
+            &WAN_LAN_SIDE.to_string(),
+        ])?;
     }
-    sh(&[
-        "ip",
-        "-n",
-        &names.client(),
-        "route",
-        "replace",
-        &dst,
-        "via",
-        &WAN_LAN_SIDE.to_string(),
-    ])?;
 
     // Served by the backup site.
     let primary_dir = work
@@ -256,7 +330,9 @@ pub fn run(
     )?;
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
-    let _ = client.join();
+    // A client of a fenced primary may wait on its held reply for good: its
+    // thread ends when the site goes, not joined here.
+    drop(clients);
 
     let s = seen.lock().unwrap_or_else(|e| e.into_inner());
     let first_backup = s
@@ -277,13 +353,14 @@ pub fn run(
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    let acked: BTreeSet<i64> = s.replies.iter().map(|r| r.id).collect();
+    let acked: BTreeSet<i64> = s.replies.iter().filter_map(|r| r.id).collect();
     let lost_acked = acked.difference(&sv).count();
     let acked_backup = by_backup(&s);
     let result = LifecycleResult {
         rto,
         takeover,
         acked_primary: s.replies.len() - acked_backup,
+        partitions: usize::from(partition),
         acked_backup,
         lost_acked,
         split_brain_windows,

@@ -87,6 +87,15 @@ enum Cmd {
         /// Seconds of load before the disaster.
         #[arg(long, default_value_t = 8)]
         load_s: u64,
+        /// Instead of the disaster: cut the running primary from the etcd
+        /// majority (`primary-quorum`).
+        #[arg(long)]
+        partition: Option<String>,
+        /// The check's own test: the agents keep the lease but do not obey it
+        /// (needs `pipecloud` built with `--features fault-injection`); the run
+        /// must then see the two sites' replies overlap.
+        #[arg(long)]
+        expect_split_brain: bool,
     },
     /// Randomized disasters: CV ⊆ SV check per point.
     Disaster {
@@ -284,7 +293,18 @@ fn real_main() -> Result<()> {
             rtt_ms,
             lease_ms,
             load_s,
+            partition,
+            expect_split_brain,
         } => {
+            if expect_split_brain {
+                // Read by the agents this harness starts (fault-injection builds only).
+                std::env::set_var("PIPECLOUD_FAULT_UNGATED", "1");
+            }
+            let partition = match partition.as_deref() {
+                None => false,
+                Some("primary-quorum") => true,
+                Some(other) => anyhow::bail!("--partition {other}: only primary-quorum is built"),
+            };
             sys::ensure_private_mount_ns()?;
             let work = work_dir("lifecycle");
             let opts = site_opts(rtt_ms, Mode::Pipelined, false);
@@ -298,6 +318,7 @@ fn real_main() -> Result<()> {
                     opts.clone(),
                     lease_ms,
                     Duration::from_secs(load_s),
+                    partition,
                 );
                 match r {
                     Err(e) if attempt < 2 && format!("{e:#}").contains("refusing to run") => {
@@ -313,15 +334,25 @@ fn real_main() -> Result<()> {
                 let _ = std::fs::remove_dir_all(&work);
             }
             println!(
-                "RESULT rto_s={:.3} takeover_s={:.3} split_brain_windows={} lost_acked={} partitions=0 \
-                 acked_primary={} acked_backup={} lease_ms={lease_ms} rtt_ms={rtt_ms}",
+                "RESULT rto_s={:.3} takeover_s={:.3} split_brain_windows={} lost_acked={} partitions={} \
+                 replies_primary={} replies_backup={} lease_ms={lease_ms} rtt_ms={rtt_ms}",
                 r.rto.as_secs_f64(),
                 r.takeover.as_secs_f64(),
                 r.split_brain_windows,
                 r.lost_acked,
+                r.partitions,
                 r.acked_primary,
                 r.acked_backup
             );
+            if expect_split_brain {
+                if r.split_brain_windows == 0 {
+                    anyhow::bail!(
+                        "--expect-split-brain: the ungated primary's replies did not overlap the backup's: \
+                         the check cannot fail (is pipecloud built with --features fault-injection?)"
+                    );
+                }
+                return Ok(());
+            }
             if r.lost_acked > 0 || r.split_brain_windows > 0 {
                 anyhow::bail!(
                     "the lifecycle lost acknowledged requests or overlapped the two sites' replies"
