@@ -16,6 +16,9 @@ allowed=(
   # tests/netns_nfq.rs: the agent process that fail_closed_on_agent_kill runs as
   # its own child (it fails when run on its own).
   child_hold_agent
+  # tests/fullstate_capture.rs: the page-writing child process of the scan tests
+  # (it fails when run on its own).
+  child_dirty_writer
   # tests/replication.rs: figures, not a check (latency and throughput per mode,
   # printed for a reader); run on demand with --ignored.
   figures_write_latency_and_throughput_per_mode

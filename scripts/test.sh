@@ -20,6 +20,8 @@ cargo test --workspace --release --no-fail-fast -- --nocapture 2>&1 | tee target
 ./scripts/check-test-log.sh target/test-output.log
 grep -E '^model: [1-9][0-9]* schedules' target/test-output.log ||
   { echo "test.sh: the core's model test printed no summary: it did not run" >&2; exit 1; }
+grep -E '^model-epoch: [1-9][0-9]* schedules' target/test-output.log ||
+  { echo "test.sh: the epoch model test printed no summary: it did not run" >&2; exit 1; }
 ./scripts/deploy-guide-test.sh  # docs/deploy.md followed literally, then a disaster check (issue 18)
 
 # End-to-end disaster checks (issue 6): real PostgreSQL on protected disks, an
@@ -41,4 +43,5 @@ done
 # The primary cut from the etcd majority while it runs, in async mode (nothing held:
 # only the lease gate can stop it): the two sites' reply windows must not overlap.
 "$H" lifecycle --topology topology/single-db.toml --rtt-ms 50 --lease-ms 3000 --mode async --partition primary-quorum
+./scripts/fault-checkpoint.sh  # issue 21: the checkpoint tests catch an ack before durability
 echo "test.sh: all tests passed"

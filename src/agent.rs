@@ -77,15 +77,86 @@ pub fn check_mode_without_network(mode: topology::Mode, no_network: bool) -> Res
     Ok(())
 }
 
-/// The mode the agent runs for `m`: the one gate where a mode enters the agent
-/// (topology loading and the control socket). `checkpoint` is refused.
+/// The mode the agent runs for `m` (topology loading). `checkpoint` runs the
+/// full-state epoch loop (docs/design.md §9) next to the block and network paths,
+/// whose disk writes complete as in `pipelined`.
 pub fn block_mode(m: topology::Mode) -> Result<crate::replication::Mode> {
-    if m == topology::Mode::Checkpoint {
-        bail!(
-            "mode `checkpoint` (full-state) is not implemented yet; use async, sync or pipelined"
-        );
-    }
     Ok(m)
+}
+
+/// Why the control socket refuses a run-time switch into or out of `checkpoint`.
+pub const CHECKPOINT_SWITCH_REFUSED: &str = "switching a group into or out of mode `checkpoint` \
+     at run time is not supported yet (issue 22): set `mode = \"checkpoint\"` in the topology \
+     and restart the agent";
+
+/// The mode a run-time switch (`ctl mode`) from `from` to `to` may set.
+pub fn switch_mode(from: topology::Mode, to: topology::Mode) -> Result<crate::replication::Mode> {
+    if from != to && (from == topology::Mode::Checkpoint || to == topology::Mode::Checkpoint) {
+        bail!("{CHECKPOINT_SWITCH_REFUSED}");
+    }
+    block_mode(to)
+}
+
+/// Time between two checkpoint pauses of a group (docs/results.md: ~48 pauses/s
+/// of a 256 MiB TCG guest fit at this interval on this machine).
+pub const EPOCH_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Starts the epoch loop of a checkpoint-mode group: every machine must be a
+/// guest on this host (one loop pauses them all for the same epoch).
+fn start_epochs(
+    topo: &Topology,
+    host: &str,
+    client: &ReplicationClient,
+    causal: &Arc<CausalState>,
+) -> Result<crate::fullstate::driver::EpochDriver> {
+    use crate::fullstate::capture::GuestSpec;
+    use crate::fullstate::driver::{DriverConfig, EpochDriver};
+    let mut specs = Vec::new();
+    let mut writers = Vec::new();
+    for (i, m) in topo.machines.iter().enumerate() {
+        if m.host != host {
+            bail!(
+                "mode `checkpoint`: machine {} runs on host {}, not {host}; in this version every \
+                 machine of a checkpoint group runs on one host (one epoch loop pauses them all)",
+                m.name,
+                m.host
+            );
+        }
+        let vm = m.vm.as_ref().with_context(|| {
+            format!("mode `checkpoint`: machine {} has no [machine.vm]", m.name)
+        })?;
+        specs.push(GuestSpec {
+            name: m.name.clone(),
+            qmp: vm.qmp.clone(),
+            ram_file: vm.ram_file.clone(),
+            device_file: format!("{}.devstate", vm.ram_file.display()).into(),
+        });
+        if let Some(w) = m.writer {
+            writers.push((i, w));
+        }
+    }
+    let link = Arc::new(crate::replication::checkpoint::CheckpointLink::new(
+        16 << 20,
+    ));
+    client.attach_checkpoint(Arc::clone(&link));
+    let backup_acked = causal.committed().get(pipecloud_core::EPOCH_ENTRY);
+    let cfg = DriverConfig {
+        interval: EPOCH_INTERVAL,
+        qmp_timeout: Duration::from_secs(5),
+        limits: pipecloud_core::epoch::EpochLimits::default(),
+        writers,
+        machines: (0..topo.machines.len()).collect(),
+    };
+    tracing::info!(group = %topo.group.name, guests = specs.len(), ?EPOCH_INTERVAL, backup_acked,
+        "checkpoint mode: starting the epoch loop (output held until its epoch is acked)");
+    EpochDriver::start(
+        &topo.group.name,
+        specs,
+        cfg,
+        Arc::clone(causal),
+        link,
+        backup_acked,
+    )
 }
 
 /// Loads and validates a topology file.
@@ -290,6 +361,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         tracing::info!(chain = %rm.chain(), "netfilter rules installed");
     }
 
+    // Full-state epochs (checkpoint mode).
+    let epochs = if topo.group.mode == topology::Mode::Checkpoint {
+        Some(start_epochs(&topo, &host.name, &client, &causal)?)
+    } else {
+        None
+    };
+
     // Control socket.
     let mut control = Control::new(vec![ControlGroup {
         client: Arc::clone(&client),
@@ -331,6 +409,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             tracing::error!("network path: {e}");
         }
     }
+    drop(epochs);
     for h in nbd_handles {
         h.shutdown().await;
     }

@@ -154,7 +154,6 @@ impl Control {
         let mode: Mode = mode
             .parse()
             .map_err(|e: crate::replication::UnknownMode| e.to_string())?;
-        let mode = crate::agent::block_mode(mode).map_err(|e| e.to_string())?;
         let g = match group {
             Some(name) => self
                 .groups
@@ -171,6 +170,7 @@ impl Control {
                 }
             },
         };
+        let mode = crate::agent::switch_mode(g.mode.get(), mode).map_err(|e| e.to_string())?;
         if crate::agent::needs_network_path(mode) && g.net.is_none() {
             return Err(crate::agent::PIPELINED_NEEDS_NETWORK.into());
         }
@@ -494,7 +494,7 @@ mod tests {
         assert_eq!(g1.mode.get(), Mode::Sync);
         assert!(control
             .handle("mode checkpoint")
-            .starts_with("error: mode `checkpoint` (full-state) is not implemented"));
+            .starts_with("error: switching a group into or out of mode `checkpoint` at run time"));
         assert!(control
             .handle("mode SYNC")
             .starts_with("error: unknown mode `SYNC`; expected one of async, sync"));

@@ -13,6 +13,7 @@ pub mod causal;
 pub mod ctl;
 pub mod disk;
 pub mod ebpf;
+pub mod fullstate;
 pub mod image;
 pub mod lease;
 pub mod metrics;

@@ -44,6 +44,7 @@
 //! Clock reads (backoff, heartbeat RTT, silence, write age) happen here in the
 //! driver; the core stays clock-free.
 
+pub mod checkpoint;
 mod mode;
 mod runtime;
 mod send_policy;
@@ -460,6 +461,8 @@ pub(crate) struct Shared {
     ready: watch::Sender<bool>,
     degraded: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
+    /// The full-state epoch driver's link, in checkpoint mode (`checkpoint.rs`).
+    checkpoint: std::sync::OnceLock<Arc<checkpoint::CheckpointLink>>,
 }
 
 impl Shared {
@@ -598,6 +601,7 @@ impl ReplicationClient {
             ready,
             degraded: degraded_rx,
             shutdown,
+            checkpoint: std::sync::OnceLock::new(),
         });
         let tasks = vec![
             runtime.spawn(session::run(Arc::clone(&shared))),
@@ -764,6 +768,13 @@ impl ReplicationClient {
         self.shared
             .send_now
             .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.wake_sender.notify_one();
+    }
+
+    /// Carries the full-state epoch driver's checkpoint frames and acks over this
+    /// connection (checkpoint mode; at most one link).
+    pub fn attach_checkpoint(&self, link: Arc<checkpoint::CheckpointLink>) {
+        let _ = self.shared.checkpoint.set(link);
         self.shared.wake_sender.notify_one();
     }
 

@@ -16,14 +16,14 @@ use pipecloud_core::wire::{DiskHello, Frame, Hello, Write, WriteKind, PROTOCOL_V
 use pipecloud_core::{CountVector, WriterId};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const BS: usize = 4096;
 const WINDOW: u64 = 256;
 
-fn pct(v: &mut [Duration], p: f64) -> Duration {
+pub(crate) fn pct(v: &mut [Duration], p: f64) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
     }
@@ -38,19 +38,83 @@ fn us(d: Duration) -> f64 {
 
 /// Runs the benchmark and prints the figures.
 pub fn run(writes: u64, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    in_dir(dir, "backup-bench", |d| measure(writes, d))
+}
+
+/// Runs `f` in `dir`, or in a temporary directory removed afterwards.
+pub(crate) fn in_dir(
+    dir: Option<PathBuf>,
+    tag: &str,
+    f: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let (dir, temporary) = match dir {
         Some(d) => (d, false),
         None => (
-            std::env::temp_dir().join(format!("backup-bench-{}", std::process::id())),
+            std::env::temp_dir().join(format!("{tag}-{}", std::process::id())),
             true,
         ),
     };
     std::fs::create_dir_all(&dir)?;
-    let r = measure(writes, &dir);
+    let r = f(&dir);
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
     r
+}
+
+/// A benchmark server in `dir` (fresh PKI and data) and what an agent needs to
+/// connect: group `bench`, one disk `d` of `disk_size` bytes owned by writer 0.
+pub(crate) struct BenchServer {
+    pub daemon: Daemon,
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
+    pub hello: Hello,
+    pub data: PathBuf,
+}
+
+impl BenchServer {
+    pub(crate) fn start(dir: &Path, disk_size: u64) -> anyhow::Result<BenchServer> {
+        let pki = dir.join("pki");
+        let _ = std::fs::remove_dir_all(&pki);
+        backup_server::certs::generate(&pki, "localhost", &["bench".to_string()], "127.0.0.1:0")?;
+        let data = dir.join("data");
+        let _ = std::fs::remove_dir_all(&data);
+        let cfg = Config {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: data.clone(),
+            metrics: None,
+            tls: TlsConfig {
+                ca: pki.join("ca.pem"),
+                cert: pki.join("server.pem"),
+                key: pki.join("server.key"),
+            },
+            limits: Limits::default(),
+        };
+        let daemon = Daemon::start(&cfg).map_err(|e| anyhow::anyhow!(e))?;
+        let tls = backup_server::tls::client_config(
+            &pki.join("ca.pem"),
+            &pki.join("bench-agent.pem"),
+            &pki.join("bench-agent.key"),
+        )?;
+        let hello = Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            group: "bench".into(),
+            group_id: 1,
+            agent: "bench".into(),
+            disks: vec![DiskHello {
+                name: "d".into(),
+                size: disk_size,
+                writer: WriterId(0),
+                generation: 1,
+            }],
+        };
+        Ok(BenchServer {
+            daemon,
+            tls,
+            hello,
+            data,
+        })
+    }
 }
 
 fn measure(writes: u64, dir: &std::path::Path) -> anyhow::Result<()> {
@@ -79,41 +143,12 @@ fn measure(writes: u64, dir: &std::path::Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&raw_path);
 
     // Server.
-    let pki = dir.join("pki");
-    let _ = std::fs::remove_dir_all(&pki);
-    backup_server::certs::generate(&pki, "localhost", &["bench".to_string()], "127.0.0.1:0")?;
-    let data = dir.join("data");
-    let _ = std::fs::remove_dir_all(&data);
-    let cfg = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: data.clone(),
-        metrics: None,
-        tls: TlsConfig {
-            ca: pki.join("ca.pem"),
-            cert: pki.join("server.pem"),
-            key: pki.join("server.key"),
-        },
-        limits: Limits::default(),
-    };
-    let daemon = Daemon::start(&cfg).map_err(|e| anyhow::anyhow!(e))?;
-    let tls = backup_server::tls::client_config(
-        &pki.join("ca.pem"),
-        &pki.join("bench-agent.pem"),
-        &pki.join("bench-agent.key"),
-    )?;
-    let hello = Hello {
-        min_version: PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        group: "bench".into(),
-        group_id: 1,
-        agent: "bench".into(),
-        disks: vec![DiskHello {
-            name: "d".into(),
-            size: 4096 * BS as u64,
-            writer: WriterId(0),
-            generation: 1,
-        }],
-    };
+    let BenchServer {
+        daemon,
+        tls,
+        hello,
+        data,
+    } = BenchServer::start(dir, 4096 * BS as u64)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

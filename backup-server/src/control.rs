@@ -9,7 +9,10 @@
 //! `failover` fences the group first (through the journal thread in a server, so the
 //! fence is a clean cut in the write stream; persisted, so a restart stays fenced),
 //! then computes the largest causally closed cut of everything journaled and
-//! materialises every volume of the group at exactly that cut. `restore` does not
+//! materialises every volume of the group at exactly that cut; for a checkpoint
+//! group it writes the disks at the last acknowledged epoch's barrier and the RAM
+//! and device state of that epoch instead ([`crate::checkpoint::failover_output`]).
+//! `restore` does not
 //! fence: it materialises the latest closed cut not after a time, or a given cut.
 
 use crate::store::{lock, Group, Store};
@@ -74,6 +77,8 @@ pub struct GroupStatus {
     pub apply_lag_writes: u64,
     pub held_by_cut_writes: u64,
     pub writers: Vec<WriterStatus>,
+    /// Full-state epochs (a checkpoint group only).
+    pub checkpoint: Option<crate::checkpoint::CkptStatus>,
 }
 
 /// A reply.
@@ -127,6 +132,7 @@ pub fn status(store: &Store) -> Vec<GroupStatus> {
                 apply_lag_writes: lag,
                 held_by_cut_writes: held,
                 writers,
+                checkpoint: g.checkpoint.status(),
             }
         })
         .collect()
@@ -148,6 +154,11 @@ pub fn failover(
 ) -> Result<Materialised, String> {
     let g = group(store, name)?;
     fence(&g)?;
+    if g.checkpoint.is_checkpoint_group() {
+        let (mut m, c) = crate::checkpoint::failover_output(&g, out, progress)?;
+        m.checkpoint = Some(Box::new(c));
+        return Ok(m);
+    }
     let cut = lock(&g.state).durable_cut();
     g.materialise(cut, out, progress)
 }

@@ -17,6 +17,7 @@
 //! - [`causal`]: the largest causally closed cut.
 //! - [`store`]: the data directory, groups, registration, cuts.
 //! - [`batch`]: the pure part of ingest: a batch in, what to append, sync, ack and publish out.
+//! - [`checkpoint`]: full-state epochs: ingest plan, durable store, ack rule, RAM replica, failover output.
 //! - [`ingest`]: the journal thread: group commit, acks, committed fan-out (the I/O around [`batch`]).
 //! - [`server`]: agent connections.
 //! - [`volume`]: base volume files: applying writes, materialising images.
@@ -28,6 +29,7 @@
 pub mod batch;
 pub mod causal;
 pub mod certs;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -10,9 +10,11 @@
 //! backup-server controller --topology FILE --out DIR (--config | --data-dir)
 //! backup-server confirm-takeover --out DIR
 //! backup-server bench    [--writes N] [--dir DIR]
+//! backup-server bench-checkpoint [--ram-mib N] [--dirty-pages N] [--epochs N] [--dir DIR]
 //! ```
 
 mod bench;
+mod bench_ckpt;
 
 use anyhow::{anyhow, bail, Context};
 use backup_server::config::{Config, Limits};
@@ -127,6 +129,21 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure how fast checkpoint epochs are made durable and acknowledged.
+    BenchCheckpoint {
+        /// Guest RAM size.
+        #[arg(long, default_value_t = 256)]
+        ram_mib: u64,
+        /// Dirty pages per delta epoch.
+        #[arg(long, default_value_t = 1000)]
+        dirty_pages: u64,
+        /// Delta epochs after the full first one.
+        #[arg(long, default_value_t = 200)]
+        epochs: u64,
+        /// Directory for the temporary data (default: a temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -228,6 +245,12 @@ fn print_done(m: &Materialised) {
     for i in &m.images {
         println!("image: {}", i.display());
     }
+    if let Some(c) = &m.checkpoint {
+        println!("checkpoint epoch: {}", c.epoch);
+        for (name, ram, dev) in &c.machines {
+            println!("machine {name}: {name}.ram ({ram} bytes), {name}.devstate ({dev} bytes)");
+        }
+    }
     println!("time taken: {:.3} s", m.elapsed.as_secs_f64());
 }
 
@@ -275,6 +298,19 @@ fn finish(r: Reply) -> anyhow::Result<()> {
                     },
                     g.oldest_cut
                 );
+                if let Some(c) = &g.checkpoint {
+                    println!(
+                        "  checkpoint: last acked epoch {} (barrier {}), {:.1} epochs/s, {} bytes received, {} epochs pending",
+                        c.acked_epoch, c.barrier, c.epochs_per_s, c.bytes, c.pending_epochs
+                    );
+                    println!(
+                        "  checkpoint agents: {:?}, machines: {:?}",
+                        c.members, c.machines
+                    );
+                    if let Some(f) = &c.failed {
+                        println!("  CHECKPOINT STORE FAILED: {f}");
+                    }
+                }
                 for w in g.writers {
                     println!(
                         "  {}: generation {} durable {} applied {} beyond-hole {}",
@@ -353,5 +389,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench { writes, dir } => bench::run(writes, dir),
+        Cmd::BenchCheckpoint {
+            ram_mib,
+            dirty_pages,
+            epochs,
+            dir,
+        } => bench_ckpt::run(ram_mib, dirty_pages, epochs, dir),
     }
 }

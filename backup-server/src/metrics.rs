@@ -10,6 +10,9 @@
 //! bound), and the histogram `_ack_latency_seconds` (frame received -> ack queued).
 //! Per group (label `group`): `_journal_bytes`, `_connected_agents`, `_fenced`,
 //! and per writer (labels `group`, `writer`) `_committed_seq`, `_applied_seq`.
+//! Per checkpoint group (label `group`): `_checkpoint_acked_epoch`,
+//! `_checkpoint_acked_epochs` (since start), `_checkpoint_bytes` (pages and device
+//! state received since start), `_checkpoint_pending_epochs`.
 
 use crate::store::{lock, Store};
 use pipecloud_metrics_http::{counter, gauges, Labels};
@@ -145,7 +148,18 @@ impl Collector for Scrape {
 
         let (mut journal, mut agents, mut fenced) = (Vec::new(), Vec::new(), Vec::new());
         let (mut committed, mut applied) = (Vec::new(), Vec::new());
+        let mut ckpt: [Vec<(Labels, u64)>; 4] = Default::default();
         for g in self.store.groups() {
+            if let Some(s) = g.checkpoint.status() {
+                let group: Labels = vec![("group", g.name.clone())];
+                let total = g.checkpoint.acked_total.load(Ordering::Relaxed);
+                for (i, v) in [s.acked_epoch, total, s.bytes, s.pending_epochs as u64]
+                    .into_iter()
+                    .enumerate()
+                {
+                    ckpt[i].push((group.clone(), v));
+                }
+            }
             let st = lock(&g.state);
             let group: Labels = vec![("group", g.name.clone())];
             journal.push((group.clone(), g.journal_bytes.load(Ordering::Relaxed)));
@@ -186,7 +200,31 @@ impl Collector for Scrape {
             "pipecloud_backup_applied_seq",
             "Writer's seq up to which writes are applied to the volumes",
             &applied,
-        )
+        )?;
+        for ((name, help), v) in [
+            (
+                "pipecloud_backup_checkpoint_acked_epoch",
+                "Last acknowledged checkpoint epoch of the group",
+            ),
+            (
+                "pipecloud_backup_checkpoint_acked_epochs",
+                "Checkpoint epochs acknowledged since the server started",
+            ),
+            (
+                "pipecloud_backup_checkpoint_bytes",
+                "Checkpoint page and device-state bytes received since the server started",
+            ),
+            (
+                "pipecloud_backup_checkpoint_pending_epochs",
+                "Checkpoint epochs held beyond the acknowledged one",
+            ),
+        ]
+        .into_iter()
+        .zip(&ckpt)
+        {
+            gauges(&mut enc, name, help, v)?;
+        }
+        Ok(())
     }
 }
 

@@ -12,6 +12,8 @@
 //!    generation, range within the disk) and queued to the journal thread;
 //!    `Heartbeat` is answered with `HeartbeatReply`. The writer half forwards acks
 //!    and every change of the group's committed vector as `Frame::Committed`.
+//!    `Checkpoint` frames go to [`crate::checkpoint`] (validated there; its `Ack`s
+//!    travel on the same outbound queue).
 //!
 //! Every rejection is logged with the peer, the agent and the reason, answered with
 //! `Frame::Reject` where the stream still allows it, and only closes that one
@@ -296,6 +298,7 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
         let mut st = lock(&group.state);
         st.agents.insert(id, agent.clone());
     }
+    crate::checkpoint::on_connect(&group, &conn);
     ctx.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(%peer, agent = %agent, group = %group.name, conn = id, disks = hello.disks.len(),
         committed = %welcome.committed, "agent connected");
@@ -320,6 +323,7 @@ async fn handle(ctx: Arc<ServerCtx>, tcp: TcpStream, peer: SocketAddr) {
         let mut st = lock(&group.state);
         st.agents.remove(&id);
     }
+    crate::checkpoint::on_disconnect(&group, id);
     if why.is_ok() {
         conn.kill.send_replace(true);
     }
@@ -465,9 +469,7 @@ async fn handle_frame(cx: &mut FrameCx<'_>, frame: Frame) -> Result<(), String> 
             Ok(())
         }
         Frame::HeartbeatReply { .. } => Ok(()),
-        Frame::Checkpoint(_) => {
-            Err("checkpoint frames are not supported by this server version".into())
-        }
+        Frame::Checkpoint(c) => crate::checkpoint::on_frame(group, conn, c).await,
         other => Err(format!(
             "unexpected {} frame from an agent",
             frame_name(&other)

@@ -101,6 +101,8 @@ pub struct Group {
     /// Bytes of writes admitted past the journal bound check but not yet journaled.
     pub queued_bytes: AtomicU64,
     pub signal: watch::Sender<Signal>,
+    /// Full-state (checkpoint) epochs of the group, see [`crate::checkpoint`].
+    pub checkpoint: crate::checkpoint::GroupCkpt,
 }
 
 /// Store-level errors.
@@ -313,7 +315,25 @@ impl Group {
     /// applied cut only after they are fsync'ed (a crash in between is finished on
     /// restart; re-applying is idempotent), then the index is trimmed and segments
     /// that hold nothing beyond the applied cut are deleted.
+    ///
+    /// A checkpoint group's volumes never go beyond its last acknowledged barrier
+    /// (failover writes the disks at exactly that barrier): `target` is clipped to
+    /// it, and nothing is applied if the clipped cut is not beyond the applied one.
     pub fn apply_to(&self, target: CountVector) -> Result<(), String> {
+        let target = match self.checkpoint.disk_cap() {
+            Some(cap) => {
+                let clipped = CountVector::from_slice(
+                    &(0..MAX_WRITERS)
+                        .map(|i| target.get(i).min(cap.get(i)))
+                        .collect::<Vec<_>>(),
+                );
+                if clipped != target && !clipped.dominates(&lock(&self.state).meta.applied) {
+                    return Ok(());
+                }
+                clipped
+            }
+            None => target,
+        };
         let _v = lock(&self.volumes);
         let (work, disks) = {
             let mut st = lock(&self.state);
@@ -716,6 +736,7 @@ impl Store {
             BTreeMap::new(),
             BTreeMap::new(),
             JournalTail::default(),
+            crate::checkpoint::GroupCkpt::open(name, &dir).map_err(StoreError::Io)?,
         ));
         groups.insert(name.to_string(), g.clone());
         Ok(g)
@@ -729,6 +750,7 @@ fn new_group(
     writers: BTreeMap<WriterId, WriterIndex>,
     segments: BTreeMap<u64, SegInfo>,
     tail: JournalTail,
+    checkpoint: crate::checkpoint::GroupCkpt,
 ) -> Group {
     let bytes = segments.values().map(|s| s.bytes).sum();
     let st = GroupState {
@@ -754,6 +776,7 @@ fn new_group(
         journal_bytes: AtomicU64::new(bytes),
         queued_bytes: AtomicU64::new(0),
         signal,
+        checkpoint,
     }
 }
 
@@ -772,6 +795,7 @@ fn recover_group(name: &str, dir: &Path, m: GroupMeta) -> Result<(Group, u64, u6
             );
         }
     }
+    let ckpt = crate::checkpoint::GroupCkpt::open(name, dir).map_err(StoreError::Io)?;
     let group = new_group(
         name,
         dir,
@@ -779,6 +803,7 @@ fn recover_group(name: &str, dir: &Path, m: GroupMeta) -> Result<(Group, u64, u6
         writers,
         BTreeMap::new(),
         JournalTail::default(),
+        ckpt,
     );
     let segs = journal::list_segments(&jdir).map_err(|e| io(jdir.display(), e))?;
     let mut records = 0u64;

@@ -142,6 +142,8 @@ pub struct Materialised {
     /// Journaled writes applied on top of the base volumes.
     pub writes_applied: u64,
     pub elapsed: Duration,
+    /// A checkpoint group's failover: the epoch and the RAM / device-state files.
+    pub checkpoint: Option<Box<crate::checkpoint::CkptOutput>>,
 }
 
 /// Makes sure `out` exists and is empty (created if missing).
@@ -164,7 +166,7 @@ pub fn prepare_out(out: &Path) -> Result<(), String> {
 }
 
 /// Copies `src` to `dst` (created), skipping holes and all-zero chunks, sized `size`.
-fn copy_sparse(
+pub(crate) fn copy_sparse(
     src: &Path,
     dst: &Path,
     size: u64,
@@ -282,5 +284,6 @@ pub fn write_images(
         images,
         writes_applied: work.len() as u64,
         elapsed: start.elapsed(),
+        checkpoint: None,
     })
 }

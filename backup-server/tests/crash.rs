@@ -24,19 +24,6 @@ const SIZE: u64 = 1 << 20;
 const ROUNDS: u32 = 100;
 const MAX_IN_FLIGHT: usize = 512;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 #[derive(Clone)]
 struct W {
     offset: u64,

@@ -9,6 +9,7 @@
 //! - [`prefix`]: the contiguous-prefix rule (highest seq with all of `1..=seq` present), bounded.
 //! - [`commit`]: per-writer commit tracking (contiguous prefix of out-of-order acks, generations).
 //! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
+//! - [`epoch`]: checkpoint epochs of the full-state mode (tag, barrier, release by ack).
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
 //! - [`lease`]: the group's lease and generation (fencing token): which site may be active.
 //! - [`mode`]: replication modes and the backup-loss policy (one definition, one parsing rule).
@@ -19,6 +20,7 @@
 pub mod codec;
 pub mod commit;
 pub mod cut;
+pub mod epoch;
 pub mod ipopt;
 pub mod lease;
 pub mod mode;

@@ -82,13 +82,14 @@ impl LeaseKeeper {
                     }
                     sm.handle_timeout(g.now_ms());
                     g.publish(sm.release_deadline());
+                    // Status first: an owner reacting to an event sees it.
+                    *st.lock().unwrap_or_else(|p| p.into_inner()) = status_of(&sm, &g);
                     while let Some(ev) = sm.poll_event() {
                         log_event(&ev, sm.site());
                         if let Err(TrySendError::Full(ev)) = tx.try_send(ev) {
                             tracing::error!("lease: event queue full, dropped {ev:?}");
                         }
                     }
-                    *st.lock().unwrap_or_else(|p| p.into_inner()) = status_of(&sm, &g);
                     let wait = sm.next_timeout().saturating_sub(g.now_ms());
                     std::thread::sleep(Duration::from_millis(wait).min(IDLE_MAX));
                 }

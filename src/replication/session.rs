@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pipecloud_core::codec::{encode_frame, FrameReader};
-use pipecloud_core::wire::{DiskHello, Frame, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use pipecloud_core::{Seq, WriterId};
+use pipecloud_core::wire::{
+    Checkpoint, DiskHello, Frame, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use pipecloud_core::{Seq, WriterId, EPOCH_ENTRY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -252,6 +254,9 @@ async fn session(shared: &Arc<Shared>) -> Result<(), SessionError> {
                 .on_welcome(&w, &shared.causal, Instant::now())?;
             tracing::info!(group = %cfg.group, endpoint = %cfg.endpoint, committed = %w.committed,
                 "connected to the backup; re-sending unacked writes");
+            if let Some(link) = shared.checkpoint.get() {
+                link.on_welcome(w.committed.get(EPOCH_ENTRY));
+            }
             next
         }
         Frame::Reject { reason } => return Err(SessionError::Rejected(reason)),
@@ -296,9 +301,16 @@ async fn receive<R: AsyncRead + Unpin>(
                 shared.wake_sender.notify_one();
             }
             Frame::Reject { reason } => return Err(SessionError::Rejected(reason)),
-            Frame::Checkpoint(_) => {
+            Frame::Checkpoint(Checkpoint::Ack { epoch }) => {
                 st.heard(now);
-                tracing::debug!("checkpoint frame ignored (full-state mode not implemented)");
+                if let Some(link) = shared.checkpoint.get() {
+                    drop(st);
+                    link.on_ack(epoch);
+                    st = shared.lock();
+                }
+            }
+            Frame::Checkpoint(_) => {
+                return Err(SessionError::Unexpected("checkpoint (not an ack)"))
             }
             other @ (Frame::Hello(_) | Frame::Welcome(_) | Frame::Write(_)) => {
                 return Err(SessionError::Unexpected(frame_name(&other)))
@@ -359,6 +371,9 @@ async fn send<W: AsyncWrite + Unpin>(
             encode_frame(f, &mut out)?;
         }
         drop(batch);
+        if let Some(link) = shared.checkpoint.get() {
+            link.take(&mut out, MAX_BATCH_BYTES as usize);
+        }
         if !out.is_empty() {
             wr.write_all(&out).await?;
             wr.flush().await?;
@@ -372,7 +387,16 @@ async fn send<W: AsyncWrite + Unpin>(
             _ = shared.wake_sender.notified() => {}
             _ = tokio::time::sleep_until(wake_at.into()) => {}
             r = mode.changed(), if mode_alive => mode_alive = r.is_ok(),
+            _ = checkpoint_ready(shared) => {}
         }
+    }
+}
+
+/// Checkpoint frames were queued (never, without a checkpoint link).
+async fn checkpoint_ready(shared: &Shared) {
+    match shared.checkpoint.get() {
+        Some(link) => link.ready().notified().await,
+        None => std::future::pending().await,
     }
 }
 

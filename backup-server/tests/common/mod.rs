@@ -326,3 +326,19 @@ pub fn printed_cut(stdout: &str) -> Vec<u64> {
         .map(|x| x.trim().parse().expect("seq"))
         .collect()
 }
+
+/// A xorshift generator for seeded test schedules.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}

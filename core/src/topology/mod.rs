@@ -61,6 +61,11 @@
 //! host = "dom0-a"
 //! outbound = true                          # may talk to clients: its replies are held
 //!
+//! [machine.vm]                             # optional: the machine is a QEMU guest that
+//! kernel = "guest/vmlinux"                 # `pipecloud vm start` launches (every key: `vm`)
+//! initrd = "guest/initrd.cpio"
+//! ram_mib = 256
+//!
 //! [[machine]]
 //! name = "db"
 //! ip = "10.10.0.3"
@@ -90,9 +95,11 @@
 //! writer nor outbound is an *intermediate* (it only relays causality). At least
 //! one machine must be outbound and at least one disk must be protected.
 //!
-//! `mode = "checkpoint"` (full-state, Remus-style) is accepted by the file format
-//! so topologies need not change when it lands, but the agent does not implement
-//! it yet.
+//! A machine with a `[machine.vm]` table is a QEMU guest (`vm`): the launcher
+//! (`pipecloud vm`) writes its command line from the topology, and the agent
+//! finds its QMP socket and RAM file there. `mode = "checkpoint"` (full-state,
+//! Remus-style) needs every machine to be such a guest; the agent does not
+//! implement the mode yet.
 //!
 //! # Limits
 //!
@@ -120,6 +127,8 @@
 //!   with their spans; the rules within one section.
 //! - `validate`: the rules across records (unique names and addresses, known
 //!   references, writer numbering, per-host limits).
+//! - `vm`: the `[machine.vm]` section (a machine that is a QEMU guest): its
+//!   model [`Vm`], reading, defaults and the rules across guests.
 //! - `parse`: [`Topology::parse`], which runs the stages and builds the model.
 
 mod convert;
@@ -133,6 +142,7 @@ mod read;
 mod test_fixture;
 mod validate;
 mod values;
+mod vm;
 
 pub use crate::mode::{BackupLossPolicy, Mode, UnknownMode};
 pub use error::{TopologyError, TopologyErrors};
@@ -149,6 +159,11 @@ pub use model::{
 };
 pub use quorum::{FailoverPolicy, Quorum, DEFAULT_LEASE_MS, MAX_QUORUM_ENDPOINTS};
 pub use values::{check_name, format_mac, format_size, parse_mac, parse_size};
+pub use vm::{
+    default_pidfile, default_qmp, default_ram_file, default_tap, Platform, Vm, DEFAULT_VM_APPEND,
+    DEFAULT_VM_CPUS, DEFAULT_VM_PREFIX_LEN, DEFAULT_VM_QEMU, DEFAULT_VM_RAM_MIB, MAX_IFNAME_LEN,
+    MAX_VM_CPUS, MAX_VM_EXTRA_ARGS, MAX_VM_RAM_MIB, MIN_VM_RAM_MIB,
+};
 
 #[cfg(test)]
 mod tests {
@@ -169,5 +184,7 @@ mod tests {
         let t = Topology::parse(&example, "doc").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.writer_of("db"), Some(WriterId(0)));
         assert_eq!(t.policy.max_inflight_bytes, 64 << 20);
+        assert_eq!(t.vm("web").map(|v| v.ram_mib), Some(256));
+        assert!(t.vm("db").is_none());
     }
 }

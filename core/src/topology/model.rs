@@ -9,6 +9,7 @@
 //! this machine, which disks live on this host, where is a disk's NBD socket).
 
 use super::values::{check_dns_name, format_mac, format_size};
+use super::vm::Vm;
 use crate::mode::{BackupLossPolicy, Mode};
 use crate::vector::{WriterId, MAX_WRITERS};
 use std::fmt;
@@ -258,6 +259,8 @@ pub struct Machine {
     pub outbound: bool,
     /// Its writer id if it owns protected disks.
     pub writer: Option<WriterId>,
+    /// The QEMU guest it is, if it is one (`[machine.vm]`).
+    pub vm: Option<Vm>,
 }
 
 impl Machine {
@@ -332,6 +335,11 @@ impl Topology {
     /// The machine called `name`.
     pub fn machine(&self, name: &str) -> Option<&Machine> {
         self.machines.iter().find(|m| m.name == name)
+    }
+
+    /// The guest configuration of machine `name`, if it is a QEMU guest.
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        self.machine(name).and_then(|m| m.vm.as_ref())
     }
 
     /// The host called `name`.
@@ -461,6 +469,9 @@ impl Topology {
                 m.host,
                 m.role()
             );
+            if let Some(vm) = &m.vm {
+                let _ = writeln!(s, "  {:<12} {}", "", vm.summary());
+            }
         }
         let _ = writeln!(s, "disks ({})", self.disks.len());
         for d in &self.disks {

@@ -17,6 +17,7 @@ use super::read::{
 use super::validate::{
     assign_writers, check_disks, check_host_limits, check_hosts, check_machines,
 };
+use super::vm::{build_vm, check_vms};
 
 impl Topology {
     /// Parses and validates a topology file. `file` is used only in messages.
@@ -96,6 +97,13 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
     check_disks(cx, &disks, &machine_names);
     let writer_ids = assign_writers(cx, &machines, &disks);
     check_host_limits(cx, &hosts, &machines, &disks);
+    check_vms(
+        cx,
+        group.as_ref().map(|g| g.mode),
+        group.as_ref().map(|g| g.name.as_str()),
+        &hosts,
+        &machines,
+    );
 
     // --- build -----------------------------------------------------------
     let group = group?;
@@ -123,13 +131,22 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
         .into_iter()
         .map(|m| {
             let name = m.name?.value;
+            let host = m.host?.value;
+            let vm = match m.vm {
+                Some(vm) => {
+                    let nbd_dir = &hosts.iter().find(|h| h.name == host)?.nbd_dir;
+                    Some(build_vm(vm, &group.name, &name, nbd_dir)?)
+                }
+                None => None,
+            };
             Some(Machine {
                 writer: writer_ids.get(&name).copied(),
                 name,
                 ip: m.ip?.value,
                 mac: m.mac.map(|x| x.value),
-                host: m.host?.value,
+                host,
                 outbound: m.outbound,
+                vm,
             })
         })
         .collect::<Option<Vec<_>>>()?;

@@ -21,6 +21,7 @@ use super::model::{
     MAX_REPLICATION_ASYNC_BATCH_US, MAX_REPLICATION_COALESCE_US, MIN_HEARTBEAT_INTERVAL_MS,
     MIN_HEARTBEAT_TIMEOUT_MS, MIN_NETQUEUE_BYTES,
 };
+use super::vm::{parse_vm, RawVm};
 use crate::mode::{BackupLossPolicy, Mode};
 use crate::wire::MAX_WRITE_PAYLOAD;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -46,6 +47,7 @@ pub(super) struct RawMachine {
     pub(super) host: Option<At<String>>,
     pub(super) outbound: bool,
     pub(super) writer: Option<At<bool>>,
+    pub(super) vm: Option<RawVm>,
 }
 
 pub(super) struct RawDisk {
@@ -79,7 +81,7 @@ const HOST_KEYS: &[&str] = &[
     "kernel_tagger",
     "metrics_listen",
 ];
-const MACHINE_KEYS: &[&str] = &["name", "ip", "mac", "host", "outbound", "writer"];
+const MACHINE_KEYS: &[&str] = &["name", "ip", "mac", "host", "outbound", "writer", "vm"];
 const DISK_KEYS: &[&str] = &["name", "machine", "image", "size"];
 
 pub(super) fn parse_group(cx: &mut Cx<'_>, node: Option<&Spanned<Node>>) -> Option<Group> {
@@ -350,6 +352,7 @@ pub(super) fn parse_machine(
     let host = t.required(cx, "host", "the name of a `[[host]]`", conv_name);
     let outbound = t.optional(cx, "outbound", "true or false", conv_bool);
     let writer = t.optional(cx, "writer", "true or false", conv_bool);
+    let vm = t.take("vm").and_then(|node| parse_vm(cx, i, node));
     t.finish(cx);
     RawMachine {
         span,
@@ -359,6 +362,7 @@ pub(super) fn parse_machine(
         host,
         outbound: outbound.is_some_and(|o| o.value),
         writer,
+        vm,
     }
 }
 

@@ -1,0 +1,525 @@
+//! Checkpoint epochs of the full-state mode (docs/design.md §9): which epoch a
+//! client-bound packet belongs to, the disk barrier of each epoch, and when the
+//! output of an epoch may leave.
+//!
+//! A protection group in `checkpoint` mode is paused many times a second. At the
+//! pause of epoch `N` every machine of the group is stopped, its RAM pages written
+//! since the previous pause and its device state are captured (checkpoint `N`,
+//! epoch 1 carries the whole RAM), the machines continue, and the checkpoint is
+//! shipped to the backup, which acknowledges `N` once all of it — pages, device
+//! state, and every disk write up to the epoch's *barrier* — is durable.
+//!
+//! # The release rule
+//!
+//! Every client-bound packet is tagged with the epoch that is *open* when the
+//! agent sees it (entry [`EPOCH_ENTRY`] of its tag, on top of the machine's disk
+//! pending vector); the epoch entry of the committed vector the netqueue compares
+//! with is the last *acknowledged* epoch. So a packet tagged `e` leaves exactly
+//! when the backup acknowledged an epoch `>= e`. The netqueue
+//! (`crate::netqueue`) enforces the comparison; this module provides both sides
+//! of it ([`Epochs::tag`], [`Epochs::committed_view`]).
+//!
+//! # Why that is safe
+//!
+//! Let `E(p)` be the first epoch whose pause began after the guest emitted packet
+//! `p`: checkpoint `E(p)` and every later one contain the guest state that sent
+//! `p`. The open epoch is `1 +` the number of [`Epochs::begin_pause`] calls so far,
+//! and the driver calls `begin_pause` only while every machine of the group is
+//! stopped, and lets them continue only after it ([`Epochs::capture_done`]).
+//! The agent sees `p` after the guest emitted it, so:
+//! * `p` emitted before the stop of pause `N` and seen before `begin_pause` of
+//!   `N`: tagged `N = E(p)`;
+//! * seen after `begin_pause` of `N` (in flight across the pause): tagged
+//!   `>= N + 1 > E(p)`, later than needed, never earlier;
+//! * no packet is emitted between the stop and the continue.
+//!
+//! Hence `tag(p) >= E(p)`. `p` leaves only when `acked >= tag(p) >= E(p)`: the
+//! backup holds a complete checkpoint that remembers sending `p`. A later
+//! checkpoint contains an earlier one's effects, so acks need not be contiguous:
+//! `acked` is the largest acknowledged epoch. The checkpoint's disk is its
+//! barrier: `barrier[w]` is the last seq writer `w` issued before the pause (the
+//! stop drains the guest's block I/O, so the RAM remembers exactly those writes),
+//! and the backup acknowledges only once they are durable. After a disaster the
+//! backup resumes the guest at `acked` with its disks at `barrier(acked)`: the
+//! client has seen nothing that state does not remember.
+//!
+//! Every machine of a group pauses for the same epoch: the driver stops them all
+//! before it captures any, and continues them only after all are captured. A
+//! message between two machines is then received in an epoch no earlier than the
+//! one it was sent in (no checkpoint remembers receiving what its sender's
+//! checkpoint does not remember sending).
+//!
+//! # Safety check
+//!
+//! [`Epochs::committed_view`] — the one place an epoch enters the committed
+//! vector — asserts `acked <= shipped <= captured < open` with an always-on
+//! `assert!`: the netqueue is never told that an epoch is safe that was not even
+//! captured and shipped. An [`Epochs::ack`] above what was shipped is refused
+//! (a bug or a hostile backup), never believed.
+//!
+//! # Bounds and stalls
+//!
+//! At most [`EpochLimits::max_unacked`] captured epochs wait for their ack; at the
+//! bound (a backup that stops acknowledging) [`Epochs::may_pause`] refuses and the
+//! guests keep running in the open epoch, whose output stays held: output stalls,
+//! nothing unsafe leaves. A pause also waits while the previous epoch is still
+//! being shipped (bounded staging memory, `src/fullstate`). A failed capture (QMP
+//! gone, a guest that cannot be stopped) fails the state machine for good: no
+//! more pauses, no more acks taken, and every packet of the open epoch stays held
+//! (fail-closed; the driver raises the alarm).
+//!
+//! Pure: no I/O, no clock. The driver (`src/fullstate`) calls in.
+
+use crate::vector::{CountVector, EPOCH_ENTRY};
+use std::collections::VecDeque;
+
+/// Bounds of one group's epoch state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochLimits {
+    /// Most captured epochs not yet acknowledged.
+    pub max_unacked: u64,
+}
+
+impl Default for EpochLimits {
+    /// 64 epochs: ~1.5 s of checkpoints at 40/s.
+    fn default() -> Self {
+        EpochLimits { max_unacked: 64 }
+    }
+}
+
+/// Why a pause may not start now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PauseRefused {
+    #[error("a pause (epoch {0}) is still in progress")]
+    InPause(u64),
+    #[error("epoch {captured} is still being shipped (shipped {shipped}): the next pause waits")]
+    ShippingBehind { captured: u64, shipped: u64 },
+    #[error(
+        "{unacked} epochs wait for the backup's ack (acked {acked}, limit reached): output stalls"
+    )]
+    TooManyUnacked { acked: u64, unacked: u64 },
+    #[error("a capture failed: the group's output stays held")]
+    Failed,
+}
+
+/// A call that does not fit the state (a driver bug or a hostile backup).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EpochError {
+    #[error("epoch {got} is not the pause in progress ({pausing:?})")]
+    NotPausing { got: u64, pausing: Option<u64> },
+    #[error("epoch {got} shipped out of order (captured {captured}, shipped {shipped})")]
+    ShipOrder {
+        got: u64,
+        captured: u64,
+        shipped: u64,
+    },
+    #[error("ack of epoch {got}, but only up to {shipped} was shipped")]
+    AckNotShipped { got: u64, shipped: u64 },
+    #[error("the backup says epoch {backup} is acked, below the {acked} it acked before")]
+    AckWentBack { backup: u64, acked: u64 },
+}
+
+/// What the driver must capture at a pause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    /// The epoch being captured (its checkpoint number).
+    pub epoch: u64,
+    /// Ship the whole RAM (the first epoch, or the first after a reconnection),
+    /// not only the pages written since the previous pause.
+    pub full_ram: bool,
+    /// Disk writes that belong to this checkpoint: `barrier[w]` = last seq writer
+    /// `w` issued before the pause. Its epoch entry is 0 (wire contract).
+    pub barrier: CountVector,
+}
+
+/// What to do with a captured epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Captured {
+    /// Ship it, then call [`Epochs::ship_done`].
+    Ship,
+    /// The backup connection was replaced during the pause and this epoch holds
+    /// only the pages written since the previous one, which the new connection
+    /// never got: drop it (it counts as shipped and is never acknowledged).
+    GiveUp,
+}
+
+/// The epoch state of one protection group (module doc).
+#[derive(Debug, Clone)]
+pub struct Epochs {
+    limits: EpochLimits,
+    /// Epoch that output seen now belongs to (>= 1).
+    open: u64,
+    /// The pause in progress, if any (== open - 1 while set).
+    pausing: Option<Pause>,
+    /// Last epoch whose capture completed.
+    captured: u64,
+    /// Last epoch whose `Commit` went to the backup (or that was given up).
+    shipped: u64,
+    /// Largest epoch the backup acknowledged.
+    acked: u64,
+    /// Last epoch given up at a reconnection (never acknowledged on its own; it
+    /// no longer counts against `max_unacked`).
+    given_up: u64,
+    /// Barriers of captured, unacknowledged epochs, ascending (<= max_unacked).
+    barriers: VecDeque<(u64, CountVector)>,
+    /// The next pause ships the whole RAM.
+    needs_full: bool,
+    /// The connection was replaced during the pause in progress.
+    reconnected_in_pause: bool,
+    failed: bool,
+}
+
+impl Epochs {
+    /// A fresh group: epoch 1 is open and will ship the whole RAM.
+    ///
+    /// # Panics
+    /// If `limits.max_unacked` is 0.
+    pub fn new(limits: EpochLimits) -> Self {
+        assert!(limits.max_unacked > 0, "max_unacked must be at least 1");
+        Epochs {
+            limits,
+            open: 1,
+            pausing: None,
+            captured: 0,
+            shipped: 0,
+            acked: 0,
+            given_up: 0,
+            barriers: VecDeque::new(),
+            needs_full: true,
+            reconnected_in_pause: false,
+            failed: false,
+        }
+    }
+
+    /// An agent (re)starting a group whose backup already acknowledged
+    /// `backup_acked` (the welcome's committed epoch entry): numbering continues
+    /// above it, so no epoch number is ever reused for other output; the first
+    /// pause ships the whole RAM.
+    pub fn resume(limits: EpochLimits, backup_acked: u64) -> Self {
+        let mut e = Epochs::new(limits);
+        e.open = backup_acked + 1;
+        e.captured = backup_acked;
+        e.shipped = backup_acked;
+        e.acked = backup_acked;
+        e.given_up = backup_acked;
+        e
+    }
+
+    /// The epoch output seen now belongs to.
+    pub fn open(&self) -> u64 {
+        self.open
+    }
+    /// Largest acknowledged epoch (0: none yet).
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+    /// Last captured epoch.
+    pub fn captured(&self) -> u64 {
+        self.captured
+    }
+    /// Last shipped epoch.
+    pub fn shipped(&self) -> u64 {
+        self.shipped
+    }
+    /// Whether a capture failed (the group's output is held for good).
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+    /// The barrier of a captured, unacknowledged epoch.
+    pub fn barrier(&self, epoch: u64) -> Option<&CountVector> {
+        self.barriers
+            .iter()
+            .find(|(e, _)| *e == epoch)
+            .map(|(_, b)| b)
+    }
+
+    /// Whether a pause may start now (module doc, "Bounds and stalls").
+    pub fn may_pause(&self) -> Result<(), PauseRefused> {
+        if self.failed {
+            return Err(PauseRefused::Failed);
+        }
+        if let Some(p) = &self.pausing {
+            return Err(PauseRefused::InPause(p.epoch));
+        }
+        if self.shipped < self.captured {
+            return Err(PauseRefused::ShippingBehind {
+                captured: self.captured,
+                shipped: self.shipped,
+            });
+        }
+        let unacked = self.captured - self.acked.max(self.given_up);
+        if unacked >= self.limits.max_unacked {
+            return Err(PauseRefused::TooManyUnacked {
+                acked: self.acked,
+                unacked,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every machine of the group is stopped: epoch `open` is captured now and
+    /// the next one opens (output seen from now on belongs to it). `issued` is
+    /// the group's issued vector (each writer's last issued seq) read after the
+    /// stop; its writer entries become the barrier.
+    pub fn begin_pause(&mut self, issued: &CountVector) -> Result<Pause, PauseRefused> {
+        self.may_pause()?;
+        let mut barrier = *issued;
+        barrier.set(EPOCH_ENTRY, 0);
+        let pause = Pause {
+            epoch: self.open,
+            full_ram: self.needs_full,
+            barrier,
+        };
+        self.open += 1;
+        self.pausing = Some(pause.clone());
+        self.reconnected_in_pause = false;
+        Ok(pause)
+    }
+
+    /// The capture of `epoch` is complete; the machines may continue.
+    pub fn capture_done(&mut self, epoch: u64) -> Result<Captured, EpochError> {
+        let Some(p) = self.pausing.take_if(|p| p.epoch == epoch) else {
+            return Err(EpochError::NotPausing {
+                got: epoch,
+                pausing: self.pausing.as_ref().map(|p| p.epoch),
+            });
+        };
+        if p.full_ram {
+            self.needs_full = false;
+        }
+        self.captured = epoch;
+        self.barriers.push_back((epoch, p.barrier));
+        debug_assert!(self.barriers.len() as u64 <= self.limits.max_unacked);
+        if self.reconnected_in_pause && !p.full_ram {
+            self.shipped = epoch;
+            self.give_up_to(epoch);
+            return Ok(Captured::GiveUp);
+        }
+        Ok(Captured::Ship)
+    }
+
+    /// The capture failed (alarm): no further pause, output of the open epochs
+    /// stays held. The machines are continued or left stopped by the driver;
+    /// either way nothing they emit is released.
+    pub fn capture_failed(&mut self) {
+        self.failed = true;
+        self.pausing = None;
+    }
+
+    /// The `Commit` of `epoch` went out (epochs are shipped in order).
+    pub fn ship_done(&mut self, epoch: u64) -> Result<(), EpochError> {
+        if epoch <= self.shipped {
+            return Ok(()); // given up at a reconnection, or a repeat
+        }
+        if epoch != self.shipped + 1 || epoch > self.captured {
+            return Err(EpochError::ShipOrder {
+                got: epoch,
+                captured: self.captured,
+                shipped: self.shipped,
+            });
+        }
+        self.shipped = epoch;
+        Ok(())
+    }
+
+    /// The backup acknowledged `epoch`. Returns whether `acked` grew.
+    pub fn ack(&mut self, epoch: u64) -> Result<bool, EpochError> {
+        if epoch > self.shipped {
+            return Err(EpochError::AckNotShipped {
+                got: epoch,
+                shipped: self.shipped,
+            });
+        }
+        if epoch <= self.acked {
+            return Ok(false);
+        }
+        self.acked = epoch;
+        while self.barriers.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.barriers.pop_front();
+        }
+        Ok(true)
+    }
+
+    /// A new connection to the backup, whose welcome says `backup_acked` is its
+    /// largest acknowledged epoch. Epochs shipped on the old connection and not
+    /// acknowledged are torn there: they are given up (they can never be
+    /// acknowledged on their own; a later epoch covers their output) and the next
+    /// pause ships the whole RAM again. A pause in progress that captures only
+    /// dirty pages is given up too ([`Captured::GiveUp`]).
+    pub fn reconnected(&mut self, backup_acked: u64) -> Result<(), EpochError> {
+        if backup_acked < self.acked {
+            return Err(EpochError::AckWentBack {
+                backup: backup_acked,
+                acked: self.acked,
+            });
+        }
+        if backup_acked > self.captured {
+            return Err(EpochError::AckNotShipped {
+                got: backup_acked,
+                shipped: self.shipped,
+            });
+        }
+        self.shipped = self.captured;
+        self.ack(backup_acked)?;
+        self.give_up_to(self.captured);
+        self.needs_full = true;
+        self.reconnected_in_pause = self.pausing.is_some();
+        Ok(())
+    }
+
+    fn give_up_to(&mut self, epoch: u64) {
+        self.given_up = self.given_up.max(epoch);
+        while self.barriers.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.barriers.pop_front();
+        }
+    }
+
+    /// The tag of a client-bound packet seen now: the machine's pending vector
+    /// with the open epoch in [`EPOCH_ENTRY`].
+    pub fn tag(&self, pending: &CountVector) -> CountVector {
+        let mut t = *pending;
+        t.set(EPOCH_ENTRY, self.open);
+        t
+    }
+
+    /// The committed vector the netqueue compares tags with: the disk entries as
+    /// committed, the epoch entry the last acknowledged epoch.
+    pub fn committed_view(&self, committed: &CountVector) -> CountVector {
+        assert!(
+            self.acked <= self.shipped
+                && self.shipped <= self.captured
+                && self.captured < self.open,
+            "epoch order broken: acked {} shipped {} captured {} open {}",
+            self.acked,
+            self.shipped,
+            self.captured,
+            self.open
+        );
+        let mut c = *committed;
+        c.set(EPOCH_ENTRY, self.acked);
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(w0: u64) -> CountVector {
+        CountVector::from_slice(&[w0])
+    }
+
+    #[test]
+    fn one_epoch_goes_through_pause_ship_ack() {
+        let mut e = Epochs::new(EpochLimits::default());
+        assert_eq!(e.tag(&v(0)).get(EPOCH_ENTRY), 1);
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
+        let p = e.begin_pause(&v(5)).unwrap();
+        assert_eq!((p.epoch, p.full_ram, p.barrier), (1, true, v(5)));
+        assert_eq!(
+            e.tag(&v(0)).get(EPOCH_ENTRY),
+            2,
+            "opened at the pause, before cont"
+        );
+        assert_eq!(e.capture_done(1), Ok(Captured::Ship));
+        assert_eq!(e.barrier(1), Some(&v(5)));
+        assert!(matches!(
+            e.may_pause(),
+            Err(PauseRefused::ShippingBehind { .. })
+        ));
+        assert_eq!(
+            e.ack(1),
+            Err(EpochError::AckNotShipped { got: 1, shipped: 0 })
+        );
+        e.ship_done(1).unwrap();
+        assert!(e.ack(1).unwrap());
+        assert!(!e.ack(1).unwrap(), "duplicate");
+        assert_eq!(e.committed_view(&v(3)), {
+            let mut c = v(3);
+            c.set(EPOCH_ENTRY, 1);
+            c
+        });
+        let p = e.begin_pause(&v(7)).unwrap();
+        assert!(!p.full_ram);
+    }
+
+    #[test]
+    fn resume_continues_above_the_backups_epoch() {
+        let mut e = Epochs::resume(EpochLimits::default(), 41);
+        assert_eq!(e.tag(&v(0)).get(EPOCH_ENTRY), 42);
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 41);
+        let p = e.begin_pause(&v(1)).unwrap();
+        assert_eq!((p.epoch, p.full_ram), (42, true));
+    }
+
+    #[test]
+    fn unacked_bound_stalls_pauses() {
+        let mut e = Epochs::new(EpochLimits { max_unacked: 2 });
+        for n in 1..=2 {
+            e.begin_pause(&v(n)).unwrap();
+            e.capture_done(n).unwrap();
+            e.ship_done(n).unwrap();
+        }
+        assert!(matches!(
+            e.may_pause(),
+            Err(PauseRefused::TooManyUnacked { .. })
+        ));
+        e.ack(2).unwrap();
+        assert_eq!(e.barrier(1), None);
+        e.may_pause().unwrap();
+    }
+
+    #[test]
+    fn failed_capture_stops_everything() {
+        let mut e = Epochs::new(EpochLimits::default());
+        e.begin_pause(&v(1)).unwrap();
+        e.capture_failed();
+        assert_eq!(e.may_pause(), Err(PauseRefused::Failed));
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
+        assert!(e.ack(1).is_err());
+    }
+
+    #[test]
+    fn reconnection_gives_up_torn_epochs_and_reseeds() {
+        let mut e = Epochs::new(EpochLimits::default());
+        for n in 1..=3 {
+            e.begin_pause(&v(n)).unwrap();
+            e.capture_done(n).unwrap();
+            if n < 3 {
+                e.ship_done(n).unwrap();
+            }
+        }
+        e.ack(1).unwrap();
+        assert!(e.reconnected(0).is_err(), "backup went back");
+        e.reconnected(2).unwrap();
+        assert_eq!((e.acked(), e.shipped()), (2, 3));
+        assert_eq!(e.barrier(3), None, "given up");
+        assert!(e.begin_pause(&v(4)).unwrap().full_ram);
+        e.reconnected(2).unwrap();
+        assert_eq!(
+            e.capture_done(4),
+            Ok(Captured::Ship),
+            "a full epoch suits any connection"
+        );
+        e.ship_done(4).unwrap();
+        assert!(!e.begin_pause(&v(5)).unwrap().full_ram);
+        e.reconnected(2).unwrap();
+        assert_eq!(
+            e.capture_done(5),
+            Ok(Captured::GiveUp),
+            "a delta without its base"
+        );
+        assert_eq!(e.shipped(), 5);
+        assert!(e.begin_pause(&v(6)).unwrap().full_ram);
+    }
+
+    #[test]
+    fn capture_done_must_name_the_pause() {
+        let mut e = Epochs::new(EpochLimits::default());
+        assert!(e.capture_done(1).is_err());
+        e.begin_pause(&v(0)).unwrap();
+        assert!(matches!(e.may_pause(), Err(PauseRefused::InPause(1))));
+        assert!(e.capture_done(2).is_err());
+        e.capture_done(1).unwrap();
+    }
+}
