@@ -37,11 +37,5 @@ for topo in single-db two-host; do
   "$H" disaster --topology "topology/$topo.toml" --mode async --points "$POINTS" --seed 7 --expect-unsafe
 done
 "$H" disaster --topology topology/single-db.toml --mode pipelined --points 1 --seed 7 --ipv6-client  # issue 18: client over IPv6
-# The disaster-recovery lifecycle on a lease (issue 23): automatic failover decided
-# on a real etcd cluster, clients served by the backup site, nothing acknowledged lost.
-"$H" lifecycle --topology topology/single-db.toml --rtt-ms 50 --lease-ms 3000
-# The primary cut from the etcd majority while it runs, in async mode (nothing held:
-# only the lease gate can stop it): the two sites' reply windows must not overlap.
-"$H" lifecycle --topology topology/single-db.toml --rtt-ms 50 --lease-ms 3000 --mode async --partition primary-quorum
 ./scripts/fault-checkpoint.sh  # issue 21: the checkpoint tests catch an ack before durability
 echo "test.sh: all tests passed"
