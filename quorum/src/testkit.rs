@@ -61,10 +61,38 @@ pub struct EtcdCluster {
     tls: Option<ServerTls>,
 }
 
-/// A port the kernel considers free on `ip` right now.
-fn free_port(ip: Ipv4Addr) -> Result<u16> {
-    let l = TcpListener::bind((ip, 0)).with_context(|| format!("binding a free port on {ip}"))?;
-    Ok(l.local_addr()?.port())
+/// `n` distinct ports free on `ip` right now, below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`): a port from `bind(…, 0)` lies inside that
+/// range, where any test's outgoing connection may take it before etcd binds it
+/// (seen in CI: "bind: address already in use"). Each candidate is bound until
+/// all are chosen, so the `n` ports are distinct.
+fn free_ports(ip: Ipv4Addr, n: usize) -> Result<Vec<u16>> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (first, last) = (10_000u32, low.saturating_sub(1).max(10_001));
+    let mut held = Vec::new();
+    let mut seed = (nanos() as u64) ^ u64::from(std::process::id()).rotate_left(32);
+    for _ in 0..10_000 {
+        if held.len() == n {
+            break;
+        }
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let port = first + ((seed >> 33) as u32 % (last - first + 1));
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if let Ok(l) = TcpListener::bind((ip, port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        bail!("no {n} free ports on {ip} between {first} and {last}");
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 impl EtcdCluster {
@@ -76,15 +104,16 @@ impl EtcdCluster {
     /// As [`EtcdCluster::start_local`], with TLS on the client port.
     pub fn start_local_with(tag: &str, tls: Option<ServerTls>) -> Result<EtcdCluster> {
         let lo = Ipv4Addr::LOCALHOST;
-        let mut addrs = Vec::new();
-        for _ in 0..3 {
-            addrs.push(MemberAddr {
+        let ports = free_ports(lo, 6)?;
+        let addrs = ports
+            .chunks(2)
+            .map(|p| MemberAddr {
                 ip: lo,
-                client_port: free_port(lo)?,
-                peer_port: free_port(lo)?,
+                client_port: p[0],
+                peer_port: p[1],
                 netns: None,
-            });
-        }
+            })
+            .collect();
         EtcdCluster::start(tag, addrs, tls)
     }
 
