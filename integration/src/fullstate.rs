@@ -18,38 +18,29 @@
 //! after a clean power-off every acknowledged request is in the guest's on-disk
 //! log and `e2fsck -fn` of the disk is clean.
 //!
-//! **Where the checkpoint comes from.** Until the agent's epoch loop and the
-//! backup's checkpoint store are in main, the checkpoint is taken by this
-//! harness at the disaster instant: the guest is stopped, its device state saved
-//! over QMP (`xen-save-devices-state`, as the epoch loop does; RAM stays in its
-//! shared file, which is copied),
-//! and only then the primary is killed; the agent runs `sync`, so the backup's
-//! disk holds every write the stopped guest completed. The RESULT line says
-//! `source=harness-snapshot`. `--inject-fault stale-checkpoint` (harness only, to
-//! show the check can fail) lets the guest run and answer for a while after the
-//! snapshot before the kill, as output released before its checkpoint is safe
-//! would: the check must then report gaps and unsafe replies.
+//! **Where the checkpoint comes from: the real pieces.** The agent runs the
+//! topology's `mode = "checkpoint"` with its network path: its rules hold
+//! everything the guest sends out of the tap (NFQUEUE), its epoch loop pauses the
+//! guest every 20 ms (docs/design.md §9; QEMU runs with the capture shim,
+//! `pipecloud vm start --preload`), tags the guest's output with the open epoch
+//! and releases it only when the backup acknowledges that epoch (§11). At the
+//! disaster the agent and QEMU are SIGKILLed wherever they are; `backup-server
+//! failover` writes the disk at the last acknowledged epoch's barrier and that
+//! epoch's `<machine>.ram` and `<machine>.devstate`, and `pipecloud vm restore`
+//! resumes the guest from them. The RESULT line says `source=epochs`.
 //!
-//! **Known problem (session 13).** In this harness the resumed guest does not
-//! answer the client's existing connection (every point fails with
-//! "connection did not survive"), and its console `poweroff` does not complete,
-//! while the very same RAM image, device state and a fresh failover of the same
-//! backup data restore fine by hand (a new connection continues the counter,
-//! power-off is clean), and `tests/guest_vm.rs`, which checkpoints between
-//! requests, keeps its connection. A hand test that checkpoints while one
-//! connection is busy recovered 1 time in 3 (microvm and q35 alike; device
-//! state by `migrate` or by `xen-save-devices-state` alike). The client's
-//! socket shows every byte it sent acknowledged: the guest received the request
-//! before the checkpoint, so the reply (or its retransmission) is what never
-//! comes. Next steps: capture on the backup site's tap through the restore and
-//! read the guest's state (is the service blocked in `fdatasync`?).
+//! **Showing the check can fail.** `--inject-fault release-before-ack` runs the
+//! agent binary `pipecloud-fault-release-before-ack` (built by
+//! `scripts/fault-fullstate.sh` with the TEST-ONLY cargo feature
+//! `fault-release-before-ack`, which releases an epoch's output as soon as the
+//! epoch is captured, before the backup acknowledged it). The client then sees
+//! replies of guest states newer than the one resumed, and the run must fail.
 
 use crate::netns::{addr, cleanup_prefix, route, spawn_in, veth, Netns};
 use crate::run::bin;
 use crate::site::render_topology;
 use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
-use pipecloud::fullstate::qmp::Qmp;
 use pipecloud_core::topology::{Mode, Topology};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -81,8 +72,9 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// Faults a run can inject to show the check fails (harness only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fault {
-    /// The guest keeps answering after the checkpoint the backup resumes from.
-    StaleCheckpoint,
+    /// The agent releases an epoch's output before the backup acknowledged it
+    /// (the agent binary built with the TEST-ONLY feature of the same name).
+    ReleaseBeforeAck,
 }
 
 /// What one point found.
@@ -98,6 +90,10 @@ pub struct PointResult {
     pub missing_in_log: usize,
     pub failover_ms: u128,
     pub restore_ms: u128,
+    /// The acknowledged epoch the backup failed over to.
+    pub epoch: u64,
+    /// The agent's `ctl status` epochs line just before the disaster.
+    pub status: String,
     pub notes: Vec<String>,
 }
 
@@ -137,7 +133,7 @@ impl PointResult {
 }
 
 /// The run's topology: the harness's usual rendering (every path under `work`,
-/// mode `sync`: module doc) with each guest's `[machine.vm]` table added, its
+/// mode `checkpoint`) with each guest's `[machine.vm]` table added, its
 /// kernel and initrd made absolute and its RAM file named after the run. Only
 /// one host is supported.
 fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result<String> {
@@ -147,7 +143,7 @@ fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result
             topo.hosts.len()
         );
     }
-    let mut s = render_topology(topo, Mode::Sync, &work.join("certs"), work);
+    let mut s = render_topology(topo, Mode::Checkpoint, &work.join("certs"), work);
     for m in &topo.machines {
         let vm =
             m.vm.as_ref()
@@ -265,29 +261,40 @@ impl Drop for QemuPid {
     }
 }
 
-/// Stop, device state to `state`, RAM to `ram` (the test-only checkpoint).
-fn snapshot(qmp: &Path, ram_file: &Path, state: &Path, ram: &Path) -> Result<()> {
-    // The epoch loop's way (src/fullstate): stop, device state without RAM
-    // (`xen-save-devices-state`, loaded later by `migrate-incoming`), RAM copy.
-    let mut q = Qmp::connect(qmp, PATIENCE)?;
-    q.stop()?;
-    q.save_device_state(state)?;
-    std::fs::copy(ram_file, ram).context("copying the RAM of the stopped guest")?;
-    Ok(())
+/// The agent binary of a run: the normal one, or the one built with the
+/// injected fault (scripts/fault-fullstate.sh puts it next to the harness).
+pub fn agent_bin(fault: Option<Fault>) -> Result<PathBuf> {
+    match fault {
+        None => Ok(bin("pipecloud")),
+        Some(Fault::ReleaseBeforeAck) => {
+            let p = bin("pipecloud-fault-release-before-ack");
+            if !p.is_file() {
+                bail!(
+                    "{} not found: --inject-fault release-before-ack needs the agent built with the \
+                     TEST-ONLY fault (scripts/fault-fullstate.sh builds it)",
+                    p.display()
+                );
+            }
+            Ok(p)
+        }
+    }
 }
 
-fn resume(qmp: &Path) -> Result<()> {
-    let mut q = Qmp::connect(qmp, PATIENCE)?;
-    let deadline = Instant::now() + PATIENCE;
-    while q.status()? != "running" {
-        if let Err(e) = q.execute("cont", None) {
-            if Instant::now() > deadline {
-                return Err(e);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
+/// The agent's `epochs …` status line (pauses, acked epochs), or why not.
+fn ctl_status(topology: &Path) -> String {
+    match run(std::process::Command::new(bin("pipecloud"))
+        .args(["ctl", "--topology"])
+        .arg(topology)
+        .arg("status"))
+    {
+        Ok(out) => out
+            .lines()
+            .find(|l| l.trim_start().starts_with("epochs "))
+            .unwrap_or("no epochs line")
+            .trim()
+            .to_owned(),
+        Err(e) => format!("ctl status: {e:#}"),
     }
-    Ok(())
 }
 
 /// Runs one point in `work` with namespaces named `<prefix>-…`.
@@ -347,6 +354,11 @@ pub fn run_point(
     veth(&host_ns, "c0", client_ns, "eth0")?;
     addr(&host_ns, "c0", HOST_CLIENT_SIDE, 24)?;
     addr(client_ns, "eth0", CLIENT_IP, 24)?;
+    // The client's address must outlive the primary site: on `eth0` alone it
+    // would vanish with the veth when the host namespace dies, and the client's
+    // kernel would then drop every reply the resumed guest sends to it (a real
+    // client's address does not depend on the primary site's link).
+    addr(client_ns, "lo", CLIENT_IP, 32)?;
     veth(&host_ns, "b0", backup_ns, "eth0")?;
     addr(&host_ns, "b0", HOST_BACKUP_SIDE, 24)?;
     addr(backup_ns, "eth0", BACKUP_IP, 24)?;
@@ -400,21 +412,35 @@ pub fn run_point(
         .arg(&cfg);
     let _backup = Guarded::spawn("backup-server", &mut cmd, &work.join("backup-server.log"))?;
 
-    // The agent and the guest on the primary host.
-    let mut cmd = ns_cmd(&host_ns.name, &bin("pipecloud").to_string_lossy());
-    cmd.args(["agent", "--topology"]).arg(&run_topo).args([
-        "--host",
-        &topo.hosts[0].name,
-        "--no-network",
-    ]);
+    // The agent and the guest on the primary host. The tap first: the agent's
+    // rules name the interface `ip route get <guest ip>` finds.
+    {
+        let (vm, ip) = (vm.clone(), m.ip);
+        spawn_in(&host_ns.name, move || pipecloud::vm::host::ensure_tap(&vm, ip))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the tap thread panicked"))?
+            .context("the guest's tap")?;
+    }
+    let mut cmd = ns_cmd(&host_ns.name, &agent_bin(fault)?.to_string_lossy());
+    cmd.args(["agent", "--topology"])
+        .arg(&run_topo)
+        .args(["--host", &topo.hosts[0].name]);
     let mut agent = Guarded::spawn("agent", &mut cmd, &work.join("agent.log"))?;
     let sock = rt.nbd_socket(&disk).context("NBD socket")?;
     wait_until(PATIENCE, "the agent's NBD export", || sock.exists())?;
     let qemu = QemuPid(vm.pidfile.clone());
+    let shim = bin("libpipecloud_shim.so");
+    if !shim.is_file() {
+        bail!(
+            "{} not found (cargo build --release -p pipecloud-shim)",
+            shim.display()
+        );
+    }
     run(ns_cmd(&host_ns.name, &bin("pipecloud").to_string_lossy())
         .args(["vm", "start", "--topology"])
         .arg(&run_topo)
-        .args(["--machine", &m.name]))
+        .args(["--machine", &m.name, "--preload"])
+        .arg(&shim))
     .context("pipecloud vm start")?;
 
     // The client and its one connection.
@@ -431,17 +457,8 @@ pub fn run_point(
     })?;
     std::thread::sleep(run_for);
 
-    // The disaster, with the checkpoint the backup will resume from.
-    let state = work.join("device-state.bin");
-    let ram = work.join("ram.img");
-    snapshot(&vm.qmp, &ram_file, &state, &ram)?;
-    if fault == Some(Fault::StaleCheckpoint) {
-        resume(&vm.qmp)?;
-        let more = count() + 5;
-        wait_until(PATIENCE, "replies after the stale checkpoint", || {
-            count() >= more
-        })?;
-    }
+    // The disaster: the whole primary site dies wherever its epoch loop is.
+    let status = ctl_status(&run_topo);
     qemu.kill();
     agent.kill();
     let replies_before = count();
@@ -463,6 +480,13 @@ pub fn run_point(
         .map(PathBuf::from)
         .find(|p| p.file_stem().is_some_and(|s| s.to_string_lossy() == disk))
         .with_context(|| format!("no image of {disk} in the failover output:\n{out}"))?;
+    let epoch = out
+        .lines()
+        .find_map(|l| l.strip_prefix("checkpoint epoch: "))
+        .and_then(|e| e.trim().parse::<u64>().ok())
+        .with_context(|| format!("no checkpoint epoch in the failover output:\n{out}"))?;
+    let ram = failover.join(format!("{}.ram", m.name));
+    let state = failover.join(format!("{}.devstate", m.name));
     let failover_ms = t0.elapsed().as_millis();
     let t1 = Instant::now();
     let restored = run(ns_cmd(&backup_ns.name, &bin("pipecloud").to_string_lossy())
@@ -477,6 +501,8 @@ pub fn run_point(
     let restore_ms = t1.elapsed().as_millis();
     let mut r = PointResult {
         replies_before,
+        epoch,
+        status,
         failover_ms,
         restore_ms,
         ..PointResult::default()

@@ -362,6 +362,14 @@ fn epoch_loop(
         match st.epochs.capture_done(p.epoch)? {
             Captured::Ship => {
                 drop(st);
+                // TEST-ONLY (scripts/fault-fullstate.sh): release the epoch's
+                // output now, before the backup acknowledged it.
+                #[cfg(feature = "fault-release-before-ack")]
+                {
+                    let mut c = CountVector::ZERO;
+                    c.set(pipecloud_core::EPOCH_ENTRY, p.epoch);
+                    shared.causal.publish_committed(&c);
+                }
                 let job = ToShip {
                     epoch: p.epoch,
                     barrier: p.barrier,

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Shows that the full-state disaster check can fail (issue 21 "Tests"): builds the
+# agent with the TEST-ONLY fault `fault-release-before-ack` (its epoch loop releases
+# an epoch's output as soon as the epoch is captured, before the backup acknowledged
+# it), installs it next to the harness as `pipecloud-fault-release-before-ack` (the
+# normal `pipecloud` binaries are never built with the fault), and runs one point of
+# the full-state disaster with `--inject-fault release-before-ack`. The harness exits
+# non-zero unless the point FAILS (a client that saw replies the resumed guest does
+# not remember: counter gaps, unsafe replies or a dead connection).
+# Debug profile on purpose, as scripts/fault-checkpoint.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+log="$target/fault-fullstate.log"
+mkdir -p "$target"
+cargo build -p pipecloud --bin pipecloud --features fault-release-before-ack >"$log" 2>&1 || {
+  echo "fault-fullstate: building the faulted agent failed (see $log)" >&2
+  exit 1
+}
+faulted="$target/release/pipecloud-fault-release-before-ack"
+cp "$target/debug/pipecloud" "$faulted"
+trap 'rm -f "$faulted"' EXIT
+# Put the normal debug agent back (other tests may run target/debug/pipecloud).
+cargo build -p pipecloud --bin pipecloud >>"$log" 2>&1
+if "$target/release/pipecloud-harness" disaster --topology topology/guest.toml --mode checkpoint \
+  --points 1 --seed "${FAULT_SEED:-11}" --inject-fault release-before-ack >>"$log" 2>&1; then
+  grep -E "^(point|RESULT)" "$log" >&2 || true
+  echo "fault-fullstate: injected fault release-before-ack caught" >&2
+  grep "^RESULT" "$log"
+else
+  grep -E "^(point|RESULT)" "$log" >&2 || true
+  echo "fault-fullstate: the harness did not report the injected fault as caught (see $log)" >&2
+  exit 1
+fi
