@@ -343,6 +343,9 @@ pub fn run_point(
         }
     }
     let _ram_guard = RemoveOnDrop(ram_file.clone());
+    // The agent's device-state scratch file next to the RAM file (src/agent.rs):
+    // a SIGKILLed agent leaves it behind.
+    let _dev_guard = RemoveOnDrop(PathBuf::from(format!("{}.devstate", ram_file.display())));
 
     // Network (no WAN delay: what is measured here is whether the state survives).
     let lan = [
@@ -546,8 +549,12 @@ pub fn run_point(
 
     // Clean power-off, then the disk.
     if r.resumed {
-        if let Ok(mut con) = std::os::unix::net::UnixStream::connect(&vm.console) {
-            let _ = con.write_all(b"poweroff\n");
+        // The console connection stays open until QEMU exits: QEMU drops the
+        // input it has not read yet when its client hangs up (the guest then
+        // saw `poweroff` without its newline and never powered off).
+        let mut con = std::os::unix::net::UnixStream::connect(&vm.console).ok();
+        if let Some(c) = con.as_mut() {
+            let _ = c.write_all(b"poweroff\n");
         }
         if wait_until(PATIENCE, "the resumed guest's power-off", || {
             !qemu.running()
@@ -556,6 +563,7 @@ pub fn run_point(
         {
             r.notes.push("the resumed guest did not power off".into());
         }
+        drop(con);
     }
     qemu.kill();
     r.fsck_clean = run(std::process::Command::new("e2fsck").arg("-fn").arg(&image)).is_ok();
