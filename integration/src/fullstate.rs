@@ -94,6 +94,8 @@ pub struct PointResult {
     pub epoch: u64,
     /// The agent's `ctl status` epochs line just before the disaster.
     pub status: String,
+    /// Epochs the backup acknowledged per second while the client ran.
+    pub acked_per_s: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -297,6 +299,15 @@ fn ctl_status(topology: &Path) -> String {
     }
 }
 
+/// The number after `key` in a status line (`acked=`, `pauses=`).
+fn status_field(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Runs one point in `work` with namespaces named `<prefix>-…`.
 pub fn run_point(
     topo_path: &Path,
@@ -419,10 +430,12 @@ pub fn run_point(
     // rules name the interface `ip route get <guest ip>` finds.
     {
         let (vm, ip) = (vm.clone(), m.ip);
-        spawn_in(&host_ns.name, move || pipecloud::vm::host::ensure_tap(&vm, ip))
-            .join()
-            .map_err(|_| anyhow::anyhow!("the tap thread panicked"))?
-            .context("the guest's tap")?;
+        spawn_in(&host_ns.name, move || {
+            pipecloud::vm::host::ensure_tap(&vm, ip)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the tap thread panicked"))?
+        .context("the guest's tap")?;
     }
     let mut cmd = ns_cmd(&host_ns.name, &agent_bin(fault)?.to_string_lossy());
     cmd.args(["agent", "--topology"])
@@ -458,10 +471,12 @@ pub fn run_point(
     wait_until(PATIENCE, "the first reply of the guest", || {
         count() > 0 || handle.is_finished()
     })?;
+    let (t_run, status_run) = (Instant::now(), ctl_status(&run_topo));
     std::thread::sleep(run_for);
 
     // The disaster: the whole primary site dies wherever its epoch loop is.
     let status = ctl_status(&run_topo);
+    let run_secs = t_run.elapsed().as_secs_f64();
     qemu.kill();
     agent.kill();
     let replies_before = count();
@@ -505,6 +520,9 @@ pub fn run_point(
     let mut r = PointResult {
         replies_before,
         epoch,
+        acked_per_s: status_field(&status, "acked=")
+            .zip(status_field(&status_run, "acked="))
+            .map(|(b, a)| b.saturating_sub(a) as f64 / run_secs),
         status,
         failover_ms,
         restore_ms,

@@ -412,9 +412,11 @@ fn fullstate_disaster(
         )
         .with_context(|| format!("full-state point {i} (work dir {})", dir.display()))?;
         println!(
-            "point {i}: run {run_for:?} replies before={} after={} resumed={} survived={} gaps={} unsafe={} fsck_clean={} missing_in_log={} failover_epoch={} failover={}ms restore={}ms point={:.1}s load={}",
+            "point {i}: run {run_for:?} replies before={} after={} resumed={} survived={} gaps={} unsafe={} fsck_clean={} missing_in_log={} failover_epoch={} acked_per_s={} failover={}ms restore={}ms point={:.1}s load={}",
             r.replies_before, r.replies_after, r.resumed, r.survived, r.counter_gaps,
-            r.unsafe_replies, r.fsck_clean, r.missing_in_log, r.epoch, r.failover_ms, r.restore_ms,
+            r.unsafe_replies, r.fsck_clean, r.missing_in_log, r.epoch,
+            r.acked_per_s.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}")),
+            r.failover_ms, r.restore_ms,
             t_point.elapsed().as_secs_f64(),
             std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
         );
