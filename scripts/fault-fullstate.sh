@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Shows that the full-state disaster check can fail (issue 21 "Tests"): builds the
 # agent with the TEST-ONLY fault `fault-release-before-ack` (its epoch loop releases
-# an epoch's output as soon as the epoch is captured, before the backup acknowledged
-# it), installs it next to the harness as `pipecloud-fault-release-before-ack` (the
+# each epoch's output as soon as the epoch opens, before any checkpoint of it is
+# acknowledged), installs it next to the harness as `pipecloud-fault-release-before-ack` (the
 # normal `pipecloud` binaries are never built with the fault), and runs one point of
 # the full-state disaster with `--inject-fault release-before-ack`. The harness exits
 # non-zero unless the point FAILS (a client that saw replies the resumed guest does

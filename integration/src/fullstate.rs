@@ -32,8 +32,8 @@
 //! **Showing the check can fail.** `--inject-fault release-before-ack` runs the
 //! agent binary `pipecloud-fault-release-before-ack` (built by
 //! `scripts/fault-fullstate.sh` with the TEST-ONLY cargo feature
-//! `fault-release-before-ack`, which releases an epoch's output as soon as the
-//! epoch is captured, before the backup acknowledged it). The client then sees
+//! `fault-release-before-ack`, which releases each epoch's output as soon as the
+//! epoch opens, before any checkpoint of it is acknowledged). The client then sees
 //! replies of guest states newer than the one resumed, and the run must fail.
 
 use crate::netns::{addr, cleanup_prefix, route, spawn_in, veth, Netns};
