@@ -4,7 +4,7 @@
 # its package, never a test that later skips. Idempotent: only installs what is
 # missing. Needs root (the test machines run as root).
 set -euo pipefail
-pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin systemd
+pkgs=(iptables iproute2 libnbd-bin nbdkit fuse3 qemu-utils fio mount util-linux e2fsprogs tcpdump procps psmisc postgresql-15 librsvg2-bin systemd etcd-server etcd-client
   qemu-system-x86 busybox-static cpio libc6-dev)  # the last four: the test guest (scripts/build-guest.sh)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -37,6 +37,7 @@ need=(
   "$pg/postgres postgresql-15" "$pg/initdb postgresql-15" "$pg/pg_ctl postgresql-15"
   "$pg/pgbench postgresql-15" "$pg/psql postgresql-client-15"
   "$pg/pg_basebackup postgresql-client-15"
+  "etcd etcd-server" "etcdctl etcd-client"
 )
 bad=0
 for entry in "${need[@]}"; do

@@ -188,6 +188,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let causal = Arc::new(CausalState::new(topo.machines.len()));
     let mode = ModeSwitch::new(block_mode(topo.group.mode)?);
+    // With [quorum]: nothing is released and no write completes until this
+    // site holds the group's lease (docs/design.md §7).
+    let lease = crate::lease::start(&topo, &base_dir)?;
+    let lease_gate = lease.as_ref().and_then(crate::lease::data_path_gate);
 
     // Replication client.
     let mut disks = Vec::new();
@@ -275,8 +279,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     for d in topo.disks_on(&host.name) {
         let img = LocalImage::open(&d.image, d.size)
             .with_context(|| format!("opening image {}", d.image.display()))?;
-        let rd = ReplicatedDisk::new(img, Arc::clone(&client), &d.name, mode.clone())
+        let mut rd = ReplicatedDisk::new(img, Arc::clone(&client), &d.name, mode.clone())
             .with_context(|| format!("disk {}", d.name))?;
+        if let Some(g) = &lease_gate {
+            rd = rd.with_lease_gate(Arc::clone(g));
+        }
         nbd.add_export(d.name.clone(), Arc::new(rd))
             .with_context(|| format!("export {}", d.name))?;
     }
@@ -302,8 +309,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
         ncfg.links = links.clone();
         ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);
+        ncfg.lease_gate = lease_gate.clone();
         let queues = ncfg.queues;
-        let np = if host.kernel_tagger {
+        // The eBPF fast path releases packets without asking the lease gate.
+        let kernel_tagger = host.kernel_tagger && lease_gate.is_none();
+        if host.kernel_tagger && !kernel_tagger {
+            tracing::info!(
+                "kernel tagger off: with [quorum] every release goes through the lease gate"
+            );
+        }
+        let np = if kernel_tagger {
             ncfg.kernel_tagger = Some(crate::ebpf::DEFAULT_HANDLED_MARK);
             match NetPath::start(&nt, Arc::clone(&causal), ncfg.clone()) {
                 Ok(np) => np,
@@ -325,7 +340,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             .kernel_tagger()
             .map(|_| crate::ebpf::DEFAULT_HANDLED_MARK);
         np.metrics().attach_timeline(client.timeline());
-        net_mode_bridge(&np, &mode, &client, &causal);
+        net_mode_bridge(&np, &mode, &client, &causal, lease.clone());
         net = Some(np);
         let rm = RuleManager::new(
             &nt,
@@ -363,6 +378,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         let d = Arc::downgrade(d);
         let group = topo.group.name.clone();
         control = control.with_epochs(Arc::new(move || Some(d.upgrade()?.status().line(&group))));
+    }
+    if let Some(k) = &lease {
+        control = control.with_lease(&topo.group.name, Arc::clone(k));
     }
     let control = Arc::new(control);
     let metrics_task =
@@ -414,11 +432,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 ///   vector as of the switch. Writes completed before the switch (under
 ///   pipelined) may not be acked yet, and packets depending on them must keep
 ///   waiting; writes completed after it were acked before completing.
+///
+/// With a lease (docs/design.md §7), degraded counts only once the lease holder
+/// recorded it in etcd; until then (no lease, no quorum) the hold stays.
 fn net_mode_bridge(
     np: &NetPath,
     mode: &ModeSwitch,
     client: &Arc<ReplicationClient>,
     causal: &Arc<CausalState>,
+    lease: Option<Arc<pipecloud_quorum::LeaseKeeper>>,
 ) {
     use crate::replication::Mode as M;
     let bypass = np.bypass_switch();
@@ -430,6 +452,8 @@ fn net_mode_bridge(
     tokio::spawn(async move {
         let mut sync_barrier: Option<CountVector> = None;
         let mut last_mode = None;
+        // Whether this degrade episode was recorded by the lease holder.
+        let mut degrade_recorded = false;
         loop {
             let m = mode.get();
             if last_mode != Some(m) {
@@ -443,7 +467,19 @@ fn net_mode_bridge(
                 }
                 last_mode = Some(m);
             }
-            let deg = *degraded.borrow_and_update();
+            let mut deg = *degraded.borrow_and_update();
+            if !deg {
+                degrade_recorded = false;
+            } else if let (Some(k), false) = (&lease, degrade_recorded) {
+                let k = Arc::clone(k);
+                degrade_recorded = tokio::task::spawn_blocking(move || k.record_degraded())
+                    .await
+                    .unwrap_or(false);
+                if !degrade_recorded {
+                    tracing::error!("degrade-to-async refused: this site does not hold the lease; holding output");
+                }
+                deg = degrade_recorded;
+            }
             let sync_safe = sync_barrier
                 .map(|b| causal.committed().dominates(&b))
                 .unwrap_or(false);
@@ -459,6 +495,8 @@ fn net_mode_bridge(
                 r = degraded.changed() => if r.is_err() { return },
                 r = mode_rx.changed() => if r.is_err() { return },
                 r = committed.changed(), if m == M::Sync && !on => if r.is_err() { return },
+                // A refused degrade is asked again.
+                _ = tokio::time::sleep(Duration::from_millis(500)), if deg != *degraded.borrow() => {}
             }
         }
     });

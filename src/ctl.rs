@@ -103,6 +103,8 @@ pub struct Control {
     groups: Vec<ControlGroup>,
     /// One status line per checkpoint-mode group (its epoch loop, alarms first).
     epochs: Vec<EpochStatusFn>,
+    /// The group's lease on etcd, when the topology has `[quorum]`.
+    lease: Option<(String, Arc<pipecloud_quorum::LeaseKeeper>)>,
 }
 
 /// Renders the status line of a group's epoch loop (`None` once it is gone).
@@ -114,6 +116,7 @@ impl Control {
         Control {
             groups,
             epochs: Vec::new(),
+            lease: None,
         }
     }
 
@@ -121,6 +124,17 @@ impl Control {
     pub fn with_epochs(mut self, status: EpochStatusFn) -> Self {
         self.epochs.push(status);
         self
+    }
+
+    /// Also shows group `group`'s lease (role, generation, time left).
+    pub fn with_lease(mut self, group: &str, keeper: Arc<pipecloud_quorum::LeaseKeeper>) -> Self {
+        self.lease = Some((group.to_owned(), keeper));
+        self
+    }
+
+    /// The lease status, when the agent keeps one.
+    pub fn lease(&self) -> Option<(&str, pipecloud_quorum::LeaseStatus)> {
+        self.lease.as_ref().map(|(g, k)| (g.as_str(), k.status()))
     }
 
     /// The groups it serves.
@@ -280,6 +294,18 @@ impl Control {
             if let Some(line) = e() {
                 let _ = writeln!(out, "{line}");
             }
+        }
+        if let Some((group, l)) = self.lease() {
+            let _ = writeln!(
+                out,
+                "lease {group}: role={} generation={} known_generation={} time_left_ms={}{}",
+                l.role,
+                l.generation,
+                l.known_generation,
+                l.time_left_ms,
+                l.fence_reason
+                    .map_or_else(String::new, |r| format!(" fenced_because={r:?}")),
+            );
         }
         out
     }

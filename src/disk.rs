@@ -18,6 +18,11 @@
 //!      and every earlier write of the writer). If the mode switches away from
 //!      `sync` meanwhile, or the group degrades to async, the wait ends.
 //!
+//! With a lease gate (the group has `[quorum]`, docs/design.md §7) a write,
+//! write-zeroes or trim completes only while the gate is open: a site that does
+//! not hold the group's lease stalls its guests' writes (fail-closed) until it
+//! holds it again.
+//!
 //! Reads go to the local backend only. A flush flushes the local backend; in
 //! sync mode the backup's acks already cover durability there. Outside async mode
 //! a flush also makes the sender ship every waiting write at once; in async mode
@@ -61,7 +66,11 @@ pub struct ReplicatedDisk<B> {
     disk: DiskHandle,
     name: String,
     mode: ModeSwitch,
+    lease_gate: Option<Arc<pipecloud_quorum::LeaseGate>>,
 }
+
+/// How often a write stalled by a closed lease gate looks at it again.
+const LEASE_GATE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl<B: BlockBackend> ReplicatedDisk<B> {
     /// Wraps `local` as disk `name` of `client`'s group, completing writes per `mode`.
@@ -93,7 +102,14 @@ impl<B: BlockBackend> ReplicatedDisk<B> {
             disk,
             name: name.to_owned(),
             mode,
+            lease_gate: None,
         })
+    }
+
+    /// Completes writes only while `gate` is open (module docs).
+    pub fn with_lease_gate(mut self, gate: Arc<pipecloud_quorum::LeaseGate>) -> Self {
+        self.lease_gate = Some(gate);
+        self
     }
 
     /// The disk's name.
@@ -143,9 +159,20 @@ impl<B: BlockBackend> ReplicatedDisk<B> {
             // Only sync waits: the waiter (three subscriptions) is built only then.
             Some((writer, seq)) if self.mode.get() == Mode::Sync => {
                 self.wait_for_mode(self.client.ack_waiter(writer, seq))
-                    .await
+                    .await?
             }
-            _ => Ok(()),
+            _ => {}
+        }
+        self.wait_for_lease().await;
+        Ok(())
+    }
+
+    /// Stalls until this site holds the group's lease (no gate: at once).
+    async fn wait_for_lease(&self) {
+        if let Some(gate) = &self.lease_gate {
+            while !gate.is_open() {
+                tokio::time::sleep(LEASE_GATE_POLL).await;
+            }
         }
     }
 

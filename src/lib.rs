@@ -15,6 +15,7 @@ pub mod disk;
 pub mod ebpf;
 pub mod fullstate;
 pub mod image;
+pub mod lease;
 pub mod metrics;
 pub mod nbd;
 pub mod netfilter;

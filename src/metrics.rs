@@ -36,6 +36,11 @@
 //! every released packet, `dep_send`, `round`, `release` for its parts,
 //! `dep_age` for the age of its newest dependency on arrival) and the histogram
 //! `pipecloud_group_hold_waits_for_writes`.
+//!
+//! With `[quorum]` (docs/design.md §7), per group: `pipecloud_lease_role` (label
+//! `role`: 1 for `standby`, `active` or `fenced`, 0 for the others),
+//! `pipecloud_lease_generation` (held or last held), `pipecloud_lease_time_left_seconds`
+//! (0: the gate is closed).
 
 use std::sync::Arc;
 
@@ -87,6 +92,9 @@ struct Samples {
     dropped: Vec<(Labels, u64)>,
     hold_parts: Vec<(Labels, crate::netpath::HistSnapshot)>,
     hold_waits: Vec<(Labels, crate::netpath::HistSnapshot)>,
+    lease_role: Vec<(Labels, u64)>,
+    lease_generation: Vec<(Labels, u64)>,
+    lease_time_left: Vec<(Labels, f64)>,
 }
 
 /// Bucket bounds of the hold histograms, µs.
@@ -217,6 +225,17 @@ impl AgentCollector {
                 }
                 x.hold_waits.push((group(), h.waits_for.clone()));
             }
+        }
+        if let Some((group, l)) = self.control.lease() {
+            let labels = || -> Labels { vec![("group", group.to_owned())] };
+            for role in ["standby", "active", "fenced"] {
+                let mut with_role = labels();
+                with_role.push(("role", role.to_owned()));
+                x.lease_role.push((with_role, u64::from(l.role == role)));
+            }
+            x.lease_generation.push((labels(), l.generation));
+            x.lease_time_left
+                .push((labels(), l.time_left_ms as f64 / 1e3));
         }
         x
     }
@@ -353,6 +372,24 @@ impl Collector for AgentCollector {
             &x.hold_waits,
             &WAITS_BOUNDS,
             1.0,
+        )?;
+        gauges(
+            e,
+            "pipecloud_lease_role",
+            "1 for this site's role for the group's lease (standby, active, fenced)",
+            &x.lease_role,
+        )?;
+        gauges(
+            e,
+            "pipecloud_lease_generation",
+            "The generation (fencing token) this site holds or last held",
+            &x.lease_generation,
+        )?;
+        gauges(
+            e,
+            "pipecloud_lease_time_left_seconds",
+            "How long this site may still release output without a renewal (0: gate closed)",
+            &x.lease_time_left,
         )
     }
 }

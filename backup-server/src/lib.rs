@@ -33,6 +33,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod controller;
 pub mod daemon;
 pub mod index;
 pub mod ingest;

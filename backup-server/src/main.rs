@@ -7,6 +7,8 @@
 //! backup-server failover --group G --out DIR (--config FILE | --data-dir DIR)
 //! backup-server restore  --group G --at <RFC3339 | cut> --out DIR (--config | --data-dir)
 //! backup-server unfence  --group G (--config | --data-dir)
+//! backup-server controller --topology FILE --out DIR (--config | --data-dir)
+//! backup-server confirm-takeover --out DIR
 //! backup-server bench    [--writes N] [--dir DIR]
 //! backup-server bench-checkpoint [--ram-mib N] [--dirty-pages N] [--epochs N] [--dir DIR]
 //! ```
@@ -99,6 +101,24 @@ enum Cmd {
         group: String,
         #[command(flatten)]
         at: Where,
+    },
+    /// Watch the group's lease on etcd (`[quorum]`) and, per its failover
+    /// policy, take over: fence, fail over to the cut, run the activation hook.
+    Controller {
+        /// The group's topology file (its `[quorum]` section).
+        #[arg(long)]
+        topology: PathBuf,
+        /// Where failed-over volumes and takeover markers go.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Confirm a takeover to a controller with policy `alarm-only`.
+    ConfirmTakeover {
+        /// The controller's --out directory.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Measure ingest throughput and ack latency against a raw fdatasync baseline.
     Bench {
@@ -348,6 +368,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             finish(dispatch(&r#where, Request::Restore { group, at, out })?)
         }
         Cmd::Unfence { group, at } => finish(dispatch(&at, Request::Unfence { group })?),
+        Cmd::Controller { topology, out, at } => {
+            let out = absolute(&out)?;
+            backup_server::controller::run(&topology, &out, |group, volumes| {
+                let req = Request::Failover {
+                    group: group.to_owned(),
+                    out: volumes.to_path_buf(),
+                };
+                match dispatch(&at, req)? {
+                    Reply::Done(m) => Ok(m),
+                    Reply::Error(e) => bail!(e),
+                    other => bail!("unexpected reply to failover: {other:?}"),
+                }
+            })
+        }
+        Cmd::ConfirmTakeover { out } => {
+            let f = out.join(backup_server::controller::CONFIRM_FILE);
+            std::fs::write(&f, b"").with_context(|| format!("writing {}", f.display()))?;
+            println!("takeover confirmed: the controller acts within one poll");
+            Ok(())
+        }
         Cmd::Bench { writes, dir } => bench::run(writes, dir),
         Cmd::BenchCheckpoint {
             ram_mib,

@@ -11,6 +11,7 @@
 //! - [`netqueue`]: client-bound packets held until the committed vector dominates their tag.
 //! - [`epoch`]: checkpoint epochs of the full-state mode (tag, barrier, release by ack).
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
+//! - [`lease`]: the group's lease and generation (fencing token): which site may be active.
 //! - [`mode`]: replication modes and the backup-loss policy (one definition, one parsing rule).
 //! - [`ipopt`]: the IPv4 option that carries a vector between protected machines.
 //! - [`wire`] and [`codec`]: the replication protocol frames and their byte encoding.
@@ -21,6 +22,7 @@ pub mod commit;
 pub mod cut;
 pub mod epoch;
 pub mod ipopt;
+pub mod lease;
 pub mod mode;
 pub mod netqueue;
 pub mod prefix;

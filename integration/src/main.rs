@@ -8,6 +8,7 @@ mod client;
 mod disaster;
 mod figures;
 mod fullstate;
+mod lifecycle;
 mod live;
 mod netns;
 mod pg;
@@ -73,6 +74,33 @@ enum Cmd {
     Site {
         #[command(subcommand)]
         cmd: SiteCmd,
+    },
+    /// The disaster-recovery lifecycle on a lease (issue 23): load on the primary,
+    /// disaster, automatic failover decided on etcd, clients served by the backup.
+    Lifecycle {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
+        /// The group's lease (whole seconds).
+        #[arg(long, default_value_t = 3000)]
+        lease_ms: u64,
+        /// `async` holds nothing: only the lease gate stops a cut-off primary's
+        /// replies (acknowledged writes may then be lost: not checked).
+        #[arg(long, default_value = "pipelined")]
+        mode: Mode,
+        /// Seconds of load before the disaster.
+        #[arg(long, default_value_t = 8)]
+        load_s: u64,
+        /// Instead of the disaster: cut the running primary from the etcd
+        /// majority (`primary-quorum`).
+        #[arg(long)]
+        partition: Option<String>,
+        /// The check's own test: the agents keep the lease but do not obey it
+        /// (needs `pipecloud` built with `--features fault-injection`); the run
+        /// must then see the two sites' replies overlap.
+        #[arg(long)]
+        expect_split_brain: bool,
     },
     /// Randomized disasters: CV ⊆ SV check per point.
     Disaster {
@@ -270,6 +298,80 @@ fn real_main() -> Result<()> {
             drop(site);
             Ok(())
         }
+        Cmd::Lifecycle {
+            topology,
+            rtt_ms,
+            lease_ms,
+            mode,
+            load_s,
+            partition,
+            expect_split_brain,
+        } => {
+            if expect_split_brain {
+                // Read by the agents this harness starts (fault-injection builds only).
+                std::env::set_var("PIPECLOUD_FAULT_UNGATED", "1");
+            }
+            let partition = match partition.as_deref() {
+                None => false,
+                Some("primary-quorum") => true,
+                Some(other) => anyhow::bail!("--partition {other}: only primary-quorum is built"),
+            };
+            sys::ensure_private_mount_ns()?;
+            let work = work_dir("lifecycle");
+            let opts = site_opts(rtt_ms, mode, false);
+            // A site whose measured RTT is off is rebuilt (as `disaster` does).
+            let mut attempt = 0;
+            let r = loop {
+                let r = lifecycle::run(
+                    &topology,
+                    &work,
+                    &format!("{PREFIX}{}", std::process::id()),
+                    opts.clone(),
+                    lease_ms,
+                    Duration::from_secs(load_s),
+                    partition,
+                );
+                match r {
+                    Err(e) if attempt < 2 && format!("{e:#}").contains("refusing to run") => {
+                        attempt += 1;
+                        eprintln!("harness: lifecycle: {e:#}; retrying");
+                        let _ = std::fs::remove_dir_all(&work);
+                    }
+                    r => break r,
+                }
+            }
+            .with_context(|| format!("lifecycle (work dir {})", work.display()))?;
+            if std::env::var_os("PIPECLOUD_KEEP").is_none() {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            println!(
+                "RESULT rto_s={:.3} takeover_s={:.3} split_brain_windows={} lost_acked={} partitions={} \
+                 replies_primary={} replies_backup={} lease_ms={lease_ms} rtt_ms={rtt_ms} mode={mode}",
+                r.rto.as_secs_f64(),
+                r.takeover.as_secs_f64(),
+                r.split_brain_windows,
+                r.lost_acked,
+                r.partitions,
+                r.acked_primary,
+                r.acked_backup
+            );
+            if expect_split_brain {
+                if r.split_brain_windows == 0 {
+                    anyhow::bail!(
+                        "--expect-split-brain: the ungated primary's replies did not overlap the backup's: \
+                         the check cannot fail (is pipecloud built with --features fault-injection?)"
+                    );
+                }
+                return Ok(());
+            }
+            let zero_rpo = matches!(mode, Mode::Sync | Mode::Pipelined);
+            if (zero_rpo && r.lost_acked > 0) || r.split_brain_windows > 0 {
+                anyhow::bail!(
+                    "the lifecycle lost acknowledged requests or overlapped the two sites' replies"
+                );
+            }
+            Ok(())
+        }
         Cmd::Disaster {
             topology,
             mode,
@@ -460,6 +562,7 @@ fn site_opts(rtt_ms: u64, mode: Mode, ipv6_client: bool) -> run::SiteOptions {
         rtt_tolerance: Duration::from_millis(1),
         outbound_override: None,
         ipv6_client,
+        quorum_lease_ms: None,
     }
 }
 

@@ -44,7 +44,16 @@ pub struct SiteOptions {
     /// listen on IPv6 as well, and the client talks to the front machine over IPv6
     /// ([`Site::client_ip`]).
     pub ipv6_client: bool,
+    /// Give the group a lease on etcd (issue 23): one member in the primary's
+    /// first host, one at the backup, one witness on the WAN router; the
+    /// topology gets `[quorum]` with this lease and failover `automatic`.
+    pub quorum_lease_ms: Option<u64>,
 }
+
+/// Client port of the site's etcd members.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// Peer port of the site's etcd members.
+pub const ETCD_PEER_PORT: u16 = 2380;
 
 /// Paths of the harness's own binaries.
 pub fn bin(name: &str) -> PathBuf {
@@ -69,6 +78,8 @@ pub struct Site {
     pub disks: Vec<MountedDisk>,
     pub agents: Vec<Guarded>,
     pub backup: Option<Guarded>,
+    /// The group's etcd cluster (with `quorum_lease_ms`).
+    pub etcd: Option<pipecloud_quorum::testkit::EtcdCluster>,
     pub wan: Option<WanDelay>,
     pub net: Network,
 }
@@ -107,6 +118,7 @@ impl Site {
             disks: Vec::new(),
             agents: Vec::new(),
             backup: None,
+            etcd: None,
             wan: None,
             net,
         };
@@ -178,10 +190,22 @@ impl Site {
         )?);
         // Agents.
         std::fs::create_dir_all(site.work.join("images"))?;
-        std::fs::write(
-            &site.topo_file,
-            render_topology(&topo, opts.mode, &site.certs, &site.work),
-        )?;
+        let mut text = render_topology(&topo, opts.mode, &site.certs, &site.work);
+        if let Some(lease_ms) = opts.quorum_lease_ms {
+            let cluster = start_etcd(&names)?;
+            let eps: Vec<String> = cluster
+                .endpoints()
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect();
+            text.push_str(&format!(
+                "[quorum]\nendpoints = [{}]\nlease_ms = {lease_ms}\nfailover = \"automatic\"\n\
+                 home_site = \"primary\"\nbackup_site = \"backup\"\n",
+                eps.join(", ")
+            ));
+            site.etcd = Some(cluster);
+        }
+        std::fs::write(&site.topo_file, text)?;
         for (i, h) in topo.hosts.iter().enumerate() {
             std::fs::create_dir_all(site.work.join(format!("h{i}")))?;
             let mut cmd = ns_cmd(&names.host(i), &bin("pipecloud").to_string_lossy());
@@ -415,6 +439,26 @@ impl Drop for Site {
         }
         self.wan = None;
     }
+}
+
+/// The site's etcd cluster: three failure domains, one member each: the
+/// primary's first host, the backup, and a witness on the WAN router (on its
+/// backup-side address, so it stays reachable from the backup after the
+/// primary's link is cut).
+fn start_etcd(names: &crate::site::Names) -> Result<pipecloud_quorum::testkit::EtcdCluster> {
+    use pipecloud_quorum::testkit::{EtcdCluster, MemberAddr};
+    let member = |ip, ns: String| MemberAddr {
+        ip,
+        client_port: ETCD_CLIENT_PORT,
+        peer_port: ETCD_PEER_PORT,
+        netns: Some(ns),
+    };
+    let members = vec![
+        member(crate::site::host_lan_ip(0), names.host(0)),
+        member(BACKUP_IP, names.backup()),
+        member(crate::site::WAN_BACKUP_SIDE, names.wan()),
+    ];
+    EtcdCluster::start("site", members, None).context("starting the site's etcd members")
 }
 
 /// Milliseconds as f64.

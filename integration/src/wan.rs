@@ -104,6 +104,12 @@ impl WanDelay {
         self.cut.store(true, Ordering::SeqCst);
     }
 
+    /// The WAN is back (a lifecycle run re-routes clients over it after a
+    /// failover).
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+
     /// The one-way delay now applied.
     pub fn one_way(&self) -> Duration {
         Duration::from_nanos(self.one_way_ns.load(Ordering::Relaxed))

@@ -96,6 +96,10 @@ pub struct NetPathConfig {
     /// an address that is no machine's, are attributed by their input
     /// interface. Without it they are dropped (counted as unknown).
     pub links: Vec<crate::netfilter::MachineLink>,
+    /// The group's lease gate (docs/design.md §7): while it is closed the
+    /// driver sends no verdict at all, so nothing leaves (fail-closed).
+    /// `None`: the group has no `[quorum]`.
+    pub lease_gate: Option<Arc<pipecloud_quorum::LeaseGate>>,
 }
 
 impl NetPathConfig {
@@ -115,6 +119,7 @@ impl NetPathConfig {
             busy_poll: DEFAULT_BUSY_POLL,
             kernel_tagger: None,
             links: Vec::new(),
+            lease_gate: None,
         }
     }
 }
@@ -270,6 +275,7 @@ impl NetPath {
             committed: state.subscribe_committed(),
             busy_poll: cfg.busy_poll,
             kernel: kernel.clone(),
+            lease_gate: cfg.lease_gate.clone(),
         };
         state.wake_on_commit(Arc::clone(&wake));
         let thread = std::thread::Builder::new()
@@ -381,7 +387,11 @@ struct Driver {
     /// The kernel tagger: its ring buffer is readable when tags wait to be
     /// merged; it learns what the hold queue holds.
     kernel: Option<Arc<KernelTagger>>,
+    lease_gate: Option<Arc<pipecloud_quorum::LeaseGate>>,
 }
+
+/// How often a driver whose lease gate is closed looks at it again.
+const LEASE_GATE_POLL: Duration = Duration::from_millis(5);
 
 /// Reusable buffers of the driver thread.
 struct Buffers {
@@ -408,6 +418,15 @@ impl Driver {
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
+            }
+            // Not the lease holder (docs/design.md §7): no verdicts, so held
+            // packets stay held and new ones wait in the kernel queues (at
+            // their bound the kernel drops: fail-closed). Mode and commit
+            // changes stay pending until the gate opens again. The gate's
+            // margin covers the one pass that may follow this check.
+            if self.lease_gate.as_ref().is_some_and(|g| !g.is_open()) {
+                std::thread::sleep(LEASE_GATE_POLL);
+                continue;
             }
             let mut worked = false;
             if self.bypass.has_changed().unwrap_or(false) {

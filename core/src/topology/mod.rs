@@ -136,6 +136,7 @@ mod document;
 mod error;
 mod model;
 mod parse;
+mod quorum;
 mod read;
 #[cfg(test)]
 mod test_fixture;
@@ -156,6 +157,7 @@ pub use model::{
     MAX_TOPOLOGY_BYTES, MAX_UNIX_SOCKET_PATH, MIN_HEARTBEAT_INTERVAL_MS, MIN_HEARTBEAT_TIMEOUT_MS,
     MIN_NETQUEUE_BYTES, SECTOR_SIZE,
 };
+pub use quorum::{FailoverPolicy, Quorum, DEFAULT_LEASE_MS, MAX_QUORUM_ENDPOINTS};
 pub use values::{check_name, format_mac, format_size, parse_mac, parse_size};
 pub use vm::{
     default_console, default_pidfile, default_qmp, default_ram_file, default_tap, Accel, Platform,

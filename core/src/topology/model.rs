@@ -308,6 +308,8 @@ pub struct Topology {
     pub backup: Backup,
     /// Limits and policies.
     pub policy: Policy,
+    /// The group's lease on etcd (`[quorum]`, docs/design.md §7); `None`: no lease.
+    pub quorum: Option<super::Quorum>,
     /// Primary hosts, in file order.
     pub hosts: Vec<Host>,
     /// Protected machines, in file order.

@@ -73,6 +73,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
     let group = parse_group(cx, root.take("group"));
     let backup = parse_backup(cx, root.take("backup"));
     let policy = parse_policy(cx, root.take("policy"));
+    let quorum = super::quorum::parse_quorum(cx, root.take("quorum"));
     let host_tables = array_of_tables(cx, &mut root, "host", MAX_HOSTS);
     let machine_tables = array_of_tables(cx, &mut root, "machine", MAX_MACHINES);
     let disk_tables = array_of_tables(cx, &mut root, "disk", MAX_DISKS);
@@ -108,6 +109,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
     let group = group?;
     let backup = backup?;
     let policy = policy?;
+    let quorum = quorum?;
     let hosts = hosts
         .into_iter()
         .map(|h| {
@@ -163,6 +165,7 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
         group,
         backup,
         policy,
+        quorum,
         hosts,
         machines,
         disks,

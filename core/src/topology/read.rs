@@ -57,7 +57,9 @@ pub(super) struct RawDisk {
     pub(super) size: Option<At<u64>>,
 }
 
-pub(super) const ROOT_KEYS: &[&str] = &["group", "backup", "policy", "host", "machine", "disk"];
+pub(super) const ROOT_KEYS: &[&str] = &[
+    "group", "backup", "policy", "quorum", "host", "machine", "disk",
+];
 const GROUP_KEYS: &[&str] = &["name", "id", "mode"];
 const BACKUP_KEYS: &[&str] = &["endpoint", "server_name", "ca", "cert", "key"];
 const POLICY_KEYS: &[&str] = &[

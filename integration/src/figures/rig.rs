@@ -33,6 +33,7 @@ pub(super) fn site_options(plan: &Plan, mode: Mode, tiers: bool) -> SiteOptions 
         rtt_tolerance: Duration::from_millis(1),
         outbound_override: None,
         ipv6_client: false,
+        quorum_lease_ms: None,
     }
 }
 

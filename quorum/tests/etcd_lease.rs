@@ -1,0 +1,206 @@
+//! The lease against a real three-member etcd cluster (Debian `etcd-server`):
+//! the records, the conditioned acquire, expiry, fencing by a higher
+//! generation, and the gate closing within the lease time when the quorum is
+//! lost. Nothing is mocked.
+
+use pipecloud_core::lease::{Ambition, Event, FenceReason, LeaseConfig, Reply, Request};
+use pipecloud_quorum::etcd::{Etcd, EtcdConfig};
+use pipecloud_quorum::records::GroupRecords;
+use pipecloud_quorum::testkit::EtcdCluster;
+use pipecloud_quorum::LeaseKeeper;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn client(cluster: &EtcdCluster) -> Arc<Etcd> {
+    let cfg = EtcdConfig {
+        endpoints: cluster.endpoints(),
+        tls: None,
+        attempt_timeout: Duration::from_millis(1000),
+    };
+    Arc::new(Etcd::new(&cfg).expect("etcd client"))
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn acquire_is_conditioned_on_generation_and_lease() {
+    let cluster = EtcdCluster::start_local("records").expect("etcd cluster");
+    let etcd = client(&cluster);
+    let mut a = GroupRecords::new(etcd.clone(), "shop", "a", 2000).unwrap();
+    let mut b = GroupRecords::new(etcd.clone(), "shop", "b", 2000).unwrap();
+    let Reply::Observed(obs) = a.execute(Request::Observe) else {
+        panic!("observe failed")
+    };
+    assert_eq!((obs.generation, obs.holder), (None, None));
+    assert_eq!(
+        a.execute(Request::Acquire { expected: 0 }),
+        Reply::Acquired { generation: 1 }
+    );
+    // b cannot take generation 1 while a's lease key exists, nor with a stale expectation.
+    let Reply::AcquireLost(obs) = b.execute(Request::Acquire { expected: 1 }) else {
+        panic!()
+    };
+    assert_eq!(obs.holder.as_deref(), Some("a"));
+    assert!(matches!(
+        b.execute(Request::Acquire { expected: 0 }),
+        Reply::AcquireLost(_)
+    ));
+    assert_eq!(
+        a.execute(Request::Renew),
+        Reply::Renewed {
+            alive: true,
+            generation: 1
+        }
+    );
+    // a resigns (revokes its lease): the key goes, the generation stays.
+    a.resign().unwrap();
+    let Reply::Observed(obs) = b.execute(Request::Observe) else {
+        panic!()
+    };
+    assert_eq!(obs.holder, None);
+    assert_eq!(
+        obs.generation.as_ref().map(|g| (g.number, g.site.as_str())),
+        Some((1, "a"))
+    );
+    assert!(matches!(
+        b.execute(Request::Acquire { expected: 0 }),
+        Reply::AcquireLost(_)
+    ));
+    assert_eq!(
+        b.execute(Request::Acquire { expected: 1 }),
+        Reply::Acquired { generation: 2 }
+    );
+    // a's decisions are refused from now on; b's run.
+    let op = [pipecloud_quorum::etcd::Op::Put {
+        key: "/pipecloud/group/shop/degraded".into(),
+        value: b"1".to_vec(),
+        lease: 0,
+    }];
+    assert!(!a.decide(&op).unwrap());
+    assert!(b.decide(&op).unwrap());
+    // One member down: the others still answer.
+    let mut cluster = cluster;
+    cluster.kill(0);
+    assert_eq!(
+        b.execute(Request::Renew),
+        Reply::Renewed {
+            alive: true,
+            generation: 2
+        }
+    );
+}
+
+#[test]
+fn keeper_fences_on_quorum_loss_and_backup_takes_over() {
+    let mut cluster = EtcdCluster::start_local("keeper").expect("etcd cluster");
+    let etcd = client(&cluster);
+    let lease = LeaseConfig::new(2000).unwrap();
+    let a = GroupRecords::new(etcd.clone(), "shop", "a", lease.lease_ms).unwrap();
+    let (keeper_a, events_a) = LeaseKeeper::start(a, lease, "a", Ambition::Hold).unwrap();
+    let gate_a = keeper_a.gate();
+    wait_for("a active", Duration::from_secs(10), || gate_a.is_open());
+    assert!(matches!(
+        events_a.recv().unwrap(),
+        Event::Activated {
+            generation: 1,
+            previous: None
+        }
+    ));
+    // Renewals keep the gate open well past one lease.
+    std::thread::sleep(Duration::from_millis(3 * lease.lease_ms));
+    assert!(
+        gate_a.is_open(),
+        "renewals must keep the lease: {:?}",
+        keeper_a.status()
+    );
+    assert_eq!(keeper_a.status().role, "active");
+
+    // The quorum is lost (two of three members down): a's gate must close
+    // within the lease time, on its own clock.
+    let lost = Instant::now();
+    cluster.kill(1);
+    cluster.kill(2);
+    let took = wait_for(
+        "a fenced",
+        Duration::from_millis(lease.lease_ms + 500),
+        || !gate_a.is_open(),
+    );
+    println!(
+        "gate closed {took:?} after the quorum was lost (lease {} ms)",
+        lease.lease_ms
+    );
+    assert!(lost.elapsed() <= Duration::from_millis(lease.lease_ms + 500));
+    assert!(matches!(
+        events_a.recv_timeout(Duration::from_secs(2)).unwrap(),
+        Event::Fenced {
+            generation: 1,
+            reason: FenceReason::Expired
+        }
+    ));
+    assert_eq!(keeper_a.status().role, "fenced");
+    drop(keeper_a); // the primary site is gone for good (the disaster)
+
+    // The quorum returns; the backup's controller takes over once, with generation 2.
+    cluster.restart(1).unwrap();
+    cluster.restart(2).unwrap();
+    let b = GroupRecords::new(etcd.clone(), "shop", "b", lease.lease_ms).unwrap();
+    let (keeper_b, events_b) =
+        LeaseKeeper::start(b, lease, "b", Ambition::TakeOverOnExpiry).unwrap();
+    let ev = events_b
+        .recv_timeout(Duration::from_secs(20))
+        .expect("b takes over");
+    let Event::Activated {
+        generation: 2,
+        previous: Some(prev),
+    } = ev
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!((prev.number, prev.site.as_str()), (1, "a"));
+    assert!(keeper_b.gate().is_open());
+
+    // The old primary comes back: it sees generation 2 and never opens its gate.
+    let a = GroupRecords::new(etcd.clone(), "shop", "a", lease.lease_ms).unwrap();
+    let (keeper_a, _events) = LeaseKeeper::start(a, lease, "a", Ambition::Hold).unwrap();
+    std::thread::sleep(Duration::from_millis(2 * lease.lease_ms));
+    assert!(!keeper_a.gate().is_open());
+    assert_eq!(keeper_a.status().known_generation, 2);
+    assert!(events_b.try_recv().is_err(), "the takeover fires once");
+}
+
+#[test]
+fn higher_generation_fences_the_holder_before_its_deadline() {
+    let cluster = EtcdCluster::start_local("fence").expect("etcd cluster");
+    let etcd = client(&cluster);
+    let lease = LeaseConfig::new(3000).unwrap();
+    let a = GroupRecords::new(etcd.clone(), "shop", "a", lease.lease_ms).unwrap();
+    let (keeper_a, events_a) = LeaseKeeper::start(a, lease, "a", Ambition::Hold).unwrap();
+    wait_for("a active", Duration::from_secs(10), || {
+        keeper_a.gate().is_open()
+    });
+    let _ = events_a.recv();
+    // An operator (or a buggy peer) records generation 2 for another site.
+    etcd.put(
+        "/pipecloud/group/shop/generation",
+        &pipecloud_quorum::records::encode_record(2, "b"),
+    )
+    .unwrap();
+    let took = wait_for("a fenced", Duration::from_millis(lease.lease_ms), || {
+        !keeper_a.gate().is_open()
+    });
+    println!("fenced {took:?} after a higher generation was recorded");
+    assert!(matches!(
+        events_a.recv_timeout(Duration::from_secs(1)).unwrap(),
+        Event::Fenced {
+            generation: 1,
+            reason: FenceReason::Superseded { by: 2 }
+        }
+    ));
+}
