@@ -4,8 +4,9 @@
 //! One point: a primary host namespace runs the agent and the guest (`pipecloud
 //! vm start`, NIC on a tap, disk from the agent's NBD export); a client namespace
 //! holds **one TCP connection** to the guest's counter service and keeps sending
-//! requests; a backup namespace runs `backup-server`. At a random instant the
-//! whole primary site dies (QEMU and the agent SIGKILLed, the host namespace
+//! requests; a backup namespace runs `backup-server`. At a random instant (the
+//! first reply to reach the client after a random run time) the whole primary
+//! site dies (QEMU and the agent SIGKILLed, the host namespace
 //! deleted with its links). The backup fails over, `pipecloud vm restore`
 //! resumes the guest in the backup namespace (same tap name and addresses), and
 //! the guest's address moves: the client's route to it now goes to the backup
@@ -474,9 +475,18 @@ pub fn run_point(
     let (t_run, status_run) = (Instant::now(), ctl_status(&run_topo));
     std::thread::sleep(run_for);
 
-    // The disaster: the whole primary site dies wherever its epoch loop is.
+    // The disaster: the whole primary site dies wherever its epoch loop is, at
+    // the most demanding instant for output commit: right after a reply reached
+    // the client (so the guest state that sent it must be in an acknowledged
+    // epoch; a reply released earlier than that is caught every time, not only
+    // when a later reply happens to fall between a checkpoint and the kill).
     let status = ctl_status(&run_topo);
     let run_secs = t_run.elapsed().as_secs_f64();
+    let seen = count();
+    let deadline = Instant::now() + PATIENCE;
+    while count() == seen && !handle.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
     qemu.kill();
     agent.kill();
     let replies_before = count();
