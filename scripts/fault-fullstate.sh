@@ -6,7 +6,7 @@
 # normal `pipecloud` binaries are never built with the fault), and runs up to 5 points
 # of the full-state disaster with `--inject-fault release-before-ack`, stopping at the
 # first that FAILS (a point escapes when a checkpoint falls between the guest's reply
-# and its release, ~1 in 3 seen). The harness exits non-zero unless a point FAILS (a client that saw replies the resumed guest does
+# and its release: 3 of 6 points seen). The harness exits non-zero unless a point FAILS (a client that saw replies the resumed guest does
 # not remember: counter gaps, unsafe replies or a dead connection).
 # Debug profile on purpose, as scripts/fault-checkpoint.sh.
 set -euo pipefail
