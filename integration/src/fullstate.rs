@@ -4,8 +4,9 @@
 //! One point: a primary host namespace runs the agent and the guest (`pipecloud
 //! vm start`, NIC on a tap, disk from the agent's NBD export); a client namespace
 //! holds **one TCP connection** to the guest's counter service and keeps sending
-//! requests; a backup namespace runs `backup-server`. At a random instant the
-//! whole primary site dies (QEMU and the agent SIGKILLed, the host namespace
+//! requests; a backup namespace runs `backup-server`. At a random instant (the
+//! first reply to reach the client after a random run time) the whole primary
+//! site dies (QEMU and the agent SIGKILLed, the host namespace
 //! deleted with its links). The backup fails over, `pipecloud vm restore`
 //! resumes the guest in the backup namespace (same tap name and addresses), and
 //! the guest's address moves: the client's route to it now goes to the backup
@@ -18,38 +19,29 @@
 //! after a clean power-off every acknowledged request is in the guest's on-disk
 //! log and `e2fsck -fn` of the disk is clean.
 //!
-//! **Where the checkpoint comes from.** Until the agent's epoch loop and the
-//! backup's checkpoint store are in main, the checkpoint is taken by this
-//! harness at the disaster instant: the guest is stopped, its device state saved
-//! over QMP (`xen-save-devices-state`, as the epoch loop does; RAM stays in its
-//! shared file, which is copied),
-//! and only then the primary is killed; the agent runs `sync`, so the backup's
-//! disk holds every write the stopped guest completed. The RESULT line says
-//! `source=harness-snapshot`. `--inject-fault stale-checkpoint` (harness only, to
-//! show the check can fail) lets the guest run and answer for a while after the
-//! snapshot before the kill, as output released before its checkpoint is safe
-//! would: the check must then report gaps and unsafe replies.
+//! **Where the checkpoint comes from: the real pieces.** The agent runs the
+//! topology's `mode = "checkpoint"` with its network path: its rules hold
+//! everything the guest sends out of the tap (NFQUEUE), its epoch loop pauses the
+//! guest every 20 ms (docs/design.md §9; QEMU runs with the capture shim,
+//! `pipecloud vm start --preload`), tags the guest's output with the open epoch
+//! and releases it only when the backup acknowledges that epoch (§11). At the
+//! disaster the agent and QEMU are SIGKILLed wherever they are; `backup-server
+//! failover` writes the disk at the last acknowledged epoch's barrier and that
+//! epoch's `<machine>.ram` and `<machine>.devstate`, and `pipecloud vm restore`
+//! resumes the guest from them. The RESULT line says `source=epochs`.
 //!
-//! **Known problem (session 13).** In this harness the resumed guest does not
-//! answer the client's existing connection (every point fails with
-//! "connection did not survive"), and its console `poweroff` does not complete,
-//! while the very same RAM image, device state and a fresh failover of the same
-//! backup data restore fine by hand (a new connection continues the counter,
-//! power-off is clean), and `tests/guest_vm.rs`, which checkpoints between
-//! requests, keeps its connection. A hand test that checkpoints while one
-//! connection is busy recovered 1 time in 3 (microvm and q35 alike; device
-//! state by `migrate` or by `xen-save-devices-state` alike). The client's
-//! socket shows every byte it sent acknowledged: the guest received the request
-//! before the checkpoint, so the reply (or its retransmission) is what never
-//! comes. Next steps: capture on the backup site's tap through the restore and
-//! read the guest's state (is the service blocked in `fdatasync`?).
+//! **Showing the check can fail.** `--inject-fault release-before-ack` runs the
+//! agent binary `pipecloud-fault-release-before-ack` (built by
+//! `scripts/fault-fullstate.sh` with the TEST-ONLY cargo feature
+//! `fault-release-before-ack`, which releases each epoch's output as soon as the
+//! epoch opens, before any checkpoint of it is acknowledged). The client then sees
+//! replies of guest states newer than the one resumed, and the run must fail.
 
 use crate::netns::{addr, cleanup_prefix, route, spawn_in, veth, Netns};
 use crate::run::bin;
 use crate::site::render_topology;
 use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
-use pipecloud::fullstate::qmp::Qmp;
 use pipecloud_core::topology::{Mode, Topology};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -81,8 +73,9 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// Faults a run can inject to show the check fails (harness only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fault {
-    /// The guest keeps answering after the checkpoint the backup resumes from.
-    StaleCheckpoint,
+    /// The agent releases an epoch's output before the backup acknowledged it
+    /// (the agent binary built with the TEST-ONLY feature of the same name).
+    ReleaseBeforeAck,
 }
 
 /// What one point found.
@@ -98,6 +91,12 @@ pub struct PointResult {
     pub missing_in_log: usize,
     pub failover_ms: u128,
     pub restore_ms: u128,
+    /// The acknowledged epoch the backup failed over to.
+    pub epoch: u64,
+    /// The agent's `ctl status` epochs line just before the disaster.
+    pub status: String,
+    /// Epochs the backup acknowledged per second while the client ran.
+    pub acked_per_s: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -137,7 +136,7 @@ impl PointResult {
 }
 
 /// The run's topology: the harness's usual rendering (every path under `work`,
-/// mode `sync`: module doc) with each guest's `[machine.vm]` table added, its
+/// mode `checkpoint`) with each guest's `[machine.vm]` table added, its
 /// kernel and initrd made absolute and its RAM file named after the run. Only
 /// one host is supported.
 fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result<String> {
@@ -147,7 +146,7 @@ fn render(topo: &Topology, topo_dir: &Path, work: &Path, prefix: &str) -> Result
             topo.hosts.len()
         );
     }
-    let mut s = render_topology(topo, Mode::Sync, &work.join("certs"), work);
+    let mut s = render_topology(topo, Mode::Checkpoint, &work.join("certs"), work);
     for m in &topo.machines {
         let vm =
             m.vm.as_ref()
@@ -265,29 +264,49 @@ impl Drop for QemuPid {
     }
 }
 
-/// Stop, device state to `state`, RAM to `ram` (the test-only checkpoint).
-fn snapshot(qmp: &Path, ram_file: &Path, state: &Path, ram: &Path) -> Result<()> {
-    // The epoch loop's way (src/fullstate): stop, device state without RAM
-    // (`xen-save-devices-state`, loaded later by `migrate-incoming`), RAM copy.
-    let mut q = Qmp::connect(qmp, PATIENCE)?;
-    q.stop()?;
-    q.save_device_state(state)?;
-    std::fs::copy(ram_file, ram).context("copying the RAM of the stopped guest")?;
-    Ok(())
+/// The agent binary of a run: the normal one, or the one built with the
+/// injected fault (scripts/fault-fullstate.sh puts it next to the harness).
+pub fn agent_bin(fault: Option<Fault>) -> Result<PathBuf> {
+    match fault {
+        None => Ok(bin("pipecloud")),
+        Some(Fault::ReleaseBeforeAck) => {
+            let p = bin("pipecloud-fault-release-before-ack");
+            if !p.is_file() {
+                bail!(
+                    "{} not found: --inject-fault release-before-ack needs the agent built with the \
+                     TEST-ONLY fault (scripts/fault-fullstate.sh builds it)",
+                    p.display()
+                );
+            }
+            Ok(p)
+        }
+    }
 }
 
-fn resume(qmp: &Path) -> Result<()> {
-    let mut q = Qmp::connect(qmp, PATIENCE)?;
-    let deadline = Instant::now() + PATIENCE;
-    while q.status()? != "running" {
-        if let Err(e) = q.execute("cont", None) {
-            if Instant::now() > deadline {
-                return Err(e);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
+/// The agent's `epochs …` status line (pauses, acked epochs), or why not.
+fn ctl_status(topology: &Path) -> String {
+    match run(std::process::Command::new(bin("pipecloud"))
+        .args(["ctl", "--topology"])
+        .arg(topology)
+        .arg("status"))
+    {
+        Ok(out) => out
+            .lines()
+            .find(|l| l.trim_start().starts_with("epochs "))
+            .unwrap_or("no epochs line")
+            .trim()
+            .to_owned(),
+        Err(e) => format!("ctl status: {e:#}"),
     }
-    Ok(())
+}
+
+/// The number after `key` in a status line (`acked=`, `pauses=`).
+fn status_field(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Runs one point in `work` with namespaces named `<prefix>-…`.
@@ -336,6 +355,9 @@ pub fn run_point(
         }
     }
     let _ram_guard = RemoveOnDrop(ram_file.clone());
+    // The agent's device-state scratch file next to the RAM file (src/agent.rs):
+    // a SIGKILLed agent leaves it behind.
+    let _dev_guard = RemoveOnDrop(PathBuf::from(format!("{}.devstate", ram_file.display())));
 
     // Network (no WAN delay: what is measured here is whether the state survives).
     let lan = [
@@ -347,6 +369,11 @@ pub fn run_point(
     veth(&host_ns, "c0", client_ns, "eth0")?;
     addr(&host_ns, "c0", HOST_CLIENT_SIDE, 24)?;
     addr(client_ns, "eth0", CLIENT_IP, 24)?;
+    // The client's address must outlive the primary site: on `eth0` alone it
+    // would vanish with the veth when the host namespace dies, and the client's
+    // kernel would then drop every reply the resumed guest sends to it (a real
+    // client's address does not depend on the primary site's link).
+    addr(client_ns, "lo", CLIENT_IP, 32)?;
     veth(&host_ns, "b0", backup_ns, "eth0")?;
     addr(&host_ns, "b0", HOST_BACKUP_SIDE, 24)?;
     addr(backup_ns, "eth0", BACKUP_IP, 24)?;
@@ -400,21 +427,37 @@ pub fn run_point(
         .arg(&cfg);
     let _backup = Guarded::spawn("backup-server", &mut cmd, &work.join("backup-server.log"))?;
 
-    // The agent and the guest on the primary host.
-    let mut cmd = ns_cmd(&host_ns.name, &bin("pipecloud").to_string_lossy());
-    cmd.args(["agent", "--topology"]).arg(&run_topo).args([
-        "--host",
-        &topo.hosts[0].name,
-        "--no-network",
-    ]);
+    // The agent and the guest on the primary host. The tap first: the agent's
+    // rules name the interface `ip route get <guest ip>` finds.
+    {
+        let (vm, ip) = (vm.clone(), m.ip);
+        spawn_in(&host_ns.name, move || {
+            pipecloud::vm::host::ensure_tap(&vm, ip)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the tap thread panicked"))?
+        .context("the guest's tap")?;
+    }
+    let mut cmd = ns_cmd(&host_ns.name, &agent_bin(fault)?.to_string_lossy());
+    cmd.args(["agent", "--topology"])
+        .arg(&run_topo)
+        .args(["--host", &topo.hosts[0].name]);
     let mut agent = Guarded::spawn("agent", &mut cmd, &work.join("agent.log"))?;
     let sock = rt.nbd_socket(&disk).context("NBD socket")?;
     wait_until(PATIENCE, "the agent's NBD export", || sock.exists())?;
     let qemu = QemuPid(vm.pidfile.clone());
+    let shim = bin("libpipecloud_shim.so");
+    if !shim.is_file() {
+        bail!(
+            "{} not found (cargo build --release -p pipecloud-shim)",
+            shim.display()
+        );
+    }
     run(ns_cmd(&host_ns.name, &bin("pipecloud").to_string_lossy())
         .args(["vm", "start", "--topology"])
         .arg(&run_topo)
-        .args(["--machine", &m.name]))
+        .args(["--machine", &m.name, "--preload"])
+        .arg(&shim))
     .context("pipecloud vm start")?;
 
     // The client and its one connection.
@@ -429,18 +472,20 @@ pub fn run_point(
     wait_until(PATIENCE, "the first reply of the guest", || {
         count() > 0 || handle.is_finished()
     })?;
+    let (t_run, status_run) = (Instant::now(), ctl_status(&run_topo));
     std::thread::sleep(run_for);
 
-    // The disaster, with the checkpoint the backup will resume from.
-    let state = work.join("device-state.bin");
-    let ram = work.join("ram.img");
-    snapshot(&vm.qmp, &ram_file, &state, &ram)?;
-    if fault == Some(Fault::StaleCheckpoint) {
-        resume(&vm.qmp)?;
-        let more = count() + 5;
-        wait_until(PATIENCE, "replies after the stale checkpoint", || {
-            count() >= more
-        })?;
+    // The disaster: the whole primary site dies wherever its epoch loop is, at
+    // the most demanding instant for output commit: right after a reply reached
+    // the client (so the guest state that sent it must be in an acknowledged
+    // epoch; a reply released earlier than that is caught every time, not only
+    // when a later reply happens to fall between a checkpoint and the kill).
+    let status = ctl_status(&run_topo);
+    let run_secs = t_run.elapsed().as_secs_f64();
+    let seen = count();
+    let deadline = Instant::now() + PATIENCE;
+    while count() == seen && !handle.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
     }
     qemu.kill();
     agent.kill();
@@ -463,6 +508,13 @@ pub fn run_point(
         .map(PathBuf::from)
         .find(|p| p.file_stem().is_some_and(|s| s.to_string_lossy() == disk))
         .with_context(|| format!("no image of {disk} in the failover output:\n{out}"))?;
+    let epoch = out
+        .lines()
+        .find_map(|l| l.strip_prefix("checkpoint epoch: "))
+        .and_then(|e| e.trim().parse::<u64>().ok())
+        .with_context(|| format!("no checkpoint epoch in the failover output:\n{out}"))?;
+    let ram = failover.join(format!("{}.ram", m.name));
+    let state = failover.join(format!("{}.devstate", m.name));
     let failover_ms = t0.elapsed().as_millis();
     let t1 = Instant::now();
     let restored = run(ns_cmd(&backup_ns.name, &bin("pipecloud").to_string_lossy())
@@ -477,6 +529,11 @@ pub fn run_point(
     let restore_ms = t1.elapsed().as_millis();
     let mut r = PointResult {
         replies_before,
+        epoch,
+        acked_per_s: status_field(&status, "acked=")
+            .zip(status_field(&status_run, "acked="))
+            .map(|(b, a)| b.saturating_sub(a) as f64 / run_secs),
+        status,
         failover_ms,
         restore_ms,
         ..PointResult::default()
@@ -520,8 +577,12 @@ pub fn run_point(
 
     // Clean power-off, then the disk.
     if r.resumed {
-        if let Ok(mut con) = std::os::unix::net::UnixStream::connect(&vm.console) {
-            let _ = con.write_all(b"poweroff\n");
+        // The console connection stays open until QEMU exits: QEMU drops the
+        // input it has not read yet when its client hangs up (the guest then
+        // saw `poweroff` without its newline and never powered off).
+        let mut con = std::os::unix::net::UnixStream::connect(&vm.console).ok();
+        if let Some(c) = con.as_mut() {
+            let _ = c.write_all(b"poweroff\n");
         }
         if wait_until(PATIENCE, "the resumed guest's power-off", || {
             !qemu.running()
@@ -530,6 +591,7 @@ pub fn run_point(
         {
             r.notes.push("the resumed guest did not power off".into());
         }
+        drop(con);
     }
     qemu.kill();
     r.fsck_clean = run(std::process::Command::new("e2fsck").arg("-fn").arg(&image)).is_ok();

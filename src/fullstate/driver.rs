@@ -362,6 +362,15 @@ fn epoch_loop(
         match st.epochs.capture_done(p.epoch)? {
             Captured::Ship => {
                 drop(st);
+                // TEST-ONLY (scripts/fault-fullstate.sh): release the output of
+                // the epoch just opened at once, before any checkpoint holds it
+                // (let alone an acknowledged one).
+                #[cfg(feature = "fault-release-before-ack")]
+                {
+                    let mut c = CountVector::ZERO;
+                    c.set(EPOCH_ENTRY, p.epoch + 1);
+                    shared.causal.publish_committed(&c);
+                }
                 let job = ToShip {
                     epoch: p.epoch,
                     barrier: p.barrier,
