@@ -265,6 +265,7 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
             Ok(())
         }
         Checkpoint::Ack { epoch } => epoch_ok(*epoch, "ack"),
+        Checkpoint::Leave { epoch } => epoch_ok(*epoch, "leave"),
     }
 }
 
@@ -780,6 +781,7 @@ mod tests {
                 Checkpoint::Commit { epoch, barrier }
             }),
             (1..u64::MAX).prop_map(|epoch| Checkpoint::Ack { epoch }),
+            (1..u64::MAX).prop_map(|epoch| Checkpoint::Leave { epoch }),
         ]
     }
 
@@ -1032,6 +1034,7 @@ mod tests {
         barrier.set(EPOCH_ENTRY, 3);
         cases.push(Frame::Checkpoint(Checkpoint::Commit { epoch: 1, barrier }));
         cases.push(Frame::Checkpoint(Checkpoint::Ack { epoch: 0 }));
+        cases.push(Frame::Checkpoint(Checkpoint::Leave { epoch: 0 }));
         for f in cases {
             let body = postcard::to_allocvec(&f).unwrap();
             let r = decode_frame(&raw_frame(&body));

@@ -73,6 +73,27 @@
 //! first epoch is the next number, so a restarted agent never reuses a number
 //! whose ack belongs to another run's state.
 //!
+//! # Switching at run time (docs/design.md §13)
+//!
+//! A group also runs in a disk-only mode with the same state machine in phase
+//! [`Phase::Off`]: no pauses, and tags never carry an epoch above the committed
+//! one, so the disk rule alone releases output. Switching in
+//! ([`Epochs::start_seeding`]) pre-copies the RAM of epoch `S` while the guests run
+//! ([`Phase::Seeding`]: output is still released by the disk rule, which is all a
+//! disaster before `S` is acknowledged can promise, and what the backup then
+//! fails over to); the next pause captures `S` with only the pages written since
+//! the pre-copy, the tag rises to `S + 1` inside that pause, and the group is
+//! [`Phase::On`]. A packet released by the disk rule before the pause was emitted
+//! before it, so checkpoint `S` remembers it: the proof above holds from `S` on.
+//! Switching out ([`Epochs::leave`]) closes the open epoch `E` uncaptured
+//! ([`Phase::Leaving`]): the driver sends `Leave { E }`, the backup records
+//! durably that its failover is disk-only again and acks `E`, which releases the
+//! output tagged up to `E` (its disk entries are satisfied by the disk rule, and
+//! no failover resumes a checkpoint that does not remember it). Then `Off`.
+//! A reconnection during seeding aborts the switch (the pre-copied segments are
+//! torn): back to `Off`, nothing half-done. During `Leaving` the driver sends
+//! `Leave` again on every new connection until it is acknowledged.
+//!
 //! Pure: no I/O, no clock. The driver (`src/fullstate`) calls in.
 
 use crate::vector::{CountVector, EPOCH_ENTRY};
@@ -107,6 +128,38 @@ pub enum PauseRefused {
     Failed,
     #[error("not synchronised with the backup yet (its acknowledged epoch is not known)")]
     NotSynced,
+    #[error("the group is not checkpointing (phase {0:?})")]
+    NotOn(Phase),
+}
+
+/// Whether, and how far, the group checkpoints (module doc, "Switching at run time").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Disk-only: no pauses; output is released by the disk rule alone.
+    Off,
+    /// Switching in: the RAM of `epoch` is pre-copied while the guests run; output
+    /// is still released by the disk rule. The next pause captures `epoch`.
+    Seeding { epoch: u64 },
+    /// Checkpointing: output waits for the acknowledgement of its epoch.
+    On,
+    /// Switching out: `Leave { epoch }` closes the open epoch uncaptured; its
+    /// acknowledgement releases the output tagged up to `epoch`, then `Off`.
+    Leaving { epoch: u64 },
+}
+
+/// Why a switch cannot start now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchRefused {
+    #[error("the group is {0:?}, not {1}")]
+    Phase(Phase, &'static str),
+    #[error("not connected to the backup yet (its acknowledged epoch is not known): try again when it is")]
+    NotSynced,
+    #[error("a capture failed: the group's output stays held")]
+    Failed,
+    #[error("a pause (epoch {0}) is in progress")]
+    InPause(u64),
+    #[error("epoch {captured} is still being shipped (shipped {shipped})")]
+    ShippingBehind { captured: u64, shipped: u64 },
 }
 
 /// A call that does not fit the state (a driver bug or a hostile backup).
@@ -179,10 +232,23 @@ pub struct Epochs {
     /// this one started): their acks say nothing about this run's output.
     floor: u64,
     failed: bool,
+    phase: Phase,
 }
 
 impl Epochs {
-    /// A fresh group: epoch 1 is open and will ship the whole RAM.
+    /// A group that starts disk-only ([`Phase::Off`]; [`Epochs::start_seeding`]
+    /// switches it in).
+    ///
+    /// # Panics
+    /// If `limits.max_unacked` is 0.
+    pub fn new_off(limits: EpochLimits) -> Self {
+        Epochs {
+            phase: Phase::Off,
+            ..Epochs::new(limits)
+        }
+    }
+
+    /// A fresh checkpointing group: epoch 1 is open and will ship the whole RAM.
     ///
     /// # Panics
     /// If `limits.max_unacked` is 0.
@@ -202,6 +268,85 @@ impl Epochs {
             synced: false,
             floor: 0,
             failed: false,
+            phase: Phase::On,
+        }
+    }
+
+    /// Where the group is in checkpointing (module doc).
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The epoch the driver raises the tags' [`EPOCH_ENTRY`] to now: the open
+    /// epoch while checkpointing or leaving, none (0) while disk-only or seeding
+    /// (tags keep what they carry, never above the committed view's entry).
+    pub fn tag_epoch(&self) -> u64 {
+        match self.phase {
+            Phase::On => self.open,
+            Phase::Leaving { epoch } => epoch,
+            Phase::Off | Phase::Seeding { .. } => 0,
+        }
+    }
+
+    /// Switch in: epoch `open` becomes the first checkpoint; the driver
+    /// pre-copies every guest's whole RAM as segments of it while they run, then
+    /// pauses ([`Epochs::begin_pause`] captures it with only the pages written
+    /// since the pre-copy). Returns that epoch.
+    pub fn start_seeding(&mut self) -> Result<u64, SwitchRefused> {
+        if self.phase != Phase::Off {
+            return Err(SwitchRefused::Phase(self.phase, "disk-only"));
+        }
+        if self.failed {
+            return Err(SwitchRefused::Failed);
+        }
+        if !self.synced {
+            return Err(SwitchRefused::NotSynced);
+        }
+        debug_assert!(self.pausing.is_none() && self.shipped == self.captured);
+        self.phase = Phase::Seeding { epoch: self.open };
+        // The segments carry all of the RAM: the pause ships a delta on them.
+        self.needs_full = false;
+        Ok(self.open)
+    }
+
+    /// The pre-copy could not be done (a guest could not be read): back to
+    /// disk-only. Nothing was released on the epoch rule, so nothing is owed.
+    pub fn seeding_failed(&mut self) {
+        if matches!(self.phase, Phase::Seeding { .. }) && self.pausing.is_none() {
+            self.phase = Phase::Off;
+        }
+    }
+
+    /// Switch out: the open epoch `E` is closed uncaptured; the driver sends
+    /// `Leave { E }` (again on every new connection while [`Phase::Leaving`]),
+    /// and its ack releases everything tagged up to `E` and ends in `Off`.
+    /// Must be called between pauses with every captured epoch shipped.
+    pub fn leave(&mut self) -> Result<u64, SwitchRefused> {
+        if self.phase != Phase::On {
+            return Err(SwitchRefused::Phase(self.phase, "checkpointing"));
+        }
+        if let Some(p) = &self.pausing {
+            return Err(SwitchRefused::InPause(p.epoch));
+        }
+        if self.shipped < self.captured {
+            return Err(SwitchRefused::ShippingBehind {
+                captured: self.captured,
+                shipped: self.shipped,
+            });
+        }
+        let e = self.open;
+        self.captured = e;
+        self.shipped = e;
+        self.open = e + 1;
+        self.phase = Phase::Leaving { epoch: e };
+        Ok(e)
+    }
+
+    /// The `Leave` to (re)send on the current connection, while leaving.
+    pub fn leave_pending(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Leaving { epoch } => Some(epoch),
+            _ => None,
         }
     }
 
@@ -237,6 +382,9 @@ impl Epochs {
     pub fn may_pause(&self) -> Result<(), PauseRefused> {
         if self.failed {
             return Err(PauseRefused::Failed);
+        }
+        if matches!(self.phase, Phase::Off | Phase::Leaving { .. }) {
+            return Err(PauseRefused::NotOn(self.phase));
         }
         if !self.synced {
             return Err(PauseRefused::NotSynced);
@@ -276,6 +424,8 @@ impl Epochs {
         self.open += 1;
         self.pausing = Some(pause.clone());
         self.reconnected_in_pause = false;
+        // The first pause after seeding: checkpointing from here on.
+        self.phase = Phase::On;
         Ok(pause)
     }
 
@@ -340,6 +490,9 @@ impl Epochs {
         while self.barriers.front().is_some_and(|(e, _)| *e <= epoch) {
             self.barriers.pop_front();
         }
+        if self.phase == (Phase::Leaving { epoch }) {
+            self.phase = Phase::Off;
+        }
         Ok(true)
     }
 
@@ -386,6 +539,11 @@ impl Epochs {
         self.give_up_to(self.captured);
         self.needs_full = true;
         self.reconnected_in_pause = self.pausing.is_some();
+        if matches!(self.phase, Phase::Seeding { .. }) {
+            // The pre-copied segments were torn with the connection: the switch
+            // is aborted, the group stays disk-only.
+            self.phase = Phase::Off;
+        }
         Ok(())
     }
 
@@ -546,6 +704,76 @@ mod tests {
         );
         assert_eq!(e.shipped(), 5);
         assert!(e.begin_pause(&v(6)).unwrap().full_ram);
+    }
+
+    #[test]
+    fn switch_in_seeds_then_the_first_pause_starts_checkpointing() {
+        let mut e = Epochs::new_off(EpochLimits::default());
+        assert_eq!(e.phase(), Phase::Off);
+        assert!(matches!(e.may_pause(), Err(PauseRefused::NotOn(_))));
+        assert_eq!(e.start_seeding(), Err(SwitchRefused::NotSynced));
+        e.reconnected(7).unwrap();
+        assert_eq!(e.tag_epoch(), 0, "disk-only: tags carry no epoch");
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
+        let s = e.start_seeding().unwrap();
+        assert_eq!((s, e.phase()), (8, Phase::Seeding { epoch: 8 }));
+        assert_eq!(e.tag_epoch(), 0, "seeding: still the disk rule");
+        assert!(e.start_seeding().is_err());
+        let p = e.begin_pause(&v(3)).unwrap();
+        assert_eq!((p.epoch, p.full_ram), (8, false), "a delta on the seeded segments");
+        assert_eq!((e.phase(), e.tag_epoch()), (Phase::On, 9));
+        e.capture_done(8).unwrap();
+        e.ship_done(8).unwrap();
+        assert!(e.ack(8).unwrap());
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 8);
+    }
+
+    #[test]
+    fn a_reconnection_while_seeding_aborts_the_switch() {
+        let mut e = Epochs::new_off(EpochLimits::default());
+        e.reconnected(0).unwrap();
+        e.start_seeding().unwrap();
+        e.reconnected(0).unwrap();
+        assert_eq!(e.phase(), Phase::Off);
+        assert_eq!(e.tag_epoch(), 0);
+        let s = e.start_seeding().unwrap();
+        assert_eq!(s, 1);
+        e.seeding_failed();
+        assert_eq!(e.phase(), Phase::Off);
+    }
+
+    #[test]
+    fn switch_out_closes_the_open_epoch_and_its_ack_releases_it() {
+        let mut e = Epochs::new(EpochLimits::default());
+        e.reconnected(0).unwrap();
+        e.begin_pause(&v(1)).unwrap();
+        assert_eq!(e.leave(), Err(SwitchRefused::InPause(1)));
+        e.capture_done(1).unwrap();
+        assert!(matches!(e.leave(), Err(SwitchRefused::ShippingBehind { .. })));
+        e.ship_done(1).unwrap();
+        let l = e.leave().unwrap();
+        assert_eq!((l, e.phase(), e.tag_epoch()), (2, Phase::Leaving { epoch: 2 }, 2));
+        assert_eq!(e.leave_pending(), Some(2));
+        assert!(matches!(e.may_pause(), Err(PauseRefused::NotOn(_))));
+        // A reconnection before the backup recorded it: still leaving, sent again.
+        e.reconnected(1).unwrap();
+        assert_eq!((e.acked(), e.leave_pending()), (1, Some(2)));
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 1, "epoch 2 still held");
+        assert!(e.ack(2).unwrap());
+        assert_eq!((e.phase(), e.leave_pending()), (Phase::Off, None));
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 2, "released");
+        // And back in: the next checkpoint is numbered above the leave.
+        assert_eq!(e.start_seeding(), Ok(3));
+    }
+
+    #[test]
+    fn a_leave_recorded_before_a_reconnection_completes_on_it() {
+        let mut e = Epochs::new(EpochLimits::default());
+        e.reconnected(0).unwrap();
+        let l = e.leave().unwrap();
+        e.reconnected(l).unwrap();
+        assert_eq!(e.phase(), Phase::Off);
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), l);
     }
 
     #[test]

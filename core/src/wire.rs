@@ -146,7 +146,13 @@ pub enum PageEncoding {
 /// Commit { epoch, barrier }     this agent's part of the epoch is complete
 /// ```
 ///
-/// interleaved with the agent's ordinary `Write` frames. `barrier[w]` is the last
+/// interleaved with the agent's ordinary `Write` frames. A machine may be sent in
+/// several `Begin … End` *segments* within one epoch, each a part of its own: a
+/// group switched to full-state mode at run time pre-copies the RAM while the
+/// guests run (segments without device state), and sends the pages written since
+/// then and the device state at the pause (docs/design.md §13). The later copy of
+/// a page wins; the machine's epoch is *full* if one of its segments sent all of
+/// its RAM contiguously from offset 0. `barrier[w]` is the last
 /// seq writer `w` issued before the pause of `epoch` (the disk writes that belong
 /// to checkpoint `epoch`). The backup answers `Ack { epoch }` only once, for every
 /// agent of the group, all pages, device state and the writes up to the barrier
@@ -190,6 +196,14 @@ pub enum Checkpoint {
     Commit { epoch: u64, barrier: CountVector },
     /// Backup → agent: the group's `epoch` is durable (entry EPOCH_ENTRY of the committed vector).
     Ack { epoch: u64 },
+    /// Agent → backup: the group leaves full-state mode (run-time switch back to a
+    /// disk-only mode). `epoch` is the agent's open epoch, which is never captured.
+    /// The backup records durably that the group's failover is disk-only again (the
+    /// causal cut; no RAM to resume), drops the group's epochs not yet acknowledged,
+    /// and answers `Ack { epoch }`: the output tagged up to `epoch` is then covered by
+    /// the disk rule alone, which every tag already carries. Sent between epochs
+    /// (never inside a `Begin … Commit`), repeated on a new connection until acked.
+    Leave { epoch: u64 },
 }
 
 /// Every frame of the replication protocol.

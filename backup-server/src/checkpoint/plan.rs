@@ -545,6 +545,9 @@ impl Ledger {
             Checkpoint::Ack { .. } => {
                 Err("checkpoint Ack frames go from the backup to agents".into())
             }
+            Checkpoint::Leave { epoch } => Err(format!(
+                "checkpoint Leave {{ {epoch} }}: leaving full-state mode is not implemented by this backup yet"
+            )),
         }
     }
 
