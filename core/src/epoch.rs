@@ -91,7 +91,9 @@
 //! output tagged up to `E` (its disk entries are satisfied by the disk rule, and
 //! no failover resumes a checkpoint that does not remember it). Then `Off`.
 //! A reconnection during seeding aborts the switch (the pre-copied segments are
-//! torn): back to `Off`, nothing half-done. During `Leaving` the driver sends
+//! torn with the connection): back to `Off`, nothing half-done. A switch in
+//! abandoned otherwise (a failed pre-copy read) leaves like a switch out, so the
+//! backup drops the segments it holds. During `Leaving` the driver sends
 //! `Leave` again on every new connection until it is acknowledged.
 //!
 //! Pure: no I/O, no clock. The driver (`src/fullstate`) calls in.
@@ -309,21 +311,16 @@ impl Epochs {
         Ok(self.open)
     }
 
-    /// The pre-copy could not be done (a guest could not be read): back to
-    /// disk-only. Nothing was released on the epoch rule, so nothing is owed.
-    pub fn seeding_failed(&mut self) {
-        if matches!(self.phase, Phase::Seeding { .. }) && self.pausing.is_none() {
-            self.phase = Phase::Off;
-        }
-    }
-
     /// Switch out: the open epoch `E` is closed uncaptured; the driver sends
     /// `Leave { E }` (again on every new connection while [`Phase::Leaving`]),
     /// and its ack releases everything tagged up to `E` and ends in `Off`.
-    /// Must be called between pauses with every captured epoch shipped.
+    /// Must be called between pauses with every captured epoch shipped. From
+    /// [`Phase::Seeding`] it abandons the switch in (the pre-copy could not be
+    /// done, or the operator changed their mind): `E` is the seeded epoch, whose
+    /// segments the backup drops at the `Leave`.
     pub fn leave(&mut self) -> Result<u64, SwitchRefused> {
-        if self.phase != Phase::On {
-            return Err(SwitchRefused::Phase(self.phase, "checkpointing"));
+        if !matches!(self.phase, Phase::On | Phase::Seeding { .. }) {
+            return Err(SwitchRefused::Phase(self.phase, "checkpointing or seeding"));
         }
         if let Some(p) = &self.pausing {
             return Err(SwitchRefused::InPause(p.epoch));
@@ -738,8 +735,12 @@ mod tests {
         assert_eq!(e.tag_epoch(), 0);
         let s = e.start_seeding().unwrap();
         assert_eq!(s, 1);
-        e.seeding_failed();
+        // Abandoned (a failed pre-copy read): the backup drops the segments at the Leave.
+        assert_eq!(e.leave(), Ok(1));
+        assert_eq!((e.phase(), e.tag_epoch()), (Phase::Leaving { epoch: 1 }, 1));
+        assert!(e.ack(1).unwrap());
         assert_eq!(e.phase(), Phase::Off);
+        assert_eq!(e.start_seeding(), Ok(2));
     }
 
     #[test]
