@@ -94,7 +94,10 @@
 //! torn with the connection): back to `Off`, nothing half-done. A switch in
 //! abandoned otherwise (a failed pre-copy read) leaves like a switch out, so the
 //! backup drops the segments it holds. During `Leaving` the driver sends
-//! `Leave` again on every new connection until it is acknowledged.
+//! `Leave` again on every new connection until it is acknowledged. A disk-only
+//! start whose first connection reports acknowledged epochs starts in `Leaving`
+//! (a previous run's `Leave` may never have reached the backup, which would then
+//! resume a checkpoint that does not remember what the disk rule releases).
 //!
 //! Pure: no I/O, no clock. The driver (`src/fullstate`) calls in.
 
@@ -239,7 +242,10 @@ pub struct Epochs {
 
 impl Epochs {
     /// A group that starts disk-only ([`Phase::Off`]; [`Epochs::start_seeding`]
-    /// switches it in).
+    /// switches it in). If the backup reports acknowledged epochs on the first
+    /// connection ([`Epochs::reconnected`]), it may still fail over to a
+    /// checkpoint of a previous run: the group then starts in
+    /// [`Phase::Leaving`] and its output waits for that `Leave`'s ack.
     ///
     /// # Panics
     /// If `limits.max_unacked` is 0.
@@ -331,12 +337,17 @@ impl Epochs {
                 shipped: self.shipped,
             });
         }
+        Ok(self.leave_now())
+    }
+
+    /// Closes the open epoch uncaptured: [`Phase::Leaving`].
+    fn leave_now(&mut self) -> u64 {
         let e = self.open;
         self.captured = e;
         self.shipped = e;
         self.open = e + 1;
         self.phase = Phase::Leaving { epoch: e };
-        Ok(e)
+        e
     }
 
     /// The `Leave` to (re)send on the current connection, while leaving.
@@ -517,6 +528,14 @@ impl Epochs {
             self.shipped = backup_acked;
             self.given_up = backup_acked;
             self.needs_full = true;
+            if self.phase == Phase::Off && backup_acked > 0 {
+                // The backup has acknowledged checkpoints: it may still fail over
+                // to one (a previous run was checkpointing and its Leave was never
+                // acknowledged). Releasing on the disk rule now could show the
+                // client output that checkpoint does not remember, so this run
+                // leaves first: its output waits for the Leave's ack.
+                self.leave_now();
+            }
             return Ok(());
         }
         if backup_acked < self.acked && self.acked > self.floor {
@@ -709,20 +728,58 @@ mod tests {
         assert_eq!(e.phase(), Phase::Off);
         assert!(matches!(e.may_pause(), Err(PauseRefused::NotOn(_))));
         assert_eq!(e.start_seeding(), Err(SwitchRefused::NotSynced));
-        e.reconnected(7).unwrap();
+        e.reconnected(0).unwrap();
         assert_eq!(e.tag_epoch(), 0, "disk-only: tags carry no epoch");
         assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
         let s = e.start_seeding().unwrap();
-        assert_eq!((s, e.phase()), (8, Phase::Seeding { epoch: 8 }));
+        assert_eq!((s, e.phase()), (1, Phase::Seeding { epoch: 1 }));
         assert_eq!(e.tag_epoch(), 0, "seeding: still the disk rule");
         assert!(e.start_seeding().is_err());
         let p = e.begin_pause(&v(3)).unwrap();
-        assert_eq!((p.epoch, p.full_ram), (8, false), "a delta on the seeded segments");
-        assert_eq!((e.phase(), e.tag_epoch()), (Phase::On, 9));
-        e.capture_done(8).unwrap();
-        e.ship_done(8).unwrap();
+        assert_eq!(
+            (p.epoch, p.full_ram),
+            (1, false),
+            "a delta on the seeded segments"
+        );
+        assert_eq!((e.phase(), e.tag_epoch()), (Phase::On, 2));
+        e.capture_done(1).unwrap();
+        e.ship_done(1).unwrap();
+        assert!(e.ack(1).unwrap());
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 1);
+    }
+
+    #[test]
+    fn a_disk_only_start_against_a_checkpointing_backup_leaves_first() {
+        // A previous run checkpointed up to epoch 7 and its Leave never reached
+        // the backup, which would still resume epoch 7: nothing may leave on the
+        // disk rule until this run's Leave is acknowledged.
+        let mut e = Epochs::new_off(EpochLimits::default());
+        e.reconnected(7).unwrap();
+        assert_eq!(
+            (e.phase(), e.leave_pending()),
+            (Phase::Leaving { epoch: 8 }, Some(8))
+        );
+        assert_eq!(
+            (e.tag_epoch(), e.committed_view(&v(0)).get(EPOCH_ENTRY)),
+            (8, 0)
+        );
+        assert_eq!(
+            e.start_seeding(),
+            Err(SwitchRefused::Phase(
+                Phase::Leaving { epoch: 8 },
+                "disk-only"
+            ))
+        );
         assert!(e.ack(8).unwrap());
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 8);
+        assert_eq!(
+            (e.phase(), e.committed_view(&v(0)).get(EPOCH_ENTRY)),
+            (Phase::Off, 8)
+        );
+        assert_eq!(e.start_seeding(), Ok(9));
+        // A backup that never checkpointed: disk-only at once.
+        let mut e = Epochs::new_off(EpochLimits::default());
+        e.reconnected(0).unwrap();
+        assert_eq!(e.phase(), Phase::Off);
     }
 
     #[test]
@@ -750,16 +807,26 @@ mod tests {
         e.begin_pause(&v(1)).unwrap();
         assert_eq!(e.leave(), Err(SwitchRefused::InPause(1)));
         e.capture_done(1).unwrap();
-        assert!(matches!(e.leave(), Err(SwitchRefused::ShippingBehind { .. })));
+        assert!(matches!(
+            e.leave(),
+            Err(SwitchRefused::ShippingBehind { .. })
+        ));
         e.ship_done(1).unwrap();
         let l = e.leave().unwrap();
-        assert_eq!((l, e.phase(), e.tag_epoch()), (2, Phase::Leaving { epoch: 2 }, 2));
+        assert_eq!(
+            (l, e.phase(), e.tag_epoch()),
+            (2, Phase::Leaving { epoch: 2 }, 2)
+        );
         assert_eq!(e.leave_pending(), Some(2));
         assert!(matches!(e.may_pause(), Err(PauseRefused::NotOn(_))));
         // A reconnection before the backup recorded it: still leaving, sent again.
         e.reconnected(1).unwrap();
         assert_eq!((e.acked(), e.leave_pending()), (1, Some(2)));
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 1, "epoch 2 still held");
+        assert_eq!(
+            e.committed_view(&v(0)).get(EPOCH_ENTRY),
+            1,
+            "epoch 2 still held"
+        );
         assert!(e.ack(2).unwrap());
         assert_eq!((e.phase(), e.leave_pending()), (Phase::Off, None));
         assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 2, "released");
