@@ -128,6 +128,7 @@ enum Check {
     DeltaWithoutBase,
     EpochReused,
     NotReleased,
+    VolumesStuck,
     Protocol,
 }
 
@@ -780,7 +781,7 @@ impl Sim {
         Ok(())
     }
 
-    fn driver(&mut self, faults: bool) -> Result<(), Violation> {
+    fn driver(&mut self, faults: bool, quiet: bool) -> Result<(), Violation> {
         let t = self.t;
         if let Some(p) = self.pausing.as_ref().filter(|p| p.due <= t) {
             let (ck, fails) = (p.ckpt.clone(), p.fails);
@@ -811,8 +812,9 @@ impl Sim {
         } else if self.pausing.is_none() {
             match self.epochs.phase() {
                 Phase::Off => {
+                    // Falling quiet: a switching group stays where it is.
                     let switch_in = if self.switching {
-                        self.rng.chance(1, 40)
+                        !quiet && self.rng.chance(1, 40)
                     } else {
                         true
                     };
@@ -847,6 +849,7 @@ impl Sim {
                 }
                 Phase::On => {
                     if self.switching
+                        && !quiet
                         && self.rng.chance(1, 60)
                         && self.to_ship.is_empty()
                         && !self.epochs.failed()
@@ -970,7 +973,7 @@ fn run_schedule(seed: u64, bug: Bug, release_checks: bool) -> Result<Stats, Viol
         let quiet = t >= ticks;
         sim.deliver()?;
         sim.guests(quiet);
-        sim.driver(faults && !quiet)?;
+        sim.driver(faults && !quiet, quiet)?;
         if disaster_at == Some(t) {
             sim.disaster_check()?;
             sim.stats.disasters[sim.at() as usize] = 1;
@@ -995,6 +998,16 @@ fn run_schedule(seed: u64, bug: Bug, release_checks: bool) -> Result<Stats, Viol
                 sim.backup_acked,
                 sim.pending.len(),
                 sim.agent_committed
+            ),
+        );
+    }
+    if !sim.epochs.failed() && sim.epochs.phase() == Phase::Off && sim.applied != sim.journaled {
+        return violation(
+            Check::VolumesStuck,
+            format!(
+                "the group is disk-only and quiet, but the backup's volumes are at {:?}, the journal at {:?} \
+                 (frozen {}, active {})",
+                sim.applied, sim.journaled, sim.frozen, sim.active
             ),
         );
     }
