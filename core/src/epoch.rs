@@ -387,6 +387,10 @@ impl Epochs {
     pub fn shipped(&self) -> u64 {
         self.shipped
     }
+    /// Whether the backup's acknowledged epoch was learnt ([`Epochs::reconnected`]).
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
     /// Whether a capture failed (the group's output is held for good).
     pub fn failed(&self) -> bool {
         self.failed
