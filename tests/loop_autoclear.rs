@@ -2,15 +2,17 @@
 //! inside a private mount namespace is SIGKILLed, and afterwards `losetup -l` shows no
 //! device of ours.
 //!
-//! Inside `unshare --mount --pid --fork --kill-child` a script mounts a tmpfs private to
+//! Inside `unshare --mount --pid --fork --kill-child` (blockstack's
+//! `in_private_namespaces`) a script mounts a tmpfs private to
 //! the namespace (as nbdfuse's FUSE mount is in the real tests), puts two files on it and
 //! mounts ext4 from each through a loop device:
 //! - `auto`: attached by `pipecloud-loop attach` (autoclear), what the project uses;
 //! - `control`: attached by plain `losetup`, the way that leaked. It shows the check
 //!   sees a leak when there is one, and that [`reap_stale`] then removes it.
 //!
-//! Then the test SIGKILLs `unshare`: its child (pid 1 of the namespace) is killed with
-//! it, every process of the namespace dies, no trap or `Drop` runs. Needs root, the loop
+//! Then the test SIGKILLs `unshare` (started by `setpriv`, which execs it): its child
+//! (pid 1 of the namespace) is killed with it, every process of the namespace dies, no
+//! trap or `Drop` runs. Needs root, the loop
 //! driver, util-linux and e2fsprogs; a missing one FAILS the test.
 #[path = "support/blockstack.rs"]
 mod blockstack;
@@ -105,19 +107,7 @@ fn sigkilled_namespace_leaves_no_loop_device() {
         needles: vec![auto.clone()],
     };
     let out = std::fs::File::create(dir.join("script.out")).expect("script output");
-    let child = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "bash",
-            "-c",
-            SCRIPT,
-            "loop-autoclear",
-        ])
+    let child = blockstack::in_private_namespaces(SCRIPT, "loop-autoclear")
         .arg(&dir)
         .arg(&auto)
         .arg(env!("CARGO_BIN_EXE_pipecloud-loop"))

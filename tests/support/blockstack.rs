@@ -188,6 +188,32 @@ for _ in $(seq 200); do [ -s "$dir/nbdfuse.pid" ] && break; sleep 0.05; done
 echo MOUNT-TEST-OK
 "#;
 
+/// `bash -c script name ARGS...` (add the ARGS) in private mount and pid namespaces
+/// that die with the spawning thread, however it dies: `setpriv --pdeathsig` gives
+/// `unshare` SIGKILL then, and `--kill-child` passes it on to the namespace's pid 1
+/// (the script), so every process of the namespace dies and its mounts go. SIGKILL to
+/// the spawned child does the same.
+pub fn in_private_namespaces(script: &str, name: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--pdeathsig",
+        "KILL",
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "bash",
+        "-c",
+        script,
+        name,
+    ]);
+    c
+}
+
 /// Kills a still-running script (its namespace dies with it) and detaches any loop
 /// device left on our file (`name`, seen from anywhere).
 pub struct MountGuard {
@@ -243,25 +269,7 @@ pub fn mount_test(uri: &str, work: &Path, conns: u32) {
     };
     let out_path = work.join("script.out");
     let out = std::fs::File::create(&out_path).expect("creating the script's output file");
-    // `setpriv --pdeathsig`: `unshare` gets SIGKILL when this test's thread dies;
-    // `--kill-child` passes it on to the namespace's pid 1.
-    let child = Command::new("setpriv")
-        .args([
-            "--pdeathsig",
-            "KILL",
-            "--",
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "bash",
-            "-c",
-            MOUNT_SCRIPT,
-            "mount-test",
-        ])
+    let child = in_private_namespaces(MOUNT_SCRIPT, "mount-test")
         .arg(uri)
         .arg(work)
         .arg(conns.to_string())
