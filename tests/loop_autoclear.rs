@@ -3,7 +3,7 @@
 //! device of ours.
 //!
 //! Inside `unshare --mount --pid --fork --kill-child` (blockstack's
-//! `in_private_namespaces`) a script mounts a tmpfs private to
+//! `spawn_in_private_namespaces`) a script mounts a tmpfs private to
 //! the namespace (as nbdfuse's FUSE mount is in the real tests), puts two files on it and
 //! mounts ext4 from each through a loop device:
 //! - `auto`: attached by `pipecloud-loop attach` (autoclear), what the project uses;
@@ -18,7 +18,7 @@
 mod blockstack;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use pipecloud::loopdev::{owned_name, reap_stale};
@@ -106,16 +106,13 @@ fn sigkilled_namespace_leaves_no_loop_device() {
         dir: dir.clone(),
         needles: vec![auto.clone()],
     };
-    let out = std::fs::File::create(dir.join("script.out")).expect("script output");
-    let child = blockstack::in_private_namespaces(SCRIPT, "loop-autoclear")
-        .arg(&dir)
-        .arg(&auto)
-        .arg(env!("CARGO_BIN_EXE_pipecloud-loop"))
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("output fd"))
-        .stderr(out)
-        .spawn()
-        .expect("spawning unshare");
+    let args = [dir.as_os_str(), auto.as_ref()];
+    let child = blockstack::spawn_in_private_namespaces(
+        SCRIPT,
+        "loop-autoclear",
+        &args,
+        &dir.join("script.out"),
+    );
     let owner = child.id();
     cleanup.child = Some(child);
     let control = owned_name(owner, "control");

@@ -188,30 +188,43 @@ for _ in $(seq 200); do [ -s "$dir/nbdfuse.pid" ] && break; sleep 0.05; done
 echo MOUNT-TEST-OK
 "#;
 
-/// `bash -c script name ARGS...` (add the ARGS) in private mount and pid namespaces
-/// that die with the spawning thread, however it dies: `setpriv --pdeathsig` gives
-/// `unshare` SIGKILL then, and `--kill-child` passes it on to the namespace's pid 1
-/// (the script), so every process of the namespace dies and its mounts go. SIGKILL to
-/// the spawned child does the same.
-pub fn in_private_namespaces(script: &str, name: &str) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--pdeathsig",
-        "KILL",
-        "--",
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "bash",
-        "-c",
-        script,
-        name,
-    ]);
-    c
+/// Spawns `bash -c script name ARGS...` (its output to the file `out`) in private mount
+/// and pid namespaces that die with the spawning thread, however it dies: `setpriv
+/// --pdeathsig` gives `unshare` SIGKILL then, and `--kill-child` passes it on to the
+/// namespace's pid 1 (the script), so every process of the namespace dies and its mounts
+/// go. SIGKILL to the returned child does the same. The script's last argument is
+/// `pipecloud-loop` (`src/bin/pipecloud-loop.rs`).
+pub fn spawn_in_private_namespaces(
+    script: &str,
+    name: &str,
+    args: &[&std::ffi::OsStr],
+    out: &Path,
+) -> std::process::Child {
+    let out = std::fs::File::create(out).expect("creating the script's output file");
+    Command::new("setpriv")
+        .args([
+            "--pdeathsig",
+            "KILL",
+            "--",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "bash",
+            "-c",
+            script,
+            name,
+        ])
+        .args(args)
+        .arg(env!("CARGO_BIN_EXE_pipecloud-loop"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("output fd"))
+        .stderr(out)
+        .spawn()
+        .expect("spawning setpriv + unshare")
 }
 
 /// Kills a still-running script (its namespace dies with it) and detaches any loop
@@ -268,18 +281,14 @@ pub fn mount_test(uri: &str, work: &Path, conns: u32) {
         name: name.clone(),
     };
     let out_path = work.join("script.out");
-    let out = std::fs::File::create(&out_path).expect("creating the script's output file");
-    let child = in_private_namespaces(MOUNT_SCRIPT, "mount-test")
-        .arg(uri)
-        .arg(work)
-        .arg(conns.to_string())
-        .arg(&name)
-        .arg(env!("CARGO_BIN_EXE_pipecloud-loop"))
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("output fd"))
-        .stderr(out)
-        .spawn()
-        .expect("spawning unshare");
+    let conns = conns.to_string();
+    let args = [
+        uri.as_ref(),
+        work.as_os_str(),
+        conns.as_ref(),
+        name.as_ref(),
+    ];
+    let child = spawn_in_private_namespaces(MOUNT_SCRIPT, "mount-test", &args, &out_path);
     guard.child = Some(child);
     let deadline = Instant::now() + Duration::from_secs(300);
     let status = loop {
