@@ -24,6 +24,13 @@
 //! too). Recovery ([`recover`]) re-applies every epoch `<=` the acknowledged one
 //! still present, in order, keeps the committed epochs beyond it (each has a
 //! marker) and deletes staged files no marker names (torn epochs).
+//!
+//! A machine's epoch may have several parts (segments, applied in order: the
+//! later page wins; the device state is the last part's that has any). After a
+//! `Leave` the state says disk-only with `acked` at the Leave's epoch; a crash
+//! before its dropped markers are deleted re-applies them on recovery (as `<=`
+//! acked), which is harmless: the chains are cut, so the replica counts again
+//! only once a full epoch of the next period rewrote all of each machine's RAM.
 
 use super::plan::{Commit, Durable, Part};
 use crate::meta::sync_dir;
@@ -294,7 +301,11 @@ impl Files {
                 let path = self.pages_path(c.epoch, part.id);
                 let (b, dev) = apply_part(&path, ram, part)?;
                 bytes += b;
-                self.install_devstate(part, &dev)?;
+                // A segment without device state (a pre-copy round) keeps the
+                // machine's device state, unless it starts the machine anew (full).
+                if part.device_bytes > 0 || part.full {
+                    self.install_devstate(part, &dev)?;
+                }
                 touched.insert(part.machine.clone());
             }
         }
@@ -592,6 +603,7 @@ mod tests {
             members: ["a".to_string()].into(),
             ram: [("vm".to_string(), RAM)].into(),
             chain: Default::default(),
+            active: true,
         };
         f.store_state(&d).unwrap();
         assert_eq!(f.apply(std::slice::from_ref(&c1)).unwrap(), RAM);
