@@ -13,6 +13,14 @@
 //!   failover output is always a complete acknowledged epoch, never older than the
 //!   newest Ack the agent received.
 //!
+//! - the run-time switch (docs/design.md §13): a seeded epoch sent as several
+//!   segments (a full pre-copy without device state, a round, the pause) is
+//!   acknowledged and resumed; a `Leave` is acknowledged only once the disk-only
+//!   state is persisted (a SIGKILL right after its Ack still fails over disk-only,
+//!   with no `checkpoint.toml`), and the epochs pending at it are dropped; a group
+//!   seeding a new period fails over disk-only; after a `Leave`, a delta is refused
+//!   (the next period must send all of the RAM).
+//!
 //! The injected fault (`--features fault-ack-on-commit`: the server acks on Commit,
 //! before anything is durable) makes `acks_wait_for_commit_and_barrier…` fail.
 
@@ -214,6 +222,22 @@ impl Inbox {
         r.unwrap_or_else(|_| panic!("no Ack of epoch {e} within {PATIENCE:?}"))
     }
 
+    /// Waits until the group's committed vector has writer 0 at `seq` or beyond.
+    async fn committed(&mut self, seq: Seq) {
+        let r = tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.0.recv().await {
+                    Some(Frame::Committed { vector }) if vector.get(0) >= seq => return,
+                    Some(Frame::Reject { reason }) => panic!("rejected: {reason}"),
+                    Some(_) => {}
+                    None => panic!("connection closed while waiting for write {seq} to be durable"),
+                }
+            }
+        })
+        .await;
+        r.unwrap_or_else(|_| panic!("write {seq} not durable within {PATIENCE:?}"))
+    }
+
     /// Asserts that no checkpoint Ack arrives within [`QUIET`].
     async fn no_ack(&mut self, why: &str) {
         let t = tokio::time::Instant::now() + QUIET;
@@ -395,7 +419,7 @@ async fn acks_wait_for_commit_and_barrier_and_failover_resumes_the_last_acked_ep
     let (ok, stdout, stderr) = env.cli(&["status", "--config", env.config.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("checkpoint: last acked epoch 3"),
+        stdout.contains("checkpoint: active") && stdout.contains("last acked epoch 3"),
         "{stdout}"
     );
 
@@ -405,6 +429,203 @@ async fn acks_wait_for_commit_and_barrier_and_failover_resumes_the_last_acked_ep
     // The applier never went beyond the barrier although retention is 0.
     let log = server.log_text();
     assert!(log.contains("checkpoint failover output written"), "{log}");
+    drop(server);
+}
+
+impl Guest {
+    /// A pre-copy segment of `epoch` while the guest runs: all of the RAM (`full`)
+    /// or the pages written since the previous one; no device state, no Commit.
+    fn precopy(&mut self, epoch: u64, full: bool) -> Vec<Frame> {
+        let dev = std::mem::take(&mut self.dev);
+        let f = self.epoch(epoch, full, false);
+        self.dev = dev;
+        f
+    }
+}
+
+/// The group's status lines.
+fn status(env: &Env) -> String {
+    let (ok, stdout, stderr) = env.cli(&["status", "--config", env.config.to_str().expect("utf8")]);
+    assert!(ok, "{stderr}");
+    stdout
+}
+
+/// Runs `failover` and checks that it wrote the disk-only causal cut: no RAM, no
+/// device state, no `checkpoint.toml`, the disk at the cut, and the cut at least
+/// `min` (beyond the last checkpoint's barrier). Returns the cut.
+fn check_disk_only_failover(env: &Env, g: &Guest, out: &Path, min: Seq) -> Seq {
+    let (ok, stdout, stderr) = env.cli(&[
+        "failover",
+        "--group",
+        "ck",
+        "--out",
+        out.to_str().expect("utf8"),
+        "--config",
+        env.config.to_str().expect("utf8"),
+    ]);
+    assert!(ok, "failover failed: {stderr}");
+    assert!(!stdout.contains("checkpoint epoch"), "{stdout}");
+    for f in ["checkpoint.toml", "vm1.ram", "vm1.devstate"] {
+        assert!(!out.join(f).exists(), "a disk-only failover wrote {f}");
+    }
+    let cut = printed_cut(&stdout);
+    let c = cut.first().copied().unwrap_or(0);
+    assert!(c >= min, "failover cut {cut:?}, expected at least {min}");
+    let img = std::fs::read(out.join("d.img")).expect("d.img");
+    assert!(
+        img == g.disk_at(c),
+        "disk differs from the writes up to {c}"
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_epoch_in_segments_is_acked_and_resumed() {
+    let mut env = Env::new(&["ck"], "retention_secs = 0");
+    let tls = env.client_tls("ck");
+    let h = hello("ck", "agent-s", vec![disk("d", DISK, 0, 1)]);
+    let server = env.start();
+    let (mut wr, rd, _) = connect(server.addr(), tls, &h).await.expect("connect");
+    let mut inbox = Inbox::spawn(rd);
+    let mut g = Guest::new(7);
+    // Disk-only: writes are applied freely.
+    g.run();
+    let f: Vec<Frame> = (0..3).map(|_| g.write()).collect();
+    wr.send(&f).await.expect("send");
+    inbox.committed(3).await;
+    // Switch in: a full pre-copy, a round of pages written meanwhile, then the
+    // pause (pages written since, and the device state) and the Commit.
+    let mut f = g.precopy(1, true);
+    g.run();
+    f.push(g.write());
+    f.extend(g.precopy(1, false));
+    g.run();
+    f.push(g.write());
+    f.extend(g.epoch(1, false, true));
+    wr.send(&f).await.expect("send");
+    assert_eq!(inbox.ack(1).await, 1);
+    assert!(status(&env).contains("checkpoint: active"));
+    // Epoch 2, a delta on the seeded one (two segments), acked; writes after it.
+    g.run();
+    let mut f = g.precopy(2, false);
+    g.run();
+    f.push(g.write());
+    f.extend(g.epoch(2, false, true));
+    wr.send(&f).await.expect("send");
+    assert_eq!(inbox.ack(2).await, 2);
+    let after: Vec<Frame> = (0..3).map(|_| g.write()).collect();
+    wr.send(&after).await.expect("send");
+    inbox.committed(g.last_seq()).await;
+    let out = env.out_dir("failover");
+    assert_eq!(check_failover(&env, &g, &out), (2, 0));
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_is_acked_once_persisted_and_failover_is_then_disk_only() {
+    let mut env = Env::new(&["ck"], "retention_secs = 0");
+    let tls = env.client_tls("ck");
+    let h = hello("ck", "agent-l", vec![disk("d", DISK, 0, 1)]);
+    let server = env.start();
+    let (mut wr, rd, _) = connect(server.addr(), tls.clone(), &h)
+        .await
+        .expect("connect");
+    let mut inbox = Inbox::spawn(rd);
+    let mut g = Guest::new(11);
+    g.run();
+    let mut f: Vec<Frame> = (0..3).map(|_| g.write()).collect();
+    f.extend(g.epoch(1, true, true));
+    wr.send(&f).await.expect("send");
+    assert_eq!(inbox.ack(1).await, 1);
+    // Epoch 2 committed, but its barrier writes are withheld: pending at the Leave.
+    g.run();
+    let w4 = g.write();
+    wr.send(&g.epoch(2, false, true)).await.expect("send");
+    inbox
+        .no_ack("write 4 of the barrier of epoch 2 was withheld")
+        .await;
+    // Leave { 3 }: acknowledged although epoch 2 never became ready.
+    wr.send(&[ck(Checkpoint::Leave { epoch: 3 })])
+        .await
+        .expect("send");
+    assert_eq!(inbox.ack(3).await, 3);
+    // Killed right after the Ack: the restarted server must be disk-only.
+    drop(wr);
+    drop(inbox);
+    server.kill();
+    let st = status(&env);
+    assert!(
+        st.contains("checkpoint: disk-only")
+            && st.contains("last acked epoch 3")
+            && st.contains("0 epochs pending"),
+        "{st}"
+    );
+    let server = env.start();
+    let (mut wr, rd, wel) = connect(server.addr(), tls.clone(), &h)
+        .await
+        .expect("reconnect");
+    assert_eq!(wel.committed.get(pipecloud_core::EPOCH_ENTRY), 3);
+    let mut inbox = Inbox::spawn(rd);
+    assert_eq!(inbox.ack(3).await, 3);
+    // A repeated Leave (the agent reconnected before it saw the Ack): acked again.
+    wr.send(&[ck(Checkpoint::Leave { epoch: 3 })])
+        .await
+        .expect("send");
+    assert_eq!(inbox.ack(3).await, 3);
+    // Disk-only: the writes after the last checkpoint's barrier are applied and
+    // failed over.
+    let mut f = vec![w4];
+    f.extend((0..3).map(|_| g.write()));
+    wr.send(&f).await.expect("send");
+    inbox.committed(g.last_seq()).await;
+    let out = env.out_dir("failover");
+    let cut = check_disk_only_failover(&env, &g, &out, g.last_seq());
+    assert!(cut > g.snaps[&1][0].barrier);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_leave_a_delta_is_refused_and_a_seeding_group_fails_over_disk_only() {
+    let mut env = Env::new(&["ck"], "retention_secs = 0");
+    let tls = env.client_tls("ck");
+    let h = hello("ck", "agent-d", vec![disk("d", DISK, 0, 1)]);
+    let server = env.start();
+    let (mut wr, rd, _) = connect(server.addr(), tls.clone(), &h)
+        .await
+        .expect("connect");
+    let mut inbox = Inbox::spawn(rd);
+    let mut g = Guest::new(13);
+    g.run();
+    let mut f: Vec<Frame> = (0..2).map(|_| g.write()).collect();
+    f.extend(g.epoch(1, true, true));
+    wr.send(&f).await.expect("send");
+    assert_eq!(inbox.ack(1).await, 1);
+    wr.send(&[ck(Checkpoint::Leave { epoch: 2 })])
+        .await
+        .expect("send");
+    assert_eq!(inbox.ack(2).await, 2);
+    // Switching in again with a delta on the old period is refused.
+    g.run();
+    wr.send(&g.epoch(3, false, true)).await.expect("send");
+    let why = inbox.reject().await;
+    assert!(why.contains("send a full epoch"), "{why}");
+    // Seeding epoch 3 (full pre-copy and a round, no pause yet), writes meanwhile.
+    let (mut wr, rd, _) = connect(server.addr(), tls.clone(), &h)
+        .await
+        .expect("reconnect");
+    let mut inbox = Inbox::spawn(rd);
+    assert_eq!(inbox.ack(2).await, 2);
+    let mut f = g.precopy(3, true);
+    g.run();
+    f.extend((0..3).map(|_| g.write()));
+    f.extend(g.precopy(3, false));
+    wr.send(&f).await.expect("send");
+    inbox.committed(g.last_seq()).await;
+    let st = status(&env);
+    assert!(st.contains("checkpoint: seeding"), "{st}");
+    // The disaster strikes while seeding: the causal cut, no checkpoint.
+    let out = env.out_dir("failover");
+    check_disk_only_failover(&env, &g, &out, g.last_seq());
     drop(server);
 }
 
