@@ -153,6 +153,9 @@ struct Conn {
     committed_any: bool,
 }
 
+/// Commit markers (epoch, agent) to delete.
+pub type Markers = Vec<(u64, String)>;
+
 /// Pending (not yet acknowledged) commits of one epoch, per agent, with durability.
 type Pending = BTreeMap<u64, BTreeMap<String, (Commit, bool)>>;
 
@@ -690,7 +693,7 @@ impl Ledger {
     /// drops every pending commit and every connection's epoch in progress.
     /// Returns the staged parts (epoch, id) and the commit markers (epoch, agent)
     /// to delete.
-    pub fn leave(&mut self, epoch: u64) -> (Vec<(u64, u64)>, Vec<(u64, String)>) {
+    pub fn leave(&mut self, epoch: u64) -> (Vec<(u64, u64)>, Markers) {
         let Ok(Some(d)) = self.would_leave(epoch) else {
             return (Vec::new(), Vec::new());
         };
