@@ -28,16 +28,27 @@
 //! 4. the replica it implies is complete: a machine's epoch that is not *full*
 //!    (all of its RAM sent, contiguously from offset 0) is a delta on the same
 //!    machine's previous epoch, which must have been committed (enforced at `End`:
-//!    a delta on an epoch the backup never got is rejected).
+//!    a delta on an epoch the backup never got is rejected). A machine may send
+//!    several `Begin … End` segments in one epoch (parts applied in order): the
+//!    epoch is full if its first segment is, and later segments continue it;
+//! 5. its barrier dominates the base volumes' applied cut ([`Ledger::set_applied`]):
+//!    the disks can still be written at exactly that barrier.
 //!
-//! Proof sketch: an epoch is acked only from [`Ledger::ready`], which checks 1–4
+//! The run-time switch (docs/design.md §13): the durable state says whether the
+//! group is `active` (a failover resumes the acknowledged checkpoint); a `Begin`
+//! while not active starts *seeding* (the volumes freeze, [`Ledger::disk_cap`]);
+//! the first ack makes the group active; `Leave { E }` ([`Ledger::would_leave`],
+//! [`Ledger::leave`]) makes it disk-only at `acked = E`, drops what is pending and
+//! cuts every chain.
+//!
+//! Proof sketch: an epoch is acked only from [`Ledger::ready`], which checks 1–5
 //! directly (4 against each machine's chain in the replica, [`Durable::chain`];
 //! `End` also refuses a delta on an epoch the backup does not hold, early). The RAM replica at `E` is the in-order application of every
 //! committed part `<= E` (2 makes all of them durable, 4 makes the chain of deltas
 //! of each machine gap-free back to a full epoch), the device state is the newest
 //! committed one `<= E`, the disks are the journal at the barrier (3). Torn parts
 //! (no `End`, no `Commit`, or a connection lost in between) never enter a commit and
-//! are discarded. [`Ledger::ack`] re-checks 1–4 with an always-on `assert!`: an ack
+//! are discarded. [`Ledger::ack`] re-checks 1–5 with an always-on `assert!`: an ack
 //! the rule does not allow is a bug in the checkpoint thread, and the server stops
 //! rather than acknowledge a checkpoint a crash could lose.
 //!
@@ -809,7 +820,7 @@ impl Ledger {
     /// epoch order.
     ///
     /// # Panics
-    /// If `epoch` may not be acknowledged (rule 1–4 of the module documentation).
+    /// If `epoch` may not be acknowledged (rule 1–5 of the module documentation).
     pub fn ack(&mut self, epoch: u64, committed: &CountVector) -> Vec<Commit> {
         let (barrier, chain) = match self.check(epoch, committed) {
             Ok(b) => b,
