@@ -1445,9 +1445,16 @@ mod tests {
     /// One agent action in the random schedules.
     #[derive(Clone, Debug)]
     enum Act {
-        /// Agent `a` sends a whole epoch of its machine (full or delta), maybe torn
-        /// before `End` or before `Commit`.
-        Epoch { a: usize, full: bool, torn: u8 },
+        /// Agent `a` sends a whole epoch of its machine (full or delta, then `segs`
+        /// more one-page segments), maybe torn before `End` or before `Commit`.
+        Epoch {
+            a: usize,
+            full: bool,
+            torn: u8,
+            segs: u8,
+        },
+        /// Agent `a` leaves full-state mode (the checkpoint thread records it).
+        Leave { a: usize },
         /// The thread makes agent `a`'s oldest non-durable commit durable.
         Durable { a: usize },
         /// The journal makes writer `a`'s next write durable.
@@ -1458,11 +1465,15 @@ mod tests {
 
     fn act() -> impl Strategy<Value = Act> {
         prop_oneof![
-            (0..2usize, any::<bool>(), 0..6u8).prop_map(|(a, full, torn)| Act::Epoch {
-                a,
-                full,
-                torn
+            (0..2usize, any::<bool>(), 0..6u8, 0..3u8).prop_map(|(a, full, torn, segs)| {
+                Act::Epoch {
+                    a,
+                    full,
+                    torn,
+                    segs,
+                }
             }),
+            (0..2usize).prop_map(|a| Act::Leave { a }),
             (0..2usize).prop_map(|a| Act::Durable { a }),
             (0..2usize).prop_map(|a| Act::Disk { a }),
             (0..2usize).prop_map(|a| Act::Reconnect { a }),
@@ -1490,7 +1501,7 @@ mod tests {
             let mut members = std::collections::BTreeSet::new();
             for a in acts {
                 match a {
-                    Act::Epoch { a, full, torn } => {
+                    Act::Epoch { a, full, torn, segs } => {
                         let e = epoch[0].max(epoch[1]).max(l.acked()) + 1;
                         epoch[a] = e;
                         seq[a] += 1;
@@ -1513,11 +1524,44 @@ mod tests {
                             reject(&mut l);
                             continue;
                         }
+                        // Later segments (a switch in's rounds): always accepted.
+                        for _ in 0..segs {
+                            prop_assert!(l.frame(c, begin(agents[a], e)).is_ok());
+                            prop_assert!(l.frame(c, pages(e, 1, 1)).is_ok());
+                            prop_assert!(l.frame(c, end(e, 1, 0)).is_ok());
+                        }
                         if torn == 1 { reject(&mut l); continue; }
                         let mut b = [0u64; 2];
                         b[a] = seq[a];
                         prop_assert!(l.frame(c, commit(e, &b)).is_ok());
                         committed.push((a, e, seq[a], false));
+                    }
+                    Act::Leave { a } => {
+                        let e = epoch[0].max(epoch[1]).max(l.acked()) + 1;
+                        let c = conn[a];
+                        match l.frame(c, Checkpoint::Leave { epoch: e }) {
+                            Err(why) => {
+                                prop_assert!(why.contains("beyond"), "{why}");
+                                l.disconnect(c);
+                                conn[a] = next_conn;
+                                l.connect(next_conn, agents[a]);
+                                next_conn += 1;
+                                continue;
+                            }
+                            Ok(step) => prop_assert_eq!(step, Step::Leave { epoch: e, discard: Vec::new() }),
+                        }
+                        let d = l.would_leave(e);
+                        prop_assert!(matches!(&d, Ok(Some(d)) if d.acked == e && !d.active && d.chain.is_empty()));
+                        let (_, markers) = l.leave(e);
+                        prop_assert_eq!(markers.len(), committed.len());
+                        prop_assert!(!l.is_checkpoint_group() && l.disk_cap().is_none());
+                        prop_assert_eq!(l.acked(), e);
+                        // A new period: every chain starts over with a full epoch.
+                        for chain in applied.iter_mut() {
+                            check_chain(chain)?;
+                            chain.clear();
+                        }
+                        committed.clear();
                     }
                     Act::Durable { a } => {
                         if let Some(x) = committed.iter_mut().find(|x| x.0 == a && !x.3) {
@@ -1542,7 +1586,10 @@ mod tests {
                         prop_assert!(c.is_some_and(|c| disk[m] >= c.2), "barrier of {m} not durable");
                     }
                     prop_assert!(committed.iter().filter(|x| x.1 <= e).all(|x| x.3));
-                    for c in l.ack(e, &cv) {
+                    let acked = l.ack(e, &cv);
+                    prop_assert!(l.is_checkpoint_group() && !l.is_seeding());
+                    prop_assert_eq!(l.disk_cap(), Some(l.durable_state().barrier));
+                    for c in acked {
                         let a = agents.iter().position(|x| *x == c.agent).unwrap_or(0);
                         for p in c.parts {
                             applied[a].push((c.epoch, p.full));
@@ -1552,13 +1599,26 @@ mod tests {
                 }
             }
             for chain in &applied {
-                if let Some(first) = chain.first() {
-                    prop_assert!(first.1, "a machine's first applied epoch must be full: {chain:?}");
-                }
-                for w in chain.windows(2) {
-                    prop_assert!(w[1].1 || w[1].0 == w[0].0 + 1, "gap in the delta chain: {chain:?}");
-                }
+                check_chain(chain)?;
             }
         }
+    }
+
+    /// A machine's applied parts (epoch, full): the first is full, and each later
+    /// one is full, continues the previous epoch, or is a later segment of it.
+    fn check_chain(chain: &[(u64, bool)]) -> Result<(), TestCaseError> {
+        if let Some(first) = chain.first() {
+            prop_assert!(
+                first.1,
+                "a machine's first applied epoch must be full: {chain:?}"
+            );
+        }
+        for w in chain.windows(2) {
+            prop_assert!(
+                w[1].1 || w[1].0 == w[0].0 + 1 || w[1].0 == w[0].0,
+                "gap in the delta chain: {chain:?}"
+            );
+        }
+        Ok(())
     }
 }
