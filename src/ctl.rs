@@ -105,10 +105,18 @@ pub struct Control {
     epochs: Vec<EpochStatusFn>,
     /// The group's lease on etcd, when the topology has `[quorum]`.
     lease: Option<(String, Arc<pipecloud_quorum::LeaseKeeper>)>,
+    /// Per group: how to switch it into or out of `checkpoint` at run time, or
+    /// why it cannot be (docs/design.md §13).
+    checkpoint: Vec<(String, Result<CheckpointSwitchFn, String>)>,
 }
 
-/// Renders the status line of a group's epoch loop (`None` once it is gone).
-pub type EpochStatusFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+/// Asks a group's epoch loop for a run-time switch to a mode (into or out of
+/// `checkpoint`); answers what will happen or why not.
+pub type CheckpointSwitchFn = Arc<dyn Fn(Mode) -> Result<String, String> + Send + Sync>;
+
+/// The group name and status of a group's epoch loop (`None` once it is gone).
+pub type EpochStatusFn =
+    Arc<dyn Fn() -> Option<(String, crate::fullstate::driver::DriverStatus)> + Send + Sync>;
 
 impl Control {
     /// A control interface over `groups`.
@@ -117,7 +125,19 @@ impl Control {
             groups,
             epochs: Vec::new(),
             lease: None,
+            checkpoint: Vec::new(),
         }
+    }
+
+    /// How `group` switches into and out of `checkpoint` at run time (`Err`: why
+    /// it cannot, shown to whoever asks).
+    pub fn with_checkpoint_switch(
+        mut self,
+        group: &str,
+        switch: Result<CheckpointSwitchFn, String>,
+    ) -> Self {
+        self.checkpoint.push((group.to_owned(), switch));
+        self
     }
 
     /// Adds the status line of a checkpoint group's epoch loop to `status`.
@@ -135,6 +155,11 @@ impl Control {
     /// The lease status, when the agent keeps one.
     pub fn lease(&self) -> Option<(&str, pipecloud_quorum::LeaseStatus)> {
         self.lease.as_ref().map(|(g, k)| (g.as_str(), k.status()))
+    }
+
+    /// The status of every group's epoch loop (checkpoint-capable groups).
+    pub fn epochs(&self) -> Vec<(String, crate::fullstate::driver::DriverStatus)> {
+        self.epochs.iter().filter_map(|e| e()).collect()
     }
 
     /// The groups it serves.
@@ -197,7 +222,25 @@ impl Control {
                 }
             },
         };
-        let mode = crate::agent::switch_mode(g.mode.get(), mode).map_err(|e| e.to_string())?;
+        let from = g.mode.get();
+        if from != mode && (from == Mode::Checkpoint || mode == Mode::Checkpoint) {
+            let group = g.client.group();
+            let switch = self
+                .checkpoint
+                .iter()
+                .find(|(n, _)| n == group)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_else(|| Err(crate::agent::CHECKPOINT_SWITCH_REFUSED.to_owned()))?;
+            if mode == Mode::Checkpoint
+                && g.client.status().link() != crate::replication::LinkState::Up
+            {
+                return Err(format!(
+                    "group {group}: the backup is not connected; a switch to checkpoint needs it                      (nothing changed: try again once `ctl status` shows connected=true)"
+                ));
+            }
+            return switch(mode);
+        }
+        let mode = crate::agent::switch_mode(from, mode).map_err(|e| e.to_string())?;
         if crate::agent::needs_network_path(mode) && g.net.is_none() {
             return Err(crate::agent::PIPELINED_NEEDS_NETWORK.into());
         }
@@ -290,10 +333,8 @@ impl Control {
                 let _ = writeln!(out, "hold {}: {}", s.group, net.hold.snapshot().summary());
             }
         }
-        for e in &self.epochs {
-            if let Some(line) = e() {
-                let _ = writeln!(out, "{line}");
-            }
+        for (group, s) in self.epochs() {
+            let _ = writeln!(out, "{}", s.line(&group));
         }
         if let Some((group, l)) = self.lease() {
             let _ = writeln!(
@@ -538,9 +579,9 @@ mod tests {
             "ok\ngroup g1: mode pipelined -> sync\n"
         );
         assert_eq!(g1.mode.get(), Mode::Sync);
-        assert!(control
-            .handle("mode checkpoint")
-            .starts_with("error: switching a group into or out of mode `checkpoint` at run time"));
+        assert!(control.handle("mode checkpoint").starts_with(
+            "error: switching into or out of mode `checkpoint` at run time goes through"
+        ));
         assert!(control
             .handle("mode SYNC")
             .starts_with("error: unknown mode `SYNC`; expected one of async, sync"));

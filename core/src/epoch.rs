@@ -363,6 +363,10 @@ impl Epochs {
     pub fn shipped(&self) -> u64 {
         self.shipped
     }
+    /// Whether the backup's acknowledged epoch was learnt ([`Epochs::reconnected`]).
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
     /// Whether a capture failed (the group's output is held for good).
     pub fn failed(&self) -> bool {
         self.failed
@@ -717,7 +721,11 @@ mod tests {
         assert_eq!(e.tag_epoch(), 0, "seeding: still the disk rule");
         assert!(e.start_seeding().is_err());
         let p = e.begin_pause(&v(3)).unwrap();
-        assert_eq!((p.epoch, p.full_ram), (8, false), "a delta on the seeded segments");
+        assert_eq!(
+            (p.epoch, p.full_ram),
+            (8, false),
+            "a delta on the seeded segments"
+        );
         assert_eq!((e.phase(), e.tag_epoch()), (Phase::On, 9));
         e.capture_done(8).unwrap();
         e.ship_done(8).unwrap();
@@ -750,16 +758,26 @@ mod tests {
         e.begin_pause(&v(1)).unwrap();
         assert_eq!(e.leave(), Err(SwitchRefused::InPause(1)));
         e.capture_done(1).unwrap();
-        assert!(matches!(e.leave(), Err(SwitchRefused::ShippingBehind { .. })));
+        assert!(matches!(
+            e.leave(),
+            Err(SwitchRefused::ShippingBehind { .. })
+        ));
         e.ship_done(1).unwrap();
         let l = e.leave().unwrap();
-        assert_eq!((l, e.phase(), e.tag_epoch()), (2, Phase::Leaving { epoch: 2 }, 2));
+        assert_eq!(
+            (l, e.phase(), e.tag_epoch()),
+            (2, Phase::Leaving { epoch: 2 }, 2)
+        );
         assert_eq!(e.leave_pending(), Some(2));
         assert!(matches!(e.may_pause(), Err(PauseRefused::NotOn(_))));
         // A reconnection before the backup recorded it: still leaving, sent again.
         e.reconnected(1).unwrap();
         assert_eq!((e.acked(), e.leave_pending()), (1, Some(2)));
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 1, "epoch 2 still held");
+        assert_eq!(
+            e.committed_view(&v(0)).get(EPOCH_ENTRY),
+            1,
+            "epoch 2 still held"
+        );
         assert!(e.ack(2).unwrap());
         assert_eq!((e.phase(), e.leave_pending()), (Phase::Off, None));
         assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 2, "released");
