@@ -62,6 +62,10 @@ pub struct DriverStatus {
     pub pauses: u64,
     /// Pauses skipped because shipping or acks were behind.
     pub stalls: u64,
+    /// Dirty page bytes captured and handed to the shipper (issue 22 §2).
+    pub raw_bytes: u64,
+    /// Page bytes queued on the connection after encoding (`Pages` data).
+    pub shipped_bytes: u64,
 }
 
 /// Pause records kept for [`EpochDriver::take_pauses`] (the oldest are dropped).
@@ -239,8 +243,9 @@ impl DriverStatus {
             |p| format!("{:.2}ms/{}pages", p.total.as_secs_f64() * 1e3, p.pages),
         );
         format!(
-            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause}",
-            self.open, self.shipped, self.acked, self.pauses, self.stalls
+            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause} \
+             raw_bytes={} shipped_bytes={}",
+            self.open, self.shipped, self.acked, self.pauses, self.stalls, self.raw_bytes, self.shipped_bytes
         )
     }
 }
@@ -424,13 +429,23 @@ fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
     };
     let link = &shared.link;
     let mut torn = false;
+    let (mut raw, mut shipped) = (0u64, 0u64);
     for ((name, ram_bytes), staged) in job.names.iter().zip(&job.staged) {
+        raw += staged.data.len() as u64;
         staged.frames(name, job.epoch, *ram_bytes, |f| {
+            if let Checkpoint::Pages { data, .. } = &f {
+                shipped += data.len() as u64;
+            }
             if !torn && !link.push(generation, &Frame::Checkpoint(f))? {
                 torn = true;
             }
             Ok(())
         })?;
+    }
+    {
+        let mut st = shared.lock();
+        st.status.raw_bytes += raw;
+        st.status.shipped_bytes += shipped;
     }
     if torn {
         return Ok(()); // the reconnection gave it up
