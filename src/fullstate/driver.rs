@@ -28,6 +28,7 @@ use crate::causal::CausalState;
 use crate::replication::checkpoint::{CheckpointEvents, CheckpointLink};
 use anyhow::{anyhow, Context, Result};
 use pipecloud_core::epoch::{Captured, EpochLimits, Epochs};
+use pipecloud_core::pagecodec::{Shadow, DEFAULT_SHADOW_BYTES};
 use pipecloud_core::wire::{Checkpoint, Frame};
 use pipecloud_core::{CountVector, WriterId, EPOCH_ENTRY};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -405,9 +406,19 @@ fn epoch_loop(
 }
 
 fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Staged>>) {
+    // Per guest: the copies of its pages last shipped on the connection (bounded
+    // by DEFAULT_SHADOW_BYTES each), the reference of the compressed encodings.
+    let mut shadows: Vec<Shadow> = Vec::new();
     for job in jobs {
         if job.epoch > 0 {
-            if let Err(e) = ship_one(shared, &job) {
+            if shadows.len() != job.names.len() {
+                shadows = job
+                    .names
+                    .iter()
+                    .map(|(_, ram)| Shadow::new(DEFAULT_SHADOW_BYTES, *ram))
+                    .collect();
+            }
+            if let Err(e) = ship_one(shared, &job, &mut shadows) {
                 let mut st = shared.lock();
                 shared.alarm(&mut st, format!("shipping epoch {}: {e:#}", job.epoch));
             }
@@ -419,7 +430,7 @@ fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Stage
 }
 
 /// Queues the frames of one epoch; gives the epoch up if the connection changes.
-fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
+fn ship_one(shared: &Shared, job: &ToShip, shadows: &mut [Shadow]) -> Result<()> {
     let generation = {
         let st = shared.lock();
         if job.epoch <= st.epochs.shipped() {
@@ -430,9 +441,10 @@ fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
     let link = &shared.link;
     let mut torn = false;
     let (mut raw, mut shipped) = (0u64, 0u64);
-    for ((name, ram_bytes), staged) in job.names.iter().zip(&job.staged) {
+    for (((name, ram_bytes), staged), shadow) in job.names.iter().zip(&job.staged).zip(shadows) {
         raw += staged.data.len() as u64;
-        staged.frames(name, job.epoch, *ram_bytes, |f| {
+        shadow.connection(generation);
+        staged.frames(name, job.epoch, *ram_bytes, shadow, |f| {
             if let Checkpoint::Pages { data, .. } = &f {
                 shipped += data.len() as u64;
             }
