@@ -276,9 +276,11 @@ impl<S: PageStore> Decoder<S> {
                 self.buf.resize(len as usize, 0);
                 match decompress_into(data, &mut self.buf) {
                     Ok(got) if got as u64 == len => {}
-                    Ok(got) => return Err(DecodeError::Refused(format!(
+                    Ok(got) => {
+                        return Err(DecodeError::Refused(format!(
                         "checkpoint pages at {offset}: LZ4 block of {got} bytes, {len} announced"
-                    ))),
+                    )))
+                    }
                     Err(e) => {
                         return Err(DecodeError::Refused(format!(
                             "checkpoint pages at {offset}: corrupt LZ4 block: {e}"
