@@ -34,11 +34,16 @@ use lz4_flex::block::{compress_into_with_table, decompress_into, CompressTable};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
-/// Default cap of one machine's shadow copies (the agent's per-guest memory for them).
-pub const DEFAULT_SHADOW_BYTES: u64 = 64 << 20;
+/// Default cap of one machine's shadow copies (the agent's per-guest memory for
+/// them; a guest with less RAM uses its RAM size). A 256 MiB guest has every page
+/// shadowed; with 64 MiB its 64 MiB working set (spread over the guest's physical
+/// pages) kept copies of only about half of its pages (docs/design.md §14).
+pub const DEFAULT_SHADOW_BYTES: u64 = 256 << 20;
 
 /// The agent's copies of pages last shipped on the current connection (module doc).
 pub struct Shadow {
+    /// False: every chunk goes [`PageEncoding::Raw`] ([`Shadow::raw_only`]).
+    compress: bool,
     /// Connection generation the copies belong to.
     generation: u64,
     /// Per slot: page number + 1 of its copy, 0 when empty.
@@ -55,12 +60,24 @@ impl Shadow {
     pub fn new(cap_bytes: u64, ram_bytes: u64) -> Shadow {
         let slots = (cap_bytes.min(ram_bytes) / PAGE_SIZE).max(1) as usize;
         Shadow {
+            compress: true,
             generation: 0,
             tags: vec![0; slots],
             copies: vec![0; slots * PAGE],
             table: CompressTable::large(),
             xored: Vec::new(),
             out: Vec::new(),
+        }
+    }
+
+    /// An encoder that sends every page [`PageEncoding::Raw`] and keeps no
+    /// copies (the uncompressed side of an A/B measurement).
+    pub fn raw_only() -> Shadow {
+        Shadow {
+            compress: false,
+            tags: vec![0],
+            copies: vec![0; PAGE],
+            ..Shadow::new(0, 0)
         }
     }
 
@@ -112,6 +129,9 @@ impl Shadow {
             "encode: {} bytes at {offset} are not whole pages of one chunk",
             pages.len()
         );
+        if !self.compress {
+            return emit(offset, PageEncoding::Raw, pages.to_vec());
+        }
         let first = offset / PAGE_SIZE;
         let n = pages.len() / PAGE;
         let mut i = 0;

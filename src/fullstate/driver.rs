@@ -412,10 +412,23 @@ fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Stage
     for job in jobs {
         if job.epoch > 0 {
             if shadows.len() != job.names.len() {
+                // PIPECLOUD_CKPT_RAW=1: uncompressed pages (A/B figures);
+                // PIPECLOUD_CKPT_SHADOW_MIB: the shadow cap (docs/design.md §14).
+                let raw = std::env::var_os("PIPECLOUD_CKPT_RAW").is_some_and(|v| v == "1");
+                let cap = std::env::var("PIPECLOUD_CKPT_SHADOW_MIB")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map_or(DEFAULT_SHADOW_BYTES, |m| m << 20);
                 shadows = job
                     .names
                     .iter()
-                    .map(|(_, ram)| Shadow::new(DEFAULT_SHADOW_BYTES, *ram))
+                    .map(|(_, ram)| {
+                        if raw {
+                            Shadow::raw_only()
+                        } else {
+                            Shadow::new(cap, *ram)
+                        }
+                    })
                     .collect();
             }
             if let Err(e) = ship_one(shared, &job, &mut shadows) {
