@@ -110,11 +110,6 @@ impl Files {
         self.epochs().join(format!("{epoch:020}"))
     }
 
-    /// Where the decoders keep their connections' latest page copies.
-    pub fn latest_dir(&self) -> PathBuf {
-        self.dir.join("latest")
-    }
-
     fn replica(&self) -> PathBuf {
         self.dir.join("replica")
     }

@@ -143,7 +143,7 @@ impl GroupCkpt {
             );
         }
         let ledger = Ledger::new(rec.state, rec.pending, rec.next_id);
-        let decoders = decode::Decoders::new(files.latest_dir());
+        let decoders = decode::Decoders::default();
         Ok(GroupCkpt {
             decoders,
             files,
