@@ -159,7 +159,7 @@ impl Rng {
 fn touch(page: &mut [u8], pattern: Pattern, round: u8, rng: &mut Rng) {
     match pattern {
         Pattern::Byte => page[0] = round,
-        Pattern::Record if rng.next() % REWRITE_ONE_IN == 0 => rng.fill(page),
+        Pattern::Record if rng.next().is_multiple_of(REWRITE_ONE_IN) => rng.fill(page),
         Pattern::Record => {
             let len = 64 + (rng.next() % 193) as usize;
             let at = (rng.next() % (PAGE - len + 1) as u64) as usize;
