@@ -502,17 +502,18 @@ async fn hostile_checkpoint_frames_close_the_connection() {
         ),
         (vec![ck(Checkpoint::Ack { epoch: 1 })], "backup to agents"),
         // Compressed pages (issue 22 §2): an XOR frame whose base was never
-        // received on this connection, a corrupt LZ4 block, a short one.
+        // received on this connection, a corrupt LZ4 block, a short one (epochs
+        // above the ones committed by the cases before).
         (
-            vec![begin(1, RAM), packed(1, 0, true, 1, zero_page.clone())],
+            vec![begin(4, RAM), packed(4, 0, true, 1, zero_page.clone())],
             "not received on this connection",
         ),
         (
-            vec![begin(1, RAM), packed(1, 0, false, 1, vec![0xff; 40])],
+            vec![begin(5, RAM), packed(5, 0, false, 1, vec![0xff; 40])],
             "corrupt LZ4",
         ),
         (
-            vec![begin(1, RAM), packed(1, 0, false, 2, zero_page.clone())],
+            vec![begin(6, RAM), packed(6, 0, false, 2, zero_page.clone())],
             "announced",
         ),
     ];
