@@ -11,7 +11,10 @@
 //! (defaults 10 s, 20 ms, 256 MiB). With `PIPECLOUD_BENCH_BACKUP=1` the agent's own
 //! epoch loop ships to a real backup server (`backup-server` binary next to the
 //! example or `PIPECLOUD_BACKUP_SERVER_BIN`) and the figure is epochs *acknowledged*
-//! per second.
+//! per second; each load runs uncompressed (`PIPECLOUD_CKPT_RAW=1`), then compressed.
+//! `PIPECLOUD_BENCH_LOADS=light,heavy,byte,record` picks the loads (`byte`/`record`:
+//! guest-service's `--dirty-pattern`, docs/design.md §14). The loopback mode also
+//! compares page codecs on the same pages (`--features bench-zstd` adds zstd 1 and 3).
 
 #[path = "../tests/support/backup.rs"]
 mod backup;
@@ -20,6 +23,7 @@ mod backup;
 mod qemu_guest;
 
 use pipecloud::core::codec::encode_frame;
+use pipecloud::core::pagecodec::{Shadow, DEFAULT_SHADOW_BYTES};
 use pipecloud::core::wire::{Checkpoint, Frame};
 use pipecloud::core::CountVector;
 use pipecloud::fullstate::capture::{pause_group, Guest, Staged};
@@ -36,6 +40,9 @@ struct Run {
     pages: u64,
     epochs: u64,
     elapsed: Duration,
+    /// Page bytes captured / shipped after encoding (after the seed).
+    raw_shipped: (u64, u64),
+    codecs: Codecs,
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -43,18 +50,119 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Ships staged epochs: frames → codec → TCP; hands the buffer back.
+/// Page codecs compared on the same dirty pages of every epoch (after the seed),
+/// in a rotating order; each XOR variant against the page's previous contents
+/// (an unbounded copy, as the agent's shadow would hold with no evictions).
+#[derive(Default)]
+struct Codecs {
+    prev: Vec<u8>,
+    raw: u64,
+    pages: u64,
+    /// (name, compressed bytes, CPU time)
+    results: Vec<(&'static str, u64, Duration)>,
+    round: usize,
+}
+
+impl Codecs {
+    fn names() -> Vec<&'static str> {
+        let mut v = vec!["lz4", "xor+lz4"];
+        if cfg!(feature = "bench-zstd") {
+            v.extend(["xor+zstd1", "xor+zstd3"]);
+        }
+        v
+    }
+
+    fn compress(name: &str, raw: &[u8], xored: &[u8]) -> usize {
+        match name {
+            "lz4" => lz4_flex::block::compress(raw).len(),
+            "xor+lz4" => lz4_flex::block::compress(xored).len(),
+            #[cfg(feature = "bench-zstd")]
+            "xor+zstd1" => zstd::bulk::compress(xored, 1).expect("zstd").len(),
+            #[cfg(feature = "bench-zstd")]
+            "xor+zstd3" => zstd::bulk::compress(xored, 3).expect("zstd").len(),
+            _ => unreachable!("codec {name}"),
+        }
+    }
+
+    /// One epoch's pages (`seed`: the whole RAM, only remembered).
+    fn epoch(&mut self, staged: &Staged, ram_bytes: u64, seed: bool) {
+        if self.prev.len() as u64 != ram_bytes {
+            self.prev = vec![0; ram_bytes as usize];
+        }
+        if self.results.is_empty() {
+            self.results = Self::names()
+                .into_iter()
+                .map(|n| (n, 0, Duration::ZERO))
+                .collect();
+        }
+        let mut at = 0usize;
+        let mut xored = Vec::new();
+        for r in &staged.runs {
+            let mut off = r.start as usize;
+            while off < r.end as usize {
+                let n = (r.end as usize - off).min(1 << 20);
+                let raw = &staged.data[at..at + n];
+                if !seed {
+                    xored.clear();
+                    xored.extend_from_slice(raw);
+                    pipecloud::core::pagecodec::xor_into(&mut xored, &self.prev[off..off + n]);
+                    let k = self.results.len();
+                    for i in 0..k {
+                        let c = (i + self.round) % k;
+                        let t = Instant::now();
+                        let len = Self::compress(self.results[c].0, raw, &xored);
+                        self.results[c].2 += t.elapsed();
+                        self.results[c].1 += (len as u64).min(n as u64);
+                    }
+                    self.round += 1;
+                    self.raw += n as u64;
+                    self.pages += (n / 4096) as u64;
+                }
+                self.prev[off..off + n].copy_from_slice(raw);
+                at += n;
+                off += n;
+            }
+        }
+    }
+
+    fn report(&self, load: Load) {
+        for (name, bytes, cpu) in &self.results {
+            println!(
+                "  {load:?} codec {name:>9}: {:.3} of raw ({} pages), reduction {:.3}, {:.1} µs CPU/page",
+                *bytes as f64 / self.raw.max(1) as f64,
+                self.pages,
+                1.0 - *bytes as f64 / self.raw.max(1) as f64,
+                cpu.as_secs_f64() * 1e6 / self.pages.max(1) as f64
+            );
+        }
+    }
+}
+
+/// Ships staged epochs: frames → codec → TCP; hands the buffer back. Returns
+/// the frame bytes per epoch, the page bytes (raw, shipped) after the seed
+/// and the codec comparison.
 fn shipper(
     rx: Receiver<(u64, u64, Staged)>,
     back: SyncSender<Staged>,
     mut sock: TcpStream,
-) -> Vec<u64> {
+) -> (Vec<u64>, (u64, u64), Codecs) {
     let mut per_epoch = Vec::new();
     let mut buf = Vec::with_capacity(2 << 20);
+    let mut shadow = None;
+    let mut codecs = Codecs::default();
+    let (mut raw, mut shipped) = (0u64, 0u64);
     for (epoch, ram_bytes, staged) in rx {
         let mut total = 0u64;
+        codecs.epoch(&staged, ram_bytes, epoch == 1);
+        if epoch > 1 {
+            raw += staged.data.len() as u64;
+        }
+        let shadow = shadow.get_or_insert_with(|| Shadow::new(DEFAULT_SHADOW_BYTES, ram_bytes));
         staged
-            .frames("bench", epoch, ram_bytes, |f| {
+            .frames("bench", epoch, ram_bytes, shadow, |f| {
+                if let (Checkpoint::Pages { data, .. }, true) = (&f, epoch > 1) {
+                    shipped += data.len() as u64;
+                }
                 buf.clear();
                 encode_frame(&Frame::Checkpoint(f), &mut buf)?;
                 sock.write_all(&buf)?;
@@ -77,7 +185,7 @@ fn shipper(
             break;
         }
     }
-    per_epoch
+    (per_epoch, (raw, shipped), codecs)
 }
 
 fn run(load: Load, seconds: u64, interval: Duration, ram_mib: u64) -> Run {
@@ -105,6 +213,8 @@ fn run(load: Load, seconds: u64, interval: Duration, ram_mib: u64) -> Run {
         pages: 0,
         epochs: 0,
         elapsed: Duration::ZERO,
+        raw_shipped: (0, 0),
+        codecs: Codecs::default(),
     };
     let mut epoch = 0u64;
     let mut began = Instant::now();
@@ -142,7 +252,9 @@ fn run(load: Load, seconds: u64, interval: Duration, ram_mib: u64) -> Run {
     }
     r.elapsed = began.elapsed();
     drop(tx);
-    let shipped = ship.join().unwrap();
+    let (shipped, raw_shipped, codecs) = ship.join().unwrap();
+    r.raw_shipped = raw_shipped;
+    r.codecs = codecs;
     sink.join().unwrap();
     // Epoch 1 (the seed, the whole RAM) is not counted.
     r.bytes = shipped.iter().skip(1).sum();
@@ -151,7 +263,9 @@ fn run(load: Load, seconds: u64, interval: Duration, ram_mib: u64) -> Run {
 
 /// The agent's own epoch loop (`fullstate::driver`) shipping to a real backup
 /// server over mutual TLS (loopback): epochs acknowledged per second, pauses.
-fn run_backup(load: Load, seconds: u64, interval: Duration, ram_mib: u64) {
+fn run_backup(load: Load, seconds: u64, interval: Duration, ram_mib: u64, raw: bool) {
+    // The driver's shipper reads it when it starts (docs/design.md §14).
+    std::env::set_var("PIPECLOUD_CKPT_RAW", if raw { "1" } else { "0" });
     use pipecloud::causal::CausalState;
     use pipecloud::core::epoch::EpochLimits;
     use pipecloud::core::{WriterId, EPOCH_ENTRY};
@@ -205,26 +319,60 @@ fn run_backup(load: Load, seconds: u64, interval: Duration, ram_mib: u64) {
     }
     driver.take_pauses();
     let a0 = causal.committed().get(EPOCH_ENTRY);
+    let s0 = driver.status();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(seconds));
     let acked = causal.committed().get(EPOCH_ENTRY) - a0;
+    let s1 = driver.status();
+    let (raw_b, shipped_b) = (
+        s1.raw_bytes - s0.raw_bytes,
+        s1.shipped_bytes - s0.shipped_bytes,
+    );
     let el = t0.elapsed().as_secs_f64();
     let p = driver.take_pauses();
     let mut ms: Vec<f64> = p.iter().map(|t| t.total.as_secs_f64() * 1e3).collect();
     let pages: u64 = p.iter().map(|t| t.pages).sum();
     let paused: f64 = ms.iter().sum::<f64>() / 1e3 / el;
     let (p50, p99) = (percentile(&mut ms, 0.5), percentile(&mut ms, 0.99));
+    let enc = if raw { "raw" } else { "compressed" };
     println!(
-        "{load:?} to the backup server: {} pauses, {acked} epochs acked in {el:.1} s = {:.1} acked/s, \
-         pause p50 {p50:.2} ms p99 {p99:.2} ms, paused {:.1} %, {:.0} dirty pages/pause, status: {}",
+        "{load:?} {enc} to the backup server: {} pauses, {acked} epochs acked in {el:.1} s = {:.1} acked/s, \
+         pause p50 {p50:.2} ms p99 {p99:.2} ms, paused {:.1} %, {:.0} dirty pages/pause, \
+         page bytes raw {raw_b} shipped {shipped_b} = reduction {:.3}, loadavg {}; status: {}",
         p.len(),
         acked as f64 / el,
         paused * 100.0,
         pages as f64 / p.len().max(1) as f64,
+        1.0 - shipped_b as f64 / raw_b.max(1) as f64,
+        loadavg(),
         driver.status().line("bench")
     );
     drop(driver);
     client.shutdown();
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `PIPECLOUD_BENCH_LOADS` (comma-separated: light, heavy, byte, record; default
+/// light,heavy): `byte` / `record` run guest-service's `--dirty-pattern`.
+fn loads() -> Vec<Load> {
+    let spec = std::env::var("PIPECLOUD_BENCH_LOADS").unwrap_or_else(|_| "light,heavy".into());
+    spec.split(',')
+        .map(|l| match l.trim() {
+            "light" => Load::Light,
+            "heavy" => Load::Heavy,
+            "byte" => Load::Dirty("byte"),
+            "record" => Load::Dirty("record"),
+            other => panic!("PIPECLOUD_BENCH_LOADS: unknown load {other}"),
+        })
+        .collect()
 }
 
 fn main() {
@@ -235,17 +383,21 @@ fn main() {
     let seconds = args.first().copied().unwrap_or(10);
     let interval = Duration::from_millis(args.get(1).copied().unwrap_or(20));
     let ram_mib = args.get(2).copied().unwrap_or(256);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("fullstate_bench: {ram_mib} MiB guest, TCG, {interval:?} epochs, {seconds} s per load; loadavg before: {}", load.trim());
+    println!(
+        "fullstate_bench: {ram_mib} MiB guest, TCG, {interval:?} epochs, {seconds} s per load; loadavg before: {}",
+        loadavg()
+    );
     if std::env::var_os("PIPECLOUD_BENCH_BACKUP").is_some() {
-        for l in [Load::Light, Load::Heavy] {
-            run_backup(l, seconds, interval, ram_mib);
+        // Per load, uncompressed then compressed, one after the other (A/B).
+        for l in loads() {
+            for raw in [true, false] {
+                run_backup(l, seconds, interval, ram_mib, raw);
+            }
         }
-        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        println!("loadavg after: {}", load.trim());
+        println!("loadavg after: {}", loadavg());
         return;
     }
-    for l in [Load::Light, Load::Heavy] {
+    for l in loads() {
         let mut r = run(l, seconds, interval, ram_mib);
         let rate = r.epochs as f64 / r.elapsed.as_secs_f64();
         let paused: f64 = r.pauses_ms.iter().sum::<f64>() / 1e3 / r.elapsed.as_secs_f64();
@@ -254,17 +406,22 @@ fn main() {
             percentile(&mut r.pauses_ms, 0.5),
             percentile(&mut r.pauses_ms, 0.99),
         );
+        let (raw, shipped) = r.raw_shipped;
         println!(
             "{l:?}: {} epochs in {:.1} s = {rate:.1} checkpoints/s, pause p50 {p50:.2} ms p99 {p99:.2} ms, \
              paused {:.1} %, {:.0} dirty pages/epoch, {:.0} KiB shipped/epoch (frames, incl. device state), \
-             {waited} pauses waited > 1 ms for shipping",
+             {waited} pauses waited > 1 ms for shipping; page bytes raw {raw} shipped {shipped} = \
+             reduction {:.3} (agent encoder, {} MiB shadow); loadavg {}",
             r.epochs,
             r.elapsed.as_secs_f64(),
             paused * 100.0,
             r.pages as f64 / r.epochs as f64,
             r.bytes as f64 / r.epochs as f64 / 1024.0,
+            1.0 - shipped as f64 / raw.max(1) as f64,
+            DEFAULT_SHADOW_BYTES >> 20,
+            loadavg()
         );
+        r.codecs.report(l);
     }
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("loadavg after: {}", load.trim());
+    println!("loadavg after: {}", loadavg());
 }

@@ -140,14 +140,23 @@ impl CausalState {
 
     /// Writer `writer` (running on machine `machine`) issues a write: bumps its own
     /// entry and returns `(seq, vector)`, where `vector` is the machine's pending
-    /// vector including this write. Call this BEFORE the write completes to the guest.
+    /// vector including this write, without its epoch entry. Call this BEFORE the
+    /// write completes to the guest.
+    ///
+    /// Why no epoch entry: a disk write depends on disk writes only. The epoch
+    /// entry orders client *output* after checkpoints (`pipecloud_core::epoch`);
+    /// the backup keeps a write that depends on it out of every causal cut, so
+    /// with it every write of a checkpointing (or switching) group would be lost
+    /// to a disk-only failover (found by the switch disasters, docs/design.md §13).
     pub fn issue_write(&self, machine: usize, writer: WriterId) -> (Seq, CountVector) {
         let (mut p, k) = self.slot(machine);
         let seq = p.bump(writer);
         if let Some(k) = k {
             self.mirror(&*k, machine, &p);
         }
-        (seq, *p)
+        let mut v = *p;
+        v.set(pipecloud_core::EPOCH_ENTRY, 0);
+        (seq, v)
     }
 
     /// Makes sure the writer's own entry is at least `seq` (used when a new writer
@@ -246,5 +255,15 @@ mod tests {
         assert!(s.committed().dominates(&v));
         s.publish_committed(&CountVector::ZERO);
         assert!(s.committed().dominates(&v), "committed never lowers");
+    }
+
+    #[test]
+    fn a_write_never_depends_on_the_epoch_entry() {
+        let s = CausalState::new(1);
+        s.raise_writer(0, WriterId(pipecloud_core::EPOCH_ENTRY as u8), 7);
+        let (_, v) = s.issue_write(0, WriterId(0));
+        assert_eq!(v.get(pipecloud_core::EPOCH_ENTRY), 0, "the write's dependencies");
+        assert_eq!(s.sync_pending(0).get(pipecloud_core::EPOCH_ENTRY), 7, "tags keep it");
+        assert_eq!(v.get(0), 1);
     }
 }

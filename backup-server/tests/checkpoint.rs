@@ -27,6 +27,7 @@
 mod common;
 
 use common::*;
+use pipecloud_core::pagecodec::Shadow;
 use pipecloud_core::wire::{Checkpoint, Frame, PageEncoding, PAGE_SIZE};
 use pipecloud_core::{CountVector, Seq};
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +63,9 @@ struct Guest {
     /// version is a complete epoch the backup may hold).
     snaps: BTreeMap<u64, Vec<Snapshot>>,
     rng: Rng,
+    /// Pages are sent compressed against the pages last sent (as the agent does;
+    /// a full epoch, the first of every connection, starts it over).
+    shadow: Shadow,
 }
 
 impl Guest {
@@ -73,6 +77,7 @@ impl Guest {
             writes: BTreeMap::new(),
             snaps: BTreeMap::new(),
             rng: Rng(seed | 1),
+            shadow: Shadow::new(RAM / 2, RAM),
         }
     }
 
@@ -111,6 +116,9 @@ impl Guest {
             epoch,
             ram_bytes: RAM,
         })];
+        if full {
+            self.shadow.invalidate();
+        }
         let pages: Vec<u64> = if full {
             (0..RAM_PAGES).collect()
         } else {
@@ -126,12 +134,17 @@ impl Guest {
             }
             let o = (pages[i] * PAGE_SIZE) as usize;
             let e = ((pages[j - 1] + 1) * PAGE_SIZE) as usize;
-            f.push(ck(Checkpoint::Pages {
-                epoch,
-                offset: o as u64,
-                encoding: PageEncoding::Raw,
-                data: self.ram[o..e].to_vec(),
-            }));
+            self.shadow
+                .encode(o as u64, &self.ram[o..e], |offset, encoding, data| {
+                    f.push(ck(Checkpoint::Pages {
+                        epoch,
+                        offset,
+                        encoding,
+                        data,
+                    }));
+                    Ok::<(), ()>(())
+                })
+                .expect("encode");
             i = j;
         }
         for (k, c) in self.dev.chunks(1000).enumerate() {
@@ -672,6 +685,19 @@ async fn hostile_checkpoint_frames_close_the_connection() {
             data: vec![1; (n * PAGE_SIZE) as usize],
         })
     };
+    let zero_page = lz4_flex::block::compress(&[0u8; PAGE_SIZE as usize]);
+    let packed = |epoch, offset, xor, pages, data| {
+        ck(Checkpoint::Pages {
+            epoch,
+            offset,
+            encoding: if xor {
+                PageEncoding::XorLz4 { pages }
+            } else {
+                PageEncoding::Lz4 { pages }
+            },
+            data,
+        })
+    };
     let end = |epoch, pages, device_bytes| {
         ck(Checkpoint::End {
             epoch,
@@ -718,6 +744,21 @@ async fn hostile_checkpoint_frames_close_the_connection() {
             "out of order",
         ),
         (vec![ck(Checkpoint::Ack { epoch: 1 })], "backup to agents"),
+        // Compressed pages (issue 22 §2): an XOR frame whose base was never
+        // received on this connection, a corrupt LZ4 block, a short one (epochs
+        // above the ones committed by the cases before).
+        (
+            vec![begin(4, RAM), packed(4, 0, true, 1, zero_page.clone())],
+            "not received on this connection",
+        ),
+        (
+            vec![begin(5, RAM), packed(5, 0, false, 1, vec![0xff; 40])],
+            "corrupt LZ4",
+        ),
+        (
+            vec![begin(6, RAM), packed(6, 0, false, 2, zero_page.clone())],
+            "announced",
+        ),
     ];
     for (frames, why) in cases {
         let (mut wr, rd, _) = connect(server.addr(), tls.clone(), &h)

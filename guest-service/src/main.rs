@@ -17,10 +17,14 @@
 //! `--dirty-mib N --dirty-pages-per-s R` adds a workload thread that keeps
 //! writing one byte to each of R pages a second spread over an N MiB buffer
 //! (a "heavy" guest for the full-state figures; 0: none, the "light" guest).
+//! `--dirty-pattern record` makes each touched page harsher to compress (issue
+//! 22 §2): a random record of 64–256 random bytes at a random place of the page,
+//! and one touched page in [`REWRITE_ONE_IN`] rewritten whole with random bytes;
+//! `byte` (the default) is the one-byte pattern above.
 //!
 //! Usage: `pipecloud-guest-service --listen ADDR:PORT --log FILE
-//! [--dirty-mib N] [--dirty-pages-per-s R]`. Kept to the standard library: it
-//! is linked statically into the guest's initramfs.
+//! [--dirty-mib N] [--dirty-pages-per-s R] [--dirty-pattern byte|record]`. Kept
+//! to the standard library: it is linked statically into the guest's initramfs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,12 +39,24 @@ const MAX_REQUEST_BYTES: usize = 4096;
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
 const PAGE: usize = 4096;
+/// With `--dirty-pattern record`: one touched page in this many is rewritten whole.
+const REWRITE_ONE_IN: u64 = 8;
+
+/// How the workload thread changes a page it touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pattern {
+    /// One byte (the round number).
+    Byte,
+    /// A 64–256-byte random record, or (one in [`REWRITE_ONE_IN`]) the whole page.
+    Record,
+}
 
 struct Options {
     listen: String,
     log: PathBuf,
     dirty_mib: usize,
     dirty_pages_per_s: u64,
+    dirty_pattern: Pattern,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -48,6 +64,7 @@ fn parse_args() -> Result<Options, String> {
     let mut log = None;
     let mut dirty_mib = 0;
     let mut dirty_pages_per_s = 0;
+    let mut dirty_pattern = Pattern::Byte;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -62,6 +79,13 @@ fn parse_args() -> Result<Options, String> {
                     .parse()
                     .map_err(|e| format!("--dirty-pages-per-s: {e}"))?
             }
+            "--dirty-pattern" => {
+                dirty_pattern = match value()?.as_str() {
+                    "byte" => Pattern::Byte,
+                    "record" => Pattern::Record,
+                    p => return Err(format!("--dirty-pattern: {p} is not byte or record")),
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -70,6 +94,7 @@ fn parse_args() -> Result<Options, String> {
         log: log.ok_or("--log FILE is required")?,
         dirty_mib,
         dirty_pages_per_s,
+        dirty_pattern,
     })
 }
 
@@ -112,8 +137,39 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     }
 }
 
-/// Writes one byte to `pages_per_s` pages a second over a `mib` MiB buffer, forever.
-fn dirty_memory(mib: usize, pages_per_s: u64) {
+/// A small xorshift generator (the service keeps to the standard library).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn fill(&mut self, out: &mut [u8]) {
+        for c in out.chunks_mut(8) {
+            let x = self.next().to_le_bytes();
+            c.copy_from_slice(&x[..c.len()]);
+        }
+    }
+}
+
+/// Changes one page as `pattern` says.
+fn touch(page: &mut [u8], pattern: Pattern, round: u8, rng: &mut Rng) {
+    match pattern {
+        Pattern::Byte => page[0] = round,
+        Pattern::Record if rng.next().is_multiple_of(REWRITE_ONE_IN) => rng.fill(page),
+        Pattern::Record => {
+            let len = 64 + (rng.next() % 193) as usize;
+            let at = (rng.next() % (PAGE - len + 1) as u64) as usize;
+            rng.fill(&mut page[at..at + len]);
+        }
+    }
+}
+
+/// Touches `pages_per_s` pages a second over a `mib` MiB buffer, forever.
+fn dirty_memory(mib: usize, pages_per_s: u64, pattern: Pattern) {
     let mut buf = vec![0u8; mib << 20];
     let pages = buf.len() / PAGE;
     if pages == 0 || pages_per_s == 0 {
@@ -122,10 +178,19 @@ fn dirty_memory(mib: usize, pages_per_s: u64) {
     let tick = Duration::from_millis(10);
     let per_tick = (pages_per_s / 100).max(1) as usize;
     let (mut page, mut round) = (0usize, 0u8);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut rng = Rng(seed | 1);
     let mut next = Instant::now();
     loop {
         for _ in 0..per_tick {
-            buf[page * PAGE] = round;
+            touch(
+                &mut buf[page * PAGE..(page + 1) * PAGE],
+                pattern,
+                round,
+                &mut rng,
+            );
             page += 1;
             if page == pages {
                 page = 0;
@@ -147,8 +212,8 @@ fn run(o: Options) -> Result<(), String> {
     let listener =
         TcpListener::bind(&o.listen).map_err(|e| format!("cannot listen on {}: {e}", o.listen))?;
     if o.dirty_mib > 0 && o.dirty_pages_per_s > 0 {
-        let (mib, rate) = (o.dirty_mib, o.dirty_pages_per_s);
-        std::thread::spawn(move || dirty_memory(mib, rate));
+        let (mib, rate, pattern) = (o.dirty_mib, o.dirty_pages_per_s, o.dirty_pattern);
+        std::thread::spawn(move || dirty_memory(mib, rate, pattern));
     }
     eprintln!("pipecloud-guest-service: listening on {}", o.listen);
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));

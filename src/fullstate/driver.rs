@@ -40,6 +40,7 @@ use crate::replication::checkpoint::{CheckpointEvents, CheckpointLink};
 use crate::replication::{Mode, ModeSwitch};
 use anyhow::{anyhow, Context, Result};
 use pipecloud_core::epoch::{Captured, EpochLimits, Epochs, PauseRefused, Phase};
+use pipecloud_core::pagecodec::{Shadow, DEFAULT_SHADOW_BYTES};
 use pipecloud_core::wire::{Checkpoint, Frame};
 use pipecloud_core::{CountVector, WriterId, EPOCH_ENTRY};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,6 +75,10 @@ pub struct DriverStatus {
     pub pauses: u64,
     /// Pauses skipped because shipping or acks were behind.
     pub stalls: u64,
+    /// Dirty page bytes captured and handed to the shipper (issue 22 §2).
+    pub raw_bytes: u64,
+    /// Page bytes queued on the connection after encoding (`Pages` data).
+    pub shipped_bytes: u64,
     /// Where the group is in checkpointing (docs/design.md §13).
     pub phase: Option<Phase>,
     /// Progress of a switch in: pre-copy round, pages copied by the rounds so
@@ -495,7 +500,7 @@ impl DriverStatus {
             .as_deref()
             .map_or_else(String::new, |l| format!(" last_switch={l:?}"));
         format!(
-            "epochs {group}: {alarm}phase={phase} open={} shipped={} acked={} lag={} pauses={} stalled={}              last_pause={pause} seed_round={} seed_pages={} seed_last_dirty={}{took}{last}",
+            "epochs {group}: {alarm}phase={phase} open={} shipped={} acked={} lag={} pauses={} stalled={}              last_pause={pause} seed_round={} seed_pages={} seed_last_dirty={} raw_bytes={} shipped_bytes={}{took}{last}",
             self.open,
             self.shipped,
             self.acked,
@@ -507,7 +512,9 @@ impl DriverStatus {
             self.stalls,
             self.seed_round,
             self.seed_pages,
-            self.seed_last_dirty
+            self.seed_last_dirty,
+            self.raw_bytes,
+            self.shipped_bytes
         )
     }
 }
@@ -914,9 +921,32 @@ fn abandon_seeding(shared: &Shared, why: String) {
 }
 
 fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Staged>>) {
+    // Per guest: the copies of its pages last shipped on the connection (bounded
+    // by DEFAULT_SHADOW_BYTES each), the reference of the compressed encodings.
+    let mut shadows: Vec<Shadow> = Vec::new();
     for job in jobs {
+        if matches!(job.kind, Kind::Epoch | Kind::Segment) && shadows.len() != job.names.len() {
+            // PIPECLOUD_CKPT_RAW=1: uncompressed pages (A/B figures);
+            // PIPECLOUD_CKPT_SHADOW_MIB: the shadow cap (docs/design.md §14).
+            let raw = std::env::var_os("PIPECLOUD_CKPT_RAW").is_some_and(|v| v == "1");
+            let cap = std::env::var("PIPECLOUD_CKPT_SHADOW_MIB")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(DEFAULT_SHADOW_BYTES, |m| m << 20);
+            shadows = job
+                .names
+                .iter()
+                .map(|(_, ram)| {
+                    if raw {
+                        Shadow::raw_only()
+                    } else {
+                        Shadow::new(cap, *ram)
+                    }
+                })
+                .collect();
+        }
         let r = match job.kind {
-            Kind::Epoch | Kind::Segment => ship_one(shared, &job),
+            Kind::Epoch | Kind::Segment => ship_one(shared, &job, &mut shadows),
             Kind::Leave => ship_leave(shared, job.epoch),
             Kind::Recycle => Ok(()),
         };
@@ -944,7 +974,7 @@ fn ship_leave(shared: &Shared, epoch: u64) -> Result<()> {
 
 /// Queues the frames of one epoch (or one pre-copy round of it: no `Commit`);
 /// gives the epoch up if the connection changes.
-fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
+fn ship_one(shared: &Shared, job: &ToShip, shadows: &mut [Shadow]) -> Result<()> {
     let generation = {
         let st = shared.lock();
         if job.epoch <= st.epochs.shipped() {
@@ -954,13 +984,24 @@ fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
     };
     let link = &shared.link;
     let mut torn = false;
-    for ((name, ram_bytes), staged) in job.names.iter().zip(&job.staged) {
-        staged.frames(name, job.epoch, *ram_bytes, |f| {
+    let (mut raw, mut shipped) = (0u64, 0u64);
+    for (((name, ram_bytes), staged), shadow) in job.names.iter().zip(&job.staged).zip(shadows) {
+        raw += staged.data.len() as u64;
+        shadow.connection(generation);
+        staged.frames(name, job.epoch, *ram_bytes, shadow, |f| {
+            if let Checkpoint::Pages { data, .. } = &f {
+                shipped += data.len() as u64;
+            }
             if !torn && !link.push(generation, &Frame::Checkpoint(f))? {
                 torn = true;
             }
             Ok(())
         })?;
+    }
+    {
+        let mut st = shared.lock();
+        st.status.raw_bytes += raw;
+        st.status.shipped_bytes += shipped;
     }
     if torn || job.kind == Kind::Segment {
         return Ok(()); // a segment has no Commit; a torn epoch was given up

@@ -2,7 +2,9 @@
 //! guest's kernel (`scripts/build-guest.sh` → `$CARGO_TARGET_DIR/guest/vmlinuz`,
 //! or `PIPECLOUD_GUEST_KERNEL`) with an initramfs of our own (static busybox and a
 //! shell `/init`) whose memory load we choose: `Load::Light` sleeps,
-//! `Load::Heavy` rewrites a 5,000-page tmpfs file with random bytes, then sleeps 100 ms, in a loop.
+//! `Load::Heavy` rewrites a 5,000-page tmpfs file with random bytes, then sleeps 100 ms, in a loop;
+//! `Load::Dirty(pattern)` runs the test guest's service (`guest-service`, static, built by
+//! `scripts/build-guest.sh`) with `--dirty-mib 64 --dirty-pages-per-s 12800 --dirty-pattern P`.
 //! Guest RAM is a `/dev/shm` file shared with the agent, the preload shim tracks
 //! it; QMP on a unix socket. Everything is removed on drop (QEMU killed).
 
@@ -36,6 +38,19 @@ pub fn shim_path() -> PathBuf {
 pub enum Load {
     Light,
     Heavy,
+    /// guest-service's workload thread with this `--dirty-pattern` (`byte`, `record`).
+    Dirty(&'static str),
+}
+
+/// The static guest service (`scripts/build-guest.sh` builds it).
+fn guest_service() -> PathBuf {
+    let p = target_dir().join("x86_64-unknown-linux-gnu/release/pipecloud-guest-service");
+    assert!(
+        p.exists(),
+        "{} is missing: build the test guest with scripts/build-guest.sh",
+        p.display()
+    );
+    p
 }
 
 fn target_dir() -> PathBuf {
@@ -84,6 +99,9 @@ case "$($B cat /proc/cmdline)" in
     $B dd if=/dev/urandom of=/tmp/f bs=4096 count=5000 conv=notrunc 2>/dev/null
     $B usleep 100000
   done ;;
+*pcload=dirty-*)
+  p="$($B cat /proc/cmdline)"; p="${p##*pcload=dirty-}"; p="${p%% *}"
+  /bin/svc --listen 0.0.0.0:7000 --log /tmp/log --dirty-mib 64 --dirty-pages-per-s 12800 --dirty-pattern "$p" ;;
 *) while :; do $B sleep 1; done ;;
 esac
 "#;
@@ -121,7 +139,7 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
 }
 
 /// Writes the initramfs to `path`.
-pub fn write_initramfs(path: &Path) {
+pub fn write_initramfs(path: &Path, load: Load) {
     let busybox = require("busybox", "busybox-static");
     let bb = std::fs::read(&busybox).unwrap();
     let mut c = Vec::with_capacity(bb.len() + 4096);
@@ -131,6 +149,10 @@ pub fn write_initramfs(path: &Path) {
     cpio_entry(&mut c, 10, "dev/console", 0o020_600, (5, 1), &[]);
     cpio_entry(&mut c, 11, "bin/busybox", 0o100_755, (0, 0), &bb);
     cpio_entry(&mut c, 12, "init", 0o100_755, (0, 0), INIT.as_bytes());
+    if let Load::Dirty(_) = load {
+        let svc = std::fs::read(guest_service()).unwrap();
+        cpio_entry(&mut c, 13, "bin/svc", 0o100_755, (0, 0), &svc);
+    }
     cpio_entry(&mut c, 0, "TRAILER!!!", 0, (0, 0), &[]);
     std::fs::write(path, c).unwrap();
 }
@@ -176,11 +198,12 @@ impl TestGuest {
             device_file: PathBuf::from(format!("/dev/shm/pipecloud-test-{id}.dev")),
         };
         let initrd = dir.join("initrd.cpio");
-        write_initramfs(&initrd);
+        write_initramfs(&initrd, load);
         let console = dir.join("console.log");
         let load_arg = match load {
-            Load::Light => "pcload=light",
-            Load::Heavy => "pcload=heavy",
+            Load::Light => "pcload=light".to_owned(),
+            Load::Heavy => "pcload=heavy".to_owned(),
+            Load::Dirty(p) => format!("pcload=dirty-{p}"),
         };
         let child = Command::new(qemu)
             .env("LD_PRELOAD", &shim)
