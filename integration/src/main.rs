@@ -495,8 +495,7 @@ fn fullstate_disaster(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-guest.sh");
-    sys::run(&mut std::process::Command::new(&guest)).context("building the guest")?;
+    fullstate::build_guest()?;
     let base = work_dir(&format!("disaster-{name}-checkpoint"));
     let mut rng = disaster::Rng(seed);
     let (mut resumed, mut survived, mut gaps, mut unsafe_replies, mut fsck) = (0, 0, 0, 0, 0);

@@ -62,6 +62,42 @@ pub struct DriverStatus {
     pub pauses: u64,
     /// Pauses skipped because shipping or acks were behind.
     pub stalls: u64,
+    /// The latest pauses summarised (figures; `None` before the first).
+    pub recent: Option<RecentPauses>,
+}
+
+/// The latest pauses kept that `ctl status` summarises: 10 s of pauses at the
+/// 20 ms interval (fewer when fewer were kept).
+pub const PAUSE_WINDOW: usize = 500;
+
+/// Pause time (first stop to last cont) and pages copied over the latest
+/// [`PAUSE_WINDOW`] pauses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecentPauses {
+    pub n: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// Mean dirty pages copied per pause (the raw bytes of a checkpoint / 4 KiB).
+    pub pages_mean: f64,
+}
+
+impl RecentPauses {
+    /// Summarises pauses (newest last); `None` when there are none.
+    pub fn of<'a>(pauses: impl DoubleEndedIterator<Item = &'a PauseTimes>) -> Option<Self> {
+        let recent: Vec<&PauseTimes> = pauses.rev().take(PAUSE_WINDOW).collect();
+        if recent.is_empty() {
+            return None;
+        }
+        let mut t: Vec<Duration> = recent.iter().map(|p| p.total).collect();
+        t.sort_unstable();
+        let at = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+        Some(RecentPauses {
+            n: t.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            pages_mean: recent.iter().map(|p| p.pages as f64).sum::<f64>() / t.len() as f64,
+        })
+    }
 }
 
 /// Pause records kept for [`EpochDriver::take_pauses`] (the oldest are dropped).
@@ -223,6 +259,7 @@ impl EpochDriver {
         s.open = st.epochs.open();
         s.acked = st.epochs.acked();
         s.shipped = st.epochs.shipped();
+        s.recent = RecentPauses::of(st.pauses.iter());
         s
     }
 }
@@ -238,8 +275,17 @@ impl DriverStatus {
             || "-".to_owned(),
             |p| format!("{:.2}ms/{}pages", p.total.as_secs_f64() * 1e3, p.pages),
         );
+        let recent = self.recent.map_or_else(String::new, |r| {
+            format!(
+                " recent_pauses={} pause_p50_ms={:.2} pause_p99_ms={:.2} pages_per_pause={:.1}",
+                r.n,
+                r.p50.as_secs_f64() * 1e3,
+                r.p99.as_secs_f64() * 1e3,
+                r.pages_mean
+            )
+        });
         format!(
-            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause}",
+            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause}{recent}",
             self.open, self.shipped, self.acked, self.pauses, self.stalls
         )
     }
@@ -444,4 +490,41 @@ fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
     });
     link.push(generation, &commit)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pause(ms: u64, pages: u64) -> PauseTimes {
+        PauseTimes {
+            total: Duration::from_millis(ms),
+            pages,
+            ..PauseTimes::default()
+        }
+    }
+
+    #[test]
+    fn recent_pauses_summarise_the_latest_window_only() {
+        assert_eq!(RecentPauses::of(std::iter::empty()), None);
+        // 100 old long pauses, then a full window of 1..=500 ms.
+        let mut v: Vec<PauseTimes> = (0..100).map(|_| pause(10_000, 7)).collect();
+        v.extend((1..=PAUSE_WINDOW as u64).map(|ms| pause(ms, 2)));
+        let r = RecentPauses::of(v.iter()).expect("pauses");
+        assert_eq!(r.n, PAUSE_WINDOW);
+        assert_eq!(r.p50, Duration::from_millis(251));
+        assert_eq!(r.p99, Duration::from_millis(495));
+        assert!((r.pages_mean - 2.0).abs() < 1e-9);
+        let line = DriverStatus {
+            recent: Some(r),
+            ..DriverStatus::default()
+        }
+        .line("g");
+        assert!(
+            line.ends_with(
+                " recent_pauses=500 pause_p50_ms=251.00 pause_p99_ms=495.00 pages_per_pause=2.0"
+            ),
+            "{line}"
+        );
+    }
 }
