@@ -39,9 +39,9 @@
 
 use crate::netns::{addr, cleanup_prefix, route, spawn_in, veth, Netns};
 use crate::run::bin;
-use crate::wan::{start_calibrated, RttReport, WanDelay};
 use crate::site::render_topology;
 use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
+use crate::wan::{start_calibrated, RttReport, WanDelay};
 use anyhow::{bail, Context, Result};
 use pipecloud_core::topology::{Mode, Topology, Vm};
 use std::collections::HashMap;
@@ -68,13 +68,13 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
 const HOST_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 /// The client's link to the backup site, and the backup's side of it.
 const CLIENT_IP_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 100);
-const BACKUP_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+pub(crate) const BACKUP_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 /// The guest service's port (the guest's init default).
 const SERVICE_PORT: u16 = 7000;
 /// Replies the client must get after the restore before the point ends.
-const REPLIES_AFTER: usize = 20;
+pub(crate) const REPLIES_AFTER: usize = 20;
 /// Longest wait for a boot, a restore or a reply.
-const PATIENCE: Duration = Duration::from_secs(120);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Faults a run can inject to show the check fails (harness only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -357,6 +357,9 @@ pub struct GuestOptions {
     /// (`None`: no delay).
     pub rtt: Option<Duration>,
     pub fault: Option<Fault>,
+    /// QEMU with the capture shim in any mode (a group switched to
+    /// `checkpoint` at run time needs it from the start).
+    pub preload_shim: bool,
 }
 
 impl Default for GuestOptions {
@@ -367,6 +370,7 @@ impl Default for GuestOptions {
             dirty: None,
             rtt: None,
             fault: None,
+            preload_shim: false,
         }
     }
 }
@@ -561,7 +565,7 @@ impl GuestSite {
             .args(["vm", "start", "--topology"])
             .arg(&run_topo)
             .args(["--machine", &m.name]);
-        if o.mode == Mode::Checkpoint {
+        if o.mode == Mode::Checkpoint || o.preload_shim {
             let shim = bin("libpipecloud_shim.so");
             if !shim.is_file() {
                 bail!(
@@ -687,15 +691,17 @@ pub fn run_point(
     let state = failover.join(format!("{machine}.devstate"));
     let failover_ms = t0.elapsed().as_millis();
     let t1 = Instant::now();
-    let restored = run(ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
-        .args(["vm", "restore", "--topology"])
-        .arg(&run_topo)
-        .args(["--machine", &machine, "--ram"])
-        .arg(&ram)
-        .arg("--device-state")
-        .arg(&state)
-        .arg("--disk")
-        .arg(format!("{disk}={}", image.display())));
+    let restored = run(
+        ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
+            .args(["vm", "restore", "--topology"])
+            .arg(&run_topo)
+            .args(["--machine", &machine, "--ram"])
+            .arg(&ram)
+            .arg("--device-state")
+            .arg(&state)
+            .arg("--disk")
+            .arg(format!("{disk}={}", image.display())),
+    );
     let restore_ms = t1.elapsed().as_millis();
     let mut r = PointResult {
         replies_before,

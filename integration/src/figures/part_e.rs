@@ -60,6 +60,7 @@ pub(super) fn part_e(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
         dirty,
         rtt: Some(plan.rtt),
         fault: None,
+        preload_shim: false,
     };
     for &ram in &plan.guest_ram_mib {
         for (load, dirty) in LOADS {
@@ -84,7 +85,8 @@ pub(super) fn part_e(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
             if ram == plan.guest_ram_mib.iter().copied().max().unwrap_or(ram) && dirty.is_none() {
                 for &c in &plan.guest_clients {
                     check_interrupted()?;
-                    fig.e_lat.push(latency_point(&site, Mode::Checkpoint, c, plan)?);
+                    fig.e_lat
+                        .push(latency_point(&site, Mode::Checkpoint, c, plan)?);
                 }
             }
             drop(site);
