@@ -84,12 +84,15 @@ pub fn block_mode(m: topology::Mode) -> Result<crate::replication::Mode> {
     Ok(m)
 }
 
-/// Why the control socket refuses a run-time switch into or out of `checkpoint`.
-pub const CHECKPOINT_SWITCH_REFUSED: &str = "switching a group into or out of mode `checkpoint` \
-     at run time is not supported yet (issue 22): set `mode = \"checkpoint\"` in the topology \
-     and restart the agent";
+/// Why the control socket refuses a run-time switch into or out of `checkpoint`
+/// when the agent has no epoch loop for the group to do it with.
+pub const CHECKPOINT_SWITCH_REFUSED: &str = "switching into or out of mode `checkpoint` at run \
+     time goes through the group's epoch loop (docs/design.md §13), which this agent does not run \
+     for the group";
 
-/// The mode a run-time switch (`ctl mode`) from `from` to `to` may set.
+/// The mode a run-time switch (`ctl mode`) from `from` to `to` may set without
+/// the epoch loop: switches into or out of `checkpoint` go through
+/// [`crate::fullstate::driver::EpochDriver::request`] instead.
 pub fn switch_mode(from: topology::Mode, to: topology::Mode) -> Result<crate::replication::Mode> {
     if from != to && (from == topology::Mode::Checkpoint || to == topology::Mode::Checkpoint) {
         bail!("{CHECKPOINT_SWITCH_REFUSED}");
@@ -97,31 +100,53 @@ pub fn switch_mode(from: topology::Mode, to: topology::Mode) -> Result<crate::re
     block_mode(to)
 }
 
+/// Whether this host's agent can checkpoint the group (and so switch it into
+/// `checkpoint` at run time): every machine is a guest (`[machine.vm]`) on
+/// this host, and the network path runs. `Err`: why not, in words for the
+/// operator.
+pub fn checkpoint_capable(topo: &Topology, host: &str, no_network: bool) -> Result<(), String> {
+    if no_network {
+        return Err(format!("mode `checkpoint`: {PIPELINED_NEEDS_NETWORK}"));
+    }
+    for m in &topo.machines {
+        if m.vm.is_none() {
+            return Err(format!(
+                "mode `checkpoint` needs every machine of the group to be a guest the product starts \
+                 ([machine.vm]); machine {} is not",
+                m.name
+            ));
+        }
+        if m.host != host {
+            return Err(format!(
+                "mode `checkpoint`: machine {} runs on host {}, not {host}; in this version every \
+                 machine of a checkpoint group runs on one host (one epoch loop pauses them all)",
+                m.name, m.host
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Time between two checkpoint pauses of a group (docs/results.md: ~48 pauses/s
 /// of a 256 MiB TCG guest fit at this interval on this machine).
 pub const EPOCH_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Starts the epoch loop of a checkpoint-mode group: every machine must be a
-/// guest on this host (one loop pauses them all for the same epoch).
+/// Starts the epoch loop of a group this host can checkpoint
+/// ([`checkpoint_capable`]): checkpointing now in mode `checkpoint`, else
+/// disk-only until `ctl mode checkpoint` (docs/design.md §13).
 fn start_epochs(
     topo: &Topology,
     host: &str,
     link: Arc<crate::replication::checkpoint::CheckpointLink>,
     causal: &Arc<CausalState>,
+    mode: &ModeSwitch,
 ) -> Result<crate::fullstate::driver::EpochDriver> {
     use crate::fullstate::capture::GuestSpec;
     use crate::fullstate::driver::{DriverConfig, EpochDriver};
+    checkpoint_capable(topo, host, false).map_err(|e| anyhow!("{e}"))?;
     let mut specs = Vec::new();
     let mut writers = Vec::new();
     for (i, m) in topo.machines.iter().enumerate() {
-        if m.host != host {
-            bail!(
-                "mode `checkpoint`: machine {} runs on host {}, not {host}; in this version every \
-                 machine of a checkpoint group runs on one host (one epoch loop pauses them all)",
-                m.name,
-                m.host
-            );
-        }
         let vm = m.vm.as_ref().with_context(|| {
             format!("mode `checkpoint`: machine {} has no [machine.vm]", m.name)
         })?;
@@ -142,9 +167,16 @@ fn start_epochs(
         writers,
         machines: (0..topo.machines.len()).collect(),
     };
-    tracing::info!(group = %topo.group.name, guests = specs.len(), ?EPOCH_INTERVAL,
-        "checkpoint mode: starting the epoch loop (output held until its epoch is acked)");
-    EpochDriver::start(&topo.group.name, specs, cfg, Arc::clone(causal), link)
+    tracing::info!(group = %topo.group.name, guests = specs.len(), ?EPOCH_INTERVAL, mode = %mode.get(),
+        "starting the epoch loop (checkpointing in mode checkpoint; else idle until `ctl mode checkpoint`)");
+    EpochDriver::start_switchable(
+        &topo.group.name,
+        specs,
+        cfg,
+        Arc::clone(causal),
+        link,
+        mode.clone(),
+    )
 }
 
 /// Loads and validates a topology file.
@@ -158,6 +190,12 @@ pub fn load_topology(path: &Path) -> Result<Topology> {
 pub async fn run(opts: AgentOptions) -> Result<()> {
     let topo = load_topology(&opts.topology)?;
     check_mode_without_network(topo.group.mode, opts.no_network)?;
+    // Whether this agent runs the group's epoch loop (checkpointing now, or
+    // ready for a run-time switch).
+    let capable = checkpoint_capable(&topo, &opts.host, opts.no_network);
+    if topo.group.mode == topology::Mode::Checkpoint {
+        capable.clone().map_err(|e| anyhow!("{e}"))?;
+    }
     let host = topo
         .host(&opts.host)
         .with_context(|| format!("host `{}` is not in {}", opts.host, opts.topology.display()))?
@@ -236,7 +274,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         mode: mode.clone(),
         // Checkpoint mode: the epoch loop's frames share the connection (set before
         // it connects, so the backup's acked epoch on connecting is not missed).
-        checkpoint: (topo.group.mode == topology::Mode::Checkpoint).then(|| {
+        checkpoint: capable.is_ok().then(|| {
             Arc::new(crate::replication::checkpoint::CheckpointLink::new(
                 16 << 20,
             ))
@@ -364,6 +402,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             &host.name,
             Arc::clone(link),
             &causal,
+            &mode,
         )?)),
         None => None,
     };
@@ -375,10 +414,23 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         net: net.as_ref().map(|n: &NetPath| Arc::clone(n.metrics())),
     }]);
     if let Some(d) = &epochs {
-        let d = Arc::downgrade(d);
+        let w = Arc::downgrade(d);
         let group = topo.group.name.clone();
-        control = control.with_epochs(Arc::new(move || Some(d.upgrade()?.status().line(&group))));
+        control = control.with_epochs(Arc::new(move || Some(w.upgrade()?.status().line(&group))));
     }
+    let switch: Result<crate::ctl::CheckpointSwitchFn, String> = match (&epochs, capable) {
+        (Some(d), _) => {
+            let w = Arc::downgrade(d);
+            Ok(Arc::new(move |to| {
+                w.upgrade()
+                    .ok_or_else(|| "the agent is stopping".to_owned())?
+                    .request(to)
+            }))
+        }
+        (None, Err(why)) => Err(why),
+        (None, Ok(())) => Err(CHECKPOINT_SWITCH_REFUSED.to_owned()),
+    };
+    control = control.with_checkpoint_switch(&topo.group.name, switch);
     if let Some(k) = &lease {
         control = control.with_lease(&topo.group.name, Arc::clone(k));
     }

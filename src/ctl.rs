@@ -105,7 +105,14 @@ pub struct Control {
     epochs: Vec<EpochStatusFn>,
     /// The group's lease on etcd, when the topology has `[quorum]`.
     lease: Option<(String, Arc<pipecloud_quorum::LeaseKeeper>)>,
+    /// Per group: how to switch it into or out of `checkpoint` at run time, or
+    /// why it cannot be (docs/design.md §13).
+    checkpoint: Vec<(String, Result<CheckpointSwitchFn, String>)>,
 }
+
+/// Asks a group's epoch loop for a run-time switch to a mode (into or out of
+/// `checkpoint`); answers what will happen or why not.
+pub type CheckpointSwitchFn = Arc<dyn Fn(Mode) -> Result<String, String> + Send + Sync>;
 
 /// Renders the status line of a group's epoch loop (`None` once it is gone).
 pub type EpochStatusFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
@@ -117,7 +124,19 @@ impl Control {
             groups,
             epochs: Vec::new(),
             lease: None,
+            checkpoint: Vec::new(),
         }
+    }
+
+    /// How `group` switches into and out of `checkpoint` at run time (`Err`: why
+    /// it cannot, shown to whoever asks).
+    pub fn with_checkpoint_switch(
+        mut self,
+        group: &str,
+        switch: Result<CheckpointSwitchFn, String>,
+    ) -> Self {
+        self.checkpoint.push((group.to_owned(), switch));
+        self
     }
 
     /// Adds the status line of a checkpoint group's epoch loop to `status`.
@@ -197,7 +216,25 @@ impl Control {
                 }
             },
         };
-        let mode = crate::agent::switch_mode(g.mode.get(), mode).map_err(|e| e.to_string())?;
+        let from = g.mode.get();
+        if from != mode && (from == Mode::Checkpoint || mode == Mode::Checkpoint) {
+            let group = g.client.group();
+            let switch = self
+                .checkpoint
+                .iter()
+                .find(|(n, _)| n == group)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_else(|| Err(crate::agent::CHECKPOINT_SWITCH_REFUSED.to_owned()))?;
+            if mode == Mode::Checkpoint
+                && g.client.status().link() != crate::replication::LinkState::Up
+            {
+                return Err(format!(
+                    "group {group}: the backup is not connected; a switch to checkpoint needs it                      (nothing changed: try again once `ctl status` shows connected=true)"
+                ));
+            }
+            return switch(mode);
+        }
+        let mode = crate::agent::switch_mode(from, mode).map_err(|e| e.to_string())?;
         if crate::agent::needs_network_path(mode) && g.net.is_none() {
             return Err(crate::agent::PIPELINED_NEEDS_NETWORK.into());
         }
@@ -538,9 +575,9 @@ mod tests {
             "ok\ngroup g1: mode pipelined -> sync\n"
         );
         assert_eq!(g1.mode.get(), Mode::Sync);
-        assert!(control
-            .handle("mode checkpoint")
-            .starts_with("error: switching a group into or out of mode `checkpoint` at run time"));
+        assert!(control.handle("mode checkpoint").starts_with(
+            "error: switching into or out of mode `checkpoint` at run time goes through"
+        ));
         assert!(control
             .handle("mode SYNC")
             .starts_with("error: unknown mode `SYNC`; expected one of async, sync"));

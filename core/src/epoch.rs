@@ -91,7 +91,9 @@
 //! output tagged up to `E` (its disk entries are satisfied by the disk rule, and
 //! no failover resumes a checkpoint that does not remember it). Then `Off`.
 //! A reconnection during seeding aborts the switch (the pre-copied segments are
-//! torn): back to `Off`, nothing half-done. During `Leaving` the driver sends
+//! torn with the connection): back to `Off`, nothing half-done. A switch in
+//! abandoned otherwise (a failed pre-copy read) leaves like a switch out, so the
+//! backup drops the segments it holds. During `Leaving` the driver sends
 //! `Leave` again on every new connection until it is acknowledged.
 //!
 //! Pure: no I/O, no clock. The driver (`src/fullstate`) calls in.
@@ -309,21 +311,16 @@ impl Epochs {
         Ok(self.open)
     }
 
-    /// The pre-copy could not be done (a guest could not be read): back to
-    /// disk-only. Nothing was released on the epoch rule, so nothing is owed.
-    pub fn seeding_failed(&mut self) {
-        if matches!(self.phase, Phase::Seeding { .. }) && self.pausing.is_none() {
-            self.phase = Phase::Off;
-        }
-    }
-
     /// Switch out: the open epoch `E` is closed uncaptured; the driver sends
     /// `Leave { E }` (again on every new connection while [`Phase::Leaving`]),
     /// and its ack releases everything tagged up to `E` and ends in `Off`.
-    /// Must be called between pauses with every captured epoch shipped.
+    /// Must be called between pauses with every captured epoch shipped. From
+    /// [`Phase::Seeding`] it abandons the switch in (the pre-copy could not be
+    /// done, or the operator changed their mind): `E` is the seeded epoch, whose
+    /// segments the backup drops at the `Leave`.
     pub fn leave(&mut self) -> Result<u64, SwitchRefused> {
-        if self.phase != Phase::On {
-            return Err(SwitchRefused::Phase(self.phase, "checkpointing"));
+        if !matches!(self.phase, Phase::On | Phase::Seeding { .. }) {
+            return Err(SwitchRefused::Phase(self.phase, "checkpointing or seeding"));
         }
         if let Some(p) = &self.pausing {
             return Err(SwitchRefused::InPause(p.epoch));
@@ -365,6 +362,10 @@ impl Epochs {
     /// Last shipped epoch.
     pub fn shipped(&self) -> u64 {
         self.shipped
+    }
+    /// Whether the backup's acknowledged epoch was learnt ([`Epochs::reconnected`]).
+    pub fn synced(&self) -> bool {
+        self.synced
     }
     /// Whether a capture failed (the group's output is held for good).
     pub fn failed(&self) -> bool {
@@ -720,7 +721,11 @@ mod tests {
         assert_eq!(e.tag_epoch(), 0, "seeding: still the disk rule");
         assert!(e.start_seeding().is_err());
         let p = e.begin_pause(&v(3)).unwrap();
-        assert_eq!((p.epoch, p.full_ram), (8, false), "a delta on the seeded segments");
+        assert_eq!(
+            (p.epoch, p.full_ram),
+            (8, false),
+            "a delta on the seeded segments"
+        );
         assert_eq!((e.phase(), e.tag_epoch()), (Phase::On, 9));
         e.capture_done(8).unwrap();
         e.ship_done(8).unwrap();
@@ -738,8 +743,12 @@ mod tests {
         assert_eq!(e.tag_epoch(), 0);
         let s = e.start_seeding().unwrap();
         assert_eq!(s, 1);
-        e.seeding_failed();
+        // Abandoned (a failed pre-copy read): the backup drops the segments at the Leave.
+        assert_eq!(e.leave(), Ok(1));
+        assert_eq!((e.phase(), e.tag_epoch()), (Phase::Leaving { epoch: 1 }, 1));
+        assert!(e.ack(1).unwrap());
         assert_eq!(e.phase(), Phase::Off);
+        assert_eq!(e.start_seeding(), Ok(2));
     }
 
     #[test]
@@ -749,16 +758,26 @@ mod tests {
         e.begin_pause(&v(1)).unwrap();
         assert_eq!(e.leave(), Err(SwitchRefused::InPause(1)));
         e.capture_done(1).unwrap();
-        assert!(matches!(e.leave(), Err(SwitchRefused::ShippingBehind { .. })));
+        assert!(matches!(
+            e.leave(),
+            Err(SwitchRefused::ShippingBehind { .. })
+        ));
         e.ship_done(1).unwrap();
         let l = e.leave().unwrap();
-        assert_eq!((l, e.phase(), e.tag_epoch()), (2, Phase::Leaving { epoch: 2 }, 2));
+        assert_eq!(
+            (l, e.phase(), e.tag_epoch()),
+            (2, Phase::Leaving { epoch: 2 }, 2)
+        );
         assert_eq!(e.leave_pending(), Some(2));
         assert!(matches!(e.may_pause(), Err(PauseRefused::NotOn(_))));
         // A reconnection before the backup recorded it: still leaving, sent again.
         e.reconnected(1).unwrap();
         assert_eq!((e.acked(), e.leave_pending()), (1, Some(2)));
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 1, "epoch 2 still held");
+        assert_eq!(
+            e.committed_view(&v(0)).get(EPOCH_ENTRY),
+            1,
+            "epoch 2 still held"
+        );
         assert!(e.ack(2).unwrap());
         assert_eq!((e.phase(), e.leave_pending()), (Phase::Off, None));
         assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 2, "released");

@@ -81,7 +81,9 @@ impl RamMap {
 
     fn bytes(&self) -> &[u8] {
         // SAFETY: the mapping is `len` bytes and lives as long as `self`. QEMU may
-        // write to it concurrently, but we read only while the guest is stopped.
+        // write to it concurrently: inside a pause the guest is stopped; a
+        // pre-copy reads while it runs, and a page torn by a concurrent write is
+        // sent again (`Guest::precopy`). Bytes are only copied, never interpreted.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
@@ -147,6 +149,34 @@ impl Guest {
     /// The guest's QMP session (status queries between pauses).
     pub fn qmp(&mut self) -> &mut Qmp {
         &mut self.qmp
+    }
+
+    /// One pre-copy round of a switch in (docs/design.md §13), while the guest
+    /// RUNS: scans (re-arming the tracking), then copies into `out` the pages the
+    /// scan reported — or, with `all`, the whole RAM. A page the guest writes
+    /// during the copy was re-protected by the scan before it, so the next scan
+    /// (the next round's, or the pause's) reports it again: a torn copy is
+    /// always overwritten by a later one. No device state. Returns the pages the
+    /// scan reported.
+    pub fn precopy(&mut self, all: bool, out: &mut Staged) -> Result<u64> {
+        out.clear();
+        self.scratch.clear();
+        self.scanner
+            .scan(self.qemu_ram.clone(), Rearm::Yes, &mut self.scratch)
+            .context("pre-copy scan")?;
+        let dirty = self.scratch.iter().map(|r| r.end - r.start).sum::<u64>()
+            / pipecloud_core::wire::PAGE_SIZE;
+        if all {
+            self.scratch.clear();
+            self.scratch.push(0..self.ram.len as u64);
+        }
+        let ram = self.ram.bytes();
+        for r in &self.scratch {
+            out.data
+                .extend_from_slice(&ram[r.start as usize..r.end as usize]);
+            out.runs.push(r.clone());
+        }
+        Ok(dirty)
     }
 
     /// Scans, copies the pages (all of them with `full_ram`) and the device

@@ -17,6 +17,17 @@
 //! free set before it pauses, so when shipping falls behind the next pause waits
 //! (the guests keep running, their output stays held).
 //!
+//! Switching (docs/design.md §13): a driver started with [`EpochDriver::start_switchable`]
+//! may begin disk-only ([`Phase::Off`]: the loop idles, tags carry no epoch) and
+//! is switched by [`EpochDriver::request`] (`pipecloud ctl mode`). Switching in:
+//! the loop attaches to the guests, pre-copies their RAM in rounds while they run
+//! (each round of each guest shipped as a segment of the seeded epoch), then
+//! pauses as usual, which makes the group checkpoint. Switching out: between two
+//! pauses, once every captured epoch is shipped, the open epoch is closed and the
+//! shipper sends `Leave` after the last `Commit`; when the backup acknowledges it,
+//! the group's mode becomes the requested one. Every frame goes through the
+//! shipper thread, so the order on the connection is the order of decisions.
+//!
 //! Failure: a capture error (QMP gone, a guest that cannot be stopped, a scan
 //! refused) fails the group's epochs for good: the alarm is logged at `error`
 //! and kept in [`EpochDriver::status`]; output stays held (never a silent fall
@@ -26,8 +37,9 @@
 use super::capture::{pause_group, Guest, GuestSpec, PauseTimes, Staged};
 use crate::causal::CausalState;
 use crate::replication::checkpoint::{CheckpointEvents, CheckpointLink};
+use crate::replication::{Mode, ModeSwitch};
 use anyhow::{anyhow, Context, Result};
-use pipecloud_core::epoch::{Captured, EpochLimits, Epochs};
+use pipecloud_core::epoch::{Captured, EpochLimits, Epochs, PauseRefused, Phase};
 use pipecloud_core::wire::{Checkpoint, Frame};
 use pipecloud_core::{CountVector, WriterId, EPOCH_ENTRY};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +76,17 @@ pub struct DriverStatus {
     pub stalls: u64,
     /// The latest pauses summarised (figures; `None` before the first).
     pub recent: Option<RecentPauses>,
+    /// Where the group is in checkpointing (docs/design.md §13).
+    pub phase: Option<Phase>,
+    /// Progress of a switch in: pre-copy round, pages copied by the rounds so
+    /// far, pages the last round's scan reported written.
+    pub seed_round: u32,
+    pub seed_pages: u64,
+    pub seed_last_dirty: u64,
+    /// Since when the switch in progress runs.
+    pub switch_started: Option<Instant>,
+    /// How the last switch ended (or why it was refused or aborted).
+    pub switch_last: Option<String>,
 }
 
 /// The latest pauses kept that `ctl status` summarises: 10 s of pauses at the
@@ -100,6 +123,21 @@ impl RecentPauses {
     }
 }
 
+/// Most pre-copy rounds of a switch in; the pause after them copies the rest.
+pub const MAX_SEED_ROUNDS: u32 = 8;
+/// A pre-copy round that finds at most this many written pages is the last:
+/// the pause copies what is written after it (~4 MiB here, ~1 ms of `memcpy`).
+pub const SEED_DONE_PAGES: u64 = 1024;
+
+/// A switch asked for through [`EpochDriver::request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// Into `checkpoint`, from `from` (restored if the switch is abandoned).
+    In { from: Mode },
+    /// Out of `checkpoint` (or out of seeding) to `to`.
+    Out { to: Mode },
+}
+
 /// Pause records kept for [`EpochDriver::take_pauses`] (the oldest are dropped).
 pub const MAX_PAUSE_RECORDS: usize = 16_384;
 
@@ -111,6 +149,13 @@ struct State {
     /// `CheckpointLink`; 0: none yet, no pause happens).
     generation: u64,
     status: DriverStatus,
+    request: Option<Request>,
+    /// The mode to set once a `Leave` is acknowledged, and the one to restore
+    /// if a switch in is abandoned.
+    leave_to: Option<Mode>,
+    seed_from: Option<Mode>,
+    /// The connection generation a `Leave` was last queued on.
+    leave_sent: u64,
 }
 
 struct Shared {
@@ -121,6 +166,9 @@ struct Shared {
     group: String,
     /// Local machines whose pending vectors carry the epoch.
     machines: Vec<usize>,
+    /// The group's mode (set when a switch completes or is abandoned; `None`
+    /// for a driver that cannot switch).
+    mode: Option<ModeSwitch>,
 }
 
 impl Shared {
@@ -132,6 +180,54 @@ impl Shared {
     fn publish(&self, st: &State) {
         let view = st.epochs.committed_view(&CountVector::ZERO);
         self.causal.publish_committed(&view);
+    }
+
+    /// Raises the tags to the epoch the state machine says (none while
+    /// disk-only or seeding).
+    fn raise(&self, st: &State) {
+        let e = st.epochs.tag_epoch();
+        if e > 0 {
+            raise_epoch(&self.causal, &self.machines, e);
+        }
+    }
+
+    /// After an event that may end a switch: a `Leave` acknowledged (the group
+    /// takes the requested mode) or a seeding aborted by a reconnection (the
+    /// mode it had is restored).
+    fn settle(&self, st: &mut State, before: Phase) {
+        let now = st.epochs.phase();
+        if now == before {
+            return;
+        }
+        st.status.phase = Some(now);
+        match (before, now) {
+            (Phase::Leaving { epoch }, Phase::Off) => {
+                let to = st.leave_to.take().unwrap_or(Mode::Pipelined);
+                if let Some(m) = &self.mode {
+                    m.set(to);
+                }
+                let took = st.status.switch_started.take().map(|t| t.elapsed());
+                let msg = format!(
+                    "left checkpoint mode at epoch {epoch} (acknowledged): mode {to}{}",
+                    took.map_or_else(String::new, |t| format!(" after {:.2}s", t.as_secs_f64()))
+                );
+                tracing::warn!(group = %self.group, "{msg}");
+                st.status.switch_last = Some(msg);
+            }
+            (Phase::Seeding { epoch }, Phase::Off) => {
+                let from = st.seed_from.take().unwrap_or(Mode::Pipelined);
+                if let Some(m) = &self.mode {
+                    m.set(from);
+                }
+                st.status.switch_started = None;
+                let msg = format!(
+                    "switch to checkpoint aborted: the backup connection was lost while seeding epoch {epoch}; mode {from}"
+                );
+                tracing::warn!(group = %self.group, "{msg}");
+                st.status.switch_last = Some(msg);
+            }
+            _ => {}
+        }
     }
 
     fn alarm(&self, st: &mut State, what: String) {
@@ -149,11 +245,13 @@ impl CheckpointEvents for Shared {
             return; // reported already
         }
         st.generation = generation;
+        let before = st.epochs.phase();
         match st.epochs.reconnected(backup_acked) {
             Ok(()) => {
                 // The first connection may move the numbering above the backup's.
-                raise_epoch(&self.causal, &self.machines, st.epochs.open());
+                self.raise(&st);
                 self.publish(&st);
+                self.settle(&mut st, before);
             }
             Err(e) => self.alarm(&mut st, format!("backup connection: {e}")),
         }
@@ -164,8 +262,12 @@ impl CheckpointEvents for Shared {
         if generation != st.generation {
             return; // an ack of a connection not (or no longer) ours
         }
+        let before = st.epochs.phase();
         match st.epochs.ack(epoch) {
-            Ok(true) => self.publish(&st),
+            Ok(true) => {
+                self.publish(&st);
+                self.settle(&mut st, before);
+            }
             Ok(false) => {}
             Err(e) => self.alarm(&mut st, format!("backup ack: {e}")),
         }
@@ -178,12 +280,39 @@ pub struct EpochDriver {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// One epoch handed to the shipper.
+/// What the shipper does with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A captured epoch: its frames, then `Commit`.
+    Epoch,
+    /// A pre-copy round of a switch in: the frames of each guest as a segment
+    /// of the seeded epoch, no `Commit`.
+    Segment,
+    /// `Leave { epoch }` (no staging set).
+    Leave,
+    /// Nothing to send: return the staging set to the pool.
+    Recycle,
+}
+
+/// One job handed to the shipper.
 struct ToShip {
+    kind: Kind,
     epoch: u64,
     barrier: CountVector,
     names: Vec<(String, u64)>,
     staged: Vec<Staged>,
+}
+
+impl ToShip {
+    fn recycle(staged: Vec<Staged>) -> Self {
+        ToShip {
+            kind: Kind::Recycle,
+            epoch: 0,
+            barrier: CountVector::ZERO,
+            names: Vec::new(),
+            staged,
+        }
+    }
 }
 
 impl EpochDriver {
@@ -198,26 +327,62 @@ impl EpochDriver {
         causal: Arc<CausalState>,
         link: Arc<CheckpointLink>,
     ) -> Result<Self> {
-        let epochs = Epochs::new(cfg.limits);
-        let first = epochs.open();
+        Self::launch(group, specs, cfg, causal, link, None)
+    }
+
+    /// Like [`EpochDriver::start`], for a group whose mode may be switched at run
+    /// time (`mode`, shared with the disks, the network path and `ctl`): starts
+    /// checkpointing if `mode` is `checkpoint`, else disk-only ([`Phase::Off`]),
+    /// without touching the guests until a switch in.
+    pub fn start_switchable(
+        group: &str,
+        specs: Vec<GuestSpec>,
+        cfg: DriverConfig,
+        causal: Arc<CausalState>,
+        link: Arc<CheckpointLink>,
+        mode: ModeSwitch,
+    ) -> Result<Self> {
+        Self::launch(group, specs, cfg, causal, link, Some(mode))
+    }
+
+    fn launch(
+        group: &str,
+        specs: Vec<GuestSpec>,
+        cfg: DriverConfig,
+        causal: Arc<CausalState>,
+        link: Arc<CheckpointLink>,
+        mode: Option<ModeSwitch>,
+    ) -> Result<Self> {
+        let on = mode.as_ref().is_none_or(|m| m.get() == Mode::Checkpoint);
+        let epochs = if on {
+            Epochs::new(cfg.limits)
+        } else {
+            Epochs::new_off(cfg.limits)
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 status: DriverStatus {
                     open: epochs.open(),
+                    phase: Some(epochs.phase()),
                     ..DriverStatus::default()
                 },
                 epochs,
                 pauses: std::collections::VecDeque::new(),
                 generation: 0,
+                request: None,
+                leave_to: None,
+                seed_from: None,
+                leave_sent: 0,
             }),
             causal,
             link: Arc::clone(&link),
             stop: AtomicBool::new(false),
             group: group.to_owned(),
             machines: cfg.machines.clone(),
+            mode,
         });
-        // Output of the first epoch is tagged from the start.
-        raise_epoch(&shared.causal, &cfg.machines, first);
+        // Checkpointing: output of the first epoch is tagged from the start.
+        shared.raise(&shared.lock());
         link.set_events(Arc::clone(&shared) as Arc<dyn CheckpointEvents>);
         let (ship_tx, ship_rx) = sync_channel::<ToShip>(1);
         let (free_tx, free_rx) = sync_channel::<Vec<Staged>>(2);
@@ -260,7 +425,70 @@ impl EpochDriver {
         s.acked = st.epochs.acked();
         s.shipped = st.epochs.shipped();
         s.recent = RecentPauses::of(st.pauses.iter());
+        s.phase = Some(st.epochs.phase());
         s
+    }
+
+    /// Asks for a run-time switch to `to` (docs/design.md §13); answers at once
+    /// with what will happen, or why not. `ctl status` shows the progress.
+    /// Switching in needs the replication connection up (the caller checks the
+    /// session; this checks that the backup's epoch is known).
+    pub fn request(&self, to: Mode) -> Result<String, String> {
+        let Some(mode) = &self.shared.mode else {
+            return Err("this group's epoch loop cannot switch modes".into());
+        };
+        let mut st = self.shared.lock();
+        if let Some(a) = &st.status.alarm {
+            return Err(format!(
+                "the group's checkpoint epochs failed ({a}); restart the agent"
+            ));
+        }
+        let from = mode.get();
+        let phase = st.epochs.phase();
+        let busy = |st: &State| {
+            st.request.map(|r| {
+                format!("a switch is already requested ({r:?}); wait for it (`ctl status`)")
+            })
+        };
+        let group = &self.shared.group;
+        match (phase, to) {
+            (Phase::Off, Mode::Checkpoint) => {
+                if let Some(b) = busy(&st) {
+                    return Err(b);
+                }
+                if !st.epochs.synced() || st.generation == 0 {
+                    return Err("the backup's acknowledged epoch is not known yet (not connected):                                 try again once `ctl status` shows the group connected"
+                        .into());
+                }
+                st.request = Some(Request::In { from });
+                st.status.switch_started = Some(Instant::now());
+                st.status.switch_last = None;
+                // Output is held by the disk rule from now on (as `pipelined`);
+                // the epoch rule starts at the first pause.
+                mode.set(Mode::Checkpoint);
+                Ok(format!(
+                    "group {group}: mode {from} -> checkpoint: pre-copying the guests' RAM, then the first                      checkpoint (`ctl status` shows the progress)"
+                ))
+            }
+            (Phase::Off, _) => Err(format!("group {group} is not checkpointing")),
+            (Phase::On | Phase::Seeding { .. }, Mode::Checkpoint) => Err(format!(
+                "group {group} is already {}",
+                if phase == Phase::On { "checkpointing" } else { "switching to checkpoint (seeding)" }
+            )),
+            (Phase::On | Phase::Seeding { .. }, _) => {
+                if matches!(st.request, Some(Request::Out { .. })) {
+                    return Err(busy(&st).unwrap_or_default());
+                }
+                st.request = Some(Request::Out { to });
+                st.status.switch_started = Some(Instant::now());
+                Ok(format!(
+                    "group {group}: mode checkpoint -> {to}: leaving after the epoch in progress                      (`ctl status` shows when the backup acknowledged it)"
+                ))
+            }
+            (Phase::Leaving { epoch }, _) => Err(format!(
+                "group {group} is leaving checkpoint mode (epoch {epoch} not yet acknowledged by the backup);                  wait for it"
+            )),
+        }
     }
 }
 
@@ -276,17 +504,33 @@ impl DriverStatus {
             |p| format!("{:.2}ms/{}pages", p.total.as_secs_f64() * 1e3, p.pages),
         );
         let recent = self.recent.map_or_else(String::new, |r| {
-            format!(
-                " recent_pauses={} pause_p50_ms={:.2} pause_p99_ms={:.2} pages_per_pause={:.1}",
-                r.n,
-                r.p50.as_secs_f64() * 1e3,
-                r.p99.as_secs_f64() * 1e3,
-                r.pages_mean
-            )
+            let phase = match self.phase {
+            Some(Phase::Off) | None => "off".to_owned(),
+            Some(Phase::Seeding { epoch }) => format!("seeding:{epoch}"),
+            Some(Phase::On) => "on".to_owned(),
+            Some(Phase::Leaving { epoch }) => format!("leaving:{epoch}"),
+        };
+        let took = self.switch_started.map_or_else(String::new, |t| {
+            format!(" switching_for={:.1}s", t.elapsed().as_secs_f64())
         });
+        let last = self
+            .switch_last
+            .as_deref()
+            .map_or_else(String::new, |l| format!(" last_switch={l:?}"));
         format!(
-            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause}{recent}",
-            self.open, self.shipped, self.acked, self.pauses, self.stalls
+            "epochs {group}: {alarm}phase={phase} open={} shipped={} acked={} lag={} pauses={} stalled={}              last_pause={pause} seed_round={} seed_pages={} seed_last_dirty={}{took}{last}{recent}",
+            self.open,
+            self.shipped,
+            self.acked,
+            match self.phase {
+                Some(Phase::On | Phase::Leaving { .. }) => self.open.saturating_sub(self.acked + 1),
+                _ => 0,
+            },
+            self.pauses,
+            self.stalls,
+            self.seed_round,
+            self.seed_pages,
+            self.seed_last_dirty
         )
     }
 }
@@ -308,13 +552,29 @@ fn raise_epoch(causal: &CausalState, machines: &[usize], epoch: u64) {
     }
 }
 
-fn attach_all(shared: &Shared, specs: &[GuestSpec], cfg: &DriverConfig) -> Result<Vec<Guest>> {
+/// Attaches to every guest, waiting for each (forever, or up to `deadline`:
+/// a switch in fails rather than waits for a guest that is not there).
+fn attach_all(
+    shared: &Shared,
+    specs: &[GuestSpec],
+    cfg: &DriverConfig,
+    deadline: Option<Duration>,
+) -> Result<Vec<Guest>> {
+    let began = Instant::now();
     let mut guests = Vec::new();
     for spec in specs {
         let mut last_log = None::<Instant>;
+        let mut last_err = None;
         let g = loop {
             if shared.stop.load(Ordering::Acquire) {
                 return Err(anyhow!("stopped"));
+            }
+            if deadline.is_some_and(|d| began.elapsed() > d) {
+                return Err(anyhow!(
+                    "guest {} not attachable and running within {deadline:?}: {}",
+                    spec.name,
+                    last_err.unwrap_or_else(|| "not running".to_owned())
+                ));
             }
             match Guest::attach(spec.clone(), cfg.qmp_timeout) {
                 Ok(mut g) => {
@@ -332,6 +592,7 @@ fn attach_all(shared: &Shared, specs: &[GuestSpec], cfg: &DriverConfig) -> Resul
                     }
                 }
                 Err(e) => {
+                    last_err = Some(format!("{e:#}"));
                     if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                         tracing::info!(group = %shared.group, guest = %spec.name,
                             "waiting for the guest (output held): {e:#}");
@@ -348,6 +609,80 @@ fn attach_all(shared: &Shared, specs: &[GuestSpec], cfg: &DriverConfig) -> Resul
     Ok(guests)
 }
 
+/// What the epoch thread does next (decided under the state lock).
+enum Next {
+    /// Nothing to do now: wait a little.
+    Idle,
+    /// Switch in: pre-copy epoch `S`, then pause.
+    Seed(u64),
+    /// Queue `Leave { epoch }` on the connection.
+    Leave(u64),
+    /// Pause when the interval is up.
+    Pause,
+}
+
+fn next_step(shared: &Shared, st: &mut State) -> Next {
+    let before = st.epochs.phase();
+    match (before, st.request) {
+        (Phase::Off, Some(Request::In { from })) => {
+            st.request = None;
+            match st.epochs.start_seeding() {
+                Ok(epoch) => {
+                    st.seed_from = Some(from);
+                    st.status.phase = Some(st.epochs.phase());
+                    st.status.seed_round = 0;
+                    st.status.seed_pages = 0;
+                    st.status.seed_last_dirty = 0;
+                    tracing::warn!(group = %shared.group, epoch, "switching to checkpoint: pre-copying");
+                    Next::Seed(epoch)
+                }
+                Err(e) => {
+                    if let Some(m) = &shared.mode {
+                        m.set(from);
+                    }
+                    st.status.switch_started = None;
+                    st.status.switch_last = Some(format!("switch to checkpoint refused: {e}"));
+                    Next::Idle
+                }
+            }
+        }
+        (Phase::On | Phase::Seeding { .. }, Some(Request::Out { to })) => match st.epochs.leave() {
+            Ok(epoch) => {
+                st.request = None;
+                st.leave_to = Some(to);
+                if matches!(before, Phase::Seeding { .. }) {
+                    // Abandoned: the mode to return to is the requested one.
+                    st.seed_from = None;
+                }
+                st.status.phase = Some(st.epochs.phase());
+                shared.raise(st);
+                st.leave_sent = u64::MAX; // queued; the shipper records the generation
+                tracing::warn!(group = %shared.group, epoch, %to, "leaving checkpoint mode");
+                Next::Leave(epoch)
+            }
+            // Shipping behind or a pause in progress: the next turn.
+            Err(_) => Next::Idle,
+        },
+        (Phase::Off, Some(Request::Out { to })) => {
+            // A switch out asked for while seeding, which a reconnection aborted.
+            st.request = None;
+            if let Some(m) = &shared.mode {
+                m.set(to);
+            }
+            st.status.switch_started = None;
+            Next::Idle
+        }
+        (Phase::Leaving { epoch }, _)
+            if st.leave_sent != st.generation && st.leave_sent != u64::MAX && st.generation > 0 =>
+        {
+            st.leave_sent = u64::MAX; // queued; the shipper records the generation
+            Next::Leave(epoch)
+        }
+        (Phase::On | Phase::Seeding { .. }, _) => Next::Pause,
+        _ => Next::Idle,
+    }
+}
+
 fn epoch_loop(
     shared: &Shared,
     specs: Vec<GuestSpec>,
@@ -355,13 +690,62 @@ fn epoch_loop(
     ship: SyncSender<ToShip>,
     free: Receiver<Vec<Staged>>,
 ) -> Result<()> {
-    let mut guests = attach_all(shared, &specs, cfg)?;
-    let names: Vec<(String, u64)> = guests
-        .iter()
-        .map(|g| (g.name().to_owned(), g.ram_bytes()))
-        .collect();
+    // Checkpointing from the start: wait for the guests (output held). A
+    // switchable group that starts disk-only attaches at its first switch in.
+    let mut guests = if shared.lock().epochs.phase() == Phase::On {
+        Some(attach_all(shared, &specs, cfg, None)?)
+    } else {
+        None
+    };
     let mut next = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
+        let step = {
+            let mut st = shared.lock();
+            next_step(shared, &mut st)
+        };
+        match step {
+            Next::Idle => {
+                std::thread::sleep(cfg.interval.min(Duration::from_millis(20)));
+                continue;
+            }
+            Next::Leave(epoch) => {
+                let job = ToShip {
+                    kind: Kind::Leave,
+                    epoch,
+                    barrier: CountVector::ZERO,
+                    names: Vec::new(),
+                    staged: Vec::new(),
+                };
+                if ship.send(job).is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            Next::Seed(epoch) => {
+                if guests.is_none() {
+                    match attach_all(shared, &specs, cfg, Some(cfg.qmp_timeout * 2)) {
+                        Ok(g) => guests = Some(g),
+                        Err(e) => {
+                            abandon_seeding(shared, format!("attaching to the guests: {e:#}"));
+                            continue;
+                        }
+                    }
+                }
+                let Some(g) = guests.as_mut() else { continue };
+                match seed(shared, g, epoch, &ship, &free) {
+                    Ok(true) => next = Instant::now(), // the first pause at once
+                    Ok(false) => continue,             // aborted or abandoned
+                    Err(e) => {
+                        abandon_seeding(shared, format!("pre-copy: {e:#}"));
+                        continue;
+                    }
+                }
+            }
+            Next::Pause => {}
+        }
+        let Some(guests) = guests.as_mut() else {
+            continue;
+        };
         let now = Instant::now();
         if next > now {
             std::thread::sleep(next - now);
@@ -369,7 +753,9 @@ fn epoch_loop(
         next = (next + cfg.interval).max(Instant::now());
         let may = shared.lock().epochs.may_pause();
         if let Err(why) = may {
-            shared.lock().status.stalls += 1;
+            if !matches!(why, PauseRefused::NotOn(_)) {
+                shared.lock().status.stalls += 1;
+            }
             tracing::debug!(group = %shared.group, "no pause: {why}");
             continue;
         }
@@ -378,14 +764,20 @@ fn epoch_loop(
             return Ok(());
         };
         let mut pause = None;
-        let r = pause_group(&mut guests, &mut staged, || {
+        let r = pause_group(guests, &mut staged, || {
             let mut issued = CountVector::ZERO;
             for &(m, w) in &cfg.writers {
                 issued.set(w.index(), shared.causal.sync_pending(m).get(w.index()));
             }
             let mut st = shared.lock();
+            let before = st.epochs.phase();
             let p = st.epochs.begin_pause(&issued)?;
-            raise_epoch(&shared.causal, &cfg.machines, st.epochs.open());
+            shared.raise(&st);
+            if before != Phase::On {
+                st.status.phase = Some(Phase::On);
+                tracing::warn!(group = %shared.group, epoch = p.epoch,
+                    "switch to checkpoint: first checkpoint captured; output now waits for its epoch");
+            }
             let full = p.full_ram;
             pause = Some(p);
             Ok(full)
@@ -393,6 +785,15 @@ fn epoch_loop(
         let mut st = shared.lock();
         let t = match r {
             Ok(t) => t,
+            Err(e) if pause.is_none() && e.downcast_ref::<PauseRefused>().is_some() => {
+                // The phase changed between the check and the stop (a seeding
+                // aborted by a reconnection): nothing was captured.
+                drop(st);
+                if ship.send(ToShip::recycle(staged)).is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
             Err(e) => {
                 shared.alarm(&mut st, format!("capture: {e:#}"));
                 return Ok(());
@@ -418,9 +819,10 @@ fn epoch_loop(
                     shared.causal.publish_committed(&c);
                 }
                 let job = ToShip {
+                    kind: Kind::Epoch,
                     epoch: p.epoch,
                     barrier: p.barrier,
-                    names: names.clone(),
+                    names: guest_names(guests),
                     staged,
                 };
                 if ship.send(job).is_err() {
@@ -429,14 +831,7 @@ fn epoch_loop(
             }
             Captured::GiveUp => {
                 drop(st);
-                // Nothing to ship: epoch 0 only returns the set to the pool.
-                let job = ToShip {
-                    epoch: 0,
-                    barrier: CountVector::ZERO,
-                    names: Vec::new(),
-                    staged,
-                };
-                if ship.send(job).is_err() {
+                if ship.send(ToShip::recycle(staged)).is_err() {
                     return Ok(());
                 }
             }
@@ -445,21 +840,133 @@ fn epoch_loop(
     Ok(())
 }
 
-fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Staged>>) {
-    for job in jobs {
-        if job.epoch > 0 {
-            if let Err(e) = ship_one(shared, &job) {
-                let mut st = shared.lock();
-                shared.alarm(&mut st, format!("shipping epoch {}: {e:#}", job.epoch));
+fn guest_names(guests: &[Guest]) -> Vec<(String, u64)> {
+    guests
+        .iter()
+        .map(|g| (g.name().to_owned(), g.ram_bytes()))
+        .collect()
+}
+
+/// The pre-copy of a switch in (docs/design.md §13): rounds of
+/// [`Guest::precopy`] while the guests run, each shipped as segments of
+/// `epoch`, until a round finds at most [`SEED_DONE_PAGES`] written pages or
+/// [`MAX_SEED_ROUNDS`] ran. `Ok(false)`: the seeding ended otherwise (a
+/// reconnection aborted it, or a switch out abandoned it).
+fn seed(
+    shared: &Shared,
+    guests: &mut [Guest],
+    epoch: u64,
+    ship: &SyncSender<ToShip>,
+    free: &Receiver<Vec<Staged>>,
+) -> Result<bool> {
+    let names = guest_names(guests);
+    for round in 1..=MAX_SEED_ROUNDS {
+        let seeding =
+            |st: &State| st.epochs.phase() == (Phase::Seeding { epoch }) && st.request.is_none();
+        if shared.stop.load(Ordering::Acquire) || !seeding(&shared.lock()) {
+            return Ok(false);
+        }
+        // A free staging set: waits while the previous round is being shipped.
+        let Ok(mut staged) = free.recv() else {
+            return Ok(false);
+        };
+        let mut dirty = 0;
+        let mut copied = 0;
+        let mut failed = None;
+        for (g, s) in guests.iter_mut().zip(staged.iter_mut()) {
+            match g.precopy(round == 1, s) {
+                Ok(d) => {
+                    dirty += d;
+                    copied += s.pages();
+                }
+                Err(e) => {
+                    failed = Some(e.context(format!("guest {}", g.name())));
+                    break;
+                }
             }
         }
-        if free.send(job.staged).is_err() {
+        let go_on = {
+            let mut st = shared.lock();
+            st.status.seed_round = round;
+            st.status.seed_pages += copied;
+            st.status.seed_last_dirty = dirty;
+            failed.is_none() && seeding(&st)
+        };
+        if !go_on {
+            if ship.send(ToShip::recycle(staged)).is_err() {
+                return Ok(false);
+            }
+            return match failed {
+                Some(e) => Err(e),
+                None => Ok(false),
+            };
+        }
+        tracing::info!(group = %shared.group, epoch, round, dirty, copied, "pre-copy round");
+        let job = ToShip {
+            kind: Kind::Segment,
+            epoch,
+            barrier: CountVector::ZERO,
+            names: names.clone(),
+            staged,
+        };
+        if ship.send(job).is_err() {
+            return Ok(false);
+        }
+        if round > 1 && dirty <= SEED_DONE_PAGES {
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// A switch in that cannot go on (the guests cannot be attached or read):
+/// leave like a switch out (the backup drops the segments), back to the mode
+/// the group had.
+fn abandon_seeding(shared: &Shared, why: String) {
+    let mut st = shared.lock();
+    let from = st.seed_from.take().unwrap_or(Mode::Pipelined);
+    let msg = format!("switch to checkpoint abandoned: {why}; back to mode {from}");
+    tracing::error!(group = %shared.group, "{msg}");
+    st.status.switch_last = Some(msg);
+    if st.epochs.phase() != Phase::Off {
+        st.request = Some(Request::Out { to: from });
+    } else if let Some(m) = &shared.mode {
+        m.set(from);
+        st.status.switch_started = None;
+    }
+}
+
+fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Staged>>) {
+    for job in jobs {
+        let r = match job.kind {
+            Kind::Epoch | Kind::Segment => ship_one(shared, &job),
+            Kind::Leave => ship_leave(shared, job.epoch),
+            Kind::Recycle => Ok(()),
+        };
+        if let Err(e) = r {
+            let mut st = shared.lock();
+            shared.alarm(&mut st, format!("shipping epoch {}: {e:#}", job.epoch));
+        }
+        if job.kind != Kind::Leave && free.send(job.staged).is_err() {
             return;
         }
     }
 }
 
-/// Queues the frames of one epoch; gives the epoch up if the connection changes.
+/// Queues `Leave { epoch }` after everything shipped before it.
+fn ship_leave(shared: &Shared, epoch: u64) -> Result<()> {
+    let generation = shared.lock().generation;
+    let sent = shared
+        .link
+        .push(generation, &Frame::Checkpoint(Checkpoint::Leave { epoch }))?;
+    let mut st = shared.lock();
+    // Not queued (the connection changed): the loop sends it on the new one.
+    st.leave_sent = if sent { generation } else { 0 };
+    Ok(())
+}
+
+/// Queues the frames of one epoch (or one pre-copy round of it: no `Commit`);
+/// gives the epoch up if the connection changes.
 fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
     let generation = {
         let st = shared.lock();
@@ -478,8 +985,8 @@ fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
             Ok(())
         })?;
     }
-    if torn {
-        return Ok(()); // the reconnection gave it up
+    if torn || job.kind == Kind::Segment {
+        return Ok(()); // a segment has no Commit; a torn epoch was given up
     }
     // Shipped before the Commit is queued: its ack cannot arrive earlier. Should
     // the Commit not go out, a reconnection (which gives the epoch up) is why.
