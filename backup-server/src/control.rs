@@ -10,8 +10,9 @@
 //! fence is a clean cut in the write stream; persisted, so a restart stays fenced),
 //! then computes the largest causally closed cut of everything journaled and
 //! materialises every volume of the group at exactly that cut; for a checkpoint
-//! group it writes the disks at the last acknowledged epoch's barrier and the RAM
-//! and device state of that epoch instead ([`crate::checkpoint::failover_output`]).
+//! group that is `active` (not disk-only, not seeding) it writes the disks at the
+//! last acknowledged epoch's barrier and the RAM and device state of that epoch
+//! instead ([`crate::checkpoint::failover_output`]).
 //! `restore` does not
 //! fence: it materialises the latest closed cut not after a time, or a given cut.
 
@@ -154,8 +155,9 @@ pub fn failover(
 ) -> Result<Materialised, String> {
     let g = group(store, name)?;
     fence(&g)?;
-    if g.checkpoint.is_checkpoint_group() {
-        let (mut m, c) = crate::checkpoint::failover_output(&g, out, progress)?;
+    // Full state only while `active`; a group seeding a period or disk-only again
+    // after a `Leave` fails over to the causal cut (docs/design.md §13).
+    if let Some((mut m, c)) = crate::checkpoint::failover_output(&g, out, progress)? {
         m.checkpoint = Some(Box::new(c));
         return Ok(m);
     }

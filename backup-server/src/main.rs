@@ -300,7 +300,9 @@ fn finish(r: Reply) -> anyhow::Result<()> {
                 );
                 if let Some(c) = &g.checkpoint {
                     println!(
-                        "  checkpoint: last acked epoch {} (barrier {}), {:.1} epochs/s, {} bytes received, {} epochs pending",
+                        "  checkpoint: {} (failover: {}), last acked epoch {} (barrier {}), {:.1} epochs/s, {} bytes received, {} epochs pending",
+                        c.phase,
+                        if c.phase == "active" { "resume the acked epoch" } else { "causal cut" },
                         c.acked_epoch, c.barrier, c.epochs_per_s, c.bytes, c.pending_epochs
                     );
                     println!(

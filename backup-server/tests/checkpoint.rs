@@ -13,6 +13,14 @@
 //!   failover output is always a complete acknowledged epoch, never older than the
 //!   newest Ack the agent received.
 //!
+//! - the run-time switch (docs/design.md §13): a seeded epoch sent as several
+//!   segments (a full pre-copy without device state, a round, the pause) is
+//!   acknowledged and resumed; a `Leave` is acknowledged only once the disk-only
+//!   state is persisted (a SIGKILL right after its Ack still fails over disk-only,
+//!   with no `checkpoint.toml`), and the epochs pending at it are dropped; a group
+//!   seeding a new period fails over disk-only; after a `Leave`, a delta is refused
+//!   (the next period must send all of the RAM).
+//!
 //! The injected fault (`--features fault-ack-on-commit`: the server acks on Commit,
 //! before anything is durable) makes `acks_wait_for_commit_and_barrier…` fail.
 
@@ -214,6 +222,22 @@ impl Inbox {
         r.unwrap_or_else(|_| panic!("no Ack of epoch {e} within {PATIENCE:?}"))
     }
 
+    /// Waits until the group's committed vector has writer 0 at `seq` or beyond.
+    async fn committed(&mut self, seq: Seq) {
+        let r = tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.0.recv().await {
+                    Some(Frame::Committed { vector }) if vector.get(0) >= seq => return,
+                    Some(Frame::Reject { reason }) => panic!("rejected: {reason}"),
+                    Some(_) => {}
+                    None => panic!("connection closed while waiting for write {seq} to be durable"),
+                }
+            }
+        })
+        .await;
+        r.unwrap_or_else(|_| panic!("write {seq} not durable within {PATIENCE:?}"))
+    }
+
     /// Asserts that no checkpoint Ack arrives within [`QUIET`].
     async fn no_ack(&mut self, why: &str) {
         let t = tokio::time::Instant::now() + QUIET;
@@ -247,9 +271,9 @@ impl Inbox {
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Runs `failover` and checks its output against the guest's snapshot of the
-/// epoch it names; returns that epoch and which committed version of it matched.
-fn check_failover(env: &Env, g: &Guest, out: &Path) -> (u64, usize) {
+/// Runs `failover` of group `ck` into `out` (through the server if one runs);
+/// returns its stdout.
+fn failover(env: &Env, out: &Path) -> String {
     let (ok, stdout, stderr) = env.cli(&[
         "failover",
         "--group",
@@ -260,6 +284,13 @@ fn check_failover(env: &Env, g: &Guest, out: &Path) -> (u64, usize) {
         env.config.to_str().expect("utf8"),
     ]);
     assert!(ok, "failover failed: {stderr}");
+    stdout
+}
+
+/// Runs `failover` and checks its output against the guest's snapshot of the
+/// epoch it names; returns that epoch and which committed version of it matched.
+fn check_failover(env: &Env, g: &Guest, out: &Path) -> (u64, usize) {
+    let stdout = failover(env, out);
     let manifest = std::fs::read_to_string(out.join("checkpoint.toml")).expect("checkpoint.toml");
     let epoch: u64 = manifest
         .lines()
@@ -395,7 +426,7 @@ async fn acks_wait_for_commit_and_barrier_and_failover_resumes_the_last_acked_ep
     let (ok, stdout, stderr) = env.cli(&["status", "--config", env.config.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("checkpoint: last acked epoch 3"),
+        stdout.contains("checkpoint: active") && stdout.contains("last acked epoch 3"),
         "{stdout}"
     );
 
@@ -406,6 +437,218 @@ async fn acks_wait_for_commit_and_barrier_and_failover_resumes_the_last_acked_ep
     let log = server.log_text();
     assert!(log.contains("checkpoint failover output written"), "{log}");
     drop(server);
+}
+
+impl Guest {
+    /// A pre-copy segment of `epoch` while the guest runs: all of the RAM (`full`)
+    /// or the pages written since the previous one; no device state, no Commit.
+    fn precopy(&mut self, epoch: u64, full: bool) -> Vec<Frame> {
+        let dev = std::mem::take(&mut self.dev);
+        let f = self.epoch(epoch, full, false);
+        self.dev = dev;
+        f
+    }
+}
+
+/// The group's status lines.
+fn status(env: &Env) -> String {
+    let (ok, stdout, stderr) = env.cli(&["status", "--config", env.config.to_str().expect("utf8")]);
+    assert!(ok, "{stderr}");
+    stdout
+}
+
+/// Runs `failover` and checks that it wrote the disk-only causal cut: no RAM, no
+/// device state, no `checkpoint.toml`, the disk at the cut, and the cut at least
+/// `min` (beyond the last checkpoint's barrier). Returns the cut.
+fn check_disk_only_failover(env: &Env, g: &Guest, out: &Path, min: Seq) -> Seq {
+    let stdout = failover(env, out);
+    assert!(!stdout.contains("checkpoint epoch"), "{stdout}");
+    for f in ["checkpoint.toml", "vm1.ram", "vm1.devstate"] {
+        assert!(!out.join(f).exists(), "a disk-only failover wrote {f}");
+    }
+    let cut = printed_cut(&stdout);
+    let c = cut.first().copied().unwrap_or(0);
+    assert!(c >= min, "failover cut {cut:?}, expected at least {min}");
+    let img = std::fs::read(out.join("d.img")).expect("d.img");
+    assert!(
+        img == g.disk_at(c),
+        "disk differs from the writes up to {c}"
+    );
+    c
+}
+
+/// A switch test: a server (retention 0: the applier runs all the time) and one
+/// connected test agent.
+struct Switch {
+    env: Env,
+    /// `None` while killed.
+    server: Option<Server>,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    h: pipecloud_core::wire::Hello,
+    wr: backup_server::client::ClientWriter,
+    inbox: Inbox,
+    g: Guest,
+}
+
+impl Switch {
+    async fn start(agent: &str, seed: u64) -> Switch {
+        let mut env = Env::new(&["ck"], "retention_secs = 0");
+        let tls = env.client_tls("ck");
+        let h = hello("ck", agent, vec![disk("d", DISK, 0, 1)]);
+        let server = env.start();
+        let (wr, rd, _) = connect(server.addr(), tls.clone(), &h)
+            .await
+            .expect("connect");
+        Switch {
+            env,
+            server: Some(server),
+            tls,
+            h,
+            wr,
+            inbox: Inbox::spawn(rd),
+            g: Guest::new(seed),
+        }
+    }
+
+    /// A new connection of the agent; returns the acknowledged epoch its welcome
+    /// carries (the Ack that follows is checked too).
+    async fn reconnect(&mut self) -> u64 {
+        let addr = self.server.as_ref().expect("server running").addr();
+        let (wr, rd, wel) = connect(addr, self.tls.clone(), &self.h)
+            .await
+            .expect("reconnect");
+        self.wr = wr;
+        self.inbox = Inbox::spawn(rd);
+        let acked = wel.committed.get(pipecloud_core::EPOCH_ENTRY);
+        if acked > 0 {
+            assert_eq!(self.inbox.ack(acked).await, acked);
+        }
+        acked
+    }
+
+    /// `writes` disk writes and a full epoch 1, acknowledged.
+    async fn first_checkpoint(&mut self, writes: usize) {
+        self.g.run();
+        let mut f: Vec<Frame> = (0..writes).map(|_| self.g.write()).collect();
+        f.extend(self.g.epoch(1, true, true));
+        self.wr.send(&f).await.expect("send");
+        assert_eq!(self.inbox.ack(1).await, 1);
+    }
+
+    async fn send(&mut self, f: &[Frame]) {
+        self.wr.send(f).await.expect("send");
+    }
+
+    /// SIGKILLs the server (and reaps it).
+    fn kill(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.kill();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_epoch_in_segments_is_acked_and_resumed() {
+    let mut t = Switch::start("agent-s", 7).await;
+    let g = &mut t.g;
+    // Disk-only: writes are applied freely.
+    g.run();
+    let f: Vec<Frame> = (0..3).map(|_| g.write()).collect();
+    t.wr.send(&f).await.expect("send");
+    t.inbox.committed(3).await;
+    // Switch in: a full pre-copy, a round of pages written meanwhile, then the
+    // pause (pages written since, and the device state) and the Commit.
+    let mut f = g.precopy(1, true);
+    g.run();
+    f.push(g.write());
+    f.extend(g.precopy(1, false));
+    g.run();
+    f.push(g.write());
+    f.extend(g.epoch(1, false, true));
+    t.wr.send(&f).await.expect("send");
+    assert_eq!(t.inbox.ack(1).await, 1);
+    assert!(status(&t.env).contains("checkpoint: active"));
+    // Epoch 2, a delta on the seeded one (two segments), acked; writes after it.
+    g.run();
+    let mut f = g.precopy(2, false);
+    g.run();
+    f.push(g.write());
+    f.extend(g.epoch(2, false, true));
+    t.wr.send(&f).await.expect("send");
+    assert_eq!(t.inbox.ack(2).await, 2);
+    let after: Vec<Frame> = (0..3).map(|_| g.write()).collect();
+    t.wr.send(&after).await.expect("send");
+    t.inbox.committed(g.last_seq()).await;
+    let out = t.env.out_dir("failover");
+    assert_eq!(check_failover(&t.env, g, &out), (2, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_is_acked_once_persisted_and_failover_is_then_disk_only() {
+    let mut t = Switch::start("agent-l", 11).await;
+    t.first_checkpoint(3).await;
+    // Epoch 2 committed, but its barrier writes are withheld: pending at the Leave.
+    t.g.run();
+    let w4 = t.g.write();
+    let e2 = t.g.epoch(2, false, true);
+    t.send(&e2).await;
+    t.inbox
+        .no_ack("write 4 of the barrier of epoch 2 was withheld")
+        .await;
+    // Leave { 3 }: acknowledged although epoch 2 never became ready.
+    t.send(&[ck(Checkpoint::Leave { epoch: 3 })]).await;
+    assert_eq!(t.inbox.ack(3).await, 3);
+    // Killed right after the Ack: the restarted server must be disk-only.
+    t.kill();
+    let st = status(&t.env);
+    assert!(
+        st.contains("checkpoint: disk-only")
+            && st.contains("last acked epoch 3")
+            && st.contains("0 epochs pending"),
+        "{st}"
+    );
+    t.server = Some(t.env.start());
+    assert_eq!(t.reconnect().await, 3);
+    // A repeated Leave (the agent reconnected before it saw the Ack): acked again.
+    t.send(&[ck(Checkpoint::Leave { epoch: 3 })]).await;
+    assert_eq!(t.inbox.ack(3).await, 3);
+    // Disk-only: the writes after the last checkpoint's barrier are applied and
+    // failed over.
+    let mut f = vec![w4];
+    f.extend((0..3).map(|_| t.g.write()));
+    t.send(&f).await;
+    t.inbox.committed(t.g.last_seq()).await;
+    let out = t.env.out_dir("failover");
+    let cut = check_disk_only_failover(&t.env, &t.g, &out, t.g.last_seq());
+    assert!(cut > t.g.snaps[&1][0].barrier);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_leave_a_delta_is_refused_and_a_seeding_group_fails_over_disk_only() {
+    let mut t = Switch::start("agent-d", 13).await;
+    t.first_checkpoint(2).await;
+    t.send(&[ck(Checkpoint::Leave { epoch: 2 })]).await;
+    assert_eq!(t.inbox.ack(2).await, 2);
+    // Switching in again with a delta on the old period is refused.
+    t.g.run();
+    let e3 = t.g.epoch(3, false, true);
+    t.send(&e3).await;
+    let why = t.inbox.reject().await;
+    assert!(why.contains("send a full epoch"), "{why}");
+    // Seeding epoch 3 (full pre-copy and a round, no pause yet), writes meanwhile.
+    assert_eq!(t.reconnect().await, 2);
+    let g = &mut t.g;
+    let mut f = g.precopy(3, true);
+    g.run();
+    f.extend((0..3).map(|_| g.write()));
+    f.extend(g.precopy(3, false));
+    t.wr.send(&f).await.expect("send");
+    t.inbox.committed(g.last_seq()).await;
+    let st = status(&t.env);
+    assert!(st.contains("checkpoint: seeding"), "{st}");
+    // The disaster strikes while seeding: the causal cut, no checkpoint.
+    let out = t.env.out_dir("failover");
+    check_disk_only_failover(&t.env, g, &out, g.last_seq());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,13 @@
 //! too). Recovery ([`recover`]) re-applies every epoch `<=` the acknowledged one
 //! still present, in order, keeps the committed epochs beyond it (each has a
 //! marker) and deletes staged files no marker names (torn epochs).
+//!
+//! A machine's epoch may have several parts (segments, applied in order: the
+//! later page wins; the device state is the last part's that has any). After a
+//! `Leave` the state says disk-only with `acked` at the Leave's epoch; a crash
+//! before its dropped markers are deleted re-applies them on recovery (as `<=`
+//! acked), which is harmless: the chains are cut, so the replica counts again
+//! only once a full epoch of the next period rewrote all of each machine's RAM.
 
 use super::plan::{Commit, Durable, Part};
 use crate::meta::sync_dir;
@@ -294,7 +301,11 @@ impl Files {
                 let path = self.pages_path(c.epoch, part.id);
                 let (b, dev) = apply_part(&path, ram, part)?;
                 bytes += b;
-                self.install_devstate(part, &dev)?;
+                // A segment without device state (a pre-copy round) keeps the
+                // machine's device state, unless it starts the machine anew (full).
+                if part.device_bytes > 0 || part.full {
+                    self.install_devstate(part, &dev)?;
+                }
                 touched.insert(part.machine.clone());
             }
         }
@@ -592,6 +603,7 @@ mod tests {
             members: ["a".to_string()].into(),
             ram: [("vm".to_string(), RAM)].into(),
             chain: Default::default(),
+            active: true,
         };
         f.store_state(&d).unwrap();
         assert_eq!(f.apply(std::slice::from_ref(&c1)).unwrap(), RAM);
@@ -617,6 +629,119 @@ mod tests {
         assert_eq!(page(&f.ram_path("vm"), 4), 1);
         assert_eq!(std::fs::read(f.devstate_path("vm")).unwrap(), b"dev-2");
         assert!(!f.epoch_dir(2).exists());
+    }
+
+    fn commit_of(epoch: u64, barrier: u64, parts: Vec<Part>) -> Commit {
+        Commit {
+            agent: "a".into(),
+            epoch,
+            barrier: CountVector::from_slice(&[barrier]),
+            parts,
+        }
+    }
+
+    #[test]
+    fn segments_apply_in_order_and_keep_the_last_device_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = Files::new(tmp.path());
+        f.create().unwrap();
+        let mut s = StagedFile::default();
+        // Epoch 1 in three segments: all RAM (no device state), a round, the pause.
+        let all: Vec<(u64, u8)> = (0..8).map(|p| (p, 1)).collect();
+        stage(&f, &mut s, 1, 1, &all, b"");
+        stage(&f, &mut s, 1, 2, &[(2, 2)], b"");
+        stage(&f, &mut s, 1, 3, &[(2, 3), (5, 3)], b"pause");
+        let c = commit_of(
+            1,
+            1,
+            vec![
+                part("vm", 1, 8, 0, true),
+                part("vm", 2, 1, 0, false),
+                part("vm", 3, 2, 5, false),
+            ],
+        );
+        f.commit(&c).unwrap();
+        f.apply(std::slice::from_ref(&c)).unwrap();
+        let r = f.ram_path("vm");
+        assert_eq!((page(&r, 0), page(&r, 2), page(&r, 5)), (1, 3, 3));
+        assert_eq!(std::fs::read(f.devstate_path("vm")).unwrap(), b"pause");
+        // Epoch 2: a round without device state after the pause segment of its
+        // own: the later empty segment does not clobber it.
+        stage(&f, &mut s, 2, 4, &[(6, 4)], b"dev-2");
+        stage(&f, &mut s, 2, 5, &[(7, 5)], b"");
+        let c2 = commit_of(
+            2,
+            2,
+            vec![part("vm", 4, 1, 5, false), part("vm", 5, 1, 0, false)],
+        );
+        f.commit(&c2).unwrap();
+        f.apply(&[c2]).unwrap();
+        assert_eq!((page(&r, 6), page(&r, 7)), (4, 5));
+        assert_eq!(std::fs::read(f.devstate_path("vm")).unwrap(), b"dev-2");
+    }
+
+    #[test]
+    fn recovery_after_a_leave_is_disk_only_and_after_seeding_not_active() {
+        use super::super::plan::Ledger;
+        let tmp = tempfile::tempdir().unwrap();
+        let f = Files::new(tmp.path());
+        f.create().unwrap();
+        let mut s = StagedFile::default();
+        let all: Vec<(u64, u8)> = (0..8).map(|p| (p, 1)).collect();
+        // Epoch 1 acked (active); epoch 2 committed, pending.
+        stage(&f, &mut s, 1, 1, &all, b"d1");
+        let c1 = commit_of(1, 1, vec![part("vm", 1, 8, 2, true)]);
+        f.commit(&c1).unwrap();
+        let mut l = Ledger::new(Durable::default(), vec![c1.clone()], 2);
+        let d1 = l.would_ack(1, &CountVector::from_slice(&[1])).unwrap();
+        f.store_state(&d1).unwrap();
+        l.ack(1, &CountVector::from_slice(&[1]));
+        f.apply(&[c1]).unwrap();
+        stage(&f, &mut s, 2, 2, &[(1, 2)], b"d2");
+        let c2 = commit_of(2, 2, vec![part("vm", 2, 1, 2, false)]);
+        f.commit(&c2).unwrap();
+        let r = recover(&Files::new(tmp.path())).unwrap();
+        let l2 = Ledger::new(r.state, r.pending, r.next_id);
+        assert!(l2.is_checkpoint_group());
+        assert_eq!(l2.disk_cap(), Some(CountVector::from_slice(&[1])));
+        // Leave { 3 }, as the checkpoint thread does it: state, then markers.
+        l = Ledger::new(d1, vec![c2], 3);
+        let d = l.would_leave(3).unwrap().unwrap();
+        f.store_state(&d).unwrap();
+        let (parts, markers) = l.leave(3);
+        f.drop_commits(&markers).unwrap();
+        for (e, i) in parts {
+            f.discard(e, i);
+        }
+        let r = recover(&Files::new(tmp.path())).unwrap();
+        assert_eq!(
+            (r.state.acked, r.state.active, r.pending.len()),
+            (3, false, 0)
+        );
+        let mut l = Ledger::new(r.state, r.pending, r.next_id);
+        assert!(!l.is_checkpoint_group() && !l.is_seeding());
+        assert_eq!(l.disk_cap(), None);
+        // Seeding epoch 4 (committed, not acked), then a crash: not active.
+        stage(&f, &mut s, 4, 5, &all, b"d4");
+        let c4 = commit_of(4, 4, vec![part("vm", 5, 8, 2, true)]);
+        l.connect(1, "a");
+        assert!(l
+            .frame(
+                1,
+                pipecloud_core::wire::Checkpoint::Begin {
+                    machine: "vm".into(),
+                    epoch: 4,
+                    ram_bytes: RAM,
+                }
+            )
+            .is_ok());
+        assert!(l.is_seeding());
+        f.commit(&c4).unwrap();
+        let r = recover(&Files::new(tmp.path())).unwrap();
+        assert_eq!(r.pending, vec![c4]);
+        let l = Ledger::new(r.state, r.pending, r.next_id);
+        assert!(!l.is_checkpoint_group() && !l.is_seeding());
+        assert_eq!(l.disk_cap(), None);
     }
 
     #[test]

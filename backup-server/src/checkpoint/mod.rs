@@ -104,6 +104,9 @@ pub struct GroupCkpt {
 /// Checkpoint figures of a group for `status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CkptStatus {
+    /// `active` (a failover resumes the acknowledged checkpoint), `seeding` (a
+    /// full-state period starts; failover is still disk-only) or `disk-only`.
+    pub phase: String,
     pub acked_epoch: u64,
     pub barrier: CountVector,
     pub members: Vec<String>,
@@ -150,10 +153,10 @@ impl GroupCkpt {
     }
 
     /// The cut the base volumes may be applied to at most: the last acknowledged
-    /// barrier of a checkpoint group (`None`: not a checkpoint group, no cap).
+    /// barrier while the group is `active` or seeding a full-state period (`None`:
+    /// disk-only, no cap; [`plan::Ledger::disk_cap`]).
     pub fn disk_cap(&self) -> Option<CountVector> {
-        let l = lock(&self.ledger);
-        l.is_checkpoint_group().then(|| l.durable_state().barrier)
+        lock(&self.ledger).disk_cap()
     }
 
     /// Last acknowledged epoch (0: none); the welcome carries it in the
@@ -162,17 +165,25 @@ impl GroupCkpt {
         lock(&self.ledger).acked()
     }
 
-    /// Whether the group checkpoints.
+    /// Whether a failover resumes the last acknowledged checkpoint (the group is
+    /// `active`; not while disk-only or seeding).
     pub fn is_checkpoint_group(&self) -> bool {
         lock(&self.ledger).is_checkpoint_group()
     }
 
-    /// Figures for `status` (`None` for a group that does not checkpoint).
+    /// Figures for `status` (`None` for a group that never checkpointed).
     pub fn status(&self) -> Option<CkptStatus> {
         let l = lock(&self.ledger);
-        if !l.is_checkpoint_group() {
+        if !l.ever_checkpointed() {
             return None;
         }
+        let phase = if l.is_checkpoint_group() {
+            "active"
+        } else if l.is_seeding() {
+            "seeding"
+        } else {
+            "disk-only"
+        };
         let d = l.durable_state();
         let acks = lock(&self.acks);
         let epochs_per_s = match (acks.front(), acks.back()) {
@@ -182,6 +193,7 @@ impl GroupCkpt {
             _ => 0.0,
         };
         Some(CkptStatus {
+            phase: phase.to_string(),
             acked_epoch: d.acked,
             barrier: d.barrier,
             members: d.members.iter().cloned().collect(),
@@ -382,7 +394,45 @@ fn handle(group: &Group, staged: &mut StagedFile, w: Work) -> Result<(), String>
             ck.files.commit(&c)?;
             lock(&ck.ledger).durable(&c.agent, c.epoch);
         }
+        Work::Step(Step::Leave { epoch, discard }) => {
+            staged.close();
+            leave(group, epoch, discard)?;
+        }
     }
+    Ok(())
+}
+
+/// `Leave { epoch }`: the group becomes disk-only. The state is persisted first
+/// (a crash after it fails over disk-only; before it, to the last acknowledged
+/// checkpoint, which remembers every released output), then the pending epochs
+/// are dropped, then the `Ack` releases the output tagged up to `epoch`.
+fn leave(group: &Group, epoch: u64, discard: Vec<(u64, u64)>) -> Result<(), String> {
+    let ck = &group.checkpoint;
+    let _io = lock(&ck.io);
+    let (acked, parts, markers) = {
+        let mut l = lock(&ck.ledger);
+        match l.would_leave(epoch) {
+            Ok(Some(d)) => {
+                ck.files.store_state(&d)?;
+                let (parts, markers) = l.leave(epoch);
+                (epoch, parts, markers)
+            }
+            Ok(None) => (l.acked(), Vec::new(), Vec::new()),
+            Err(e) => {
+                warn!(group = %group.name, error = %e, "checkpoint leave ignored");
+                return Ok(());
+            }
+        }
+    };
+    ck.files.drop_commits(&markers)?;
+    for (e, i) in discard.into_iter().chain(parts) {
+        ck.files.discard(e, i);
+    }
+    if !markers.is_empty() || acked == epoch {
+        info!(group = %group.name, epoch, dropped_commits = markers.len(),
+            "left full-state mode: failover is disk-only");
+    }
+    send_ack(group, acked);
     Ok(())
 }
 
@@ -390,15 +440,16 @@ fn handle(group: &Group, staged: &mut StagedFile, w: Work) -> Result<(), String>
 fn try_ack(group: &Group) -> Result<(), String> {
     let ck = &group.checkpoint;
     let _io = lock(&ck.io);
-    let committed = {
+    let (committed, applied) = {
         let st = lock(&group.state);
         if st.meta.fenced || st.failed.is_some() {
             return Ok(());
         }
-        st.committed()
+        (st.committed(), st.meta.applying.unwrap_or(st.meta.applied))
     };
     let (epoch, commits) = {
         let mut l = lock(&ck.ledger);
+        l.set_applied(applied);
         let Some(epoch) = l.ready(&committed) else {
             return Ok(());
         };
@@ -505,17 +556,25 @@ pub struct CkptOutput {
     pub machines: Vec<(String, u64, u64)>,
 }
 
-/// Failover output of a checkpoint group (the group is fenced already): the disks
-/// at the last acknowledged epoch's barrier, each machine's RAM and device state
-/// at that epoch, and `checkpoint.toml` last.
+/// Failover output of an `active` checkpoint group (the group is fenced already):
+/// the disks at the last acknowledged epoch's barrier, each machine's RAM and
+/// device state at that epoch, and `checkpoint.toml` last. `Ok(None)`: the group
+/// is disk-only or seeding (no acknowledged checkpoint of the current period),
+/// the caller writes the causal cut (no epoch is acknowledged after the fence).
 pub fn failover_output(
     g: &Group,
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<(Materialised, CkptOutput), String> {
+) -> Result<Option<(Materialised, CkptOutput)>, String> {
     let ck = &g.checkpoint;
     let _io = lock(&ck.io);
-    let d = lock(&ck.ledger).durable_state().clone();
+    let d = {
+        let l = lock(&ck.ledger);
+        if !l.is_checkpoint_group() {
+            return Ok(None);
+        }
+        l.durable_state().clone()
+    };
     let _r = lock(&ck.replica);
     apply_acked(ck)?;
     if d.acked == 0 {
@@ -572,11 +631,11 @@ pub fn failover_output(
     if machines.is_empty() {
         warn!(group = %g.name, "checkpoint failover: no machine has a RAM replica");
     }
-    Ok((
+    Ok(Some((
         m,
         CkptOutput {
             epoch: d.acked,
             machines,
         },
-    ))
+    )))
 }

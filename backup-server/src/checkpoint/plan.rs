@@ -28,16 +28,27 @@
 //! 4. the replica it implies is complete: a machine's epoch that is not *full*
 //!    (all of its RAM sent, contiguously from offset 0) is a delta on the same
 //!    machine's previous epoch, which must have been committed (enforced at `End`:
-//!    a delta on an epoch the backup never got is rejected).
+//!    a delta on an epoch the backup never got is rejected). A machine may send
+//!    several `Begin … End` segments in one epoch (parts applied in order): the
+//!    epoch is full if its first segment is, and later segments continue it;
+//! 5. its barrier dominates the base volumes' applied cut ([`Ledger::set_applied`]):
+//!    the disks can still be written at exactly that barrier.
 //!
-//! Proof sketch: an epoch is acked only from [`Ledger::ready`], which checks 1–4
+//! The run-time switch (docs/design.md §13): the durable state says whether the
+//! group is `active` (a failover resumes the acknowledged checkpoint); a `Begin`
+//! while not active starts *seeding* (the volumes freeze, [`Ledger::disk_cap`]);
+//! the first ack makes the group active; `Leave { E }` ([`Ledger::would_leave`],
+//! [`Ledger::leave`]) makes it disk-only at `acked = E`, drops what is pending and
+//! cuts every chain.
+//!
+//! Proof sketch: an epoch is acked only from [`Ledger::ready`], which checks 1–5
 //! directly (4 against each machine's chain in the replica, [`Durable::chain`];
 //! `End` also refuses a delta on an epoch the backup does not hold, early). The RAM replica at `E` is the in-order application of every
 //! committed part `<= E` (2 makes all of them durable, 4 makes the chain of deltas
 //! of each machine gap-free back to a full epoch), the device state is the newest
 //! committed one `<= E`, the disks are the journal at the barrier (3). Torn parts
 //! (no `End`, no `Commit`, or a connection lost in between) never enter a commit and
-//! are discarded. [`Ledger::ack`] re-checks 1–4 with an always-on `assert!`: an ack
+//! are discarded. [`Ledger::ack`] re-checks 1–5 with an always-on `assert!`: an ack
 //! the rule does not allow is a bug in the checkpoint thread, and the server stops
 //! rather than acknowledge a checkpoint a crash could lose.
 //!
@@ -56,6 +67,9 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const MAX_PENDING_EPOCHS: u64 = 64;
 /// Most checkpointed machines, and most checkpointing agents, per group.
 pub const MAX_MACHINES: usize = 64;
+/// Most segments of one machine in one epoch (the pre-copy rounds of a switch in
+/// and the pause).
+pub const MAX_SEGMENTS: usize = 64;
 
 /// One machine's part of one epoch, as committed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +129,13 @@ pub enum Step {
     /// Make the parts durable, then the commit marker; then report
     /// [`Ledger::durable`].
     Commit(Commit),
+    /// The group leaves full-state mode at `epoch` ([`Ledger::would_leave`],
+    /// persist, [`Ledger::leave`], then `Ack`); `discard`: the abandoned segments
+    /// of the connection's epoch in progress.
+    Leave {
+        epoch: u64,
+        discard: Vec<(u64, u64)>,
+    },
 }
 
 /// A part being received.
@@ -143,6 +164,9 @@ struct Conn {
     committed_any: bool,
 }
 
+/// Commit markers (epoch, agent) to delete.
+pub type Markers = Vec<(u64, String)>;
+
 /// Pending (not yet acknowledged) commits of one epoch, per agent, with durability.
 type Pending = BTreeMap<u64, BTreeMap<String, (Commit, bool)>>;
 
@@ -160,6 +184,10 @@ pub struct Durable {
     pub ram: BTreeMap<String, u64>,
     /// Each machine's newest epoch in the replica (the acknowledged chain).
     pub chain: BTreeMap<String, u64>,
+    /// A failover resumes the acknowledged checkpoint: an epoch of the current
+    /// full-state period was acknowledged and no `Leave` came since (false: the
+    /// group is disk-only, its failover is the causal cut).
+    pub active: bool,
 }
 
 /// The group's checkpoint bookkeeping (see the module documentation).
@@ -177,6 +205,13 @@ pub struct Ledger {
     /// Machine -> connection currently sending a part of it.
     busy: BTreeMap<String, u64>,
     next_id: u64,
+    /// The connection seeding a full-state period: its first `Begin` arrived while
+    /// the group was not `active`, and no epoch of the period is acknowledged yet.
+    seeding: Option<u64>,
+    /// The base volumes' applied cut (or the cut being applied): an epoch whose
+    /// barrier does not dominate it can no longer be written at its barrier, and
+    /// is never acknowledged ([`Ledger::set_applied`]).
+    applied: CountVector,
 }
 
 impl Ledger {
@@ -212,9 +247,34 @@ impl Ledger {
         self.d.acked
     }
 
-    /// Whether the group checkpoints at all (some agent ever sent a checkpoint frame).
+    /// Whether a failover resumes a checkpoint: the group is `active` (an epoch
+    /// of its current full-state period is acknowledged, no `Leave` since).
     pub fn is_checkpoint_group(&self) -> bool {
+        self.d.active && self.d.acked > 0
+    }
+
+    /// Whether a full-state period is being seeded (in memory: a `Begin` arrived
+    /// while not `active`, on a connection still open or with a commit pending).
+    pub fn is_seeding(&self) -> bool {
+        self.seeding.is_some()
+    }
+
+    /// Whether some agent ever sent this group a checkpoint frame.
+    pub fn ever_checkpointed(&self) -> bool {
         !self.d.members.is_empty()
+    }
+
+    /// The cut the base volumes may be applied to at most: the last acknowledged
+    /// barrier while `active` or seeding (frozen while seeding: docs/design.md
+    /// §13), none while disk-only.
+    pub fn disk_cap(&self) -> Option<CountVector> {
+        (self.d.active || self.seeding.is_some()).then_some(self.d.barrier)
+    }
+
+    /// Records the base volumes' applied cut (see the field); the checkpoint
+    /// thread calls it before [`Ledger::ready`] / [`Ledger::ack`].
+    pub fn set_applied(&mut self, applied: CountVector) {
+        self.applied = applied;
     }
 
     /// Epochs held beyond the acknowledged one.
@@ -252,6 +312,13 @@ impl Ledger {
     pub fn disconnect(&mut self, conn: u64) -> Vec<(u64, u64)> {
         let torn = self.tear(conn);
         self.conns.remove(&conn);
+        // A seeding that never reached a Commit was aborted with its connection
+        // (the agent is back to disk-only, or it reconnects with a full epoch):
+        // the volumes' cap is lifted. With a commit pending, the agent paused the
+        // seeded epoch and checkpoints on: the cap stays.
+        if self.seeding == Some(conn) && self.pending.is_empty() {
+            self.seeding = None;
+        }
         torn
     }
 
@@ -356,13 +423,23 @@ impl Ledger {
                         }
                     }
                 }
-                if c.parts.iter().any(|p| p.machine == machine) {
+                // A later segment of a machine within the epoch (its earlier ones
+                // are closed: an open one was refused above).
+                let segments = c.parts.iter().filter(|p| p.machine == machine).count();
+                if segments >= MAX_SEGMENTS {
                     return Err(format!(
-                        "checkpoint begin of {machine} twice in epoch {epoch}"
+                        "checkpoint begin of {machine}: {MAX_SEGMENTS} segments in epoch {epoch} already"
                     ));
                 }
+                let new_machines: BTreeSet<&str> = c
+                    .parts
+                    .iter()
+                    .map(|p| p.machine.as_str())
+                    .filter(|m| !self.d.ram.contains_key(*m))
+                    .collect();
                 if !self.d.ram.contains_key(&machine)
-                    && self.d.ram.len() + c.parts.len() >= MAX_MACHINES
+                    && segments == 0
+                    && self.d.ram.len() + new_machines.len() >= MAX_MACHINES
                 {
                     return Err(format!(
                         "checkpoint begin of {machine}: the group has {MAX_MACHINES} checkpointed machines already"
@@ -388,11 +465,11 @@ impl Ledger {
                     }
                 }
                 let mut discard = Vec::new();
-                if let Some(&other) = self.busy.get(&machine) {
+                if let Some(&other) = self.busy.get(&machine).filter(|&&o| o != conn) {
                     // The same agent reconnected while its old connection lingers
                     // (half open): the old connection's epoch in progress is torn.
                     let same = self.conns.get(&other).is_some_and(|o| o.agent == agent);
-                    if !same || other == conn {
+                    if !same {
                         return Err(format!(
                             "checkpoint begin of {machine}: connection {other} is sending it"
                         ));
@@ -411,6 +488,10 @@ impl Ledger {
                 let id = self.next_id;
                 self.next_id += 1;
                 self.busy.insert(machine.clone(), conn);
+                if c.epoch.is_none() && !self.d.active {
+                    // The first epoch of a full-state period: the volumes freeze.
+                    self.seeding = Some(conn);
+                }
                 c.epoch = Some(epoch);
                 c.open = Some(Open {
                     machine: machine.clone(),
@@ -482,6 +563,8 @@ impl Ledger {
                 device_bytes,
             } => {
                 let o = open_of(c, epoch, "end")?;
+                let machine = o.machine.clone();
+                let o = c.open.as_ref().ok_or("no open machine")?;
                 if o.pages != pages || o.device_bytes != device_bytes {
                     return Err(format!(
                         "checkpoint end of {} epoch {epoch}: says {pages} pages / {device_bytes} device bytes, \
@@ -491,7 +574,9 @@ impl Ledger {
                 }
                 let full = o.contiguous == Some(o.ram_bytes);
                 let prev = self.machine_last.get(&o.machine).copied().unwrap_or(0);
-                if !full && (prev == 0 || prev + 1 != epoch) {
+                // A later segment continues the machine's earlier ones of this epoch.
+                let later = c.parts.iter().any(|p| p.machine == machine);
+                if !full && !later && (prev == 0 || prev + 1 != epoch) {
                     return Err(format!(
                         "checkpoint epoch {epoch} of {} is a delta, but the backup holds its epoch {prev} \
                          as the last one (not {}): send a full epoch (all of its RAM)",
@@ -545,10 +630,101 @@ impl Ledger {
             Checkpoint::Ack { .. } => {
                 Err("checkpoint Ack frames go from the backup to agents".into())
             }
-            Checkpoint::Leave { epoch } => Err(format!(
-                "checkpoint Leave {{ {epoch} }}: leaving full-state mode is not implemented by this backup yet"
-            )),
+            Checkpoint::Leave { epoch } => {
+                if let Some(o) = &c.open {
+                    return Err(format!(
+                        "checkpoint leave at epoch {epoch} while {} epoch {} is open (no End)",
+                        o.machine, o.epoch
+                    ));
+                }
+                if let Some(e) = c.epoch.filter(|&e| e != epoch) {
+                    return Err(format!(
+                        "checkpoint leave at epoch {epoch} inside epoch {e} (no Commit of {e})"
+                    ));
+                }
+                if epoch <= acked {
+                    if self.d.active || c.epoch.is_some() {
+                        return Err(format!(
+                            "checkpoint leave at epoch {epoch}: the group acknowledged epoch {acked} \
+                             and checkpoints; a Leave closes an epoch above it"
+                        ));
+                    }
+                    // Recorded already (a repeated Leave): answered with the Ack again.
+                    return Ok(Step::Leave {
+                        epoch,
+                        discard: Vec::new(),
+                    });
+                }
+                let last = self.agent_last.get(&agent).copied().unwrap_or(0);
+                if epoch <= last && c.committed_any {
+                    return Err(format!(
+                        "checkpoint leave at epoch {epoch}: agent {agent} committed epoch {last} on this \
+                         connection; a Leave closes an epoch never captured"
+                    ));
+                }
+                if epoch > acked + MAX_PENDING_EPOCHS {
+                    return Err(format!(
+                        "checkpoint leave at epoch {epoch} is more than {MAX_PENDING_EPOCHS} epochs beyond \
+                         the acknowledged epoch {acked}"
+                    ));
+                }
+                // The abandoned segments of a switch in (an epoch in progress is
+                // the Leave's own).
+                let discard = self.tear(conn);
+                Ok(Step::Leave { epoch, discard })
+            }
         }
+    }
+
+    /// What the group's durable state becomes with `Leave { epoch }` (to persist
+    /// before [`Ledger::leave`] and the `Ack`): disk-only, acknowledged up to
+    /// `epoch` (a restarted agent numbers above it), every chain cut (the next
+    /// period starts with a full epoch). `Ok(None)`: recorded already (the `Ack`
+    /// is sent again). `Err`: the group acknowledged `epoch` as a checkpoint since
+    /// the frame was checked (an agent's bug; nothing is recorded).
+    pub fn would_leave(&self, epoch: u64) -> Result<Option<Durable>, String> {
+        if epoch <= self.d.acked {
+            return if self.d.active {
+                Err(format!(
+                    "checkpoint leave at epoch {epoch}: epoch {} was acknowledged as a checkpoint meanwhile",
+                    self.d.acked
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let mut d = self.d.clone();
+        d.acked = epoch;
+        d.active = false;
+        d.chain.clear();
+        Ok(Some(d))
+    }
+
+    /// Records `Leave { epoch }` (its [`Ledger::would_leave`] state is persisted):
+    /// drops every pending commit and every connection's epoch in progress.
+    /// Returns the staged parts (epoch, id) and the commit markers (epoch, agent)
+    /// to delete.
+    pub fn leave(&mut self, epoch: u64) -> (Vec<(u64, u64)>, Markers) {
+        let Ok(Some(d)) = self.would_leave(epoch) else {
+            return (Vec::new(), Vec::new());
+        };
+        self.d = d;
+        self.seeding = None;
+        let mut parts = Vec::new();
+        let mut markers = Vec::new();
+        for (e, cs) in std::mem::take(&mut self.pending) {
+            for (agent, (c, _)) in cs {
+                parts.extend(c.parts.iter().map(|p| (e, p.id)));
+                markers.push((e, agent));
+            }
+        }
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for conn in conns {
+            parts.extend(self.tear(conn));
+        }
+        self.agent_last.clear();
+        self.machine_last.clear();
+        (parts, markers)
     }
 
     /// The checkpoint thread made `agent`'s commit of `epoch` durable.
@@ -586,7 +762,8 @@ impl Ledger {
                     let last = chain.get(&p.machine).copied().unwrap_or(0);
                     if p.full {
                         broken.remove(&p.machine);
-                    } else if last == 0 || last + 1 != *e {
+                    } else if last != *e && (last == 0 || last + 1 != *e) {
+                        // (`last == e`: a later segment of the same epoch.)
                         broken.insert(p.machine.clone(), *e);
                     }
                     chain.insert(p.machine.clone(), *e);
@@ -605,6 +782,13 @@ impl Ledger {
         if !committed.dominates(&barrier) {
             return Err(format!(
                 "disk writes up to the barrier {barrier} are not all durable (committed {committed})"
+            ));
+        }
+        if !barrier.dominates(&self.applied) {
+            return Err(format!(
+                "the base volumes are applied to {} beyond the barrier {barrier}: the disks cannot be \
+                 written at epoch {epoch}",
+                self.applied
             ));
         }
         Ok((barrier, chain))
@@ -627,6 +811,7 @@ impl Ledger {
         d.acked = epoch;
         d.barrier = barrier;
         d.chain = chain;
+        d.active = true;
         Ok(d)
     }
 
@@ -635,7 +820,7 @@ impl Ledger {
     /// epoch order.
     ///
     /// # Panics
-    /// If `epoch` may not be acknowledged (rule 1–4 of the module documentation).
+    /// If `epoch` may not be acknowledged (rule 1–5 of the module documentation).
     pub fn ack(&mut self, epoch: u64, committed: &CountVector) -> Vec<Commit> {
         let (barrier, chain) = match self.check(epoch, committed) {
             Ok(b) => b,
@@ -644,6 +829,8 @@ impl Ledger {
         self.d.acked = epoch;
         self.d.barrier = barrier;
         self.d.chain = chain;
+        self.d.active = true;
+        self.seeding = None;
         let rest = self.pending.split_off(&(epoch + 1));
         let done = std::mem::replace(&mut self.pending, rest);
         done.into_values()
@@ -850,7 +1037,12 @@ mod tests {
         l.frame(1, pages(3, 0, 4)).unwrap();
         expect(&mut l, end(3, 3, 0), "arrived");
         l.frame(1, end(3, 4, 0)).unwrap();
-        expect(&mut l, begin("vm1", 3), "twice");
+        // A later segment of vm1 in epoch 3 (an empty one), not while one is open.
+        l.frame(1, begin("vm1", 3)).unwrap();
+        expect(&mut l, begin("vm1", 3), "is open");
+        expect(&mut l, Checkpoint::Leave { epoch: 3 }, "is open");
+        l.frame(1, end(3, 0, 0)).unwrap();
+        expect(&mut l, Checkpoint::Leave { epoch: 4 }, "inside epoch 3");
         expect(&mut l, begin("vm2", 4), "inside epoch 3");
         expect(&mut l, commit(4, &[0]), "without its Begin");
         l.frame(1, commit(3, &[0])).unwrap();
@@ -870,7 +1062,7 @@ mod tests {
         l.frame(1, begin("vm1", 4)).unwrap();
         l.frame(1, pages(4, 0, 1)).unwrap();
         l.frame(1, end(4, 1, 0)).unwrap();
-        for i in 2..MAX_MACHINES {
+        for i in 2..=MAX_MACHINES {
             let m = format!("m{i}");
             l.frame(1, begin(&m, 4)).unwrap();
             l.frame(1, pages(4, 0, 4)).unwrap();
@@ -1002,12 +1194,267 @@ mod tests {
         l.frame(1, end(6, 1, 0)).unwrap(); // a delta on the recovered epoch 5
     }
 
+    /// Sends one segment of `m` in `epoch`: `pages` pages from page `first`, and
+    /// `dev` device-state bytes.
+    fn segment(
+        l: &mut Ledger,
+        conn: u64,
+        m: &str,
+        epoch: u64,
+        first: u64,
+        n: u64,
+        dev_bytes: usize,
+    ) {
+        l.frame(conn, begin(m, epoch)).unwrap();
+        if n > 0 {
+            l.frame(conn, pages(epoch, first, n)).unwrap();
+        }
+        if dev_bytes > 0 {
+            l.frame(conn, dev(epoch, 0, dev_bytes)).unwrap();
+        }
+        l.frame(conn, end(epoch, n, dev_bytes as u64)).unwrap();
+    }
+
+    /// Acks `epoch` of agent a (durable, barrier `b`), asserting it is ready.
+    fn durable_ack(l: &mut Ledger, epoch: u64, b: &[u64]) -> Vec<Commit> {
+        l.durable("a", epoch);
+        assert_eq!(l.ready(&v(b)), Some(epoch));
+        let d = l.would_ack(epoch, &v(b)).unwrap();
+        assert!(d.active);
+        l.ack(epoch, &v(b))
+    }
+
+    #[test]
+    fn segments_of_one_epoch_are_parts_in_order_and_the_first_full_one_makes_it_full() {
+        let mut l = Ledger::default();
+        l.connect(1, "a");
+        assert_eq!(l.disk_cap(), None, "disk-only");
+        // Pre-copy: all RAM, then a round of one page; the pause: one page and the
+        // device state.
+        segment(&mut l, 1, "vm1", 1, 0, 4, 0);
+        assert!(l.is_seeding() && !l.is_checkpoint_group());
+        assert_eq!(
+            l.disk_cap(),
+            Some(CountVector::ZERO),
+            "frozen while seeding"
+        );
+        segment(&mut l, 1, "vm1", 1, 2, 1, 0);
+        segment(&mut l, 1, "vm1", 1, 3, 1, 10);
+        let Step::Commit(c) = l.frame(1, commit(1, &[4])).unwrap() else {
+            panic!("commit step expected")
+        };
+        let shape: Vec<(bool, u64, u64)> = c
+            .parts
+            .iter()
+            .map(|p| (p.full, p.pages, p.device_bytes))
+            .collect();
+        assert_eq!(shape, vec![(true, 4, 0), (false, 1, 0), (false, 1, 10)]);
+        let applied = durable_ack(&mut l, 1, &[4]);
+        assert_eq!(applied.len(), 1);
+        assert_eq!(l.durable_state().chain.get("vm1"), Some(&1));
+        assert!(l.is_checkpoint_group() && !l.is_seeding());
+        assert_eq!(l.disk_cap(), Some(v(&[4])));
+        // Epoch 2: two delta segments on epoch 1.
+        segment(&mut l, 1, "vm1", 2, 1, 1, 0);
+        segment(&mut l, 1, "vm1", 2, 0, 1, 10);
+        l.frame(1, commit(2, &[5])).unwrap();
+        durable_ack(&mut l, 2, &[5]);
+        // A first segment that is a delta on an epoch the backup lacks is refused
+        // even when a later segment would send all of the RAM.
+        l.connect(2, "a");
+        l.frame(2, begin("vm2", 3)).unwrap();
+        l.frame(2, pages(3, 0, 1)).unwrap();
+        assert!(l.frame(2, end(3, 1, 0)).unwrap_err().contains("full epoch"));
+        // Bounded segments per machine and epoch.
+        l.connect(3, "a");
+        for _ in 0..MAX_SEGMENTS {
+            segment(&mut l, 3, "vm1", 3, 0, 1, 0);
+        }
+        let e = l.frame(3, begin("vm1", 3)).unwrap_err();
+        assert!(e.contains("segments"), "{e}");
+    }
+
+    #[test]
+    fn the_chain_check_accepts_later_segments_but_not_a_broken_delta() {
+        // Recovered: epoch 4 acked with vm1's chain at 4; epoch 5 committed as a
+        // delta in two segments.
+        let mut c = delta_commit(5, &[0], 1);
+        c.parts.push(Part {
+            id: 2,
+            ..c.parts[0].clone()
+        });
+        let mut l = Ledger::new(recovered(4, 4), vec![c.clone()], 3);
+        assert_eq!(l.ready(&v(&[0])), Some(5));
+        // The same on a chain that ends at 3: never acked.
+        l = Ledger::new(recovered(4, 3), vec![c], 3);
+        assert_eq!(l.ready(&v(&[0])), None);
+    }
+
+    #[test]
+    fn an_epoch_whose_barrier_is_below_the_applied_cut_is_never_acked() {
+        // (A period seeded after the volumes were applied beyond its barrier: the
+        // disks could not be written at it.)
+        let mut l = Ledger::default();
+        l.set_applied(v(&[5]));
+        l.connect(1, "a");
+        machine(&mut l, 1, "vm1", 1, true);
+        l.frame(1, commit(1, &[3])).unwrap();
+        l.durable("a", 1);
+        assert_eq!(l.ready(&v(&[9])), None);
+        assert!(l.would_ack(1, &v(&[9])).unwrap_err().contains("applied"));
+        machine(&mut l, 1, "vm1", 2, false);
+        l.frame(1, commit(2, &[6])).unwrap();
+        l.durable("a", 2);
+        assert_eq!(
+            l.ready(&v(&[9])),
+            Some(2),
+            "epoch 1 is applied under epoch 2"
+        );
+    }
+
+    #[test]
+    fn seeding_ends_with_its_connection_before_a_commit_and_with_the_first_ack() {
+        let mut l = Ledger::default();
+        l.connect(1, "a");
+        segment(&mut l, 1, "vm1", 1, 0, 4, 0);
+        assert!(l.is_seeding());
+        // The agent's connection dies mid-seeding: the switch is aborted.
+        assert_eq!(l.disconnect(1).len(), 1);
+        assert!(!l.is_seeding());
+        assert_eq!(l.disk_cap(), None);
+        // Seeded again; the connection dies after the Commit of the seeded epoch:
+        // the agent paused it and checkpoints on, so the volumes stay frozen.
+        l.connect(2, "a");
+        machine(&mut l, 2, "vm1", 2, true);
+        l.frame(2, commit(2, &[3])).unwrap();
+        l.disconnect(2);
+        assert!(l.is_seeding());
+        assert_eq!(l.disk_cap(), Some(CountVector::ZERO));
+        durable_ack(&mut l, 2, &[3]);
+        assert!(!l.is_seeding() && l.is_checkpoint_group());
+        assert_eq!(l.disk_cap(), Some(v(&[3])));
+        // While active, a lost connection changes nothing.
+        l.connect(3, "a");
+        l.frame(3, begin("vm1", 3)).unwrap();
+        l.disconnect(3);
+        assert!(l.is_checkpoint_group() && !l.is_seeding());
+    }
+
+    #[test]
+    fn leave_makes_the_group_disk_only_drops_what_is_pending_and_is_idempotent() {
+        let mut l = Ledger::default();
+        l.connect(1, "a");
+        machine(&mut l, 1, "vm1", 1, true);
+        l.frame(1, commit(1, &[2])).unwrap();
+        durable_ack(&mut l, 1, &[2]);
+        machine(&mut l, 1, "vm1", 2, false);
+        l.frame(1, commit(2, &[3])).unwrap();
+        l.durable("a", 2);
+        // Hostile or early Leaves.
+        let expect = |l: &mut Ledger, f: Checkpoint, what: &str| {
+            let e = l.frame(1, f).unwrap_err();
+            assert!(e.contains(what), "{e:?} should mention {what:?}");
+        };
+        expect(&mut l, Checkpoint::Leave { epoch: 1 }, "checkpoints");
+        expect(&mut l, Checkpoint::Leave { epoch: 2 }, "never captured");
+        l.disconnect(1);
+        l.connect(1, "a");
+        expect(
+            &mut l,
+            Checkpoint::Leave {
+                epoch: 2 + MAX_PENDING_EPOCHS,
+            },
+            "beyond",
+        );
+        l.disconnect(1);
+        l.connect(1, "a");
+        // Leave { 3 }: the open epoch 3 was never captured.
+        assert_eq!(
+            l.frame(1, Checkpoint::Leave { epoch: 3 }).unwrap(),
+            Step::Leave {
+                epoch: 3,
+                discard: Vec::new()
+            }
+        );
+        assert!(
+            l.is_checkpoint_group(),
+            "nothing changes before it is persisted"
+        );
+        let d = l.would_leave(3).unwrap().unwrap();
+        assert_eq!((d.acked, d.active, d.chain.len()), (3, false, 0));
+        assert_eq!(d.barrier, v(&[2]), "the last checkpoint's barrier stays");
+        let (parts, markers) = l.leave(3);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(markers, vec![(2, "a".to_string())]);
+        assert_eq!(l.durable_state(), &d);
+        assert_eq!((l.pending_epochs(), l.acked()), (0, 3));
+        assert!(!l.is_checkpoint_group() && !l.is_seeding());
+        assert_eq!(l.disk_cap(), None, "the cap is lifted");
+        // Repeated (a new connection before the Ack arrived): the Ack again.
+        l.connect(2, "a");
+        assert!(matches!(
+            l.frame(2, Checkpoint::Leave { epoch: 3 }).unwrap(),
+            Step::Leave { epoch: 3, .. }
+        ));
+        assert_eq!(l.would_leave(3), Ok(None));
+        assert_eq!(l.leave(3), (Vec::new(), Vec::new()));
+        // A later switch in must send all of the RAM: a delta is refused.
+        l.frame(2, begin("vm1", 4)).unwrap();
+        l.frame(2, pages(4, 0, 1)).unwrap();
+        assert!(l.frame(2, end(4, 1, 0)).unwrap_err().contains("full epoch"));
+        l.disconnect(2);
+        l.connect(3, "a");
+        assert!(l
+            .frame(3, begin("vm1", 3))
+            .unwrap_err()
+            .contains("out of order"));
+        l.disconnect(3);
+        l.connect(4, "a");
+        segment(&mut l, 4, "vm1", 4, 0, 4, 0);
+        assert_eq!(l.disk_cap(), Some(v(&[2])), "frozen while seeding");
+        // An abandoned switch in: Leave { 4 } inside its own epoch discards the
+        // segments.
+        let Step::Leave { epoch, discard } = l.frame(4, Checkpoint::Leave { epoch: 4 }).unwrap()
+        else {
+            panic!("leave step expected")
+        };
+        assert_eq!((epoch, discard.len()), (4, 1));
+        assert_eq!(l.leave(4), (Vec::new(), Vec::new()));
+        assert!(!l.is_seeding() && !l.is_checkpoint_group());
+        assert!(l
+            .frame(4, pages(4, 0, 1))
+            .unwrap_err()
+            .contains("without a Begin"));
+    }
+
+    #[test]
+    fn leave_tears_other_connections_epochs_in_progress() {
+        let mut l = Ledger::default();
+        l.connect(1, "a");
+        l.connect(2, "a");
+        segment(&mut l, 1, "vm1", 1, 0, 4, 0);
+        l.frame(2, Checkpoint::Leave { epoch: 1 }).unwrap();
+        let (parts, markers) = l.leave(1);
+        assert_eq!((parts.len(), markers.len()), (1, 0));
+        assert!(l
+            .frame(1, commit(1, &[0]))
+            .unwrap_err()
+            .contains("without its Begin"));
+    }
+
     /// One agent action in the random schedules.
     #[derive(Clone, Debug)]
     enum Act {
-        /// Agent `a` sends a whole epoch of its machine (full or delta), maybe torn
-        /// before `End` or before `Commit`.
-        Epoch { a: usize, full: bool, torn: u8 },
+        /// Agent `a` sends a whole epoch of its machine (full or delta, then `segs`
+        /// more one-page segments), maybe torn before `End` or before `Commit`.
+        Epoch {
+            a: usize,
+            full: bool,
+            torn: u8,
+            segs: u8,
+        },
+        /// Agent `a` leaves full-state mode (the checkpoint thread records it).
+        Leave { a: usize },
         /// The thread makes agent `a`'s oldest non-durable commit durable.
         Durable { a: usize },
         /// The journal makes writer `a`'s next write durable.
@@ -1018,11 +1465,15 @@ mod tests {
 
     fn act() -> impl Strategy<Value = Act> {
         prop_oneof![
-            (0..2usize, any::<bool>(), 0..6u8).prop_map(|(a, full, torn)| Act::Epoch {
-                a,
-                full,
-                torn
+            (0..2usize, any::<bool>(), 0..6u8, 0..3u8).prop_map(|(a, full, torn, segs)| {
+                Act::Epoch {
+                    a,
+                    full,
+                    torn,
+                    segs,
+                }
             }),
+            (0..2usize).prop_map(|a| Act::Leave { a }),
             (0..2usize).prop_map(|a| Act::Durable { a }),
             (0..2usize).prop_map(|a| Act::Disk { a }),
             (0..2usize).prop_map(|a| Act::Reconnect { a }),
@@ -1050,7 +1501,7 @@ mod tests {
             let mut members = std::collections::BTreeSet::new();
             for a in acts {
                 match a {
-                    Act::Epoch { a, full, torn } => {
+                    Act::Epoch { a, full, torn, segs } => {
                         let e = epoch[0].max(epoch[1]).max(l.acked()) + 1;
                         epoch[a] = e;
                         seq[a] += 1;
@@ -1073,11 +1524,44 @@ mod tests {
                             reject(&mut l);
                             continue;
                         }
+                        // Later segments (a switch in's rounds): always accepted.
+                        for _ in 0..segs {
+                            prop_assert!(l.frame(c, begin(agents[a], e)).is_ok());
+                            prop_assert!(l.frame(c, pages(e, 1, 1)).is_ok());
+                            prop_assert!(l.frame(c, end(e, 1, 0)).is_ok());
+                        }
                         if torn == 1 { reject(&mut l); continue; }
                         let mut b = [0u64; 2];
                         b[a] = seq[a];
                         prop_assert!(l.frame(c, commit(e, &b)).is_ok());
                         committed.push((a, e, seq[a], false));
+                    }
+                    Act::Leave { a } => {
+                        let e = epoch[0].max(epoch[1]).max(l.acked()) + 1;
+                        let c = conn[a];
+                        match l.frame(c, Checkpoint::Leave { epoch: e }) {
+                            Err(why) => {
+                                prop_assert!(why.contains("beyond"), "{why}");
+                                l.disconnect(c);
+                                conn[a] = next_conn;
+                                l.connect(next_conn, agents[a]);
+                                next_conn += 1;
+                                continue;
+                            }
+                            Ok(step) => prop_assert_eq!(step, Step::Leave { epoch: e, discard: Vec::new() }),
+                        }
+                        let d = l.would_leave(e);
+                        prop_assert!(matches!(&d, Ok(Some(d)) if d.acked == e && !d.active && d.chain.is_empty()));
+                        let (_, markers) = l.leave(e);
+                        prop_assert_eq!(markers.len(), committed.len());
+                        prop_assert!(!l.is_checkpoint_group() && l.disk_cap().is_none());
+                        prop_assert_eq!(l.acked(), e);
+                        // A new period: every chain starts over with a full epoch.
+                        for chain in applied.iter_mut() {
+                            check_chain(chain)?;
+                            chain.clear();
+                        }
+                        committed.clear();
                     }
                     Act::Durable { a } => {
                         if let Some(x) = committed.iter_mut().find(|x| x.0 == a && !x.3) {
@@ -1102,7 +1586,10 @@ mod tests {
                         prop_assert!(c.is_some_and(|c| disk[m] >= c.2), "barrier of {m} not durable");
                     }
                     prop_assert!(committed.iter().filter(|x| x.1 <= e).all(|x| x.3));
-                    for c in l.ack(e, &cv) {
+                    let acked = l.ack(e, &cv);
+                    prop_assert!(l.is_checkpoint_group() && !l.is_seeding());
+                    prop_assert_eq!(l.disk_cap(), Some(l.durable_state().barrier));
+                    for c in acked {
                         let a = agents.iter().position(|x| *x == c.agent).unwrap_or(0);
                         for p in c.parts {
                             applied[a].push((c.epoch, p.full));
@@ -1112,13 +1599,26 @@ mod tests {
                 }
             }
             for chain in &applied {
-                if let Some(first) = chain.first() {
-                    prop_assert!(first.1, "a machine's first applied epoch must be full: {chain:?}");
-                }
-                for w in chain.windows(2) {
-                    prop_assert!(w[1].1 || w[1].0 == w[0].0 + 1, "gap in the delta chain: {chain:?}");
-                }
+                check_chain(chain)?;
             }
         }
+    }
+
+    /// A machine's applied parts (epoch, full): the first is full, and each later
+    /// one is full, continues the previous epoch, or is a later segment of it.
+    fn check_chain(chain: &[(u64, bool)]) -> Result<(), TestCaseError> {
+        if let Some(first) = chain.first() {
+            prop_assert!(
+                first.1,
+                "a machine's first applied epoch must be full: {chain:?}"
+            );
+        }
+        for w in chain.windows(2) {
+            prop_assert!(
+                w[1].1 || w[1].0 == w[0].0 + 1 || w[1].0 == w[0].0,
+                "gap in the delta chain: {chain:?}"
+            );
+        }
+        Ok(())
     }
 }
