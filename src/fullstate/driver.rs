@@ -504,7 +504,15 @@ impl DriverStatus {
             |p| format!("{:.2}ms/{}pages", p.total.as_secs_f64() * 1e3, p.pages),
         );
         let recent = self.recent.map_or_else(String::new, |r| {
-            let phase = match self.phase {
+            format!(
+                " recent_pauses={} pause_p50_ms={:.2} pause_p99_ms={:.2} pages_per_pause={:.1}",
+                r.n,
+                r.p50.as_secs_f64() * 1e3,
+                r.p99.as_secs_f64() * 1e3,
+                r.pages_mean
+            )
+        });
+        let phase = match self.phase {
             Some(Phase::Off) | None => "off".to_owned(),
             Some(Phase::Seeding { epoch }) => format!("seeding:{epoch}"),
             Some(Phase::On) => "on".to_owned(),
