@@ -44,10 +44,10 @@ use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
 use crate::wan::{start_calibrated, RttReport, WanDelay};
 use anyhow::{bail, Context, Result};
 use pipecloud_core::topology::{Mode, Topology, Vm};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,7 +68,7 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
 const HOST_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 /// The client's link to the backup site, and the backup's side of it.
 const CLIENT_IP_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 100);
-pub(crate) const BACKUP_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+const BACKUP_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 /// The guest service's port (the guest's init default).
 const SERVICE_PORT: u16 = 7000;
 /// Replies the client must get after the restore before the point ends.
@@ -203,54 +203,6 @@ fn render(
         s.insert_str(at, &t);
     }
     Ok(s)
-}
-
-/// The client: one connection, requests until `stop`; every reply in `replies`.
-/// Returns why it ended (Ok: stopped as asked).
-fn client(
-    target: SocketAddr,
-    replies: Arc<Mutex<Vec<(u64, u64)>>>,
-    stop: Arc<AtomicBool>,
-) -> Result<()> {
-    let deadline = Instant::now() + PATIENCE;
-    let stream = loop {
-        match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > deadline => {
-                return Err(e).context("the guest's service never accepted a connection")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    stream.set_read_timeout(Some(PATIENCE))?;
-    stream.set_nodelay(true)?;
-    let mut out = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    for n in 1u64.. {
-        if stop.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        out.write_all(format!("req-{n}\n").as_bytes())
-            .with_context(|| format!("sending request {n}"))?;
-        line.clear();
-        if reader
-            .read_line(&mut line)
-            .with_context(|| format!("waiting for reply {n}"))?
-            == 0
-        {
-            bail!("the connection closed at request {n}");
-        }
-        let v: u64 = line
-            .trim()
-            .parse()
-            .with_context(|| format!("reply {line:?} to request {n}"))?;
-        replies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((n, v));
-    }
-    Ok(())
 }
 
 /// A daemonized QEMU, known by its pid file: SIGKILLed on drop.
@@ -613,6 +565,251 @@ impl GuestSite {
     }
 }
 
+/// One reply the client got.
+#[derive(Clone, Copy, Debug)]
+pub struct Reply {
+    /// The request's number on its connection (`<name>-<n>`).
+    pub n: u64,
+    /// The counter value the service replied.
+    pub value: u64,
+    /// When the reply arrived, since the run's start.
+    pub at: Duration,
+    /// From sending the request to its reply.
+    pub latency: Duration,
+}
+
+/// One client connection sending `<name>-<n>` requests back to back until
+/// stopped or broken.
+pub struct Client {
+    pub name: String,
+    replies: Arc<Mutex<Vec<Reply>>>,
+    stop: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+    handle: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Client {
+    /// Connects from namespace `ns` (retrying until `PATIENCE`) and starts sending.
+    pub fn start(ns: &str, target: SocketAddr, name: &str, t0: Instant) -> Client {
+        let replies: Arc<Mutex<Vec<Reply>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stream: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let (r, s, st, nm) = (
+            replies.clone(),
+            stop.clone(),
+            stream.clone(),
+            name.to_owned(),
+        );
+        let handle = spawn_in(ns, move || {
+            let conn = connect(target)?;
+            *st.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.try_clone()?);
+            let mut out = conn.try_clone()?;
+            let mut reader = BufReader::new(conn);
+            let mut line = String::new();
+            for n in 1u64.. {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let sent = Instant::now();
+                out.write_all(format!("{nm}-{n}\n").as_bytes())
+                    .with_context(|| format!("sending request {n}"))?;
+                line.clear();
+                if reader
+                    .read_line(&mut line)
+                    .with_context(|| format!("waiting for reply {n}"))?
+                    == 0
+                {
+                    bail!("the connection closed at request {n}");
+                }
+                let value: u64 = line
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("reply {line:?} to request {n}"))?;
+                let now = Instant::now();
+                r.lock().unwrap_or_else(|p| p.into_inner()).push(Reply {
+                    n,
+                    value,
+                    at: now - t0,
+                    latency: now - sent,
+                });
+            }
+            Ok(())
+        });
+        Client {
+            name: name.to_owned(),
+            replies,
+            stop,
+            stream,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.replies.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn replies(&self) -> Vec<Reply> {
+        self.replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether the client's thread has ended (stopped, or its connection broke).
+    pub fn ended(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Closes the connection from the client's side (a disk-only failover: the
+    /// guest that held the other end is gone).
+    pub fn hang_up(&self) {
+        if let Some(s) = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Asks the client to stop after its current request; returns how the
+    /// connection ended (Ok: it was still alive).
+    pub fn finish(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client {} panicked", self.name))?,
+            None => Ok(()),
+        }
+    }
+
+    /// The log lines (`<value> <name>-<n>`) the guest must hold for its replies.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.replies()
+            .iter()
+            .map(|r| format!("{} {}-{}", r.value, self.name, r.n))
+            .collect()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // A point that ends early must not leave a thread waiting on its socket.
+        self.stop.store(true, Ordering::SeqCst);
+        self.hang_up();
+    }
+}
+
+fn connect(target: SocketAddr) -> Result<TcpStream> {
+    let deadline = Instant::now() + PATIENCE;
+    let s = loop {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context("the guest's service never accepted a connection")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    s.set_read_timeout(Some(PATIENCE))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// What `backup-server failover` produced.
+pub struct Failover {
+    pub image: PathBuf,
+    /// The acknowledged epoch of a full-state failover (`checkpoint.toml` written).
+    pub epoch: Option<u64>,
+    pub ram: PathBuf,
+    pub device_state: PathBuf,
+    pub ms: u128,
+}
+
+/// Runs the backup's failover into `work/failover` (unprivileged, as deployed).
+pub fn failover(site: &GuestSite, work: &Path) -> Result<Failover> {
+    let t0 = Instant::now();
+    let dir = work.join("failover");
+    std::fs::create_dir_all(&dir)?;
+    sh(&["chown", "nobody:nogroup", &dir.to_string_lossy()])?;
+    let out = run(std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("backup-server"))
+        .args(["failover", "--group", &site.group, "--out"])
+        .arg(&dir)
+        .arg("--data-dir")
+        .arg(&site.data))?;
+    let image = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("image: "))
+        .map(PathBuf::from)
+        .find(|p| {
+            p.file_stem()
+                .is_some_and(|s| s.to_string_lossy() == site.disk)
+        })
+        .with_context(|| format!("no image of {} in the failover output:\n{out}", site.disk))?;
+    let said = out
+        .lines()
+        .find_map(|l| l.strip_prefix("checkpoint epoch: "))
+        .map(|e| e.trim().parse::<u64>())
+        .transpose()
+        .context("the failover's checkpoint epoch")?;
+    let toml = dir.join("checkpoint.toml").is_file();
+    if toml != said.is_some() {
+        bail!(
+            "the failover printed checkpoint epoch {said:?} but checkpoint.toml {}:\n{out}",
+            if toml { "exists" } else { "is missing" }
+        );
+    }
+    Ok(Failover {
+        image,
+        epoch: said,
+        ram: dir.join(format!("{}.ram", site.machine)),
+        device_state: dir.join(format!("{}.devstate", site.machine)),
+        ms: t0.elapsed().as_millis(),
+    })
+}
+
+/// The guest's address moves to the backup site.
+pub fn move_route(site: &GuestSite) -> Result<()> {
+    site.client_ns.sh(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{}/32", site.target.ip()),
+        "via",
+        &BACKUP_CLIENT_SIDE.to_string(),
+    ])?;
+    Ok(())
+}
+
+/// Powers the guest off through its console (init unmounts the disk) and waits
+/// for QEMU to exit; then SIGKILLs whatever is left. Err: it did not power off.
+pub fn power_off(site: &GuestSite) -> Result<()> {
+    // The console connection stays open until QEMU exits: QEMU drops the input
+    // it has not read yet when its client hangs up.
+    let mut con = std::os::unix::net::UnixStream::connect(&site.vm.console).ok();
+    if let Some(c) = con.as_mut() {
+        let _ = c.write_all(b"poweroff\n");
+    }
+    let r = wait_until(PATIENCE, "the guest's power-off", || !site.qemu.running());
+    drop(con);
+    site.qemu.kill();
+    r
+}
+
+/// `e2fsck -fn` of `image` and the lines of the guest's `/requests.log` in it.
+pub fn read_disk(image: &Path) -> (bool, HashSet<String>) {
+    let clean = run(std::process::Command::new("e2fsck").arg("-fn").arg(image)).is_ok();
+    let log = run(std::process::Command::new("debugfs")
+        .args(["-R", "cat /requests.log"])
+        .arg(image))
+    .unwrap_or_default();
+    (clean, log.lines().map(str::to_owned).collect())
+}
+
 /// Runs one point in `work` with namespaces named `<prefix>-…`.
 pub fn run_point(
     topo_path: &Path,
@@ -626,27 +823,13 @@ pub fn run_point(
         ..GuestOptions::default()
     };
     let mut site = GuestSite::up(topo_path, work, prefix, &opts)?;
-    let (run_topo, vm, g, data) = (
-        site.run_topo.clone(),
-        site.vm.clone(),
-        site.group.clone(),
-        site.data.clone(),
-    );
-    let (disk, machine) = (site.disk.clone(), site.machine.clone());
 
     // The client and its one connection.
-    let replies: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let target = site.target;
-    let handle = {
-        let (r, s) = (replies.clone(), stop.clone());
-        spawn_in(&site.client_ns.name, move || client(target, r, s))
-    };
-    let count = || replies.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let mut client = Client::start(&site.client_ns.name, site.target, "req", Instant::now());
     wait_until(PATIENCE, "the first reply of the guest", || {
-        count() > 0 || handle.is_finished()
+        client.count() > 0 || client.ended()
     })?;
-    let (t_run, status_run) = (Instant::now(), ctl_status(&run_topo));
+    let (t_run, status_run) = (Instant::now(), ctl_status(&site.run_topo));
     std::thread::sleep(run_for);
 
     // The disaster: the whole primary site dies wherever its epoch loop is, at
@@ -654,53 +837,32 @@ pub fn run_point(
     // the client (so the guest state that sent it must be in an acknowledged
     // epoch; a reply released earlier than that is caught every time, not only
     // when a later reply happens to fall between a checkpoint and the kill).
-    let status = ctl_status(&run_topo);
+    let status = ctl_status(&site.run_topo);
     let run_secs = t_run.elapsed().as_secs_f64();
-    let seen = count();
+    let seen = client.count();
     let deadline = Instant::now() + PATIENCE;
-    while count() == seen && !handle.is_finished() && Instant::now() < deadline {
+    while client.count() == seen && !client.ended() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(100));
     }
     site.qemu.kill();
     site.agent.kill();
-    let replies_before = count();
+    let replies_before = client.count();
     drop(site.host_ns.take()); // the primary site's links die with it
-    let t0 = Instant::now();
-    let failover = work.join("failover");
-    std::fs::create_dir_all(&failover)?;
-    sh(&["chown", "nobody:nogroup", &failover.to_string_lossy()])?;
-    let out = run(std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(bin("backup-server"))
-        .args(["failover", "--group", &g, "--out"])
-        .arg(&failover)
-        .arg("--data-dir")
-        .arg(&data))?;
-    let image = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("image: "))
-        .map(PathBuf::from)
-        .find(|p| p.file_stem().is_some_and(|s| s.to_string_lossy() == disk))
-        .with_context(|| format!("no image of {disk} in the failover output:\n{out}"))?;
-    let epoch = out
-        .lines()
-        .find_map(|l| l.strip_prefix("checkpoint epoch: "))
-        .and_then(|e| e.trim().parse::<u64>().ok())
-        .with_context(|| format!("no checkpoint epoch in the failover output:\n{out}"))?;
-    let ram = failover.join(format!("{machine}.ram"));
-    let state = failover.join(format!("{machine}.devstate"));
-    let failover_ms = t0.elapsed().as_millis();
+    let fo = failover(&site, work)?;
+    let epoch = fo
+        .epoch
+        .context("the backup failed over disk-only (no checkpoint.toml)")?;
     let t1 = Instant::now();
     let restored = run(
         ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
             .args(["vm", "restore", "--topology"])
-            .arg(&run_topo)
-            .args(["--machine", &machine, "--ram"])
-            .arg(&ram)
+            .arg(&site.run_topo)
+            .args(["--machine", &site.machine, "--ram"])
+            .arg(&fo.ram)
             .arg("--device-state")
-            .arg(&state)
+            .arg(&fo.device_state)
             .arg("--disk")
-            .arg(format!("{disk}={}", image.display())),
+            .arg(format!("{}={}", site.disk, fo.image.display())),
     );
     let restore_ms = t1.elapsed().as_millis();
     let mut r = PointResult {
@@ -710,7 +872,7 @@ pub fn run_point(
             .zip(status_field(&status_run, "acked="))
             .map(|(b, a)| b.saturating_sub(a) as f64 / run_secs),
         status,
-        failover_ms,
+        failover_ms: fo.ms,
         restore_ms,
         ..PointResult::default()
     };
@@ -718,29 +880,21 @@ pub fn run_point(
         r.notes.push(format!("restore failed: {e:#}"));
     }
     r.resumed = restored.is_ok();
-    // The guest's address moves to the backup site.
-    site.client_ns.sh(&[
-        "ip",
-        "route",
-        "replace",
-        &format!("{}/32", target.ip()),
-        "via",
-        &BACKUP_CLIENT_SIDE.to_string(),
-    ])?;
+    move_route(&site)?;
     if r.resumed {
         let _ = wait_until(PATIENCE, "replies from the resumed guest", || {
-            count() >= replies_before + REPLIES_AFTER || handle.is_finished()
+            client.count() >= replies_before + REPLIES_AFTER || client.ended()
         });
     }
-    stop.store(true, Ordering::SeqCst);
-    if r.resumed {
-        match handle.join() {
-            Ok(Ok(())) => r.survived = true,
-            Ok(Err(e)) => r.notes.push(format!("client: {e:#}")),
-            Err(_) => r.notes.push("the client thread panicked".into()),
-        }
+    if !r.resumed {
+        client.hang_up(); // nobody will answer: do not wait out the read timeout
     }
-    let got = replies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match client.finish() {
+        Ok(()) => r.survived = r.resumed,
+        Err(e) if r.resumed => r.notes.push(format!("client: {e:#}")),
+        Err(_) => {}
+    }
+    let got: Vec<(u64, u64)> = client.replies().iter().map(|x| (x.n, x.value)).collect();
     r.replies_after = got.len().saturating_sub(replies_before);
     r.last_before = replies_before
         .checked_sub(1)
@@ -758,38 +912,18 @@ pub fn run_point(
 
     // Clean power-off, then the disk.
     if r.resumed {
-        // The console connection stays open until QEMU exits: QEMU drops the
-        // input it has not read yet when its client hangs up (the guest then
-        // saw `poweroff` without its newline and never powered off).
-        let mut con = std::os::unix::net::UnixStream::connect(&vm.console).ok();
-        if let Some(c) = con.as_mut() {
-            let _ = c.write_all(b"poweroff\n");
+        if let Err(e) = power_off(&site) {
+            r.notes
+                .push(format!("the resumed guest did not power off: {e:#}"));
         }
-        if wait_until(PATIENCE, "the resumed guest's power-off", || {
-            !site.qemu.running()
-        })
-        .is_err()
-        {
-            r.notes.push("the resumed guest did not power off".into());
-        }
-        drop(con);
     }
     site.qemu.kill();
-    r.fsck_clean = run(std::process::Command::new("e2fsck").arg("-fn").arg(&image)).is_ok();
-    let log = run(std::process::Command::new("debugfs")
-        .args(["-R", "cat /requests.log"])
-        .arg(&image))
-    .unwrap_or_default();
-    let on_disk: HashMap<String, u64> = log
-        .lines()
-        .filter_map(|l| {
-            let (v, req) = l.split_once(' ')?;
-            Some((req.to_owned(), v.parse().ok()?))
-        })
-        .collect();
-    r.missing_in_log = got
+    let (clean, lines) = read_disk(&fo.image);
+    r.fsck_clean = clean;
+    r.missing_in_log = client
+        .log_lines()
         .iter()
-        .filter(|(n, v)| on_disk.get(&format!("req-{n}")) != Some(v))
+        .filter(|l| !lines.contains(*l))
         .count();
     Ok(r)
 }

@@ -30,19 +30,14 @@
 
 use crate::disaster::{point_dir, Rng};
 use crate::fullstate::{
-    build_guest, GuestOptions, GuestSite, BACKUP_CLIENT_SIDE, PATIENCE, REPLIES_AFTER,
+    build_guest, failover, move_route, power_off, read_disk, Client, GuestOptions, GuestSite,
+    Reply, PATIENCE, REPLIES_AFTER,
 };
-use crate::netns::spawn_in;
 use crate::run::bin;
-use crate::sys::{ns_cmd, run, sh, wait_until};
+use crate::sys::{ns_cmd, run, wait_until};
 use anyhow::{bail, Context, Result};
 use pipecloud_core::topology::{Mode, Topology};
-use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The switch phase a disaster point aims at (`--phase`).
@@ -70,18 +65,18 @@ impl Target {
     }
 }
 
-/// The agent's view of a switch (`ctl status`: the `switch GROUP:` and
-/// `epochs GROUP:` lines).
+/// The agent's view of a switch: the `phase=` and `acked=` fields of its
+/// `epochs GROUP:` status line (`phase=off|seeding:S|on|leaving:E`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SwitchStatus {
-    /// `off`, `seeding`, `on` or `leaving` (empty: no switch line).
+    /// `off`, `seeding`, `on` or `leaving` (empty: no epochs line).
     pub phase: String,
-    /// The epoch the phase names: the seeded epoch while seeding, the closed
-    /// epoch while leaving (`epoch=`).
+    /// The epoch the phase names: the seeded epoch `S` while seeding, the
+    /// closed epoch `E` while leaving.
     pub epoch: Option<u64>,
-    /// The backup's last acknowledged epoch as the agent knows it (`acked=`).
+    /// The backup's last acknowledged epoch as the agent knows it.
     pub acked: Option<u64>,
-    /// The switch line as printed (for the point's report).
+    /// The epochs line as printed (for the point's report).
     pub line: String,
 }
 
@@ -97,25 +92,26 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
 impl SwitchStatus {
     /// Parses the agent's status table.
     pub fn parse(table: &str) -> SwitchStatus {
-        let line_of = |tag: &str| {
-            table
-                .lines()
-                .map(str::trim)
-                .find(|l| l.starts_with(tag))
-                .unwrap_or("")
+        let line = table
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("epochs "))
+            .unwrap_or("");
+        // The free text of `last_switch="…"` comes last; the fields before it.
+        let fields = line.split(" last_switch=").next().unwrap_or("");
+        let phase = fields
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("phase="))
+            .unwrap_or("");
+        let (phase, epoch) = match phase.split_once(':') {
+            Some((p, e)) => (p, e.parse().ok()),
+            None => (phase, None),
         };
-        let sw = line_of("switch ");
-        let ep = line_of("epochs ");
         SwitchStatus {
-            phase: sw
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("phase="))
-                .unwrap_or("")
-                .trim_end_matches(',')
-                .to_owned(),
-            epoch: field(sw, "epoch="),
-            acked: field(sw, "acked=").or_else(|| field(ep, "acked=")),
-            line: sw.to_owned(),
+            phase: phase.to_owned(),
+            epoch,
+            acked: field(fields, "acked="),
+            line: line.to_owned(),
         }
     }
 
@@ -179,255 +175,10 @@ fn wait_status(
             return Ok(s);
         }
         if t0.elapsed() > PATIENCE {
-            bail!("timed out after {PATIENCE:?} waiting for {what}; last switch line: {s:?}");
+            bail!("timed out after {PATIENCE:?} waiting for {what}; last epochs line: {s:?}");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// One reply the client got.
-#[derive(Clone, Copy, Debug)]
-pub struct Reply {
-    /// The request's number on its connection (`<name>-<n>`).
-    pub n: u64,
-    /// The counter value the service replied.
-    pub value: u64,
-    /// When the reply arrived, since the run's start.
-    pub at: Duration,
-    /// From sending the request to its reply.
-    pub latency: Duration,
-}
-
-/// One client connection sending `<name>-<n>` requests back to back until
-/// stopped or broken.
-pub struct Client {
-    name: String,
-    replies: Arc<Mutex<Vec<Reply>>>,
-    stop: Arc<AtomicBool>,
-    stream: Arc<Mutex<Option<TcpStream>>>,
-    handle: Option<std::thread::JoinHandle<Result<()>>>,
-}
-
-impl Client {
-    /// Connects from namespace `ns` (retrying until `PATIENCE`) and starts sending.
-    pub fn start(ns: &str, target: SocketAddr, name: &str, t0: Instant) -> Client {
-        let replies: Arc<Mutex<Vec<Reply>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stream: Arc<Mutex<Option<TcpStream>>> = Arc::default();
-        let (r, s, st, nm) = (
-            replies.clone(),
-            stop.clone(),
-            stream.clone(),
-            name.to_owned(),
-        );
-        let handle = spawn_in(ns, move || {
-            let conn = connect(target)?;
-            *st.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.try_clone()?);
-            let mut out = conn.try_clone()?;
-            let mut reader = BufReader::new(conn);
-            let mut line = String::new();
-            for n in 1u64.. {
-                if s.load(Ordering::SeqCst) {
-                    break;
-                }
-                let sent = Instant::now();
-                out.write_all(format!("{nm}-{n}\n").as_bytes())
-                    .with_context(|| format!("sending request {n}"))?;
-                line.clear();
-                if reader
-                    .read_line(&mut line)
-                    .with_context(|| format!("waiting for reply {n}"))?
-                    == 0
-                {
-                    bail!("the connection closed at request {n}");
-                }
-                let value: u64 = line
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("reply {line:?} to request {n}"))?;
-                let now = Instant::now();
-                r.lock().unwrap_or_else(|p| p.into_inner()).push(Reply {
-                    n,
-                    value,
-                    at: now - t0,
-                    latency: now - sent,
-                });
-            }
-            Ok(())
-        });
-        Client {
-            name: name.to_owned(),
-            replies,
-            stop,
-            stream,
-            handle: Some(handle),
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        self.replies.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn replies(&self) -> Vec<Reply> {
-        self.replies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Whether the client's thread has ended (stopped, or its connection broke).
-    pub fn ended(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
-    }
-
-    /// Closes the connection from the client's side (a disk-only failover: the
-    /// guest that held the other end is gone).
-    pub fn hang_up(&self) {
-        if let Some(s) = self
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Asks the client to stop after its current request; returns how the
-    /// connection ended (Ok: it was still alive).
-    pub fn finish(&mut self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        match self.handle.take() {
-            Some(h) => h
-                .join()
-                .map_err(|_| anyhow::anyhow!("client {} panicked", self.name))?,
-            None => Ok(()),
-        }
-    }
-
-    /// The log lines (`<value> <name>-<n>`) the guest must hold for its replies.
-    fn log_lines(&self) -> Vec<String> {
-        self.replies()
-            .iter()
-            .map(|r| format!("{} {}-{}", r.value, self.name, r.n))
-            .collect()
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        // A point that ends early must not leave a thread waiting on its socket.
-        self.stop.store(true, Ordering::SeqCst);
-        self.hang_up();
-    }
-}
-
-fn connect(target: SocketAddr) -> Result<TcpStream> {
-    let deadline = Instant::now() + PATIENCE;
-    let s = loop {
-        match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > deadline => {
-                return Err(e).context("the guest's service never accepted a connection")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    s.set_read_timeout(Some(PATIENCE))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// What `backup-server failover` produced.
-struct Failover {
-    image: PathBuf,
-    /// The acknowledged epoch of a full-state failover (`checkpoint.toml` written).
-    epoch: Option<u64>,
-    ram: PathBuf,
-    device_state: PathBuf,
-    ms: u128,
-}
-
-/// Runs the backup's failover into `work/failover` (unprivileged, as deployed).
-fn failover(site: &GuestSite, work: &Path) -> Result<Failover> {
-    let t0 = Instant::now();
-    let dir = work.join("failover");
-    std::fs::create_dir_all(&dir)?;
-    sh(&["chown", "nobody:nogroup", &dir.to_string_lossy()])?;
-    let out = run(std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(bin("backup-server"))
-        .args(["failover", "--group", &site.group, "--out"])
-        .arg(&dir)
-        .arg("--data-dir")
-        .arg(&site.data))?;
-    let image = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("image: "))
-        .map(PathBuf::from)
-        .find(|p| {
-            p.file_stem()
-                .is_some_and(|s| s.to_string_lossy() == site.disk)
-        })
-        .with_context(|| format!("no image of {} in the failover output:\n{out}", site.disk))?;
-    let said = out
-        .lines()
-        .find_map(|l| l.strip_prefix("checkpoint epoch: "))
-        .map(|e| e.trim().parse::<u64>())
-        .transpose()
-        .context("the failover's checkpoint epoch")?;
-    let toml = dir.join("checkpoint.toml").is_file();
-    if toml != said.is_some() {
-        bail!(
-            "the failover printed checkpoint epoch {said:?} but checkpoint.toml {}:\n{out}",
-            if toml { "exists" } else { "is missing" }
-        );
-    }
-    Ok(Failover {
-        image,
-        epoch: said,
-        ram: dir.join(format!("{}.ram", site.machine)),
-        device_state: dir.join(format!("{}.devstate", site.machine)),
-        ms: t0.elapsed().as_millis(),
-    })
-}
-
-/// The guest's address moves to the backup site.
-fn move_route(site: &GuestSite) -> Result<()> {
-    site.client_ns.sh(&[
-        "ip",
-        "route",
-        "replace",
-        &format!("{}/32", site.target.ip()),
-        "via",
-        &BACKUP_CLIENT_SIDE.to_string(),
-    ])?;
-    Ok(())
-}
-
-/// Powers the guest off through its console (init unmounts the disk) and waits
-/// for QEMU to exit; then SIGKILLs whatever is left. Err: it did not power off.
-fn power_off(site: &GuestSite) -> Result<()> {
-    // The console connection stays open until QEMU exits: QEMU drops the input
-    // it has not read yet when its client hangs up.
-    let mut con = std::os::unix::net::UnixStream::connect(&site.vm.console).ok();
-    if let Some(c) = con.as_mut() {
-        let _ = c.write_all(b"poweroff\n");
-    }
-    let r = wait_until(PATIENCE, "the guest's power-off", || !site.qemu.running());
-    drop(con);
-    site.qemu.kill();
-    r
-}
-
-/// `e2fsck -fn` of `image` and the lines of the guest's `/requests.log` in it.
-fn read_disk(image: &Path) -> (bool, HashSet<String>) {
-    let clean = run(std::process::Command::new("e2fsck").arg("-fn").arg(image)).is_ok();
-    let log = run(std::process::Command::new("debugfs")
-        .args(["-R", "cat /requests.log"])
-        .arg(image))
-    .unwrap_or_default();
-    (clean, log.lines().map(str::to_owned).collect())
 }
 
 /// What one switch disaster point found.
@@ -435,7 +186,7 @@ fn read_disk(image: &Path) -> (bool, HashSet<String>) {
 pub struct SwitchPoint {
     /// The phase the agent was in at the last poll before the kill.
     pub killed_in: String,
-    /// The agent's switch line at that poll.
+    /// The agent's epochs line at that poll.
     pub status: String,
     pub replies_before: usize,
     pub replies_after: usize,
@@ -500,8 +251,10 @@ impl SwitchPoint {
 pub enum Plan {
     /// Never switched (`--mode pipelined|sync|async` on a guest topology).
     Stay,
-    /// Switch, and kill inside this phase (never `Target::Any`).
-    Switch(Target),
+    /// Switch, and kill inside this phase (never `Target::Any`), at a delay
+    /// drawn from 0 to this many milliseconds after the phase was first seen
+    /// (a phase that ends before it: the point is retried with less).
+    Switch(Target, u64),
 }
 
 /// Runs one point: site up in `mode` (with the capture shim), client, the
@@ -533,7 +286,7 @@ pub fn run_point(
     // The switch, and the kill inside the target phase.
     let mut last = poll(&sock)?;
     let mut request = None;
-    if let Plan::Switch(target) = plan {
+    if let Plan::Switch(target, max_delay_ms) = plan {
         let mut seed = None;
         if target == Target::Leaving {
             ModeRequest::send(&sock, Mode::Checkpoint).answer()?;
@@ -552,10 +305,9 @@ pub fn run_point(
         } else {
             request = Some(ModeRequest::send(&sock, Mode::Checkpoint));
         }
-        // Each poll inside the phase kills with probability 1/4 (the first-epoch
-        // window is a few polls long: kill at once); leaving that ends before
-        // the kill is "just after it" and kills at once.
+        // A Leave that ends before the kill is "just after it" and kills at once.
         let t_sw = Instant::now();
+        let mut kill_at = None;
         loop {
             let s = poll(&sock)?;
             if s.phase == "seeding" {
@@ -571,8 +323,13 @@ pub fn run_point(
                 Target::Any => true,
             };
             last = s;
-            if inside && (target == Target::FirstEpoch || rng.range(0, 3) == 0) {
-                break;
+            if inside {
+                let at = *kill_at.get_or_insert_with(|| {
+                    Instant::now() + Duration::from_millis(rng.range(0, max_delay_ms))
+                });
+                if Instant::now() >= at {
+                    break;
+                }
             }
             if done {
                 if target == Target::Leaving {
@@ -647,6 +404,9 @@ pub fn run_point(
             let _ = wait_until(PATIENCE, "replies from the resumed guest", || {
                 client.count() >= p.replies_before + REPLIES_AFTER || client.ended()
             });
+        }
+        if !p.resumed {
+            client.hang_up();
         }
         match client.finish() {
             Ok(()) => p.survived = p.resumed,
@@ -765,7 +525,13 @@ pub fn disaster(a: &DisasterRun) -> Result<()> {
             ),
             Some(x) => Some(x),
         };
-        let plan = aim.map_or(Plan::Stay, Plan::Switch);
+        // The first epoch lasts a few polls: kill at once; a Leave about one
+        // round trip and an fsync; seeding seconds.
+        let max_delay = |t: Target| match t {
+            Target::Seeding => 1000,
+            Target::Leaving => 20,
+            Target::FirstEpoch | Target::Any => 0,
+        };
         let start_mode = if aim.is_some() { Mode::Pipelined } else { mode };
         let dir = point_dir(base, i);
         let t_point = Instant::now();
@@ -773,6 +539,7 @@ pub fn disaster(a: &DisasterRun) -> Result<()> {
         // (at most 3 times): the point is about that phase.
         let mut attempt = 0;
         let r = loop {
+            let plan = aim.map_or(Plan::Stay, |t| Plan::Switch(t, max_delay(t) >> attempt));
             let r = run_point(topology, &dir, prefix, start_mode, plan, run_for, &mut rng);
             match r {
                 Err(e) if attempt < 3 && format!("{e:#}").contains("retry the point") => {
@@ -1030,19 +797,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_switch_and_epochs_lines() {
-        let t = "group guest: mode=checkpoint\n  switch guest: phase=seeding epoch=8 round=2 pages=512\n  epochs guest: open=8 shipped=7 acked=7 pauses=3\n";
+    fn parses_the_epochs_line() {
+        let t = "group guest: mode=pipelined\n  epochs guest: phase=seeding:8 open=8 shipped=7 acked=7 lag=0 pauses=3 stalled=0 last_pause=- seed_round=2 seed_pages=512 seed_last_dirty=9 last_switch=\"x acked=99\"\n";
         let s = SwitchStatus::parse(t);
         assert_eq!(
             (s.phase.as_str(), s.epoch, s.acked),
             ("seeding", Some(8), Some(7))
         );
         assert!(s.inside(Target::Seeding, None));
-        let on = SwitchStatus::parse("switch guest: phase=on\nepochs guest: acked=7\n");
+        let on = SwitchStatus::parse("epochs guest: phase=on open=9 acked=7\n");
         assert!(on.inside(Target::FirstEpoch, Some(8)));
         assert!(!on.inside(Target::FirstEpoch, None));
-        let acked = SwitchStatus::parse("switch guest: phase=on\nepochs guest: acked=8\n");
+        let acked = SwitchStatus::parse("epochs guest: phase=on open=10 acked=8\n");
         assert!(!acked.inside(Target::FirstEpoch, Some(8)));
+        let leaving = SwitchStatus::parse("epochs guest: phase=leaving:12 acked=11\n");
+        assert_eq!(
+            (leaving.phase.as_str(), leaving.epoch),
+            ("leaving", Some(12))
+        );
+        assert!(leaving.inside(Target::Leaving, None));
         assert_eq!(SwitchStatus::parse("nothing").phase, "");
     }
 
