@@ -772,6 +772,21 @@ pub fn failover(site: &GuestSite, work: &Path) -> Result<Failover> {
     })
 }
 
+/// `pipecloud vm restore` in the backup's namespace from a full-state failover.
+pub fn restore(site: &GuestSite, fo: &Failover) -> Result<String> {
+    run(
+        ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
+            .args(["vm", "restore", "--topology"])
+            .arg(&site.run_topo)
+            .args(["--machine", &site.machine, "--ram"])
+            .arg(&fo.ram)
+            .arg("--device-state")
+            .arg(&fo.device_state)
+            .arg("--disk")
+            .arg(format!("{}={}", site.disk, fo.image.display())),
+    )
+}
+
 /// The guest's address moves to the backup site.
 pub fn move_route(site: &GuestSite) -> Result<()> {
     site.client_ns.sh(&[
@@ -853,17 +868,7 @@ pub fn run_point(
         .epoch
         .context("the backup failed over disk-only (no checkpoint.toml)")?;
     let t1 = Instant::now();
-    let restored = run(
-        ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
-            .args(["vm", "restore", "--topology"])
-            .arg(&site.run_topo)
-            .args(["--machine", &site.machine, "--ram"])
-            .arg(&fo.ram)
-            .arg("--device-state")
-            .arg(&fo.device_state)
-            .arg("--disk")
-            .arg(format!("{}={}", site.disk, fo.image.display())),
-    );
+    let restored = restore(&site, &fo);
     let restore_ms = t1.elapsed().as_millis();
     let mut r = PointResult {
         replies_before,

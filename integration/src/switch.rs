@@ -30,8 +30,8 @@
 
 use crate::disaster::{point_dir, Rng};
 use crate::fullstate::{
-    build_guest, failover, move_route, power_off, read_disk, Client, GuestOptions, GuestSite,
-    Reply, PATIENCE, REPLIES_AFTER,
+    build_guest, failover, move_route, power_off, read_disk, restore, Client, GuestOptions,
+    GuestSite, Reply, PATIENCE, REPLIES_AFTER,
 };
 use crate::run::bin;
 use crate::sys::{ns_cmd, run, wait_until};
@@ -384,17 +384,7 @@ pub fn run_point(
     let mut expected = Vec::new();
     if fo.epoch.is_some() {
         // Full state: the same connection continues.
-        let restored = run(
-            ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
-                .args(["vm", "restore", "--topology"])
-                .arg(&site.run_topo)
-                .args(["--machine", &site.machine, "--ram"])
-                .arg(&fo.ram)
-                .arg("--device-state")
-                .arg(&fo.device_state)
-                .arg("--disk")
-                .arg(format!("{}={}", site.disk, fo.image.display())),
-        );
+        let restored = restore(&site, &fo);
         p.recover_ms = t1.elapsed().as_millis();
         if let Err(e) = &restored {
             p.notes.push(format!("restore failed: {e:#}"));
@@ -681,6 +671,7 @@ pub fn load(
     let answer_in = ModeRequest::send(&sock, Mode::Checkpoint).answer()?;
     let mut seed = None;
     let s = wait_status(&sock, "the switch in (first epoch acknowledged)", |s| {
+        phases.push((t0.elapsed(), s.phase.clone()));
         if s.phase == "seeding" {
             seed = s.epoch.or(seed);
         }
@@ -692,7 +683,10 @@ pub fn load(
     events.push((t0.elapsed(), "ctl mode pipelined".into()));
     let t_out = Instant::now();
     let answer_out = ModeRequest::send(&sock, Mode::Pipelined).answer()?;
-    wait_status(&sock, "the switch out", |s| s.phase == "off")?;
+    wait_status(&sock, "the switch out", |s| {
+        phases.push((t0.elapsed(), s.phase.clone()));
+        s.phase == "off"
+    })?;
     let switch_out = t_out.elapsed();
     events.push((t0.elapsed(), "disk-only again".into()));
     sample(Instant::now() + hold, &mut phases)?;
@@ -748,7 +742,8 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-/// The timeline CSV: one row per second of the run,
+/// The timeline CSV: one row per second of the run (from the clients' start:
+/// the first rows, while the guest boots, have no replies),
 /// `second,replies,p50_ms,p99_ms,max_ms,phase,event` (`phase`: the agent's
 /// switch phase last sampled in that second; `event`: the switch instants in
 /// it, `;`-separated).
