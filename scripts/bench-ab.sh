@@ -35,21 +35,18 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib/bench-agent.sh
 . "$repo/scripts/lib/bench-agent.sh"
 if [ -z "${BENCH_AB_IN_NS:-}" ]; then
-  (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud -p pipecloud \
+  (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud --bin pipecloud-loop -p pipecloud \
      && cargo build --release --quiet -p backup-server --bin backup-server)
   exec unshare --mount --net --propagation private env BENCH_AB_IN_NS=1 bash "$0" "$@"
 fi
 R="${CARGO_TARGET_DIR:-$repo/target}/release"
+rel=$R # for loop_attach
 T=$(mktemp -d /tmp/pc-ab.XXXXXX)
 B=$(mktemp -d "${BACKUP_DIR:-$T}/pc-ab-backup.XXXXXX")
 pids=(); L=""
 stop_stack() {
   set +e
-  if [ -n "$L" ]; then
-    losetup -d "$L"
-    for _ in $(seq 200); do [ -e "/sys/block/${L#/dev/}/loop/backing_file" ] || break; sleep 0.05; done
-    L=""
-  fi
+  loop_detach; L=""
   mountpoint -q "$T/fuse" && fusermount3 -u "$T/fuse"
   sleep 0.1
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
@@ -151,7 +148,7 @@ run() { # LABEL KIND ENV...
   nbdfuse -C 1 -P "$T/pid" "$T/fuse/disk" "nbd+unix:///disk0?socket=$sock" </dev/null >/dev/null 2>&1 &
   pids+=($!)
   for _ in $(seq 200); do [ -s "$T/pid" ] && break; sleep 0.05; done
-  L=$(losetup -f --show --direct-io=on "$T/fuse/disk")
+  loop_attach "$T/fuse/disk"; L=$loop
   for w in $WORKLOADS; do
     case $w in
       qd1) a=(--rw=randwrite --direct=1 --ioengine=libaio --iodepth=1) ;;

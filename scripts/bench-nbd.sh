@@ -38,11 +38,11 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # Everything (servers, FUSE mounts, the agent's network path) lives in a private mount and
 # network namespace that dies with us.
 if [ -z "${BENCH_NBD_IN_NS:-}" ]; then
-  for t in fio nbdkit nbdfuse fusermount3 losetup unshare python3 ip; do
+  for t in fio nbdkit nbdfuse fusermount3 setpriv unshare python3 ip; do
     command -v "$t" >/dev/null || { echo "bench-nbd: missing $t (run scripts/install-deps.sh)" >&2; exit 1; }
   done
   echo "bench-nbd: building examples/nbd-serve (release)" >&2
-  (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud -p pipecloud \
+  (cd "$repo" && cargo build --release --quiet --example nbd-serve --bin pipecloud --bin pipecloud-loop -p pipecloud \
      && cargo build --release --quiet -p backup-server --bin backup-server)
   exec unshare --mount --net --propagation private env BENCH_NBD_IN_NS=1 bash "$0" "$@"
 fi
@@ -54,14 +54,9 @@ B=$(mktemp -d "${BACKUP_DIR:-$T}/pc-bench-backup.XXXXXX")
 server_pid=""; fuse_pid=""; loop=""; backup_pid=""; A=""
 
 teardown_stack() {
-  # Order from docs/machine.md ("Network namespaces and mounts"): (umount) -> losetup -d + wait -> fusermount3 -u -> stop server.
+  # Order from docs/machine.md ("Network namespaces and mounts"): (umount) -> loop device gone -> fusermount3 -u -> stop server.
   set +e
-  if [ -n "$loop" ]; then
-    losetup -d "$loop"
-    local name=${loop#/dev/}
-    for _ in $(seq 200); do [ -e "/sys/block/$name/loop/backing_file" ] || break; sleep 0.05; done
-    loop=""
-  fi
+  loop_detach
   if mountpoint -q "$T/fuse"; then fusermount3 -u "$T/fuse"; fi
   if [ -n "$fuse_pid" ]; then
     for _ in $(seq 200); do kill -0 "$fuse_pid" 2>/dev/null || break; sleep 0.05; done
@@ -123,7 +118,7 @@ stack() {
   fuse_pid=$!
   for _ in $(seq 200); do [ -s "$T/nbdfuse.pid" ] && break; sleep 0.05; done
   [ -s "$T/nbdfuse.pid" ] || { echo "bench-nbd: nbdfuse failed" >&2; cat "$T/nbdfuse-$label.log" >&2; exit 1; }
-  loop=$(losetup -f --show --direct-io=on "$T/fuse/disk")
+  loop_attach "$T/fuse/disk"
   echo "bench-nbd: $label on $loop (${RUNTIME}s per job)" >&2
   run_fio "$label" "$loop" "$RUNTIME"
 }

@@ -25,7 +25,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 . "$repo/scripts/lib/bench-agent.sh"
 rel="${CARGO_TARGET_DIR:-$repo/target}/release"
 if [ -z "${CPW_IN_NS:-}" ]; then
-  (cd "$repo" && cargo build --release --quiet --bin pipecloud --example nbd-serve -p pipecloud \
+  (cd "$repo" && cargo build --release --quiet --bin pipecloud --bin pipecloud-loop --example nbd-serve -p pipecloud \
      && cargo build --release --quiet -p backup-server --bin backup-server)
   exec unshare --mount --net --propagation private env CPW_IN_NS=1 bash "$0" "$@"
 fi
@@ -34,10 +34,7 @@ B=$(mktemp -d "${BACKUP_DIR:-/dev/shm}/pc-cpw-backup.XXXXXX")
 loop=""; pids=()
 cleanup() {
   set +e
-  if [ -n "$loop" ]; then
-    losetup -d "$loop"
-    for _ in $(seq 100); do [ -e "/sys/block/${loop#/dev/}/loop/backing_file" ] || break; sleep 0.05; done
-  fi
+  loop_detach
   mountpoint -q "$T/fuse" && fusermount3 -u "$T/fuse"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
@@ -77,7 +74,7 @@ nbdfuse -C 1 -P "$T/nbdfuse.pid" "$T/fuse/disk" "nbd+unix:///disk0?socket=$sock"
 pids+=($!)
 for _ in $(seq 200); do [ -s "$T/nbdfuse.pid" ] && break; sleep 0.05; done
 nbdfuse_pid=$(cat "$T/nbdfuse.pid")
-loop=$(losetup -f --show --direct-io=on "$T/fuse/disk")
+loop_attach "$T/fuse/disk"
 watch_pids="$server ${backup:-} $nbdfuse_pid"
 # pid comm utime stime voluntary_ctxt_switches, per thread (ticks of 10 ms)
 snap() {

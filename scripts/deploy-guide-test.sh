@@ -212,8 +212,9 @@ DISK=$(names DISK)
 IMG=$BACKUP_ETC/failover/$DISK.img
 [ -s "$IMG" ] || fail "failover wrote no $IMG"
 mkdir -p "$WORK/recovered"
-RLOOP=$(losetup -f --show "$IMG")
-mount -t ext4 "$RLOOP" "$WORK/recovered"
+# mount -o loop attaches with autoclear: the device goes with the mount (and with this
+# private mount namespace, however the script dies).
+mount -t ext4 -o loop "$IMG" "$WORK/recovered"
 rm -f "$WORK/recovered/pgdata/postmaster.pid"
 setpriv --reuid=postgres --regid=postgres --init-groups -- "$PGBIN/postgres" -D "$WORK/recovered/pgdata" \
   -c listen_addresses= -c unix_socket_directories="$PGSOCK" -c port=5499 -c dynamic_shared_memory_type=mmap >"$WORK/recovery.log" 2>&1 </dev/null &

@@ -416,7 +416,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if let Some(d) = &epochs {
         let w = Arc::downgrade(d);
         let group = topo.group.name.clone();
-        control = control.with_epochs(Arc::new(move || Some(w.upgrade()?.status().line(&group))));
+        control = control.with_epochs(Arc::new(move || {
+            Some((group.clone(), w.upgrade()?.status()))
+        }));
     }
     let switch: Result<crate::ctl::CheckpointSwitchFn, String> = match (&epochs, capable) {
         (Some(d), _) => {

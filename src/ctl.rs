@@ -114,8 +114,9 @@ pub struct Control {
 /// `checkpoint`); answers what will happen or why not.
 pub type CheckpointSwitchFn = Arc<dyn Fn(Mode) -> Result<String, String> + Send + Sync>;
 
-/// Renders the status line of a group's epoch loop (`None` once it is gone).
-pub type EpochStatusFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+/// The group name and status of a group's epoch loop (`None` once it is gone).
+pub type EpochStatusFn =
+    Arc<dyn Fn() -> Option<(String, crate::fullstate::driver::DriverStatus)> + Send + Sync>;
 
 impl Control {
     /// A control interface over `groups`.
@@ -154,6 +155,11 @@ impl Control {
     /// The lease status, when the agent keeps one.
     pub fn lease(&self) -> Option<(&str, pipecloud_quorum::LeaseStatus)> {
         self.lease.as_ref().map(|(g, k)| (g.as_str(), k.status()))
+    }
+
+    /// The status of every group's epoch loop (checkpoint-capable groups).
+    pub fn epochs(&self) -> Vec<(String, crate::fullstate::driver::DriverStatus)> {
+        self.epochs.iter().filter_map(|e| e()).collect()
     }
 
     /// The groups it serves.
@@ -327,10 +333,8 @@ impl Control {
                 let _ = writeln!(out, "hold {}: {}", s.group, net.hold.snapshot().summary());
             }
         }
-        for e in &self.epochs {
-            if let Some(line) = e() {
-                let _ = writeln!(out, "{line}");
-            }
+        for (group, s) in self.epochs() {
+            let _ = writeln!(out, "{}", s.line(&group));
         }
         if let Some((group, l)) = self.lease() {
             let _ = writeln!(

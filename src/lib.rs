@@ -16,6 +16,7 @@ pub mod ebpf;
 pub mod fullstate;
 pub mod image;
 pub mod lease;
+pub mod loopdev;
 pub mod metrics;
 pub mod nbd;
 pub mod netfilter;

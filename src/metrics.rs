@@ -41,6 +41,13 @@
 //! `role`: 1 for `standby`, `active` or `fenced`, 0 for the others),
 //! `pipecloud_lease_generation` (held or last held), `pipecloud_lease_time_left_seconds`
 //! (0: the gate is closed).
+//!
+//! For a group this agent can checkpoint (docs/design.md §9, §13), per group:
+//! `pipecloud_checkpoint_phase` (label `phase`: `off`, `seeding`, `on`,
+//! `leaving`), `pipecloud_checkpoint_acked_epoch`, `pipecloud_checkpoint_epoch_lag`,
+//! `pipecloud_checkpoint_pauses_total`, `pipecloud_checkpoint_stalled_pauses_total`,
+//! `pipecloud_checkpoint_seed_round`, `pipecloud_checkpoint_seed_pages`,
+//! `pipecloud_checkpoint_alarm`; `pipecloud_group_mode` includes `checkpoint`.
 
 use std::sync::Arc;
 
@@ -95,6 +102,14 @@ struct Samples {
     lease_role: Vec<(Labels, u64)>,
     lease_generation: Vec<(Labels, u64)>,
     lease_time_left: Vec<(Labels, f64)>,
+    ckpt_phase: Vec<(Labels, u64)>,
+    ckpt_acked: Vec<(Labels, u64)>,
+    ckpt_lag: Vec<(Labels, u64)>,
+    ckpt_pauses: Vec<(Labels, u64)>,
+    ckpt_stalls: Vec<(Labels, u64)>,
+    ckpt_seed_round: Vec<(Labels, u64)>,
+    ckpt_seed_pages: Vec<(Labels, u64)>,
+    ckpt_alarm: Vec<(Labels, u64)>,
 }
 
 /// Bucket bounds of the hold histograms, µs.
@@ -178,7 +193,7 @@ impl AgentCollector {
             x.sessions.push((group(), s.sessions));
             x.inflight_bytes.push((group(), s.inflight_bytes));
             let current = g.mode.get();
-            for m in [Mode::Async, Mode::Sync, Mode::Pipelined] {
+            for m in [Mode::Async, Mode::Sync, Mode::Pipelined, Mode::Checkpoint] {
                 let mut labels = group();
                 labels.push(("mode", m.as_str().to_owned()));
                 x.mode.push((labels, u64::from(m == current)));
@@ -225,6 +240,32 @@ impl AgentCollector {
                 }
                 x.hold_waits.push((group(), h.waits_for.clone()));
             }
+        }
+        for (group, d) in self.control.epochs() {
+            use pipecloud_core::epoch::Phase;
+            let labels = || -> Labels { vec![("group", group.clone())] };
+            let now = match d.phase {
+                Some(Phase::Off) | None => "off",
+                Some(Phase::Seeding { .. }) => "seeding",
+                Some(Phase::On) => "on",
+                Some(Phase::Leaving { .. }) => "leaving",
+            };
+            for phase in ["off", "seeding", "on", "leaving"] {
+                let mut l = labels();
+                l.push(("phase", phase.to_owned()));
+                x.ckpt_phase.push((l, u64::from(phase == now)));
+            }
+            x.ckpt_acked.push((labels(), d.acked));
+            let lag = match d.phase {
+                Some(Phase::On | Phase::Leaving { .. }) => d.open.saturating_sub(d.acked + 1),
+                _ => 0,
+            };
+            x.ckpt_lag.push((labels(), lag));
+            x.ckpt_pauses.push((labels(), d.pauses));
+            x.ckpt_stalls.push((labels(), d.stalls));
+            x.ckpt_seed_round.push((labels(), u64::from(d.seed_round)));
+            x.ckpt_seed_pages.push((labels(), d.seed_pages));
+            x.ckpt_alarm.push((labels(), u64::from(d.alarm.is_some())));
         }
         if let Some((group, l)) = self.control.lease() {
             let labels = || -> Labels { vec![("group", group.to_owned())] };
@@ -390,6 +431,49 @@ impl Collector for AgentCollector {
             "pipecloud_lease_time_left_seconds",
             "How long this site may still release output without a renewal (0: gate closed)",
             &x.lease_time_left,
+        )?;
+        gauges(e, "pipecloud_checkpoint_phase", "1 for the group's checkpointing phase (off: disk-only; seeding: switching in; on; leaving: switching out)", &x.ckpt_phase)?;
+        gauges(
+            e,
+            "pipecloud_checkpoint_acked_epoch",
+            "Last checkpoint epoch the backup acknowledged (this run)",
+            &x.ckpt_acked,
+        )?;
+        gauges(
+            e,
+            "pipecloud_checkpoint_epoch_lag",
+            "Epochs captured or open but not yet acknowledged by the backup",
+            &x.ckpt_lag,
+        )?;
+        counters(
+            e,
+            "pipecloud_checkpoint_pauses",
+            "Checkpoint pauses of the group's guests",
+            &x.ckpt_pauses,
+        )?;
+        counters(
+            e,
+            "pipecloud_checkpoint_stalled_pauses",
+            "Pauses skipped because shipping or acks were behind",
+            &x.ckpt_stalls,
+        )?;
+        gauges(
+            e,
+            "pipecloud_checkpoint_seed_round",
+            "Pre-copy round of the last or current switch to checkpoint",
+            &x.ckpt_seed_round,
+        )?;
+        gauges(
+            e,
+            "pipecloud_checkpoint_seed_pages",
+            "Pages pre-copied by the last or current switch to checkpoint",
+            &x.ckpt_seed_pages,
+        )?;
+        gauges(
+            e,
+            "pipecloud_checkpoint_alarm",
+            "1 once the group's checkpoint epochs failed (output held)",
+            &x.ckpt_alarm,
         )
     }
 }

@@ -189,8 +189,8 @@ fn agent_with_real_clients(mode: &str) {
     // nbdfuse + loop + ext4: mkfs (discards arrive as TRIM/WRITE_ZEROES), fsck -n,
     // files, remount, fsck -n again; over one ordered connection, then over nbdfuse's
     // four (multi-conn: a FLUSH on one connection covers the writes of the others).
-    mount_test(&uri, &work.join("m1"), &scratch.0, 1);
-    mount_test(&uri, &work.join("m4"), &scratch.0, 4);
+    mount_test(&uri, &work.join("m1"), 1);
+    mount_test(&uri, &work.join("m4"), 4);
 
     // nbdcopy round trip of 8 MiB of random data over the start of the disk.
     let data = random_bytes(8 << 20, 0x5eed_0000 + mode.len() as u64);

@@ -237,10 +237,16 @@ impl Rig {
     }
 }
 
+/// A disk-only start leaves first (core::epoch): ready once that is acknowledged.
+fn ready(r: &Rig) -> bool {
+    let s = r.status();
+    s.phase == Some(Phase::Off) && s.acked >= 1
+}
+
 #[test]
 fn switch_in_and_out_then_failover_is_disk_only() {
     let rig = Rig::start("fs-switch-a", "swa");
-    rig.wait("synchronised", &|r| r.status().phase == Some(Phase::Off));
+    rig.wait("synchronised (the start-up Leave acknowledged)", &ready);
     let first = rig.switch_in();
     let left = rig.switch_out();
     assert!(left > first);
@@ -255,7 +261,7 @@ fn switch_in_and_out_then_failover_is_disk_only() {
 #[test]
 fn switch_in_out_in_then_failover_resumes_the_second_period() {
     let rig = Rig::start("fs-switch-b", "swb");
-    rig.wait("synchronised", &|r| r.status().phase == Some(Phase::Off));
+    rig.wait("synchronised (the start-up Leave acknowledged)", &ready);
     let first = rig.switch_in();
     let left = rig.switch_out();
     let second = rig.switch_in();

@@ -6,9 +6,10 @@
 //! The server runs in-process on a tokio runtime, on a unique unix socket in a temp dir.
 //! A test whose tool is missing FAILS, naming the Debian package to install
 //! (scripts/install-deps.sh installs them all). The mount test needs root, /dev/fuse and loop devices; it
-//! runs inside `unshare --mount --propagation private` and tears down in the order
-//! umount -> losetup -d (wait for backing_file to vanish) -> fusermount3 -u -> server stop,
-//! with a Drop guard that detaches any loop device left on our files.
+//! runs in private mount and pid namespaces on an autoclear loop device
+//! (tests/support/blockstack.rs, src/loopdev.rs) and tears down in the order
+//! umount -> (the device detaches; wait for backing_file to vanish) -> fusermount3 -u ->
+//! server stop, with a Drop guard that detaches any loop device left on our file.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -215,7 +216,7 @@ fn qemu_io_patterns() {
 
 fn mount_stack(conns: u32) {
     let srv = Served::start(&format!("mount{conns}"), 256 << 20);
-    mount_test(&srv.uri(), &srv.dir.0.join("m"), &srv.dir.0, conns);
+    mount_test(&srv.uri(), &srv.dir.0.join("m"), conns);
     // The ext4 superblock (magic 0xEF53 at byte 1080) is in our image file.
     let img = std::fs::read(&srv.image).unwrap();
     assert_eq!(

@@ -15,7 +15,8 @@
 //! and per writer (labels `group`, `writer`) `_committed_seq`, `_applied_seq`.
 //! Per checkpoint group (label `group`): `_checkpoint_acked_epoch`,
 //! `_checkpoint_acked_epochs` (since start), `_checkpoint_bytes` (pages and device
-//! state received since start), `_checkpoint_pending_epochs`.
+//! state received since start), `_checkpoint_pending_epochs`, `_checkpoint_phase`
+//! (0 disk-only, 1 seeding, 2 active: a failover resumes the acknowledged epoch).
 
 use crate::store::{lock, Store};
 use pipecloud_metrics_http::{counter, gauges, Labels};
@@ -163,14 +164,25 @@ impl Collector for Scrape {
 
         let (mut journal, mut agents, mut fenced) = (Vec::new(), Vec::new(), Vec::new());
         let (mut committed, mut applied) = (Vec::new(), Vec::new());
-        let mut ckpt: [Vec<(Labels, u64)>; 4] = Default::default();
+        let mut ckpt: [Vec<(Labels, u64)>; 5] = Default::default();
         for g in self.store.groups() {
             if let Some(s) = g.checkpoint.status() {
                 let group: Labels = vec![("group", g.name.clone())];
                 let total = g.checkpoint.acked_total.load(Ordering::Relaxed);
-                for (i, v) in [s.acked_epoch, total, s.bytes, s.pending_epochs as u64]
-                    .into_iter()
-                    .enumerate()
+                let phase = match s.phase.as_str() {
+                    "active" => 2,
+                    "seeding" => 1,
+                    _ => 0,
+                };
+                for (i, v) in [
+                    s.acked_epoch,
+                    total,
+                    s.bytes,
+                    s.pending_epochs as u64,
+                    phase,
+                ]
+                .into_iter()
+                .enumerate()
                 {
                     ckpt[i].push((group.clone(), v));
                 }
@@ -232,6 +244,10 @@ impl Collector for Scrape {
             (
                 "pipecloud_backup_checkpoint_pending_epochs",
                 "Checkpoint epochs held beyond the acknowledged one",
+            ),
+            (
+                "pipecloud_backup_checkpoint_phase",
+                "0 disk-only (failover: causal cut), 1 seeding a full-state period, 2 active (failover resumes the acknowledged epoch)",
             ),
         ]
         .into_iter()

@@ -91,10 +91,16 @@
 //! output tagged up to `E` (its disk entries are satisfied by the disk rule, and
 //! no failover resumes a checkpoint that does not remember it). Then `Off`.
 //! A reconnection during seeding aborts the switch (the pre-copied segments are
-//! torn with the connection): back to `Off`, nothing half-done. A switch in
-//! abandoned otherwise (a failed pre-copy read) leaves like a switch out, so the
-//! backup drops the segments it holds. During `Leaving` the driver sends
-//! `Leave` again on every new connection until it is acknowledged.
+//! torn with the connection) and, like a switch in abandoned otherwise (a failed
+//! pre-copy read), leaves like a switch out: the backup drops the segments it
+//! holds and ends the seeded period (its volumes stop being frozen). A
+//! reconnection after the first pause of a period but before its first ack
+//! abandons the period the same way (see [`Epochs::reconnected`]: no epoch of
+//! it is captured on the new connection). During `Leaving` the driver sends
+//! `Leave` again on every new connection until it is acknowledged. A disk-only
+//! start begins with a `Leave` on its first connection (a previous run's `Leave`
+//! may never have reached the backup, which would then resume a checkpoint that
+//! does not remember what the disk rule releases, or keep its volumes frozen).
 //!
 //! Pure: no I/O, no clock. The driver (`src/fullstate`) calls in.
 
@@ -234,12 +240,22 @@ pub struct Epochs {
     /// this one started): their acks say nothing about this run's output.
     floor: u64,
     failed: bool,
+    /// The first epoch of the current checkpointing period (the seeded one, or
+    /// the first after the first connection of a group that starts
+    /// checkpointing); 0: none yet.
+    period_first: u64,
+    /// A reconnection during the pause in progress came before the period's
+    /// first ack: the pause's capture is given up and the group leaves.
+    leave_after_pause: bool,
     phase: Phase,
 }
 
 impl Epochs {
     /// A group that starts disk-only ([`Phase::Off`]; [`Epochs::start_seeding`]
-    /// switches it in).
+    /// switches it in) after a `Leave`: on the first connection
+    /// ([`Epochs::reconnected`]) it enters [`Phase::Leaving`], as the backup may
+    /// still fail over to a checkpoint of a previous run (or keep its volumes
+    /// frozen for its seeding); its output waits for that `Leave`'s ack.
     ///
     /// # Panics
     /// If `limits.max_unacked` is 0.
@@ -270,6 +286,8 @@ impl Epochs {
             synced: false,
             floor: 0,
             failed: false,
+            period_first: 0,
+            leave_after_pause: false,
             phase: Phase::On,
         }
     }
@@ -306,6 +324,7 @@ impl Epochs {
         }
         debug_assert!(self.pausing.is_none() && self.shipped == self.captured);
         self.phase = Phase::Seeding { epoch: self.open };
+        self.period_first = self.open;
         // The segments carry all of the RAM: the pause ships a delta on them.
         self.needs_full = false;
         Ok(self.open)
@@ -331,12 +350,17 @@ impl Epochs {
                 shipped: self.shipped,
             });
         }
+        Ok(self.leave_now())
+    }
+
+    /// Closes the open epoch uncaptured: [`Phase::Leaving`].
+    fn leave_now(&mut self) -> u64 {
         let e = self.open;
         self.captured = e;
         self.shipped = e;
         self.open = e + 1;
         self.phase = Phase::Leaving { epoch: e };
-        Ok(e)
+        e
     }
 
     /// The `Leave` to (re)send on the current connection, while leaving.
@@ -444,6 +468,12 @@ impl Epochs {
         self.captured = self.captured.max(epoch);
         self.barriers.push_back((epoch, p.barrier));
         debug_assert!(self.barriers.len() as u64 <= self.limits.max_unacked);
+        if std::mem::take(&mut self.leave_after_pause) {
+            self.shipped = epoch;
+            self.give_up_to(epoch);
+            self.leave_now();
+            return Ok(Captured::GiveUp);
+        }
         if self.reconnected_in_pause && !p.full_ram {
             self.shipped = epoch;
             self.give_up_to(epoch);
@@ -457,6 +487,7 @@ impl Epochs {
     /// either way nothing they emit is released.
     pub fn capture_failed(&mut self) {
         self.failed = true;
+        self.leave_after_pause = false;
         self.pausing = None;
     }
 
@@ -515,12 +546,21 @@ impl Epochs {
         if !self.synced {
             debug_assert!(self.pausing.is_none() && self.captured == 0);
             self.synced = true;
+            self.period_first = backup_acked + 1;
             self.floor = backup_acked;
             self.open = backup_acked + 1;
             self.captured = backup_acked;
             self.shipped = backup_acked;
             self.given_up = backup_acked;
             self.needs_full = true;
+            if self.phase == Phase::Off {
+                // A previous run may have been checkpointing or seeding, and its
+                // Leave may never have reached the backup, which would then still
+                // fail over to a checkpoint (that does not remember what the disk
+                // rule releases now) or keep its volumes frozen. So a disk-only
+                // start leaves first: its output waits for the Leave's ack.
+                self.leave_now();
+            }
             return Ok(());
         }
         if backup_acked < self.acked && self.acked > self.floor {
@@ -542,8 +582,24 @@ impl Epochs {
         self.reconnected_in_pause = self.pausing.is_some();
         if matches!(self.phase, Phase::Seeding { .. }) {
             // The pre-copied segments were torn with the connection: the switch
-            // is aborted, the group stays disk-only.
-            self.phase = Phase::Off;
+            // is aborted with a Leave, like any abandoned switch in, so the
+            // backup ends the seeded period (its volumes are frozen from the
+            // first segment until a Leave or the period's first ack).
+            self.leave_now();
+        } else if self.phase == Phase::On && self.acked < self.period_first {
+            // No epoch of this period is acknowledged, so the backup may not hold
+            // its volumes below the next epoch's barrier (the first segment or
+            // epoch that would freeze them may be lost with the connection), and a
+            // full epoch's pause precedes its first frame: writes issued after
+            // that pause could reach the volumes before the epoch is acked, and
+            // its disk could no longer be written at its barrier. The period is
+            // abandoned with a Leave (after the pause in progress, if any, whose
+            // capture is given up); the driver may switch in again.
+            if self.pausing.is_some() {
+                self.leave_after_pause = true;
+            } else {
+                self.leave_now();
+            }
         }
         Ok(())
     }
@@ -637,10 +693,37 @@ mod tests {
             "41 is another run's"
         );
         assert_eq!(e.ack(41), Ok(false));
-        e.reconnected(41).unwrap();
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
         let p = e.begin_pause(&v(1)).unwrap();
         assert_eq!((p.epoch, p.full_ram), (42, true));
+        // A reconnection before the period's first ack abandons the period after
+        // the pause in progress (the backup may not hold its volumes below 42's
+        // barrier).
+        e.reconnected(41).unwrap();
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
+        assert_eq!(e.capture_done(42), Ok(Captured::GiveUp));
+        assert_eq!(e.leave_pending(), Some(43));
+        assert!(e.ack(43).unwrap());
+        assert_eq!((e.phase(), e.start_seeding()), (Phase::Off, Ok(44)));
+    }
+
+    #[test]
+    fn a_reconnection_after_the_periods_first_ack_keeps_checkpointing() {
+        let mut e = Epochs::new_off(EpochLimits::default());
+        e.reconnected(0).unwrap();
+        e.ack(1).unwrap();
+        let s = e.start_seeding().unwrap();
+        e.begin_pause(&v(1)).unwrap();
+        e.capture_done(s).unwrap();
+        e.ship_done(s).unwrap();
+        // Before the first ack: abandoned at once (no pause in progress).
+        let mut before = e.clone();
+        before.reconnected(1).unwrap();
+        assert_eq!(before.leave_pending(), Some(s + 1));
+        // After it: a full epoch on the new connection, as in issue 21.
+        e.ack(s).unwrap();
+        e.reconnected(s).unwrap();
+        assert_eq!(e.phase(), Phase::On);
+        assert!(e.begin_pause(&v(2)).unwrap().full_ram);
     }
 
     #[test]
@@ -713,42 +796,84 @@ mod tests {
         assert_eq!(e.phase(), Phase::Off);
         assert!(matches!(e.may_pause(), Err(PauseRefused::NotOn(_))));
         assert_eq!(e.start_seeding(), Err(SwitchRefused::NotSynced));
-        e.reconnected(7).unwrap();
+        e.reconnected(0).unwrap();
+        assert_eq!(e.leave_pending(), Some(1), "a disk-only start leaves first");
+        assert!(e.ack(1).unwrap());
         assert_eq!(e.tag_epoch(), 0, "disk-only: tags carry no epoch");
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 0);
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 1);
         let s = e.start_seeding().unwrap();
-        assert_eq!((s, e.phase()), (8, Phase::Seeding { epoch: 8 }));
+        assert_eq!((s, e.phase()), (2, Phase::Seeding { epoch: 2 }));
         assert_eq!(e.tag_epoch(), 0, "seeding: still the disk rule");
         assert!(e.start_seeding().is_err());
         let p = e.begin_pause(&v(3)).unwrap();
         assert_eq!(
             (p.epoch, p.full_ram),
-            (8, false),
+            (2, false),
             "a delta on the seeded segments"
         );
-        assert_eq!((e.phase(), e.tag_epoch()), (Phase::On, 9));
-        e.capture_done(8).unwrap();
-        e.ship_done(8).unwrap();
+        assert_eq!((e.phase(), e.tag_epoch()), (Phase::On, 3));
+        e.capture_done(2).unwrap();
+        e.ship_done(2).unwrap();
+        assert!(e.ack(2).unwrap());
+        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 2);
+    }
+
+    #[test]
+    fn a_disk_only_start_against_a_checkpointing_backup_leaves_first() {
+        // A previous run checkpointed up to epoch 7 and its Leave never reached
+        // the backup, which would still resume epoch 7: nothing may leave on the
+        // disk rule until this run's Leave is acknowledged.
+        let mut e = Epochs::new_off(EpochLimits::default());
+        e.reconnected(7).unwrap();
+        assert_eq!(
+            (e.phase(), e.leave_pending()),
+            (Phase::Leaving { epoch: 8 }, Some(8))
+        );
+        assert_eq!(
+            (e.tag_epoch(), e.committed_view(&v(0)).get(EPOCH_ENTRY)),
+            (8, 0)
+        );
+        assert_eq!(
+            e.start_seeding(),
+            Err(SwitchRefused::Phase(
+                Phase::Leaving { epoch: 8 },
+                "disk-only"
+            ))
+        );
         assert!(e.ack(8).unwrap());
-        assert_eq!(e.committed_view(&v(0)).get(EPOCH_ENTRY), 8);
+        assert_eq!(
+            (e.phase(), e.committed_view(&v(0)).get(EPOCH_ENTRY)),
+            (Phase::Off, 8)
+        );
+        assert_eq!(e.start_seeding(), Ok(9));
+        // A backup that never acknowledged a checkpoint may still be seeding.
+        let mut e = Epochs::new_off(EpochLimits::default());
+        e.reconnected(0).unwrap();
+        assert_eq!(e.leave_pending(), Some(1));
     }
 
     #[test]
     fn a_reconnection_while_seeding_aborts_the_switch() {
         let mut e = Epochs::new_off(EpochLimits::default());
         e.reconnected(0).unwrap();
-        e.start_seeding().unwrap();
-        e.reconnected(0).unwrap();
-        assert_eq!(e.phase(), Phase::Off);
-        assert_eq!(e.tag_epoch(), 0);
-        let s = e.start_seeding().unwrap();
-        assert_eq!(s, 1);
-        // Abandoned (a failed pre-copy read): the backup drops the segments at the Leave.
-        assert_eq!(e.leave(), Ok(1));
-        assert_eq!((e.phase(), e.tag_epoch()), (Phase::Leaving { epoch: 1 }, 1));
         assert!(e.ack(1).unwrap());
-        assert_eq!(e.phase(), Phase::Off);
         assert_eq!(e.start_seeding(), Ok(2));
+        // The segments are torn: the switch is abandoned with a Leave, which the
+        // driver sends on the new connection (the backup unfreezes its volumes).
+        e.reconnected(1).unwrap();
+        assert_eq!(
+            (e.phase(), e.leave_pending()),
+            (Phase::Leaving { epoch: 2 }, Some(2))
+        );
+        assert!(e.ack(2).unwrap());
+        assert_eq!((e.phase(), e.tag_epoch()), (Phase::Off, 0));
+        assert_eq!(e.start_seeding(), Ok(3));
+        // Abandoned (a failed pre-copy read): the backup drops the segments at the Leave.
+        assert_eq!(e.leave(), Ok(3));
+        assert_eq!((e.phase(), e.tag_epoch()), (Phase::Leaving { epoch: 3 }, 3));
+        assert!(e.ack(3).unwrap());
+        assert_eq!(e.phase(), Phase::Off);
+        assert_eq!(e.start_seeding(), Ok(4));
     }
 
     #[test]

@@ -106,16 +106,10 @@ pub fn kill_site_processes(dir: &Path) -> usize {
 
 /// Loop devices whose backing file lies inside `dir`.
 fn loop_devices_under(dir: &Path) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let b = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            Path::new(b.trim())
-                .starts_with(dir)
-                .then(|| format!("/dev/{}", e.file_name().to_string_lossy()))
-        })
+    pipecloud::loopdev::list()
+        .into_iter()
+        .filter(|(_, b)| Path::new(b).starts_with(dir))
+        .map(|(dev, _)| dev.to_string_lossy().into_owned())
         .collect()
 }
 

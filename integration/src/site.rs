@@ -31,6 +31,7 @@
 use crate::netns::{addr, route, veth, Netns};
 use crate::sys::{sh, sh_quiet, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
+use pipecloud::loopdev::{self, AttachOptions, LoopDevice};
 use pipecloud_core::topology::{Mode, Topology};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -290,12 +291,16 @@ pub fn render_topology(topo: &Topology, mode: Mode, certs: &Path, work: &Path) -
     s
 }
 
-/// One protected disk mounted on the primary: NBD -> nbdfuse -> loop -> ext4.
+/// One protected disk mounted on the primary: NBD -> nbdfuse -> loop -> ext4. The loop
+/// device is attached with autoclear and held here (`pipecloud::loopdev`): it goes
+/// when this is dropped and the mount is gone, and with the mount namespace if the
+/// harness is killed. The FUSE file's name, `pcloop-<harness pid>-<disk>`, lets a later
+/// run reap a stale device ([`pipecloud::loopdev::reap_stale`]).
 #[allow(dead_code)] // name: for debugging
 pub struct MountedDisk {
     pub name: String,
     pub fuse_dir: PathBuf,
-    pub loopdev: String,
+    pub loopdev: Option<LoopDevice>,
     pub mountpoint: PathBuf,
     pub nbdfuse: Option<Guarded>,
     mounted: bool,
@@ -314,9 +319,10 @@ impl MountedDisk {
         let fuse_dir = work.join(format!("fuse-{name}"));
         std::fs::create_dir_all(&fuse_dir)?;
         std::fs::create_dir_all(mountpoint)?;
+        let disk_file = fuse_dir.join(loopdev::owned_name(std::process::id(), name));
         let mut cmd = Command::new("nbdfuse");
         cmd.args(["-C", "1"])
-            .arg(fuse_dir.join("disk"))
+            .arg(&disk_file)
             // Name the export: the agent serves every disk of its host on each
             // socket, and the default ('') export exists only when there is one.
             .arg(format!("nbd+unix:///{name}?socket={}", sock.display()));
@@ -325,11 +331,10 @@ impl MountedDisk {
             &mut cmd,
             &work.join(format!("nbdfuse-{name}.log")),
         )?;
-        let disk_file = fuse_dir.join("disk");
         let mut d = MountedDisk {
             name: name.to_string(),
             fuse_dir: fuse_dir.clone(),
-            loopdev: String::new(),
+            loopdev: None,
             mountpoint: mountpoint.to_path_buf(),
             nbdfuse: Some(nbdfuse),
             mounted: false,
@@ -339,16 +344,17 @@ impl MountedDisk {
             "nbdfuse to expose the disk",
             || disk_file.exists(),
         )?;
-        let out = sh(&[
-            "losetup",
-            "-f",
-            "--show",
-            "--direct-io=on",
-            &disk_file.to_string_lossy(),
-        ])?;
-        d.loopdev = out.trim().to_string();
+        let dev = LoopDevice::attach(
+            &disk_file,
+            AttachOptions {
+                direct_io: true,
+                read_only: false,
+            },
+        )?;
+        let dev_path = dev.path().to_string_lossy().into_owned();
+        d.loopdev = Some(dev);
         if mkfs {
-            sh(&["mkfs.ext4", "-q", "-F", "-E", "nodiscard", &d.loopdev])?;
+            sh(&["mkfs.ext4", "-q", "-F", "-E", "nodiscard", &dev_path])?;
         }
         sh(&[
             "mount",
@@ -356,7 +362,7 @@ impl MountedDisk {
             "ext4",
             "-o",
             "data=ordered",
-            &d.loopdev,
+            &dev_path,
             &mountpoint.to_string_lossy(),
         ])?;
         d.mounted = true;
@@ -370,13 +376,15 @@ impl MountedDisk {
             sh_quiet(&["umount", "-l", &self.mountpoint.to_string_lossy()]);
             self.mounted = false;
         }
-        if !self.loopdev.is_empty() {
-            sh_quiet(&["losetup", "-d", &self.loopdev]);
-            let dev = self.loopdev.trim_start_matches("/dev/").to_string();
+        if let Some(dev) = self.loopdev.take() {
+            // Unmounted and no longer held: the autoclear device detaches.
+            let sys = Path::new("/sys/block")
+                .join(dev.path().file_name().unwrap_or_default())
+                .join("loop/backing_file");
+            drop(dev);
             let _ = wait_until(Duration::from_secs(10), "loop device release", || {
-                !Path::new(&format!("/sys/block/{dev}/loop/backing_file")).exists()
+                !sys.exists()
             });
-            self.loopdev.clear();
         }
         sh_quiet(&["fusermount3", "-u", "-z", &self.fuse_dir.to_string_lossy()]);
         if let Some(mut p) = self.nbdfuse.take() {
@@ -391,19 +399,21 @@ impl Drop for MountedDisk {
     }
 }
 
-/// Mounts a raw image file (a recovered volume) read-write via a loop device.
+/// Mounts a raw image file (a recovered volume) read-write via an autoclear loop
+/// device (held here; it goes when this is dropped and the mount is gone).
 pub struct MountedImage {
-    pub loopdev: String,
+    /// Held, never read: dropping it is what detaches the device.
+    _loopdev: LoopDevice,
     pub mountpoint: PathBuf,
 }
 
 impl MountedImage {
     pub fn mount(image: &Path, mountpoint: &Path) -> Result<MountedImage> {
         std::fs::create_dir_all(mountpoint)?;
-        let out = sh(&["losetup", "-f", "--show", &image.to_string_lossy()])?;
-        let loopdev = out.trim().to_string();
+        let dev = LoopDevice::attach(image, AttachOptions::default())?;
+        let loopdev = dev.path().to_string_lossy().into_owned();
         let m = MountedImage {
-            loopdev: loopdev.clone(),
+            _loopdev: dev,
             mountpoint: mountpoint.to_path_buf(),
         };
         // ext4 journal replay happens at mount.
@@ -423,6 +433,6 @@ impl MountedImage {
 impl Drop for MountedImage {
     fn drop(&mut self) {
         sh_quiet(&["umount", "-l", &self.mountpoint.to_string_lossy()]);
-        sh_quiet(&["losetup", "-d", &self.loopdev]);
+        // The loop device detaches when `self._loopdev` (the last holder) is dropped.
     }
 }

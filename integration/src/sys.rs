@@ -159,6 +159,8 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) ->
 pub fn ensure_private_mount_ns() -> Result<()> {
     const MARK: &str = "PIPECLOUD_HARNESS_PRIVATE_MNT";
     if std::env::var_os(MARK).is_some() {
+        // Every run first reaps loop devices a dead harness left (src/loopdev.rs).
+        pipecloud::loopdev::reap_stale();
         return Ok(());
     }
     use std::os::unix::process::CommandExt;

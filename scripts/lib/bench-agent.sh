@@ -81,3 +81,26 @@ image = "$work/agent.img"
 size = "$size"
 TOML
 }
+
+# Loop devices that go with the script however it ends (docs/machine.md, src/loopdev.rs):
+# loop_attach FILE sets $loop to an autoclear loop device (direct I/O) on FILE, held by a
+# background `pipecloud-loop` ($loop_holder) that dies with the script (setpriv --pdeathsig);
+# loop_detach ends the holder, so the device (nothing mounts it) detaches, and waits for that.
+# Needs $rel, the release directory holding pipecloud-loop.
+loop_attach() {
+  local out
+  out=$(mktemp)
+  # shellcheck disable=SC2016 # $PIPECLOUD_LOOP expands in the inner sh
+  setpriv --pdeathsig KILL -- "${rel:?}/pipecloud-loop" attach --direct-io "$1" -- \
+    setpriv --pdeathsig KILL -- sh -c 'echo "$PIPECLOUD_LOOP" >"$1"; exec sleep 86400' sh "$out" &
+  loop_holder=$!
+  for _ in $(seq 200); do [ -s "$out" ] && break; sleep 0.05; done
+  loop=$(cat "$out"); rm -f "$out"
+  [ -n "$loop" ] || { echo "bench: pipecloud-loop could not attach $1" >&2; return 1; }
+}
+loop_detach() {
+  [ -n "${loop_holder:-}" ] || return 0
+  kill "$loop_holder" 2>/dev/null; wait "$loop_holder" 2>/dev/null || true
+  for _ in $(seq 200); do [ -e "/sys/block/${loop#/dev/}/loop/backing_file" ] || break; sleep 0.05; done
+  loop=""; loop_holder=""
+}

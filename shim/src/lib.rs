@@ -95,19 +95,6 @@ fn errno() -> c_int {
         .unwrap_or(libc::EIO)
 }
 
-unsafe fn raw_mmap(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: libc::off_t,
-) -> *mut c_void {
-    // syscall() returns -1 and sets errno on failure: the same contract as mmap's
-    // MAP_FAILED ((void *)-1).
-    libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void
-}
-
 /// Interposed `mmap` (see the module doc).
 #[no_mangle]
 pub unsafe extern "C" fn mmap(
@@ -118,7 +105,9 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     off: libc::off_t,
 ) -> *mut c_void {
-    let p = raw_mmap(addr, len, prot, flags, fd, off);
+    // The real mmap. syscall() returns -1 and sets errno on failure: the same contract
+    // as mmap's MAP_FAILED ((void *)-1).
+    let p = libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void;
     if p == libc::MAP_FAILED || fd < 0 || !is_shared(flags) || !is_ram_file(fd) {
         return p;
     }

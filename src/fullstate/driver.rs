@@ -191,42 +191,57 @@ impl Shared {
         }
     }
 
-    /// After an event that may end a switch: a `Leave` acknowledged (the group
-    /// takes the requested mode) or a seeding aborted by a reconnection (the
-    /// mode it had is restored).
+    /// After an event that may change the phase (an ack, a reconnection): a
+    /// `Leave` acknowledged gives the group the requested mode (or the one a
+    /// switch in started from); a group whose mode is still `checkpoint` (its
+    /// period was abandoned by a reconnection before the first ack, or its
+    /// switch in aborted) seeds again; a seeding or a period abandoned by a
+    /// reconnection says so.
     fn settle(&self, st: &mut State, before: Phase) {
         let now = st.epochs.phase();
         if now == before {
             return;
         }
         st.status.phase = Some(now);
-        match (before, now) {
+        let msg = match (before, now) {
+            (Phase::Seeding { epoch }, Phase::Leaving { .. }) => Some(format!(
+                "switch to checkpoint aborted: the backup connection was lost while seeding epoch {epoch}; leaving"
+            )),
+            (Phase::On, Phase::Leaving { .. }) if st.leave_to.is_none() => Some(
+                "checkpointing abandoned: the backup connection was lost before the period's first checkpoint \
+                 was acknowledged; leaving, then seeding again"
+                    .to_owned(),
+            ),
             (Phase::Leaving { epoch }, Phase::Off) => {
-                let to = st.leave_to.take().unwrap_or(Mode::Pipelined);
-                if let Some(m) = &self.mode {
-                    m.set(to);
+                let target = st.leave_to.take().or(st.seed_from.take());
+                let current = self.mode.as_ref().map(ModeSwitch::get);
+                if target == Some(Mode::Checkpoint)
+                    || (target.is_none() && current == Some(Mode::Checkpoint))
+                {
+                    st.request = Some(Request::In {
+                        from: Mode::Checkpoint,
+                    });
+                    Some(format!(
+                        "left at epoch {epoch}; the group's mode is checkpoint: seeding again"
+                    ))
+                } else if let Some(to) = target {
+                    if let Some(m) = &self.mode {
+                        m.set(to);
+                    }
+                    let took = st.status.switch_started.take().map(|t| t.elapsed());
+                    Some(format!(
+                        "left checkpoint mode at epoch {epoch} (acknowledged): mode {to}{}",
+                        took.map_or_else(String::new, |t| format!(" after {:.2}s", t.as_secs_f64()))
+                    ))
+                } else {
+                    None // the start-up Leave of a disk-only group
                 }
-                let took = st.status.switch_started.take().map(|t| t.elapsed());
-                let msg = format!(
-                    "left checkpoint mode at epoch {epoch} (acknowledged): mode {to}{}",
-                    took.map_or_else(String::new, |t| format!(" after {:.2}s", t.as_secs_f64()))
-                );
-                tracing::warn!(group = %self.group, "{msg}");
-                st.status.switch_last = Some(msg);
             }
-            (Phase::Seeding { epoch }, Phase::Off) => {
-                let from = st.seed_from.take().unwrap_or(Mode::Pipelined);
-                if let Some(m) = &self.mode {
-                    m.set(from);
-                }
-                st.status.switch_started = None;
-                let msg = format!(
-                    "switch to checkpoint aborted: the backup connection was lost while seeding epoch {epoch}; mode {from}"
-                );
-                tracing::warn!(group = %self.group, "{msg}");
-                st.status.switch_last = Some(msg);
-            }
-            _ => {}
+            _ => None,
+        };
+        if let Some(msg) = msg {
+            tracing::warn!(group = %self.group, "{msg}");
+            st.status.switch_last = Some(msg);
         }
     }
 

@@ -639,6 +639,61 @@ pub fn encode_request_header(h: &RequestHeader) -> [u8; REQUEST_HEADER_LEN] {
     b
 }
 
+/// A whole request as a client sends it: the header, then `payload` (a write's data).
+/// The client side, for tests and raw clients.
+pub fn encode_request(
+    kind: u16,
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let h = RequestHeader {
+        flags,
+        kind,
+        handle,
+        offset,
+        length,
+    };
+    let mut b = encode_request_header(&h).to_vec();
+    b.extend_from_slice(payload);
+    b
+}
+
+/// `(error, handle)` of a simple reply header: the client side of
+/// [`encode_simple_reply`], for tests and raw clients.
+pub fn decode_simple_reply(buf: &[u8; SIMPLE_REPLY_LEN]) -> Result<(u32, u64), DecodeError> {
+    let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(DecodeError::BadMagic(magic.into()));
+    }
+    let mut handle = [0u8; 8];
+    handle.copy_from_slice(&buf[8..16]);
+    Ok((
+        u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]),
+        u64::from_be_bytes(handle),
+    ))
+}
+
+/// An option as a client sends it (`IHAVEOPT`, option, length, data); with
+/// [`encode_go_data`] for `NBD_OPT_GO`. For tests and raw clients.
+pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// The data of `NBD_OPT_GO` for export `name`, with no information requests.
+pub fn encode_go_data(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
 // ---------------------------------------------------------------------------
 // Option negotiation
 // ---------------------------------------------------------------------------

@@ -113,11 +113,10 @@ impl Client {
     }
 
     async fn send_option(&mut self, option: u32, data: &[u8]) {
-        let mut b = IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).await.unwrap();
+        self.s
+            .write_all(&encode_option(option, data))
+            .await
+            .unwrap();
     }
 
     /// Reads one option reply: (option, type, data).
@@ -138,10 +137,7 @@ impl Client {
 
     /// NBD_OPT_GO; returns (size, flags) or the error reply type.
     async fn go(&mut self, name: &str) -> Result<(u64, u16), u32> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        self.send_option(OPT_GO, &d).await;
+        self.send_option(OPT_GO, &encode_go_data(name)).await;
         let mut export = None;
         loop {
             let (opt, ty, data) = self.option_reply().await;
@@ -169,15 +165,7 @@ impl Client {
         length: u32,
         payload: &[u8],
     ) {
-        let h = RequestHeader {
-            flags,
-            kind,
-            handle,
-            offset,
-            length,
-        };
-        let mut b = encode_request_header(&h).to_vec();
-        b.extend_from_slice(payload);
+        let b = encode_request(kind, flags, handle, offset, length, payload);
         self.s.write_all(&b).await.unwrap();
     }
 
@@ -185,20 +173,11 @@ impl Client {
     async fn reply(&mut self) -> io::Result<(u32, u64)> {
         let mut r = [0u8; SIMPLE_REPLY_LEN];
         self.s.read_exact(&mut r).await?;
-        assert_eq!(
-            u32::from_be_bytes(r[0..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        Ok((
-            u32::from_be_bytes(r[4..8].try_into().unwrap()),
-            u64::from_be_bytes(r[8..16].try_into().unwrap()),
-        ))
+        Ok(decode_simple_reply(&r).expect("a simple reply"))
     }
 
     async fn read(&mut self, handle: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        self.request(CMD_READ, 0, handle, offset, len, &[]).await;
-        let (err, h) = self.reply().await.unwrap();
-        assert_eq!(h, handle);
+        let err = self.simple(CMD_READ, 0, handle, offset, len, &[]).await;
         if err != 0 {
             return Err(err);
         }

@@ -2,9 +2,10 @@
 //!
 //! The mode types themselves ([`Mode`], [`UnknownMode`], [`BackupLossPolicy`]) and
 //! their one parsing rule live in the core (`pipecloud_core::mode`); they are
-//! re-exported here so the agent names them in one place. The agent implements
-//! `async`, `sync` and `pipelined`; `checkpoint` is refused where a mode enters the
-//! agent (`agent::block_mode`, used by topology loading and the control socket).
+//! re-exported here so the agent names them in one place. Disk writes complete
+//! in `checkpoint` as in `pipelined`; what `checkpoint` adds (the epoch loop) is
+//! in `crate::fullstate`, and switches into or out of it go through the group's
+//! epoch loop (docs/design.md §13), not straight through [`ModeSwitch::set`].
 //!
 //! In every mode a write is assigned its seq and vector before it completes and is
 //! replicated; the modes only differ in what completion waits for (and in what the

@@ -13,7 +13,7 @@
 //! no environment switch either; `scripts/install-deps.sh` installs every tool here.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,7 @@ pub fn require_mount() {
         "mkfs.ext4",
         "fsck.ext4",
         "unshare",
+        "setpriv",
         "mountpoint",
     ] {
         require(tool);
@@ -135,19 +136,24 @@ pub fn require_mount() {
     );
 }
 
+/// The mount stack, run by [`mount_test`] as `bash -c MOUNT_SCRIPT mount-test URI DIR
+/// CONNS NAME TOOL`: nbdfuse exposes the export as `DIR/fuse/NAME` (an owned name of
+/// `src/loopdev.rs`, so a stale device of it can be reaped), and `pipecloud-loop attach`
+/// (TOOL) puts it on an autoclear loop device, held while `stage` runs: the device goes
+/// when `stage` has ended and nothing is mounted from it, even when everything here is
+/// SIGKILLed (the mounts of the private namespace go with its last process).
 pub const MOUNT_SCRIPT: &str = r#"
 set -euo pipefail
-uri=$1; dir=$2; conns=$3
+uri=$1; dir=$2; conns=$3; name=$4; tool=$5
+export dir
 mkdir -p "$dir/fuse" "$dir/mnt"
-loop=""; fpid=""
+fpid=""
+backed() { grep -qsx "$dir/fuse/$name" /sys/block/loop*/loop/backing_file; }
 cleanup() {
   set +e
   if mountpoint -q "$dir/mnt"; then umount "$dir/mnt"; fi
-  if [ -n "$loop" ]; then
-    losetup -d "$loop"
-    name=${loop#/dev/}
-    for _ in $(seq 200); do [ -e "/sys/block/$name/loop/backing_file" ] || break; sleep 0.05; done
-  fi
+  # Unmounted and no holder left: the autoclear device detaches; wait for it.
+  for _ in $(seq 200); do backed || break; sleep 0.05; done
   if mountpoint -q "$dir/fuse"; then fusermount3 -u "$dir/fuse"; fi
   if [ -n "$fpid" ]; then
     for _ in $(seq 200); do kill -0 "$fpid" 2>/dev/null || break; sleep 0.05; done
@@ -156,97 +162,133 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
-nbdfuse -C "$conns" -P "$dir/nbdfuse.pid" "$dir/fuse/disk" "$uri" </dev/null >"$dir/nbdfuse.log" 2>&1 &
+stage() {
+  set -euo pipefail
+  loop=$PIPECLOUD_LOOP
+  echo "loop device: $loop"
+  mkfs.ext4 -q "$loop"
+  fsck.ext4 -n -f "$loop"
+  mount "$loop" "$dir/mnt"
+  for i in $(seq 1 16); do head -c $((256 * 1024 + i)) /dev/urandom > "$dir/mnt/file$i"; done
+  mkdir "$dir/mnt/sub"; echo hello > "$dir/mnt/sub/hello"
+  (cd "$dir/mnt" && sha256sum file* sub/hello) > "$dir/sums"
+  sync
+  umount "$dir/mnt"
+  fsck.ext4 -n -f "$loop"
+  mount "$loop" "$dir/mnt"
+  (cd "$dir/mnt" && sha256sum -c --quiet "$dir/sums")
+  umount "$dir/mnt"
+}
+export -f stage
+nbdfuse -C "$conns" -P "$dir/nbdfuse.pid" "$dir/fuse/$name" "$uri" </dev/null >"$dir/nbdfuse.log" 2>&1 &
 fpid=$!
 for _ in $(seq 200); do [ -s "$dir/nbdfuse.pid" ] && break; sleep 0.05; done
 [ -s "$dir/nbdfuse.pid" ] || { echo "nbdfuse did not start"; cat "$dir/nbdfuse.log"; exit 1; }
-loop=$(losetup -f --show --direct-io=on "$dir/fuse/disk")
-echo "loop device: $loop"
-mkfs.ext4 -q "$loop"
-fsck.ext4 -n -f "$loop"
-mount "$loop" "$dir/mnt"
-for i in $(seq 1 16); do head -c $((256 * 1024 + i)) /dev/urandom > "$dir/mnt/file$i"; done
-mkdir "$dir/mnt/sub"; echo hello > "$dir/mnt/sub/hello"
-(cd "$dir/mnt" && sha256sum file* sub/hello) > "$dir/sums"
-sync
-umount "$dir/mnt"
-fsck.ext4 -n -f "$loop"
-mount "$loop" "$dir/mnt"
-(cd "$dir/mnt" && sha256sum -c --quiet "$dir/sums")
-umount "$dir/mnt"
+"$tool" attach --direct-io "$dir/fuse/$name" -- bash -c stage
 echo MOUNT-TEST-OK
 "#;
 
-/// Kills a still-running script and detaches any loop device backed by a file in `dir`.
+/// Spawns `bash -c script name ARGS...` (its output to the file `out`) in private mount
+/// and pid namespaces that die with the spawning thread, however it dies: `setpriv
+/// --pdeathsig` gives `unshare` SIGKILL then, and `--kill-child` passes it on to the
+/// namespace's pid 1 (the script), so every process of the namespace dies and its mounts
+/// go. SIGKILL to the returned child does the same. The script's last argument is
+/// `pipecloud-loop` (`src/bin/pipecloud-loop.rs`).
+pub fn spawn_in_private_namespaces(
+    script: &str,
+    name: &str,
+    args: &[&std::ffi::OsStr],
+    out: &Path,
+) -> std::process::Child {
+    let out = std::fs::File::create(out).expect("creating the script's output file");
+    Command::new("setpriv")
+        .args([
+            "--pdeathsig",
+            "KILL",
+            "--",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "bash",
+            "-c",
+            script,
+            name,
+        ])
+        .args(args)
+        .arg(env!("CARGO_BIN_EXE_pipecloud-loop"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("output fd"))
+        .stderr(out)
+        .spawn()
+        .expect("spawning setpriv + unshare")
+}
+
+/// Kills a still-running script (its namespace dies with it) and detaches any loop
+/// device left on our file (`name`, seen from anywhere).
 pub struct MountGuard {
     child: Option<std::process::Child>,
-    dir: PathBuf,
+    name: String,
 }
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             if c.try_wait().ok().flatten().is_none() {
-                // SIGTERM lets the script's EXIT trap tear down in order.
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(c.id().to_string())
-                    .status();
+                // SIGTERM to the script (pid 1 of its pid namespace, the child of
+                // `unshare`) lets its EXIT trap tear down in order.
+                let children = format!("/proc/{0}/task/{0}/children", c.id());
+                if let Some(script) = std::fs::read_to_string(children)
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next().map(str::to_string))
+                {
+                    let _ = Command::new("kill").arg("-TERM").arg(script).status();
+                }
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
                     std::thread::sleep(Duration::from_millis(100));
                 }
+                // SIGKILL to `unshare` kills its child, hence the whole namespace.
                 let _ = c.kill();
                 let _ = c.wait();
             }
         }
         // Belt and braces: no loop device may outlive the test.
-        let needle = self.dir.to_string_lossy().into_owned();
-        if let Ok(entries) = std::fs::read_dir("/sys/block") {
-            for e in entries.flatten() {
-                let bf = e.path().join("loop/backing_file");
-                if let Ok(b) = std::fs::read_to_string(&bf) {
-                    if b.contains(&needle) {
-                        let dev = format!("/dev/{}", e.file_name().to_string_lossy());
-                        eprintln!("mount test: detaching leftover {dev}");
-                        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
-                    }
-                }
+        for (dev, backing) in pipecloud::loopdev::list() {
+            if backing.ends_with(&format!("/{}", self.name)) {
+                eprintln!("mount test: detaching leftover {}", dev.display());
+                let _ = Command::new("losetup").arg("-d").arg(&dev).status();
             }
         }
     }
 }
 
 /// Runs [`MOUNT_SCRIPT`] against the NBD export at `uri` with `conns` nbdfuse
-/// connections, in a private mount namespace, its files in `work`; `guard_dir` is
-/// the directory whose files may back a loop device (detached on the way out).
+/// connections, in private mount and pid namespaces that die with this process (even by
+/// SIGKILL), its files in `work`. Reaps stale loop devices of earlier runs first.
 /// Panics unless the script succeeded within 5 minutes.
-pub fn mount_test(uri: &str, work: &Path, guard_dir: &Path, conns: u32) {
+pub fn mount_test(uri: &str, work: &Path, conns: u32) {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    pipecloud::loopdev::reap_stale();
     std::fs::create_dir_all(work).expect("creating the mount test's directory");
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = pipecloud::loopdev::owned_name(std::process::id(), &format!("mount{n}"));
     let mut guard = MountGuard {
         child: None,
-        dir: guard_dir.to_path_buf(),
+        name: name.clone(),
     };
     let out_path = work.join("script.out");
-    let out = std::fs::File::create(&out_path).expect("creating the script's output file");
-    let child = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "bash",
-            "-c",
-            MOUNT_SCRIPT,
-            "mount-test",
-        ])
-        .arg(uri)
-        .arg(work)
-        .arg(conns.to_string())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("output fd"))
-        .stderr(out)
-        .spawn()
-        .expect("spawning unshare");
+    let conns = conns.to_string();
+    let args = [
+        uri.as_ref(),
+        work.as_os_str(),
+        conns.as_ref(),
+        name.as_ref(),
+    ];
+    let child = spawn_in_private_namespaces(MOUNT_SCRIPT, "mount-test", &args, &out_path);
     guard.child = Some(child);
     let deadline = Instant::now() + Duration::from_secs(300);
     let status = loop {

@@ -32,14 +32,8 @@ impl Raw {
     /// Connect + NBD_OPT_GO `export`; returns the export size.
     pub fn go(sock: &Path, export: &str) -> (Raw, u64) {
         let mut r = Raw::connect(sock);
-        let name = export.as_bytes();
-        let mut b = IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&OPT_GO.to_be_bytes());
-        b.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        b.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        b.extend_from_slice(name);
-        b.extend_from_slice(&0u16.to_be_bytes());
-        r.s.write_all(&b).unwrap();
+        r.s.write_all(&encode_option(OPT_GO, &encode_go_data(export)))
+            .unwrap();
         let mut size = None;
         loop {
             let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
@@ -68,15 +62,7 @@ impl Raw {
         length: u32,
         payload: &[u8],
     ) {
-        let h = RequestHeader {
-            flags,
-            kind,
-            handle,
-            offset,
-            length,
-        };
-        let mut b = encode_request_header(&h).to_vec();
-        b.extend_from_slice(payload);
+        let b = encode_request(kind, flags, handle, offset, length, payload);
         self.s.write_all(&b).unwrap();
     }
 
@@ -84,14 +70,7 @@ impl Raw {
     pub fn reply(&mut self) -> (u32, u64) {
         let mut r = [0u8; SIMPLE_REPLY_LEN];
         self.s.read_exact(&mut r).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(r[0..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        (
-            u32::from_be_bytes(r[4..8].try_into().unwrap()),
-            u64::from_be_bytes(r[8..16].try_into().unwrap()),
-        )
+        decode_simple_reply(&r).expect("a simple reply")
     }
 
     pub fn call(
@@ -110,9 +89,7 @@ impl Raw {
     }
 
     pub fn read(&mut self, handle: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        self.send(CMD_READ, 0, handle, offset, len, &[]);
-        let (err, h) = self.reply();
-        assert_eq!(h, handle);
+        let err = self.call(CMD_READ, 0, handle, offset, len, &[]);
         if err != 0 {
             return Err(err);
         }

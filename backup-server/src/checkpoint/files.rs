@@ -40,7 +40,7 @@ use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-const STATE_MAGIC: &[u8; 8] = b"PCCKPT01";
+const STATE_MAGIC: &[u8; 8] = b"PCCKPT02";
 const COMMIT_MAGIC: &[u8; 8] = b"PCCMIT01";
 /// Bytes of a pages record header.
 const REC_HEAD: usize = 16;
