@@ -45,4 +45,12 @@ done
 # Its fault run (scripts/fault-fullstate.sh) is not here yet: the fault is caught only
 # in some points (docs/design.md §12).
 "$H" disaster --topology topology/guest.toml --mode checkpoint --points "$POINTS" --seed 7
+# issue 22: a disaster inside each phase of the run-time switch (docs/design.md §14): the
+# check follows the backup's failover (full-state: the same connection continues the
+# counter; disk-only: cold boot, every acknowledged request in the guest's on-disk log),
+# and a switch in and out under client load must break no connection (switch_drops=0).
+for phase in seeding first-epoch leaving; do
+  "$H" disaster --topology topology/guest.toml --mode switch --phase "$phase" --points "$POINTS" --seed 7
+done
+"$H" switch-load --topology topology/guest.toml --clients 4 --hold-s 5 --csv target/switch-load.csv
 echo "test.sh: all tests passed"

@@ -262,8 +262,16 @@ mod tests {
         let s = CausalState::new(1);
         s.raise_writer(0, WriterId(pipecloud_core::EPOCH_ENTRY as u8), 7);
         let (_, v) = s.issue_write(0, WriterId(0));
-        assert_eq!(v.get(pipecloud_core::EPOCH_ENTRY), 0, "the write's dependencies");
-        assert_eq!(s.sync_pending(0).get(pipecloud_core::EPOCH_ENTRY), 7, "tags keep it");
+        assert_eq!(
+            v.get(pipecloud_core::EPOCH_ENTRY),
+            0,
+            "the write's dependencies"
+        );
+        assert_eq!(
+            s.sync_pending(0).get(pipecloud_core::EPOCH_ENTRY),
+            7,
+            "tags keep it"
+        );
         assert_eq!(v.get(0), 1);
     }
 }

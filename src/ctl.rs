@@ -235,7 +235,7 @@ impl Control {
                 && g.client.status().link() != crate::replication::LinkState::Up
             {
                 return Err(format!(
-                    "group {group}: the backup is not connected; a switch to checkpoint needs it                      (nothing changed: try again once `ctl status` shows connected=true)"
+                    "group {group}: the backup is not connected; a switch to checkpoint needs it (nothing changed: try again once `ctl status` shows connected=true)"
                 ));
             }
             return switch(mode);

@@ -17,6 +17,7 @@ mod plot;
 mod run;
 mod site;
 mod standby;
+mod switch;
 mod sys;
 mod wan;
 
@@ -102,12 +103,19 @@ enum Cmd {
         #[arg(long)]
         expect_split_brain: bool,
     },
-    /// Randomized disasters: CV ⊆ SV check per point.
+    /// Randomized disasters: CV ⊆ SV check per point. On a guest topology
+    /// (`[machine.vm]`): `checkpoint` is the full-state disaster, `switch` a
+    /// disaster inside a run-time switch phase (`--phase`), and a disk-only mode
+    /// the cold boot from the failed-over disk.
     Disaster {
         #[arg(long)]
         topology: PathBuf,
+        /// async | sync | pipelined | checkpoint | switch (guest topologies).
         #[arg(long, default_value = "pipelined")]
-        mode: Mode,
+        mode: DisasterMode,
+        /// With `--mode switch`: the switch phase the disaster falls in.
+        #[arg(long, value_enum)]
+        phase: Option<switch::Target>,
         #[arg(long, default_value_t = 5)]
         points: usize,
         #[arg(long, default_value_t = 50)]
@@ -140,6 +148,22 @@ enum Cmd {
         #[arg(long, value_enum)]
         inject_fault: Option<fullstate::Fault>,
     },
+    /// A guest group switched pipelined → checkpoint → pipelined under client
+    /// load, no disaster: `switch_drops` (broken client connections) and the
+    /// reply latency per second (CSV).
+    SwitchLoad {
+        #[arg(long)]
+        topology: PathBuf,
+        /// Client connections, each sending requests back to back.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds in each mode (before, during and after checkpointing).
+        #[arg(long, default_value_t = 8)]
+        hold_s: u64,
+        /// The per-second timeline: `second,replies,p50_ms,p99_ms,max_ms,phase,event`.
+        #[arg(long, default_value = "switch-load.csv")]
+        csv: PathBuf,
+    },
     /// Build only the network and the WAN emulation, and measure the achieved RTT.
     Wan {
         #[arg(long)]
@@ -150,7 +174,7 @@ enum Cmd {
         samples: usize,
     },
     /// The paper's figures (SoCC'11 §6): table, CSV files and plots.
-    Figures(figures::FiguresArgs),
+    Figures(Box<figures::FiguresArgs>),
     /// The demo: a short version of figures (a), (c) and one disaster.
     Demo(figures::DemoArgs),
     /// Runs one CompDB tier (used inside a machine's namespace).
@@ -196,7 +220,7 @@ fn main() {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Figures(a) => figures::figures(a),
+        Cmd::Figures(a) => figures::figures(*a),
         Cmd::Demo(a) => figures::demo(a),
         Cmd::Compdb {
             tier,
@@ -372,9 +396,31 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::SwitchLoad {
+            topology,
+            clients,
+            hold_s,
+            csv,
+        } => {
+            sys::ensure_private_mount_ns()?;
+            let work = work_dir("switch-load");
+            let r = switch::load(
+                &topology,
+                &work,
+                &format!("{PREFIX}{}", std::process::id()),
+                clients,
+                Duration::from_secs(hold_s),
+                &csv,
+            );
+            if std::env::var_os("PIPECLOUD_KEEP").is_none() {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            r.with_context(|| format!("switch-load (work dir {})", work.display()))
+        }
         Cmd::Disaster {
             topology,
             mode,
+            phase,
             points,
             rtt_ms,
             seed,
@@ -387,12 +433,41 @@ fn real_main() -> Result<()> {
             inject_fault,
         } => {
             sys::ensure_private_mount_ns()?;
-            if mode == Mode::Checkpoint {
-                return fullstate_disaster(&topology, points, seed, min_ms, max_ms, inject_fault);
+            if phase.is_some() != (mode == DisasterMode::Switch) {
+                anyhow::bail!("--phase goes with --mode switch, and --mode switch needs --phase");
             }
-            if inject_fault.is_some() {
-                anyhow::bail!("--inject-fault is for --mode checkpoint");
+            let mode = match mode {
+                DisasterMode::Mode(Mode::Checkpoint) => {
+                    return fullstate_disaster(
+                        &topology,
+                        points,
+                        seed,
+                        min_ms,
+                        max_ms,
+                        inject_fault,
+                    );
+                }
+                _ if inject_fault.is_some() => {
+                    anyhow::bail!("--inject-fault is for --mode checkpoint")
+                }
+                DisasterMode::Switch => None,
+                DisasterMode::Mode(m) => Some(m),
+            };
+            if mode.is_none() || is_guest_topology(&topology)? {
+                let m = mode.unwrap_or(Mode::Pipelined);
+                let tag = mode.map_or_else(|| "switch".to_owned(), |m| m.to_string());
+                return switch::disaster(&switch::DisasterRun {
+                    topology: &topology,
+                    base: &work_dir(&format!("disaster-guest-{tag}")),
+                    prefix: &format!("{PREFIX}{}", std::process::id()),
+                    mode: m,
+                    target: phase,
+                    points,
+                    seed,
+                    run_ms: (min_ms, max_ms),
+                });
             }
+            let mode = mode.unwrap_or(Mode::Pipelined);
             let name = topology
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -482,6 +557,34 @@ fn real_main() -> Result<()> {
     }
 }
 
+/// `disaster --mode`: a replication mode, or `switch` (guest topologies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DisasterMode {
+    Mode(Mode),
+    Switch,
+}
+
+impl std::str::FromStr for DisasterMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "switch" => Ok(DisasterMode::Switch),
+            m => m
+                .parse::<Mode>()
+                .map(DisasterMode::Mode)
+                .map_err(|e| format!("{e} (or switch)")),
+        }
+    }
+}
+
+/// Whether the topology's machines are QEMU guests (`[machine.vm]`).
+fn is_guest_topology(path: &std::path::Path) -> Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let t = pipecloud_core::topology::Topology::parse(&text, &path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(t.machines.iter().any(|m| m.vm.is_some()))
+}
+
 /// `disaster --mode checkpoint` (issue 21): see `fullstate`.
 fn fullstate_disaster(
     topology: &std::path::Path,
@@ -495,8 +598,7 @@ fn fullstate_disaster(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-guest.sh");
-    sys::run(&mut std::process::Command::new(&guest)).context("building the guest")?;
+    fullstate::build_guest()?;
     let base = work_dir(&format!("disaster-{name}-checkpoint"));
     let mut rng = disaster::Rng(seed);
     let (mut resumed, mut survived, mut gaps, mut unsafe_replies, mut fsck) = (0, 0, 0, 0, 0);

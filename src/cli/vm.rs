@@ -19,7 +19,9 @@ pub struct Which {
 #[derive(clap::Subcommand, Debug)]
 pub enum VmCommand {
     /// Boot the guest: its tap, then QEMU with its disks from the agent's NBD
-    /// export (the agent must be serving them). Prints QEMU's pid.
+    /// export (the agent must be serving them), or from image files with
+    /// `--disk` (a cold boot at the backup site after a disk-only failover).
+    /// Prints QEMU's pid.
     Start {
         #[command(flatten)]
         which: Which,
@@ -29,6 +31,10 @@ pub enum VmCommand {
         /// Library to preload into QEMU (the full-state capture shim).
         #[arg(long, value_name = "LIB")]
         preload: Option<PathBuf>,
+        /// Disk image instead of the NBD export: `NAME=FILE`, or `FILE` when the
+        /// machine has one disk. Repeat per disk.
+        #[arg(long = "disk", value_name = "[NAME=]FILE")]
+        disks: Vec<String>,
     },
     /// Resume the guest from a checkpoint (RAM image, device state and disk
     /// images, e.g. from `backup-server failover`) with the same configuration.
@@ -90,12 +96,15 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
             which,
             foreground,
             preload,
+            disks,
         } => {
+            let disks = disk_args(&which, &disks)?;
             let s = pipecloud::vm::start(&StartOptions {
                 topology: which.topology,
                 machine: which.machine.clone(),
                 foreground,
                 preload,
+                disks,
             })?;
             if !foreground {
                 report("started", &which.machine, &s);

@@ -79,6 +79,8 @@ pub struct DriverStatus {
     pub raw_bytes: u64,
     /// Page bytes queued on the connection after encoding (`Pages` data).
     pub shipped_bytes: u64,
+    /// The latest pauses summarised (figures; `None` before the first).
+    pub recent: Option<RecentPauses>,
     /// Where the group is in checkpointing (docs/design.md §13).
     pub phase: Option<Phase>,
     /// Progress of a switch in: pre-copy round, pages copied by the rounds so
@@ -90,6 +92,40 @@ pub struct DriverStatus {
     pub switch_started: Option<Instant>,
     /// How the last switch ended (or why it was refused or aborted).
     pub switch_last: Option<String>,
+}
+
+/// The latest pauses kept that `ctl status` summarises: 10 s of pauses at the
+/// 20 ms interval (fewer when fewer were kept).
+pub const PAUSE_WINDOW: usize = 500;
+
+/// Pause time (first stop to last cont) and pages copied over the latest
+/// [`PAUSE_WINDOW`] pauses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecentPauses {
+    pub n: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// Mean dirty pages copied per pause (the raw bytes of a checkpoint / 4 KiB).
+    pub pages_mean: f64,
+}
+
+impl RecentPauses {
+    /// Summarises pauses (newest last); `None` when there are none.
+    pub fn of<'a>(pauses: impl DoubleEndedIterator<Item = &'a PauseTimes>) -> Option<Self> {
+        let recent: Vec<&PauseTimes> = pauses.rev().take(PAUSE_WINDOW).collect();
+        if recent.is_empty() {
+            return None;
+        }
+        let mut t: Vec<Duration> = recent.iter().map(|p| p.total).collect();
+        t.sort_unstable();
+        let at = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+        Some(RecentPauses {
+            n: t.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            pages_mean: recent.iter().map(|p| p.pages as f64).sum::<f64>() / t.len() as f64,
+        })
+    }
 }
 
 /// Most pre-copy rounds of a switch in; the pause after them copies the rest.
@@ -408,6 +444,7 @@ impl EpochDriver {
         s.open = st.epochs.open();
         s.acked = st.epochs.acked();
         s.shipped = st.epochs.shipped();
+        s.recent = RecentPauses::of(st.pauses.iter());
         s.phase = Some(st.epochs.phase());
         s
     }
@@ -440,7 +477,7 @@ impl EpochDriver {
                     return Err(b);
                 }
                 if !st.epochs.synced() || st.generation == 0 {
-                    return Err("the backup's acknowledged epoch is not known yet (not connected):                                 try again once `ctl status` shows the group connected"
+                    return Err("the backup's acknowledged epoch is not known yet (not connected): try again once `ctl status` shows the group connected"
                         .into());
                 }
                 st.request = Some(Request::In { from });
@@ -450,7 +487,7 @@ impl EpochDriver {
                 // the epoch rule starts at the first pause.
                 mode.set(Mode::Checkpoint);
                 Ok(format!(
-                    "group {group}: mode {from} -> checkpoint: pre-copying the guests' RAM, then the first                      checkpoint (`ctl status` shows the progress)"
+                    "group {group}: mode {from} -> checkpoint: pre-copying the guests' RAM, then the first checkpoint (`ctl status` shows the progress)"
                 ))
             }
             (Phase::Off, _) => Err(format!("group {group} is not checkpointing")),
@@ -465,11 +502,11 @@ impl EpochDriver {
                 st.request = Some(Request::Out { to });
                 st.status.switch_started = Some(Instant::now());
                 Ok(format!(
-                    "group {group}: mode checkpoint -> {to}: leaving after the epoch in progress                      (`ctl status` shows when the backup acknowledged it)"
+                    "group {group}: mode checkpoint -> {to}: leaving after the epoch in progress (`ctl status` shows when the backup acknowledged it)"
                 ))
             }
             (Phase::Leaving { epoch }, _) => Err(format!(
-                "group {group} is leaving checkpoint mode (epoch {epoch} not yet acknowledged by the backup);                  wait for it"
+                "group {group} is leaving checkpoint mode (epoch {epoch} not yet acknowledged by the backup); wait for it"
             )),
         }
     }
@@ -486,6 +523,15 @@ impl DriverStatus {
             || "-".to_owned(),
             |p| format!("{:.2}ms/{}pages", p.total.as_secs_f64() * 1e3, p.pages),
         );
+        let recent = self.recent.map_or_else(String::new, |r| {
+            format!(
+                " recent_pauses={} pause_p50_ms={:.2} pause_p99_ms={:.2} pages_per_pause={:.1}",
+                r.n,
+                r.p50.as_secs_f64() * 1e3,
+                r.p99.as_secs_f64() * 1e3,
+                r.pages_mean
+            )
+        });
         let phase = match self.phase {
             Some(Phase::Off) | None => "off".to_owned(),
             Some(Phase::Seeding { epoch }) => format!("seeding:{epoch}"),
@@ -500,7 +546,7 @@ impl DriverStatus {
             .as_deref()
             .map_or_else(String::new, |l| format!(" last_switch={l:?}"));
         format!(
-            "epochs {group}: {alarm}phase={phase} open={} shipped={} acked={} lag={} pauses={} stalled={}              last_pause={pause} seed_round={} seed_pages={} seed_last_dirty={} raw_bytes={} shipped_bytes={}{took}{last}",
+            "epochs {group}: {alarm}phase={phase} open={} shipped={} acked={} lag={} pauses={} stalled={} last_pause={pause} seed_round={} seed_pages={} seed_last_dirty={} raw_bytes={} shipped_bytes={}{took}{last}{recent}",
             self.open,
             self.shipped,
             self.acked,
@@ -1015,4 +1061,41 @@ fn ship_one(shared: &Shared, job: &ToShip, shadows: &mut [Shadow]) -> Result<()>
     });
     link.push(generation, &commit)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pause(ms: u64, pages: u64) -> PauseTimes {
+        PauseTimes {
+            total: Duration::from_millis(ms),
+            pages,
+            ..PauseTimes::default()
+        }
+    }
+
+    #[test]
+    fn recent_pauses_summarise_the_latest_window_only() {
+        assert_eq!(RecentPauses::of(std::iter::empty()), None);
+        // 100 old long pauses, then a full window of 1..=500 ms.
+        let mut v: Vec<PauseTimes> = (0..100).map(|_| pause(10_000, 7)).collect();
+        v.extend((1..=PAUSE_WINDOW as u64).map(|ms| pause(ms, 2)));
+        let r = RecentPauses::of(v.iter()).expect("pauses");
+        assert_eq!(r.n, PAUSE_WINDOW);
+        assert_eq!(r.p50, Duration::from_millis(251));
+        assert_eq!(r.p99, Duration::from_millis(495));
+        assert!((r.pages_mean - 2.0).abs() < 1e-9);
+        let line = DriverStatus {
+            recent: Some(r),
+            ..DriverStatus::default()
+        }
+        .line("g");
+        assert!(
+            line.ends_with(
+                " recent_pauses=500 pause_p50_ms=251.00 pause_p99_ms=495.00 pages_per_pause=2.0"
+            ),
+            "{line}"
+        );
+    }
 }

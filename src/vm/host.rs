@@ -34,6 +34,9 @@ pub struct StartOptions {
     /// A library to preload into QEMU (the full-state capture shim); it is told
     /// the RAM file through `PIPECLOUD_SHIM_RAM_FILE`.
     pub preload: Option<PathBuf>,
+    /// Image file of each disk, by disk name (a cold boot at the backup site
+    /// after a disk-only failover); empty: the disks from the agent's NBD export.
+    pub disks: Vec<(String, PathBuf)>,
 }
 
 /// `vm restore` options.
@@ -242,14 +245,20 @@ fn run_qemu(
         .with_context(|| format!("bad pid {text:?} in {}", vm.pidfile.display()))
 }
 
-/// `pipecloud vm start`: tap, then QEMU with the disks from the agent's NBD export.
+/// `pipecloud vm start`: tap, then QEMU with the disks from the agent's NBD
+/// export (or from image files, `StartOptions::disks`).
 pub fn start(o: &StartOptions) -> anyhow::Result<Started> {
     let (t, base, vm, guest_ip) = load(&o.topology, &o.machine)?;
+    let disks = if o.disks.is_empty() {
+        DiskSource::Nbd
+    } else {
+        DiskSource::Files(absolute_disks(&o.disks)?)
+    };
     let cmd = qemu_command(&Spec {
         topology: &t,
         base_dir: &base,
         machine: &o.machine,
-        disks: &DiskSource::Nbd,
+        disks: &disks,
         incoming: false,
         daemonize: !o.foreground,
         host_khz: host_khz(),
@@ -262,6 +271,18 @@ pub fn start(o: &StartOptions) -> anyhow::Result<Started> {
         pid,
         elapsed_ms: t0.elapsed().as_millis(),
     })
+}
+
+/// Each disk's image file as an absolute path (a daemonized QEMU works in `/`).
+fn absolute_disks(disks: &[(String, PathBuf)]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    disks
+        .iter()
+        .map(|(n, p)| {
+            let abs = std::fs::canonicalize(p)
+                .with_context(|| format!("no such disk image {}", p.display()))?;
+            Ok((n.clone(), abs))
+        })
+        .collect()
 }
 
 /// Quotes `p` for the shell QEMU runs an `exec:` URI with.
@@ -280,11 +301,7 @@ pub fn restore(o: &RestoreOptions) -> anyhow::Result<Started> {
     let o = &RestoreOptions {
         ram: absolute(&o.ram)?,
         device_state: absolute(&o.device_state)?,
-        disks: o
-            .disks
-            .iter()
-            .map(|(n, p)| Ok((n.clone(), absolute(p)?)))
-            .collect::<anyhow::Result<_>>()?,
+        disks: absolute_disks(&o.disks)?,
         ..o.clone()
     };
     let cmd = qemu_command(&Spec {

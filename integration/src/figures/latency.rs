@@ -26,7 +26,7 @@ pub(super) struct LatStats {
 
 impl LatStats {
     /// Summarises raw latencies.
-    fn of(mut v: Vec<Duration>) -> LatStats {
+    pub(super) fn of(mut v: Vec<Duration>) -> LatStats {
         v.sort_unstable();
         LatStats {
             n: v.len(),

@@ -8,7 +8,13 @@
 //! - (b) two-tier response time vs the front tier's computation: naive (only the
 //!   database machine outbound-protected) vs joint pipelining, with async and sync;
 //! - (c) response time with 1, 2 and 3 protected (writing) tiers, sync vs pipelined;
-//! - (d) the disaster views (PV/SV/CV over the last 500 requests) per mode.
+//! - (d) the disaster views (PV/SV/CV over the last 500 requests) per mode;
+//! - (e) the full-state mode on the test guest (issue 22 §3): acknowledged
+//!   checkpoints per second, pause p50/p99 and bytes per checkpoint per guest
+//!   RAM size and workload, and the guest service's reply latency in
+//!   `checkpoint` vs `pipelined` vs `async` at 1 and 16 clients (it builds the
+//!   guest with scripts/build-guest.sh first); the demo runs one full-state
+//!   disaster of the guest instead.
 //!
 //! Output: a paper-style table (stdout and `table.txt`), one CSV per figure, SVG
 //! plots (PNG copies when `rsvg-convert` is installed), the floors checked, and a
@@ -29,6 +35,7 @@ mod part_a;
 mod part_b;
 mod part_c;
 mod part_d;
+mod part_e;
 mod plots;
 mod report;
 mod rig;
@@ -42,6 +49,7 @@ use part_a::{part_a, Variant};
 use part_b::part_b;
 use part_c::part_c;
 use part_d::part_d;
+use part_e::{part_e, part_e_demo};
 use pipecloud_core::topology::Mode;
 use report::Figures;
 use std::path::{Path, PathBuf};
@@ -62,8 +70,8 @@ pub(crate) struct FiguresArgs {
     /// Directory for the table, CSV files and plots.
     #[arg(long, default_value = "figures-out")]
     out: PathBuf,
-    /// Parts to run (letters of a, b, c, d).
-    #[arg(long, default_value = "abcd")]
+    /// Parts to run (letters of a, b, c, d, e).
+    #[arg(long, default_value = "abcde")]
     parts: String,
     /// (a) variants: async, sync, pipelined, pgsync (plain with --no-agent).
     #[arg(
@@ -113,6 +121,15 @@ pub(crate) struct FiguresArgs {
     /// (d) client threads.
     #[arg(long, default_value_t = 16)]
     disaster_workers: usize,
+    /// (e) guest RAM sizes, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    guest_ram_mib: Vec<u64>,
+    /// (e) client connections of the reply-latency points.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    guest_clients: Vec<usize>,
+    /// (e) seconds of each checkpoint window.
+    #[arg(long, default_value_t = 10)]
+    ckpt_secs: u64,
     /// (a) only, without the agent: network + WAN + PostgreSQL on a plain
     /// directory (variants plain and pgsync).
     #[arg(long)]
@@ -170,13 +187,21 @@ struct Plan {
     disaster_workers: usize,
     no_agent: bool,
     ab: Option<part_a::Knob>,
+    /// (e): checkpoints and the guest's reply latency.
+    e: bool,
+    guest_ram_mib: Vec<u64>,
+    guest_clients: Vec<usize>,
+    ckpt_secs: u64,
+    /// The demo's full-state disaster, and how long its client runs before it.
+    fullstate_demo: bool,
+    fullstate_run: Duration,
 }
 
 impl Plan {
     fn from_args(a: &FiguresArgs) -> Result<Plan> {
         for ch in a.parts.chars() {
-            if !"abcd,".contains(ch) {
-                bail!("--parts takes letters of abcd, got {:?}", a.parts);
+            if !"abcde,".contains(ch) {
+                bail!("--parts takes letters of abcde, got {:?}", a.parts);
             }
         }
         let variants = a.variants.clone();
@@ -208,10 +233,17 @@ impl Plan {
             disaster_workers: a.disaster_workers.max(1),
             no_agent: a.no_agent,
             ab: a.ab,
+            e: a.parts.contains('e') && !a.no_agent,
+            guest_ram_mib: a.guest_ram_mib.clone(),
+            guest_clients: a.guest_clients.iter().map(|&c| c.max(1)).collect(),
+            ckpt_secs: a.ckpt_secs.max(1),
+            fullstate_demo: false,
+            fullstate_run: Duration::ZERO,
         })
     }
 
-    /// The demo: a short (a), (c) and one pipelined disaster.
+    /// The demo: a short (a), (c), one pipelined disaster and one full-state
+    /// disaster of the test guest.
     fn demo(a: &DemoArgs) -> Plan {
         Plan {
             tag: "demo",
@@ -241,6 +273,12 @@ impl Plan {
             disaster_workers: 16,
             no_agent: false,
             ab: None,
+            e: false,
+            guest_ram_mib: Vec::new(),
+            guest_clients: Vec::new(),
+            ckpt_secs: 0,
+            fullstate_demo: true,
+            fullstate_run: Duration::from_secs(3),
         }
     }
 }
@@ -315,6 +353,9 @@ fn check_tools() -> Result<()> {
         "fusermount3",
         "pgbench",
         "psql",
+        "qemu-system-x86_64",
+        "e2fsck",
+        "debugfs",
     ];
     let missing: Vec<&str> = need
         .iter()
@@ -384,11 +425,13 @@ fn run_plan(plan: &Plan) -> Result<()> {
     ));
     let mut failed: Vec<String> = Vec::new();
     type Part = fn(&Plan, &Path, &str, &mut Figures) -> Result<()>;
-    let parts: [(bool, &str, Part); 4] = [
+    let parts: [(bool, &str, Part); 6] = [
         (plan.a, "a", part_a),
         (plan.b, "b", part_b),
         (plan.c, "c", part_c),
         (plan.d, "d", part_d),
+        (plan.e, "e", part_e),
+        (plan.fullstate_demo, "e: full-state disaster", part_e_demo),
     ];
     for (on, name, f) in parts {
         if !on || check_interrupted().is_err() {

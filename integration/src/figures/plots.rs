@@ -3,11 +3,13 @@
 //! One chart per figure, shaped like the paper's: (a) throughput and latency
 //! against clients per workload (log2 clients, latency on a log scale), (b)
 //! response time against the front tier's computation, (c) bars per number of
-//! protected tiers, (d) the PV/SV/CV views of the last 500 requests per mode.
+//! protected tiers, (d) the PV/SV/CV views of the last 500 requests per mode,
+//! (e) checkpoints per second and pause times per guest RAM size and workload,
+//! and the guest service's reply latency per mode and client count.
 //! The RTT is drawn as a reference line where a response time is compared to
 //! it. Drawing itself is `crate::plot`; this file only decides what is drawn.
 
-use super::report::{ordered, APoint, Figures, A_ORDER, B_ORDER, MODE_ORDER};
+use super::report::{ordered, APoint, Figures, A_ORDER, B_ORDER, E_MODE_ORDER, MODE_ORDER};
 use crate::pgbench::Workload;
 use crate::plot::{self, BarChart, LineChart, Scale, Series};
 use anyhow::Result;
@@ -166,6 +168,87 @@ impl Figures {
             out.extend(plot::save(
                 dir,
                 "fig_d_views",
+                &plot::bar_chart(&chart),
+                png,
+            )?);
+        }
+        if !self.e_ckpt.is_empty() {
+            let cats: Vec<String> = self
+                .e_ckpt
+                .iter()
+                .map(|p| format!("{} MiB {}", p.ram_mib, p.load))
+                .collect();
+            let per_s = BarChart {
+                title: "(e) full-state: acknowledged checkpoints per second (20 ms epochs)".into(),
+                y_label: "checkpoints per second".into(),
+                categories: cats.clone(),
+                series: vec![(
+                    "acknowledged".into(),
+                    self.e_ckpt.iter().map(|p| p.ckpt_per_s).collect(),
+                )],
+                reference: Some((30.0, "floor 30/s".into())),
+            };
+            out.extend(plot::save(
+                dir,
+                "fig_e_checkpoints",
+                &plot::bar_chart(&per_s),
+                png,
+            )?);
+            let pause = BarChart {
+                title: "(e) full-state: pause per checkpoint".into(),
+                y_label: "pause, ms".into(),
+                categories: cats,
+                series: vec![
+                    (
+                        "p50".into(),
+                        self.e_ckpt.iter().map(|p| p.pause_p50_ms).collect(),
+                    ),
+                    (
+                        "p99".into(),
+                        self.e_ckpt.iter().map(|p| p.pause_p99_ms).collect(),
+                    ),
+                ],
+                reference: Some((5.0, "p50 floor 5 ms".into())),
+            };
+            out.extend(plot::save(
+                dir,
+                "fig_e_pause",
+                &plot::bar_chart(&pause),
+                png,
+            )?);
+        }
+        if !self.e_lat.is_empty() {
+            let mut cs: Vec<usize> = self.e_lat.iter().map(|p| p.clients).collect();
+            cs.sort_unstable();
+            cs.dedup();
+            let modes = ordered(self.e_lat.iter().map(|p| p.mode.as_str()), &E_MODE_ORDER);
+            let chart = BarChart {
+                title: "(e) the guest's service: median reply latency per mode".into(),
+                y_label: "median reply latency, ms".into(),
+                categories: cs
+                    .iter()
+                    .map(|c| format!("{c} client{}", if *c == 1 { "" } else { "s" }))
+                    .collect(),
+                series: modes
+                    .iter()
+                    .map(|m| {
+                        let vals = cs
+                            .iter()
+                            .map(|c| {
+                                self.e_lat
+                                    .iter()
+                                    .find(|p| &p.mode == m && p.clients == *c)
+                                    .map_or(f64::NAN, |p| p.lat.p50_ms)
+                            })
+                            .collect();
+                        (m.clone(), vals)
+                    })
+                    .collect(),
+                reference: rtt_ref.clone(),
+            };
+            out.extend(plot::save(
+                dir,
+                "fig_e_latency",
                 &plot::bar_chart(&chart),
                 png,
             )?);

@@ -97,6 +97,48 @@ impl DPoint {
     }
 }
 
+/// One checkpoint point of figure (e): a guest RAM size and workload.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct ECkpt {
+    pub(super) ram_mib: u64,
+    /// `light` (idle service) or `heavy` (memory-writing).
+    pub(super) load: String,
+    /// Length of the window, s.
+    pub(super) secs: f64,
+    /// Checkpoints the backup acknowledged per second.
+    pub(super) ckpt_per_s: f64,
+    /// Pauses the percentiles are over.
+    pub(super) pauses: u64,
+    pub(super) pause_p50_ms: f64,
+    pub(super) pause_p99_ms: f64,
+    /// Dirty page bytes per checkpoint (before compression).
+    pub(super) raw_bytes: f64,
+    /// Bytes shipped per checkpoint (after compression; `None`: not reported).
+    pub(super) shipped_bytes: Option<f64>,
+    /// 1-minute load average at the end of the window.
+    pub(super) load_avg: String,
+}
+
+impl ECkpt {
+    /// 1 − shipped / raw.
+    pub(super) fn reduction(&self) -> Option<f64> {
+        self.shipped_bytes
+            .filter(|_| self.raw_bytes > 0.0)
+            .map(|s| 1.0 - s / self.raw_bytes)
+    }
+}
+
+/// One reply-latency point of figure (e): the guest's counter service.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct ELat {
+    pub(super) mode: String,
+    pub(super) clients: usize,
+    pub(super) lat: LatStats,
+    /// Replies per second over all connections.
+    pub(super) rps: f64,
+    pub(super) load_avg: String,
+}
+
 /// Everything one run measured.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct Figures {
@@ -106,6 +148,9 @@ pub(super) struct Figures {
     pub(super) b: Vec<BPoint>,
     pub(super) c: Vec<CPoint>,
     pub(super) d: Vec<DPoint>,
+    /// Figure (e): checkpoints, and the guest service's reply latency.
+    pub(super) e_ckpt: Vec<ECkpt>,
+    pub(super) e_lat: Vec<ELat>,
     /// Hold breakdown of the pipelined points of (a) (issue 20).
     pub(super) holds: Vec<HoldRow>,
     /// Context of the run (machine load), printed under the table.
@@ -122,6 +167,7 @@ pub(super) const A_ORDER: [&str; 5] = [
 ];
 pub(super) const B_ORDER: [&str; 4] = ["async", "sync", "naive-pipelined", "pipelined"];
 pub(super) const MODE_ORDER: [&str; 3] = ["async", "sync", "pipelined"];
+pub(super) const E_MODE_ORDER: [&str; 3] = ["async", "pipelined", "checkpoint"];
 
 pub(super) fn ordered<'a>(present: impl Iterator<Item = &'a str>, order: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();
@@ -192,6 +238,13 @@ impl Figures {
             .iter()
             .find(|p| p.tiers == tiers && p.mode == mode)
             .map(|p| p.lat.p50_ms)
+    }
+
+    /// The checkpoint point of figure (e) at `ram` MiB with workload `load`.
+    pub(super) fn e_point(&self, ram: u64, load: &str) -> Option<&ECkpt> {
+        self.e_ckpt
+            .iter()
+            .find(|p| p.ram_mib == ram && p.load == load)
     }
 
     /// The issue's floors at this RTT.
@@ -267,6 +320,35 @@ impl Figures {
             bound: "<= 10".into(),
             ok: d.map(|x| x <= 10.0),
         });
+        let light = self.e_point(256, "light");
+        let heavy = self.e_point(256, "heavy");
+        for (what, value, bound, ok) in [
+            (
+                "(e) 256 MiB light: acked checkpoints/s",
+                light.map(|p| p.ckpt_per_s),
+                ">= 30",
+                light.map(|p| p.ckpt_per_s >= 30.0),
+            ),
+            (
+                "(e) 256 MiB light: pause p50 (ms)",
+                light.map(|p| p.pause_p50_ms),
+                "<= 5",
+                light.map(|p| p.pause_p50_ms <= 5.0),
+            ),
+            (
+                "(e) 256 MiB heavy: 1 - shipped/raw bytes",
+                heavy.and_then(ECkpt::reduction),
+                ">= 0.6",
+                heavy.and_then(ECkpt::reduction).map(|r| r >= 0.6),
+            ),
+        ] {
+            v.push(Floor {
+                what: what.into(),
+                value,
+                bound: bound.into(),
+                ok,
+            });
+        }
         let s1 = self.c_median(1, "sync");
         let s3 = self.c_median(3, "sync");
         let per = s3.zip(s1).map(|(a, b)| (a - b) / 2.0 / rtt);
@@ -282,7 +364,7 @@ impl Figures {
     /// The contract's last line.
     pub(super) fn result_line(&self) -> String {
         format!(
-            "RESULT rtt_ms={:.2} tpcb64_pipelined_over_sync={} tpcb64_pipelined_over_async={} tpcb64_pipelined_over_pgsync={} tier1_ms={} tier3_ms={} tier3_sync_ms={} insert64_pipelined_over_pgsync={} hold_extra_p50_ms={} hold_extra_p99_ms={} tpcb256_pipelined_over_async={}",
+            "RESULT rtt_ms={:.2} tpcb64_pipelined_over_sync={} tpcb64_pipelined_over_async={} tpcb64_pipelined_over_pgsync={} tier1_ms={} tier3_ms={} tier3_sync_ms={} insert64_pipelined_over_pgsync={} hold_extra_p50_ms={} hold_extra_p99_ms={} tpcb256_pipelined_over_async={} ckpt_per_s_256mib={} ckpt_pause_p50_ms={} ckpt_bytes_reduction={}",
             self.rtt_ms(),
             f2(self.ratio("pipelined", "sync")),
             f2(self.ratio("pipelined", "async")),
@@ -294,6 +376,9 @@ impl Figures {
             f2(self.hold_extra().0),
             f2(self.hold_extra().1),
             f2(self.ratio_at("pipelined", "async", "tpcb", 256)),
+            f2(self.e_point(256, "light").map(|p| p.ckpt_per_s)),
+            f2(self.e_point(256, "light").map(|p| p.pause_p50_ms)),
+            f2(self.e_point(256, "heavy").and_then(ECkpt::reduction)),
         )
     }
 
@@ -452,6 +537,73 @@ impl Figures {
                 );
             }
         }
+        if !self.e_ckpt.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n== (e) full-state checkpoints of the guest (20 ms epochs): acknowledged per second, pause, bytes per checkpoint"
+            );
+            let _ = writeln!(
+                s,
+                "{:>8} {:<6} {:>8} {:>10} {:>10} {:>12} {:>12} {:>9} {:>5}",
+                "RAM MiB",
+                "load",
+                "ckpt/s",
+                "pause p50",
+                "pause p99",
+                "raw B/ckpt",
+                "shipped B",
+                "reduction",
+                "load"
+            );
+            for p in &self.e_ckpt {
+                let _ = writeln!(
+                    s,
+                    "{:>8} {:<6} {:>8.1} {:>10.2} {:>10.2} {:>12.0} {:>12} {:>9} {:>5}",
+                    p.ram_mib,
+                    p.load,
+                    p.ckpt_per_s,
+                    p.pause_p50_ms,
+                    p.pause_p99_ms,
+                    p.raw_bytes,
+                    p.shipped_bytes
+                        .map_or_else(|| "na".to_string(), |b| format!("{b:.0}")),
+                    f2(p.reduction()),
+                    p.load_avg
+                );
+            }
+        }
+        if !self.e_lat.is_empty() {
+            let modes = ordered(self.e_lat.iter().map(|p| p.mode.as_str()), &E_MODE_ORDER);
+            let _ = writeln!(
+                s,
+                "\n== (e) the guest's counter service: reply latency p50 / p99 ms, requests/s"
+            );
+            let mut head = format!("{:>8}", "clients");
+            for m in &modes {
+                let _ = write!(head, " {:>28}", m);
+            }
+            let _ = writeln!(s, "{head}");
+            let mut cs: Vec<usize> = self.e_lat.iter().map(|p| p.clients).collect();
+            cs.sort_unstable();
+            cs.dedup();
+            for c in cs {
+                let mut line = format!("{:>8}", c);
+                for m in &modes {
+                    let cell = self
+                        .e_lat
+                        .iter()
+                        .find(|p| &p.mode == m && p.clients == c)
+                        .map_or_else(
+                            || "-".to_string(),
+                            |p| {
+                                format!("{:.1} / {:.1}, {:.1}/s", p.lat.p50_ms, p.lat.p99_ms, p.rps)
+                            },
+                        );
+                    let _ = write!(line, " {:>28}", cell);
+                }
+                let _ = writeln!(s, "{line}");
+            }
+        }
         if !self.notes.is_empty() {
             let _ = writeln!(s);
             for n in &self.notes {
@@ -558,6 +710,43 @@ impl Figures {
             );
         }
         w("fig_d.csv", d)?;
+        let mut e = String::from(
+            "ram_mib,load,secs,ckpt_per_s,pauses,pause_p50_ms,pause_p99_ms,raw_bytes,shipped_bytes,load_avg\n",
+        );
+        for p in &self.e_ckpt {
+            let _ = writeln!(
+                e,
+                "{},{},{:.3},{:.3},{},{:.3},{:.3},{:.1},{},{}",
+                p.ram_mib,
+                p.load,
+                p.secs,
+                p.ckpt_per_s,
+                p.pauses,
+                p.pause_p50_ms,
+                p.pause_p99_ms,
+                p.raw_bytes,
+                p.shipped_bytes
+                    .map_or_else(|| "na".to_string(), |b| format!("{b:.1}")),
+                p.load_avg
+            );
+        }
+        w("fig_e_ckpt.csv", e)?;
+        let mut e = String::from("mode,clients,n,mean_ms,p50_ms,p99_ms,rps,load_avg\n");
+        for p in &self.e_lat {
+            let _ = writeln!(
+                e,
+                "{},{},{},{:.3},{:.3},{:.3},{:.3},{}",
+                p.mode,
+                p.clients,
+                p.lat.n,
+                p.lat.mean_ms,
+                p.lat.p50_ms,
+                p.lat.p99_ms,
+                p.rps,
+                p.load_avg
+            );
+        }
+        w("fig_e_latency.csv", e)?;
         w(
             "summary.txt",
             format!(
@@ -662,6 +851,38 @@ impl Figures {
                 window_sv: num(&r[7], "window_sv")?,
                 window_pv: num(&r[8], "window_pv")?,
                 failover_ms: num(&r[9], "failover_ms")?,
+            });
+        }
+        for r in rows(dir, "fig_e_ckpt.csv", 10)? {
+            f.e_ckpt.push(ECkpt {
+                ram_mib: num(&r[0], "ram_mib")?,
+                load: r[1].clone(),
+                secs: num(&r[2], "secs")?,
+                ckpt_per_s: num(&r[3], "ckpt_per_s")?,
+                pauses: num(&r[4], "pauses")?,
+                pause_p50_ms: num(&r[5], "pause_p50_ms")?,
+                pause_p99_ms: num(&r[6], "pause_p99_ms")?,
+                raw_bytes: num(&r[7], "raw_bytes")?,
+                shipped_bytes: if r[8] == "na" {
+                    None
+                } else {
+                    Some(num(&r[8], "shipped_bytes")?)
+                },
+                load_avg: r[9].clone(),
+            });
+        }
+        for r in rows(dir, "fig_e_latency.csv", 8)? {
+            f.e_lat.push(ELat {
+                mode: r[0].clone(),
+                clients: num(&r[1], "clients")?,
+                lat: LatStats {
+                    n: num(&r[2], "n")?,
+                    mean_ms: num(&r[3], "mean_ms")?,
+                    p50_ms: num(&r[4], "p50_ms")?,
+                    p99_ms: num(&r[5], "p99_ms")?,
+                },
+                rps: num(&r[6], "rps")?,
+                load_avg: r[7].clone(),
             });
         }
         Ok(f)
@@ -772,6 +993,46 @@ mod tests {
                 failover_ms: 120,
             });
         }
+        for (ram, load, per_s, shipped) in [
+            (256u64, "light", 48.0, 20_000.0),
+            (256, "heavy", 44.0, 250_000.0),
+            (64, "light", 50.0, 10_000.0),
+        ] {
+            f.e_ckpt.push(ECkpt {
+                ram_mib: ram,
+                load: load.into(),
+                secs: 10.0,
+                ckpt_per_s: per_s,
+                pauses: 480,
+                pause_p50_ms: 1.5,
+                pause_p99_ms: 6.0,
+                raw_bytes: if load == "heavy" {
+                    1_000_000.0
+                } else {
+                    90_000.0
+                },
+                shipped_bytes: Some(shipped),
+                load_avg: "4.20".into(),
+            });
+        }
+        for (m, c, p50) in [
+            ("checkpoint", 1usize, 75.0),
+            ("pipelined", 1, 52.0),
+            ("async", 16, 2.0),
+        ] {
+            f.e_lat.push(ELat {
+                mode: m.into(),
+                clients: c,
+                lat: LatStats {
+                    n: 100,
+                    mean_ms: p50,
+                    p50_ms: p50,
+                    p99_ms: p50 * 2.0,
+                },
+                rps: (1000.0 / p50 * c as f64).round(),
+                load_avg: "4.20".into(),
+            });
+        }
         f.holds.push(HoldRow {
             workload: "tpcb".into(),
             clients: 64,
@@ -798,6 +1059,9 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "ckpt_bytes_reduction",
+                "ckpt_pause_p50_ms",
+                "ckpt_per_s_256mib",
                 "hold_extra_p50_ms",
                 "hold_extra_p99_ms",
                 "insert64_pipelined_over_pgsync",
@@ -821,7 +1085,10 @@ mod tests {
         assert_eq!(kv.get("hold_extra_p50_ms"), Some(&"2.98"));
         assert_eq!(kv.get("hold_extra_p99_ms"), Some(&"19.98"));
         assert_eq!(kv.get("tpcb256_pipelined_over_async"), Some(&"na"));
-        assert_eq!(Figures::default().result_line().matches("=na").count(), 10);
+        assert_eq!(kv.get("ckpt_per_s_256mib"), Some(&"48.00"));
+        assert_eq!(kv.get("ckpt_pause_p50_ms"), Some(&"1.50"));
+        assert_eq!(kv.get("ckpt_bytes_reduction"), Some(&"0.75"));
+        assert_eq!(Figures::default().result_line().matches("=na").count(), 13);
     }
 
     #[test]
@@ -843,6 +1110,23 @@ mod tests {
         let o = ok(&f);
         assert_eq!(o[0], Some(false));
         assert_eq!(o[1], Some(false));
+        // (e): compression that saves too little misses its floor; none reported: no value.
+        let i = f
+            .e_ckpt
+            .iter()
+            .position(|p| p.ram_mib == 256 && p.load == "heavy")
+            .unwrap_or(usize::MAX);
+        let reduction = |f: &Figures| {
+            f.floors()
+                .into_iter()
+                .find(|x| x.what.contains("shipped/raw"))
+                .map(|x| (x.value, x.ok))
+        };
+        assert_eq!(reduction(&f), Some((Some(0.75), Some(true))));
+        f.e_ckpt[i].shipped_bytes = Some(500_000.0);
+        assert_eq!(reduction(&f), Some((Some(0.5), Some(false))));
+        f.e_ckpt[i].shipped_bytes = None;
+        assert_eq!(reduction(&f), Some((None, None)));
     }
 
     #[test]
@@ -865,7 +1149,10 @@ mod tests {
                 "fig_a_insert_latency.svg",
                 "fig_b_compute.svg",
                 "fig_c_tiers.svg",
-                "fig_d_views.svg"
+                "fig_d_views.svg",
+                "fig_e_checkpoints.svg",
+                "fig_e_pause.svg",
+                "fig_e_latency.svg"
             ]
         );
         let back = Figures::load(&dir).unwrap_or_default();
@@ -874,6 +1161,8 @@ mod tests {
         assert_eq!(back.c, f.c);
         assert_eq!(back.d, f.d);
         assert_eq!(back.holds, f.holds);
+        assert_eq!(back.e_ckpt, f.e_ckpt);
+        assert_eq!(back.e_lat, f.e_lat);
         assert_eq!(back.result_line(), f.result_line());
         let svg = std::fs::read_to_string(dir.join("fig_a_tpcb_tps.svg")).unwrap_or_default();
         // One polyline per variant.
