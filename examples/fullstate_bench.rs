@@ -20,6 +20,7 @@ mod backup;
 mod qemu_guest;
 
 use pipecloud::core::codec::encode_frame;
+use pipecloud::core::pagecodec::{Shadow, DEFAULT_SHADOW_BYTES};
 use pipecloud::core::wire::{Checkpoint, Frame};
 use pipecloud::core::CountVector;
 use pipecloud::fullstate::capture::{pause_group, Guest, Staged};
@@ -51,10 +52,12 @@ fn shipper(
 ) -> Vec<u64> {
     let mut per_epoch = Vec::new();
     let mut buf = Vec::with_capacity(2 << 20);
+    let mut shadow = None;
     for (epoch, ram_bytes, staged) in rx {
         let mut total = 0u64;
+        let shadow = shadow.get_or_insert_with(|| Shadow::new(DEFAULT_SHADOW_BYTES, ram_bytes));
         staged
-            .frames("bench", epoch, ram_bytes, |f| {
+            .frames("bench", epoch, ram_bytes, shadow, |f| {
                 buf.clear();
                 encode_frame(&Frame::Checkpoint(f), &mut buf)?;
                 sock.write_all(&buf)?;

@@ -19,6 +19,7 @@
 mod common;
 
 use common::*;
+use pipecloud_core::pagecodec::Shadow;
 use pipecloud_core::wire::{Checkpoint, Frame, PageEncoding, PAGE_SIZE};
 use pipecloud_core::{CountVector, Seq};
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,6 +55,9 @@ struct Guest {
     /// version is a complete epoch the backup may hold).
     snaps: BTreeMap<u64, Vec<Snapshot>>,
     rng: Rng,
+    /// Pages are sent compressed against the pages last sent (as the agent does;
+    /// a full epoch, the first of every connection, starts it over).
+    shadow: Shadow,
 }
 
 impl Guest {
@@ -65,6 +69,7 @@ impl Guest {
             writes: BTreeMap::new(),
             snaps: BTreeMap::new(),
             rng: Rng(seed | 1),
+            shadow: Shadow::new(RAM / 2, RAM),
         }
     }
 
@@ -103,6 +108,9 @@ impl Guest {
             epoch,
             ram_bytes: RAM,
         })];
+        if full {
+            self.shadow.invalidate();
+        }
         let pages: Vec<u64> = if full {
             (0..RAM_PAGES).collect()
         } else {
@@ -118,12 +126,17 @@ impl Guest {
             }
             let o = (pages[i] * PAGE_SIZE) as usize;
             let e = ((pages[j - 1] + 1) * PAGE_SIZE) as usize;
-            f.push(ck(Checkpoint::Pages {
-                epoch,
-                offset: o as u64,
-                encoding: PageEncoding::Raw,
-                data: self.ram[o..e].to_vec(),
-            }));
+            self.shadow
+                .encode(o as u64, &self.ram[o..e], |offset, encoding, data| {
+                    f.push(ck(Checkpoint::Pages {
+                        epoch,
+                        offset,
+                        encoding,
+                        data,
+                    }));
+                    Ok::<(), ()>(())
+                })
+                .expect("encode");
             i = j;
         }
         for (k, c) in self.dev.chunks(1000).enumerate() {
@@ -429,6 +442,19 @@ async fn hostile_checkpoint_frames_close_the_connection() {
             data: vec![1; (n * PAGE_SIZE) as usize],
         })
     };
+    let zero_page = lz4_flex::block::compress(&[0u8; PAGE_SIZE as usize]);
+    let packed = |epoch, offset, xor, pages, data| {
+        ck(Checkpoint::Pages {
+            epoch,
+            offset,
+            encoding: if xor {
+                PageEncoding::XorLz4 { pages }
+            } else {
+                PageEncoding::Lz4 { pages }
+            },
+            data,
+        })
+    };
     let end = |epoch, pages, device_bytes| {
         ck(Checkpoint::End {
             epoch,
@@ -475,6 +501,20 @@ async fn hostile_checkpoint_frames_close_the_connection() {
             "out of order",
         ),
         (vec![ck(Checkpoint::Ack { epoch: 1 })], "backup to agents"),
+        // Compressed pages (issue 22 §2): an XOR frame whose base was never
+        // received on this connection, a corrupt LZ4 block, a short one.
+        (
+            vec![begin(1, RAM), packed(1, 0, true, 1, zero_page.clone())],
+            "not received on this connection",
+        ),
+        (
+            vec![begin(1, RAM), packed(1, 0, false, 1, vec![0xff; 40])],
+            "corrupt LZ4",
+        ),
+        (
+            vec![begin(1, RAM), packed(1, 0, false, 2, zero_page.clone())],
+            "announced",
+        ),
     ];
     for (frames, why) in cases {
         let (mut wr, rd, _) = connect(server.addr(), tls.clone(), &h)

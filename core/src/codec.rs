@@ -26,7 +26,7 @@
 
 use crate::vector::{CountVector, EPOCH_ENTRY, MAX_WRITERS};
 use crate::wire::{
-    Ack, Checkpoint, Frame, Hello, WriteKind, FRAME_HEADER_LEN, MAX_DEVICE_STATE,
+    Ack, Checkpoint, Frame, Hello, PageEncoding, WriteKind, FRAME_HEADER_LEN, MAX_DEVICE_STATE,
     MAX_DISKS_PER_HELLO, MAX_FRAME_BODY, MAX_GUEST_RAM, MAX_NAME_LEN, MAX_WRITE_PAYLOAD,
     MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
@@ -208,12 +208,20 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
         Checkpoint::Pages {
             epoch,
             offset,
+            encoding,
             data,
-            ..
         } => {
             epoch_ok(*epoch, "pages")?;
             chunk_ok(data.len(), "pages")?;
-            let len = data.len() as u64;
+            let len = encoding.page_bytes(data.len());
+            if len > MAX_CHECKPOINT_CHUNK as u64
+                || (*encoding != PageEncoding::Raw && data.is_empty())
+            {
+                return Err(invalid(format!(
+                    "checkpoint pages at {offset}: {len} bytes of pages in {} bytes of {encoding:?}",
+                    data.len()
+                )));
+            }
             if !offset.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
                 return Err(invalid(format!(
                     "checkpoint pages at {offset}, {len} bytes: not whole {PAGE_SIZE}-byte pages"
@@ -280,7 +288,8 @@ fn validate_checkpoint(c: &Checkpoint) -> Result<(), CodecError> {
 /// this build speaks ([`CodecError::UnsupportedVersion`] otherwise) and each
 /// writer at most once; a reject reason is at most [`MAX_REASON_LEN`] bytes;
 /// checkpoint frames have epochs ≥ 1, chunks of at most [`MAX_CHECKPOINT_CHUNK`]
-/// bytes, RAM pages whole and page aligned below [`MAX_GUEST_RAM`], device state
+/// bytes (of data and of the pages they encode), RAM pages whole and page aligned
+/// below [`MAX_GUEST_RAM`], a compressed page frame not empty, device state
 /// below [`MAX_DEVICE_STATE`] and a barrier without an epoch entry.
 pub fn validate_frame(frame: &Frame) -> Result<(), CodecError> {
     match frame {
@@ -757,6 +766,23 @@ mod tests {
                 }),
             (
                 1..u64::MAX,
+                0..MAX_GUEST_RAM / PAGE_SIZE - 256,
+                1..=256u32,
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 1..64)
+            )
+                .prop_map(|(epoch, page_no, pages, xor, data)| Checkpoint::Pages {
+                    epoch,
+                    offset: page_no * PAGE_SIZE,
+                    encoding: if xor {
+                        PageEncoding::XorLz4 { pages }
+                    } else {
+                        PageEncoding::Lz4 { pages }
+                    },
+                    data
+                }),
+            (
+                1..u64::MAX,
                 0..MAX_DEVICE_STATE / 2,
                 proptest::collection::vec(any::<u8>(), 0..512)
             )
@@ -1005,6 +1031,26 @@ mod tests {
         cases.push(pages(1, 0, page + 1));
         cases.push(pages(1, 0, 0));
         cases.push(pages(1, MAX_GUEST_RAM, page));
+        let lz4 = |offset, pages, data: Vec<u8>| {
+            Frame::Checkpoint(Checkpoint::Pages {
+                epoch: 1,
+                offset,
+                encoding: PageEncoding::Lz4 { pages },
+                data,
+            })
+        };
+        let chunk_pages = (MAX_CHECKPOINT_CHUNK / page) as u32;
+        cases.push(lz4(0, chunk_pages + 1, vec![0; 8]));
+        cases.push(lz4(0, 0, vec![0; 8]));
+        cases.push(lz4(0, 1, Vec::new()));
+        cases.push(lz4(1, 1, vec![0; 8]));
+        cases.push(lz4(MAX_GUEST_RAM - PAGE_SIZE, 2, vec![0; 8]));
+        cases.push(Frame::Checkpoint(Checkpoint::Pages {
+            epoch: 1,
+            offset: 0,
+            encoding: PageEncoding::XorLz4 { pages: 1 },
+            data: vec![0; MAX_CHECKPOINT_CHUNK + 1],
+        }));
         cases.push(pages(1, u64::MAX - PAGE_SIZE + 1, page));
         cases.push(Frame::Checkpoint(Checkpoint::Device {
             epoch: 1,

@@ -25,6 +25,7 @@ pub mod ipopt;
 pub mod lease;
 pub mod mode;
 pub mod netqueue;
+pub mod pagecodec;
 pub mod prefix;
 pub mod topology;
 pub mod vector;

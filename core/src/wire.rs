@@ -126,13 +126,33 @@ pub const MAX_GUEST_RAM: u64 = 1 << 40;
 /// Largest device-state blob of one machine in one epoch (64 MiB; QEMU's is ~4–60 KB).
 pub const MAX_DEVICE_STATE: u64 = 64 << 20;
 
-/// How the bytes of a [`Checkpoint::Pages`] frame encode the pages. Only `Raw`
-/// exists now; compressed encodings (issue 22) are added as new variants so the
-/// backup, which always stores full pages, can decode each frame on its own.
+/// How the bytes of a [`Checkpoint::Pages`] frame encode the pages. The backup,
+/// which always stores full pages, decodes each frame on receipt
+/// (`crate::pagecodec`, docs/design.md §14). The compressed encodings use the
+/// LZ4 block format (no size prefix; the size is `pages` × [`PAGE_SIZE`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PageEncoding {
     /// `data` is the pages themselves, `data.len()` a multiple of [`PAGE_SIZE`].
     Raw,
+    /// `data` is the LZ4 block of `pages` pages.
+    Lz4 { pages: u32 },
+    /// `data` is the LZ4 block of `pages` pages, each XORed with the copy of the
+    /// same page of the same machine last sent *on this connection* (whatever its
+    /// encoding). Every page of the frame must have been sent before on the
+    /// connection, or the backup refuses the frame.
+    XorLz4 { pages: u32 },
+}
+
+impl PageEncoding {
+    /// Bytes of guest RAM a frame with `data_len` bytes of this encoding stands for.
+    pub fn page_bytes(&self, data_len: usize) -> u64 {
+        match self {
+            PageEncoding::Raw => data_len as u64,
+            PageEncoding::Lz4 { pages } | PageEncoding::XorLz4 { pages } => {
+                u64::from(*pages) * PAGE_SIZE
+            }
+        }
+    }
 }
 
 /// Frames of the full-state (checkpoint) mode. One epoch of one agent is sent as
@@ -164,7 +184,9 @@ pub enum Checkpoint {
         epoch: u64,
         ram_bytes: u64,
     },
-    /// Guest RAM pages at RAM offset `offset` (page aligned), contiguous.
+    /// Guest RAM pages at RAM offset `offset` (page aligned), contiguous, as
+    /// `encoding` says (at most [`crate::codec::MAX_CHECKPOINT_CHUNK`] bytes of
+    /// pages, and of `data`).
     Pages {
         epoch: u64,
         offset: u64,

@@ -39,9 +39,9 @@
 
 use crate::netns::{addr, cleanup_prefix, route, spawn_in, veth, Netns};
 use crate::run::bin;
-use crate::wan::{start_calibrated, RttReport, WanDelay};
 use crate::site::render_topology;
 use crate::sys::{ns_cmd, run, sh, wait_until, Guarded};
+use crate::wan::{start_calibrated, RttReport, WanDelay};
 use anyhow::{bail, Context, Result};
 use pipecloud_core::topology::{Mode, Topology, Vm};
 use std::collections::HashMap;
@@ -687,15 +687,17 @@ pub fn run_point(
     let state = failover.join(format!("{machine}.devstate"));
     let failover_ms = t0.elapsed().as_millis();
     let t1 = Instant::now();
-    let restored = run(ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
-        .args(["vm", "restore", "--topology"])
-        .arg(&run_topo)
-        .args(["--machine", &machine, "--ram"])
-        .arg(&ram)
-        .arg("--device-state")
-        .arg(&state)
-        .arg("--disk")
-        .arg(format!("{disk}={}", image.display())));
+    let restored = run(
+        ns_cmd(&site.backup_ns.name, &bin("pipecloud").to_string_lossy())
+            .args(["vm", "restore", "--topology"])
+            .arg(&run_topo)
+            .args(["--machine", &machine, "--ram"])
+            .arg(&ram)
+            .arg("--device-state")
+            .arg(&state)
+            .arg("--disk")
+            .arg(format!("{disk}={}", image.display())),
+    );
     let restore_ms = t1.elapsed().as_millis();
     let mut r = PointResult {
         replies_before,

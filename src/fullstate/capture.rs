@@ -27,7 +27,8 @@
 use super::pagemap::{find_ram_mapping, PagemapScanner, Rearm};
 use super::qmp::Qmp;
 use anyhow::{bail, ensure, Context, Result};
-use pipecloud_core::wire::{Checkpoint, PageEncoding, MAX_DEVICE_STATE, MAX_WRITE_PAYLOAD};
+use pipecloud_core::pagecodec::Shadow;
+use pipecloud_core::wire::{Checkpoint, MAX_DEVICE_STATE, MAX_WRITE_PAYLOAD};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -218,12 +219,16 @@ impl Staged {
 
     /// The checkpoint frames of this guest's part of `epoch`
     /// (`Begin`, `Pages`*, `Device`*, `End`; each chunk at most
-    /// [`MAX_WRITE_PAYLOAD`] bytes), handed to `emit` in order.
+    /// [`MAX_WRITE_PAYLOAD`] bytes of pages), handed to `emit` in order. The
+    /// pages are compressed against `shadow`, the guest's copies of the pages
+    /// last shipped on this connection (`pipecloud_core::pagecodec`; the caller
+    /// keeps it on the connection's generation).
     pub fn frames(
         &self,
         machine: &str,
         epoch: u64,
         ram_bytes: u64,
+        shadow: &mut Shadow,
         mut emit: impl FnMut(Checkpoint) -> Result<()>,
     ) -> Result<()> {
         emit(Checkpoint::Begin {
@@ -236,11 +241,13 @@ impl Staged {
             let mut off = r.start;
             while off < r.end {
                 let n = (r.end - off).min(MAX_WRITE_PAYLOAD as u64) as usize;
-                emit(Checkpoint::Pages {
-                    epoch,
-                    offset: off,
-                    encoding: PageEncoding::Raw,
-                    data: self.data[at..at + n].to_vec(),
+                shadow.encode(off, &self.data[at..at + n], |offset, encoding, data| {
+                    emit(Checkpoint::Pages {
+                        epoch,
+                        offset,
+                        encoding,
+                        data,
+                    })
                 })?;
                 at += n;
                 off += n as u64;

@@ -28,6 +28,7 @@ use crate::causal::CausalState;
 use crate::replication::checkpoint::{CheckpointEvents, CheckpointLink};
 use anyhow::{anyhow, Context, Result};
 use pipecloud_core::epoch::{Captured, EpochLimits, Epochs};
+use pipecloud_core::pagecodec::{Shadow, DEFAULT_SHADOW_BYTES};
 use pipecloud_core::wire::{Checkpoint, Frame};
 use pipecloud_core::{CountVector, WriterId, EPOCH_ENTRY};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,10 @@ pub struct DriverStatus {
     pub pauses: u64,
     /// Pauses skipped because shipping or acks were behind.
     pub stalls: u64,
+    /// Dirty page bytes captured and handed to the shipper (issue 22 §2).
+    pub raw_bytes: u64,
+    /// Page bytes queued on the connection after encoding (`Pages` data).
+    pub shipped_bytes: u64,
     /// The latest pauses summarised (figures; `None` before the first).
     pub recent: Option<RecentPauses>,
 }
@@ -285,8 +290,9 @@ impl DriverStatus {
             )
         });
         format!(
-            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause}{recent}",
-            self.open, self.shipped, self.acked, self.pauses, self.stalls
+            "epochs {group}: {alarm}open={} shipped={} acked={} pauses={} stalled={} last_pause={pause} \
+             raw_bytes={} shipped_bytes={}{recent}",
+            self.open, self.shipped, self.acked, self.pauses, self.stalls, self.raw_bytes, self.shipped_bytes
         )
     }
 }
@@ -446,9 +452,19 @@ fn epoch_loop(
 }
 
 fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Staged>>) {
+    // Per guest: the copies of its pages last shipped on the connection (bounded
+    // by DEFAULT_SHADOW_BYTES each), the reference of the compressed encodings.
+    let mut shadows: Vec<Shadow> = Vec::new();
     for job in jobs {
         if job.epoch > 0 {
-            if let Err(e) = ship_one(shared, &job) {
+            if shadows.len() != job.names.len() {
+                shadows = job
+                    .names
+                    .iter()
+                    .map(|(_, ram)| Shadow::new(DEFAULT_SHADOW_BYTES, *ram))
+                    .collect();
+            }
+            if let Err(e) = ship_one(shared, &job, &mut shadows) {
                 let mut st = shared.lock();
                 shared.alarm(&mut st, format!("shipping epoch {}: {e:#}", job.epoch));
             }
@@ -460,7 +476,7 @@ fn ship_loop(shared: &Shared, jobs: Receiver<ToShip>, free: SyncSender<Vec<Stage
 }
 
 /// Queues the frames of one epoch; gives the epoch up if the connection changes.
-fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
+fn ship_one(shared: &Shared, job: &ToShip, shadows: &mut [Shadow]) -> Result<()> {
     let generation = {
         let st = shared.lock();
         if job.epoch <= st.epochs.shipped() {
@@ -470,13 +486,24 @@ fn ship_one(shared: &Shared, job: &ToShip) -> Result<()> {
     };
     let link = &shared.link;
     let mut torn = false;
-    for ((name, ram_bytes), staged) in job.names.iter().zip(&job.staged) {
-        staged.frames(name, job.epoch, *ram_bytes, |f| {
+    let (mut raw, mut shipped) = (0u64, 0u64);
+    for (((name, ram_bytes), staged), shadow) in job.names.iter().zip(&job.staged).zip(shadows) {
+        raw += staged.data.len() as u64;
+        shadow.connection(generation);
+        staged.frames(name, job.epoch, *ram_bytes, shadow, |f| {
+            if let Checkpoint::Pages { data, .. } = &f {
+                shipped += data.len() as u64;
+            }
             if !torn && !link.push(generation, &Frame::Checkpoint(f))? {
                 torn = true;
             }
             Ok(())
         })?;
+    }
+    {
+        let mut st = shared.lock();
+        st.status.raw_bytes += raw;
+        st.status.shipped_bytes += shipped;
     }
     if torn {
         return Ok(()); // the reconnection gave it up

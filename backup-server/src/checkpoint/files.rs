@@ -110,6 +110,11 @@ impl Files {
         self.epochs().join(format!("{epoch:020}"))
     }
 
+    /// Where the decoders keep their connections' latest page copies.
+    pub fn latest_dir(&self) -> PathBuf {
+        self.dir.join("latest")
+    }
+
     fn replica(&self) -> PathBuf {
         self.dir.join("replica")
     }

@@ -35,6 +35,7 @@
 //! checkpoint thread's I/O lock, so an epoch is either acknowledged before the
 //! failover reads the state (and is what it outputs) or never.
 
+pub mod decode;
 pub mod files;
 pub mod plan;
 
@@ -42,7 +43,8 @@ use crate::ingest::ConnOut;
 use crate::store::{lock, Group};
 use crate::volume::{self, Materialised};
 use files::{Files, StagedFile};
-use pipecloud_core::wire::{Checkpoint, Frame};
+use pipecloud_core::pagecodec::DecodeError;
+use pipecloud_core::wire::{Checkpoint, Frame, PageEncoding};
 use pipecloud_core::{CountVector, MAX_WRITERS};
 use plan::{Ledger, Step};
 use serde::{Deserialize, Serialize};
@@ -95,8 +97,13 @@ pub struct GroupCkpt {
     apply_wake: std::sync::Condvar,
     /// Held while the replica is written (replica thread, failover).
     replica: Mutex<()>,
-    /// Page and device-state bytes received.
+    /// Decoders of compressed pages, per connection and machine.
+    decoders: decode::Decoders,
+    /// Page and device-state bytes received (as sent: compressed pages count
+    /// their compressed size).
     pub bytes: AtomicU64,
+    /// Page bytes received, decoded (full pages).
+    pub page_bytes: AtomicU64,
     /// Epochs acknowledged since start.
     pub acked_total: AtomicU64,
 }
@@ -111,8 +118,11 @@ pub struct CkptStatus {
     pub pending_epochs: usize,
     /// Acknowledged epochs per second over the last acknowledgements.
     pub epochs_per_s: f64,
-    /// Page and device-state bytes received since start.
+    /// Page and device-state bytes received since start (as sent).
     pub bytes: u64,
+    /// Page bytes received since start, decoded (full pages).
+    #[serde(default)]
+    pub page_bytes: u64,
     pub failed: Option<String>,
 }
 
@@ -133,7 +143,9 @@ impl GroupCkpt {
             );
         }
         let ledger = Ledger::new(rec.state, rec.pending, rec.next_id);
+        let decoders = decode::Decoders::new(files.latest_dir());
         Ok(GroupCkpt {
+            decoders,
             files,
             ledger: Mutex::new(ledger),
             io: Mutex::new(()),
@@ -145,6 +157,7 @@ impl GroupCkpt {
             apply_wake: std::sync::Condvar::new(),
             replica: Mutex::new(()),
             bytes: AtomicU64::new(0),
+            page_bytes: AtomicU64::new(0),
             acked_total: AtomicU64::new(0),
         })
     }
@@ -189,6 +202,7 @@ impl GroupCkpt {
             pending_epochs: l.pending_epochs(),
             epochs_per_s,
             bytes: self.bytes.load(Ordering::Relaxed),
+            page_bytes: self.page_bytes.load(Ordering::Relaxed),
             failed: lock(&self.failed).clone(),
         })
     }
@@ -239,6 +253,7 @@ pub fn on_connect(group: &Arc<Group>, conn: &Arc<ConnOut>) {
 pub fn on_disconnect(group: &Arc<Group>, conn: u64) {
     let ck = &group.checkpoint;
     lock(&ck.conns).remove(&conn);
+    ck.decoders.forget(conn);
     let torn = lock(&ck.ledger).disconnect(conn);
     if !torn.is_empty() {
         info!(group = %group.name, conn, parts = torn.len(), "connection lost mid-epoch: its staged parts are discarded");
@@ -276,8 +291,33 @@ pub async fn on_frame(
         Checkpoint::Pages { data, .. } | Checkpoint::Device { data, .. } => data.len() as u64,
         _ => 0,
     };
-    let step = lock(&ck.ledger).frame(conn.id, f)?;
+    let mut step = lock(&ck.ledger).frame(conn.id, f)?;
     ck.bytes.fetch_add(bytes, Ordering::Relaxed);
+    if let Step::Pages {
+        machine,
+        offset,
+        encoding,
+        data,
+        ..
+    } = &mut step
+    {
+        // Every page frame goes through the decoder, Raw ones too: they are the
+        // base of later XOR frames of the connection.
+        let pages = ck
+            .decoders
+            .decode(conn.id, machine, *offset, *encoding, data)
+            .map_err(|e| match e {
+                DecodeError::Refused(why) => why,
+                DecodeError::Store(why) => {
+                    fail(group, &format!("decoding pages: {why}"));
+                    why
+                }
+            })?;
+        ck.page_bytes
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        *data = pages;
+        *encoding = PageEncoding::Raw;
+    }
     if step == Step::None {
         return Ok(());
     }
@@ -364,9 +404,15 @@ fn handle(group: &Group, staged: &mut StagedFile, w: Work) -> Result<(), String>
             epoch,
             id,
             offset,
+            encoding,
             data,
             ..
-        }) => ck.files.append_pages(staged, epoch, id, offset, &data)?,
+        }) => {
+            if encoding != PageEncoding::Raw {
+                return Err(format!("pages of epoch {epoch} reached staging undecoded"));
+            }
+            ck.files.append_pages(staged, epoch, id, offset, &data)?
+        }
         Work::Step(Step::Device {
             epoch,
             id,

@@ -100,6 +100,9 @@ pub enum Step {
         id: u64,
         machine: String,
         offset: u64,
+        /// As received; `on_frame` decodes it to `Raw` before the step is queued
+        /// (the checkpoint thread stages only full pages).
+        encoding: PageEncoding,
         data: Vec<u8>,
     },
     /// Write device-state bytes at `offset` of part `id`'s device file.
@@ -437,8 +440,7 @@ impl Ledger {
                 data,
             } => {
                 let o = open_of(c, epoch, "pages")?;
-                let PageEncoding::Raw = encoding;
-                let len = data.len() as u64;
+                let len = encoding.page_bytes(data.len());
                 if offset.checked_add(len).is_none_or(|end| end > o.ram_bytes) {
                     return Err(format!(
                         "checkpoint pages of {} at {offset}+{len} beyond its RAM of {} bytes",
@@ -452,6 +454,7 @@ impl Ledger {
                     id: o.id,
                     machine: o.machine.clone(),
                     offset,
+                    encoding,
                     data,
                 })
             }

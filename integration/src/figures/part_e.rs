@@ -86,7 +86,8 @@ pub(super) fn part_e(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
             if ram == plan.guest_ram_mib.iter().copied().max().unwrap_or(ram) && dirty.is_none() {
                 for &c in &plan.guest_clients {
                     check_interrupted()?;
-                    fig.e_lat.push(latency_point(&site, Mode::Checkpoint, c, plan)?);
+                    fig.e_lat
+                        .push(latency_point(&site, Mode::Checkpoint, c, plan)?);
                 }
             }
             drop(site);

@@ -545,7 +545,15 @@ impl Figures {
             let _ = writeln!(
                 s,
                 "{:>8} {:<6} {:>8} {:>10} {:>10} {:>12} {:>12} {:>9} {:>5}",
-                "RAM MiB", "load", "ckpt/s", "pause p50", "pause p99", "raw B/ckpt", "shipped B", "reduction", "load"
+                "RAM MiB",
+                "load",
+                "ckpt/s",
+                "pause p50",
+                "pause p99",
+                "raw B/ckpt",
+                "shipped B",
+                "reduction",
+                "load"
             );
             for p in &self.e_ckpt {
                 let _ = writeln!(
@@ -588,10 +596,7 @@ impl Figures {
                         .map_or_else(
                             || "-".to_string(),
                             |p| {
-                                format!(
-                                    "{:.1} / {:.1}, {:.1}/s",
-                                    p.lat.p50_ms, p.lat.p99_ms, p.rps
-                                )
+                                format!("{:.1} / {:.1}, {:.1}/s", p.lat.p50_ms, p.lat.p99_ms, p.rps)
                             },
                         );
                     let _ = write!(line, " {:>28}", cell);
@@ -1001,12 +1006,20 @@ mod tests {
                 pauses: 480,
                 pause_p50_ms: 1.5,
                 pause_p99_ms: 6.0,
-                raw_bytes: if load == "heavy" { 1_000_000.0 } else { 90_000.0 },
+                raw_bytes: if load == "heavy" {
+                    1_000_000.0
+                } else {
+                    90_000.0
+                },
                 shipped_bytes: Some(shipped),
                 load_avg: "4.20".into(),
             });
         }
-        for (m, c, p50) in [("checkpoint", 1usize, 75.0), ("pipelined", 1, 52.0), ("async", 16, 2.0)] {
+        for (m, c, p50) in [
+            ("checkpoint", 1usize, 75.0),
+            ("pipelined", 1, 52.0),
+            ("async", 16, 2.0),
+        ] {
             f.e_lat.push(ELat {
                 mode: m.into(),
                 clients: c,
