@@ -80,7 +80,7 @@ pub(super) fn part_e(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                 p.pauses,
                 p.raw_bytes,
                 p.shipped_bytes.map_or_else(|| "na".into(), |b| format!("{b:.0}")),
-                p.load
+                p.load_avg
             );
             fig.e_ckpt.push(p);
             if ram == plan.guest_ram_mib.iter().copied().max().unwrap_or(ram) && dirty.is_none() {
