@@ -150,8 +150,9 @@ enum Cmd {
         samples: usize,
     },
     /// The paper's figures (SoCC'11 §6): table, CSV files and plots.
-    Figures(figures::FiguresArgs),
-    /// The demo: a short version of figures (a), (c) and one disaster.
+    Figures(Box<figures::FiguresArgs>),
+    /// The demo: a short version of figures (a), (c), one disaster and one
+    /// full-state disaster of the test guest.
     Demo(figures::DemoArgs),
     /// Runs one CompDB tier (used inside a machine's namespace).
     Compdb {
@@ -196,7 +197,7 @@ fn main() {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Figures(a) => figures::figures(a),
+        Cmd::Figures(a) => figures::figures(*a),
         Cmd::Demo(a) => figures::demo(a),
         Cmd::Compdb {
             tier,
