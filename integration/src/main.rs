@@ -175,7 +175,8 @@ enum Cmd {
     },
     /// The paper's figures (SoCC'11 §6): table, CSV files and plots.
     Figures(Box<figures::FiguresArgs>),
-    /// The demo: a short version of figures (a), (c) and one disaster.
+    /// The demo: a short version of figures (a), (c), one disaster and one
+    /// full-state disaster of the test guest.
     Demo(figures::DemoArgs),
     /// Runs one CompDB tier (used inside a machine's namespace).
     Compdb {

@@ -122,7 +122,7 @@ pub(crate) struct FiguresArgs {
     #[arg(long, default_value_t = 16)]
     disaster_workers: usize,
     /// (e) guest RAM sizes, MiB.
-    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
     guest_ram_mib: Vec<u64>,
     /// (e) client connections of the reply-latency points.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]

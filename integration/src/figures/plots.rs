@@ -114,29 +114,15 @@ impl Figures {
             )?);
         }
         if !self.c.is_empty() {
-            let mut ks: Vec<usize> = self.c.iter().map(|p| p.tiers).collect();
-            ks.sort_unstable();
-            ks.dedup();
-            let modes = ordered(self.c.iter().map(|p| p.mode.as_str()), &MODE_ORDER);
-            let chart = BarChart {
-                title: "(c) response time vs protected tiers (one client)".into(),
-                y_label: "median response time, ms".into(),
-                categories: ks
+            let chart = bars_per_mode(
+                "(c) response time vs protected tiers (one client)",
+                self.c
                     .iter()
-                    .map(|k| format!("{k} protected tier{}", if *k == 1 { "" } else { "s" }))
-                    .collect(),
-                series: modes
-                    .iter()
-                    .map(|m| {
-                        let vals = ks
-                            .iter()
-                            .map(|k| self.c_median(*k, m).unwrap_or(f64::NAN))
-                            .collect();
-                        (m.clone(), vals)
-                    })
-                    .collect(),
-                reference: rtt_ref.clone(),
-            };
+                    .map(|p| (p.tiers, p.mode.as_str(), p.lat.p50_ms)),
+                &MODE_ORDER,
+                "protected tier",
+                rtt_ref.clone(),
+            );
             out.extend(plot::save(
                 dir,
                 "fig_c_tiers",
@@ -218,34 +204,15 @@ impl Figures {
             )?);
         }
         if !self.e_lat.is_empty() {
-            let mut cs: Vec<usize> = self.e_lat.iter().map(|p| p.clients).collect();
-            cs.sort_unstable();
-            cs.dedup();
-            let modes = ordered(self.e_lat.iter().map(|p| p.mode.as_str()), &E_MODE_ORDER);
-            let chart = BarChart {
-                title: "(e) the guest's service: median reply latency per mode".into(),
-                y_label: "median reply latency, ms".into(),
-                categories: cs
+            let chart = bars_per_mode(
+                "(e) the guest's service: median reply latency per mode",
+                self.e_lat
                     .iter()
-                    .map(|c| format!("{c} client{}", if *c == 1 { "" } else { "s" }))
-                    .collect(),
-                series: modes
-                    .iter()
-                    .map(|m| {
-                        let vals = cs
-                            .iter()
-                            .map(|c| {
-                                self.e_lat
-                                    .iter()
-                                    .find(|p| &p.mode == m && p.clients == *c)
-                                    .map_or(f64::NAN, |p| p.lat.p50_ms)
-                            })
-                            .collect();
-                        (m.clone(), vals)
-                    })
-                    .collect(),
-                reference: rtt_ref.clone(),
-            };
+                    .map(|p| (p.clients, p.mode.as_str(), p.lat.p50_ms)),
+                &E_MODE_ORDER,
+                "client",
+                rtt_ref.clone(),
+            );
             out.extend(plot::save(
                 dir,
                 "fig_e_latency",
@@ -254,5 +221,44 @@ impl Figures {
             )?);
         }
         Ok(out)
+    }
+}
+
+/// A median-response-time bar chart: one group per count (`N <unit>s`), one bar
+/// per mode, from `(count, mode, median ms)` points.
+fn bars_per_mode<'a>(
+    title: &str,
+    points: impl Iterator<Item = (usize, &'a str, f64)> + Clone,
+    order: &[&str],
+    unit: &str,
+    reference: Option<(f64, String)>,
+) -> BarChart {
+    let mut ks: Vec<usize> = points.clone().map(|p| p.0).collect();
+    ks.sort_unstable();
+    ks.dedup();
+    let modes = ordered(points.clone().map(|p| p.1), order);
+    BarChart {
+        title: title.into(),
+        y_label: "median response time, ms".into(),
+        categories: ks
+            .iter()
+            .map(|k| format!("{k} {unit}{}", if *k == 1 { "" } else { "s" }))
+            .collect(),
+        series: modes
+            .iter()
+            .map(|m| {
+                let vals = ks
+                    .iter()
+                    .map(|k| {
+                        points
+                            .clone()
+                            .find(|p| p.0 == *k && p.1 == m)
+                            .map_or(f64::NAN, |p| p.2)
+                    })
+                    .collect();
+                (m.clone(), vals)
+            })
+            .collect(),
+        reference,
     }
 }
