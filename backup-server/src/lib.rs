@@ -41,6 +41,7 @@ pub mod journal;
 pub mod meta;
 pub mod metrics;
 pub mod record;
+pub mod resync;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -114,6 +114,26 @@ enum Cmd {
         #[command(flatten)]
         at: Where,
     },
+    /// Failback (issue 23): serve this site's volume IMAGE, once, to the fenced
+    /// old primary's `resync-fetch` (it receives only the blocks that differ).
+    ResyncSource {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Failback at the old primary (its agent stopped): make IMAGE
+    /// byte-identical to the active site's `resync-source` at FROM, receiving
+    /// only the blocks whose SHA-256 differs. Progress every second (phase,
+    /// blocks to go, bytes, ETA), also into --status FILE.
+    ResyncFetch {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        from: std::net::SocketAddr,
+        #[arg(long)]
+        status: Option<PathBuf>,
+    },
     /// Confirm a takeover to a controller with policy `alarm-only`.
     ConfirmTakeover {
         /// The controller's --out directory.
@@ -383,6 +403,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     other => bail!("unexpected reply to failover: {other:?}"),
                 }
             })
+        }
+        Cmd::ResyncSource { image, listen } => {
+            println!("{}", backup_server::resync::serve(&image, listen)?.line());
+            Ok(())
+        }
+        Cmd::ResyncFetch {
+            image,
+            from,
+            status,
+        } => {
+            let s = backup_server::resync::fetch(&image, from, status.as_deref())?;
+            println!("{}", s.line());
+            Ok(())
         }
         Cmd::ConfirmTakeover { out } => {
             let f = out.join(backup_server::controller::CONFIRM_FILE);

@@ -32,7 +32,17 @@
 //! `split_brain_windows` then really tests the fencing: the primary must stop
 //! answering, within its lease, before the backup's first answer.
 //!
-//! Not yet: more partition schedules, failback, reverse protection, switch-back.
+//! **Failback** (issue 23 §4, docs/design.md §15), after either run: the old
+//! primary's processes are stopped (agent first: a fenced agent's held writes
+//! would keep its PostgreSQL unkillable) and the active site quiesced (its
+//! PostgreSQL stopped, the volume unmounted); then the issue's case, 1 % of
+//! the disk's blocks overwritten on each side after the failover; then
+//! `backup-server resync-fetch` at the old primary's host pulls from
+//! `resync-source` at the backup over the emulated WAN, and the two images
+//! must be byte-identical (full compare). `failback_resync_bytes` is the
+//! frame bytes both ways.
+//!
+//! Not yet: more partition schedules, reverse protection, switch-back.
 
 use crate::netns::spawn_in;
 use crate::pg::{chown_postgres, Postgres};
@@ -72,6 +82,138 @@ pub struct LifecycleResult {
     pub lost_acked: usize,
     pub split_brain_windows: usize,
     pub partitions: usize,
+    pub failback: Failback,
+}
+
+/// What the failback resync did.
+#[derive(Debug, Default)]
+pub struct Failback {
+    /// Frame bytes over the WAN, both ways.
+    pub resync_bytes: u64,
+    pub disk_bytes: u64,
+    /// Blocks the active site sent.
+    pub blocks_sent: u64,
+    pub secs: f64,
+}
+
+/// Port of `resync-source` at the backup site.
+const RESYNC_PORT: u16 = 7801;
+
+/// Overwrites `fraction_pct` % of `image`'s 4 KiB blocks, at seeded random
+/// places, with seeded random data (the issue's divergence case), and syncs.
+fn diverge(image: &Path, seed: u64, fraction_pct: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 4096;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .with_context(|| format!("opening {}", image.display()))?;
+    let blocks = f.metadata()?.len() / BLOCK;
+    let mut x = seed;
+    let mut next = move || {
+        // splitmix64
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for _ in 0..blocks * fraction_pct / 100 {
+        let at = next() % blocks * BLOCK;
+        let data: Vec<u8> = (0..BLOCK / 8).flat_map(|_| next().to_le_bytes()).collect();
+        f.write_all_at(&data, at)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Whether two files have the same length and bytes.
+fn identical(a: &Path, b: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    let len = fa.metadata()?.len();
+    if fb.metadata()?.len() != len {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(1 << 20) as usize;
+        fa.read_exact_at(&mut ba[..n], off)?;
+        fb.read_exact_at(&mut bb[..n], off)?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
+}
+
+/// The failback: 1 % changed on each side, then the resync from the active
+/// site's `image` into the old primary's `old` over the WAN; checked
+/// byte-identical.
+fn failback(work: &Path, names: &crate::site::Names, old: &Path, image: &Path) -> Result<Failback> {
+    diverge(old, 0x01d_5eed, 1)?;
+    diverge(image, 0xac71_5eed, 1)?;
+    if identical(old, image)? {
+        bail!("the two sites' images are identical before the resync: the run proves nothing");
+    }
+    let log = work.join("resync-source.log");
+    let mut cmd = ns_cmd(&names.backup(), "setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("backup-server"))
+        .args(["resync-source", "--listen"])
+        .arg(format!("{BACKUP_IP}:{RESYNC_PORT}"))
+        .arg("--image")
+        .arg(image);
+    let mut source = Guarded::spawn("resync-source", &mut cmd, &log)?;
+    wait_until(Duration::from_secs(30), "resync-source to listen", || {
+        source.exited()
+            || std::fs::read_to_string(&log)
+                .map(|l| l.contains(" on "))
+                .unwrap_or(false)
+    })?;
+    if source.exited() {
+        bail!(
+            "resync-source exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    let out = crate::sys::run(
+        ns_cmd(&names.host(0), "timeout")
+            .arg("600")
+            .arg(bin("backup-server"))
+            .args(["resync-fetch", "--from"])
+            .arg(format!("{BACKUP_IP}:{RESYNC_PORT}"))
+            .arg("--image")
+            .arg(old)
+            .arg("--status")
+            .arg(work.join("resync.status")),
+    )
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    wait_until(Duration::from_secs(30), "resync-source to finish", || {
+        source.exited()
+    })?;
+    let field = |key: &str| -> Result<String> {
+        out.lines()
+            .find(|l| l.starts_with("resync: done"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
+            })
+            .with_context(|| format!("no {key}= in resync-fetch's output: {out}"))
+    };
+    let r = Failback {
+        resync_bytes: field("wan_bytes")?.parse()?,
+        disk_bytes: field("disk_bytes")?.parse()?,
+        blocks_sent: field("differing")?.parse()?,
+        secs: field("secs")?.parse()?,
+    };
+    eprintln!("harness: failback: {}", out.trim());
+    if !identical(old, image)? {
+        bail!("after the resync the old primary's image differs from the active site's");
+    }
+    Ok(r)
 }
 
 /// Cuts host `ip` (the primary's dom0, with its etcd member and agent) from
@@ -356,19 +498,33 @@ pub fn run(
     let acked: BTreeSet<i64> = s.replies.iter().filter_map(|r| r.id).collect();
     let lost_acked = acked.difference(&sv).count();
     let acked_backup = by_backup(&s);
+    let acked_primary = s.replies.len() - acked_backup;
+    eprintln!("harness: lifecycle: client errors {}", s.errors);
+    drop(s);
+    // Failback: the old primary stopped, the active site quiesced.
+    site.teardown_primary();
+    pg.stop();
+    drop(pg);
+    let loopdev = mounted.loopdev.trim_start_matches("/dev/").to_string();
+    drop(mounted);
+    // The loop device writes the volume back into the image: wait it out.
+    wait_until(
+        Duration::from_secs(30),
+        "the active volume's loop device",
+        || !Path::new(&format!("/sys/block/{loopdev}/loop/backing_file")).exists(),
+    )?;
+    let old = work.join("images").join(format!("{disk}.img"));
+    let failback = failback(work, &names, &old, &image)?;
     let result = LifecycleResult {
         rto,
         takeover,
-        acked_primary: s.replies.len() - acked_backup,
+        acked_primary,
         partitions: usize::from(partition),
         acked_backup,
         lost_acked,
         split_brain_windows,
+        failback,
     };
-    eprintln!("harness: lifecycle: {result:?}; client errors {}", s.errors);
-    drop(s);
-    pg.stop();
-    drop(pg);
-    drop(mounted);
+    eprintln!("harness: lifecycle: {result:?}");
     Ok(result)
 }

@@ -98,7 +98,8 @@ enum Cmd {
         #[arg(long)]
         partition: Option<String>,
         /// The check's own test: the agents keep the lease but do not obey it
-        /// (needs `pipecloud` built with `--features fault-injection`); the run
+        /// (runs `pipecloud-fault-ungated`, the agent built with the TEST-ONLY
+        /// `fault-injection` feature by scripts/fault-lifecycle.sh); the run
         /// must then see the two sites' replies overlap.
         #[arg(long)]
         expect_split_brain: bool,
@@ -333,7 +334,17 @@ fn real_main() -> Result<()> {
             expect_split_brain,
         } => {
             if expect_split_brain {
-                // Read by the agents this harness starts (fault-injection builds only).
+                // The TEST-ONLY faulted agent (scripts/fault-lifecycle.sh builds it);
+                // the variable is read by it (fault-injection builds only).
+                let faulted = run::bin("pipecloud-fault-ungated");
+                if !faulted.is_file() {
+                    anyhow::bail!(
+                        "{} not found: --expect-split-brain needs the agent built with the TEST-ONLY \
+                         feature fault-injection (scripts/fault-lifecycle.sh builds it)",
+                        faulted.display()
+                    );
+                }
+                std::env::set_var(run::AGENT_ENV, &faulted);
                 std::env::set_var("PIPECLOUD_FAULT_UNGATED", "1");
             }
             let partition = match partition.as_deref() {
@@ -370,21 +381,27 @@ fn real_main() -> Result<()> {
                 let _ = std::fs::remove_dir_all(&work);
             }
             println!(
-                "RESULT rto_s={:.3} takeover_s={:.3} split_brain_windows={} lost_acked={} partitions={} \
-                 replies_primary={} replies_backup={} lease_ms={lease_ms} rtt_ms={rtt_ms} mode={mode}",
+                "RESULT rto_s={:.3} takeover_s={:.3} failback_resync_bytes={} disk_bytes={} \
+                 split_brain_windows={} lost_acked={} partitions={} replies_primary={} \
+                 replies_backup={} resync_blocks={} resync_s={:.2} lease_ms={lease_ms} \
+                 rtt_ms={rtt_ms} mode={mode}",
                 r.rto.as_secs_f64(),
                 r.takeover.as_secs_f64(),
+                r.failback.resync_bytes,
+                r.failback.disk_bytes,
                 r.split_brain_windows,
                 r.lost_acked,
                 r.partitions,
                 r.acked_primary,
-                r.acked_backup
+                r.acked_backup,
+                r.failback.blocks_sent,
+                r.failback.secs
             );
             if expect_split_brain {
                 if r.split_brain_windows == 0 {
                     anyhow::bail!(
                         "--expect-split-brain: the ungated primary's replies did not overlap the backup's: \
-                         the check cannot fail (is pipecloud built with --features fault-injection?)"
+                         the check cannot fail (was pipecloud-fault-ungated built with --features fault-injection?)"
                     );
                 }
                 return Ok(());

@@ -64,6 +64,18 @@ pub fn bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// The agent binary the site runs: `pipecloud` next to the harness, or the
+/// one named by `PIPECLOUD_HARNESS_AGENT` (the lifecycle's fault run sets it
+/// to its TEST-ONLY faulted build, scripts/fault-lifecycle.sh).
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os(AGENT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin("pipecloud"))
+}
+
+/// See [`agent_bin`].
+pub const AGENT_ENV: &str = "PIPECLOUD_HARNESS_AGENT";
+
 /// A running site.
 pub struct Site {
     pub topo: Topology,
@@ -208,7 +220,7 @@ impl Site {
         std::fs::write(&site.topo_file, text)?;
         for (i, h) in topo.hosts.iter().enumerate() {
             std::fs::create_dir_all(site.work.join(format!("h{i}")))?;
-            let mut cmd = ns_cmd(&names.host(i), &bin("pipecloud").to_string_lossy());
+            let mut cmd = ns_cmd(&names.host(i), &agent_bin().to_string_lossy());
             cmd.args(["agent", "--topology"])
                 .arg(&site.topo_file)
                 .args(["--host", &h.name])
@@ -373,8 +385,19 @@ impl Site {
         }
     }
 
-    /// Stops the primary's processes and unmounts its disks (after a disaster).
+    /// Stops the primary's processes and unmounts its disks (after a disaster,
+    /// or at the end of a run whose primary was fenced). Order: agents, then
+    /// the disks' I/O aborted (a fenced agent's held writes would keep
+    /// PostgreSQL in uninterruptible sleep, unkillable), then the machines,
+    /// then the mounts (lazily). Every wait is bounded.
     pub fn teardown_primary(&mut self) {
+        for a in &mut self.agents {
+            a.kill();
+        }
+        self.agents.clear();
+        for d in &mut self.disks {
+            d.abort_io();
+        }
         self.tiers.clear();
         for pg in self.dbs.iter_mut().flatten() {
             pg.crash();
@@ -384,7 +407,6 @@ impl Site {
             d.detach();
         }
         self.disks.clear();
-        self.agents.clear();
     }
 
     /// Runs `backup-server failover` for the group into `out` (as the server's user,
@@ -425,6 +447,11 @@ impl Site {
 impl Drop for Site {
     fn drop(&mut self) {
         self.tiers.clear();
+        // Disk I/O first: a machine waiting on a held write (a fenced or
+        // stalled agent) cannot be killed until that I/O fails.
+        for d in &mut self.disks {
+            d.abort_io();
+        }
         self.dbs.clear();
         for d in &mut self.disks {
             d.detach();

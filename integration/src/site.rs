@@ -369,6 +369,16 @@ impl MountedDisk {
         Ok(d)
     }
 
+    /// Makes every pending and later I/O on the disk fail at once: kills
+    /// nbdfuse, which aborts its FUSE connection. A fenced agent holds writes
+    /// for good, and the processes waiting on them (PostgreSQL in a stalled
+    /// `fsync`) cannot be killed until their I/O ends (issue 23).
+    pub fn abort_io(&mut self) {
+        if let Some(mut p) = self.nbdfuse.take() {
+            p.kill();
+        }
+    }
+
     /// Tears down in the order that works (docs/machine.md, "Network namespaces
     /// and mounts").
     pub fn detach(&mut self) {
@@ -387,9 +397,7 @@ impl MountedDisk {
             });
         }
         sh_quiet(&["fusermount3", "-u", "-z", &self.fuse_dir.to_string_lossy()]);
-        if let Some(mut p) = self.nbdfuse.take() {
-            p.kill();
-        }
+        self.abort_io();
     }
 }
 

@@ -106,11 +106,14 @@ impl Guarded {
         }
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL and reap, waiting at most [`REAP_WAIT`]: a process in
+    /// uninterruptible sleep (a write stalled on a fenced agent's disk) dies
+    /// only when its I/O ends, and teardown must not hang on it. Past the
+    /// bound it is left to die as a zombie of the harness, and said so.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
-            let _ = c.wait();
+            reap_bounded(&self.name, &mut c);
         }
     }
 
@@ -129,9 +132,28 @@ impl Guarded {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.kill();
-            let _ = c.wait();
+            reap_bounded(&self.name, &mut c);
         }
     }
+}
+
+/// How long [`Guarded::kill`] waits for a killed process to be reaped.
+pub const REAP_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits up to [`REAP_WAIT`] for a killed child to exit.
+fn reap_bounded(name: &str, c: &mut Child) {
+    let t0 = Instant::now();
+    while t0.elapsed() < REAP_WAIT {
+        if !matches!(c.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "harness: {name} (pid {}) did not exit {REAP_WAIT:?} after SIGKILL \
+         (uninterruptible I/O?): left behind as a zombie",
+        c.id()
+    );
 }
 
 impl Drop for Guarded {
