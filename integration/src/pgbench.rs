@@ -180,20 +180,51 @@ pub struct RunShape {
     pub connect_ms: Option<f64>,
 }
 
-/// Runs `workload` with `clients` clients for `duration`; returns pgbench's
-/// summary and the shape of the run: its tps of each second, e.g. a slow
-/// start, and its connection time.
+/// How pgbench spreads its clients over its threads (`-j`).
+///
+/// A pgbench thread serves its clients from one event loop, but a few of its
+/// calls block the whole thread for one client's round trip: every new
+/// connection's handshake, and with `-M prepared` each statement's first
+/// `PQprepare` (pgbench 15 prepares the six statements of a `\startpipeline`
+/// block one blocking call at a time). Under pipelined synchrony each of these
+/// replies is held one WAN round trip, so a thread with 128 clients spends
+/// 128 × 6 × RTT (38 s at 50 ms) preparing before its last client runs, while
+/// its other clients' replies wait unread in their sockets (issue 20: the
+/// 256-client stall, docs/design.md §16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// Two threads (the machine's cores), as pgbench is usually run here.
+    Two,
+    /// One thread per client, like an application with one connection per
+    /// worker: a client's blocking round trip stalls only itself.
+    PerClient,
+}
+
+impl Threads {
+    /// pgbench's `-j` for `clients` clients.
+    pub fn count(self, clients: u32) -> u32 {
+        match self {
+            Threads::Two => clients.clamp(1, 2),
+            Threads::PerClient => clients.max(1),
+        }
+    }
+}
+
+/// Runs `workload` with `clients` clients on `threads` for `duration`; returns
+/// pgbench's summary and the shape of the run: its tps of each second, e.g. a
+/// slow start, and its connection time.
 pub fn run_workload_progress(
     ep: &Endpoint,
     workload: Workload,
     clients: u32,
+    threads: Threads,
     duration: Duration,
     script_dir: &Path,
 ) -> Result<(PgbenchResult, RunShape)> {
     let script = script_dir.join(format!("pgbench-{}.sql", workload.as_str()));
     std::fs::write(&script, workload.script())
         .with_context(|| format!("writing {}", script.display()))?;
-    let threads = clients.clamp(1, 2);
+    let threads = threads.count(clients);
     let mut c = ep.base("pgbench");
     c.args(["-n", "-M", "prepared", "-s", "1", "-P", "1"])
         .args(["-c", &clients.to_string(), "-j", &threads.to_string()])
