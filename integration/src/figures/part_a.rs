@@ -100,7 +100,9 @@ pub(super) enum Knob {
     TcpKeepWindow,
     /// pgbench runs one thread per client instead of two
     /// ([`pgbench::Threads`]): a client's blocking round trip (connecting,
-    /// preparing) no longer stalls the other clients of its thread.
+    /// preparing) no longer stalls the other clients of its thread. On by
+    /// default since the A/B in docs/design.md §16 (TPC-B 256 clients,
+    /// pipelined / async 0.18 with two threads, 0.97 with one per client).
     PgbenchThreadPerClient,
 }
 
@@ -118,7 +120,7 @@ impl Knob {
         match self {
             Knob::WanRealtime => crate::wan::REALTIME_DEFAULT,
             Knob::TcpKeepWindow => true,
-            Knob::PgbenchThreadPerClient => false,
+            Knob::PgbenchThreadPerClient => true,
         }
     }
 }
@@ -268,30 +270,45 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                             }
                             rig.drain();
                             let label = label(v, plan.ab, on);
-                            if plan.warmup_secs > 0 {
-                                // Not measured: the first second after a mode switch is
-                                // slow for every variant (new backends, the stream's
-                                // window; pipelined most: see the per-second shape).
-                                let warm = Duration::from_secs(plan.warmup_secs);
-                                if let Err(e) =
-                                    pgbench::run_workload_progress(&ep, w, c, threads, warm, &dir)
-                                {
-                                    eprintln!("figures: (a) {label} {w} clients={c}: warm-up FAILED: {e:#}");
+                            // The warm-up runs on the measured run's own
+                            // connections (connecting and preparing cost held
+                            // round trips: pgbench::run_point); the hold
+                            // breakdown starts when it ends.
+                            let point = pgbench::Point {
+                                workload: w,
+                                clients: c,
+                                threads,
+                                warmup: Duration::from_secs(plan.warmup_secs),
+                                duration: Duration::from_secs(plan.secs),
+                            };
+                            let mut held = None;
+                            let mut at_start = || {
+                                if v == Variant::Pipelined {
+                                    held = rig.hold();
                                 }
-                            }
-                            let secs = Duration::from_secs(plan.secs);
-                            let held = (v == Variant::Pipelined).then(|| rig.hold()).flatten();
-                            match pgbench::run_workload_progress(&ep, w, c, threads, secs, &dir) {
+                            };
+                            match pgbench::run_point(&ep, point, &dir, &mut at_start) {
                                 Ok((r, shape)) => {
-                                    let per_second: Vec<String> = shape
+                                    let mut per_second: Vec<String> = shape
                                         .per_second
                                         .iter()
                                         .map(|t| format!("{t:.0}"))
                                         .collect();
+                                    if shape.warmup_lines > 0 {
+                                        per_second.insert(
+                                            shape.warmup_lines.min(per_second.len()),
+                                            "|".into(),
+                                        );
+                                    }
                                     eprintln!(
-                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} connect {} ms, tps per second: {}",
+                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} connect {} ms, tps per second (warm-up | measured): {}{}",
                                         shape.connect_ms.map_or_else(|| "?".into(), |m| format!("{m:.0}")),
-                                        per_second.join(" ")
+                                        per_second.join(" "),
+                                        if shape.measured_from_progress || plan.warmup_secs == 0 {
+                                            ""
+                                        } else {
+                                            " (too few progress lines after the warm-up: the whole run's summary)"
+                                        }
                                     );
                                     eprintln!(
                                         "figures: (a) {label:<16} {w:<16} clients={c:<3} tps={:>9.1} latency={:>9.2} ms failed={} load {}",
