@@ -361,19 +361,23 @@ pub fn progress_line(line: &str) -> Option<Progress> {
     Some(p)
 }
 
-/// The result over the progress lines after `warmup_s`: transactions are
-/// each line's tps times its interval (a late line covers a longer one), the
-/// latency their weighted mean. `None` when the lines after the warm-up cover
+/// Index of the progress line that ends the warm-up: the first whose time
+/// reaches `warmup_s` (a late line that straddles the boundary belongs to the
+/// warm-up, so nothing of it is measured).
+fn warmup_end(progress: &[Progress], warmup_s: f64) -> Option<usize> {
+    progress.iter().position(|p| p.at_s >= warmup_s - 0.05)
+}
+
+/// The result over the progress lines after the warm-up ([`warmup_end`]):
+/// transactions are each line's tps times its interval (a late line covers a
+/// longer one), the latency their weighted mean. `None` when those lines cover
 /// less than half of `duration` (pgbench's thread 0 did not report: the
 /// caller falls back to the whole run's summary).
 pub fn measured(progress: &[Progress], warmup_s: f64, duration: Duration) -> Option<PgbenchResult> {
-    let mut prev = progress
-        .iter()
-        .filter(|p| p.at_s < warmup_s + 0.05)
-        .map(|p| p.at_s)
-        .fold(0.0_f64, f64::max);
+    let b = warmup_end(progress, warmup_s)?;
+    let mut prev = progress[b].at_s;
     let (mut secs, mut tx, mut lat_sum, mut failed) = (0.0, 0.0, 0.0, 0);
-    for p in progress.iter().filter(|p| p.at_s >= warmup_s + 0.05) {
+    for p in &progress[b + 1..] {
         let dt = p.at_s - prev;
         prev = p.at_s;
         secs += dt;
@@ -497,6 +501,9 @@ tps = 945.983211 (without initial connection time)
         // Too little after the warm-up: the caller uses the summary.
         assert_eq!(measured(&p[..2], 2.0, Duration::from_secs(3)), None);
         assert_eq!(measured(&p, 4.0, Duration::from_secs(3)), None);
+        // A late line straddling the warm-up's end is the warm-up's.
+        let r = measured(&p, 3.0, Duration::from_secs(1)).unwrap_or_default();
+        assert_eq!(r.transactions, 200);
     }
 
     #[test]
