@@ -316,10 +316,11 @@ pub fn run_point(
         result,
         RunShape {
             per_second: progress.iter().map(|p| p.tps).collect(),
-            warmup_lines: progress
-                .iter()
-                .filter(|p| p.at_s < warm_secs + 0.05)
-                .count(),
+            warmup_lines: if warm_secs > 0.0 {
+                warmup_end(&progress, warm_secs).map_or(progress.len(), |b| b + 1)
+            } else {
+                0
+            },
             measured_from_progress,
             connect_ms,
         },
