@@ -369,7 +369,8 @@ fn warmup_end(progress: &[Progress], warmup_s: f64) -> Option<usize> {
     progress.iter().position(|p| p.at_s >= warmup_s - 0.05)
 }
 
-/// The result over the progress lines after the warm-up ([`warmup_end`]):
+/// The result over the progress lines after the warm-up ([`warmup_end`])
+/// up to the end of the measured `duration`:
 /// transactions are each line's tps times its interval (a late line covers a
 /// longer one), the latency their weighted mean. `None` when those lines cover
 /// less than half of `duration` (pgbench's thread 0 did not report: the
@@ -378,7 +379,10 @@ pub fn measured(progress: &[Progress], warmup_s: f64, duration: Duration) -> Opt
     let b = warmup_end(progress, warmup_s)?;
     let mut prev = progress[b].at_s;
     let (mut secs, mut tx, mut lat_sum, mut failed) = (0.0, 0.0, 0.0, 0);
-    for p in &progress[b + 1..] {
+    // After `-T` pgbench starts no new transaction and only drains the ones
+    // in flight: lines past the end do not describe the load.
+    let end = warmup_s + duration.as_secs_f64() + 0.05;
+    for p in progress[b + 1..].iter().take_while(|p| p.at_s <= end) {
         let dt = p.at_s - prev;
         prev = p.at_s;
         secs += dt;
@@ -503,7 +507,10 @@ tps = 945.983211 (without initial connection time)
         assert_eq!(measured(&p[..2], 2.0, Duration::from_secs(3)), None);
         assert_eq!(measured(&p, 4.0, Duration::from_secs(3)), None);
         // A late line straddling the warm-up's end is the warm-up's.
-        let r = measured(&p, 3.0, Duration::from_secs(1)).unwrap_or_default();
+        let r = measured(&p, 3.0, Duration::from_secs(2)).unwrap_or_default();
+        assert_eq!(r.transactions, 200);
+        // Lines after the measured time (pgbench draining) are left out.
+        let r = measured(&p, 2.0, Duration::from_secs(2)).unwrap_or_default();
         assert_eq!(r.transactions, 200);
     }
 
