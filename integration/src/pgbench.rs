@@ -308,7 +308,7 @@ pub fn run_point(
     });
     let summary = parse_summary(&stdout)?;
     let progress: Vec<Progress> = stderr.lines().filter_map(progress_line).collect();
-    let (result, measured_from_progress) = match measured(&progress, warm_secs, duration) {
+    let (result, measured_from_progress) = match measured(&progress, warm_secs, duration, clients) {
         Some(r) if warm_secs > 0.0 => (r, true),
         _ => (summary, false),
     };
@@ -327,15 +327,13 @@ pub fn run_point(
     ))
 }
 
-/// One `progress: T s, X tps, lat Y ms ...` line of pgbench `-P`.
+/// One `progress: T s, X tps, ...` line of pgbench `-P`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Progress {
     /// Seconds since the benchmark started.
     pub at_s: f64,
     /// Transactions per second since the previous line.
     pub tps: f64,
-    /// Mean latency since the previous line, ms.
-    pub lat_ms: f64,
     /// Failed transactions since the previous line.
     pub failed: u64,
 }
@@ -346,7 +344,6 @@ pub fn progress_line(line: &str) -> Option<Progress> {
     let mut p = Progress {
         at_s: 0.0,
         tps: 0.0,
-        lat_ms: f64::NAN,
         failed: 0,
     };
     for (i, field) in rest.split(',').enumerate() {
@@ -354,7 +351,6 @@ pub fn progress_line(line: &str) -> Option<Progress> {
         match (i, words.as_slice()) {
             (0, [t, "s", ..]) => p.at_s = t.parse().ok()?,
             (1, [x, "tps", ..]) => p.tps = x.parse().ok()?,
-            (_, ["lat", x, ..]) => p.lat_ms = x.parse().ok()?,
             (_, [n, "failed", ..]) => p.failed = n.parse().ok()?,
             _ => {}
         }
@@ -372,13 +368,21 @@ fn warmup_end(progress: &[Progress], warmup_s: f64) -> Option<usize> {
 /// The result over the progress lines after the warm-up ([`warmup_end`])
 /// up to the end of the measured `duration`:
 /// transactions are each line's tps times its interval (a late line covers a
-/// longer one), the latency their weighted mean. `None` when those lines cover
-/// less than half of `duration` (pgbench's thread 0 did not report: the
+/// longer one); the latency is Little's law over the `clients` closed loops,
+/// as pgbench's own summary computes it (the progress lines' mean latency
+/// leaves out transactions still running at the window's end: biased low
+/// when the latency is as long as the window, e.g. PostgreSQL standby's
+/// TPC-B). `None` when those lines cover less than half of `duration` (pgbench's thread 0 did not report: the
 /// caller falls back to the whole run's summary).
-pub fn measured(progress: &[Progress], warmup_s: f64, duration: Duration) -> Option<PgbenchResult> {
+pub fn measured(
+    progress: &[Progress],
+    warmup_s: f64,
+    duration: Duration,
+    clients: u32,
+) -> Option<PgbenchResult> {
     let b = warmup_end(progress, warmup_s)?;
     let mut prev = progress[b].at_s;
-    let (mut secs, mut tx, mut lat_sum, mut failed) = (0.0, 0.0, 0.0, 0);
+    let (mut secs, mut tx, mut failed) = (0.0, 0.0, 0);
     // After `-T` pgbench starts no new transaction and only drains the ones
     // in flight: lines past the end do not describe the load.
     let end = warmup_s + duration.as_secs_f64() + 0.05;
@@ -387,9 +391,6 @@ pub fn measured(progress: &[Progress], warmup_s: f64, duration: Duration) -> Opt
         prev = p.at_s;
         secs += dt;
         tx += p.tps * dt;
-        if p.lat_ms.is_finite() {
-            lat_sum += p.lat_ms * p.tps * dt;
-        }
         failed += p.failed;
     }
     if secs < duration.as_secs_f64() / 2.0 || secs <= 0.0 {
@@ -397,7 +398,11 @@ pub fn measured(progress: &[Progress], warmup_s: f64, duration: Duration) -> Opt
     }
     Some(PgbenchResult {
         tps: tx / secs,
-        latency_ms: if tx > 0.0 { lat_sum / tx } else { f64::NAN },
+        latency_ms: if tx > 0.0 {
+            f64::from(clients) * secs * 1e3 / tx
+        } else {
+            f64::NAN
+        },
         transactions: tx.round() as u64,
         failed,
     })
@@ -474,7 +479,6 @@ tps = 945.983211 (without initial connection time)
             Progress {
                 at_s: 1.0,
                 tps: 212.0,
-                lat_ms: 301.2,
                 failed: 0
             }
         );
@@ -484,33 +488,33 @@ tps = 945.983211 (without initial connection time)
 
     #[test]
     fn measures_after_the_warm_up() {
-        let line = |at_s: f64, tps: f64, lat_ms: f64| Progress {
+        let line = |at_s: f64, tps: f64| Progress {
             at_s,
             tps,
-            lat_ms,
             failed: 1,
         };
         // Two warm-up seconds (slow: connecting, preparing), then a late
         // line covering two seconds, then one more.
         let p = [
-            line(1.0, 5.0, 900.0),
-            line(2.0, 50.0, 300.0),
-            line(4.0, 100.0, 60.0),
-            line(5.0, 200.0, 30.0),
+            line(1.0, 5.0),
+            line(2.0, 50.0),
+            line(4.0, 100.0),
+            line(5.0, 200.0),
         ];
-        let r = measured(&p, 2.0, Duration::from_secs(3)).unwrap_or_default();
+        let r = measured(&p, 2.0, Duration::from_secs(3), 10).unwrap_or_default();
         assert_eq!(r.transactions, 400);
         assert!((r.tps - 400.0 / 3.0).abs() < 1e-9, "{r:?}");
-        assert!((r.latency_ms - (200.0 * 60.0 + 200.0 * 30.0) / 400.0).abs() < 1e-9);
+        // 10 clients at 133.3 tps: 75 ms each.
+        assert!((r.latency_ms - 75.0).abs() < 1e-9, "{r:?}");
         assert_eq!(r.failed, 2);
         // Too little after the warm-up: the caller uses the summary.
-        assert_eq!(measured(&p[..2], 2.0, Duration::from_secs(3)), None);
-        assert_eq!(measured(&p, 4.0, Duration::from_secs(3)), None);
+        assert_eq!(measured(&p[..2], 2.0, Duration::from_secs(3), 10), None);
+        assert_eq!(measured(&p, 4.0, Duration::from_secs(3), 10), None);
         // A late line straddling the warm-up's end is the warm-up's.
-        let r = measured(&p, 3.0, Duration::from_secs(2)).unwrap_or_default();
+        let r = measured(&p, 3.0, Duration::from_secs(2), 10).unwrap_or_default();
         assert_eq!(r.transactions, 200);
         // Lines after the measured time (pgbench draining) are left out.
-        let r = measured(&p, 2.0, Duration::from_secs(2)).unwrap_or_default();
+        let r = measured(&p, 2.0, Duration::from_secs(2), 10).unwrap_or_default();
         assert_eq!(r.transactions, 200);
     }
 
