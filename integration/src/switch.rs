@@ -1,4 +1,4 @@
-//! The run-time switch end to end (issue 22 "Done when"; docs/design.md §14).
+//! The run-time switch end to end (issue 22 "Done when"; docs/design.md §17).
 //!
 //! - `disaster --topology topology/guest.toml --mode switch --phase P`: the
 //!   agent starts the guest group in `pipelined` (QEMU with the capture shim),

@@ -93,7 +93,8 @@ pub(crate) struct FiguresArgs {
     /// (a) seconds per pgbench point.
     #[arg(long, default_value_t = 5)]
     secs: u64,
-    /// (a) seconds of unmeasured pgbench before each point (0: none).
+    /// (a) seconds of unmeasured pgbench before each point, in the point's
+    /// own pgbench run and connections (0: none).
     #[arg(long, default_value_t = 2)]
     warmup_secs: u64,
     /// (a) runs of each client count from 64 on per variant, interleaved;
@@ -155,7 +156,8 @@ pub(crate) struct DemoArgs {
     /// Seconds per measurement point.
     #[arg(long, default_value_t = 3)]
     secs: u64,
-    /// Seconds of unmeasured pgbench before each point of (a) (0: none).
+    /// Seconds of unmeasured pgbench before each point of (a), on the
+    /// point's own connections (0: none).
     #[arg(long, default_value_t = 2)]
     warmup_secs: u64,
 }

@@ -98,6 +98,12 @@ pub(super) enum Knob {
     /// on by default since the A/B in docs/results.md: the tail of the held
     /// replies of INSERT shrank at 64, 128 and 256 clients).
     TcpKeepWindow,
+    /// pgbench runs one thread per client instead of two
+    /// ([`pgbench::Threads`]): a client's blocking round trip (connecting,
+    /// preparing) no longer stalls the other clients of its thread. On by
+    /// default since the A/B in docs/design.md §16 (TPC-B 256 clients,
+    /// pipelined / async 0.18 with two threads, 0.97 with one per client).
+    PgbenchThreadPerClient,
 }
 
 impl Knob {
@@ -105,6 +111,7 @@ impl Knob {
         match self {
             Knob::WanRealtime => "wan-rt",
             Knob::TcpKeepWindow => "tcp-keep-window",
+            Knob::PgbenchThreadPerClient => "pgbench-thread-per-client",
         }
     }
 
@@ -113,6 +120,7 @@ impl Knob {
         match self {
             Knob::WanRealtime => crate::wan::REALTIME_DEFAULT,
             Knob::TcpKeepWindow => true,
+            Knob::PgbenchThreadPerClient => true,
         }
     }
 }
@@ -123,8 +131,9 @@ impl std::str::FromStr for Knob {
         match s.trim() {
             "wan-rt" => Ok(Knob::WanRealtime),
             "tcp-keep-window" => Ok(Knob::TcpKeepWindow),
+            "pgbench-thread-per-client" => Ok(Knob::PgbenchThreadPerClient),
             _ => Err(format!(
-                "unknown knob {s:?} (expected wan-rt or tcp-keep-window)"
+                "unknown knob {s:?} (expected wan-rt, tcp-keep-window or pgbench-thread-per-client)"
             )),
         }
     }
@@ -165,6 +174,15 @@ fn label(v: Variant, knob: Option<Knob>, on: Option<bool>) -> String {
     }
 }
 
+/// pgbench's threading with [`Knob::PgbenchThreadPerClient`] on or off.
+fn pgbench_threads(per_client: bool) -> pgbench::Threads {
+    if per_client {
+        pgbench::Threads::PerClient
+    } else {
+        pgbench::Threads::Two
+    }
+}
+
 /// (a) pgbench vs clients per variant, on ONE site (modes switched at run time).
 pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) -> Result<()> {
     let dir = work.join("a");
@@ -180,6 +198,7 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
     for k in [Knob::WanRealtime, Knob::TcpKeepWindow] {
         rig.set_knob(k, k.default_on());
     }
+    let mut threads = pgbench_threads(Knob::PgbenchThreadPerClient.default_on());
     let ep = rig.endpoint()?;
     if let Rig::Site(_) = &rig {
         rig.set_mode(Mode::Async)?;
@@ -238,7 +257,11 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                 for _ in 0..reps {
                     for &on in &settings {
                         if let (Some(k), Some(on)) = (plan.ab, on) {
-                            rig.set_knob(k, on);
+                            if k == Knob::PgbenchThreadPerClient {
+                                threads = pgbench_threads(on);
+                            } else {
+                                rig.set_knob(k, on);
+                            }
                         }
                         for &v in &pass {
                             check_interrupted()?;
@@ -247,30 +270,45 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                             }
                             rig.drain();
                             let label = label(v, plan.ab, on);
-                            if plan.warmup_secs > 0 {
-                                // Not measured: the first second after a mode switch is
-                                // slow for every variant (new backends, the stream's
-                                // window; pipelined most: see the per-second shape).
-                                let warm = Duration::from_secs(plan.warmup_secs);
-                                if let Err(e) =
-                                    pgbench::run_workload_progress(&ep, w, c, warm, &dir)
-                                {
-                                    eprintln!("figures: (a) {label} {w} clients={c}: warm-up FAILED: {e:#}");
+                            // The warm-up runs on the measured run's own
+                            // connections (connecting and preparing cost held
+                            // round trips: pgbench::run_point); the hold
+                            // breakdown starts when it ends.
+                            let point = pgbench::Point {
+                                workload: w,
+                                clients: c,
+                                threads,
+                                warmup: Duration::from_secs(plan.warmup_secs),
+                                duration: Duration::from_secs(plan.secs),
+                            };
+                            let mut held = None;
+                            let mut at_start = || {
+                                if v == Variant::Pipelined {
+                                    held = rig.hold();
                                 }
-                            }
-                            let secs = Duration::from_secs(plan.secs);
-                            let held = (v == Variant::Pipelined).then(|| rig.hold()).flatten();
-                            match pgbench::run_workload_progress(&ep, w, c, secs, &dir) {
+                            };
+                            match pgbench::run_point(&ep, point, &dir, &mut at_start) {
                                 Ok((r, shape)) => {
-                                    let per_second: Vec<String> = shape
+                                    let mut per_second: Vec<String> = shape
                                         .per_second
                                         .iter()
                                         .map(|t| format!("{t:.0}"))
                                         .collect();
+                                    if shape.warmup_lines > 0 {
+                                        per_second.insert(
+                                            shape.warmup_lines.min(per_second.len()),
+                                            "|".into(),
+                                        );
+                                    }
                                     eprintln!(
-                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} connect {} ms, tps per second: {}",
+                                        "figures: (a) {label:<16} {w:<16} clients={c:<3} connect {} ms, tps per second (warm-up | measured): {}{}",
                                         shape.connect_ms.map_or_else(|| "?".into(), |m| format!("{m:.0}")),
-                                        per_second.join(" ")
+                                        per_second.join(" "),
+                                        if shape.measured_from_progress || plan.warmup_secs == 0 {
+                                            ""
+                                        } else {
+                                            " (too few progress lines after the warm-up: the whole run's summary)"
+                                        }
                                     );
                                     eprintln!(
                                         "figures: (a) {label:<16} {w:<16} clients={c:<3} tps={:>9.1} latency={:>9.2} ms failed={} load {}",
@@ -297,7 +335,11 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                 }
                 // Back to the default between points.
                 if let Some(k) = plan.ab {
-                    rig.set_knob(k, k.default_on());
+                    if k == Knob::PgbenchThreadPerClient {
+                        threads = pgbench_threads(k.default_on());
+                    } else {
+                        rig.set_knob(k, k.default_on());
+                    }
                 }
                 for ((_, label), mut rs) in runs {
                     rs.sort_by(|a, b| a.0.tps.total_cmp(&b.0.tps));
@@ -333,6 +375,13 @@ mod tests {
         assert_eq!("wan-rt".parse::<Knob>(), Ok(Knob::WanRealtime));
         assert_eq!("tcp-keep-window".parse::<Knob>(), Ok(Knob::TcpKeepWindow));
         assert!("nagle".parse::<Knob>().is_err());
+        assert_eq!(
+            "pgbench-thread-per-client".parse::<Knob>(),
+            Ok(Knob::PgbenchThreadPerClient)
+        );
+        assert_eq!(pgbench_threads(true).count(256), 256);
+        assert_eq!(pgbench_threads(false).count(256), 2);
+        assert_eq!(pgbench_threads(false).count(1), 1);
         let on = label(Variant::Pipelined, Some(Knob::WanRealtime), Some(true));
         assert_eq!(on, "pipelined+wan-rt");
         assert_eq!(

@@ -259,6 +259,8 @@ impl Rig {
                 }
             }
             (Rig::Bare(b), Knob::WanRealtime) => b._wan.set_realtime(on),
+            // A pgbench argument, not the rig's (part_a passes it).
+            (_, Knob::PgbenchThreadPerClient) => {}
             (_, Knob::TcpKeepWindow) => {
                 let names = self.names();
                 let mut nss: Vec<String> = (0..self.topo().hosts.len())
