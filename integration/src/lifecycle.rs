@@ -505,7 +505,12 @@ pub fn run(
     site.teardown_primary();
     pg.stop();
     drop(pg);
-    let loopdev = mounted.loopdev.trim_start_matches("/dev/").to_string();
+    let loopdev = mounted
+        .loopdev
+        .path()
+        .to_string_lossy()
+        .trim_start_matches("/dev/")
+        .to_string();
     drop(mounted);
     // The loop device writes the volume back into the image: wait it out.
     wait_until(

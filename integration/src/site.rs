@@ -410,8 +410,8 @@ impl Drop for MountedDisk {
 /// Mounts a raw image file (a recovered volume) read-write via an autoclear loop
 /// device (held here; it goes when this is dropped and the mount is gone).
 pub struct MountedImage {
-    /// Held, never read: dropping it is what detaches the device.
-    _loopdev: LoopDevice,
+    /// Held: dropping it is what detaches the device (autoclear).
+    pub loopdev: LoopDevice,
     pub mountpoint: PathBuf,
 }
 
@@ -421,7 +421,7 @@ impl MountedImage {
         let dev = LoopDevice::attach(image, AttachOptions::default())?;
         let loopdev = dev.path().to_string_lossy().into_owned();
         let m = MountedImage {
-            _loopdev: dev,
+            loopdev: dev,
             mountpoint: mountpoint.to_path_buf(),
         };
         // ext4 journal replay happens at mount.
