@@ -429,11 +429,19 @@ fn real_main() -> Result<()> {
                 clients,
                 Duration::from_secs(hold_s),
                 &csv,
+                None,
             );
             if std::env::var_os("PIPECLOUD_KEEP").is_none() {
                 let _ = std::fs::remove_dir_all(&work);
             }
-            r.with_context(|| format!("switch-load (work dir {})", work.display()))
+            let r = r.with_context(|| format!("switch-load (work dir {})", work.display()))?;
+            if r.drops > 0 {
+                anyhow::bail!(
+                    "{} of {clients} client connections broke across the switches",
+                    r.drops
+                );
+            }
+            Ok(())
         }
         Cmd::Disaster {
             topology,

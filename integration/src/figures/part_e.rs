@@ -117,8 +117,34 @@ pub(super) fn part_e(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
     if !keep_work() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // The run-time switch under client load (issue 22 §3, docs/design.md §13):
+    // pipelined → checkpoint → pipelined on one boot, same WAN.
+    check_interrupted()?;
+    let dir = work.join("e-switch");
+    let sw = crate::switch::load(
+        &topo,
+        &dir,
+        prefix,
+        SWITCH_CLIENTS,
+        SWITCH_HOLD,
+        &work.join("e-switch.csv"),
+        Some(plan.rtt),
+    )
+    .context("the run-time switch under load")?;
+    eprintln!(
+        "figures: (e) run-time switch under {SWITCH_CLIENTS} clients: {} connections broken",
+        sw.drops
+    );
+    fig.e_switch = Some(sw);
+    if !keep_work() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
+
+/// Client connections and time in each mode of the switch timeline.
+const SWITCH_CLIENTS: usize = 4;
+const SWITCH_HOLD: Duration = Duration::from_secs(8);
 
 fn record_rtt(fig: &mut Figures, site: &GuestSite, name: &str, plan: &Plan) {
     if let Some(r) = &site.rtt {

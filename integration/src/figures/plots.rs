@@ -203,6 +203,67 @@ impl Figures {
                 png,
             )?);
         }
+        if let Some(sw) = &self.e_switch {
+            let marks: Vec<String> = sw
+                .events
+                .iter()
+                .map(|(t, e)| format!("{e} at {t:.1} s"))
+                .collect();
+            let served: Vec<&crate::switch::TimelineRow> =
+                sw.rows.iter().filter(|r| r.replies > 0).collect();
+            let lat = LineChart {
+                title: format!(
+                    "(e) run-time switch: reply latency per second ({})",
+                    marks.join(", ")
+                ),
+                x_label: "time, s".into(),
+                y_label: "reply latency, ms".into(),
+                x_scale: Scale::Linear,
+                y_scale: Scale::Linear,
+                series: vec![
+                    Series {
+                        label: "p50".into(),
+                        points: served.iter().map(|r| (r.second as f64, r.p50_ms)).collect(),
+                    },
+                    Series {
+                        label: "p99".into(),
+                        points: served.iter().map(|r| (r.second as f64, r.p99_ms)).collect(),
+                    },
+                ],
+                reference: rtt_ref.clone(),
+            };
+            out.extend(plot::save(
+                dir,
+                "fig_e_switch_latency",
+                &plot::line_chart(&lat),
+                png,
+            )?);
+            let bytes = LineChart {
+                title: format!(
+                    "(e) run-time switch: checkpoint bytes shipped per second ({})",
+                    marks.join(", ")
+                ),
+                x_label: "time, s".into(),
+                y_label: "shipped, KiB/s".into(),
+                x_scale: Scale::Linear,
+                y_scale: Scale::Linear,
+                series: vec![Series {
+                    label: "shipped (after compression)".into(),
+                    points: sw
+                        .rows
+                        .iter()
+                        .map(|r| (r.second as f64, r.shipped_bytes as f64 / 1024.0))
+                        .collect(),
+                }],
+                reference: None,
+            };
+            out.extend(plot::save(
+                dir,
+                "fig_e_switch_bytes",
+                &plot::line_chart(&bytes),
+                png,
+            )?);
+        }
         if !self.e_lat.is_empty() {
             let chart = bars_per_mode(
                 "(e) the guest's service: median reply latency per mode",

@@ -151,6 +151,9 @@ pub(super) struct Figures {
     /// Figure (e): checkpoints, and the guest service's reply latency.
     pub(super) e_ckpt: Vec<ECkpt>,
     pub(super) e_lat: Vec<ELat>,
+    /// Figure (e): a run-time switch pipelined → checkpoint → pipelined under
+    /// client load (not kept by `--replot`).
+    pub(super) e_switch: Option<crate::switch::SwitchLoad>,
     /// Hold breakdown of the pipelined points of (a) (issue 20).
     pub(super) holds: Vec<HoldRow>,
     /// Context of the run (machine load), printed under the table.
@@ -364,7 +367,7 @@ impl Figures {
     /// The contract's last line.
     pub(super) fn result_line(&self) -> String {
         format!(
-            "RESULT rtt_ms={:.2} tpcb64_pipelined_over_sync={} tpcb64_pipelined_over_async={} tpcb64_pipelined_over_pgsync={} tier1_ms={} tier3_ms={} tier3_sync_ms={} insert64_pipelined_over_pgsync={} hold_extra_p50_ms={} hold_extra_p99_ms={} tpcb256_pipelined_over_async={} ckpt_per_s_256mib={} ckpt_pause_p50_ms={} ckpt_bytes_reduction={}",
+            "RESULT rtt_ms={:.2} tpcb64_pipelined_over_sync={} tpcb64_pipelined_over_async={} tpcb64_pipelined_over_pgsync={} tier1_ms={} tier3_ms={} tier3_sync_ms={} insert64_pipelined_over_pgsync={} hold_extra_p50_ms={} hold_extra_p99_ms={} tpcb256_pipelined_over_async={} ckpt_per_s_256mib={} ckpt_pause_p50_ms={} ckpt_bytes_reduction={} switch_drops={}",
             self.rtt_ms(),
             f2(self.ratio("pipelined", "sync")),
             f2(self.ratio("pipelined", "async")),
@@ -379,6 +382,9 @@ impl Figures {
             f2(self.e_point(256, "light").map(|p| p.ckpt_per_s)),
             f2(self.e_point(256, "light").map(|p| p.pause_p50_ms)),
             f2(self.e_point(256, "heavy").and_then(ECkpt::reduction)),
+            self.e_switch
+                .as_ref()
+                .map_or_else(|| "na".to_owned(), |w| w.drops.to_string()),
         )
     }
 
@@ -747,6 +753,9 @@ impl Figures {
             );
         }
         w("fig_e_latency.csv", e)?;
+        if let Some(sw) = &self.e_switch {
+            w("fig_e_switch.csv", crate::switch::timeline_csv(&sw.rows))?;
+        }
         w(
             "summary.txt",
             format!(
@@ -1066,6 +1075,7 @@ mod tests {
                 "hold_extra_p99_ms",
                 "insert64_pipelined_over_pgsync",
                 "rtt_ms",
+                "switch_drops",
                 "tier1_ms",
                 "tier3_ms",
                 "tier3_sync_ms",
@@ -1088,7 +1098,7 @@ mod tests {
         assert_eq!(kv.get("ckpt_per_s_256mib"), Some(&"48.00"));
         assert_eq!(kv.get("ckpt_pause_p50_ms"), Some(&"1.50"));
         assert_eq!(kv.get("ckpt_bytes_reduction"), Some(&"0.75"));
-        assert_eq!(Figures::default().result_line().matches("=na").count(), 13);
+        assert_eq!(Figures::default().result_line().matches("=na").count(), 14);
     }
 
     #[test]
