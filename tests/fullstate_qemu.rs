@@ -182,8 +182,14 @@ fn epoch_driver_ships_and_releases_by_ack() {
                                 }
                                 (open, pages) = (Some(epoch), 0);
                             }
-                            Checkpoint::Pages { epoch, data, .. } if open == Some(epoch) => {
-                                pages += data.len() as u64 / 4096;
+                            Checkpoint::Pages {
+                                epoch,
+                                encoding,
+                                data,
+                                ..
+                            } if open == Some(epoch) => {
+                                // Compressed frames stand for more bytes than they carry.
+                                pages += encoding.page_bytes(data.len()) / 4096;
                             }
                             Checkpoint::Device { epoch, .. } if open == Some(epoch) => {}
                             Checkpoint::End {
