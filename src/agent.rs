@@ -347,6 +347,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         let mut ncfg = NetPathConfig::new(&nt, &host.name, limits);
         ncfg.links = links.clone();
         ncfg.busy_poll = std::time::Duration::from_micros(host.busy_poll_us);
+        ncfg.priority = host.netpath_priority;
         ncfg.lease_gate = lease_gate.clone();
         let queues = ncfg.queues;
         // The eBPF fast path releases packets without asking the lease gate.

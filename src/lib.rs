@@ -23,5 +23,6 @@ pub mod netfilter;
 pub mod netpath;
 pub mod nfq;
 pub mod replication;
+pub mod sched;
 pub mod vm;
 pub mod wake;

@@ -197,3 +197,37 @@ pub fn ensure_private_mount_ns() -> Result<()> {
         .exec();
     Err(err).context("re-executing the harness under unshare --mount")
 }
+
+/// Puts every thread of process `pid` (or of its direct children, when it is
+/// a wrapper) whose name starts with `prefix` at `SCHED_FIFO` priority 1
+/// (`on`) or back to `SCHED_OTHER`, with `chrt`. Errors when no such thread
+/// exists: an A/B that changed nothing must not pass for one.
+pub fn set_thread_realtime(pid: u32, prefix: &str, on: bool) -> Result<()> {
+    let mut pids = vec![pid];
+    if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        pids.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    let mut n = 0;
+    for p in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if !comm.trim().starts_with(prefix) {
+                continue;
+            }
+            let tid = t.file_name().to_string_lossy().to_string();
+            if on {
+                sh(&["chrt", "-f", "-p", "1", &tid])?;
+            } else {
+                sh(&["chrt", "-o", "-p", "0", &tid])?;
+            }
+            n += 1;
+        }
+    }
+    if n == 0 {
+        bail!("no thread named {prefix}* in process {pid} or its children");
+    }
+    Ok(())
+}

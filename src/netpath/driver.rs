@@ -86,6 +86,11 @@ pub struct NetPathConfig {
     /// How long the driver thread keeps polling after its last work before it
     /// sleeps (module docs); zero: sleep at once.
     pub busy_poll: Duration,
+    /// `SCHED_FIFO` priority of the driver thread, 0: normal scheduling
+    /// (`host.netpath_priority`, docs/design.md §18). A refusal (no
+    /// `CAP_SYS_NICE`) is logged and counted; the thread runs on at normal
+    /// priority.
+    pub priority: u8,
     /// Tag and strip cross-host packets in the kernel ([`crate::ebpf`]),
     /// marking what it handled with this mark; the rules must be installed
     /// with the same mark (they queue the unmarked rest). `None`: the tag
@@ -117,6 +122,7 @@ impl NetPathConfig {
             limits,
             release_chunk: 1024,
             busy_poll: DEFAULT_BUSY_POLL,
+            priority: 0,
             kernel_tagger: None,
             links: Vec::new(),
             lease_gate: None,
@@ -278,9 +284,23 @@ impl NetPath {
             lease_gate: cfg.lease_gate.clone(),
         };
         state.wake_on_commit(Arc::clone(&wake));
+        let priority = cfg.priority;
         let thread = std::thread::Builder::new()
             .name(format!("netpath-{}", cfg.host))
-            .spawn(move || driver.run())
+            .spawn(move || {
+                if priority > 0 {
+                    if let Err(e) = crate::sched::set_current_thread_fifo(priority) {
+                        tracing::warn!(
+                            error = %e,
+                            priority,
+                            "network-path thread stays at normal priority: held replies may \
+                             wait for the CPU after their writes are durable"
+                        );
+                        driver.metrics.add(M::priority_refused, 1);
+                    }
+                }
+                driver.run()
+            })
             .map_err(|source| {
                 state.unwake_on_commit(&wake);
                 if kernel.is_some() {

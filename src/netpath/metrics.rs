@@ -136,6 +136,9 @@ metrics! {
     /// Microseconds the driver thread spent busy polling without finding work
     /// (the CPU that [`NetPathConfig::busy_poll`](super::NetPathConfig::busy_poll) costs).
     busy_poll_idle_us,
+    /// 1 when the kernel refused the driver thread's real-time priority
+    /// (`host.netpath_priority`; no `CAP_SYS_NICE`): it runs at normal priority.
+    priority_refused,
 }
 
 impl Default for NetPathMetrics {
@@ -279,7 +282,7 @@ impl std::fmt::Display for MetricsSnapshot {
             f,
             "tagged={} merged={} stripped={} merged_local={} untagged(zero={} options={} fragments={} non_ipv4={} pure_acks={} arrived={}) tag_failures={} \
              held={} ({} B, oldest {:?}) held_total={} released={} released_now={} last_batch={} drops(full={} unknown={} kernel_queue={} kernel_user={} overruns={}) verdict_errors={} \
-             driver(sleeps={} busy_poll_idle_ms={})",
+             driver(sleeps={} busy_poll_idle_ms={} priority_refused={})",
             self.tagged,
             self.merged,
             self.stripped,
@@ -306,6 +309,7 @@ impl std::fmt::Display for MetricsSnapshot {
             self.verdict_errors,
             self.driver_sleeps,
             self.busy_poll_idle_us / 1000,
+            self.priority_refused,
         )?;
         if let Some(k) = &self.kernel {
             write!(

@@ -51,6 +51,8 @@
 //! nbd_dir = "/run/pipecloud/dom0-a"        # absolute; the agent's NBD sockets: <nbd_dir>/<disk>.sock
 //! ctl_socket = "/run/pipecloud/dom0-a/ctl.sock"   # optional, default <nbd_dir>/ctl.sock
 //! busy_poll_us = 0                         # optional, 0..=10000 (0: off): network-path busy polling
+//! netpath_priority = 1                     # optional, 0..=99: SCHED_FIFO priority of the network-path
+//!                                          # thread (0: normal scheduling); not with busy_poll_us > 0
 //! kernel_tagger = true                     # optional: tagging and hold fast path in eBPF (false: NFQUEUE only)
 //! metrics_listen = "127.0.0.1:9701"        # optional: Prometheus `/metrics` over HTTP (absent: none)
 //!
@@ -149,13 +151,13 @@ pub use error::{TopologyError, TopologyErrors};
 pub use model::{
     default_ctl_socket, nbd_socket_path, Backup, Disk, Endpoint, Group, Host, Machine, Policy,
     Topology, DEFAULT_BUSY_POLL_US, DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS,
-    DEFAULT_KERNEL_TAGGER, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_NETQUEUE_MAX_BYTES,
-    DEFAULT_NETQUEUE_MAX_PACKETS, DEFAULT_REPLICATION_ASYNC_BATCH_US,
+    DEFAULT_KERNEL_TAGGER, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_NETPATH_PRIORITY,
+    DEFAULT_NETQUEUE_MAX_BYTES, DEFAULT_NETQUEUE_MAX_PACKETS, DEFAULT_REPLICATION_ASYNC_BATCH_US,
     DEFAULT_REPLICATION_COALESCE_US, MAX_BUSY_POLL_US, MAX_DEGRADE_AFTER_S, MAX_DISKS,
     MAX_DISK_SIZE, MAX_HEARTBEAT_INTERVAL_MS, MAX_HEARTBEAT_TIMEOUT_MS, MAX_HOSTS, MAX_MACHINES,
-    MAX_NETQUEUE_PACKETS, MAX_REPLICATION_ASYNC_BATCH_US, MAX_REPLICATION_COALESCE_US,
-    MAX_TOPOLOGY_BYTES, MAX_UNIX_SOCKET_PATH, MIN_HEARTBEAT_INTERVAL_MS, MIN_HEARTBEAT_TIMEOUT_MS,
-    MIN_NETQUEUE_BYTES, SECTOR_SIZE,
+    MAX_NETPATH_PRIORITY, MAX_NETQUEUE_PACKETS, MAX_REPLICATION_ASYNC_BATCH_US,
+    MAX_REPLICATION_COALESCE_US, MAX_TOPOLOGY_BYTES, MAX_UNIX_SOCKET_PATH,
+    MIN_HEARTBEAT_INTERVAL_MS, MIN_HEARTBEAT_TIMEOUT_MS, MIN_NETQUEUE_BYTES, SECTOR_SIZE,
 };
 pub use quorum::{FailoverPolicy, Quorum, DEFAULT_LEASE_MS, MAX_QUORUM_ENDPOINTS};
 pub use values::{check_name, format_mac, format_size, parse_mac, parse_size};

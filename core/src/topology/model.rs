@@ -225,6 +225,13 @@ pub struct Host {
     /// after a packet before it sleeps: lower per-packet latency for up to one
     /// core of CPU while traffic flows; 0 never spins.
     pub busy_poll_us: u64,
+    /// `SCHED_FIFO` priority of the agent's network-path thread (0: normal
+    /// scheduling). The thread releases held replies when the committed vector
+    /// moves; at normal priority its wake-up waits behind the guests' work on a
+    /// busy host (docs/design.md §18). It sleeps between bursts and its work
+    /// per wake-up is bounded, so a real-time priority cannot starve the host;
+    /// busy polling would, and the two are refused together.
+    pub netpath_priority: u8,
     /// Tag and strip cross-host packets, and pass client-bound packets that
     /// need no holding, in a TCX eBPF program (GSO super-packets stay whole);
     /// `false`: the NFQUEUE queues do all of it.
@@ -241,6 +248,11 @@ pub const DEFAULT_KERNEL_TAGGER: bool = true;
 /// Default `host.busy_poll_us`: off (busy polling takes CPU from the guests
 /// under load; 50 suits hosts with cores to spare).
 pub const DEFAULT_BUSY_POLL_US: u64 = 0;
+/// Default `host.netpath_priority`: `SCHED_FIFO` 1, the lowest real-time
+/// priority (above every normal task, below the kernel's own real-time threads).
+pub const DEFAULT_NETPATH_PRIORITY: u8 = 1;
+/// Largest `host.netpath_priority` (`SCHED_FIFO`'s range).
+pub const MAX_NETPATH_PRIORITY: u8 = 99;
 /// Largest `host.busy_poll_us` (10 ms).
 pub const MAX_BUSY_POLL_US: u64 = 10_000;
 

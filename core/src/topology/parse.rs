@@ -8,7 +8,7 @@ use super::document::{array_of_tables, Node, TableReader};
 use super::error::{Cx, TopologyErrors};
 use super::model::{
     default_ctl_socket, Disk, Host, Machine, Topology, DEFAULT_BUSY_POLL_US, DEFAULT_KERNEL_TAGGER,
-    MAX_DISKS, MAX_HOSTS, MAX_MACHINES, MAX_TOPOLOGY_BYTES,
+    DEFAULT_NETPATH_PRIORITY, MAX_DISKS, MAX_HOSTS, MAX_MACHINES, MAX_TOPOLOGY_BYTES,
 };
 use super::read::{
     parse_backup, parse_disk, parse_group, parse_host, parse_machine, parse_policy, RawDisk,
@@ -117,11 +117,22 @@ fn parse_in(cx: &mut Cx<'_>) -> Option<Topology> {
             let ctl_socket = h
                 .ctl_socket
                 .map_or_else(|| default_ctl_socket(&nbd_dir), |c| c.value);
+            let busy_poll_us = h.busy_poll_us.map_or(DEFAULT_BUSY_POLL_US, |v| v.value);
             Some(Host {
                 name: h.name?.value,
                 nbd_dir,
                 ctl_socket,
-                busy_poll_us: h.busy_poll_us.map_or(DEFAULT_BUSY_POLL_US, |v| v.value),
+                busy_poll_us,
+                // A busy-polling thread keeps normal scheduling unless told
+                // otherwise (and told otherwise is refused: validate.rs).
+                netpath_priority: h.netpath_priority.map_or(
+                    if busy_poll_us > 0 {
+                        0
+                    } else {
+                        DEFAULT_NETPATH_PRIORITY
+                    },
+                    |v| v.value,
+                ),
                 kernel_tagger: h.kernel_tagger.map_or(DEFAULT_KERNEL_TAGGER, |v| v.value),
                 metrics_listen: h.metrics_listen.map(|v| v.value),
             })

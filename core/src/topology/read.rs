@@ -17,9 +17,9 @@ use super::model::{
     Backup, Group, Policy, DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS,
     DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_NETQUEUE_MAX_BYTES, DEFAULT_NETQUEUE_MAX_PACKETS,
     DEFAULT_REPLICATION_ASYNC_BATCH_US, DEFAULT_REPLICATION_COALESCE_US, MAX_BUSY_POLL_US,
-    MAX_DEGRADE_AFTER_S, MAX_HEARTBEAT_INTERVAL_MS, MAX_HEARTBEAT_TIMEOUT_MS, MAX_NETQUEUE_PACKETS,
-    MAX_REPLICATION_ASYNC_BATCH_US, MAX_REPLICATION_COALESCE_US, MIN_HEARTBEAT_INTERVAL_MS,
-    MIN_HEARTBEAT_TIMEOUT_MS, MIN_NETQUEUE_BYTES,
+    MAX_DEGRADE_AFTER_S, MAX_HEARTBEAT_INTERVAL_MS, MAX_HEARTBEAT_TIMEOUT_MS, MAX_NETPATH_PRIORITY,
+    MAX_NETQUEUE_PACKETS, MAX_REPLICATION_ASYNC_BATCH_US, MAX_REPLICATION_COALESCE_US,
+    MIN_HEARTBEAT_INTERVAL_MS, MIN_HEARTBEAT_TIMEOUT_MS, MIN_NETQUEUE_BYTES,
 };
 use super::vm::{parse_vm, RawVm};
 use crate::mode::{BackupLossPolicy, Mode};
@@ -35,6 +35,7 @@ pub(super) struct RawHost {
     pub(super) nbd_dir: Option<At<PathBuf>>,
     pub(super) ctl_socket: Option<At<PathBuf>>,
     pub(super) busy_poll_us: Option<At<u64>>,
+    pub(super) netpath_priority: Option<At<u8>>,
     pub(super) kernel_tagger: Option<At<bool>>,
     pub(super) metrics_listen: Option<At<SocketAddr>>,
 }
@@ -78,6 +79,7 @@ const HOST_KEYS: &[&str] = &[
     "nbd_dir",
     "ctl_socket",
     "busy_poll_us",
+    "netpath_priority",
     "kernel_tagger",
     "metrics_listen",
 ];
@@ -311,6 +313,12 @@ pub(super) fn parse_host(
         "microseconds, an integer in 0..=10000",
         |n| conv_int_range(n, 0, MAX_BUSY_POLL_US as i64),
     );
+    let netpath_priority = t.optional(
+        cx,
+        "netpath_priority",
+        "a SCHED_FIFO priority, an integer in 0..=99 (0: normal scheduling)",
+        |n| conv_int_range(n, 0, i64::from(MAX_NETPATH_PRIORITY)).map(|v| v as u8),
+    );
     let kernel_tagger = t.optional(cx, "kernel_tagger", "true or false", conv_bool);
     let metrics_listen = t.optional(
         cx,
@@ -324,6 +332,7 @@ pub(super) fn parse_host(
         nbd_dir,
         ctl_socket,
         busy_poll_us,
+        netpath_priority,
         kernel_tagger,
         metrics_listen,
     }
@@ -567,6 +576,31 @@ mod tests {
         let errs = errors_of(&good_with(dir, &format!("{dir}\nbusy_poll_us = 10001")));
         assert_error(&errs, 17, "host[0].busy_poll_us", "0..=10000");
         assert_eq!(errs.len(), 1, "{errs:?}");
+    }
+
+    #[test]
+    fn host_netpath_priority_defaults_and_never_busy_polls() {
+        let dir = "nbd_dir = \"/run/pipecloud/dom0-a\"";
+        let t = Topology::parse(GOOD, "t").expect("valid");
+        assert_eq!(t.hosts[0].netpath_priority, DEFAULT_NETPATH_PRIORITY);
+        let t = Topology::parse(
+            &good_with(dir, &format!("{dir}\nnetpath_priority = 0")),
+            "t",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.hosts[0].netpath_priority, 0);
+        // Busy polling alone: normal scheduling by default.
+        let t = Topology::parse(&good_with(dir, &format!("{dir}\nbusy_poll_us = 50")), "t")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.hosts[0].netpath_priority, 0);
+        let errs = errors_of(&good_with(
+            dir,
+            &format!("{dir}\nbusy_poll_us = 50\nnetpath_priority = 5"),
+        ));
+        assert_error(&errs, 18, "host[0].netpath_priority", "must not busy-poll");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let errs = errors_of(&good_with(dir, &format!("{dir}\nnetpath_priority = 100")));
+        assert_error(&errs, 17, "host[0].netpath_priority", "0..=99");
     }
 
     #[test]

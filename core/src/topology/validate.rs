@@ -296,7 +296,8 @@ pub(super) fn assign_writers(
     writer_ids
 }
 
-/// Per host: at most [`MAX_DISKS_PER_HELLO`] disks, NBD socket paths fit `sun_path`.
+/// Per host: at most [`MAX_DISKS_PER_HELLO`] disks, NBD socket paths fit `sun_path`,
+/// no busy polling at real-time priority.
 pub(super) fn check_host_limits(
     cx: &mut Cx<'_>,
     hosts: &[RawHost],
@@ -304,6 +305,17 @@ pub(super) fn check_host_limits(
     disks: &[RawDisk],
 ) {
     for h in hosts {
+        if let (Some(p), Some(b)) = (&h.netpath_priority, &h.busy_poll_us) {
+            if p.value > 0 && b.value > 0 {
+                cx.error(
+                    &p.span,
+                    &p.field,
+                    "a real-time network-path thread must not busy-poll: set netpath_priority = 0 \
+                     or busy_poll_us = 0"
+                        .to_string(),
+                );
+            }
+        }
         let (Some(name), Some(dir)) = (&h.name, &h.nbd_dir) else {
             continue;
         };

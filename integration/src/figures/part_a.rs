@@ -15,7 +15,7 @@ use super::{check_interrupted, Plan, SINGLE_DB};
 use crate::pgbench::{self, PgbenchResult};
 use crate::run::Site;
 use crate::standby::SyncStandby;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use pipecloud::netpath::HoldSnapshot;
 use pipecloud_core::topology::Mode;
 use std::collections::BTreeMap;
@@ -104,6 +104,11 @@ pub(super) enum Knob {
     /// default since the A/B in docs/design.md §16 (TPC-B 256 clients,
     /// pipelined / async 0.18 with two threads, 0.97 with one per client).
     PgbenchThreadPerClient,
+    /// The agents' network-path driver threads at real-time priority
+    /// (`SCHED_FIFO` 1), set from outside with `chrt` on the running agents,
+    /// whatever `host.netpath_priority` says: the release part of the hold
+    /// breakdown is the driver's wake-up after the committed vector moved.
+    AgentRealtime,
 }
 
 impl Knob {
@@ -112,6 +117,7 @@ impl Knob {
             Knob::WanRealtime => "wan-rt",
             Knob::TcpKeepWindow => "tcp-keep-window",
             Knob::PgbenchThreadPerClient => "pgbench-thread-per-client",
+            Knob::AgentRealtime => "agent-rt",
         }
     }
 
@@ -121,6 +127,7 @@ impl Knob {
             Knob::WanRealtime => crate::wan::REALTIME_DEFAULT,
             Knob::TcpKeepWindow => true,
             Knob::PgbenchThreadPerClient => true,
+            Knob::AgentRealtime => true,
         }
     }
 }
@@ -132,8 +139,9 @@ impl std::str::FromStr for Knob {
             "wan-rt" => Ok(Knob::WanRealtime),
             "tcp-keep-window" => Ok(Knob::TcpKeepWindow),
             "pgbench-thread-per-client" => Ok(Knob::PgbenchThreadPerClient),
+            "agent-rt" => Ok(Knob::AgentRealtime),
             _ => Err(format!(
-                "unknown knob {s:?} (expected wan-rt, tcp-keep-window or pgbench-thread-per-client)"
+                "unknown knob {s:?} (expected wan-rt, tcp-keep-window, pgbench-thread-per-client or agent-rt)"
             )),
         }
     }
@@ -210,26 +218,22 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
         t.elapsed().as_secs_f64()
     );
     rig.drain();
-    // Two passes: the variants of the running site, interleaved per point (so a
-    // drift of the machine's background load hits them alike), then
-    // PostgreSQL's own synchronous standby (attached once).
-    let (local, standby_pass): (Vec<Variant>, Vec<Variant>) = plan
-        .variants
-        .iter()
-        .partition(|v| !matches!(v, Variant::PgSync));
-    for pass in [local, standby_pass] {
-        if pass.is_empty() {
-            continue;
-        }
+    // Every variant interleaved per point (so a drift of the machine's
+    // background load hits them alike), PostgreSQL's own synchronous standby
+    // included: attached once, paused between its points (standby.rs).
+    let pass = plan.variants.clone();
+    {
         let mut standby = None;
         if pass.contains(&Variant::PgSync) {
             if let Rig::Site(_) = &rig {
                 rig.set_mode(Mode::Async)?;
             }
             let t = Instant::now();
-            standby = Some(SyncStandby::attach(rig.db()?, &rig.standby_plan(&dir)?)?);
+            let mut s = SyncStandby::attach(rig.db()?, &rig.standby_plan(&dir)?)?;
+            s.pause()?;
+            standby = Some(s);
             eprintln!(
-                "figures: (a) synchronous standby attached across the WAN in {:.1} s",
+                "figures: (a) synchronous standby attached across the WAN in {:.1} s (paused between its points)",
                 t.elapsed().as_secs_f64()
             );
         }
@@ -269,6 +273,14 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                                 rig.set_mode(m)?;
                             }
                             rig.drain();
+                            if let (Some(s), Variant::PgSync) = (standby.as_mut(), v) {
+                                let t = Instant::now();
+                                s.resume().context("resuming the standby")?;
+                                eprintln!(
+                                    "figures: (a) standby caught up and synchronous in {:.1} s",
+                                    t.elapsed().as_secs_f64()
+                                );
+                            }
                             let label = label(v, plan.ab, on);
                             // The warm-up runs on the measured run's own
                             // connections (connecting and preparing cost held
@@ -287,7 +299,11 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                                     held = rig.hold();
                                 }
                             };
-                            match pgbench::run_point(&ep, point, &dir, &mut at_start) {
+                            let outcome = pgbench::run_point(&ep, point, &dir, &mut at_start);
+                            if let (Some(s), Variant::PgSync) = (standby.as_mut(), v) {
+                                s.pause().context("pausing the standby")?;
+                            }
+                            match outcome {
                                 Ok((r, shape)) => {
                                     let mut per_second: Vec<String> = shape
                                         .per_second

@@ -261,6 +261,14 @@ impl Rig {
             (Rig::Bare(b), Knob::WanRealtime) => b._wan.set_realtime(on),
             // A pgbench argument, not the rig's (part_a passes it).
             (_, Knob::PgbenchThreadPerClient) => {}
+            (Rig::Site(s), Knob::AgentRealtime) => {
+                for pid in s.agents.iter().filter_map(|a| a.pid()) {
+                    if let Err(e) = crate::sys::set_thread_realtime(pid, "netpath-", on) {
+                        eprintln!("figures: agent {pid}'s netpath threads: {e:#}");
+                    }
+                }
+            }
+            (Rig::Bare(_), Knob::AgentRealtime) => {}
             (_, Knob::TcpKeepWindow) => {
                 let names = self.names();
                 let mut nss: Vec<String> = (0..self.topo().hosts.len())
