@@ -109,6 +109,10 @@ pub(super) enum Knob {
     /// whatever `host.netpath_priority` says: the release part of the hold
     /// breakdown is the driver's wake-up after the committed vector moved.
     AgentRealtime,
+    /// The agents' replication thread (`pc-replication`: the TLS stream to
+    /// the backup, acks in) at `SCHED_FIFO` 1, with `chrt`: the round part's
+    /// tail under load.
+    ReplRealtime,
 }
 
 impl Knob {
@@ -118,6 +122,7 @@ impl Knob {
             Knob::TcpKeepWindow => "tcp-keep-window",
             Knob::PgbenchThreadPerClient => "pgbench-thread-per-client",
             Knob::AgentRealtime => "agent-rt",
+            Knob::ReplRealtime => "repl-rt",
         }
     }
 
@@ -128,6 +133,7 @@ impl Knob {
             Knob::TcpKeepWindow => true,
             Knob::PgbenchThreadPerClient => true,
             Knob::AgentRealtime => true,
+            Knob::ReplRealtime => false,
         }
     }
 }
@@ -140,8 +146,9 @@ impl std::str::FromStr for Knob {
             "tcp-keep-window" => Ok(Knob::TcpKeepWindow),
             "pgbench-thread-per-client" => Ok(Knob::PgbenchThreadPerClient),
             "agent-rt" => Ok(Knob::AgentRealtime),
+            "repl-rt" => Ok(Knob::ReplRealtime),
             _ => Err(format!(
-                "unknown knob {s:?} (expected wan-rt, tcp-keep-window, pgbench-thread-per-client or agent-rt)"
+                "unknown knob {s:?} (expected wan-rt, tcp-keep-window, pgbench-thread-per-client, agent-rt or repl-rt)"
             )),
         }
     }

@@ -261,14 +261,19 @@ impl Rig {
             (Rig::Bare(b), Knob::WanRealtime) => b._wan.set_realtime(on),
             // A pgbench argument, not the rig's (part_a passes it).
             (_, Knob::PgbenchThreadPerClient) => {}
-            (Rig::Site(s), Knob::AgentRealtime) => {
+            (Rig::Site(s), Knob::AgentRealtime | Knob::ReplRealtime) => {
+                let prefix = if k == Knob::AgentRealtime {
+                    "netpath-"
+                } else {
+                    "pc-replication"
+                };
                 for pid in s.agents.iter().filter_map(|a| a.pid()) {
-                    if let Err(e) = crate::sys::set_thread_realtime(pid, "netpath-", on) {
-                        eprintln!("figures: agent {pid}'s netpath threads: {e:#}");
+                    if let Err(e) = crate::sys::set_thread_realtime(pid, prefix, on) {
+                        eprintln!("figures: agent {pid}'s {prefix} threads: {e:#}");
                     }
                 }
             }
-            (Rig::Bare(_), Knob::AgentRealtime) => {}
+            (Rig::Bare(_), Knob::AgentRealtime | Knob::ReplRealtime) => {}
             (_, Knob::TcpKeepWindow) => {
                 let names = self.names();
                 let mut nss: Vec<String> = (0..self.topo().hosts.len())
