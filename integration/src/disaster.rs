@@ -168,6 +168,11 @@ pub fn run_point(
     pitr: bool,
 ) -> Result<PointResult> {
     let mut site = Site::up(topo, work, prefix, opts)?;
+    // Protection starts when the set-up (file systems, databases) is durable
+    // at the backup; a disaster before that may rightly fail over to images
+    // without them (seen under load: the cut held only mkfs's writes).
+    site.wait_replicated(Duration::from_secs(180))
+        .context("the set-up's writes to reach the backup before the load")?;
     let single = site.topo.machines.len() == 1;
     let target = if single {
         Target::Sql {

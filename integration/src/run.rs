@@ -360,6 +360,42 @@ impl Site {
         self.net.names.client()
     }
 
+    /// The agents' control sockets, one per host.
+    pub fn ctl_sockets(&self) -> Vec<PathBuf> {
+        (0..self.topo.hosts.len())
+            .map(|i| self.work.join(format!("h{i}")).join("ctl.sock"))
+            .collect()
+    }
+
+    /// Waits until every agent has every write acknowledged by the backup
+    /// (`inflight=0/…` in `ctl status`), or fails after `timeout`. A site is
+    /// protected only from then on: before it, a failover may rightly lack the
+    /// set-up's own writes (file systems, databases) that no reply depended on.
+    pub fn wait_replicated(&self, timeout: Duration) -> Result<()> {
+        for p in self.ctl_sockets() {
+            let mut unknown = false;
+            wait_until(
+                timeout,
+                "replication to drain",
+                || match pipecloud::ctl::status(&p, false)
+                    .ok()
+                    .and_then(|s| drained(&s))
+                {
+                    Some(d) => d,
+                    None => {
+                        unknown = true;
+                        true
+                    }
+                },
+            )
+            .with_context(|| format!("agent {}", p.display()))?;
+            if unknown {
+                bail!("cannot read the in-flight bytes of {}", p.display());
+            }
+        }
+        Ok(())
+    }
+
     /// The disaster: the whole primary site dies at once (agents, machines, WAN link).
     pub fn disaster(&mut self) {
         // Cut the WAN first, so nothing more reaches the backup after "the instant":
@@ -491,4 +527,31 @@ fn start_etcd(names: &crate::site::Names) -> Result<pipecloud_quorum::testkit::E
 /// Milliseconds as f64.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Whether an agent's status shows no unacknowledged replication data.
+fn drained(status: &str) -> Option<bool> {
+    let v: Vec<&str> = status
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("inflight="))
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    Some(v.iter().all(|x| x.starts_with("0/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drained_reads_the_status_summary() {
+        assert_eq!(
+            drained("group g: mode=sync inflight=0/67108864 committed=[3]"),
+            Some(true)
+        );
+        assert_eq!(drained("group g: inflight=4096/67108864"), Some(false));
+        assert_eq!(drained("no such field"), None);
+    }
 }

@@ -16,7 +16,6 @@ use crate::pgbench::Endpoint;
 use crate::run::{ms, Site, SiteOptions, PG_PORT};
 use crate::site::{host_lan_ip, Network, BACKUP_IP};
 use crate::standby::StandbyPlan;
-use crate::sys::wait_until;
 use crate::wan::{start_calibrated, RttReport, WanDelay};
 use anyhow::{anyhow, bail, Context, Result};
 use pipecloud_core::topology::{Mode, Topology};
@@ -67,9 +66,7 @@ pub(super) fn rtt_retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
 
 /// The agents' control sockets of a site (`<nbd_dir>/ctl.sock`, nbd_dir = `<work>/h<i>`).
 fn ctl_sockets(site: &Site) -> Vec<PathBuf> {
-    (0..site.topo.hosts.len())
-        .map(|i| site.work.join(format!("h{i}")).join("ctl.sock"))
-        .collect()
+    site.ctl_sockets()
 }
 
 /// Switches every agent of the site to `mode` at run time.
@@ -82,45 +79,11 @@ pub(super) fn set_mode(site: &Site, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-/// Whether an agent's status shows no unacknowledged replication data.
-fn drained(status: &str) -> Option<bool> {
-    let v: Vec<&str> = status
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("inflight="))
-        .collect();
-    if v.is_empty() {
-        return None;
-    }
-    Some(v.iter().all(|x| x.starts_with("0/")))
-}
-
 /// Waits (up to 60 s) until every agent has all writes acknowledged, so a
-/// variant does not inherit the previous one's backlog.
+/// variant does not inherit the previous one's backlog; a timeout is a warning.
 pub(super) fn wait_drained(site: &Site) {
-    for p in ctl_sockets(site) {
-        let mut unknown = false;
-        let r = wait_until(Duration::from_secs(60), "replication to drain", || {
-            match pipecloud::ctl::status(&p, false)
-                .ok()
-                .and_then(|s| drained(&s))
-            {
-                Some(d) => d,
-                None => {
-                    unknown = true;
-                    true
-                }
-            }
-        });
-        if unknown {
-            eprintln!(
-                "figures: cannot read the in-flight bytes of {}; waiting 1 s",
-                p.display()
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        if let Err(e) = r {
-            eprintln!("figures: warning: {e:#}");
-        }
+    if let Err(e) = site.wait_replicated(Duration::from_secs(60)) {
+        eprintln!("figures: warning: {e:#}");
     }
 }
 
@@ -311,20 +274,5 @@ impl Rig {
             datadir: dir.join("standby"),
             log: dir.join("pg-standby.log"),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drained_reads_the_status_summary() {
-        assert_eq!(
-            drained("group g: mode=sync inflight=0/67108864 committed=[3]"),
-            Some(true)
-        );
-        assert_eq!(drained("group g: inflight=4096/67108864"), Some(false));
-        assert_eq!(drained("no such field"), None);
     }
 }
