@@ -151,13 +151,26 @@ fn identical(a: &Path, b: &Path) -> Result<bool> {
 
 /// The failback: 1 % changed on each side, then the resync from the active
 /// site's `image` into the old primary's `old` over the WAN; checked
-/// byte-identical.
-fn failback(work: &Path, names: &crate::site::Names, old: &Path, image: &Path) -> Result<Failback> {
+/// byte-identical. The resync link is the replication link's mutual TLS
+/// (the site's certificates); the fetcher asks the site's etcd that the old
+/// primary (`home_site = "primary"`, run.rs) is fenced.
+fn failback(
+    work: &Path,
+    names: &crate::site::Names,
+    site: &Site,
+    old: &Path,
+    image: &Path,
+) -> Result<Failback> {
     diverge(old, 0x01d_5eed, 1)?;
     diverge(image, 0xac71_5eed, 1)?;
     if identical(old, image)? {
         bail!("the two sites' images are identical before the resync: the run proves nothing");
     }
+    let group = site.topo.group.name.as_str();
+    let etcd = site
+        .etcd
+        .as_ref()
+        .context("the lifecycle's site has no etcd")?;
     let log = work.join("resync-source.log");
     let mut cmd = ns_cmd(&names.backup(), "setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
@@ -165,7 +178,13 @@ fn failback(work: &Path, names: &crate::site::Names, old: &Path, image: &Path) -
         .args(["resync-source", "--listen"])
         .arg(format!("{BACKUP_IP}:{RESYNC_PORT}"))
         .arg("--image")
-        .arg(image);
+        .arg(image)
+        .args(["--group", group, "--ca"])
+        .arg(site.certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(site.certs.join("server.pem"))
+        .arg("--key")
+        .arg(site.certs.join("server.key"));
     let mut source = Guarded::spawn("resync-source", &mut cmd, &log)?;
     wait_until(Duration::from_secs(30), "resync-source to listen", || {
         source.exited()
@@ -188,7 +207,21 @@ fn failback(work: &Path, names: &crate::site::Names, old: &Path, image: &Path) -
             .arg("--image")
             .arg(old)
             .arg("--status")
-            .arg(work.join("resync.status")),
+            .arg(work.join("resync.status"))
+            .args(["--group", group, "--ca"])
+            .arg(site.certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(site.certs.join(format!("{group}-agent.pem")))
+            .arg("--key")
+            .arg(site.certs.join(format!("{group}-agent.key")))
+            .args([
+                "--server-name",
+                "backup.pipecloud.test",
+                "--site",
+                "primary",
+            ])
+            .arg("--etcd")
+            .arg(etcd.endpoints().join(",")),
     )
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     wait_until(Duration::from_secs(30), "resync-source to finish", || {
@@ -221,6 +254,15 @@ fn failback(work: &Path, names: &crate::site::Names, old: &Path, image: &Path) -
 /// ports of the other members (the backup's, forwarded; the witness's, local)
 /// is dropped; replication and client traffic still pass.
 fn cut_from_quorum(wan: &str, ip: std::net::Ipv4Addr) -> Result<()> {
+    quorum_cut_rules(wan, ip, true)
+}
+
+/// Deletes the rules of [`cut_from_quorum`].
+fn heal_quorum_cut(wan: &str, ip: std::net::Ipv4Addr) -> Result<()> {
+    quorum_cut_rules(wan, ip, false)
+}
+
+fn quorum_cut_rules(wan: &str, ip: std::net::Ipv4Addr, cut: bool) -> Result<()> {
     let ip = ip.to_string();
     let ports = format!(
         "{}:{}",
@@ -235,10 +277,15 @@ fn cut_from_quorum(wan: &str, ip: std::net::Ipv4Addr) -> Result<()> {
     ];
     for (chain, dir) in rules {
         for port_dir in ["--dport", "--sport"] {
-            sh(&[
-                "ip", "netns", "exec", wan, "iptables", "-I", chain, "1", dir, &ip, "-p", "tcp",
-                port_dir, &ports, "-j", "DROP",
-            ])?;
+            let at: &[&str] = if cut {
+                &["-I", chain, "1"]
+            } else {
+                &["-D", chain]
+            };
+            let mut cmd = vec!["ip", "netns", "exec", wan, "iptables"];
+            cmd.extend_from_slice(at);
+            cmd.extend([dir, &ip, "-p", "tcp", port_dir, &ports, "-j", "DROP"]);
+            sh(&cmd)?;
         }
     }
     Ok(())
@@ -519,7 +566,11 @@ pub fn run(
         || !Path::new(&format!("/sys/block/{loopdev}/loop/backing_file")).exists(),
     )?;
     let old = work.join("images").join(format!("{disk}.img"));
-    let failback = failback(work, &names, &old, &image)?;
+    if partition {
+        // The old primary returns: its fetcher must reach the etcd majority.
+        heal_quorum_cut(&names.wan(), crate::site::host_lan_ip(0))?;
+    }
+    let failback = failback(work, &names, &site, &old, &image)?;
     let result = LifecycleResult {
         rto,
         takeover,
