@@ -25,6 +25,8 @@ use std::time::Duration;
 pub const TIER_PORT: u16 = 8080;
 /// Port of PostgreSQL on every writer machine.
 pub const PG_PORT: u16 = 5432;
+/// The backup server's `/metrics`, on loopback in the backup namespace.
+pub const BACKUP_METRICS_PORT: u16 = 9700;
 
 /// What to start.
 #[derive(Clone, Debug)]
@@ -174,7 +176,7 @@ impl Site {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"{BACKUP_IP}:{BACKUP_PORT}\"\ndata_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                "listen = \"{BACKUP_IP}:{BACKUP_PORT}\"\ndata_dir = \"{}\"\nmetrics = \"127.0.0.1:{BACKUP_METRICS_PORT}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 site.backup_data.display(),
                 site.certs.join("ca.pem").display(),
                 site.certs.join("server.pem").display(),
@@ -358,6 +360,22 @@ impl Site {
     /// Namespace of the client.
     pub fn client_ns(&self) -> String {
         self.net.names.client()
+    }
+
+    /// The backup server's `/metrics` text (it listens on loopback in the
+    /// backup namespace).
+    pub fn backup_metrics(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        spawn_in(&self.net.names.backup(), || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", BACKUP_METRICS_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: backup\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading the backup's metrics panicked"))?
     }
 
     /// The agents' control sockets, one per host.

@@ -29,6 +29,7 @@
 //! times one client's requests, `report` holds what a run measured and renders
 //! it as the table, the CSV files and the `RESULT` line, and `plots` draws it.
 
+mod backup_lat;
 mod hold;
 mod latency;
 mod part_a;

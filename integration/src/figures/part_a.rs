@@ -301,9 +301,11 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                                 duration: Duration::from_secs(plan.secs),
                             };
                             let mut held = None;
+                            let mut backup_before = None;
                             let mut at_start = || {
                                 if v == Variant::Pipelined {
                                     held = rig.hold();
+                                    backup_before = rig.backup_latency();
                                 }
                             };
                             let outcome = pgbench::run_point(&ep, point, &dir, &mut at_start);
@@ -346,6 +348,12 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                                             HoldRow::of(w.as_str(), c, h)
                                                 .line(rig.rtt().median.as_secs_f64() * 1e3)
                                         );
+                                        if let Some(d) = backup_before
+                                            .zip(rig.backup_latency())
+                                            .map(|(b, a)| a.since(&b))
+                                        {
+                                            eprintln!("figures: (a)   {}", d.line());
+                                        }
                                     }
                                     runs.entry((v, label)).or_default().push((r, hold));
                                 }

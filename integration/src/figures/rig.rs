@@ -195,6 +195,19 @@ impl Rig {
     }
     /// The hold breakdown of the site's agents so far (the first agent with a
     /// network path; `None` without the agent or when it cannot be read).
+    /// The backup's queue and journal latency histograms (`None` without a
+    /// site or when its metrics cannot be read: said once per call).
+    pub(super) fn backup_latency(&self) -> Option<super::backup_lat::BackupLatency> {
+        let Rig::Site(s) = self else { return None };
+        match s.backup_metrics() {
+            Ok(t) => Some(super::backup_lat::BackupLatency::parse(&t)),
+            Err(e) => {
+                eprintln!("figures: reading the backup's metrics: {e:#}");
+                None
+            }
+        }
+    }
+
     pub(super) fn hold(&self) -> Option<pipecloud::netpath::HoldSnapshot> {
         let Rig::Site(s) = self else { return None };
         ctl_sockets(s).iter().find_map(|p| {
