@@ -19,8 +19,8 @@
 //!
 //! Checked and printed: `rto_s` (disaster → first reply from the backup site),
 //! `lost_acked` (acknowledged inserts missing from the backup's database: must
-//! be 0), `split_brain_windows` (1 if a reply of the primary arrived after the
-//! first reply of the backup: the two sites' reply windows overlap; must be 0).
+//! be 0), `split_brain_windows` (how often one site answered while the other's
+//! reply window was open, [`schedule::overlapping_windows`]; must be 0).
 //!
 //! With `--partition primary-quorum` there is no disaster: the primary's host
 //! is cut from the etcd majority (its member from the others, its agent from
@@ -102,6 +102,19 @@ pub struct LifecycleResult {
     /// Inserts the primary acknowledged while its replication link was cut
     /// (after [`STALL_GRACE`]): a zero-RPO mode must stall instead.
     pub acked_while_cut: usize,
+    /// With a schedule that never cut the primary from the etcd majority or
+    /// the backup: the longest the primary went without answering, from the
+    /// schedule's start to the last heal (it must keep serving).
+    pub primary_gap: Option<Duration>,
+}
+
+/// What [`checks`] found.
+struct Checked {
+    split_brain_windows: usize,
+    primary_stop: Duration,
+    lost_acked: usize,
+    acked_while_cut: usize,
+    primary_gap: Option<Duration>,
 }
 
 /// How long after the replication link's cut acknowledgements released
@@ -398,9 +411,9 @@ pub fn run(
         if let Some(e) = site.etcd.as_mut() {
             e.kill(0);
         }
-        (None, None)
+        (Some(2), None)
     };
-    let Some(generation) = generation.or(if partition { None } else { Some(2) }) else {
+    let Some(generation) = generation else {
         stop.store(true, Ordering::SeqCst);
         drop(clients);
         return without_takeover(&mut site, &seen, &primary_dir, applied, schedule);
@@ -505,7 +518,13 @@ pub fn run(
     let converge = applied
         .as_ref()
         .map(|a| first_backup.saturating_duration_since(a.healed));
-    let (split_brain_windows, primary_stop, lost_acked, acked_while_cut) = checks(
+    let Checked {
+        split_brain_windows,
+        primary_stop,
+        lost_acked,
+        acked_while_cut,
+        primary_gap,
+    } = checks(
         &s,
         &primary_dir,
         applied.as_ref(),
@@ -547,6 +566,7 @@ pub fn run(
         primary_stop,
         converge,
         acked_while_cut,
+        primary_gap,
     };
     eprintln!("harness: lifecycle: {result:?}");
     Ok(result)
@@ -555,42 +575,50 @@ pub fn run(
 /// The checks on what the clients saw, against `sv` (`SELECT id FROM req` at
 /// the site active at the end): overlapping reply windows
 /// ([`schedule::overlapping_windows`]), the longest a primary without the etcd
-/// majority went on answering ([`schedule::primary_stop`]), and the
-/// acknowledged inserts missing from `sv`, and the inserts the primary
-/// acknowledged while its replication link was cut ([`schedule::acked_during`]).
-fn checks(
-    s: &Seen,
-    primary_dir: &str,
-    applied: Option<&Applied>,
-    sv: &str,
-) -> (usize, Duration, usize, usize) {
+/// majority went on answering ([`schedule::primary_stop`]), the acknowledged
+/// inserts missing from `sv`, the inserts the primary acknowledged while its
+/// replication link was cut ([`schedule::acked_during`]), and, when the
+/// schedule left the primary its quorum and its backup, the longest it went
+/// without answering ([`schedule::longest_gap`]).
+fn checks(s: &Seen, primary_dir: &str, applied: Option<&Applied>, sv: &str) -> Checked {
+    use crate::partition::Link;
     let sites: Vec<(bool, Instant)> = s
         .replies
         .iter()
         .map(|r| (r.datadir == primary_dir, r.at))
         .collect();
-    let split = schedule::overlapping_windows(&sites);
-    let stop = applied.map_or(Duration::ZERO, |a| {
-        let primary: Vec<Duration> = sites
-            .iter()
-            .filter(|(p, _)| *p)
-            .map(|&(_, t)| a.offset(t))
-            .collect();
-        schedule::primary_stop(&schedule::primary_without_quorum(&a.events), &primary)
-    });
-    let while_cut = applied.map_or(0, |a| {
-        let acks: Vec<Duration> = s
-            .replies
-            .iter()
-            .filter(|r| r.id.is_some() && r.datadir == primary_dir)
-            .map(|r| a.offset(r.at))
-            .collect();
-        let cuts = schedule::cut_intervals(&a.events, crate::partition::Link::PrimaryBackup);
-        schedule::acked_during(&cuts, STALL_GRACE, &acks)
-    });
     let sv: BTreeSet<i64> = sv.lines().filter_map(|l| l.trim().parse().ok()).collect();
     let acked: BTreeSet<i64> = s.replies.iter().filter_map(|r| r.id).collect();
-    (split, stop, acked.difference(&sv).count(), while_cut)
+    let mut c = Checked {
+        split_brain_windows: schedule::overlapping_windows(&sites),
+        primary_stop: Duration::ZERO,
+        lost_acked: acked.difference(&sv).count(),
+        acked_while_cut: 0,
+        primary_gap: None,
+    };
+    let Some(a) = applied else {
+        return c;
+    };
+    let at_primary = |inserts_only: bool| -> Vec<Duration> {
+        s.replies
+            .iter()
+            .filter(|r| r.datadir == primary_dir && (r.id.is_some() || !inserts_only))
+            .map(|r| a.offset(r.at))
+            .collect()
+    };
+    let without_quorum = schedule::primary_without_quorum(&a.events);
+    let replication_cut = schedule::cut_intervals(&a.events, Link::PrimaryBackup);
+    c.primary_stop = schedule::primary_stop(&without_quorum, &at_primary(false));
+    c.acked_while_cut = schedule::acked_during(&replication_cut, STALL_GRACE, &at_primary(true));
+    if without_quorum.is_empty() && replication_cut.is_empty() {
+        let end = a.offset(a.healed);
+        c.primary_gap = Some(schedule::longest_gap(
+            &at_primary(false),
+            Duration::ZERO,
+            end,
+        ));
+    }
+    c
 }
 
 /// The end of a schedule that caused no takeover: the primary still serves;
@@ -616,8 +644,13 @@ fn without_takeover(
         .first()
         .and_then(|d| d.as_ref())
         .context("the primary's PostgreSQL")?;
-    let (split_brain_windows, primary_stop, lost_acked, acked_while_cut) =
-        checks(&s, primary_dir, Some(&a), &pg.psql("SELECT id FROM req")?);
+    let Checked {
+        split_brain_windows,
+        primary_stop,
+        lost_acked,
+        acked_while_cut,
+        primary_gap,
+    } = checks(&s, primary_dir, Some(&a), &pg.psql("SELECT id FROM req")?);
     let result = LifecycleResult {
         rto: Duration::ZERO,
         takeover: Duration::ZERO,
@@ -639,6 +672,7 @@ fn without_takeover(
         primary_stop,
         converge: Some(after.duration_since(a.healed)),
         acked_while_cut,
+        primary_gap,
     };
     eprintln!(
         "harness: lifecycle: client errors {}; no takeover, so no failback (skipped)",

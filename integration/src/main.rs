@@ -435,7 +435,7 @@ fn real_main() -> Result<()> {
                      split_brain_windows={} lost_acked={} partitions={} replies_primary={} \
                      replies_backup={} resync_blocks={} resync_s={:.2} lease_ms={lease_ms} \
                      rtt_ms={rtt_ms} mode={mode} takeover={} failback={} primary_stop_s={:.3} \
-                     converge_s={:.3} acked_while_cut={} schedule={label:?}",
+                     converge_s={:.3} acked_while_cut={} primary_gap_s={} schedule={label:?}",
                     r.rto.as_secs_f64(),
                     r.takeover.as_secs_f64(),
                     r.failback.resync_bytes,
@@ -452,6 +452,8 @@ fn real_main() -> Result<()> {
                     r.primary_stop.as_secs_f64(),
                     converge.as_secs_f64(),
                     r.acked_while_cut,
+                    r.primary_gap
+                        .map_or("-".to_string(), |g| format!("{:.3}", g.as_secs_f64())),
                 );
                 if expect_split_brain {
                     if r.split_brain_windows == 0 {
@@ -483,6 +485,10 @@ fn real_main() -> Result<()> {
                     (
                         r.primary_stop > lease,
                         "the partitioned primary answered after its lease",
+                    ),
+                    (
+                        r.primary_gap.is_some_and(|g| g > lease),
+                        "the primary stopped serving though it kept its quorum and its backup",
                     ),
                     (
                         zero_rpo && r.acked_while_cut > 0,

@@ -327,6 +327,24 @@ pub fn primary_stop(
         .unwrap_or_default()
 }
 
+/// The longest time in `[from, to]` without a reply (`replies`, any order).
+pub fn longest_gap(replies: &[Duration], from: Duration, to: Duration) -> Duration {
+    let mut inside: Vec<Duration> = replies
+        .iter()
+        .copied()
+        .filter(|&t| t >= from && t <= to)
+        .collect();
+    inside.sort();
+    inside.push(to);
+    let mut prev = from;
+    let mut gap = Duration::ZERO;
+    for t in inside {
+        gap = gap.max(t - prev);
+        prev = t;
+    }
+    gap
+}
+
 /// splitmix64: seeded, portable, no dependency.
 struct SplitMix(u64);
 
@@ -500,6 +518,15 @@ mod tests {
         let acks = [s(0.5), s(1.2), s(2.5), s(4.9), s(5.5)];
         assert_eq!(acked_during(&cuts, s(0.5), &acks), 2);
         assert_eq!(acked_during(&cuts, s(0.0), &acks), 3);
+    }
+
+    #[test]
+    fn the_longest_gap_counts_the_edges() {
+        let r = [s(3.0), s(1.0), s(1.5), s(9.0)];
+        assert_eq!(longest_gap(&r, s(0.0), s(4.0)), s(1.5));
+        assert_eq!(longest_gap(&r, s(1.0), s(3.0)), s(1.5));
+        assert_eq!(longest_gap(&r, s(0.5), s(10.0)), s(6.0));
+        assert_eq!(longest_gap(&[], s(2.0), s(5.0)), s(3.0));
     }
 
     #[test]
