@@ -5,7 +5,9 @@
 # as `pipecloud-fault-ungated` (the normal `pipecloud` binaries are never built with the
 # fault), and runs the partition schedule in async mode (only the lease gate can stop a
 # cut-off primary's replies there) with `--expect-split-brain`: the harness exits
-# non-zero unless the two sites' reply windows overlap.
+# non-zero unless the two sites' reply windows overlap (split_brain_windows > 0) and the
+# primary went on answering past its lease after the cut (primary_stop_s > lease): both of
+# the partition schedules' safety checks (integration/src/partition.rs) must fire.
 # Debug profile on purpose, as scripts/fault-checkpoint.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -58,5 +58,12 @@ done
 # of only the differing blocks, images compared in full). The harness fails unless
 # split_brain_windows=0 lost_acked=0. Its fault run: an agent that ignores its lease must be caught.
 "$H" lifecycle --topology topology/single-db.toml --rtt-ms 50 --lease-ms 3000 --partition primary-quorum
+# Two more partition schedules (docs/design.md §7; ~40 s each, no takeover so no failback): the
+# replication link cut for 4 leases (pipelined must stall: acked_while_cut=0, then resume) and the
+# witness's etcd member killed then restarted (nothing may change). Every schedule also asserts the
+# primary stops within its lease of losing the etcd majority and replies resume within the bound.
+for p in primary-backup witness-down; do
+  "$H" lifecycle --topology topology/single-db.toml --rtt-ms 50 --lease-ms 3000 --partition "$p"
+done
 ./scripts/fault-lifecycle.sh
 echo "test.sh: all tests passed"

@@ -19,8 +19,8 @@
 //!
 //! Checked and printed: `rto_s` (disaster → first reply from the backup site),
 //! `lost_acked` (acknowledged inserts missing from the backup's database: must
-//! be 0), `split_brain_windows` (1 if a reply of the primary arrived after the
-//! first reply of the backup: the two sites' reply windows overlap; must be 0).
+//! be 0), `split_brain_windows` (how often one site answered while the other's
+//! reply window was open, [`schedule::overlapping_windows`]; must be 0).
 //!
 //! With `--partition primary-quorum` there is no disaster: the primary's host
 //! is cut from the etcd majority (its member from the others, its agent from
@@ -42,9 +42,19 @@
 //! must be byte-identical (full compare). `failback_resync_bytes` is the
 //! frame bytes both ways.
 //!
-//! Not yet: more partition schedules, reverse protection, switch-back.
+//! **Partition schedules** (`--partition NAME`, `--schedules N --seed S`;
+//! [`crate::partition`]): instead of the disaster, faults cut and heal links
+//! during the load; with a takeover the run goes on as above, without one
+//! there is no failback (skipped, and said so) and the checks run against the
+//! primary's database. Checked for every schedule: the sites' reply windows
+//! never overlap, no acknowledged insert lost, the primary stops answering
+//! within its lease of losing the etcd majority (`primary_stop`), and replies
+//! resume within [`crate::partition::converge_bound`] of the last heal.
+//!
+//! Not yet: reverse protection, switch-back.
 
 use crate::netns::spawn_in;
+use crate::partition::{schedule, Applied, Schedule};
 use crate::pg::{chown_postgres, Postgres};
 use crate::run::{bin, Site, SiteOptions, PG_PORT};
 use crate::site::{MountedImage, BACKUP_IP, WAN_LAN_SIDE};
@@ -83,7 +93,33 @@ pub struct LifecycleResult {
     pub split_brain_windows: usize,
     pub partitions: usize,
     pub failback: Failback,
+    /// Whether a takeover happened (without one, no failback).
+    pub took_over: bool,
+    /// The longest a primary cut from the etcd majority went on answering.
+    pub primary_stop: Duration,
+    /// From the last heal to the first reply after it (schedules only).
+    pub converge: Option<Duration>,
+    /// Inserts the primary acknowledged while its replication link was cut
+    /// (after [`STALL_GRACE`]): a zero-RPO mode must stall instead.
+    pub acked_while_cut: usize,
+    /// With a schedule that never cut the primary from the etcd majority or
+    /// the backup: the longest the primary went without answering, from the
+    /// schedule's start to the last heal (it must keep serving).
+    pub primary_gap: Option<Duration>,
 }
+
+/// What [`checks`] found.
+struct Checked {
+    split_brain_windows: usize,
+    primary_stop: Duration,
+    lost_acked: usize,
+    acked_while_cut: usize,
+    primary_gap: Option<Duration>,
+}
+
+/// How long after the replication link's cut acknowledgements released
+/// before it may still reach the client.
+pub const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// What the failback resync did.
 #[derive(Debug, Default)]
@@ -249,48 +285,6 @@ fn failback(
     Ok(r)
 }
 
-/// Cuts host `ip` (the primary's dom0, with its etcd member and agent) from
-/// the etcd majority, in the WAN router: its traffic to and from the etcd
-/// ports of the other members (the backup's, forwarded; the witness's, local)
-/// is dropped; replication and client traffic still pass.
-fn cut_from_quorum(wan: &str, ip: std::net::Ipv4Addr) -> Result<()> {
-    quorum_cut_rules(wan, ip, true)
-}
-
-/// Deletes the rules of [`cut_from_quorum`].
-fn heal_quorum_cut(wan: &str, ip: std::net::Ipv4Addr) -> Result<()> {
-    quorum_cut_rules(wan, ip, false)
-}
-
-fn quorum_cut_rules(wan: &str, ip: std::net::Ipv4Addr, cut: bool) -> Result<()> {
-    let ip = ip.to_string();
-    let ports = format!(
-        "{}:{}",
-        crate::run::ETCD_CLIENT_PORT,
-        crate::run::ETCD_PEER_PORT
-    );
-    let rules = [
-        ("FORWARD", "-s"),
-        ("FORWARD", "-d"),
-        ("INPUT", "-s"),
-        ("OUTPUT", "-d"),
-    ];
-    for (chain, dir) in rules {
-        for port_dir in ["--dport", "--sport"] {
-            let at: &[&str] = if cut {
-                &["-I", chain, "1"]
-            } else {
-                &["-D", chain]
-            };
-            let mut cmd = vec!["ip", "netns", "exec", wan, "iptables"];
-            cmd.extend_from_slice(at);
-            cmd.extend([dir, &ip, "-p", "tcp", port_dir, &ports, "-j", "DROP"]);
-            sh(&cmd)?;
-        }
-    }
-    Ok(())
-}
-
 /// A client inserting numbered rows, reconnecting after errors, until `stop`.
 fn start_client(
     ns: &str,
@@ -361,8 +355,9 @@ pub fn run(
     mut opts: SiteOptions,
     lease_ms: u64,
     load: Duration,
-    partition: bool,
+    schedule: Option<&Schedule>,
 ) -> Result<LifecycleResult> {
+    let partition = schedule.is_some();
     opts.quorum_lease_ms = Some(lease_ms);
     opts.tiers = false;
     let mut site = Site::up(topo, work, prefix, &opts)?;
@@ -421,17 +416,42 @@ pub fn run(
         bail!("no insert was acknowledged by the primary in {load:?}: the run proves nothing");
     }
 
+    let primary_dir = work
+        .join("mnt")
+        .join(&disk)
+        .join("pgdata")
+        .display()
+        .to_string();
     let disaster = Instant::now();
-    if partition {
-        cut_from_quorum(&names.wan(), crate::site::host_lan_ip(0))?;
+    let (generation, applied) = if let Some(sched) = schedule {
+        let a = crate::partition::drive(&mut site, sched, &out)?;
+        let last_primary = || {
+            let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            s.replies
+                .iter()
+                .filter(|r| r.datadir == primary_dir)
+                .map(|r| r.at)
+                .max()
+        };
+        let g = crate::partition::settle(&a, &out, Duration::from_millis(lease_ms), last_primary)
+            .with_context(|| {
+            std::fs::read_to_string(work.join("controller.log")).unwrap_or_default()
+        })?;
+        (g, Some(a))
     } else {
         // The disaster: the whole primary site, including its etcd member.
         site.disaster();
         if let Some(e) = site.etcd.as_mut() {
             e.kill(0);
         }
-    }
-    let marker = out.join("activated-2");
+        (Some(2), None)
+    };
+    let Some(generation) = generation else {
+        stop.store(true, Ordering::SeqCst);
+        drop(clients);
+        return without_takeover(&mut site, &seen, &primary_dir, applied, schedule);
+    };
+    let marker = out.join(format!("activated-{generation}"));
     wait_until(Duration::from_secs(60), "the controller's takeover", || {
         marker.exists()
     })
@@ -443,7 +463,9 @@ pub fn run(
 
     // Activation (the hook's and BGP's stand-in): the failed-over volume at
     // the backup, PostgreSQL on the machine's address there, the route moved.
-    let image = out.join("generation-2").join(format!("{disk}.img"));
+    let image = out
+        .join(format!("generation-{generation}"))
+        .join(format!("{disk}.img"));
     let mnt = work.join(format!("active-{disk}"));
     let mounted = MountedImage::mount(&image, &mnt)?;
     let datadir = mnt.join("pgdata");
@@ -500,12 +522,6 @@ pub fn run(
     }
 
     // Served by the backup site.
-    let primary_dir = work
-        .join("mnt")
-        .join(&disk)
-        .join("pgdata")
-        .display()
-        .to_string();
     let by_backup = |s: &Seen| {
         s.replies
             .iter()
@@ -532,18 +548,21 @@ pub fn run(
         .min()
         .context("no backup reply")?;
     let rto = first_backup.duration_since(disaster);
-    let split_brain_windows = usize::from(
-        s.replies
-            .iter()
-            .any(|r| r.datadir == primary_dir && r.at >= first_backup),
+    let converge = applied
+        .as_ref()
+        .map(|a| first_backup.saturating_duration_since(a.healed));
+    let Checked {
+        split_brain_windows,
+        primary_stop,
+        lost_acked,
+        acked_while_cut,
+        primary_gap,
+    } = checks(
+        &s,
+        &primary_dir,
+        applied.as_ref(),
+        &pg.psql("SELECT id FROM req")?,
     );
-    let sv: BTreeSet<i64> = pg
-        .psql("SELECT id FROM req")?
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
-    let acked: BTreeSet<i64> = s.replies.iter().filter_map(|r| r.id).collect();
-    let lost_acked = acked.difference(&sv).count();
     let acked_backup = by_backup(&s);
     let acked_primary = s.replies.len() - acked_backup;
     eprintln!("harness: lifecycle: client errors {}", s.errors);
@@ -566,21 +585,136 @@ pub fn run(
         || !Path::new(&format!("/sys/block/{loopdev}/loop/backing_file")).exists(),
     )?;
     let old = work.join("images").join(format!("{disk}.img"));
-    if partition {
-        // The old primary returns: its fetcher must reach the etcd majority.
-        heal_quorum_cut(&names.wan(), crate::site::host_lan_ip(0))?;
-    }
+    // The old primary returns: its fetcher must reach the etcd majority, which
+    // it does, every cut being healed when a schedule ends (partition.rs).
     let failback = failback(work, &names, &site, &old, &image)?;
     let result = LifecycleResult {
         rto,
         takeover,
         acked_primary,
-        partitions: usize::from(partition),
+        partitions: schedule.map_or(0, |s| s.faults.len()),
         acked_backup,
         lost_acked,
         split_brain_windows,
         failback,
+        took_over: true,
+        primary_stop,
+        converge,
+        acked_while_cut,
+        primary_gap,
     };
+    eprintln!("harness: lifecycle: {result:?}");
+    Ok(result)
+}
+
+/// The checks on what the clients saw, against `sv` (`SELECT id FROM req` at
+/// the site active at the end): overlapping reply windows
+/// ([`schedule::overlapping_windows`]), the longest a primary without the etcd
+/// majority went on answering ([`schedule::primary_stop`]), the acknowledged
+/// inserts missing from `sv`, the inserts the primary acknowledged while its
+/// replication link was cut ([`schedule::acked_during`]), and, when the
+/// schedule left the primary its quorum and its backup, the longest it went
+/// without answering ([`schedule::longest_gap`]).
+fn checks(s: &Seen, primary_dir: &str, applied: Option<&Applied>, sv: &str) -> Checked {
+    use crate::partition::Link;
+    let sites: Vec<(bool, Instant)> = s
+        .replies
+        .iter()
+        .map(|r| (r.datadir == primary_dir, r.at))
+        .collect();
+    let sv: BTreeSet<i64> = sv.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let acked: BTreeSet<i64> = s.replies.iter().filter_map(|r| r.id).collect();
+    let mut c = Checked {
+        split_brain_windows: schedule::overlapping_windows(&sites),
+        primary_stop: Duration::ZERO,
+        lost_acked: acked.difference(&sv).count(),
+        acked_while_cut: 0,
+        primary_gap: None,
+    };
+    let Some(a) = applied else {
+        return c;
+    };
+    let at_primary = |inserts_only: bool| -> Vec<Duration> {
+        s.replies
+            .iter()
+            .filter(|r| r.datadir == primary_dir && (r.id.is_some() || !inserts_only))
+            .map(|r| a.offset(r.at))
+            .collect()
+    };
+    let without_quorum = schedule::primary_without_quorum(&a.events);
+    let replication_cut = schedule::cut_intervals(&a.events, Link::PrimaryBackup);
+    c.primary_stop = schedule::primary_stop(&without_quorum, &at_primary(false));
+    c.acked_while_cut = schedule::acked_during(&replication_cut, STALL_GRACE, &at_primary(true));
+    if without_quorum.is_empty() && replication_cut.is_empty() {
+        let end = a.offset(a.healed);
+        c.primary_gap = Some(schedule::longest_gap(
+            &at_primary(false),
+            Duration::ZERO,
+            end,
+        ));
+    }
+    c
+}
+
+/// The end of a schedule that caused no takeover: the primary still serves;
+/// the checks run against its database; there is nothing to fail back.
+fn without_takeover(
+    site: &mut Site,
+    seen: &Mutex<Seen>,
+    primary_dir: &str,
+    applied: Option<Applied>,
+    schedule: Option<&Schedule>,
+) -> Result<LifecycleResult> {
+    let a = applied.context("no takeover without a partition schedule")?;
+    let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let after = s
+        .replies
+        .iter()
+        .filter(|r| r.at > a.healed)
+        .map(|r| r.at)
+        .min()
+        .context("no reply after the last heal")?;
+    let pg = site
+        .dbs
+        .first()
+        .and_then(|d| d.as_ref())
+        .context("the primary's PostgreSQL")?;
+    let Checked {
+        split_brain_windows,
+        primary_stop,
+        lost_acked,
+        acked_while_cut,
+        primary_gap,
+    } = checks(&s, primary_dir, Some(&a), &pg.psql("SELECT id FROM req")?);
+    let result = LifecycleResult {
+        rto: Duration::ZERO,
+        takeover: Duration::ZERO,
+        acked_primary: s
+            .replies
+            .iter()
+            .filter(|r| r.datadir == primary_dir)
+            .count(),
+        acked_backup: s
+            .replies
+            .iter()
+            .filter(|r| r.datadir != primary_dir)
+            .count(),
+        lost_acked,
+        split_brain_windows,
+        partitions: schedule.map_or(0, |s| s.faults.len()),
+        failback: Failback::default(),
+        took_over: false,
+        primary_stop,
+        converge: Some(after.duration_since(a.healed)),
+        acked_while_cut,
+        primary_gap,
+    };
+    eprintln!(
+        "harness: lifecycle: client errors {}; no takeover, so no failback (skipped)",
+        s.errors
+    );
+    drop(s);
+    site.teardown_primary();
     eprintln!("harness: lifecycle: {result:?}");
     Ok(result)
 }

@@ -11,6 +11,7 @@ mod fullstate;
 mod lifecycle;
 mod live;
 mod netns;
+mod partition;
 mod pg;
 mod pgbench;
 mod plot;
@@ -93,14 +94,25 @@ enum Cmd {
         /// Seconds of load before the disaster.
         #[arg(long, default_value_t = 8)]
         load_s: u64,
-        /// Instead of the disaster: cut the running primary from the etcd
-        /// majority (`primary-quorum`).
-        #[arg(long)]
+        /// Instead of the disaster, one partition schedule during the load
+        /// (docs/design.md §7): `primary-backup`, `primary-quorum`,
+        /// `backup-quorum`, `witness-down` or `flapping`.
+        #[arg(long, conflicts_with = "schedules")]
         partition: Option<String>,
+        /// Instead of the disaster, this many random partition schedules
+        /// (1–3 faults each), each on a fresh site: a RESULT line each, then
+        /// a summary.
+        #[arg(long)]
+        schedules: Option<u64>,
+        /// Seed of the first random schedule (the i-th uses seed + i).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         /// The check's own test: the agents keep the lease but do not obey it
         /// (runs `pipecloud-fault-ungated`, the agent built with the TEST-ONLY
         /// `fault-injection` feature by scripts/fault-lifecycle.sh); the run
-        /// must then see the two sites' replies overlap.
+        /// must then see the two sites' replies overlap and, with a partition
+        /// cutting the primary from the etcd majority, the primary answer
+        /// past its lease.
         #[arg(long)]
         expect_split_brain: bool,
     },
@@ -331,6 +343,8 @@ fn real_main() -> Result<()> {
             mode,
             load_s,
             partition,
+            schedules,
+            seed,
             expect_split_brain,
         } => {
             if expect_split_brain {
@@ -347,69 +361,171 @@ fn real_main() -> Result<()> {
                 std::env::set_var(run::AGENT_ENV, &faulted);
                 std::env::set_var("PIPECLOUD_FAULT_UNGATED", "1");
             }
-            let partition = match partition.as_deref() {
-                None => false,
-                Some("primary-quorum") => true,
-                Some(other) => anyhow::bail!("--partition {other}: only primary-quorum is built"),
+            let lease = Duration::from_millis(lease_ms);
+            let runs: Vec<Option<partition::Schedule>> = match (schedules, partition.as_deref()) {
+                (Some(n), _) => (0..n)
+                    .map(|i| Some(partition::Schedule::generate(seed.wrapping_add(i), lease)))
+                    .collect(),
+                (None, Some(name)) => vec![Some(
+                    partition::Schedule::named(name, lease).with_context(|| {
+                        format!(
+                            "--partition {name}: one of {}",
+                            partition::schedule::NAMES.join(", ")
+                        )
+                    })?,
+                )],
+                (None, None) => vec![None],
             };
             sys::ensure_private_mount_ns()?;
-            let work = work_dir("lifecycle");
             let opts = site_opts(rtt_ms, mode, false);
-            // A site whose measured RTT is off is rebuilt (as `disaster` does).
-            let mut attempt = 0;
-            let r = loop {
-                let r = lifecycle::run(
-                    &topology,
-                    &work,
-                    &format!("{PREFIX}{}", std::process::id()),
-                    opts.clone(),
-                    lease_ms,
-                    Duration::from_secs(load_s),
-                    partition,
-                );
-                match r {
-                    Err(e) if attempt < 2 && format!("{e:#}").contains("refusing to run") => {
-                        attempt += 1;
-                        eprintln!("harness: lifecycle: {e:#}; retrying");
-                        let _ = std::fs::remove_dir_all(&work);
-                    }
-                    r => break r,
-                }
-            }
-            .with_context(|| format!("lifecycle (work dir {})", work.display()))?;
-            if std::env::var_os("PIPECLOUD_KEEP").is_none() {
-                let _ = std::fs::remove_dir_all(&work);
-            }
-            println!(
-                "RESULT rto_s={:.3} takeover_s={:.3} failback_resync_bytes={} disk_bytes={} \
-                 split_brain_windows={} lost_acked={} partitions={} replies_primary={} \
-                 replies_backup={} resync_blocks={} resync_s={:.2} lease_ms={lease_ms} \
-                 rtt_ms={rtt_ms} mode={mode}",
-                r.rto.as_secs_f64(),
-                r.takeover.as_secs_f64(),
-                r.failback.resync_bytes,
-                r.failback.disk_bytes,
-                r.split_brain_windows,
-                r.lost_acked,
-                r.partitions,
-                r.acked_primary,
-                r.acked_backup,
-                r.failback.blocks_sent,
-                r.failback.secs
-            );
-            if expect_split_brain {
-                if r.split_brain_windows == 0 {
-                    anyhow::bail!(
-                        "--expect-split-brain: the ungated primary's replies did not overlap the backup's: \
-                         the check cannot fail (was pipecloud-fault-ungated built with --features fault-injection?)"
-                    );
-                }
-                return Ok(());
-            }
             let zero_rpo = matches!(mode, Mode::Sync | Mode::Pipelined);
-            if (zero_rpo && r.lost_acked > 0) || r.split_brain_windows > 0 {
+            let (mut failed, mut split_total, mut lost_total, mut faults) = (0, 0, 0, 0);
+            let mut took_over = 0;
+            let mut worst_stop = Duration::ZERO;
+            let mut worst_converge = Duration::ZERO;
+            for (i, sched) in runs.iter().enumerate() {
+                let label = sched
+                    .as_ref()
+                    .map_or("disaster".to_string(), |s| s.to_string());
+                if sched.is_some() {
+                    eprintln!("harness: lifecycle: schedule {i}: {label}");
+                }
+                let work = work_base().join(format!("lifecycle-{}-{i}", std::process::id()));
+                // A site whose measured RTT is off is rebuilt (as `disaster` does).
+                let mut attempt = 0;
+                let r = loop {
+                    let r = lifecycle::run(
+                        &topology,
+                        &work,
+                        &format!("{PREFIX}{}", std::process::id()),
+                        opts.clone(),
+                        lease_ms,
+                        Duration::from_secs(load_s),
+                        sched.as_ref(),
+                    );
+                    match r {
+                        Err(e) if attempt < 2 && format!("{e:#}").contains("refusing to run") => {
+                            attempt += 1;
+                            eprintln!("harness: lifecycle: {e:#}; retrying");
+                            let _ = std::fs::remove_dir_all(&work);
+                        }
+                        r => break r,
+                    }
+                }
+                .with_context(|| format!("lifecycle {label} (work dir {})", work.display()));
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) if runs.len() > 1 => {
+                        eprintln!("error: {e:#}");
+                        println!(
+                            "RESULT status=error schedule={label:?} error={:?}",
+                            format!("{e:#}").lines().next().unwrap_or("")
+                        );
+                        failed += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if std::env::var_os("PIPECLOUD_KEEP").is_none() {
+                    let _ = std::fs::remove_dir_all(&work);
+                }
+                let converge = r.converge.unwrap_or_default();
+                println!(
+                    "RESULT rto_s={:.3} takeover_s={:.3} failback_resync_bytes={} disk_bytes={} \
+                     split_brain_windows={} lost_acked={} partitions={} replies_primary={} \
+                     replies_backup={} resync_blocks={} resync_s={:.2} lease_ms={lease_ms} \
+                     rtt_ms={rtt_ms} mode={mode} takeover={} failback={} primary_stop_s={:.3} \
+                     converge_s={:.3} acked_while_cut={} primary_gap_s={} schedule={label:?}",
+                    r.rto.as_secs_f64(),
+                    r.takeover.as_secs_f64(),
+                    r.failback.resync_bytes,
+                    r.failback.disk_bytes,
+                    r.split_brain_windows,
+                    r.lost_acked,
+                    r.partitions,
+                    r.acked_primary,
+                    r.acked_backup,
+                    r.failback.blocks_sent,
+                    r.failback.secs,
+                    u8::from(r.took_over),
+                    if r.took_over { "done" } else { "skipped" },
+                    r.primary_stop.as_secs_f64(),
+                    converge.as_secs_f64(),
+                    r.acked_while_cut,
+                    r.primary_gap
+                        .map_or("-".to_string(), |g| format!("{:.3}", g.as_secs_f64())),
+                );
+                if expect_split_brain {
+                    if r.split_brain_windows == 0 {
+                        anyhow::bail!(
+                            "--expect-split-brain: the ungated primary's replies did not overlap the backup's: \
+                             the check cannot fail (was pipecloud-fault-ungated built with --features fault-injection?)"
+                        );
+                    }
+                    let cut_from_quorum = sched.as_ref().is_some_and(|s| {
+                        !partition::schedule::primary_without_quorum(&s.events()).is_empty()
+                    });
+                    if cut_from_quorum && r.primary_stop <= lease {
+                        anyhow::bail!(
+                            "--expect-split-brain: the ungated primary stopped within its lease: \
+                             the stop check cannot fail"
+                        );
+                    }
+                    continue;
+                }
+                let bad = [
+                    (
+                        r.split_brain_windows > 0,
+                        "the two sites' reply windows overlapped",
+                    ),
+                    (
+                        zero_rpo && r.lost_acked > 0,
+                        "acknowledged requests were lost",
+                    ),
+                    (
+                        r.primary_stop > lease,
+                        "the partitioned primary answered after its lease",
+                    ),
+                    (
+                        r.primary_gap.is_some_and(|g| g > lease),
+                        "the primary stopped serving though it kept its quorum and its backup",
+                    ),
+                    (
+                        zero_rpo && r.acked_while_cut > 0,
+                        "the primary acknowledged inserts while its replication link was cut",
+                    ),
+                    (
+                        converge > partition::converge_bound(lease),
+                        "replies resumed later than the convergence bound",
+                    ),
+                ];
+                for (_, what) in bad.iter().filter(|(b, _)| *b) {
+                    eprintln!("harness: lifecycle: {label}: {what}");
+                }
+                failed += usize::from(bad.iter().any(|(b, _)| *b));
+                split_total += r.split_brain_windows;
+                lost_total += r.lost_acked;
+                faults += r.partitions;
+                took_over += usize::from(r.took_over);
+                worst_stop = worst_stop.max(r.primary_stop);
+                worst_converge = worst_converge.max(converge);
+            }
+            if schedules.is_some() && !expect_split_brain {
+                println!(
+                    "RESULT schedules={} failed={failed} split_brain_windows={split_total} \
+                     lost_acked={lost_total} partitions={faults} takeovers={took_over} \
+                     max_primary_stop_s={:.3} max_converge_s={:.3} lease_ms={lease_ms} \
+                     rtt_ms={rtt_ms} mode={mode} seed={seed}",
+                    runs.len(),
+                    worst_stop.as_secs_f64(),
+                    worst_converge.as_secs_f64()
+                );
+            }
+            if failed > 0 {
                 anyhow::bail!(
-                    "the lifecycle lost acknowledged requests or overlapped the two sites' replies"
+                    "the lifecycle failed in {failed} of {} runs (lost acknowledged requests, overlapped \
+                     the two sites' replies, a primary answering past its lease, or no convergence)",
+                    runs.len()
                 );
             }
             Ok(())
