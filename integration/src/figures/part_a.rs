@@ -113,6 +113,11 @@ pub(super) enum Knob {
     /// the backup, acks in) at `SCHED_FIFO` 1, with `chrt`: the round part's
     /// tail under load.
     ReplRealtime,
+    /// `net.ipv4.tcp_wmem` max 32 MiB (default 4 MiB) in the site's host
+    /// namespaces: at 50 ms RTT a 4 MiB send buffer caps one TCP stream at
+    /// about 84 MB/s, and `ss -tin` showed the replication stream
+    /// `sndbuf_limited` while bursts of page writes queued behind it.
+    TcpBigSndbuf,
 }
 
 impl Knob {
@@ -123,6 +128,7 @@ impl Knob {
             Knob::PgbenchThreadPerClient => "pgbench-thread-per-client",
             Knob::AgentRealtime => "agent-rt",
             Knob::ReplRealtime => "repl-rt",
+            Knob::TcpBigSndbuf => "tcp-big-sndbuf",
         }
     }
 
@@ -134,6 +140,7 @@ impl Knob {
             Knob::PgbenchThreadPerClient => true,
             Knob::AgentRealtime => true,
             Knob::ReplRealtime => false,
+            Knob::TcpBigSndbuf => false,
         }
     }
 }
@@ -147,8 +154,9 @@ impl std::str::FromStr for Knob {
             "pgbench-thread-per-client" => Ok(Knob::PgbenchThreadPerClient),
             "agent-rt" => Ok(Knob::AgentRealtime),
             "repl-rt" => Ok(Knob::ReplRealtime),
+            "tcp-big-sndbuf" => Ok(Knob::TcpBigSndbuf),
             _ => Err(format!(
-                "unknown knob {s:?} (expected wan-rt, tcp-keep-window, pgbench-thread-per-client, agent-rt or repl-rt)"
+                "unknown knob {s:?} (expected wan-rt, tcp-keep-window, pgbench-thread-per-client, agent-rt, repl-rt or tcp-big-sndbuf)"
             )),
         }
     }
@@ -278,6 +286,11 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                             check_interrupted()?;
                             if let Some(m) = v.mode() {
                                 rig.set_mode(m)?;
+                            } else if let (Rig::Site(_), Variant::PgSync) = (&rig, v) {
+                                // The agent's hold must not add its round
+                                // trip to the standby's (it did, once the
+                                // standby ran interleaved: 2 RTT a commit).
+                                rig.set_mode(Mode::Async)?;
                             }
                             rig.drain();
                             if let (Some(s), Variant::PgSync) = (standby.as_mut(), v) {

@@ -250,6 +250,19 @@ impl Rig {
                 }
             }
             (Rig::Bare(_), Knob::AgentRealtime | Knob::ReplRealtime) => {}
+            (_, Knob::TcpBigSndbuf) => {
+                let names = self.names();
+                let v = if on {
+                    "net.ipv4.tcp_wmem=4096 16384 33554432"
+                } else {
+                    "net.ipv4.tcp_wmem=4096 16384 4194304"
+                };
+                for ns in (0..self.topo().hosts.len()).map(|i| names.host(i)) {
+                    if let Err(e) = crate::sys::ns_sh(&ns, &["sysctl", "-qw", v]) {
+                        eprintln!("figures: setting {v} in {ns}: {e:#}");
+                    }
+                }
+            }
             (_, Knob::TcpKeepWindow) => {
                 let names = self.names();
                 let mut nss: Vec<String> = (0..self.topo().hosts.len())
