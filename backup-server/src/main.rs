@@ -309,6 +309,11 @@ fn finish(r: Reply) -> anyhow::Result<()> {
                     "  lag: {} writes not yet applied to the base volumes, {} held back by the causal cut",
                     g.apply_lag_writes, g.held_by_cut_writes
                 );
+                if g.resyncing {
+                    println!(
+                        "  base volumes: a failback resync is writing them; journal apply and images wait for it"
+                    );
+                }
                 println!(
                     "  oldest restorable point: {} (cut {})",
                     if g.oldest_cut.is_zero() {

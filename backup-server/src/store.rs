@@ -27,6 +27,7 @@ use crate::journal::{self, ActiveSegment};
 use crate::meta::{self, DiskMeta, GroupMeta, WriterMeta};
 use crate::volume::{self, ImageSource, Materialised};
 use pipecloud_core::codec::validate_name;
+use pipecloud_core::synctarget::{journal_apply, may_materialise, Apply};
 use pipecloud_core::wire::{Generation, Hello, Welcome, WriterState};
 use pipecloud_core::{CountVector, Seq, WriterId, MAX_WRITERS};
 use std::collections::BTreeMap;
@@ -340,6 +341,13 @@ impl Group {
             None => target,
         };
         let _v = lock(&self.volumes);
+        // A failback's resync writing the base volumes: the journal waits
+        // (docs/design.md §15); the shared locks keep a resync out until done.
+        let paths = self.volume_paths(&lock(&self.state).meta.disks.clone());
+        let (state, _held) = volume::resync_state(&paths)?;
+        if journal_apply(state) == Apply::Defer {
+            return Ok(());
+        }
         let (work, disks) = {
             let mut st = lock(&self.state);
             if !target.dominates(&st.meta.applied) {
@@ -405,6 +413,15 @@ impl Group {
         let start = std::time::Instant::now();
         volume::prepare_out(out)?;
         let _v = lock(&self.volumes);
+        let paths = self.volume_paths(&lock(&self.state).meta.disks.clone());
+        let (state, _held) = volume::resync_state(&paths)?;
+        if !may_materialise(state) {
+            return Err(format!(
+                "group {}: a resync is writing its base volumes (docs/design.md §15): \
+                 no image until it is done",
+                self.name
+            ));
+        }
         let (work, disks, cut_time_ms) = {
             let st = lock(&self.state);
             st.check_cut(&cut)?;
@@ -424,6 +441,15 @@ impl Group {
             cut_time_ms,
         };
         volume::write_images(&src, out, progress, start)
+    }
+
+    /// Whether a failback's resync is writing this group's base volumes now.
+    pub fn resyncing(&self) -> bool {
+        let paths = self.volume_paths(&lock(&self.state).meta.disks.clone());
+        matches!(
+            volume::resync_state(&paths),
+            Ok((pipecloud_core::synctarget::TargetVolume::Resyncing, _))
+        )
     }
 
     fn volume_paths(&self, disks: &[DiskMeta]) -> Vec<PathBuf> {
