@@ -140,6 +140,18 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Planned switch-back (docs/design.md §15): give the group's next
+    /// generation to site TO, in one etcd transaction conditioned on the
+    /// generation being the topology's `[quorum] home_site`'s (the active
+    /// site) and on no site holding the lease (the active site's agent has
+    /// stopped). TO's agent then acquires the lease and serves.
+    HandOver {
+        /// The active site's topology (its `[quorum]` section).
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long)]
+        to: String,
+    },
     /// Measure ingest throughput and ack latency against a raw fdatasync baseline.
     Bench {
         /// Writes per measurement.
@@ -408,6 +420,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     other => bail!("unexpected reply to failover: {other:?}"),
                 }
             })
+        }
+        Cmd::HandOver { topology, to } => {
+            let n = backup_server::controller::hand_over(&topology, &to)?;
+            println!("hand-over: generation {n} recorded for site {to}");
+            Ok(())
         }
         Cmd::ResyncSource { image, listen } => {
             println!("{}", backup_server::resync::serve(&image, listen)?.line());
