@@ -6,6 +6,7 @@
 mod app;
 mod client;
 mod disaster;
+mod failback;
 mod figures;
 mod fullstate;
 mod lifecycle;
@@ -383,7 +384,9 @@ fn real_main() -> Result<()> {
             println!(
                 "RESULT rto_s={:.3} takeover_s={:.3} failback_resync_bytes={} disk_bytes={} \
                  split_brain_windows={} lost_acked={} partitions={} replies_primary={} \
-                 replies_backup={} resync_blocks={} resync_s={:.2} lease_ms={lease_ms} \
+                 replies_backup={} resync_blocks={} resync_s={:.2} live_resync_inserts={} \
+                 unprotected_ms={:.1} reverse_ms={:.1} switchback_s={:.2} switchback_lost={} \
+                 home_ms={:.1} home_generation={} acked_total={} lease_ms={lease_ms} \
                  rtt_ms={rtt_ms} mode={mode}",
                 r.rto.as_secs_f64(),
                 r.takeover.as_secs_f64(),
@@ -395,7 +398,15 @@ fn real_main() -> Result<()> {
                 r.acked_primary,
                 r.acked_backup,
                 r.failback.blocks_sent,
-                r.failback.secs
+                r.failback.secs,
+                r.failback.live_inserts,
+                r.failback.unprotected_ms,
+                r.failback.reverse_ms,
+                r.failback.switchback_s,
+                r.failback.switchback_lost,
+                r.failback.home_ms,
+                r.failback.home_generation,
+                r.failback.acked_total,
             );
             if expect_split_brain {
                 if r.split_brain_windows == 0 {
@@ -407,7 +418,9 @@ fn real_main() -> Result<()> {
                 return Ok(());
             }
             let zero_rpo = matches!(mode, Mode::Sync | Mode::Pipelined);
-            if (zero_rpo && r.lost_acked > 0) || r.split_brain_windows > 0 {
+            if (zero_rpo && (r.lost_acked > 0 || r.failback.switchback_lost > 0))
+                || r.split_brain_windows > 0
+            {
                 anyhow::bail!(
                     "the lifecycle lost acknowledged requests or overlapped the two sites' replies"
                 );
