@@ -11,18 +11,15 @@
 # Debug profile on purpose, as scripts/fault-checkpoint.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/faulted-agent.sh
+. scripts/lib/faulted-agent.sh
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 log="$target/fault-fullstate.log"
 mkdir -p "$target"
-cargo build -p pipecloud --bin pipecloud --features fault-release-before-ack >"$log" 2>&1 || {
+build_faulted_agent fault-release-before-ack fault-release-before-ack "$log" || {
   echo "fault-fullstate: building the faulted agent failed (see $log)" >&2
   exit 1
 }
-faulted="$target/release/pipecloud-fault-release-before-ack"
-cp "$target/debug/pipecloud" "$faulted"
-trap 'rm -f "$faulted"' EXIT
-# Put the normal debug agent back (other tests may run target/debug/pipecloud).
-cargo build -p pipecloud --bin pipecloud >>"$log" 2>&1
 if "$target/release/pipecloud-harness" disaster --topology topology/guest.toml --mode checkpoint \
   --points 5 --seed "${FAULT_SEED:-11}" --inject-fault release-before-ack >>"$log" 2>&1; then
   grep -E "^(point|RESULT)" "$log" >&2 || true

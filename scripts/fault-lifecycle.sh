@@ -9,18 +9,15 @@
 # Debug profile on purpose, as scripts/fault-checkpoint.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/faulted-agent.sh
+. scripts/lib/faulted-agent.sh
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 log="$target/fault-lifecycle.log"
 mkdir -p "$target"
-cargo build -p pipecloud --bin pipecloud --features fault-injection >"$log" 2>&1 || {
+build_faulted_agent fault-injection fault-ungated "$log" || {
   echo "fault-lifecycle: building the faulted agent failed (see $log)" >&2
   exit 1
 }
-faulted="$target/release/pipecloud-fault-ungated"
-cp "$target/debug/pipecloud" "$faulted"
-trap 'rm -f "$faulted"' EXIT
-# target/debug/pipecloud stays the faulted build: harmless, the fault acts only with
-# PIPECLOUD_FAULT_UNGATED set, and rebuilding it would cost CI another minute.
 if "$target/release/pipecloud-harness" lifecycle --topology topology/single-db.toml --rtt-ms 50 \
   --lease-ms 3000 --mode async --partition primary-quorum --expect-split-brain >>"$log" 2>&1; then
   echo "fault-lifecycle: injected fault ungated-lease caught" >&2

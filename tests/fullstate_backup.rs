@@ -14,17 +14,16 @@
 
 #[path = "support/backup.rs"]
 mod backup;
+#[path = "support/checkpoint_agent.rs"]
+mod checkpoint_agent;
 #[path = "support/qemu_guest.rs"]
 #[allow(dead_code)]
 mod qemu_guest;
 
 use backup::{Backup, Scratch};
-use pipecloud::causal::CausalState;
-use pipecloud::core::epoch::EpochLimits;
-use pipecloud::core::{WriterId, EPOCH_ENTRY};
-use pipecloud::fullstate::driver::{DriverConfig, EpochDriver};
-use pipecloud::replication::checkpoint::CheckpointLink;
-use pipecloud::replication::{fresh_generation, DiskSpec, ReplicationClient, ReplicationConfig};
+use checkpoint_agent::{driver_config, CheckpointAgent};
+use pipecloud::core::EPOCH_ENTRY;
+use pipecloud::fullstate::driver::EpochDriver;
 use qemu_guest::{Load, TestGuest};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,35 +36,16 @@ fn epochs_acked_by_the_real_backup_and_failed_over() {
     let backup = Backup::start(&scratch, GROUP);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _in_rt = rt.enter();
-    let causal = Arc::new(CausalState::new(1));
-    let link = Arc::new(CheckpointLink::new(16 << 20));
-    let config = ReplicationConfig {
-        group_id: 9,
-        agent: "agent-fs".into(),
-        disks: vec![DiskSpec {
-            name: "vmdisk".into(),
-            size: 1 << 20,
-            writer: WriterId(0),
-            machine: 0,
-        }],
-        generation: fresh_generation(Some(&scratch.0.join("generation"))).expect("generation"),
-        heartbeat_interval: Duration::from_millis(200),
-        heartbeat_timeout: Duration::from_secs(3),
-        checkpoint: Some(Arc::clone(&link)),
-        ..backup.client_config()
-    };
-    let client = ReplicationClient::start(config, Arc::clone(&causal)).expect("client");
+    let CheckpointAgent {
+        causal,
+        link,
+        client,
+    } = CheckpointAgent::start(&backup, &scratch, 9, "agent-fs");
     let tg = TestGuest::boot("fsvm", 128, Load::Light);
     let driver = EpochDriver::start(
         GROUP,
         vec![tg.spec.clone()],
-        DriverConfig {
-            interval: Duration::from_millis(20),
-            qmp_timeout: Duration::from_secs(5),
-            limits: EpochLimits { max_unacked: 16 },
-            writers: vec![(0, WriterId(0))],
-            machines: vec![0],
-        },
+        driver_config(),
         Arc::clone(&causal),
         Arc::clone(&link),
     )

@@ -20,19 +20,19 @@
 
 #[path = "support/backup.rs"]
 mod backup;
+#[path = "support/checkpoint_agent.rs"]
+mod checkpoint_agent;
 #[path = "support/qemu_guest.rs"]
 #[allow(dead_code)]
 mod qemu_guest;
 
 use backup::{Backup, Scratch};
+use checkpoint_agent::{driver_config, CheckpointAgent};
 use pipecloud::causal::CausalState;
-use pipecloud::core::epoch::{EpochLimits, Phase};
-use pipecloud::core::{WriterId, EPOCH_ENTRY};
-use pipecloud::fullstate::driver::{DriverConfig, DriverStatus, EpochDriver};
-use pipecloud::replication::checkpoint::CheckpointLink;
-use pipecloud::replication::{
-    fresh_generation, DiskSpec, Mode, ModeSwitch, ReplicationClient, ReplicationConfig,
-};
+use pipecloud::core::epoch::Phase;
+use pipecloud::core::EPOCH_ENTRY;
+use pipecloud::fullstate::driver::{DriverStatus, EpochDriver};
+use pipecloud::replication::{Mode, ModeSwitch, ReplicationClient};
 use qemu_guest::{Load, TestGuest};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,36 +56,17 @@ impl Rig {
         let backup = Backup::start(&scratch, group);
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let _in_rt = rt.enter();
-        let causal = Arc::new(CausalState::new(1));
-        let link = Arc::new(CheckpointLink::new(16 << 20));
-        let config = ReplicationConfig {
-            group_id: 11,
-            agent: "agent-sw".into(),
-            disks: vec![DiskSpec {
-                name: "vmdisk".into(),
-                size: 1 << 20,
-                writer: WriterId(0),
-                machine: 0,
-            }],
-            generation: fresh_generation(Some(&scratch.0.join("generation"))).expect("generation"),
-            heartbeat_interval: Duration::from_millis(200),
-            heartbeat_timeout: Duration::from_secs(3),
-            checkpoint: Some(Arc::clone(&link)),
-            ..backup.client_config()
-        };
-        let client = ReplicationClient::start(config, Arc::clone(&causal)).expect("client");
+        let CheckpointAgent {
+            causal,
+            link,
+            client,
+        } = CheckpointAgent::start(&backup, &scratch, 11, "agent-sw");
         let guest = TestGuest::boot(tag, RAM_MIB, Load::Heavy);
         let mode = ModeSwitch::new(Mode::Pipelined);
         let driver = EpochDriver::start_switchable(
             group,
             vec![guest.spec.clone()],
-            DriverConfig {
-                interval: Duration::from_millis(20),
-                qmp_timeout: Duration::from_secs(5),
-                limits: EpochLimits { max_unacked: 16 },
-                writers: vec![(0, WriterId(0))],
-                machines: vec![0],
-            },
+            driver_config(),
             Arc::clone(&causal),
             link,
             mode.clone(),

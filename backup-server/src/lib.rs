@@ -25,6 +25,8 @@
 //! - [`metrics`]: Prometheus exposition.
 //! - [`daemon`]: wiring and the applier thread.
 //! - [`client`]: a protocol peer for tests and the benchmark.
+//! - [`resync`]: failback resync over mutual TLS (only the blocks whose hashes differ).
+//! - [`fenced`]: the resync fetcher's check on etcd that its site is fenced.
 
 pub mod batch;
 pub mod causal;
@@ -35,6 +37,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod daemon;
+pub mod fenced;
 pub mod index;
 pub mod ingest;
 pub mod journal;

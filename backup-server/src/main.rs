@@ -9,6 +9,9 @@
 //! backup-server unfence  --group G (--config | --data-dir)
 //! backup-server controller --topology FILE --out DIR (--config | --data-dir)
 //! backup-server confirm-takeover --out DIR
+//! backup-server resync-source --image IMG --listen ADDR --group G --ca F --cert F --key F
+//! backup-server resync-fetch  --image IMG --from ADDR --group G --ca F --cert F --key F
+//!                             --server-name NAME (--etcd URLS --site S | --unsafe-no-fence-check)
 //! backup-server bench    [--writes N] [--dir DIR]
 //! backup-server bench-checkpoint [--ram-mib N] [--dirty-pages N] [--epochs N] [--dir DIR]
 //! ```
@@ -45,6 +48,86 @@ struct Where {
     /// Data directory (instead of --config).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+/// The resync link's mutual TLS: the replication link's CA and files.
+#[derive(Args, Clone)]
+struct ResyncTls {
+    /// The group being resynced (the fetcher's certificate must be bound to it).
+    #[arg(long)]
+    group: String,
+    /// The CA both sides' certificates chain to (the backup server's `ca.pem`).
+    #[arg(long)]
+    ca: PathBuf,
+    /// This side's certificate: the backup server's at the source, the
+    /// group's agent certificate at the fetcher.
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+/// Where the fetcher asks that its site is fenced (docs/design.md §15).
+#[derive(Args, Clone)]
+struct FenceCheck {
+    /// The group's etcd endpoints, comma-separated (http:// or https://).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "unsafe_no_fence_check"
+    )]
+    etcd: Vec<String>,
+    /// This site's name in the group's records (`home_site` of `[quorum]`).
+    #[arg(long, required_unless_present = "unsafe_no_fence_check")]
+    site: Option<String>,
+    /// CA of etcd's server certificates (https endpoints).
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate and key for etcd (`--client-cert-auth`).
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Overwrite the image WITHOUT asking etcd whether this site is fenced:
+    /// only for groups without `[quorum]`, after the operator made sure
+    /// nothing serves from this image.
+    #[arg(long, conflicts_with_all = ["etcd", "site", "etcd_ca", "etcd_cert", "etcd_key"])]
+    unsafe_no_fence_check: bool,
+}
+
+impl FenceCheck {
+    /// Runs the check (or says loudly that it is skipped).
+    fn check(&self, group: &str) -> anyhow::Result<()> {
+        if self.unsafe_no_fence_check {
+            eprintln!(
+                "resync-fetch: WARNING: --unsafe-no-fence-check: not asking etcd whether this \
+                 site is fenced; the image is overwritten on the operator's word"
+            );
+            return Ok(());
+        }
+        let site = self
+            .site
+            .as_deref()
+            .ok_or_else(|| anyhow!("--site is needed with --etcd"))?;
+        let cfg = pipecloud_quorum::etcd::EtcdConfig {
+            endpoints: self.etcd.clone(),
+            tls: self
+                .etcd_ca
+                .as_ref()
+                .map(|ca| pipecloud_quorum::etcd::EtcdTls {
+                    ca: ca.clone(),
+                    cert: self.etcd_cert.clone(),
+                    key: self.etcd_key.clone(),
+                }),
+            attempt_timeout: std::time::Duration::from_secs(2),
+        };
+        let g = backup_server::fenced::check(&cfg, group, site)?;
+        eprintln!(
+            "resync-fetch: site {site:?} is fenced: group {group:?} is at generation {} held by {:?}",
+            g.number, g.site
+        );
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -116,21 +199,35 @@ enum Cmd {
     },
     /// Failback (issue 23): serve this site's volume IMAGE, once, to the fenced
     /// old primary's `resync-fetch` (it receives only the blocks that differ).
+    /// Mutual TLS: the fetcher's certificate must chain to --ca and be bound
+    /// to --group; others are refused and the wait goes on.
     ResyncSource {
         #[arg(long)]
         image: PathBuf,
         #[arg(long)]
         listen: std::net::SocketAddr,
+        #[command(flatten)]
+        tls: ResyncTls,
     },
     /// Failback at the old primary (its agent stopped): make IMAGE
     /// byte-identical to the active site's `resync-source` at FROM, receiving
-    /// only the blocks whose SHA-256 differs. Progress every second (phase,
-    /// blocks to go, bytes, ETA), also into --status FILE.
+    /// only the blocks whose SHA-256 differs. First asks etcd that the
+    /// group's generation is held by another site (this one is fenced).
+    /// Progress every second (phase, blocks to go, bytes, ETA), also into
+    /// --status FILE.
     ResyncFetch {
         #[arg(long)]
         image: PathBuf,
         #[arg(long)]
         from: std::net::SocketAddr,
+        #[command(flatten)]
+        tls: ResyncTls,
+        /// The name the source's certificate must carry (the backup server's
+        /// `--server-name`).
+        #[arg(long)]
+        server_name: String,
+        #[command(flatten)]
+        fence: FenceCheck,
         #[arg(long)]
         status: Option<PathBuf>,
     },
@@ -426,16 +523,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("hand-over: generation {n} recorded for site {to}");
             Ok(())
         }
-        Cmd::ResyncSource { image, listen } => {
-            println!("{}", backup_server::resync::serve(&image, listen)?.line());
+        Cmd::ResyncSource { image, listen, tls } => {
+            let tls = backup_server::resync::SourceTls::from_files(
+                &tls.ca, &tls.cert, &tls.key, &tls.group,
+            )?;
+            println!(
+                "{}",
+                backup_server::resync::serve(&image, listen, &tls)?.line()
+            );
             Ok(())
         }
         Cmd::ResyncFetch {
             image,
             from,
+            tls,
+            server_name,
+            fence,
             status,
         } => {
-            let s = backup_server::resync::fetch(&image, from, status.as_deref())?;
+            // Before anything touches the image.
+            fence.check(&tls.group)?;
+            let tls = backup_server::resync::FetchTls::from_files(
+                &tls.ca,
+                &tls.cert,
+                &tls.key,
+                &server_name,
+            )?;
+            let s = backup_server::resync::fetch(&image, from, &tls, status.as_deref())?;
             println!("{}", s.line());
             Ok(())
         }

@@ -1,13 +1,21 @@
-//! Failback resync (issue 23 §4) with the real binary over loopback: the
-//! issue's case, 1 % of a 1 GiB disk changed on each side after a common
-//! history, must leave the old primary's image byte-identical to the active
-//! site's (full compare) while sending only the differing blocks plus one
-//! hash per block; a second pass sends nothing; a size mismatch is refused.
+//! Failback resync (issue 23 §4) with the real binary over loopback, always
+//! over mutual TLS with the PKI `backup-server certs` writes: the issue's
+//! case, 1 % of a 1 GiB disk changed on each side after a common history,
+//! must leave the old primary's image byte-identical to the active site's
+//! (full compare) while sending only the differing blocks plus one hash per
+//! block; a second pass sends nothing; a size mismatch is refused. Refused
+//! at the source: a fetcher whose certificate comes from another CA, one
+//! with no certificate, one bound to another group (and the source still
+//! serves the right fetcher afterwards); refused at the fetcher: a source
+//! without the expected server name. The fence check against a real etcd:
+//! refused while the fetcher's own site holds the generation, accepted once
+//! another site does.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 const DISK: u64 = 1 << 30;
 const BLOCK: u64 = 4096;
@@ -35,11 +43,37 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_backup-server")
 }
 
+const GROUP: &str = "shop";
+
+/// The test PKI: CA, server certificate for `localhost`, agent certificates
+/// for `shop` and `other`, and a foreign CA's agent certificate for `shop`.
+fn pki(dir: &Path) -> PathBuf {
+    let d = dir.join("pki");
+    let out = Command::new(bin())
+        .args(["certs", "--dir"])
+        .arg(&d)
+        .args(["--server-name", "localhost", "--group", GROUP])
+        .args(["--group", "other"])
+        .output()
+        .expect("running backup-server certs");
+    assert!(out.status.success(), "certs: {out:?}");
+    d
+}
+
 /// Starts `resync-source` on a free loopback port; returns it and its address.
-fn source(image: &Path) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+fn source(
+    image: &Path,
+    pki: &Path,
+) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
     let mut child = Command::new(bin())
         .args(["resync-source", "--listen", "127.0.0.1:0", "--image"])
         .arg(image)
+        .args(["--group", GROUP, "--ca"])
+        .arg(pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.join("server.pem"))
+        .arg("--key")
+        .arg(pki.join("server.key"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -65,12 +99,40 @@ fn source(image: &Path) -> (std::process::Child, String, std::thread::JoinHandle
     (child, addr, stdout)
 }
 
-fn fetch(image: &Path, addr: &str, status: &Path) -> std::process::Output {
+/// `resync-fetch` with the group's agent certificate, no fence check.
+fn fetch(image: &Path, addr: &str, status: &Path, pki: &Path) -> std::process::Output {
+    fetch_with(
+        image,
+        addr,
+        status,
+        pki,
+        &format!("{GROUP}-agent"),
+        &["--server-name", "localhost", "--unsafe-no-fence-check"],
+    )
+}
+
+/// `resync-fetch` presenting `<identity>.pem`/`.key` from `pki`, with `extra`
+/// arguments (server name, fence check).
+fn fetch_with(
+    image: &Path,
+    addr: &str,
+    status: &Path,
+    pki: &Path,
+    identity: &str,
+    extra: &[&str],
+) -> std::process::Output {
     Command::new(bin())
         .args(["resync-fetch", "--from", addr, "--image"])
         .arg(image)
         .arg("--status")
         .arg(status)
+        .args(["--group", GROUP, "--ca"])
+        .arg(pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.join(format!("{identity}.pem")))
+        .arg("--key")
+        .arg(pki.join(format!("{identity}.key")))
+        .args(extra)
         .output()
         .expect("running resync-fetch")
 }
@@ -92,9 +154,11 @@ fn identical(a: &Path, b: &Path) -> bool {
         std::fs::File::open(a).unwrap(),
         std::fs::File::open(b).unwrap(),
     );
+    let len = fa.metadata().unwrap().len();
+    assert_eq!(len, fb.metadata().unwrap().len());
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     let mut off = 0;
-    while off < DISK {
+    while off < len {
         fa.read_exact_at(&mut ba, off).unwrap();
         fb.read_exact_at(&mut bb, off).unwrap();
         if ba != bb {
@@ -137,9 +201,10 @@ fn one_percent_each_side_resyncs_only_what_differs() {
     fa.sync_all().unwrap();
     assert!(!identical(&old, &active));
 
+    let pki = pki(dir.path());
     let status = dir.path().join("resync.status");
-    let (mut src, addr, src_out) = source(&active);
-    let out = fetch(&old, &addr, &status);
+    let (mut src, addr, src_out) = source(&active, &pki);
+    let out = fetch(&old, &addr, &status, &pki);
     let fetched = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -181,8 +246,8 @@ fn one_percent_each_side_resyncs_only_what_differs() {
     );
 
     // A second pass finds nothing to send.
-    let (mut src, addr, src_out) = source(&active);
-    let out = fetch(&old, &addr, &status);
+    let (mut src, addr, src_out) = source(&active, &pki);
+    let out = fetch(&old, &addr, &status, &pki);
     let fetched = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "second pass: {fetched}");
     assert!(src.wait().unwrap().success());
@@ -203,10 +268,233 @@ fn a_different_disk_size_is_refused() {
         .unwrap()
         .set_len(2 << 20)
         .unwrap();
-    let (mut src, addr, _out) = source(&active);
-    let out = fetch(&old, &addr, &dir.path().join("st"));
+    let pki = pki(dir.path());
+    let (mut src, addr, _out) = source(&active, &pki);
+    let out = fetch(&old, &addr, &dir.path().join("st"), &pki);
     assert!(!out.status.success(), "a size mismatch must fail");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused"), "{err}");
     assert!(!src.wait().unwrap().success());
+}
+
+/// Two small images that differ in every 7th block.
+fn small_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let old = dir.join("old.img");
+    let active = dir.join("active.img");
+    let (fo, fa) = (
+        std::fs::File::create(&old).unwrap(),
+        std::fs::File::create(&active).unwrap(),
+    );
+    let mut rng = Rng(7);
+    for i in 0..256u64 {
+        let b = rng.block();
+        fa.write_all_at(&b, i * BLOCK).unwrap();
+        if i % 7 != 0 {
+            fo.write_all_at(&b, i * BLOCK).unwrap();
+        } else {
+            fo.write_all_at(&rng.block(), i * BLOCK).unwrap();
+        }
+    }
+    fo.sync_all().unwrap();
+    fa.sync_all().unwrap();
+    assert!(!identical(&old, &active));
+    (old, active)
+}
+
+/// A TLS client that trusts the CA but presents no certificate: sends a
+/// Hello frame and reads; returns what the reads ended with.
+fn anonymous_client(pki: &Path, addr: &str) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in backup_server::tls::load_certs(&pki.join("ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = backup_server::tls::server_name("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    // A well-formed Hello (postcard: variant 0, two varints) for the image.
+    let body = [0u8, 0x80, 0x80, 0x40, 0x80, 0x20];
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let wrote = s.write_all(&frame).and_then(|()| s.flush());
+    let mut buf = [0u8; 64];
+    match (wrote, s.read(&mut buf)) {
+        (Err(e), _) => format!("write: {e}"),
+        (_, Err(e)) => format!("read: {e}"),
+        (_, Ok(0)) => "closed".into(),
+        (_, Ok(n)) => panic!("the source answered a fetcher without a certificate: {n} bytes"),
+    }
+}
+
+#[test]
+fn only_the_groups_fetcher_from_the_ca_is_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki(dir.path());
+    let (old, active) = small_pair(dir.path());
+    let before = std::fs::read(&old).unwrap();
+    let st = dir.path().join("st");
+    let (mut src, addr, src_out) = source(&active, &pki);
+    let tls = ["--server-name", "localhost", "--unsafe-no-fence-check"];
+
+    // A certificate for the same group from another CA.
+    let out = fetch_with(&old, &addr, &st, &pki, "foreign-agent", &tls);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "a foreign CA's fetcher must fail: {err}"
+    );
+    println!("foreign CA: {}", err.trim());
+    // No certificate at all.
+    let anon = anonymous_client(&pki, &addr);
+    println!("no certificate: {anon}");
+    // The right CA, the wrong group.
+    let out = fetch_with(&old, &addr, &st, &pki, "other-agent", &tls);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "another group's fetcher must fail");
+    assert!(err.contains("refused") && err.contains("other"), "{err}");
+    assert_eq!(
+        std::fs::read(&old).unwrap(),
+        before,
+        "a refused fetch wrote"
+    );
+
+    // The fetcher checks the source's name too.
+    let wrong = ["--server-name", "elsewhere.test", "--unsafe-no-fence-check"];
+    let out = fetch_with(&old, &addr, &st, &pki, &format!("{GROUP}-agent"), &wrong);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a source without the expected name");
+    assert!(err.contains("elsewhere.test"), "{err}");
+    println!("wrong server name: {}", err.trim());
+    assert_eq!(std::fs::read(&old).unwrap(), before);
+
+    // The source is still waiting and serves the right fetcher.
+    let out = fetch(&old, &addr, &st, &pki);
+    assert!(out.status.success(), "{out:?}");
+    assert!(src.wait().unwrap().success());
+    let log = src_out.join().unwrap();
+    println!("source: {}", log.trim());
+    assert!(identical(&old, &active));
+    assert_eq!(
+        field(&String::from_utf8_lossy(&out.stdout), "differing"),
+        37
+    );
+    // Each refusal is in the source's log: foreign CA, anonymous, other
+    // group, and the handshake the fetcher abandoned over the server name.
+    assert_eq!(log.matches("refused 127.0.0.1").count(), 4, "{log}");
+    assert!(log.contains("not to \"shop\""), "{log}");
+}
+
+#[test]
+fn the_fetcher_resyncs_only_when_etcd_says_its_site_is_fenced() {
+    use pipecloud_core::lease::{Reply, Request};
+    use pipecloud_quorum::etcd::{Etcd, EtcdConfig};
+    use pipecloud_quorum::records::GroupRecords;
+    let cluster = pipecloud_quorum::testkit::EtcdCluster::start_local("resync-fence")
+        .expect("etcd cluster (Debian etcd-server)");
+    let etcd = Arc::new(
+        Etcd::new(&EtcdConfig {
+            endpoints: cluster.endpoints(),
+            tls: None,
+            attempt_timeout: std::time::Duration::from_secs(1),
+        })
+        .unwrap(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki(dir.path());
+    let (old, active) = small_pair(dir.path());
+    let before = std::fs::read(&old).unwrap();
+    let st = dir.path().join("st");
+    let endpoints = cluster.endpoints().join(",");
+    let fence = |site: &'static str| -> Vec<String> {
+        [
+            "--server-name",
+            "localhost",
+            "--etcd",
+            &endpoints,
+            "--site",
+            site,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let run = |site| {
+        let args = fence(site);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (mut src, addr, src_out) = source(&active, &pki);
+        let out = fetch_with(&old, &addr, &st, &pki, &format!("{GROUP}-agent"), &args);
+        let served = if out.status.success() {
+            src.wait().unwrap().success()
+        } else {
+            let _ = src.kill();
+            let _ = src.wait();
+            false
+        };
+        let log = src_out.join().unwrap();
+        (out, served, log)
+    };
+
+    // No generation at all: nothing was failed over.
+    let (out, _, log) = run("primary");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("no generation"),
+        "{err}"
+    );
+    assert!(
+        !log.contains("fetcher"),
+        "it connected before the check: {log}"
+    );
+
+    // The fetcher's own site holds the generation: it is active, refused.
+    let mut home = GroupRecords::new(etcd.clone(), GROUP, "primary", 2000).unwrap();
+    assert_eq!(
+        home.execute(Request::Acquire { expected: 0 }),
+        Reply::Acquired { generation: 1 }
+    );
+    let (out, _, log) = run("primary");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("own generation: {}", err.trim());
+    assert!(
+        !out.status.success() && err.contains("active site"),
+        "{err}"
+    );
+    assert!(
+        !log.contains("fetcher"),
+        "it connected before the check: {log}"
+    );
+    assert_eq!(
+        std::fs::read(&old).unwrap(),
+        before,
+        "a refused fetch wrote"
+    );
+
+    // The backup site takes over (generation 2): the old primary is fenced.
+    home.resign().unwrap();
+    let mut backup = GroupRecords::new(etcd.clone(), GROUP, "backup", 2000).unwrap();
+    assert_eq!(
+        backup.execute(Request::Acquire { expected: 1 }),
+        Reply::Acquired { generation: 2 }
+    );
+    // ... but the fetcher at the backup site would be refused.
+    let (out, _, _) = run("backup");
+    assert!(!out.status.success());
+    let (out, served, _) = run("primary");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("fenced: {}", err.lines().next().unwrap_or_default());
+    assert!(out.status.success() && served, "{err}");
+    assert!(err.contains("generation 2 held by \"backup\""), "{err}");
+    assert!(identical(&old, &active));
+
+    // etcd unreachable: refused (unknown is no).
+    drop(cluster);
+    std::fs::write(&old, &before).unwrap();
+    let (out, _, _) = run("primary");
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read(&old).unwrap(), before);
 }
