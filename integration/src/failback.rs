@@ -688,8 +688,37 @@ pub fn run(
     }
 
     // 3. The live resync into the home backup server's base volume.
+    // Meanwhile the home backup server's status must say that the journal
+    // waits for the resync (the order rule, docs/design.md §15).
     let before = acked(&seen);
-    let mut r = resync(site, &image, &base)?;
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (watching, home_data) = (watching.clone(), home_data.clone());
+        std::thread::spawn(move || -> Option<String> {
+            while watching.load(Ordering::SeqCst) {
+                let out = crate::sys::run(
+                    Command::new(bin("backup-server"))
+                        .args(["status", "--data-dir"])
+                        .arg(&home_data),
+                )
+                .unwrap_or_default();
+                if let Some(l) = out.lines().find(|l| l.contains("resync is writing")) {
+                    return Some(l.trim().to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None
+        })
+    };
+    let resynced = resync(site, &image, &base);
+    watching.store(false, Ordering::SeqCst);
+    let deferred = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("status watcher panicked"))?;
+    let mut r = resynced?;
+    let deferred = deferred
+        .context("the home backup server's status never showed the resync deferring its journal")?;
+    eprintln!("harness: failback: home backup-server status during the resync: {deferred}");
     r.live_inserts = acked(&seen) - before;
     r.unprotected_ms = unprotected_ms;
     r.reverse_ms = reverse_ms;
