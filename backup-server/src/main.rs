@@ -249,6 +249,20 @@ enum Cmd {
         #[arg(long)]
         to: String,
     },
+    /// Failback (offline: the server stopped): make IMAGE the base volume of
+    /// DISK of GROUP before its agent first registers it here (the old
+    /// primary's disk, which the resync and the journal then bring up to
+    /// date). The file is moved.
+    Adopt {
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long)]
+        image: PathBuf,
+        #[command(flatten)]
+        at: Where,
+    },
     /// Measure ingest throughput and ack latency against a raw fdatasync baseline.
     Bench {
         /// Writes per measurement.
@@ -517,6 +531,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     other => bail!("unexpected reply to failover: {other:?}"),
                 }
             })
+        }
+        Cmd::Adopt {
+            group,
+            disk,
+            image,
+            at,
+        } => {
+            let (dir, limits) = data_dir(&at)?;
+            let (store, _) = Store::open(&dir, limits)
+                .with_context(|| format!("opening {} (stop its server first)", dir.display()))?;
+            let base = store.adopt_base_volume(&group, &disk, &image)?;
+            println!(
+                "adopt: {} is the base volume of {group}/{disk}",
+                base.display()
+            );
+            Ok(())
         }
         Cmd::HandOver { topology, to } => {
             let n = backup_server::controller::hand_over(&topology, &to)?;

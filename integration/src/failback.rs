@@ -546,16 +546,28 @@ fn certs(dir: &Path, server_name: &str, group: &str, listen: SocketAddr) -> Resu
     Ok(())
 }
 
-/// Moves `image` to be `disk`'s base volume of `group` in backup server data
-/// directory `data` (docs/design.md §15: the old primary's disk becomes the
-/// base volume the resync and the journal bring up to date).
+/// Makes `image` `disk`'s base volume of `group` in backup server data
+/// directory `data` with `backup-server adopt` (docs/design.md §15: the old
+/// primary's disk becomes the base volume the resync and the journal bring up
+/// to date), then gives the directory to the server's user.
 fn adopt_as_base(image: &Path, data: &Path, group: &str, disk: &str) -> Result<PathBuf> {
-    let dir = data.join("groups").join(group).join("volumes");
-    std::fs::create_dir_all(&dir)?;
-    let base = dir.join(format!("{disk}.img"));
-    std::fs::rename(image, &base)
-        .with_context(|| format!("{} -> {}", image.display(), base.display()))?;
+    let out = crate::sys::run(
+        Command::new(bin("backup-server"))
+            .args(["adopt", "--group", group, "--disk", disk, "--image"])
+            .arg(image)
+            .arg("--data-dir")
+            .arg(data),
+    )?;
+    eprintln!("harness: {}", out.trim());
     sh(&["chown", "-R", "nobody:nogroup", &data.to_string_lossy()])?;
+    let base = data
+        .join("groups")
+        .join(group)
+        .join("volumes")
+        .join(format!("{disk}.img"));
+    if !base.is_file() {
+        bail!("backup-server adopt: no base volume at {}", base.display());
+    }
     Ok(base)
 }
 
