@@ -71,8 +71,12 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `resync-source` waits for its (authenticated) fetcher to connect.
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one connection's TLS handshake may take at the source (it
-/// handles one connection at a time: a silent peer must not hold it).
+/// handles one connection at a time: a silent or trickling peer must not
+/// hold it longer than twice this).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused fetcher's input is read (and dropped) while waiting
+/// for it to close (see `close_gently`).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the fetcher tries to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Encoded frames the fetcher's hashing thread may have queued for the
@@ -375,7 +379,27 @@ fn refuse(w: &mut SourceStream, s: &mut Summary, reason: String) -> anyhow::Erro
             s.bytes_sent += n;
         }
     }
+    close_gently(w);
     anyhow!("refused the fetcher: {reason}")
+}
+
+/// Ends the connection so that the fetcher reads what was sent: closing a
+/// socket with unread input (the fetcher's hashes) sends a reset, which can
+/// make the fetcher's kernel drop the `Refused` frame unread. So: close
+/// notify, shut the sending side, and read until the fetcher closes (bounded).
+fn close_gently(w: &mut SourceStream) {
+    w.conn.send_close_notify();
+    let _ = w.flush();
+    let _ = w.sock.shutdown(std::net::Shutdown::Write);
+    let t0 = Instant::now();
+    let _ = w.sock.set_read_timeout(Some(DRAIN_TIMEOUT));
+    let mut sink = [0u8; 64 * 1024];
+    while t0.elapsed() < DRAIN_TIMEOUT {
+        match w.sock.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Waits for the next connection until `deadline`.
@@ -407,7 +431,12 @@ fn authenticate(tcp: TcpStream, tls: &SourceTls) -> Result<SourceStream> {
     tcp.set_nodelay(true)?;
     let conn = ServerConnection::new(tls.config.clone()).context("a TLS server connection")?;
     let mut w = StreamOwned::new(conn, tcp);
+    let t0 = Instant::now();
     while w.conn.is_handshaking() {
+        // Each read is bounded too, so a trickling peer ends within twice the bound.
+        if t0.elapsed() > HANDSHAKE_TIMEOUT {
+            bail!("TLS handshake not done within {HANDSHAKE_TIMEOUT:?}");
+        }
         w.conn
             .complete_io(&mut w.sock)
             .context("TLS handshake (the fetcher must present a certificate chaining to the CA)")?;
