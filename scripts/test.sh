@@ -54,9 +54,13 @@ for phase in seeding first-epoch leaving; do
 done
 "$H" switch-load --topology topology/guest.toml --clients 4 --hold-s 5 --csv target/switch-load.csv
 # issue 23: the DR lifecycle on a lease (real etcd and PostgreSQL, 50 ms WAN): the serving primary cut
-# from the etcd majority, automatic failover, then failback (1 % of the disk changed on each side, resync
-# of only the differing blocks, images compared in full). The harness fails unless
-# split_brain_windows=0 lost_acked=0. Its fault run: an agent that ignores its lease must be caught.
+# from the etcd majority, automatic failover, then failback (1 % of the disk changed on each side),
+# reverse protection (a reply at the active site held for the reverse round trip), the resync of only
+# the differing blocks while a client keeps inserting, and the planned switch-back (the home image must
+# equal the active site's at the pause; home serves under forward protection). The harness fails unless
+# split_brain_windows=0 lost_acked=0 switchback_lost=0. Its fault run: an agent that ignores its lease
+# must be caught. The failback's order rule has its own model test (core/tests/model_synctarget.rs,
+# with the injected ApplyDuringResync) in the workspace tests above.
 "$H" lifecycle --topology topology/single-db.toml --rtt-ms 50 --lease-ms 3000 --partition primary-quorum
 # Two more partition schedules (docs/design.md §7; ~40 s each, no takeover so no failback): the
 # replication link cut for 4 leases (pipelined must stall: acked_while_cut=0, then resume) and the

@@ -80,6 +80,10 @@ pub struct GroupStatus {
     pub writers: Vec<WriterStatus>,
     /// Full-state epochs (a checkpoint group only).
     pub checkpoint: Option<crate::checkpoint::CkptStatus>,
+    /// A failback's resync is writing the base volumes: the journal's apply
+    /// waits for it (docs/design.md §15).
+    #[serde(default)]
+    pub resyncing: bool,
 }
 
 /// A reply.
@@ -98,6 +102,7 @@ pub fn status(store: &Store) -> Vec<GroupStatus> {
         .groups()
         .iter()
         .map(|g| {
+            let resyncing = g.resyncing();
             let st = lock(&g.state);
             let durable_cut = st.durable_cut();
             let committed = st.committed();
@@ -134,6 +139,7 @@ pub fn status(store: &Store) -> Vec<GroupStatus> {
                 held_by_cut_writes: held,
                 writers,
                 checkpoint: g.checkpoint.status(),
+                resyncing,
             }
         })
         .collect()

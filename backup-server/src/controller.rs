@@ -158,6 +158,32 @@ pub fn run(
     }
 }
 
+/// The switch-back's generation bump (`backup-server hand-over`): from the
+/// topology's `[quorum] home_site` (the site now active) to `to`, refused
+/// while any site holds the lease (`GroupRecords::hand_over`). Returns the
+/// new generation.
+pub fn hand_over(topology: &Path, to: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(topology)
+        .with_context(|| format!("reading {}", topology.display()))?;
+    let topo = Topology::parse(&text, &topology.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(q) = topo.quorum.clone() else {
+        bail!("{}: no [quorum] section", topology.display());
+    };
+    let base_dir = topology.parent().map(Path::to_path_buf).unwrap_or_default();
+    let etcd = pipecloud_quorum::connect(&q, &base_dir).context("etcd client ([quorum])")?;
+    let records = GroupRecords::new(etcd, &topo.group.name, &q.home_site, q.lease_ms)?;
+    match records.hand_over(to)? {
+        Some(n) => Ok(n),
+        None => bail!(
+            "group {}: refused: the generation is not site {}'s, or a site still holds the lease \
+             (stop the active site's agent first)",
+            topo.group.name,
+            q.home_site
+        ),
+    }
+}
+
 /// Fence + failover, then the activation hook, then the marker.
 fn takeover(
     group: &str,

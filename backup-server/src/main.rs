@@ -237,6 +237,32 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Planned switch-back (docs/design.md §15): give the group's next
+    /// generation to site TO, in one etcd transaction conditioned on the
+    /// generation being the topology's `[quorum] home_site`'s (the active
+    /// site) and on no site holding the lease (the active site's agent has
+    /// stopped). TO's agent then acquires the lease and serves.
+    HandOver {
+        /// The active site's topology (its `[quorum]` section).
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long)]
+        to: String,
+    },
+    /// Failback (offline: the server stopped): make IMAGE the base volume of
+    /// DISK of GROUP before its agent first registers it here (the old
+    /// primary's disk, which the resync and the journal then bring up to
+    /// date). The file is moved.
+    Adopt {
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long)]
+        image: PathBuf,
+        #[command(flatten)]
+        at: Where,
+    },
     /// Measure ingest throughput and ack latency against a raw fdatasync baseline.
     Bench {
         /// Writes per measurement.
@@ -406,6 +432,11 @@ fn finish(r: Reply) -> anyhow::Result<()> {
                     "  lag: {} writes not yet applied to the base volumes, {} held back by the causal cut",
                     g.apply_lag_writes, g.held_by_cut_writes
                 );
+                if g.resyncing {
+                    println!(
+                        "  base volumes: a failback resync is writing them; journal apply and images wait for it"
+                    );
+                }
                 println!(
                     "  oldest restorable point: {} (cut {})",
                     if g.oldest_cut.is_zero() {
@@ -500,6 +531,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     other => bail!("unexpected reply to failover: {other:?}"),
                 }
             })
+        }
+        Cmd::Adopt {
+            group,
+            disk,
+            image,
+            at,
+        } => {
+            let (dir, limits) = data_dir(&at)?;
+            let (store, _) = Store::open(&dir, limits)
+                .with_context(|| format!("opening {} (stop its server first)", dir.display()))?;
+            let base = store.adopt_base_volume(&group, &disk, &image)?;
+            println!(
+                "adopt: {} is the base volume of {group}/{disk}",
+                base.display()
+            );
+            Ok(())
+        }
+        Cmd::HandOver { topology, to } => {
+            let n = backup_server::controller::hand_over(&topology, &to)?;
+            println!("hand-over: generation {n} recorded for site {to}");
+            Ok(())
         }
         Cmd::ResyncSource { image, listen, tls } => {
             let tls = backup_server::resync::SourceTls::from_files(

@@ -12,6 +12,7 @@
 //! behind the previous batch's fsync) and `_journal_latency_seconds` (per batch:
 //! journal append + fdatasync).
 //! Per group (label `group`): `_journal_bytes`, `_connected_agents`, `_fenced`,
+//! `_resyncing` (a failback's resync is writing the base volumes: the journal waits),
 //! and per writer (labels `group`, `writer`) `_committed_seq`, `_applied_seq`.
 //! Per checkpoint group (label `group`): `_checkpoint_acked_epoch`,
 //! `_checkpoint_acked_epochs` (since start), `_checkpoint_bytes` (pages and device
@@ -163,6 +164,7 @@ impl Collector for Scrape {
         }
 
         let (mut journal, mut agents, mut fenced) = (Vec::new(), Vec::new(), Vec::new());
+        let mut resyncing = Vec::new();
         let (mut committed, mut applied) = (Vec::new(), Vec::new());
         let mut ckpt: [Vec<(Labels, u64)>; 5] = Default::default();
         for g in self.store.groups() {
@@ -187,8 +189,9 @@ impl Collector for Scrape {
                     ckpt[i].push((group.clone(), v));
                 }
             }
-            let st = lock(&g.state);
             let group: Labels = vec![("group", g.name.clone())];
+            resyncing.push((group.clone(), u64::from(g.resyncing())));
+            let st = lock(&g.state);
             journal.push((group.clone(), g.journal_bytes.load(Ordering::Relaxed)));
             agents.push((group.clone(), st.agents.len() as u64));
             fenced.push((group, u64::from(st.meta.fenced)));
@@ -215,6 +218,12 @@ impl Collector for Scrape {
             "pipecloud_backup_fenced",
             "1 when the group is fenced (failed over: ingest refused)",
             &fenced,
+        )?;
+        gauges(
+            &mut enc,
+            "pipecloud_backup_resyncing",
+            "1 while a failback resync writes the group's base volumes (journal apply and images wait)",
+            &resyncing,
         )?;
         gauges(
             &mut enc,

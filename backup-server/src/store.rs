@@ -27,6 +27,7 @@ use crate::journal::{self, ActiveSegment};
 use crate::meta::{self, DiskMeta, GroupMeta, WriterMeta};
 use crate::volume::{self, ImageSource, Materialised};
 use pipecloud_core::codec::validate_name;
+use pipecloud_core::synctarget::{journal_apply, may_materialise, Apply};
 use pipecloud_core::wire::{Generation, Hello, Welcome, WriterState};
 use pipecloud_core::{CountVector, Seq, WriterId, MAX_WRITERS};
 use std::collections::BTreeMap;
@@ -340,6 +341,13 @@ impl Group {
             None => target,
         };
         let _v = lock(&self.volumes);
+        // A failback's resync writing the base volumes: the journal waits
+        // (docs/design.md §15); the shared locks keep a resync out until done.
+        let paths = self.volume_paths(&lock(&self.state).meta.disks.clone());
+        let (state, _held) = volume::resync_state(&paths)?;
+        if journal_apply(state) == Apply::Defer {
+            return Ok(());
+        }
         let (work, disks) = {
             let mut st = lock(&self.state);
             if !target.dominates(&st.meta.applied) {
@@ -405,6 +413,15 @@ impl Group {
         let start = std::time::Instant::now();
         volume::prepare_out(out)?;
         let _v = lock(&self.volumes);
+        let paths = self.volume_paths(&lock(&self.state).meta.disks.clone());
+        let (state, _held) = volume::resync_state(&paths)?;
+        if !may_materialise(state) {
+            return Err(format!(
+                "group {}: a resync is writing its base volumes (docs/design.md §15): \
+                 no image until it is done",
+                self.name
+            ));
+        }
         let (work, disks, cut_time_ms) = {
             let st = lock(&self.state);
             st.check_cut(&cut)?;
@@ -424,6 +441,15 @@ impl Group {
             cut_time_ms,
         };
         volume::write_images(&src, out, progress, start)
+    }
+
+    /// Whether a failback's resync is writing this group's base volumes now.
+    pub fn resyncing(&self) -> bool {
+        let paths = self.volume_paths(&lock(&self.state).meta.disks.clone());
+        matches!(
+            volume::resync_state(&paths),
+            Ok((pipecloud_core::synctarget::TargetVolume::Resyncing, _))
+        )
     }
 
     fn volume_paths(&self, disks: &[DiskMeta]) -> Vec<PathBuf> {
@@ -719,6 +745,43 @@ impl Store {
         lock(&self.groups).values().cloned().collect()
     }
 
+    /// Makes `image` the base volume of `disk` of `group` before an agent
+    /// first registers that disk here: at a failback the old primary's disk
+    /// becomes the base volume that the resync and the journal bring up to
+    /// date (docs/design.md §15); registration keeps a base volume of the
+    /// registered size. The file is moved (a rename: same file system).
+    /// Refused if the disk is registered or a volume file is already there.
+    pub fn adopt_base_volume(
+        &self,
+        group: &str,
+        disk: &str,
+        image: &Path,
+    ) -> Result<PathBuf, StoreError> {
+        for n in [group, disk] {
+            validate_name(n).map_err(|e| StoreError::Refused(e.to_string()))?;
+        }
+        if let Some(g) = self.group(group) {
+            if lock(&g.state).meta.disk_index(disk).is_some() {
+                return Err(StoreError::Refused(format!(
+                    "disk {disk} of group {group} is registered: its base volume is the journal's"
+                )));
+            }
+        }
+        let dir = self.data_dir.join("groups").join(group).join("volumes");
+        std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+        let target = dir.join(format!("{disk}.img"));
+        if target.exists() {
+            return Err(StoreError::Refused(format!(
+                "{} exists: not replaced",
+                target.display()
+            )));
+        }
+        std::fs::rename(image, &target)
+            .map_err(|e| io(format!("{} -> {}", image.display(), target.display()), e))?;
+        meta::sync_dir(&dir).map_err(|e| io(dir.display(), e))?;
+        Ok(target)
+    }
+
     /// The group, created (directories + empty metadata) if new. `name` must be valid.
     pub fn group_or_create(&self, name: &str) -> Result<Arc<Group>, StoreError> {
         validate_name(name).map_err(|e| StoreError::Refused(e.to_string()))?;
@@ -905,4 +968,65 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+    use pipecloud_core::wire::{DiskHello, PROTOCOL_VERSION};
+
+    /// A failback's adopted disk survives the agent's first registration
+    /// (its content is the base volume), and nothing is adopted over a
+    /// registered disk or an existing volume.
+    #[test]
+    fn an_adopted_disk_is_kept_by_registration_and_never_replaced() {
+        let dir = std::env::temp_dir().join(format!("pipecloud-test-adopt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 64 * 1024;
+        let old: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let image = dir.join("old-primary.img");
+        std::fs::write(&image, &old).unwrap();
+        let (store, _) = Store::open(&dir.join("data"), Limits::default()).unwrap();
+        assert!(store.adopt_base_volume("g", "../d", &image).is_err());
+        let base = store.adopt_base_volume("g", "d", &image).unwrap();
+        assert!(!image.exists());
+        std::fs::write(&image, b"other").unwrap();
+        assert!(
+            store.adopt_base_volume("g", "d", &image).is_err(),
+            "an existing volume was replaced"
+        );
+        let g = store.group_or_create("g").unwrap();
+        let hello = Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            group: "g".into(),
+            group_id: 7,
+            agent: "a".into(),
+            disks: vec![DiskHello {
+                name: "d".into(),
+                size: size as u64,
+                writer: WriterId(0),
+                generation: 1,
+            }],
+        };
+        g.register(&hello, PROTOCOL_VERSION).unwrap();
+        assert_eq!(g.volume_path("d"), base);
+        assert_eq!(
+            std::fs::read(&base).unwrap(),
+            old,
+            "registration changed the adopted disk"
+        );
+        std::fs::remove_file(&image).unwrap();
+        std::fs::write(&image, b"other").unwrap();
+        assert!(
+            store.adopt_base_volume("g", "e", &image).is_ok(),
+            "an unregistered disk of a registered group"
+        );
+        std::fs::write(&image, b"other").unwrap();
+        let e = store.adopt_base_volume("g", "d", &image).unwrap_err();
+        assert!(e.to_string().contains("is registered"), "{e}");
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -20,6 +20,7 @@ use crate::index::Entry;
 use crate::journal;
 use crate::meta::DiskMeta;
 use crate::record::{self, RecordKind};
+use pipecloud_core::synctarget::TargetVolume;
 use pipecloud_core::{CountVector, Seq, WriterId, MAX_WRITERS};
 use std::fs::File;
 use std::io::Write;
@@ -102,6 +103,34 @@ fn open_rw(p: &Path) -> Result<File, String> {
         .write(true)
         .open(p)
         .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// Whether a resync is writing any of `volumes` (`backup-server resync-fetch`
+/// holds an exclusive `flock` on its image), as the order rule sees it
+/// (`pipecloud_core::synctarget`, docs/design.md §15). When none is, the
+/// returned files hold a shared `flock` on each volume, so no resync can
+/// start while the caller applies or materialises; keep them until done.
+pub fn resync_state(volumes: &[PathBuf]) -> Result<(TargetVolume, Vec<File>), String> {
+    use std::os::fd::AsRawFd as _;
+    let mut held = Vec::new();
+    for p in volumes {
+        let f = match File::open(p) {
+            Ok(f) => f,
+            // Not created yet: no resync can be writing it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        };
+        // SAFETY: flock(2) on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok((TargetVolume::Resyncing, Vec::new()));
+            }
+            return Err(format!("flock {}: {e}", p.display()));
+        }
+        held.push(f);
+    }
+    Ok((TargetVolume::Settled, held))
 }
 
 /// One journaled write to apply: its writer, seq and index entry.
@@ -286,4 +315,45 @@ pub fn write_images(
         elapsed: start.elapsed(),
         checkpoint: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flock(f: &File, op: i32) -> bool {
+        // SAFETY: flock(2) on a descriptor we own.
+        unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) == 0 }
+    }
+
+    /// The order rule's driver: a resync's exclusive lock (what
+    /// `resync-fetch` takes) makes the volume `Resyncing`; a settled volume's
+    /// shared locks keep a resync from starting until they are dropped.
+    #[test]
+    fn a_resync_lock_defers_and_a_settled_hold_keeps_resyncs_out() {
+        let dir =
+            std::env::temp_dir().join(format!("pipecloud-test-synctarget-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("d.img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let paths = vec![p.clone(), dir.join("absent.img")];
+        let resync = File::options().read(true).write(true).open(&p).unwrap();
+        assert!(flock(&resync, libc::LOCK_EX));
+        let (s, held) = resync_state(&paths).unwrap();
+        assert_eq!(s, TargetVolume::Resyncing);
+        assert!(held.is_empty());
+        assert!(flock(&resync, libc::LOCK_UN));
+        drop(resync);
+        let (s, held) = resync_state(&paths).unwrap();
+        assert_eq!(s, TargetVolume::Settled);
+        assert_eq!(held.len(), 1);
+        let late = File::options().read(true).write(true).open(&p).unwrap();
+        assert!(
+            !flock(&late, libc::LOCK_EX),
+            "a resync started during an apply"
+        );
+        drop(held);
+        assert!(flock(&late, libc::LOCK_EX));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

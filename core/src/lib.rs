@@ -12,6 +12,7 @@
 //! - [`epoch`]: checkpoint epochs of the full-state mode (tag, barrier, release by ack).
 //! - [`cut`]: the largest causally closed cut over journaled writes (failover).
 //! - [`lease`]: the group's lease and generation (fencing token): which site may be active.
+//! - [`synctarget`]: the order of resync blocks and journaled writes at a failback's target.
 //! - [`mode`]: replication modes and the backup-loss policy (one definition, one parsing rule).
 //! - [`ipopt`]: the IPv4 option that carries a vector between protected machines.
 //! - [`wire`] and [`codec`]: the replication protocol frames and their byte encoding.
@@ -27,6 +28,7 @@ pub mod mode;
 pub mod netqueue;
 pub mod pagecodec;
 pub mod prefix;
+pub mod synctarget;
 pub mod topology;
 pub mod vector;
 pub mod wire;

@@ -32,15 +32,11 @@
 //! `split_brain_windows` then really tests the fencing: the primary must stop
 //! answering, within its lease, before the backup's first answer.
 //!
-//! **Failback** (issue 23 §4, docs/design.md §15), after either run: the old
-//! primary's processes are stopped (agent first: a fenced agent's held writes
-//! would keep its PostgreSQL unkillable) and the active site quiesced (its
-//! PostgreSQL stopped, the volume unmounted); then the issue's case, 1 % of
-//! the disk's blocks overwritten on each side after the failover; then
-//! `backup-server resync-fetch` at the old primary's host pulls from
-//! `resync-source` at the backup over the emulated WAN, and the two images
-//! must be byte-identical (full compare). `failback_resync_bytes` is the
-//! frame bytes both ways.
+//! **Failback** (issue 23 §4, docs/design.md §15), after a takeover:
+//! reverse protection, the live resync of the old primary's disk while the
+//! active site serves, and the planned switch-back home, in
+//! [`crate::failback`]; `failback_resync_bytes` is the resync's frame bytes
+//! both ways.
 //!
 //! **Partition schedules** (`--partition NAME`, `--schedules N --seed S`;
 //! [`crate::partition`]): instead of the disaster, faults cut and heal links
@@ -51,13 +47,13 @@
 //! within its lease of losing the etcd majority (`primary_stop`), and replies
 //! resume within [`crate::partition::converge_bound`] of the last heal.
 //!
-//! Not yet: reverse protection, switch-back.
+//! Not yet: faults during activation or failback, multi-tier topologies.
 
 use crate::netns::spawn_in;
 use crate::partition::{schedule, Applied, Schedule};
 use crate::pg::{chown_postgres, Postgres};
 use crate::run::{bin, Site, SiteOptions, PG_PORT};
-use crate::site::{MountedImage, BACKUP_IP, WAN_LAN_SIDE};
+use crate::site::MountedImage;
 use crate::sys::{ns_cmd, sh, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
@@ -68,18 +64,18 @@ use std::time::{Duration, Instant};
 
 /// One acknowledged insert (`id`) or read (`None`).
 #[derive(Clone, Debug)]
-struct Reply {
-    id: Option<i64>,
+pub struct Reply {
+    pub id: Option<i64>,
     /// The answering server's data directory (which site).
-    datadir: String,
-    at: Instant,
+    pub datadir: String,
+    pub at: Instant,
 }
 
 /// What the client saw.
 #[derive(Default)]
-struct Seen {
-    replies: Vec<Reply>,
-    errors: u64,
+pub struct Seen {
+    pub replies: Vec<Reply>,
+    pub errors: u64,
 }
 
 /// The outcome of one lifecycle run.
@@ -92,7 +88,7 @@ pub struct LifecycleResult {
     pub lost_acked: usize,
     pub split_brain_windows: usize,
     pub partitions: usize,
-    pub failback: Failback,
+    pub failback: crate::failback::Failback,
     /// Whether a takeover happened (without one, no failback).
     pub took_over: bool,
     /// The longest a primary cut from the etcd majority went on answering.
@@ -121,172 +117,8 @@ struct Checked {
 /// before it may still reach the client.
 pub const STALL_GRACE: Duration = Duration::from_secs(1);
 
-/// What the failback resync did.
-#[derive(Debug, Default)]
-pub struct Failback {
-    /// Frame bytes over the WAN, both ways.
-    pub resync_bytes: u64,
-    pub disk_bytes: u64,
-    /// Blocks the active site sent.
-    pub blocks_sent: u64,
-    pub secs: f64,
-}
-
-/// Port of `resync-source` at the backup site.
-const RESYNC_PORT: u16 = 7801;
-
-/// Overwrites `fraction_pct` % of `image`'s 4 KiB blocks, at seeded random
-/// places, with seeded random data (the issue's divergence case), and syncs.
-fn diverge(image: &Path, seed: u64, fraction_pct: u64) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    const BLOCK: u64 = 4096;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(image)
-        .with_context(|| format!("opening {}", image.display()))?;
-    let blocks = f.metadata()?.len() / BLOCK;
-    let mut x = seed;
-    let mut next = move || {
-        // splitmix64
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    for _ in 0..blocks * fraction_pct / 100 {
-        let at = next() % blocks * BLOCK;
-        let data: Vec<u8> = (0..BLOCK / 8).flat_map(|_| next().to_le_bytes()).collect();
-        f.write_all_at(&data, at)?;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Whether two files have the same length and bytes.
-fn identical(a: &Path, b: &Path) -> Result<bool> {
-    use std::os::unix::fs::FileExt;
-    let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
-    let len = fa.metadata()?.len();
-    if fb.metadata()?.len() != len {
-        return Ok(false);
-    }
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(1 << 20) as usize;
-        fa.read_exact_at(&mut ba[..n], off)?;
-        fb.read_exact_at(&mut bb[..n], off)?;
-        if ba[..n] != bb[..n] {
-            return Ok(false);
-        }
-        off += n as u64;
-    }
-    Ok(true)
-}
-
-/// The failback: 1 % changed on each side, then the resync from the active
-/// site's `image` into the old primary's `old` over the WAN; checked
-/// byte-identical. The resync link is the replication link's mutual TLS
-/// (the site's certificates); the fetcher asks the site's etcd that the old
-/// primary (`home_site = "primary"`, run.rs) is fenced.
-fn failback(
-    work: &Path,
-    names: &crate::site::Names,
-    site: &Site,
-    old: &Path,
-    image: &Path,
-) -> Result<Failback> {
-    diverge(old, 0x01d_5eed, 1)?;
-    diverge(image, 0xac71_5eed, 1)?;
-    if identical(old, image)? {
-        bail!("the two sites' images are identical before the resync: the run proves nothing");
-    }
-    let group = site.topo.group.name.as_str();
-    let etcd = site
-        .etcd
-        .as_ref()
-        .context("the lifecycle's site has no etcd")?;
-    let log = work.join("resync-source.log");
-    let mut cmd = ns_cmd(&names.backup(), "setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(bin("backup-server"))
-        .args(["resync-source", "--listen"])
-        .arg(format!("{BACKUP_IP}:{RESYNC_PORT}"))
-        .arg("--image")
-        .arg(image)
-        .args(["--group", group, "--ca"])
-        .arg(site.certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(site.certs.join("server.pem"))
-        .arg("--key")
-        .arg(site.certs.join("server.key"));
-    let mut source = Guarded::spawn("resync-source", &mut cmd, &log)?;
-    wait_until(Duration::from_secs(30), "resync-source to listen", || {
-        source.exited()
-            || std::fs::read_to_string(&log)
-                .map(|l| l.contains(" on "))
-                .unwrap_or(false)
-    })?;
-    if source.exited() {
-        bail!(
-            "resync-source exited: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-    let out = crate::sys::run(
-        ns_cmd(&names.host(0), "timeout")
-            .arg("600")
-            .arg(bin("backup-server"))
-            .args(["resync-fetch", "--from"])
-            .arg(format!("{BACKUP_IP}:{RESYNC_PORT}"))
-            .arg("--image")
-            .arg(old)
-            .arg("--status")
-            .arg(work.join("resync.status"))
-            .args(["--group", group, "--ca"])
-            .arg(site.certs.join("ca.pem"))
-            .arg("--cert")
-            .arg(site.certs.join(format!("{group}-agent.pem")))
-            .arg("--key")
-            .arg(site.certs.join(format!("{group}-agent.key")))
-            .args([
-                "--server-name",
-                "backup.pipecloud.test",
-                "--site",
-                "primary",
-            ])
-            .arg("--etcd")
-            .arg(etcd.endpoints().join(",")),
-    )
-    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
-    wait_until(Duration::from_secs(30), "resync-source to finish", || {
-        source.exited()
-    })?;
-    let field = |key: &str| -> Result<String> {
-        out.lines()
-            .find(|l| l.starts_with("resync: done"))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
-            })
-            .with_context(|| format!("no {key}= in resync-fetch's output: {out}"))
-    };
-    let r = Failback {
-        resync_bytes: field("wan_bytes")?.parse()?,
-        disk_bytes: field("disk_bytes")?.parse()?,
-        blocks_sent: field("differing")?.parse()?,
-        secs: field("secs")?.parse()?,
-    };
-    eprintln!("harness: failback: {}", out.trim());
-    if !identical(old, image)? {
-        bail!("after the resync the old primary's image differs from the active site's");
-    }
-    Ok(r)
-}
-
 /// A client inserting numbered rows, reconnecting after errors, until `stop`.
-fn start_client(
+pub fn start_client(
     ns: &str,
     conninfo: String,
     first_id: i64,
@@ -385,7 +217,7 @@ pub fn run(
         .arg("--data-dir")
         .arg(&site.backup_data)
         .env("RUST_LOG", "info");
-    let _controller = Guarded::spawn("controller", &mut cmd, &work.join("controller.log"))?;
+    let controller = Guarded::spawn("controller", &mut cmd, &work.join("controller.log"))?;
 
     // Load on the primary.
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -462,7 +294,8 @@ pub fn run(
     }
 
     // Activation (the hook's and BGP's stand-in): the failed-over volume at
-    // the backup, PostgreSQL on the machine's address there, the route moved.
+    // the backup, PostgreSQL on the machine's address in a machine namespace
+    // there, the route moved.
     let image = out
         .join(format!("generation-{generation}"))
         .join(format!("{disk}.img"));
@@ -471,20 +304,10 @@ pub fn run(
     let datadir = mnt.join("pgdata");
     chown_postgres(&datadir)?;
     let _ = std::fs::remove_file(datadir.join("postmaster.pid"));
-    let backup_ns = names.backup();
-    sh(&[
-        "ip",
-        "-n",
-        &backup_ns,
-        "addr",
-        "add",
-        &format!("{}/32", machine.ip),
-        "dev",
-        "eth0",
-    ])?;
-    let mut pg = Postgres::start(
+    let bm = crate::failback::BackupMachine::up(&names, machine.ip)?;
+    let pg = Postgres::start(
         "active",
-        &backup_ns,
+        &bm.ns.name,
         machine.ip,
         PG_PORT,
         &datadir,
@@ -493,32 +316,7 @@ pub fn run(
     )
     .context("PostgreSQL on the failed-over volume")?;
     if !partition {
-        let wan = names.wan();
-        let dst = format!("{}/32", machine.ip);
-        sh(&["ip", "-n", &wan, "link", "set", "lan0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &wan,
-            "route",
-            "replace",
-            &dst,
-            "via",
-            &BACKUP_IP.to_string(),
-        ])?;
-        if let Some(w) = &site.wan {
-            w.restore();
-        }
-        sh(&[
-            "ip",
-            "-n",
-            &names.client(),
-            "route",
-            "replace",
-            &dst,
-            "via",
-            &WAN_LAN_SIDE.to_string(),
-        ])?;
+        crate::failback::route_clients(&site, machine.ip, true)?;
     }
 
     // Served by the backup site.
@@ -567,27 +365,25 @@ pub fn run(
     let acked_primary = s.replies.len() - acked_backup;
     eprintln!("harness: lifecycle: client errors {}", s.errors);
     drop(s);
-    // Failback: the old primary stopped, the active site quiesced.
-    site.teardown_primary();
-    pg.stop();
-    drop(pg);
-    let loopdev = mounted
-        .loopdev
-        .path()
-        .to_string_lossy()
-        .trim_start_matches("/dev/")
-        .to_string();
-    drop(mounted);
-    // The loop device writes the volume back into the image: wait it out.
-    wait_until(
-        Duration::from_secs(30),
-        "the active volume's loop device",
-        || !Path::new(&format!("/sys/block/{loopdev}/loop/backing_file")).exists(),
+    // Failback under reverse protection, and the switch-back (failback.rs).
+    // The old primary's fetcher reaches the etcd majority: every cut is
+    // healed when a schedule ends (partition.rs).
+    let active = crate::failback::Active {
+        pg,
+        mounted,
+        image,
+        machine: bm,
+        controller,
+    };
+    let failback = crate::failback::run(
+        &mut site,
+        work,
+        &disk,
+        active,
+        seen.clone(),
+        lease_ms,
+        opts.mode,
     )?;
-    let old = work.join("images").join(format!("{disk}.img"));
-    // The old primary returns: its fetcher must reach the etcd majority, which
-    // it does, every cut being healed when a schedule ends (partition.rs).
-    let failback = failback(work, &names, &site, &old, &image)?;
     let result = LifecycleResult {
         rto,
         takeover,
@@ -702,7 +498,7 @@ fn without_takeover(
         lost_acked,
         split_brain_windows,
         partitions: schedule.map_or(0, |s| s.faults.len()),
-        failback: Failback::default(),
+        failback: crate::failback::Failback::default(),
         took_over: false,
         primary_stop,
         converge: Some(after.duration_since(a.healed)),

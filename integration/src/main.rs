@@ -6,6 +6,7 @@
 mod app;
 mod client;
 mod disaster;
+mod failback;
 mod figures;
 mod fullstate;
 mod lifecycle;
@@ -433,7 +434,9 @@ fn real_main() -> Result<()> {
                 println!(
                     "RESULT rto_s={:.3} takeover_s={:.3} failback_resync_bytes={} disk_bytes={} \
                      split_brain_windows={} lost_acked={} partitions={} replies_primary={} \
-                     replies_backup={} resync_blocks={} resync_s={:.2} lease_ms={lease_ms} \
+                     replies_backup={} resync_blocks={} resync_s={:.2} live_resync_inserts={} \
+                     unprotected_ms={:.1} reverse_ms={:.1} switchback_s={:.2} switchback_lost={} \
+                     home_ms={:.1} home_generation={} acked_total={} lease_ms={lease_ms} \
                      rtt_ms={rtt_ms} mode={mode} takeover={} failback={} primary_stop_s={:.3} \
                      converge_s={:.3} acked_while_cut={} primary_gap_s={} schedule={label:?}",
                     r.rto.as_secs_f64(),
@@ -447,6 +450,14 @@ fn real_main() -> Result<()> {
                     r.acked_backup,
                     r.failback.blocks_sent,
                     r.failback.secs,
+                    r.failback.live_inserts,
+                    r.failback.unprotected_ms,
+                    r.failback.reverse_ms,
+                    r.failback.switchback_s,
+                    r.failback.switchback_lost,
+                    r.failback.home_ms,
+                    r.failback.home_generation,
+                    r.failback.acked_total,
                     u8::from(r.took_over),
                     if r.took_over { "done" } else { "skipped" },
                     r.primary_stop.as_secs_f64(),
@@ -481,6 +492,10 @@ fn real_main() -> Result<()> {
                     (
                         zero_rpo && r.lost_acked > 0,
                         "acknowledged requests were lost",
+                    ),
+                    (
+                        zero_rpo && r.failback.switchback_lost > 0,
+                        "acknowledged requests were lost by the switch-back",
                     ),
                     (
                         r.primary_stop > lease,

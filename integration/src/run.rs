@@ -171,36 +171,14 @@ impl Site {
             .arg(&site.certs)
             .args(["--server-name", "backup.pipecloud.test", "--group", &g])
             .args(["--listen", &format!("{BACKUP_IP}:{BACKUP_PORT}")]))?;
-        std::fs::create_dir_all(&site.backup_data)?;
-        let cfg = site.work.join("backup.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"{BACKUP_IP}:{BACKUP_PORT}\"\ndata_dir = \"{}\"\nmetrics = \"127.0.0.1:{BACKUP_METRICS_PORT}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                site.backup_data.display(),
-                site.certs.join("ca.pem").display(),
-                site.certs.join("server.pem").display(),
-                site.certs.join("server.key").display()
-            ),
-        )?;
-        // The backup server runs as nobody: it owns only its data dir and reads the certs.
-        sh(&[
-            "chown",
-            "-R",
-            "nobody:nogroup",
-            &site.backup_data.to_string_lossy(),
-        ])?;
         sh(&["chmod", "-R", "a+rX", &site.certs.to_string_lossy()])?;
         sh(&["chmod", "a+x", &site.work.to_string_lossy()])?;
-        let mut cmd = ns_cmd(&names.backup(), "setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(bin("backup-server"))
-            .args(["serve", "--config"])
-            .arg(&cfg);
-        site.backup = Some(Guarded::spawn(
-            "backup-server",
-            &mut cmd,
-            &site.work.join("backup-server.log"),
+        site.backup = Some(start_backup_server(
+            &names.backup(),
+            SocketAddr::new(BACKUP_IP.into(), BACKUP_PORT),
+            &site.backup_data,
+            &site.certs,
+            &site.work.join("backup.toml"),
         )?);
         // Agents.
         std::fs::create_dir_all(site.work.join("images"))?;
@@ -520,6 +498,40 @@ impl Drop for Site {
         }
         self.wan = None;
     }
+}
+
+/// Starts `backup-server serve` as `nobody` in namespace `ns`, listening on
+/// `listen`, with data directory `data` (created, given to nobody; a base
+/// volume placed in it beforehand is kept) and the server certificate of
+/// `certs` (`backup-server certs`); its configuration is written to `cfg`, its
+/// log next to it.
+/// Its `/metrics` listens on loopback in `ns` ([`BACKUP_METRICS_PORT`]).
+pub fn start_backup_server(
+    ns: &str,
+    listen: SocketAddr,
+    data: &Path,
+    certs: &Path,
+    cfg: &Path,
+) -> Result<Guarded> {
+    std::fs::create_dir_all(data)?;
+    std::fs::write(
+        cfg,
+        format!(
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nmetrics = \"127.0.0.1:{BACKUP_METRICS_PORT}\"\n\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            data.display(),
+            certs.join("ca.pem").display(),
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        ),
+    )?;
+    // The backup server runs as nobody: it owns only its data dir and reads the certs.
+    sh(&["chown", "-R", "nobody:nogroup", &data.to_string_lossy()])?;
+    let mut cmd = ns_cmd(ns, "setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("backup-server"))
+        .args(["serve", "--config"])
+        .arg(cfg);
+    Guarded::spawn("backup-server", &mut cmd, &cfg.with_extension("log"))
 }
 
 /// The site's etcd cluster: three failure domains, one member each: the

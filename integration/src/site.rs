@@ -99,6 +99,16 @@ impl Names {
     }
 }
 
+/// A machine namespace's address `ip` on its `eth0` and its routes: the
+/// gateway [`MACHINE_GW`] on the link, the default route via it.
+pub fn machine_addr(ns: &Netns, ip: Ipv4Addr) -> Result<()> {
+    addr(ns, "eth0", ip, 32)?;
+    let gw = MACHINE_GW.to_string();
+    ns.sh(&["ip", "route", "add", &gw, "dev", "eth0"])?;
+    ns.sh(&["ip", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+    Ok(())
+}
+
 /// The network of a site: namespaces, links, addresses, routes. No processes.
 pub struct Network {
     pub names: Names,
@@ -169,18 +179,7 @@ impl Network {
             let ns = Netns::new(&names.machine(j))?;
             let dev = format!("m{j}");
             veth(&ns, "eth0", &host_ns[hi], &dev)?;
-            addr(&ns, "eth0", m.ip, 32)?;
-            ns.sh(&["ip", "route", "add", &MACHINE_GW.to_string(), "dev", "eth0"])?;
-            ns.sh(&[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &MACHINE_GW.to_string(),
-                "dev",
-                "eth0",
-            ])?;
+            machine_addr(&ns, m.ip)?;
             addr(&host_ns[hi], &dev, MACHINE_GW, 32)?;
             host_ns[hi].sh(&["ip", "route", "add", &format!("{}/32", m.ip), "dev", &dev])?;
             // Machines on other hosts: via their host over the LAN.
@@ -238,6 +237,20 @@ impl Drop for Network {
 
 /// Renders a topology (with the run's paths and backup endpoint) back to TOML.
 pub fn render_topology(topo: &Topology, mode: Mode, certs: &Path, work: &Path) -> String {
+    let backup = std::net::SocketAddr::new(BACKUP_IP.into(), BACKUP_PORT);
+    render_topology_at(topo, mode, certs, work, backup, "backup.pipecloud.test")
+}
+
+/// [`render_topology`] with another backup server (the failback's reverse
+/// protection replicates to a backup server at the old primary's site).
+pub fn render_topology_at(
+    topo: &Topology,
+    mode: Mode,
+    certs: &Path,
+    work: &Path,
+    backup: std::net::SocketAddr,
+    server_name: &str,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -249,7 +262,7 @@ pub fn render_topology(topo: &Topology, mode: Mode, certs: &Path, work: &Path) -
     let g = &topo.group.name;
     let _ = writeln!(
         s,
-        "[backup]\nendpoint = \"{BACKUP_IP}:{BACKUP_PORT}\"\nserver_name = \"backup.pipecloud.test\"\n\
+        "[backup]\nendpoint = \"{backup}\"\nserver_name = \"{server_name}\"\n\
          ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         certs.join("ca.pem").display(),
         certs.join(format!("{g}-agent.pem")).display(),

@@ -231,6 +231,38 @@ impl GroupRecords {
         }])
     }
 
+    /// The planned switch-back's generation bump (docs/design.md §15): once
+    /// this site (the active one) has stopped serving and no longer holds the
+    /// lease, one transaction writes generation `n + 1` for site `to`,
+    /// conditioned on the generation still being this site's `n` and on the
+    /// lease key being absent. `to`'s keeper ([`Ambition::Hold`] at its home)
+    /// then acquires, as after its own lapse. `Ok(None)`: refused (the
+    /// generation is not this site's, or a lease is still held); `Ok(Some(n +
+    /// 1))`: done.
+    ///
+    /// [`Ambition::Hold`]: pipecloud_core::lease::Ambition::Hold
+    pub fn hand_over(&self, to: &str) -> Result<Option<Generation>, RecordError> {
+        if !valid_name(to) || to == self.site {
+            return Ok(None);
+        }
+        let obs = self.observe()?;
+        let Some(g) = obs.generation.filter(|g| g.site == self.site) else {
+            return Ok(None);
+        };
+        if obs.holder.is_some() {
+            return Ok(None);
+        }
+        let mut compares = generation_is(&self.generation_key, g.number);
+        compares.push(Compare::Absent(self.lease_key.clone()));
+        let put = [Op::Put {
+            key: self.generation_key.clone(),
+            value: encode_record(g.number + 1, to),
+            lease: 0,
+        }];
+        let out = self.etcd.txn(&compares, &put, &[])?;
+        Ok(out.succeeded.then_some(g.number + 1))
+    }
+
     /// Gives the lease up at once (a planned hand-over); the generation stays.
     pub fn resign(&mut self) -> Result<(), RecordError> {
         if let Some((lease, _)) = self.held.take() {

@@ -204,3 +204,45 @@ fn higher_generation_fences_the_holder_before_its_deadline() {
         }
     ));
 }
+
+/// The switch-back's generation bump (docs/design.md §15): refused while the
+/// active site holds the lease and for a site that is not the generation's;
+/// once the active site resigned, one transaction gives the next generation to
+/// the home site, whose keeper (`Hold`) then acquires and whose old holder
+/// could not re-acquire.
+#[test]
+fn hand_over_needs_the_generation_and_no_lease() {
+    let cluster = EtcdCluster::start_local("handover").expect("etcd cluster");
+    let etcd = client(&cluster);
+    let mut b = GroupRecords::new(etcd.clone(), "shop", "b", 2000).unwrap();
+    let a = GroupRecords::new(etcd.clone(), "shop", "a", 2000).unwrap();
+    // b is the active site (it took generation 1, e.g. after a failover).
+    assert_eq!(
+        b.execute(Request::Acquire { expected: 0 }),
+        Reply::Acquired { generation: 1 }
+    );
+    assert_eq!(
+        b.hand_over("a").unwrap(),
+        None,
+        "handed over under a held lease"
+    );
+    b.resign().unwrap();
+    assert_eq!(
+        a.hand_over("b").unwrap(),
+        None,
+        "a site handed over what it does not hold"
+    );
+    assert_eq!(b.hand_over("b").unwrap(), None);
+    assert_eq!(b.hand_over("a").unwrap(), Some(2));
+    assert_eq!(b.hand_over("a").unwrap(), None, "handed over twice");
+    // The home site's keeper acquires the next generation; b's would not.
+    let lease = LeaseConfig::new(2000).unwrap();
+    let (keeper_a, events_a) = LeaseKeeper::start(a, lease, "a", Ambition::Hold).unwrap();
+    wait_for("a active", Duration::from_secs(10), || {
+        keeper_a.gate().is_open()
+    });
+    assert!(matches!(
+        events_a.recv_timeout(Duration::from_secs(1)).unwrap(),
+        Event::Activated { generation: 3, .. }
+    ));
+}

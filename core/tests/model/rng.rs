@@ -1,5 +1,5 @@
 //! The models' PRNG: splitmix64 (deterministic, no dependencies). Shared by
-//! `core/tests/model.rs`, `core/tests/model_epoch.rs` and the agent's capture tests.
+//! `core/tests/model.rs`, `core/tests/model_epoch.rs`, `core/tests/model_synctarget.rs` and the agent's capture tests.
 
 pub struct Rng(u64);
 
