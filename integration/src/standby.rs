@@ -30,12 +30,6 @@ pub const STANDBY_PORT: u16 = 5433;
 /// The standby's replication slot on the primary (keeps its WAL while paused).
 const SLOT: &str = "pipecloud_figures_standby";
 
-/// Whether `pause` also stops the standby's WAL receiver (and the standby
-/// keeps a replication slot for the WAL it misses meanwhile). On: a standby
-/// streaming between its points would cost the other variants its WAN
-/// traffic and CPU.
-const STOP_RECEIVER_WHEN_PAUSED: bool = true;
-
 /// How long `resume` waits for the standby to catch up and be synchronous.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -121,10 +115,8 @@ impl SyncStandby {
             &primary.port.to_string(),
         ])
         .args(["-U", "postgres", "-X", "stream", "-R", "-c", "fast"]);
-        if STOP_RECEIVER_WHEN_PAUSED {
-            // Keeps the WAL it misses while its receiver is off.
-            c.args(["-C", "-S", SLOT]);
-        }
+        // Keeps the WAL it misses while its receiver is off.
+        c.args(["-C", "-S", SLOT]);
         c.arg("-D").arg(&plan.datadir);
         run(&mut c).context("pg_basebackup across the WAN")?;
         let standby = Postgres::start(
@@ -196,19 +188,19 @@ impl SyncStandby {
         }
         self.primary("ALTER SYSTEM SET synchronous_standby_names = ''")?;
         self.primary("SELECT pg_reload_conf()")?;
-        if STOP_RECEIVER_WHEN_PAUSED {
-            self.standby("ALTER SYSTEM SET primary_conninfo = ''")?;
-            self.standby("SELECT pg_reload_conf()")?;
-            wait_until(
-                Duration::from_secs(30),
-                "the standby's WAL sender to stop",
-                || {
-                    self.primary("SELECT count(*) FROM pg_stat_replication")
-                        .map(|s| s.trim() == "0")
-                        .unwrap_or(false)
-                },
-            )?;
-        }
+        // Its WAL receiver off too: a standby streaming between its points
+        // would cost the other variants WAN traffic and CPU.
+        self.standby("ALTER SYSTEM SET primary_conninfo = ''")?;
+        self.standby("SELECT pg_reload_conf()")?;
+        wait_until(
+            Duration::from_secs(30),
+            "the standby's WAL sender to stop",
+            || {
+                self.primary("SELECT count(*) FROM pg_stat_replication")
+                    .map(|s| s.trim() == "0")
+                    .unwrap_or(false)
+            },
+        )?;
         self.paused = true;
         Ok(())
     }
@@ -225,11 +217,9 @@ impl SyncStandby {
             .primary("SELECT pg_current_wal_lsn()")?
             .trim()
             .to_string();
-        if STOP_RECEIVER_WHEN_PAUSED {
-            let quoted = self.conninfo.replace('\'', "''");
-            self.standby(&format!("ALTER SYSTEM SET primary_conninfo = '{quoted}'"))?;
-            self.standby("SELECT pg_reload_conf()")?;
-        }
+        let quoted = self.conninfo.replace('\'', "''");
+        self.standby(&format!("ALTER SYSTEM SET primary_conninfo = '{quoted}'"))?;
+        self.standby("SELECT pg_reload_conf()")?;
         let caught_up = format!(
             "SELECT count(*) FROM pg_stat_replication \
              WHERE state = 'streaming' AND replay_lsn >= '{target}'::pg_lsn"

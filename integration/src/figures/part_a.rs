@@ -54,12 +54,16 @@ impl Variant {
         }
     }
 
+    /// The agent's mode during the variant's points (`None`: no agent).
+    /// PostgreSQL's standby runs over an `async` agent when there is one: the
+    /// agent's hold must not add its round trip to the standby's (it did once,
+    /// when the standby first ran interleaved: 2 RTT a commit).
     fn mode(self) -> Option<Mode> {
         match self {
-            Variant::Async => Some(Mode::Async),
+            Variant::Async | Variant::PgSync => Some(Mode::Async),
             Variant::Sync => Some(Mode::Sync),
             Variant::Pipelined => Some(Mode::Pipelined),
-            Variant::PgSync | Variant::Plain => None,
+            Variant::Plain => None,
         }
     }
 }
@@ -284,13 +288,11 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                         }
                         for &v in &pass {
                             check_interrupted()?;
-                            if let Some(m) = v.mode() {
-                                rig.set_mode(m)?;
-                            } else if let (Rig::Site(_), Variant::PgSync) = (&rig, v) {
-                                // The agent's hold must not add its round
-                                // trip to the standby's (it did, once the
-                                // standby ran interleaved: 2 RTT a commit).
-                                rig.set_mode(Mode::Async)?;
+                            match (v.mode(), &rig) {
+                                // The standby needs no agent (`--no-agent`).
+                                (Some(_), Rig::Bare(_)) if v == Variant::PgSync => {}
+                                (Some(m), _) => rig.set_mode(m)?,
+                                (None, _) => {}
                             }
                             rig.drain();
                             if let (Some(s), Variant::PgSync) = (standby.as_mut(), v) {

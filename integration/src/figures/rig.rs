@@ -64,15 +64,10 @@ pub(super) fn rtt_retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
     }
 }
 
-/// The agents' control sockets of a site (`<nbd_dir>/ctl.sock`, nbd_dir = `<work>/h<i>`).
-fn ctl_sockets(site: &Site) -> Vec<PathBuf> {
-    site.ctl_sockets()
-}
-
 /// Switches every agent of the site to `mode` at run time.
 pub(super) fn set_mode(site: &Site, mode: Mode) -> Result<()> {
     let m: pipecloud::replication::Mode = mode.as_str().parse().map_err(|e| anyhow!("{e}"))?;
-    for p in ctl_sockets(site) {
+    for p in site.ctl_sockets() {
         pipecloud::ctl::set_mode(&p, m, None)
             .with_context(|| format!("switching {} to {mode}", p.display()))?;
     }
@@ -210,7 +205,7 @@ impl Rig {
 
     pub(super) fn hold(&self) -> Option<pipecloud::netpath::HoldSnapshot> {
         let Rig::Site(s) = self else { return None };
-        ctl_sockets(s).iter().find_map(|p| {
+        s.ctl_sockets().iter().find_map(|p| {
             pipecloud::ctl::hold(p)
                 .map_err(|e| {
                     eprintln!(
