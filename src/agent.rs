@@ -473,6 +473,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     for h in nbd_handles {
         h.shutdown().await;
     }
+    // Stopped acting (no release, no write completes): give the lease up.
+    crate::lease::resign(lease.clone()).await;
     client.shutdown();
     // Stops the replication thread (after the client: its tasks end on shutdown).
     drop(repl_runtime);

@@ -7,7 +7,9 @@
 //! and `degrade-to-async` takes effect only once the lease holder recorded it
 //! in etcd ([`LeaseKeeper::record_degraded`]). The keeper logs every decision
 //! (active, fenced and why); `ctl status` and the metrics show role,
-//! generation and time left.
+//! generation and time left. A clean stop resigns the lease once the data
+//! path is stopped ([`resign`]), so the next site acquires at once; a crash
+//! leaves it to lapse.
 
 use anyhow::{Context, Result};
 use pipecloud_core::lease::Ambition;
@@ -48,4 +50,23 @@ pub fn data_path_gate(keeper: &Arc<LeaseKeeper>) -> Option<Arc<LeaseGate>> {
         return None;
     }
     Some(keeper.gate())
+}
+
+/// A planned stop: call once the network path and the NBD exports are
+/// stopped (nothing is released and no write completes any more). The keeper
+/// closes its gate, then revokes the lease (the generation stays), so that
+/// the next site (the controller after a failback, the home site after a
+/// hand-over) acquires without waiting for the lease to lapse
+/// (docs/design.md §7). Blocks at most about one lease.
+pub async fn resign(keeper: Option<Arc<LeaseKeeper>>) {
+    let Some(k) = keeper else {
+        return;
+    };
+    match tokio::task::spawn_blocking(move || k.resign()).await {
+        Ok(true) => tracing::info!("stopping: resigned the group's lease"),
+        Ok(false) => {
+            tracing::warn!("stopping: the lease's revoke was not confirmed; it lapses on its own")
+        }
+        Err(e) => tracing::error!("stopping: resigning the lease: {e}"),
+    }
 }

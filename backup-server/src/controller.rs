@@ -95,6 +95,16 @@ pub fn run(
         q.failover.as_str()
     );
     loop {
+        if crate::planned_stop::requested() {
+            // A planned stop, between takeovers (one runs to its end in this
+            // loop): give the lease up at once instead of letting it lapse.
+            let done = keeper.resign();
+            println!(
+                "controller: stopping: lease resigned ({})",
+                if done { "revoked" } else { "left to lapse" }
+            );
+            return Ok(());
+        }
         let confirm = out.join(CONFIRM_FILE);
         if confirm.exists() {
             let _ = std::fs::remove_file(&confirm);

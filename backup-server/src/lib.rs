@@ -43,6 +43,7 @@ pub mod ingest;
 pub mod journal;
 pub mod meta;
 pub mod metrics;
+pub mod planned_stop;
 pub mod record;
 pub mod resync;
 pub mod server;

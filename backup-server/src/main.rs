@@ -520,6 +520,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Unfence { group, at } => finish(dispatch(&at, Request::Unfence { group })?),
         Cmd::Controller { topology, out, at } => {
             let out = absolute(&out)?;
+            // SIGTERM: resign the lease and exit (docs/design.md §7).
+            backup_server::planned_stop::install().context("installing the SIGTERM handler")?;
             backup_server::controller::run(&topology, &out, |group, volumes| {
                 let req = Request::Failover {
                     group: group.to_owned(),

@@ -3,10 +3,14 @@
 //! Holds what the journal alone cannot say: the registered disks (a disk name
 //! keeps its size and writer forever), each writer's generation history, the cut
 //! the base volumes are at (`applied`), an apply in progress (`applying`), and
-//! whether the group is fenced (failed over: no more ingest).
+//! whether the group is fenced (failed over: no more ingest), and the earliest
+//! cut the base volumes are consistent at after a failback resync wrote them
+//! (`resync_floor`, docs/design.md §15).
 //!
 //! Format: `b"PCMETA01"`, crc32c (u32 LE) of the body, body = postcard of
-//! [`GroupMeta`]. Written atomically: temp file, fsync, rename, fsync directory.
+//! [`GroupMeta`] followed by postcard of [`MetaExt`] (fields added later:
+//! absent in older files, which read as its default; older binaries ignore
+//! it). Written atomically: temp file, fsync, rename, fsync directory.
 
 use pipecloud_core::wire::Generation;
 use pipecloud_core::{CountVector, Seq, WriterId};
@@ -68,6 +72,28 @@ pub struct GroupMeta {
     pub applying: Option<CountVector>,
     /// Failed over: ingest refused until `unfence`.
     pub fenced: bool,
+    /// After a failback resync wrote the base volumes: no image at a cut
+    /// below this (stored in [`MetaExt`]).
+    #[serde(skip)]
+    pub resync_floor: Option<ResyncFloor>,
+}
+
+/// The journal position when a failback resync into the base volumes ended
+/// (docs/design.md §15): the volumes then mix the source's instants and are
+/// consistent only at cuts that dominate `cut`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncFloor {
+    /// The largest causally closed cut journaled when the end was seen.
+    pub cut: CountVector,
+    /// Newest receive time (unix ms) of a write inside `cut`: the earliest
+    /// restorable instant.
+    pub time_ms: u64,
+}
+
+/// Metadata fields stored after [`GroupMeta`]'s body (see the format).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaExt {
+    pub resync_floor: Option<ResyncFloor>,
 }
 
 impl GroupMeta {
@@ -114,14 +140,22 @@ pub fn load(path: &Path) -> Result<Option<GroupMeta>, MetaError> {
     if crc32c::crc32c(body) != crc {
         return Err(corrupt("checksum mismatch".into()));
     }
-    postcard::from_bytes(body)
-        .map(Some)
-        .map_err(|e| corrupt(e.to_string()))
+    let (mut meta, rest): (GroupMeta, _) =
+        postcard::take_from_bytes(body).map_err(|e| corrupt(e.to_string()))?;
+    if !rest.is_empty() {
+        let ext: MetaExt = postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))?;
+        meta.resync_floor = ext.resync_floor;
+    }
+    Ok(Some(meta))
 }
 
 /// Writes the metadata atomically and durably.
 pub fn store(path: &Path, meta: &GroupMeta) -> std::io::Result<()> {
-    let body = postcard::to_stdvec(meta).map_err(std::io::Error::other)?;
+    let mut body = postcard::to_stdvec(meta).map_err(std::io::Error::other)?;
+    let ext = MetaExt {
+        resync_floor: meta.resync_floor.clone(),
+    };
+    body.extend(postcard::to_stdvec(&ext).map_err(std::io::Error::other)?);
     let mut bytes = Vec::with_capacity(body.len() + 12);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
@@ -170,10 +204,26 @@ mod tests {
         let m = GroupMeta {
             group_id: Some(3),
             fenced: true,
+            resync_floor: Some(ResyncFloor {
+                cut: CountVector::from_slice(&[7, 2]),
+                time_ms: 1234,
+            }),
             ..Default::default()
         };
         store(&p, &m).unwrap();
-        assert_eq!(load(&p).unwrap(), Some(m));
+        assert_eq!(load(&p).unwrap(), Some(m.clone()));
+        // A file written before the extension (no bytes after the body).
+        let old = GroupMeta {
+            resync_floor: None,
+            ..m
+        };
+        let body = postcard::to_stdvec(&old).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        std::fs::write(&p, bytes).unwrap();
+        assert_eq!(load(&p).unwrap(), Some(old.clone()));
+        store(&p, &old).unwrap();
         let mut b = std::fs::read(&p).unwrap();
         let last = b.len() - 1;
         b[last] ^= 1;

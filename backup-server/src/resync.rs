@@ -599,7 +599,19 @@ pub fn fetch(
         .enable_time()
         .build()
         .context("the fetcher's runtime")?;
-    rt.block_on(fetch_into(&f, from, tls, status))
+    // A backup server's base volume: its journal's position at this
+    // resync's end bounds what may be restored (docs/design.md §15).
+    let base = crate::volume::is_base_volume(image);
+    if base {
+        crate::volume::write_resync_mark(image, crate::volume::ResyncMark::Writing)
+            .map_err(|e| anyhow!(e))?;
+    }
+    let summary = rt.block_on(fetch_into(&f, from, tls, status))?;
+    if base {
+        crate::volume::write_resync_mark(image, crate::volume::ResyncMark::Done)
+            .map_err(|e| anyhow!(e))?;
+    }
+    Ok(summary)
 }
 
 /// Bounds `fut` by [`IO_TIMEOUT`].

@@ -348,6 +348,7 @@ impl Group {
         if journal_apply(state) == Apply::Defer {
             return Ok(());
         }
+        self.settle_resync(&paths)?;
         let (work, disks) = {
             let mut st = lock(&self.state);
             if !target.dominates(&st.meta.applied) {
@@ -422,9 +423,18 @@ impl Group {
                 self.name
             ));
         }
+        if let Some(p) = self.settle_resync(&paths)? {
+            return Err(format!(
+                "group {}: a failback resync into its base volumes did not finish ({} says \
+                 so): they are consistent at no cut until a resync completes (docs/design.md §15)",
+                self.name,
+                p.display()
+            ));
+        }
         let (work, disks, cut_time_ms) = {
             let st = lock(&self.state);
             st.check_cut(&cut)?;
+            st.check_resync_floor(&cut)?;
             let mut t = st.meta.applied_time_ms;
             for (w, ix) in &st.writers {
                 t = t.max(ix.time(cut.get(w.index())));
@@ -441,6 +451,51 @@ impl Group {
             cut_time_ms,
         };
         volume::write_images(&src, out, progress, start)
+    }
+
+    /// Once a failback resync into the base volumes finished (its marker says
+    /// `done`, its lock is gone; the caller holds the shared locks, so no
+    /// other resync starts meanwhile): records the largest closed cut
+    /// journaled now as the group's resync floor, durably, then removes the
+    /// markers. The journal only grew since the resync's end (the applier
+    /// deferred), so the floor is at or beyond the position at the end:
+    /// refusing below it is safe. Returns the marker of a resync that died
+    /// half-way (`writing` without the lock), if any.
+    fn settle_resync(&self, volumes: &[PathBuf]) -> Result<Option<PathBuf>, String> {
+        let marks = volume::resync_marks(volumes)?;
+        if let Some((p, _)) = marks
+            .iter()
+            .find(|(_, m)| *m == volume::ResyncMark::Writing)
+        {
+            return Ok(Some(p.clone()));
+        }
+        if marks.is_empty() {
+            return Ok(None);
+        }
+        {
+            let mut st = lock(&self.state);
+            let cut = st.durable_cut();
+            let mut time_ms = st.meta.applied_time_ms;
+            for (w, ix) in &st.writers {
+                time_ms = time_ms.max(ix.time(cut.get(w.index())));
+            }
+            let mut floor = meta::ResyncFloor { cut, time_ms };
+            if let Some(f) = &st.meta.resync_floor {
+                floor.cut.merge(&f.cut);
+                floor.time_ms = floor.time_ms.max(f.time_ms);
+            }
+            warn!(group = %self.name, floor = %floor.cut, time_ms = floor.time_ms,
+                "a failback resync ended: no image below this cut");
+            st.meta.resync_floor = Some(floor);
+            self.persist_meta(&st).map_err(|e| e.to_string())?;
+        }
+        for (p, _) in &marks {
+            std::fs::remove_file(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        if let Some(dir) = marks.first().and_then(|(p, _)| p.parent()) {
+            meta::sync_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        Ok(None)
     }
 
     /// Whether a failback's resync is writing this group's base volumes now.
@@ -588,6 +643,21 @@ impl GroupState {
             caps[w.index()] = ix.prefix_at_time(t_ms);
         }
         self.cut_with_caps(&caps)
+    }
+
+    /// Whether an image at `cut` is consistent after a failback resync wrote
+    /// the base volumes: `cut` must dominate the resync floor.
+    pub fn check_resync_floor(&self, cut: &CountVector) -> Result<(), String> {
+        match &self.meta.resync_floor {
+            Some(f) if !cut.dominates(&f.cut) => Err(format!(
+                "cut {cut} is before the end of a failback resync into the base volumes: they are \
+                 consistent only at cut {} or later; the earliest restorable instant is {} \
+                 (docs/design.md §15)",
+                f.cut,
+                crate::control::fmt_ms(f.time_ms)
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `cut` is causally closed, journaled and not below the applied cut.

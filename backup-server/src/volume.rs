@@ -133,6 +133,83 @@ pub fn resync_state(volumes: &[PathBuf]) -> Result<(TargetVolume, Vec<File>), St
     Ok((TargetVolume::Settled, held))
 }
 
+/// What the resync marker next to a base volume (`<disk>.img.resync`) says.
+/// `resync-fetch` writes `Writing` before it writes a block of a backup
+/// server's base volume and `Done` after its final fsync, both durably and
+/// while it holds the exclusive `flock`; the store turns a `Done` into the
+/// group's resync floor and removes it (docs/design.md §15). A `Writing`
+/// found without the lock is a resync that died half-way: the volume is
+/// consistent at no cut until a resync completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResyncMark {
+    Writing,
+    Done,
+}
+
+impl ResyncMark {
+    fn text(self) -> &'static str {
+        match self {
+            ResyncMark::Writing => "writing\n",
+            ResyncMark::Done => "done\n",
+        }
+    }
+}
+
+/// `<volume>.resync`.
+pub fn resync_marker(volume: &Path) -> PathBuf {
+    let mut name = volume.as_os_str().to_owned();
+    name.push(".resync");
+    PathBuf::from(name)
+}
+
+/// Whether `image` is a backup server's base volume
+/// (`<group dir>/volumes/<disk>.img` with `<group dir>/group.meta`).
+pub fn is_base_volume(image: &Path) -> bool {
+    let Some(dir) = image.parent() else {
+        return false;
+    };
+    dir.file_name().is_some_and(|n| n == "volumes")
+        && dir.parent().is_some_and(|g| g.join("group.meta").exists())
+}
+
+/// Records `mark` durably next to `volume` (temp file, fsync, rename, fsync
+/// of the directory).
+pub fn write_resync_mark(volume: &Path, mark: ResyncMark) -> Result<(), String> {
+    let path = resync_marker(volume);
+    let tmp = path.with_extension("resync.tmp");
+    let ctx = |e: std::io::Error| format!("{}: {e}", path.display());
+    {
+        let mut f = File::create(&tmp).map_err(ctx)?;
+        f.write_all(mark.text().as_bytes()).map_err(ctx)?;
+        f.sync_all().map_err(ctx)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(ctx)?;
+    if let Some(dir) = path.parent() {
+        crate::meta::sync_dir(dir).map_err(ctx)?;
+    }
+    Ok(())
+}
+
+/// The markers next to `volumes`: each volume's, if it has one.
+pub fn resync_marks(volumes: &[PathBuf]) -> Result<Vec<(PathBuf, ResyncMark)>, String> {
+    let mut out = Vec::new();
+    for v in volumes {
+        let path = resync_marker(v);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let mark = match text.as_str() {
+            "writing\n" => ResyncMark::Writing,
+            "done\n" => ResyncMark::Done,
+            _ => return Err(format!("{}: not a resync marker: {text:?}", path.display())),
+        };
+        out.push((path, mark));
+    }
+    Ok(out)
+}
+
 /// One journaled write to apply: its writer, seq and index entry.
 pub type Work = (WriterId, Seq, Entry);
 

@@ -289,6 +289,31 @@ async fn controller_takes_over_once_when_the_home_lease_lapses() {
         "the takeover ran twice: {:?}",
         hook_runs(&out)
     );
+    // A planned stop (SIGTERM) resigns: the lease key is gone when the
+    // process has exited (a kill, as above, leaves it to lapse).
+    let mut ctl = ctl;
+    // SAFETY: kill(2) on our child.
+    unsafe {
+        libc::kill(ctl.child.id() as i32, libc::SIGTERM);
+    }
+    let st = ctl.child.wait().expect("controller exit");
+    assert!(
+        st.success(),
+        "controller after SIGTERM: {st}\n{}",
+        ctl.log()
+    );
+    assert!(
+        ctl.log()
+            .contains("controller: stopping: lease resigned (revoked)"),
+        "{}",
+        ctl.log()
+    );
+    let obs = home.observe().expect("observe");
+    assert_eq!(
+        obs.holder, None,
+        "the lease key outlived the controller's resign"
+    );
+    assert_eq!(obs.generation.map(|g| g.number), Some(3));
     drop(ctl);
     server.kill();
 }

@@ -8,51 +8,11 @@
 mod common;
 
 use common::*;
-use pipecloud_core::wire::Frame;
-use pipecloud_core::{CountVector, Seq};
+use pipecloud_core::Seq;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 256 * 1024;
-
-fn off(k: u64) -> u64 {
-    (k % 9) * 8192
-}
-
-fn rfc3339_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("format")
-}
-
-async fn send_and_wait(
-    w: &mut backup_server::client::ClientWriter,
-    r: &mut backup_server::client::ClientReader,
-    seqs: std::ops::RangeInclusive<Seq>,
-) {
-    let last = *seqs.end();
-    let frames: Vec<Frame> = seqs
-        .map(|k| {
-            write(
-                0,
-                5,
-                k,
-                0,
-                off(k),
-                CountVector::from_slice(&[k]),
-                payload(0, k, 5000),
-            )
-        })
-        .collect();
-    w.send(&frames).await.expect("send");
-    loop {
-        match r.recv().await.expect("recv") {
-            Some(Frame::Committed { vector }) if vector.get(0) >= last => break,
-            Some(_) => {}
-            None => panic!("closed"),
-        }
-    }
-}
 
 fn replay(upto: Seq) -> Vec<u8> {
     let mut img = vec![0u8; SIZE as usize];

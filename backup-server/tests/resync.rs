@@ -9,7 +9,13 @@
 //! serves the right fetcher afterwards); refused at the fetcher: a source
 //! without the expected server name. The fence check against a real etcd:
 //! refused while the fetcher's own site holds the generation, accepted once
-//! another site does.
+//! another site does. A resync into a running backup server's base volume:
+//! afterwards no image below the journal's position at its end (`restore
+//! --at` an earlier time is refused, naming the earliest restorable
+//! instant, across a restart too), and none at all after a resync that died
+//! half-way.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -497,4 +503,105 @@ fn the_fetcher_resyncs_only_when_etcd_says_its_site_is_fenced() {
     let (out, _, _) = run("primary");
     assert!(!out.status.success());
     assert_eq!(std::fs::read(&old).unwrap(), before);
+}
+
+/// docs/design.md §15: after a failback resync wrote a backup server's base
+/// volume, the volume mixes the source's instants; an image is consistent
+/// only at cuts at or beyond the journal's position at the resync's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_before_a_resyncs_end_is_refused() {
+    use common::{connect, disk, hello, off, payload, printed_cut, rfc3339_now, send_and_wait};
+    const SIZE: u64 = 256 * 1024;
+    let mut env = common::Env::new(&[GROUP], "");
+    let server = env.start();
+    let cfg = env.config.to_str().unwrap().to_string();
+    let h = hello(GROUP, "shop-agent", vec![disk("d", SIZE, 0, 5)]);
+    let (mut w, mut r, _) = connect(server.addr(), env.client_tls(GROUP), &h)
+        .await
+        .expect("connect");
+    send_and_wait(&mut w, &mut r, 1..=10).await;
+    let t1 = rfc3339_now();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    // Journaled before the resync's end: the floor is at least [15].
+    send_and_wait(&mut w, &mut r, 11..=15).await;
+
+    // The failback resync into the base volume, from a source whose every
+    // block differs.
+    let volume = env
+        .data
+        .join("groups")
+        .join(GROUP)
+        .join("volumes")
+        .join("d.img");
+    assert!(volume.exists(), "no base volume at {}", volume.display());
+    let src = env.dir.join("source.img");
+    let mut rng = Rng(0x5eed);
+    let blocks: Vec<u8> = (0..SIZE / BLOCK).flat_map(|_| rng.block()).collect();
+    std::fs::write(&src, &blocks).unwrap();
+    let pki = env.dir.join("pki");
+    let (mut child, addr, _out) = source(&src, &pki);
+    let status = env.dir.join("resync.status");
+    let out = fetch(&volume, &addr, &status, &pki);
+    let _ = child.wait();
+    assert!(out.status.success(), "resync-fetch: {out:?}");
+
+    // Writes after the resync's end (the server sees the end at its next
+    // apply round or materialisation: the floor is [15] or [20]).
+    send_and_wait(&mut w, &mut r, 16..=20).await;
+    let t2 = rfc3339_now();
+    let restore = |env: &common::Env, at: &str, name: &str| {
+        let o = env.out_dir(name);
+        env.cli(&[
+            "restore",
+            "--group",
+            GROUP,
+            "--at",
+            at,
+            "--out",
+            o.to_str().unwrap(),
+            "--config",
+            &cfg,
+        ])
+    };
+    for (at, name) in [(t1.as_str(), "at-t1"), ("[5]", "at-5")] {
+        let (ok, stdout, stderr) = restore(&env, at, name);
+        assert!(
+            !ok,
+            "restore --at {at} before the resync's end was served: {stdout}"
+        );
+        assert!(
+            stderr.contains("before the end of a failback resync")
+                && stderr.contains("earliest restorable instant is 20"),
+            "restore --at {at}: {stderr}"
+        );
+    }
+    // At t2 (after the resync and the writes): the source's blocks with the
+    // journaled writes on top (11..=20 cover every slot 1..=10 wrote, so it
+    // does not matter whether the applier applied 1..=10 before the resync).
+    let (ok, stdout, stderr) = restore(&env, &t2, "at-t2");
+    assert!(ok, "restore --at {t2}: {stderr}");
+    assert_eq!(printed_cut(&stdout), vec![20]);
+    let mut want = blocks.clone();
+    for k in 11..=20 {
+        let o = off(k) as usize;
+        want[o..o + 5000].copy_from_slice(&payload(0, k, 5000));
+    }
+    assert!(std::fs::read(env.out_dir("at-t2").join("d.img")).unwrap() == want);
+
+    // The floor is durable: still refused after a restart.
+    drop(w);
+    drop(r);
+    server.kill();
+    let server = env.start();
+    let (ok, _, stderr) = restore(&env, &t1, "at-t1-again");
+    assert!(
+        !ok && stderr.contains("earliest restorable instant"),
+        "{stderr}"
+    );
+    // A resync that died half-way (its marker says `writing`, no lock held):
+    // no image at any cut until a resync completes.
+    std::fs::write(backup_server::volume::resync_marker(&volume), "writing\n").unwrap();
+    let (ok, _, stderr) = restore(&env, &t2, "at-t2-torn");
+    assert!(!ok && stderr.contains("did not finish"), "{stderr}");
+    server.kill();
 }

@@ -64,6 +64,22 @@
 //! * [`Ambition::Watch`] (policy `alarm-only`): never acquires; raises
 //!   [`Event::Alarm`] once per lapsed generation, until an operator confirms
 //!   ([`LeaseState::confirm_takeover`]).
+//!
+//! # Resigning (a planned stop)
+//!
+//! A site that stops on purpose (its agent or controller shut down cleanly)
+//! gives its lease up at once instead of leaving it to lapse, so that the next
+//! site acquires without waiting out `lease_ms` ([`LeaseState::resign`]). The
+//! generation record stays; only the lease key goes. **The order is
+//! fail-closed**: the owner first stops acting (no output released, no write
+//! completed: its data path is stopped), then calls `resign`, which closes the
+//! gate at once ([`LeaseState::release_deadline`] is `None` from that call
+//! on) and only then makes [`Request::Resign`] due; the driver publishes the
+//! closed gate before it sends any request. A store that deleted the key can
+//! let another site acquire at once, so a gate still open at that moment
+//! would be two sites releasing (the model test's injected `ResignBeforeFence`).
+//! A resigned site requests nothing more and never acquires again: it is
+//! stopping. A crash resigns nothing: the lease lapses as before.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -172,6 +188,9 @@ pub enum Request {
     Acquire { expected: Generation },
     /// Renew this site's lease, then read the generation record.
     Renew,
+    /// Revoke this site's lease (the lease key goes, the generation record
+    /// stays): sent only after the gate was closed ([`LeaseState::resign`]).
+    Resign,
 }
 
 /// The store's answer to the request in flight.
@@ -189,6 +208,8 @@ pub enum Reply {
         alive: bool,
         generation: Generation,
     },
+    /// The lease was revoked (or the store no longer knew it).
+    Resigned,
     /// No answer (transport error, timeout, store without quorum).
     Failed,
 }
@@ -202,6 +223,8 @@ pub enum FenceReason {
     LeaseLost,
     /// The store records a higher generation.
     Superseded { by: Generation },
+    /// This site stopped on purpose and gave its lease up ([`LeaseState::resign`]).
+    Resigned,
 }
 
 impl fmt::Display for FenceReason {
@@ -210,6 +233,7 @@ impl fmt::Display for FenceReason {
             FenceReason::Expired => f.write_str("lease expired (no renewal confirmed in time)"),
             FenceReason::LeaseLost => f.write_str("the quorum store no longer knows our lease"),
             FenceReason::Superseded { by } => write!(f, "superseded by generation {by}"),
+            FenceReason::Resigned => f.write_str("resigned (planned stop)"),
         }
     }
 }
@@ -281,6 +305,10 @@ pub struct LeaseState {
     pending_previous: Option<GenerationRecord>,
     /// The last generation an alarm was raised for (one alarm per lapse).
     alarmed: Option<Generation>,
+    /// Stopping (see "Resigning"): `Some(until)` while the revoke is still to
+    /// be confirmed, retried until the local time `until` (past it the store's
+    /// key has lapsed on its own); `Some(0)` once done or given up.
+    resigning: Option<Millis>,
     events: VecDeque<Event>,
 }
 
@@ -298,6 +326,7 @@ impl LeaseState {
             pending_acquire: None,
             pending_previous: None,
             alarmed: None,
+            resigning: None,
             events: VecDeque::new(),
         }
     }
@@ -345,6 +374,55 @@ impl LeaseState {
         self.next_at = self.next_at.min(now);
     }
 
+    /// A planned stop: call only once the owner stopped releasing output and
+    /// completing writes. Closes the gate now (fenced with
+    /// [`FenceReason::Resigned`] if active) and, if this site holds a lease,
+    /// makes [`Request::Resign`] the next request, retried on failure until
+    /// the lease would have lapsed anyway. From now on nothing else is
+    /// requested: a resigned site never acquires again. Idempotent.
+    pub fn resign(&mut self, now: Millis) {
+        if self.resigning.is_some() {
+            return;
+        }
+        self.pending_acquire = None;
+        self.pending_previous = None;
+        // Until when the store may still hold a key of ours: the local
+        // deadline plus the margin, or a lease from a request in flight (a
+        // renewal or an acquire landing after this call).
+        let in_flight_until = match self.in_flight {
+            Some((Request::Acquire { .. } | Request::Renew, sent_at)) => {
+                sent_at + self.cfg.lease_ms + self.cfg.margin_ms
+            }
+            _ => 0,
+        };
+        let until = match self.role {
+            Role::Active {
+                generation,
+                valid_until,
+            } => {
+                self.fence(generation, FenceReason::Resigned);
+                (valid_until + self.cfg.margin_ms).max(in_flight_until)
+            }
+            // Never held, or already lost: nothing to give up unless an
+            // acquire in flight lands.
+            _ => in_flight_until,
+        };
+        self.resigning = Some(until);
+        self.next_at = now;
+        debug_assert!(self.release_deadline().is_none());
+    }
+
+    /// Whether [`LeaseState::resign`] was called.
+    pub fn resigned(&self) -> bool {
+        self.resigning.is_some()
+    }
+
+    /// Resigned, and nothing more is to be sent (the revoke was confirmed,
+    /// or given up because the lease has lapsed by now).
+    pub fn resign_done(&self, now: Millis) -> bool {
+        matches!(self.resigning, Some(until) if now >= until) && self.in_flight.is_none()
+    }
+
     /// The next decision for the driver, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
@@ -356,6 +434,18 @@ impl LeaseState {
         self.handle_timeout(now);
         if self.in_flight.is_some() || now < self.next_at {
             return None;
+        }
+        if let Some(until) = self.resigning {
+            if now >= until {
+                return None;
+            }
+            // The gate closed when `resign` was called (before this request).
+            assert!(
+                self.release_deadline().is_none(),
+                "resign with the gate open"
+            );
+            self.in_flight = Some((Request::Resign, now));
+            return Some(Request::Resign);
         }
         let request = if matches!(self.role, Role::Active { .. }) {
             Request::Renew
@@ -373,6 +463,8 @@ impl LeaseState {
     pub fn next_timeout(&self) -> Millis {
         let mut t = match self.in_flight {
             Some((_, sent_at)) => sent_at + self.cfg.request_timeout_ms,
+            // Resigned with nothing more to send: nothing is ever due.
+            None if matches!(self.resigning, Some(until) if self.next_at >= until) => Millis::MAX,
             None => self.next_at,
         };
         if let Role::Active { valid_until, .. } = self.role {
@@ -406,10 +498,14 @@ impl LeaseState {
             return;
         };
         self.next_at = now + self.cfg.renew_every_ms;
+        if self.resigning.is_some() {
+            return self.resign_reply(request, reply, now);
+        }
         match reply {
             Reply::Failed => {
                 self.next_at = now + self.cfg.renew_every_ms / 2;
             }
+            Reply::Resigned => {}
             Reply::Observed(obs) | Reply::AcquireLost(obs) => self.observed(obs, now),
             Reply::Acquired { generation } => {
                 debug_assert!(matches!(request, Request::Acquire { .. }));
@@ -454,6 +550,26 @@ impl LeaseState {
                     self.handle_timeout(now);
                 }
             }
+        }
+    }
+
+    /// A reply while stopping: only the revoke matters. An acquire that
+    /// landed after `resign` won a lease this site will not use: revoke it
+    /// too, without ever opening the gate.
+    fn resign_reply(&mut self, request: Request, reply: Reply, now: Millis) {
+        match reply {
+            Reply::Resigned => self.resigning = Some(0),
+            Reply::Acquired { generation } => {
+                self.known = self.known.max(generation);
+                self.resigning = Some(now + self.cfg.lease_ms + self.cfg.margin_ms);
+                self.next_at = now;
+            }
+            Reply::Failed if request == Request::Resign => {
+                self.next_at = now + self.cfg.renew_every_ms / 4;
+            }
+            // An observation or renewal that was in flight: the revoke is next
+            // (or was not needed: nothing held).
+            _ => self.next_at = now,
         }
     }
 
@@ -630,6 +746,78 @@ mod tests {
                 previous: Some(GenerationRecord { number: 3, .. })
             })
         ));
+    }
+
+    #[test]
+    fn resign_closes_the_gate_before_the_revoke_and_never_reacquires() {
+        let cfg = LeaseConfig::new(3000).unwrap();
+        let mut s = LeaseState::new(cfg, "a", Ambition::Hold, 0);
+        s.poll_request(0);
+        s.handle_reply(Reply::Observed(obs(Some((1, "a")), None)), 0);
+        s.poll_request(0);
+        s.handle_reply(Reply::Acquired { generation: 2 }, 10);
+        assert!(matches!(s.poll_event(), Some(Event::Activated { .. })));
+        // A renewal in flight when the owner stops: the gate closes at once,
+        // the revoke waits for the renewal's answer.
+        assert_eq!(s.poll_request(750), Some(Request::Renew));
+        s.resign(800);
+        assert!(!s.may_release(800) && s.release_deadline().is_none());
+        assert_eq!(
+            s.poll_event(),
+            Some(Event::Fenced {
+                generation: 2,
+                reason: FenceReason::Resigned
+            })
+        );
+        assert_eq!(s.poll_request(800), None);
+        s.handle_reply(
+            Reply::Renewed {
+                alive: true,
+                generation: 2,
+            },
+            820,
+        );
+        assert_eq!(
+            s.release_deadline(),
+            None,
+            "a renewal after resign reopened the gate"
+        );
+        assert_eq!(s.poll_request(820), Some(Request::Resign));
+        s.handle_reply(Reply::Failed, 900);
+        assert_eq!(s.poll_request(900), None);
+        assert_eq!(s.poll_request(1100), Some(Request::Resign));
+        s.handle_reply(Reply::Resigned, 1110);
+        assert!(s.resign_done(1110));
+        // The lease key is gone and the generation is its own: a Hold site
+        // would re-acquire, a resigned one never does.
+        for t in [2000, 10_000, 100_000] {
+            assert_eq!(s.poll_request(t), None);
+        }
+        assert_eq!(s.role().name(), "fenced");
+    }
+
+    #[test]
+    fn resign_gives_up_once_the_lease_lapsed_and_revokes_a_late_acquire() {
+        let cfg = LeaseConfig::new(1000).unwrap();
+        let mut s = LeaseState::new(cfg, "b", Ambition::TakeOverOnExpiry, 0);
+        s.poll_request(0);
+        s.handle_reply(Reply::Observed(obs(Some((1, "a")), None)), 0);
+        assert_eq!(s.poll_request(0), Some(Request::Acquire { expected: 1 }));
+        s.resign(5);
+        assert!(!s.resign_done(5));
+        // The acquire won after the stop: never active, revoked.
+        s.handle_reply(Reply::Acquired { generation: 2 }, 20);
+        assert_eq!(s.poll_event(), None);
+        assert!(!s.may_release(20));
+        assert_eq!(s.poll_request(20), Some(Request::Resign));
+        s.handle_reply(Reply::Failed, 30);
+        // Past the lease (1000) plus the margin (100): it lapsed by itself.
+        assert_eq!(s.poll_request(1120), None);
+        assert!(s.resign_done(1120));
+        // A site that never held anything resigns at once.
+        let mut w = LeaseState::new(cfg, "c", Ambition::Watch, 0);
+        w.resign(0);
+        assert!(w.resign_done(0) && w.poll_request(0).is_none());
     }
 
     #[test]

@@ -20,13 +20,21 @@
 //!   generation it believes it holds (so a release after the lease lapsed in
 //!   the store, or under a generation it did not win, fails).
 //!
-//! Across all schedules both sites must have released and takeovers must have
-//! happened, or the check proves nothing. Injected bugs it must catch:
+//! Planned stops: in some schedules a site stops on purpose at a random instant
+//! and resigns ([`LeaseState::resign`]: its gate closes, then the store's lease
+//! key is revoked), and restarts (a fresh state machine) a while later.
+//!
+//! Across all schedules both sites must have released, takeovers must have
+//! happened and some acquire must have come early thanks to a resign (before
+//! the revoked key would have lapsed), or the check proves nothing. Injected
+//! bugs it must catch:
 //! `BlindAcquire` (the acquire is not conditioned on the generation and the lease
 //! key: two sites believe they hold the lease), `ReleaseAfterExpiry` (the data
 //! path's gate is an "active" flag, not the deadline) and
 //! `FailoverWithoutGeneration` (the controller takes over on seeing the lease
-//! lapse, without winning the transaction).
+//! lapse, without winning the transaction) and `ResignBeforeFence` (a stopping
+//! site revokes its lease while its data path still releases: the gate closes
+//! only when the revoke's answer comes back).
 //!
 //! Environment: `PIPECLOUD_LEASE_SCHEDULES` (default 2 000), `PIPECLOUD_LEASE_SEED`
 //! (first seed, default 0).
@@ -46,6 +54,7 @@ enum Bug {
     BlindAcquire,
     ReleaseAfterExpiry,
     FailoverWithoutGeneration,
+    ResignBeforeFence,
 }
 
 /// splitmix64: deterministic, no dependencies.
@@ -123,38 +132,54 @@ impl Outages {
 #[derive(Default)]
 struct Store {
     generation: Option<GenerationRecord>,
-    /// Lease key: (site, generation, expires at, true time).
-    lease: Option<(usize, Generation, Time)>,
+    /// Lease key: (site, generation, expires at in true time, the holder's
+    /// incarnation: a restarted site's requests never touch the lease of its
+    /// previous process, as etcd's lease ids keep them apart).
+    lease: Option<(usize, Generation, Time, u64)>,
+    /// When the last revoked key would have lapsed had it not been revoked.
+    revoked_until: Time,
+    /// Acquires that succeeded before a revoked key would have lapsed.
+    early_acquires: u64,
 }
 
 impl Store {
     fn expire(&mut self, t: Time) {
-        if matches!(self.lease, Some((_, _, exp)) if exp <= t) {
+        if matches!(self.lease, Some((_, _, exp, _)) if exp <= t) {
             self.lease = None;
         }
     }
     fn observation(&self) -> Observation {
         Observation {
             generation: self.generation.clone(),
-            holder: self.lease.map(|(s, _, _)| SITES[s].to_string()),
+            holder: self.lease.map(|(s, _, _, _)| SITES[s].to_string()),
         }
     }
     fn number(&self) -> Generation {
         self.generation.as_ref().map_or(0, |g| g.number)
     }
-    fn apply(&mut self, site: usize, req: Request, t: Time, lease_ms: Millis, bug: Bug) -> Reply {
+    fn apply(
+        &mut self,
+        (site, inc): (usize, u64),
+        req: Request,
+        t: Time,
+        lease_ms: Millis,
+        bug: Bug,
+    ) -> Reply {
         self.expire(t);
         match req {
             Request::Observe => Reply::Observed(self.observation()),
             Request::Acquire { expected } => {
                 let free = self.lease.is_none() && self.number() == expected;
                 if free || bug == Bug::BlindAcquire {
+                    if t < self.revoked_until {
+                        self.early_acquires += 1;
+                    }
                     let number = self.number() + 1;
                     self.generation = Some(GenerationRecord {
                         number,
                         site: SITES[site].into(),
                     });
-                    self.lease = Some((site, number, t + lease_ms));
+                    self.lease = Some((site, number, t + lease_ms, inc));
                     Reply::Acquired { generation: number }
                 } else {
                     Reply::AcquireLost(self.observation())
@@ -162,7 +187,7 @@ impl Store {
             }
             Request::Renew => {
                 let alive = match &mut self.lease {
-                    Some((s, _, exp)) if *s == site => {
+                    Some((s, _, exp, i)) if *s == site && *i == inc => {
                         *exp = t + lease_ms;
                         true
                     }
@@ -173,12 +198,21 @@ impl Store {
                     generation: self.number(),
                 }
             }
+            Request::Resign => {
+                if let Some((s, _, exp, i)) = self.lease {
+                    if s == site && i == inc {
+                        self.revoked_until = exp;
+                        self.lease = None;
+                    }
+                }
+                Reply::Resigned
+            }
         }
     }
     /// Who holds the lease key at true time `t` (without mutating).
     fn holder_at(&self, t: Time) -> Option<(usize, Generation)> {
         match self.lease {
-            Some((s, g, exp)) if t < exp => Some((s, g)),
+            Some((s, g, exp, _)) if t < exp => Some((s, g)),
             _ => None,
         }
     }
@@ -189,13 +223,22 @@ const SITES: [&str; 2] = ["a", "b"];
 #[derive(Clone, Debug)]
 enum Ev {
     /// A request arrives at the store.
-    ToStore { site: usize, id: u64, req: Request },
+    ToStore {
+        site: usize,
+        inc: u64,
+        id: u64,
+        req: Request,
+    },
     /// A reply arrives at the site.
     ToSite { site: usize, id: u64, reply: Reply },
     /// The site's driver wakes up.
     Wake { site: usize, token: u64 },
     /// Probe both gates.
     Probe,
+    /// A planned stop of the site: it resigns.
+    Stop { site: usize },
+    /// The stopped site starts again (a fresh process).
+    Restart { site: usize },
 }
 
 struct Site {
@@ -210,6 +253,10 @@ struct Site {
     gate_generation: Generation,
     wake_token: u64,
     releases: u64,
+    /// Stopped on purpose (resigning, or resigned): restarts later.
+    stopped: bool,
+    /// How many times the site was restarted.
+    incarnation: u64,
 }
 
 struct World {
@@ -258,6 +305,8 @@ impl World {
                 gate_generation: 0,
                 wake_token: 0,
                 releases: 0,
+                stopped: false,
+                incarnation: 0,
             });
         }
         let store_down = Outages::random(&mut rng, horizon, lease_ms);
@@ -281,6 +330,15 @@ impl World {
         let b_starts = w.rng.below(lease_ms);
         w.schedule(b_starts, Ev::Wake { site: 1, token: 0 });
         w.schedule(1, Ev::Probe);
+        // Planned stops: none in half the schedules, else one or two.
+        let stops = [0, 0, 1, 2][w.rng.below(4) as usize];
+        for _ in 0..stops {
+            let site = w.rng.below(2) as usize;
+            let at = w.rng.below(horizon);
+            let back = at + w.rng.range(1, 3 * lease_ms);
+            w.schedule(at, Ev::Stop { site });
+            w.schedule(back, Ev::Restart { site });
+        }
         w
     }
 
@@ -303,11 +361,13 @@ impl World {
             self.now = t;
             let ev = self.events[idx].take().expect("each event runs once");
             match ev {
-                Ev::ToStore { site, id, req } => {
+                Ev::ToStore { site, inc, id, req } => {
                     if self.store_down.down(t) {
                         continue;
                     }
-                    let reply = self.store.apply(site, req, t, self.lease_ms, self.bug);
+                    let reply = self
+                        .store
+                        .apply((site, inc), req, t, self.lease_ms, self.bug);
                     self.trace.push(format!(
                         "{t}: store <- {} {req:?} => {reply:?}",
                         SITES[site]
@@ -337,6 +397,33 @@ impl World {
                     self.probe()?;
                     let next = t + self.rng.range(1, 30);
                     self.schedule(next, Ev::Probe);
+                }
+                Ev::Stop { site } => {
+                    if self.sites[site].stopped {
+                        continue;
+                    }
+                    self.sites[site].stopped = true;
+                    let local = self.sites[site].clock.local(t);
+                    self.trace
+                        .push(format!("{t}: {} stops: resign", SITES[site]));
+                    self.sites[site].sm.resign(local);
+                    self.step(site)?;
+                }
+                Ev::Restart { site } => {
+                    if !self.sites[site].stopped {
+                        continue;
+                    }
+                    let s = &mut self.sites[site];
+                    let local = s.clock.local(t);
+                    let (cfg, ambition) = (*s.sm.config(), s.sm.ambition());
+                    s.sm = LeaseState::new(cfg, SITES[site], ambition, local);
+                    s.stopped = false;
+                    s.incarnation += 1;
+                    s.in_flight = None;
+                    s.gate_deadline = None;
+                    s.gate_flag = false;
+                    self.trace.push(format!("{t}: {} restarts", SITES[site]));
+                    self.step(site)?;
                 }
             }
         }
@@ -373,7 +460,16 @@ impl World {
                 self.sites[i].in_flight = Some((id, local));
                 let delay = self.rng.below(self.max_delay + 1);
                 if !self.sites[i].link.down(t) {
-                    self.schedule(t + delay, Ev::ToStore { site: i, id, req });
+                    let inc = self.sites[i].incarnation;
+                    self.schedule(
+                        t + delay,
+                        Ev::ToStore {
+                            site: i,
+                            inc,
+                            id,
+                            req,
+                        },
+                    );
                 }
             }
         }
@@ -400,7 +496,14 @@ impl World {
                 Event::Alarm { .. } => return Err("alarm from a site that does not watch".into()),
             }
         }
-        site.gate_deadline = site.sm.release_deadline();
+        // The injected bug: a stopping site's data path goes on releasing
+        // until the revoke's answer is back (it resigned before fencing).
+        let releasing_while_resigning = self.bug == Bug::ResignBeforeFence
+            && site.sm.resigned()
+            && !site.sm.resign_done(site.clock.local(t));
+        if !releasing_while_resigning {
+            site.gate_deadline = site.sm.release_deadline();
+        }
         if let Role::Active { generation, .. } = site.sm.role() {
             site.gate_generation = generation;
         }
@@ -415,8 +518,12 @@ impl World {
             (Bug::ReleaseAfterExpiry, None) => local + cfg.renew_every_ms / 2,
             _ => site.sm.next_timeout(),
         };
-        let at = site.clock.true_at(wake_local).max(t + 1);
         site.wake_token += 1;
+        if wake_local == Millis::MAX {
+            // Resigned with nothing left to send: asleep until restarted.
+            return Ok(());
+        }
+        let at = site.clock.true_at(wake_local).max(t + 1);
         let token = site.wake_token;
         self.schedule(at, Ev::Wake { site: i, token });
         Ok(())
@@ -458,6 +565,7 @@ impl World {
 struct Totals {
     releases: [u64; 2],
     takeovers: u64,
+    early_acquires: u64,
 }
 
 fn run_one(seed: u64, bug: Bug, totals: &mut Totals) -> Result<(), String> {
@@ -467,6 +575,7 @@ fn run_one(seed: u64, bug: Bug, totals: &mut Totals) -> Result<(), String> {
         totals.releases[i] += w.sites[i].releases;
     }
     totals.takeovers += w.takeovers;
+    totals.early_acquires += w.store.early_acquires;
     if result.is_err() && std::env::var_os("PIPECLOUD_LEASE_TRACE").is_some() {
         for line in w.trace.iter().rev().take(60).rev() {
             eprintln!("  {line}");
@@ -496,8 +605,8 @@ fn lease_model_never_releases_at_two_sites() {
         }
     }
     println!(
-        "lease model: {count} schedules, releases a={} b={}, takeovers={}",
-        totals.releases[0], totals.releases[1], totals.takeovers
+        "lease model: {count} schedules, releases a={} b={}, takeovers={}, acquires before a revoked lease would have lapsed={}",
+        totals.releases[0], totals.releases[1], totals.takeovers, totals.early_acquires
     );
     // A model in which nobody ever released, or the backup never took over,
     // proves nothing.
@@ -506,6 +615,8 @@ fn lease_model_never_releases_at_two_sites() {
         "{totals:?}"
     );
     assert!(totals.takeovers > 0, "{totals:?}");
+    // Resigning must let the next acquire come before the lease would lapse.
+    assert!(totals.early_acquires > 0, "{totals:?}");
 }
 
 fn assert_caught(bug: Bug) {
@@ -532,4 +643,9 @@ fn catches_release_after_expiry() {
 #[test]
 fn catches_failover_without_generation() {
     assert_caught(Bug::FailoverWithoutGeneration);
+}
+
+#[test]
+fn catches_resign_before_fence() {
+    assert_caught(Bug::ResignBeforeFence);
 }

@@ -753,8 +753,11 @@ pub fn run(
             .map(|s| s.contains(" inflight=0/"))
             .unwrap_or(false)
     })?;
+    // The agent resigns its lease when it stops cleanly (docs/design.md §7):
+    // the hand-over need not wait for it to lapse.
+    let t_stop = Instant::now();
     ragent.stop(Duration::from_secs(10));
-    // Generation bump: once the agent's lease lapsed.
+    // Generation bump: once no site holds the lease.
     let mut handed: Result<String> = Err(anyhow::anyhow!("not tried"));
     wait_until(
         Duration::from_secs(lease_ms / 1000 * 3 + 10),
@@ -776,7 +779,11 @@ pub fn run(
         )
     })?;
     let handed = handed?;
-    eprintln!("harness: switch-back: {}", handed.trim());
+    eprintln!(
+        "harness: switch-back: {} ({:.2} s after the agent's stop began)",
+        handed.trim(),
+        t_stop.elapsed().as_secs_f64()
+    );
     // The home backup server's image (base volume + journal) must be the
     // active site's at this quiesced instant.
     let home_out = work.join("home-out");

@@ -9,10 +9,14 @@
 //! work (a failover) never delays a renewal. At the bound
 //! ([`EVENTS_QUEUED_MAX`]) an event is dropped and logged; the gate and
 //! [`LeaseKeeper::status`] stay exact either way.
+//!
+//! A planned stop ([`LeaseKeeper::resign`]) closes the gate and then revokes
+//! the lease, so the next site need not wait for it to lapse; dropping the
+//! keeper without it (or a crash) leaves the lease to lapse.
 
 use crate::gate::LeaseGate;
 use crate::records::GroupRecords;
-use pipecloud_core::lease::{Ambition, Event, LeaseConfig, LeaseState, Role};
+use pipecloud_core::lease::{Ambition, Event, FenceReason, LeaseConfig, LeaseState, Role};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -23,6 +27,8 @@ use std::time::Duration;
 pub const EVENTS_QUEUED_MAX: usize = 64;
 /// The keeper looks at its stop flag at least this often.
 const IDLE_MAX: Duration = Duration::from_millis(50);
+/// How often [`LeaseKeeper::resign`] looks whether the revoke is done.
+const RESIGN_POLL: Duration = Duration::from_millis(10);
 
 /// What `status` and the metrics show about the lease.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,6 +52,11 @@ pub struct LeaseKeeper {
     status: Arc<Mutex<LeaseStatus>>,
     stop: Arc<AtomicBool>,
     confirm: Arc<AtomicBool>,
+    /// Set by [`LeaseKeeper::resign`]; the thread sets `resigned` when done.
+    resign: Arc<AtomicBool>,
+    resigned: Arc<AtomicBool>,
+    /// The lease's timing (bounds the wait in [`LeaseKeeper::resign`]).
+    lease: LeaseConfig,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -64,10 +75,13 @@ impl LeaseKeeper {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let confirm = Arc::new(AtomicBool::new(false));
+        let resign = Arc::new(AtomicBool::new(false));
+        let resigned = Arc::new(AtomicBool::new(false));
         let (tx, rx) = sync_channel(EVENTS_QUEUED_MAX);
         let mut sm = LeaseState::new(lease, site, ambition, gate.now_ms());
         let records = Arc::new(Mutex::new(records));
         let (g, st, sp, cf) = (gate.clone(), status.clone(), stop.clone(), confirm.clone());
+        let (rs, rsd) = (resign.clone(), resigned.clone());
         let recs = records.clone();
         let thread = std::thread::Builder::new()
             .name(format!("lease-{site}"))
@@ -76,6 +90,13 @@ impl LeaseKeeper {
                     if cf.swap(false, Ordering::Relaxed) {
                         sm.confirm_takeover(g.now_ms());
                     }
+                    if rs.load(Ordering::Relaxed) && !sm.resigned() {
+                        sm.resign(g.now_ms());
+                    }
+                    // Fail-closed: the gate as the state machine has it now
+                    // (closed after a resign) is published before any request
+                    // goes out, so the revoke never precedes the closing.
+                    g.publish(sm.release_deadline());
                     if let Some(req) = sm.poll_request(g.now_ms()) {
                         let reply = recs.lock().unwrap_or_else(|p| p.into_inner()).execute(req);
                         sm.handle_reply(reply, g.now_ms());
@@ -90,6 +111,9 @@ impl LeaseKeeper {
                             tracing::error!("lease: event queue full, dropped {ev:?}");
                         }
                     }
+                    if sm.resign_done(g.now_ms()) {
+                        rsd.store(true, Ordering::Release);
+                    }
                     let wait = sm.next_timeout().saturating_sub(g.now_ms());
                     std::thread::sleep(Duration::from_millis(wait).min(IDLE_MAX));
                 }
@@ -102,6 +126,9 @@ impl LeaseKeeper {
                 status,
                 stop,
                 confirm,
+                resign,
+                resigned,
+                lease,
                 thread: Some(thread),
             },
             rx,
@@ -147,6 +174,30 @@ impl LeaseKeeper {
     pub fn confirm_takeover(&self) {
         self.confirm.store(true, Ordering::Relaxed);
     }
+
+    /// A planned stop: call once the owner stopped releasing output and
+    /// completing writes. The gate closes at once (here, and again by the
+    /// keeper before it sends anything), then the keeper revokes the lease
+    /// (`GroupRecords::resign`; the generation stays) and from then on
+    /// requests nothing. Blocks until the revoke is confirmed or given up
+    /// (the lease has lapsed by then), at most the lease plus its margin.
+    /// Returns whether it finished in that time.
+    pub fn resign(&self) -> bool {
+        self.gate.publish(None);
+        self.resign.store(true, Ordering::Relaxed);
+        let bound = Duration::from_millis(self.lease.lease_ms + self.lease.margin_ms);
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < bound {
+            if self.resigned.load(Ordering::Acquire) {
+                return true;
+            }
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return false;
+            }
+            std::thread::sleep(RESIGN_POLL);
+        }
+        false
+    }
 }
 
 impl Drop for LeaseKeeper {
@@ -182,6 +233,13 @@ fn log_event(ev: &Event, site: &str) {
         } => {
             tracing::info!("lease: site {site} is active with generation {generation} (previous: {previous:?})")
         }
+        Event::Fenced {
+            generation,
+            reason: FenceReason::Resigned,
+        } => tracing::info!(
+            "lease: site {site} resigned generation {generation} (planned stop): \
+             revoking the lease; the gate is closed"
+        ),
         Event::Fenced { generation, reason } => tracing::error!(
             "lease: site {site} FENCED (generation {generation}): {reason}; \
              holding all client-bound output and stalling guest writes"

@@ -116,6 +116,7 @@ impl GroupRecords {
             Request::Observe => self.observe().map(Reply::Observed),
             Request::Acquire { expected } => self.acquire(expected),
             Request::Renew => self.renew(),
+            Request::Resign => self.resign().map(|()| Reply::Resigned),
         };
         r.unwrap_or_else(|e| {
             tracing::warn!("lease: {req:?} failed: {e}");
@@ -263,10 +264,17 @@ impl GroupRecords {
         Ok(out.succeeded.then_some(g.number + 1))
     }
 
-    /// Gives the lease up at once (a planned hand-over); the generation stays.
+    /// Gives the lease up at once (a planned stop): revokes this site's etcd
+    /// lease, so etcd deletes the lease key and another site may acquire
+    /// without waiting for it to lapse; the generation record stays. Call it
+    /// only once this site stopped releasing and completing writes (the
+    /// keeper's [`Request::Resign`] comes after its gate closed). A lease etcd
+    /// no longer knows counts as revoked; on an error the lease is kept, to be
+    /// revoked by a retry (or to lapse).
     pub fn resign(&mut self) -> Result<(), RecordError> {
-        if let Some((lease, _)) = self.held.take() {
+        if let Some((lease, _)) = self.held {
             self.etcd.lease_revoke(lease)?;
+            self.held = None;
         }
         Ok(())
     }

@@ -29,6 +29,21 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duratio
     start.elapsed()
 }
 
+/// Starts site `site`'s `Hold` keeper and waits until it is active; returns
+/// it, its events and its activation.
+fn start_active(
+    etcd: &Arc<Etcd>,
+    lease: LeaseConfig,
+    site: &str,
+) -> (LeaseKeeper, std::sync::mpsc::Receiver<Event>, Event) {
+    let records = GroupRecords::new(etcd.clone(), "shop", site, lease.lease_ms).unwrap();
+    let (keeper, events) = LeaseKeeper::start(records, lease, site, Ambition::Hold).unwrap();
+    let gate = keeper.gate();
+    wait_for("active", Duration::from_secs(10), || gate.is_open());
+    let activated = events.recv().unwrap();
+    (keeper, events, activated)
+}
+
 #[test]
 fn acquire_is_conditioned_on_generation_and_lease() {
     let cluster = EtcdCluster::start_local("records").expect("etcd cluster");
@@ -102,12 +117,10 @@ fn keeper_fences_on_quorum_loss_and_backup_takes_over() {
     let mut cluster = EtcdCluster::start_local("keeper").expect("etcd cluster");
     let etcd = client(&cluster);
     let lease = LeaseConfig::new(2000).unwrap();
-    let a = GroupRecords::new(etcd.clone(), "shop", "a", lease.lease_ms).unwrap();
-    let (keeper_a, events_a) = LeaseKeeper::start(a, lease, "a", Ambition::Hold).unwrap();
+    let (keeper_a, events_a, activated) = start_active(&etcd, lease, "a");
     let gate_a = keeper_a.gate();
-    wait_for("a active", Duration::from_secs(10), || gate_a.is_open());
     assert!(matches!(
-        events_a.recv().unwrap(),
+        activated,
         Event::Activated {
             generation: 1,
             previous: None
@@ -245,4 +258,81 @@ fn hand_over_needs_the_generation_and_no_lease() {
         events_a.recv_timeout(Duration::from_secs(1)).unwrap(),
         Event::Activated { generation: 3, .. }
     ));
+}
+
+/// A planned stop (docs/design.md §7): the holder's keeper resigns, its gate
+/// closes before the revoke, the lease key is gone at once while the
+/// generation stays, and the other site's keeper acquires without waiting out
+/// the lease (20 s here: the takeover must come well before it could lapse).
+/// The resigned keeper never acquires again, though the lease key is absent
+/// and, after a second resign, the generation is its own.
+#[test]
+fn resign_lets_the_other_site_acquire_without_waiting_out_the_lease() {
+    let cluster = EtcdCluster::start_local("resign").expect("etcd cluster");
+    let etcd = client(&cluster);
+    let lease = LeaseConfig::new(20_000).unwrap();
+    let (keeper_a, events_a, activated) = start_active(&etcd, lease, "a");
+    let gate_a = keeper_a.gate();
+    assert!(matches!(activated, Event::Activated { generation: 1, .. }));
+    let b = GroupRecords::new(etcd.clone(), "shop", "b", lease.lease_ms).unwrap();
+    let (keeper_b, events_b) =
+        LeaseKeeper::start(b, lease, "b", Ambition::TakeOverOnExpiry).unwrap();
+    let gate_b = keeper_b.gate();
+    let watcher = GroupRecords::new(etcd.clone(), "shop", "w", lease.lease_ms).unwrap();
+    // While a holds the lease, b only watches.
+    std::thread::sleep(Duration::from_millis(lease.renew_every_ms + 500));
+    assert!(!gate_b.is_open() && gate_a.is_open());
+
+    assert!(keeper_a.resign(), "the revoke was not confirmed");
+    assert!(!gate_a.is_open(), "the gate is open after the resign");
+    let obs = watcher.observe().unwrap();
+    assert_eq!(obs.holder, None, "the lease key outlived the resign");
+    assert_eq!(
+        obs.generation.map(|g| (g.number, g.site)),
+        Some((1, "a".to_string())),
+        "the generation must stay"
+    );
+    let st = keeper_a.status();
+    assert_eq!(st.role, "fenced");
+    assert_eq!(st.fence_reason.as_deref(), Some("resigned (planned stop)"));
+    assert!(matches!(
+        events_a.recv_timeout(Duration::from_secs(1)).unwrap(),
+        Event::Fenced {
+            generation: 1,
+            reason: FenceReason::Resigned
+        }
+    ));
+
+    // b observes every renew interval (5 s): it takes over long before the
+    // 20 s lease could have lapsed.
+    let took = wait_for(
+        "b acquires after a's resign",
+        Duration::from_millis(lease.lease_ms - lease.margin_ms),
+        || gate_b.is_open(),
+    );
+    assert!(matches!(
+        events_b.recv_timeout(Duration::from_secs(1)).unwrap(),
+        Event::Activated {
+            generation: 2,
+            previous: Some(ref p)
+        } if p.number == 1 && p.site == "a"
+    ));
+    println!(
+        "resign: b active {:.3} s after a's resign (lease {} s)",
+        took.as_secs_f64(),
+        lease.lease_ms / 1000
+    );
+
+    // b resigns too, then hands the generation back to a (as a switch-back
+    // does): a's resigned keeper still never acquires; a fresh one does.
+    assert!(keeper_b.resign());
+    assert!(!gate_b.is_open());
+    let b2 = GroupRecords::new(etcd.clone(), "shop", "b", lease.lease_ms).unwrap();
+    assert_eq!(b2.hand_over("a").unwrap(), Some(3));
+    std::thread::sleep(Duration::from_millis(lease.renew_every_ms + 500));
+    assert!(!gate_a.is_open(), "a resigned keeper acquired again");
+    assert_eq!(watcher.observe().unwrap().holder, None);
+    drop(keeper_a);
+    let (keeper_a2, _events, _) = start_active(&etcd, lease, "a");
+    assert_eq!(keeper_a2.status().generation, 4);
 }

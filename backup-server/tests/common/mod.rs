@@ -342,3 +342,46 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// The offset of write `k` in the two-phase tests: nine 8 KiB slots.
+pub fn off(k: u64) -> u64 {
+    (k % 9) * 8192
+}
+
+/// Now, as RFC 3339 (what `restore --at` takes).
+pub fn rfc3339_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format")
+}
+
+/// Sends writes `seqs` of writer 0 (generation 5, disk 0, 5000 bytes at
+/// [`off`]) and waits until the server committed the last.
+pub async fn send_and_wait(
+    w: &mut ClientWriter,
+    r: &mut ClientReader,
+    seqs: std::ops::RangeInclusive<Seq>,
+) {
+    let last = *seqs.end();
+    let frames: Vec<Frame> = seqs
+        .map(|k| {
+            write(
+                0,
+                5,
+                k,
+                0,
+                off(k),
+                CountVector::from_slice(&[k]),
+                payload(0, k, 5000),
+            )
+        })
+        .collect();
+    w.send(&frames).await.expect("send");
+    loop {
+        match r.recv().await.expect("recv") {
+            Some(Frame::Committed { vector }) if vector.get(0) >= last => break,
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+}
