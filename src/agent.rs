@@ -49,7 +49,15 @@ pub struct AgentOptions {
     /// Run the replication session (TLS, TCP, acks) on its own thread instead of
     /// the runtime that serves the NBD requests ([`ReplicationRuntime`]).
     pub replication_thread: bool,
+    /// Start *detached* (docs/design.md §15, the activation): serve the disks
+    /// without the backup (writes complete locally, nothing is buffered for
+    /// it, no reply is held) until `ctl attach`. The lease still gates
+    /// everything.
+    pub detached: bool,
 }
+
+/// Why a detached agent cannot run a group's epoch loop.
+pub const DETACHED_NO_CHECKPOINT: &str = "a detached agent (--detached) replicates nothing until      `ctl attach`; the full-state epoch loop needs the backup from the start";
 
 /// Why `pipelined` (and `checkpoint`) cannot run without the network path:
 /// their promise rests on holding every client-bound packet until the backup
@@ -192,7 +200,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     check_mode_without_network(topo.group.mode, opts.no_network)?;
     // Whether this agent runs the group's epoch loop (checkpointing now, or
     // ready for a run-time switch).
-    let capable = checkpoint_capable(&topo, &opts.host, opts.no_network);
+    let capable = if opts.detached {
+        Err(DETACHED_NO_CHECKPOINT.to_owned())
+    } else {
+        checkpoint_capable(&topo, &opts.host, opts.no_network)
+    };
     if topo.group.mode == topology::Mode::Checkpoint {
         capable.clone().map_err(|e| anyhow!("{e}"))?;
     }
@@ -281,6 +293,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         }),
         heartbeat_interval: Duration::from_millis(topo.policy.heartbeat_interval_ms),
         heartbeat_timeout: Duration::from_millis(topo.policy.heartbeat_timeout_ms),
+        detached: opts.detached,
         ..ReplicationConfig::default()
     };
     let repl_runtime = if opts.replication_thread {
@@ -298,18 +311,24 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         ReplicationClient::start_on(cfg, Arc::clone(&causal), &on)
             .context("starting replication")?,
     );
-    tracing::info!(group = %topo.group.name, host = %host.name, endpoint = %topo.backup.endpoint,
-        "waiting for the backup server's welcome");
-    tokio::time::timeout(opts.connect_wait, client.wait_ready())
-        .await
-        .map_err(|_| {
-            anyhow!(
-                "no welcome from the backup server {} within {:?}",
-                topo.backup.endpoint,
-                opts.connect_wait
-            )
-        })?
-        .context("replication client")?;
+    if opts.detached {
+        tracing::error!(group = %topo.group.name, host = %host.name, endpoint = %topo.backup.endpoint,
+            "DETACHED: serving without the backup, nothing is replicated (protection=detached) \
+             until `pipecloud ctl attach`");
+    } else {
+        tracing::info!(group = %topo.group.name, host = %host.name, endpoint = %topo.backup.endpoint,
+            "waiting for the backup server's welcome");
+        tokio::time::timeout(opts.connect_wait, client.wait_ready())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "no welcome from the backup server {} within {:?}",
+                    topo.backup.endpoint,
+                    opts.connect_wait
+                )
+            })?
+            .context("replication client")?;
+    }
 
     // Block path: one export per disk, one socket per disk.
     let nbd: NbdServer<ReplicatedDisk<LocalImage>> = NbdServer::new();
@@ -488,7 +507,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 /// - `sync`: bypass only once the committed vector dominates every local pending
 ///   vector as of the switch. Writes completed before the switch (under
 ///   pipelined) may not be acked yet, and packets depending on them must keep
-///   waiting; writes completed after it were acked before completing.
+///   waiting; writes completed after it were acked before completing;
+/// - detached (whatever the mode): bypass, there is no backup to wait for
+///   (and no write was issued to wait on); from the attach on, the mode rules.
 ///
 /// With a lease (docs/design.md §7), degraded counts only once the lease holder
 /// recorded it in etcd; until then (no lease, no quorum) the hold stays.
@@ -506,6 +527,7 @@ fn net_mode_bridge(
     let mut degraded = client.subscribe_degraded();
     let mut mode_rx = mode.subscribe();
     let mut committed = causal.subscribe_committed();
+    let mut attached = client.subscribe_attached();
     tokio::spawn(async move {
         let mut sync_barrier: Option<CountVector> = None;
         let mut last_mode = None;
@@ -540,18 +562,21 @@ fn net_mode_bridge(
             let sync_safe = sync_barrier
                 .map(|b| causal.committed().dominates(&b))
                 .unwrap_or(false);
-            let on = match m {
-                M::Async => true,
-                M::Pipelined => deg,
-                M::Sync => deg || sync_safe,
-                // Never set (`block_mode` refuses it); hold, as the safe side.
-                M::Checkpoint => deg,
-            };
+            let detached = !*attached.borrow_and_update();
+            let on = detached
+                || match m {
+                    M::Async => true,
+                    M::Pipelined => deg,
+                    M::Sync => deg || sync_safe,
+                    // Never set (`block_mode` refuses it); hold, as the safe side.
+                    M::Checkpoint => deg,
+                };
             bypass.set(on);
             tokio::select! {
                 r = degraded.changed() => if r.is_err() { return },
                 r = mode_rx.changed() => if r.is_err() { return },
                 r = committed.changed(), if m == M::Sync && !on => if r.is_err() { return },
+                r = attached.changed(), if detached => if r.is_err() { return },
                 // A refused degrade is asked again.
                 _ = tokio::time::sleep(Duration::from_millis(500)), if deg != *degraded.borrow() => {}
             }

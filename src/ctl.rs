@@ -25,6 +25,12 @@
 //! - `mode MODE [GROUP]`: switches the mode (`async`, `sync`, `pipelined`) of
 //!   `GROUP` (may be omitted when the agent serves a single group) at run time.
 //!   Guest I/O keeps flowing: see [`ModeSwitch`].
+//! - `attach [GROUP]`: ends a detached agent's detached state (`pipecloud agent
+//!   --detached`, docs/design.md §15): replication to the topology's backup
+//!   starts (a fresh session of this run's generation); answers once the
+//!   backup's welcome arrived, or says it has not within [`ATTACH_WELCOME_WAIT`]
+//!   (the session keeps trying; `status` shows it). While detached, the group's
+//!   summary line says `protection=DETACHED` and is preceded by a warning line.
 //!
 //! Answers start with a line `ok` or `error: <reason>`; the rest is the payload.
 //! The socket is created with mode 0600 (the agent runs as root; so must `ctl`).
@@ -167,6 +173,56 @@ impl Control {
         &self.groups
     }
 
+    /// Answers one request line, including those that wait (`attach`).
+    pub async fn handle_async(&self, line: &str) -> String {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("attach"), group, None) => match self.attach(group).await {
+                Ok(msg) => format!("ok\n{msg}\n"),
+                Err(e) => format!("error: {e}\n"),
+            },
+            _ => self.handle(line),
+        }
+    }
+
+    async fn attach(&self, group: Option<&str>) -> Result<String, String> {
+        let g = self.group(group)?;
+        let name = g.client.group();
+        if !g.client.attach().await {
+            return Err(format!("group {name}: not detached (already attached)"));
+        }
+        match tokio::time::timeout(ATTACH_WELCOME_WAIT, g.client.wait_ready()).await {
+            Ok(Ok(())) => Ok(format!(
+                "group {name}: attached: replicating to {} (mode {})",
+                g.client.config().endpoint,
+                g.mode.get()
+            )),
+            Ok(Err(e)) => Err(format!("group {name}: attached, but {e}")),
+            Err(_) => Err(format!(
+                "group {name}: attached, but no welcome from the backup {} within {:?}; \
+                 the session keeps trying (see `status`)",
+                g.client.config().endpoint,
+                ATTACH_WELCOME_WAIT
+            )),
+        }
+    }
+
+    /// The group `name` names, or the only one.
+    fn group(&self, name: Option<&str>) -> Result<&ControlGroup, String> {
+        match name {
+            Some(name) => self
+                .groups
+                .iter()
+                .find(|g| g.client.group() == name)
+                .ok_or_else(|| format!("this agent serves no group {name:?}")),
+            None => match self.groups.as_slice() {
+                [only] => Ok(only),
+                [] => Err("this agent serves no group".into()),
+                _ => Err("this agent serves several groups: name one".into()),
+            },
+        }
+    }
+
     /// Answers one request line (see the module documentation).
     pub fn handle(&self, line: &str) -> String {
         let mut words = line.split_whitespace();
@@ -193,10 +249,10 @@ impl Control {
                 out
             }
             (Some("help"), None, ..) => {
-                "ok\nrequests: status [reset-peaks] | hold | mode async|sync|pipelined [GROUP]\n".into()
+                "ok\nrequests: status [reset-peaks] | hold | mode async|sync|pipelined [GROUP] | attach [GROUP]\n".into()
             }
             _ => format!(
-                "error: unknown request {:?} (expected `status [reset-peaks]` or `mode MODE [GROUP]`)\n",
+                "error: unknown request {:?} (expected `status [reset-peaks]`, `mode MODE [GROUP]` or `attach [GROUP]`)\n",
                 line.trim()
             ),
         }
@@ -206,22 +262,7 @@ impl Control {
         let mode: Mode = mode
             .parse()
             .map_err(|e: crate::replication::UnknownMode| e.to_string())?;
-        let g = match group {
-            Some(name) => self
-                .groups
-                .iter()
-                .find(|g| g.client.group() == name)
-                .ok_or_else(|| format!("this agent serves no group {name:?}"))?,
-            None => match self.groups.as_slice() {
-                [only] => only,
-                [] => return Err("this agent serves no group".into()),
-                _ => {
-                    return Err(
-                        "this agent serves several groups: name one (mode MODE GROUP)".into(),
-                    )
-                }
-            },
-        };
+        let g = self.group(group)?;
         let from = g.mode.get();
         if from != mode && (from == Mode::Checkpoint || mode == Mode::Checkpoint) {
             let group = g.client.group();
@@ -300,12 +341,21 @@ impl Control {
         }
         for g in &self.groups {
             let s = g.client.status();
+            if s.detached {
+                let _ = writeln!(
+                    out,
+                    "WARNING group {}: DETACHED: serving without its backup; nothing is replicated \
+                     until `pipecloud ctl attach`",
+                    s.group
+                );
+            }
             let _ = writeln!(
                 out,
-                "group {}: mode={} endpoint={} connected={} degraded={} degrade_events={} \
+                "group {}: protection={} mode={} endpoint={} connected={} degraded={} degrade_events={} \
                  sessions={} rtt_ms={} heard_ms={} silent_ms={} heartbeat_ms={}/{} inflight={}/{} \
                  committed={} policy={:?}{}",
                 s.group,
+                if s.detached { "DETACHED" } else { "replicated" },
                 g.mode.get(),
                 s.endpoint,
                 s.link().as_str(),
@@ -448,7 +498,7 @@ async fn serve_one(stream: UnixStream, control: &Control) -> io::Result<()> {
         Ok(Ok(_)) if line.len() > MAX_REQUEST_LEN => {
             format!("error: request longer than {MAX_REQUEST_LEN} bytes\n")
         }
-        Ok(Ok(_)) => control.handle(&line),
+        Ok(Ok(_)) => control.handle_async(&line).await,
     };
     wr.write_all(answer.as_bytes()).await?;
     wr.shutdown().await
@@ -505,6 +555,17 @@ pub fn hold(path: &Path) -> Result<Vec<(String, crate::netpath::HoldSnapshot)>, 
                 .map_err(CtlError::Malformed)
         })
         .collect()
+}
+
+/// How long `attach` waits for the backup's welcome before answering.
+pub const ATTACH_WELCOME_WAIT: Duration = Duration::from_secs(20);
+
+/// Client: attaches a detached agent's group (`pipecloud ctl attach`).
+pub fn attach(path: &Path, group: Option<&str>) -> Result<String, CtlError> {
+    match group {
+        Some(g) => request(path, &format!("attach {g}")),
+        None => request(path, "attach"),
+    }
 }
 
 /// Client: switches the mode of `group` (or of the agent's only group)

@@ -23,6 +23,11 @@
 //! not hold the group's lease stalls its guests' writes (fail-closed) until it
 //! holds it again.
 //!
+//! While the client is *detached* (an agent activated without its backup,
+//! docs/design.md §15) a write goes to the local backend only: nothing is
+//! issued or buffered, it completes at once (lease gate permitting), and the
+//! client's attach waits for it ([`ReplicationClient::detached_guard`]).
+//!
 //! Reads go to the local backend only. A flush flushes the local backend; in
 //! sync mode the backup's acks already cover durability there. Outside async mode
 //! a flush also makes the sender ship every waiting write at once; in async mode
@@ -153,6 +158,12 @@ impl<B: BlockBackend> ReplicatedDisk<B> {
         local: impl std::future::Future<Output = io::Result<()>> + Send,
         frames: Vec<(u64, WriteKind)>,
     ) -> io::Result<()> {
+        if let Some(detached) = self.client.detached_guard().await {
+            local.await?;
+            drop(detached);
+            self.wait_for_lease().await;
+            return Ok(());
+        }
         let (local, replicated) = tokio::join!(local, self.replicate(frames));
         local?;
         match replicated? {

@@ -5,6 +5,7 @@
 //! pipecloud agent --topology FILE --host N  run the host agent
 //! pipecloud ctl [--socket PATH] status      query a running agent
 //! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode
+//! pipecloud ctl [--socket PATH] attach      end a detached agent's detached state
 //! pipecloud ctl [--socket PATH] hold        the hold breakdown's histograms
 //! pipecloud vm start --topology F --machine M      boot a QEMU guest of the topology
 //! pipecloud vm restore --topology F --machine M --ram R --device-state S --disk [NAME=]FILE
@@ -82,6 +83,11 @@ struct AgentArgs {
     /// once per batch (docs/machine.md).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     replication_thread: bool,
+    /// Serve without the backup until `pipecloud ctl attach` (the activation at
+    /// a site whose backup is gone: docs/design.md §15). Loud in `ctl status`
+    /// and the metrics (`protection=DETACHED`, `pipecloud_group_detached`).
+    #[arg(long)]
+    detached: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -109,6 +115,9 @@ enum CtlCommand {
     },
     /// Print the hold breakdown's histograms, machine-readable (docs/design.md §8).
     Hold,
+    /// Attach a detached agent (`agent --detached`): start replicating to the
+    /// topology's backup.
+    Attach,
     /// Switch the group's replication mode.
     Mode {
         /// async | sync | pipelined | checkpoint
@@ -161,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 no_network: args.no_network,
                 connect_wait: std::time::Duration::from_secs(args.connect_wait_s),
                 replication_thread: args.replication_thread,
+                detached: args.detached,
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -184,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let out = match args.command {
                 CtlCommand::Status { reset_peaks } => pipecloud::ctl::status(&socket, reset_peaks)?,
                 CtlCommand::Hold => pipecloud::ctl::request(&socket, "hold")?,
+                CtlCommand::Attach => pipecloud::ctl::attach(&socket, None)?,
                 CtlCommand::Mode { mode } => {
                     let m = pipecloud::agent::block_mode(mode)?;
                     pipecloud::ctl::set_mode(&socket, m, None)?

@@ -23,7 +23,7 @@
 //! `pipecloud_replication_sessions_total`, `pipecloud_replication_inflight_bytes`.
 //!
 //! Per group (label `group`): `pipecloud_group_mode` (label `mode`: 1 for the
-//! current mode, 0 for the others), `pipecloud_group_degraded`,
+//! current mode, 0 for the others), `pipecloud_group_degraded`, `pipecloud_group_detached`,
 //! `pipecloud_group_degrade_events_total`; where the agent runs the group's
 //! network path: `pipecloud_group_held_packets`, `pipecloud_group_held_bytes`,
 //! `pipecloud_group_oldest_held_age_seconds` (0 when nothing is held),
@@ -91,6 +91,7 @@ struct Samples {
     inflight_bytes: Vec<(Labels, u64)>,
     mode: Vec<(Labels, u64)>,
     degraded: Vec<(Labels, u64)>,
+    detached: Vec<(Labels, u64)>,
     degrade_events: Vec<(Labels, u64)>,
     held_packets: Vec<(Labels, u64)>,
     held_bytes: Vec<(Labels, u64)>,
@@ -199,6 +200,7 @@ impl AgentCollector {
                 x.mode.push((labels, u64::from(m == current)));
             }
             x.degraded.push((group(), u64::from(s.degraded)));
+            x.detached.push((group(), u64::from(s.detached)));
             x.degrade_events.push((group(), s.degrade_events));
             if let Some(net) = &g.net {
                 let n = net.snapshot();
@@ -362,6 +364,7 @@ impl Collector for AgentCollector {
             &x.mode,
         )?;
         gauges(e, "pipecloud_group_degraded", "1 while the group is degraded to async (backup lost, replies released without durable writes)", &x.degraded)?;
+        gauges(e, "pipecloud_group_detached", "1 while the agent serves detached (started without its backup, nothing replicated until `ctl attach`)", &x.detached)?;
         counters(
             e,
             "pipecloud_group_degrade_events",

@@ -41,6 +41,18 @@
 //! on reconnection; the flag clears once everything that was written when the
 //! group degraded (or reconnected) is committed.
 //!
+//! **Detached** ([`ReplicationConfig::detached`], docs/design.md §15): an agent
+//! activated at a site whose backup is gone (the old primary, after a
+//! takeover) starts without its backup. Until [`ReplicationClient::attach`]
+//! the session task does not connect, nothing is issued or buffered (the disk
+//! writes locally only: [`ReplicationClient::detached_guard`]), so nothing
+//! stalls and nothing is held; the status says `detached` loudly. Attaching
+//! is one-way: it waits for every local-only write in progress to finish
+//! (they hold the guard's read side), then lets the session connect; this
+//! run's generation starts its numbering at the first welcome as on any
+//! start. Writes made while detached reach the backup only through the
+//! failback resync, which compares every block after the attach.
+//!
 //! Clock reads (backoff, heartbeat RTT, silence, write age) happen here in the
 //! driver; the core stays clock-free.
 
@@ -138,6 +150,9 @@ pub struct ReplicationConfig {
     pub mode: ModeSwitch,
     /// Checkpoint mode: the epoch driver's link (its frames share this connection).
     pub checkpoint: Option<Arc<checkpoint::CheckpointLink>>,
+    /// Start *detached* ([`ReplicationClient::attach`]): no connection to the
+    /// backup until attached; writes complete locally and are not buffered.
+    pub detached: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -168,6 +183,7 @@ impl Default for ReplicationConfig {
             coalesce: DEFAULT_COALESCE,
             mode: ModeSwitch::default(),
             checkpoint: None,
+            detached: false,
         }
     }
 }
@@ -421,6 +437,8 @@ pub struct ReplicationStatus {
     pub registered: bool,
     /// The group is degraded to async (backup lost).
     pub degraded: bool,
+    /// Started detached and not attached yet: nothing is replicated.
+    pub detached: bool,
     pub policy: BackupLossPolicy,
     /// How often the group degraded (alarm metric).
     pub degrade_events: u64,
@@ -466,6 +484,11 @@ pub(crate) struct Shared {
     ready: watch::Sender<bool>,
     degraded: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
+    /// `false` while detached; set once, by [`ReplicationClient::attach`].
+    attached: watch::Sender<bool>,
+    /// Local-only writes hold the read side while detached; `attach` takes
+    /// the write side, so it completes only after them.
+    attach_lock: tokio::sync::RwLock<()>,
 }
 
 impl Shared {
@@ -591,6 +614,7 @@ impl ReplicationClient {
         let state = State::new(disks, config.generation, degraded_tx, Instant::now());
         let (ready, _) = watch::channel(false);
         let (shutdown, _) = watch::channel(false);
+        let (attached, _) = watch::channel(!config.detached);
         let shared = Arc::new(Shared {
             room: Arc::new(Semaphore::new(max_permits as usize)),
             max_permits,
@@ -604,6 +628,8 @@ impl ReplicationClient {
             ready,
             degraded: degraded_rx,
             shutdown,
+            attached,
+            attach_lock: tokio::sync::RwLock::new(()),
         });
         let tasks = vec![
             runtime.spawn(session::run(Arc::clone(&shared))),
@@ -814,7 +840,47 @@ impl ReplicationClient {
             ..Default::default()
         };
         self.shared.lock().snapshot(Instant::now(), &mut s);
+        s.detached = self.is_detached();
         s
+    }
+
+    /// Whether the client is detached (started so and not attached yet).
+    pub fn is_detached(&self) -> bool {
+        !*self.shared.attached.borrow()
+    }
+
+    /// While detached: a guard under which the caller writes locally only
+    /// (nothing issued, nothing buffered); [`ReplicationClient::attach`] waits
+    /// for it to be dropped. `None` once attached: submit as usual.
+    pub async fn detached_guard(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        if *self.shared.attached.borrow() {
+            return None;
+        }
+        let guard = self.shared.attach_lock.read().await;
+        // Attached while this waited: the write is replicated after all.
+        (!*self.shared.attached.borrow()).then_some(guard)
+    }
+
+    /// Subscribes to the attached flag (`false` while detached).
+    pub fn subscribe_attached(&self) -> watch::Receiver<bool> {
+        self.shared.attached.subscribe()
+    }
+
+    /// Ends the detached state (one-way): waits until no local-only write is
+    /// in progress, then lets the session connect to the backup. Every write
+    /// that completes after this returns is issued and replicated. Returns
+    /// `false` if the client was attached already.
+    pub async fn attach(&self) -> bool {
+        let _exclusive = self.shared.attach_lock.write().await;
+        if *self.shared.attached.borrow() {
+            return false;
+        }
+        // The backup's silence counts from now, not from the agent's start.
+        self.shared.lock().restart_silence(Instant::now());
+        self.shared.attached.send_replace(true);
+        tracing::warn!(group = %self.shared.config.group, endpoint = %self.shared.config.endpoint,
+            "attached: replicating to the backup from now on");
+        true
     }
 
     /// Starts every writer's high-water marks ([`WriterStatus::peaks`]) afresh.

@@ -64,6 +64,18 @@ fn agent(
     max_inflight_bytes: u64,
     policy: BackupLossPolicy,
 ) -> Agent {
+    agent_started(scratch, backup, mode, max_inflight_bytes, policy, false)
+}
+
+/// [`agent`], started detached (`detached`) or not.
+fn agent_started(
+    scratch: &Scratch,
+    backup: &Backup,
+    mode: Mode,
+    max_inflight_bytes: u64,
+    policy: BackupLossPolicy,
+    detached: bool,
+) -> Agent {
     init_tracing();
     let causal = Arc::new(CausalState::new(1));
     let mode = ModeSwitch::new(mode);
@@ -95,6 +107,7 @@ fn agent(
         coalesce: pipecloud::replication::DEFAULT_COALESCE,
         mode: mode.clone(),
         checkpoint: None,
+        detached,
     };
     let client = Arc::new(ReplicationClient::start(config, Arc::clone(&causal)).expect("client"));
     let image = scratch.0.join("local.img");
@@ -209,6 +222,108 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
             "never happened: {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Detached, then attached (docs/design.md §15, the activation): while
+/// detached, writes complete locally without a backup connection, nothing is
+/// issued or buffered (even past the in-flight budget: no stall), and the
+/// status says so; after `attach` the client connects, and writes are sent,
+/// acknowledged and committed. The backup's volume holds exactly the writes
+/// made after the attach (those before are the failback resync's to carry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_writes_stay_local_until_attach_then_replicate() {
+    let scratch = Scratch::new("detached");
+    let backup = Backup::start(&scratch, GROUP);
+    let a = agent_started(
+        &scratch,
+        &backup,
+        Mode::Pipelined,
+        // Smaller than what is written while detached: a buffered write would stall.
+        64 << 10,
+        BackupLossPolicy::Stall,
+        true,
+    );
+    assert!(a.client.is_detached());
+    for i in 0..64u64 {
+        tokio::time::timeout(PATIENCE, a.disk.write(i * 4096, pattern(i, 4096), false))
+            .await
+            .expect("a detached write stalled")
+            .expect("detached write");
+    }
+    a.disk.flush().await.expect("flush");
+    let s = a.client.status();
+    assert!(s.detached && !s.connected && !s.registered, "{s:?}");
+    assert_eq!(s.sessions, 0, "a detached client connected: {s:?}");
+    assert_eq!(
+        (s.writers[0].written, s.inflight_bytes),
+        (0, 0),
+        "writes were issued or buffered while detached: {s:?}"
+    );
+    let socket = scratch.0.join("ctl.sock");
+    let control = Arc::new(Control::new(vec![ControlGroup {
+        client: Arc::clone(&a.client),
+        mode: a.mode.clone(),
+        net: None,
+    }]));
+    let server = CtlServer::bind(&socket, Arc::clone(&control)).expect("ctl bind");
+    let serving = tokio::spawn(async move { server.run().await });
+    let status = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || ctl::status(&socket, false)
+    })
+    .await
+    .expect("join")
+    .expect("ctl status");
+    assert!(
+        status.contains("protection=DETACHED") && status.contains("WARNING group g1: DETACHED"),
+        "{status}"
+    );
+
+    let attached = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || ctl::attach(&socket, None)
+    })
+    .await
+    .expect("join")
+    .expect("ctl attach");
+    assert!(attached.contains("attached"), "{attached}");
+    assert!(!a.client.is_detached());
+    assert!(!a.client.attach().await, "a second attach is refused");
+    a.ready().await;
+    let after: Vec<u64> = (64..96).collect();
+    for &i in &after {
+        a.disk
+            .write(i * 4096, pattern(i, 4096), false)
+            .await
+            .expect("attached write");
+    }
+    a.disk.flush().await.expect("flush");
+    assert!(a.written() >= after.len() as u64);
+    a.drained().await;
+    let s = a.client.status();
+    assert!(!s.detached && s.connected, "{s:?}");
+    let status = tokio::task::spawn_blocking(move || ctl::status(&socket, false))
+        .await
+        .expect("join")
+        .expect("ctl status");
+    assert!(
+        status.contains("protection=replicated") && !status.contains("DETACHED"),
+        "{status}"
+    );
+    serving.abort();
+
+    let remote = backup.failover_image(&scratch.0.join("failover"), DISK);
+    for i in 0..96u64 {
+        let block = &remote[(i * 4096) as usize..((i + 1) * 4096) as usize];
+        if i < 64 {
+            assert!(
+                block.iter().all(|&b| b == 0),
+                "block {i}, written while detached, reached the backup"
+            );
+        } else {
+            assert_eq!(block, &pattern(i, 4096)[..], "block {i} (after the attach)");
+        }
     }
 }
 

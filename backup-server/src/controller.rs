@@ -24,9 +24,22 @@
 //!   takes over only after an operator runs `backup-server confirm-takeover
 //!   --out DIR` (which creates `<out>/confirm-takeover`).
 //!
-//! The controller keeps renewing the lease it won: the backup site is now the
-//! active one, and the returning home site sees the higher generation and
-//! stays fenced.
+//! **Handing the lease to the activated site.** With a hook, the controller
+//! resigns the lease it won (stops renewing, etcd revokes it) *before*
+//! running the hook: the hook starts the group's agent at this site, whose
+//! keeper (`Hold`, `home_site` = this site in its reversed topology) acquires
+//! generation `n + 1` once the lease key is gone (at once after the revoke;
+//! after the lapse if etcd could not be told): until then the agent
+//! completes no write and releases nothing. Meanwhile no site holds the lease, and none other can
+//! take it: the generation is this site's (the home site's `Hold` acquires
+//! only its own or no generation). When the hook succeeded the controller
+//! writes the marker and exits: the group is the activated agent's. A failing
+//! hook (non-zero exit: the orchestrator could not activate) ends the
+//! controller with an error and no marker. Without a hook the controller keeps
+//! renewing: the backup site holds the group, fenced everywhere else, until an
+//! operator activates it. A restarted controller does not take over from its
+//! own site again once a takeover at or before that generation completed (the
+//! later generations are the activated agent's).
 
 use anyhow::{bail, Context, Result};
 use pipecloud_core::lease::{Ambition, Event, GenerationRecord};
@@ -88,6 +101,8 @@ pub fn run(
     };
     let (keeper, events) = LeaseKeeper::start(records, q.lease(), &site, ambition)
         .context("starting the lease keeper")?;
+    // Taken (renewals stop) when the lease goes to the activated site.
+    let mut keeper = Some(keeper);
     tracing::info!(%group, %site, policy = q.failover.as_str(), endpoints = ?q.endpoints,
         lease_ms = q.lease_ms, "controller watching the group's lease");
     println!(
@@ -109,7 +124,9 @@ pub fn run(
         if confirm.exists() {
             let _ = std::fs::remove_file(&confirm);
             tracing::warn!(%group, "takeover confirmed by an operator");
-            keeper.confirm_takeover();
+            if let Some(k) = &keeper {
+                k.confirm_takeover();
+            }
         }
         let ev = match events.recv_timeout(POLL) {
             Ok(ev) => ev,
@@ -123,7 +140,7 @@ pub fn run(
             Event::Activated {
                 generation,
                 previous: Some(previous),
-            } if previous.site != site || !marker(out, previous.number).exists() => {
+            } if previous.site != site || !completed_by(out, previous.number)? => {
                 if marker(out, generation).exists() {
                     tracing::info!(
                         generation,
@@ -131,13 +148,21 @@ pub fn run(
                     );
                     continue;
                 }
+                let hook = q.activate.as_deref();
                 let t = takeover(
                     &group,
                     generation,
                     previous,
                     out,
-                    q.activate.as_deref(),
+                    hook,
                     &mut failover,
+                    || {
+                        if let Some(k) = keeper.take() {
+                            tracing::warn!(%group, generation,
+                            "handing the lease to the activated site: renewals stop now");
+                            drop(k);
+                        }
+                    },
                 )?;
                 println!(
                     "controller: took over group {group} at generation {} from site {} (generation {}); \
@@ -150,6 +175,13 @@ pub fn run(
                     out.join(format!("generation-{}", t.generation)).display(),
                     t.took.as_secs_f64()
                 );
+                if keeper.is_none() {
+                    println!(
+                        "controller: group {group} activated through the hook; its agent at this \
+                         site holds the lease from now on; exiting"
+                    );
+                    return Ok(());
+                }
             }
             Event::Activated { generation, .. } => {
                 tracing::info!(generation, "controller holds the lease (no takeover)")
@@ -194,7 +226,26 @@ pub fn hand_over(topology: &Path, to: &str) -> Result<u64> {
     }
 }
 
-/// Fence + failover, then the activation hook, then the marker.
+/// Whether a takeover at generation `number` or before completed (a marker
+/// `activated-<n>`, `n <= number`, in `out`).
+fn completed_by(out: &Path, number: u64) -> Result<bool> {
+    let entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", out.display()))?;
+        let name = e.file_name();
+        let n = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("activated-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if n.is_some_and(|n| n <= number) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Fence + failover, then (with a hook) `release_lease` and the activation
+/// hook, then the marker.
 fn takeover(
     group: &str,
     generation: u64,
@@ -202,12 +253,15 @@ fn takeover(
     out: &Path,
     hook: Option<&Path>,
     failover: &mut impl FnMut(&str, &Path) -> Result<Materialised>,
+    release_lease: impl FnOnce(),
 ) -> Result<Takeover> {
     let started = Instant::now();
     tracing::warn!(group, generation, from = %previous.site, "taking over: fencing and failing over");
     let volumes = out.join(format!("generation-{generation}"));
     let materialised = failover(group, &volumes).context("fence and failover")?;
     if let Some(hook) = hook {
+        // The activated site's agent takes the lease over (module docs).
+        release_lease();
         let images: Vec<String> = materialised
             .images
             .iter()
@@ -222,6 +276,8 @@ fn takeover(
             .status()
             .with_context(|| format!("running the activation hook {}", hook.display()))?;
         if !status.success() {
+            tracing::error!(group, generation, hook = %hook.display(), %status,
+                "ACTIVATION FAILED: the hook exited non-zero; no marker written");
             bail!("activation hook {} failed: {status}", hook.display());
         }
     }

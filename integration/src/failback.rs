@@ -1,25 +1,31 @@
-//! The lifecycle after the takeover (issue 23 §4, docs/design.md §15): the
-//! failback under reverse protection and the planned switch-back.
+//! The lifecycle after the takeover (issue 23 §3–§4, docs/design.md §15):
+//! the activation, the failback under reverse protection and the planned
+//! switch-back.
 //!
-//! The active site (the backup site, after the controller's takeover) runs
-//! PostgreSQL in a machine namespace of its own ([`BackupMachine`]), first on
-//! the failed-over image mounted directly (unprotected). Then, with a client
-//! inserting all along:
+//! **Activation** ([`activate`], when the controller's hook asks): the
+//! active site (the backup site) serves the failed-over image through a
+//! `pipecloud agent --detached` on a reversed topology (the agent's host at
+//! the backup site, its backup server at home, `pipelined`, `[quorum]
+//! home_site = "backup"`, so its keeper `Hold`s the generation that is its
+//! own site's once the controller's handed-over lease lapsed); PostgreSQL runs
+//! in a machine namespace of its own there ([`BackupMachine`]) on the agent's
+//! NBD volume. Detached, the agent replicates nothing and holds nothing: the
+//! old primary is gone. Then, with a client inserting all along:
 //!
 //! 1. **Old primary returns**: its processes are stopped (it is fenced and
 //!    never serves as it is); its disk gets the 1 % the old primary wrote after
-//!    the cut; the active site writes 1 % of the disk while unprotected.
+//!    the cut; the active site writes 1 % of the disk while detached.
 //! 2. **Reverse protection**: the old primary's disk becomes the base volume
-//!    of a `backup-server` at the old primary's host; the controller stops and
-//!    the active site's PostgreSQL moves onto a `pipecloud agent` there (a
-//!    reversed topology: the agent's host is at the backup site, its backup
-//!    server at home, `pipelined`, `[quorum] home_site = "backup"`, so its
-//!    keeper `Hold`s the generation that is its own site's). A reply at the
-//!    active site is then held for the reverse round trip: checked.
+//!    of a `backup-server` at the old primary's host, and `pipecloud ctl
+//!    attach` starts the agent's replication to it, PostgreSQL running on
+//!    (the longest gap between its replies around the attach is reported).
+//!    A reply at the active site is then held for the reverse round trip:
+//!    checked.
 //! 3. **Live resync**: `resync-fetch` at home into that base volume from
 //!    `resync-source` on the agent's live image, while the client keeps
 //!    inserting; the home backup server defers its journal until the resync
-//!    is done (`pipecloud_core::synctarget`).
+//!    is done (`pipecloud_core::synctarget`). Every block written before the
+//!    attach is compared by the resync; every later one is journaled at home.
 //! 4. **Planned switch-back**: pause (the client stops, PostgreSQL stops, the
 //!    volume is unmounted), drain (the agent has nothing in flight), the agent
 //!    stops, `backup-server hand-over` (one etcd transaction conditioned on the
@@ -35,8 +41,8 @@ use crate::lifecycle::{start_client, Seen};
 use crate::pg::{chown_postgres, Postgres};
 use crate::run::{agent_bin, bin, start_backup_server, Site, PG_PORT};
 use crate::site::{
-    host_lan_ip, render_topology_at, MountedDisk, MountedImage, Names, BACKUP_IP, BACKUP_PORT,
-    MACHINE_GW, WAN_LAN_SIDE,
+    host_lan_ip, render_topology_at, MountedDisk, Names, BACKUP_IP, BACKUP_PORT, MACHINE_GW,
+    WAN_LAN_SIDE,
 };
 use crate::sys::{ns_cmd, sh, sh_quiet, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
@@ -64,6 +70,9 @@ pub struct Failback {
     /// unprotected, then under reverse protection.
     pub unprotected_ms: f64,
     pub reverse_ms: f64,
+    /// The longest the active site went without a reply around `ctl attach`
+    /// (reverse protection starts with the application running).
+    pub attach_gap_ms: f64,
     /// Pause to the first reply served at home.
     pub switchback_s: f64,
     /// Median insert latency at home (a client on its LAN) after it.
@@ -438,13 +447,15 @@ fn held_for(status: &str, what: &str) -> Result<f64> {
         .with_context(|| format!("{what}: the agent released no held reply"))
 }
 
-/// Starts an agent for `host` of `topology` in namespace `ns`; waits for the
-/// NBD socket of `disk` under `nbd_dir` and mounts it at `mnt`.
+/// Starts an agent for `host` of `topology` in namespace `ns` (with `extra`
+/// arguments); waits for the NBD socket of `disk` under `nbd_dir` and mounts
+/// it at `mnt`.
 #[allow(clippy::too_many_arguments)]
 fn start_agent(
     ns: &str,
     topology: &Path,
     host: &str,
+    extra: &[&str],
     nbd_dir: &Path,
     disk: &str,
     fuse_work: &Path,
@@ -459,6 +470,7 @@ fn start_agent(
     cmd.args(["agent", "--topology"])
         .arg(topology)
         .args(["--host", host])
+        .args(extra)
         .env("RUST_LOG", "info");
     let agent = Guarded::spawn(&format!("agent-{host}"), &mut cmd, log)?;
     wait_until(Duration::from_secs(60), "the agent's NBD socket", || {
@@ -485,14 +497,113 @@ fn start_pg(name: &str, ns: &str, ip: Ipv4Addr, datadir: &Path, work: &Path) -> 
     .with_context(|| format!("PostgreSQL {name} on {}", datadir.display()))
 }
 
-/// The active site as the lifecycle leaves it after the takeover.
+/// The active site after the activation ([`activate`]). Fields drop in
+/// order: PostgreSQL, then the volume, then the agent.
 pub struct Active {
     pub pg: Postgres,
-    pub mounted: MountedImage,
-    /// The failed-over image the controller wrote.
+    /// The agent's NBD volume, mounted.
+    pub disk: MountedDisk,
+    /// `pipecloud agent --detached` on the reversed topology.
+    pub agent: Guarded,
+    /// The failed-over image the agent serves.
     pub image: PathBuf,
+    /// The reversed topology, its certificates, the agent's host.
+    pub rtopo: PathBuf,
+    pub rcerts: PathBuf,
+    pub rhost: String,
     pub machine: BackupMachine,
-    pub controller: Guarded,
+}
+
+/// The activation at the backup site, as the harness's stand-in for a
+/// deployment's orchestrator performs it when the controller's hook asks
+/// (docs/design.md §7): the failed-over `image` (the controller's) moves
+/// under the reversed topology; `pipecloud agent --detached` serves it (its
+/// backup, the old primary's site, is gone: nothing is replicated, nothing
+/// held, until `ctl attach` at the failback); the machine's namespace at the
+/// backup site mounts the agent's NBD volume and PostgreSQL starts on it. The
+/// agent completes writes once its keeper acquired the generation after the
+/// controller's (handed-over) lease, so the mount and PostgreSQL's recovery
+/// wait for that.
+pub fn activate(
+    site: &Site,
+    work: &Path,
+    disk: &str,
+    image: &Path,
+    lease_ms: u64,
+) -> Result<Active> {
+    let names = &site.net.names;
+    let machine = site.topo.machines[0].clone();
+    let group = site.topo.group.name.clone();
+    let bm = BackupMachine::up(names, machine.ip)?;
+    let rwork = work.join("reverse");
+    let rcerts = rwork.join("certs");
+    std::fs::create_dir_all(rwork.join("images"))?;
+    let home_listen = SocketAddr::new(host_lan_ip(0).into(), BACKUP_PORT);
+    certs(&rcerts, "home.pipecloud.test", &group, home_listen)?;
+    let served = rwork.join("images").join(format!("{disk}.img"));
+    std::fs::rename(image, &served)
+        .with_context(|| format!("moving {} to {}", image.display(), served.display()))?;
+    let rtopo = reverse_topology(site, &rwork, &rcerts, lease_ms)?;
+    let rhost = format!("{}-at-backup", site.topo.hosts[0].name);
+    let (agent, mounted) = start_agent(
+        &names.backup(),
+        &rtopo,
+        &rhost,
+        &["--detached"],
+        &rwork.join("h0"),
+        disk,
+        &rwork,
+        &work.join("rmnt"),
+        &work.join("agent-reverse.log"),
+    )?;
+    let pg = start_pg(
+        "active",
+        &bm.ns.name,
+        machine.ip,
+        &work.join("rmnt").join("pgdata"),
+        work,
+    )?;
+    let status = ctl_status(&rtopo, &rhost)?;
+    if !status.contains("protection=DETACHED") {
+        bail!("the activated agent does not say it is detached:\n{status}");
+    }
+    for l in status
+        .lines()
+        .filter(|l| l.starts_with("WARNING ") || l.starts_with("lease "))
+    {
+        eprintln!("harness: activation: {l}");
+    }
+    Ok(Active {
+        pg,
+        disk: mounted,
+        agent,
+        image: served,
+        rtopo,
+        rcerts,
+        rhost,
+        machine: bm,
+    })
+}
+
+/// The longest gap between consecutive replies from `datadir` in `seen`
+/// whose time falls in `from..=to`, including the gaps from `from` to the
+/// first and from the last to `to`.
+fn longest_gap(seen: &Mutex<Seen>, datadir: &str, from: Instant, to: Instant) -> Duration {
+    let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let mut at: Vec<Instant> = s
+        .replies
+        .iter()
+        .filter(|r| r.datadir == datadir && r.at >= from && r.at <= to)
+        .map(|r| r.at)
+        .collect();
+    at.sort();
+    let mut last = from;
+    let mut gap = Duration::ZERO;
+    for t in at.into_iter().chain(std::iter::once(to)) {
+        gap = gap.max(t.saturating_duration_since(last));
+        last = t;
+    }
+    gap
 }
 
 /// The lease's reversed topology: the group's machine on a host at the backup
@@ -578,7 +689,7 @@ pub fn run(
     site: &mut Site,
     work: &Path,
     disk: &str,
-    mut active: Active,
+    active: Active,
     seen: Arc<Mutex<Seen>>,
     lease_ms: u64,
     mode: Mode,
@@ -607,12 +718,12 @@ pub fn run(
     let acked = |s: &Arc<Mutex<Seen>>| s.lock().unwrap_or_else(|e| e.into_inner()).replies.len();
 
     // 1. The divergence: the old primary's writes after the cut (1 % of its
-    // blocks), the active site's while unprotected (1 % of the disk, a file).
+    // blocks), the active site's while detached (1 % of the disk, a file).
     let old = site.work.join("images").join(format!("{disk}.img"));
     diverge(&old, 0x01d_5eed, 1)?;
     let disk_bytes = std::fs::metadata(&active.image)?.len();
     write_file(
-        &active.mounted.mountpoint.join("diverged.bin"),
+        &active.disk.mountpoint.join("diverged.bin"),
         0xac71_5eed,
         disk_bytes / 100,
     )?;
@@ -620,67 +731,56 @@ pub fn run(
     let unprotected_ms = probe(&local, &conninfo, 1 << 44, 20, &seen)?;
 
     // 2. Reverse protection: the old primary's disk becomes the base volume
-    // of a backup server at its host.
-    let rwork = work.join("reverse");
-    let rcerts = rwork.join("certs");
-    std::fs::create_dir_all(rwork.join("images"))?;
+    // of a backup server at its host, and the active site's agent attaches
+    // to it: PostgreSQL keeps running.
     let home_listen = SocketAddr::new(host_lan_ip(0).into(), BACKUP_PORT);
-    certs(&rcerts, "home.pipecloud.test", &group, home_listen)?;
     let home_data = work.join("home-backup");
     let base = adopt_as_base(&old, &home_data, &group, disk)?;
     let mut home_backup = start_backup_server(
         &names.host(0),
         home_listen,
         &home_data,
-        &rcerts,
+        &active.rcerts,
         &work.join("home-backup.toml"),
     )?;
-    // The controller hands the lease over to the agent (its keeper `Hold`s
-    // the backup site's generation once the controller's lease lapsed); the
-    // active PostgreSQL moves onto the agent.
-    let t_switch = Instant::now();
-    active.controller.stop(Duration::from_secs(5));
-    active.pg.stop();
-    let loopdev = active
-        .mounted
-        .loopdev
-        .path()
-        .to_string_lossy()
-        .trim_start_matches("/dev/")
-        .to_string();
-    drop(active.mounted);
-    wait_until(
-        Duration::from_secs(30),
-        "the active volume's loop device",
-        || !Path::new(&format!("/sys/block/{loopdev}/loop/backing_file")).exists(),
-    )?;
-    let image = rwork.join("images").join(format!("{disk}.img"));
-    std::fs::rename(&active.image, &image)?;
-    let rtopo = reverse_topology(site, &rwork, &rcerts, lease_ms)?;
-    let rhost = format!("{}-at-backup", site.topo.hosts[0].name);
-    let (mut ragent, mut rdisk) = start_agent(
-        &names.backup(),
-        &rtopo,
-        &rhost,
-        &rwork.join("h0"),
-        disk,
-        &rwork,
-        &work.join("rmnt"),
-        &work.join("agent-reverse.log"),
-    )?;
-    let mut rpg = start_pg(
-        "reverse",
-        &active.machine.ns.name,
-        machine.ip,
-        &work.join("rmnt").join("pgdata"),
-        work,
-    )?;
-    eprintln!(
-        "harness: failback: the active site moved onto the reverse-protected agent in {:.2} s",
-        t_switch.elapsed().as_secs_f64()
+    let (rtopo, rhost, image) = (
+        active.rtopo.clone(),
+        active.rhost.clone(),
+        active.image.clone(),
     );
+    let active_dir = work.join("rmnt").join("pgdata").display().to_string();
+    let t_attach = Instant::now();
+    let attached = crate::sys::run(
+        Command::new(agent_bin())
+            .args(["ctl", "--topology"])
+            .arg(&rtopo)
+            .args(["--host", &rhost, "attach"]),
+    )
+    .with_context(|| std::fs::read_to_string(work.join("agent-reverse.log")).unwrap_or_default())?;
+    let attach_s = t_attach.elapsed().as_secs_f64();
+    eprintln!("harness: failback: {} ({attach_s:.2} s)", attached.trim());
+    let status = ctl_status(&rtopo, &rhost)?;
+    if status.contains("DETACHED") {
+        bail!("the active site's agent still says it is detached after `ctl attach`:\n{status}");
+    }
     let reverse_ms = probe(&local, &conninfo, 1 << 45, 20, &seen)?;
     let reverse_hold = held_for(&ctl_status(&rtopo, &rhost)?, "reverse protection")?;
+    // Without service: the longest the clients went without a reply from the
+    // active site, from just before the attach to after the probe.
+    let service_gap = longest_gap(
+        &seen,
+        &active_dir,
+        t_attach
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(t_attach),
+        Instant::now(),
+    );
+    eprintln!(
+        "harness: failback: the active site attached to reverse protection with PostgreSQL \
+         running: longest gap between replies around the attach {:.0} ms, load {}",
+        service_gap.as_secs_f64() * 1e3,
+        crate::switch::loadavg()
+    );
     eprintln!(
         "harness: reverse protection: insert from a client next to the active site p50 {reverse_ms:.1} ms (unprotected \
          {unprotected_ms:.1} ms), reply hold p50 {reverse_hold:.1} ms, WAN rtt {rtt_ms:.1} ms, load {}",
@@ -694,6 +794,14 @@ pub fn run(
              {reverse_ms:.1} ms ({unprotected_ms:.1} ms unprotected, rtt {rtt_ms:.1} ms)"
         );
     }
+    let Active {
+        pg: rpg,
+        disk: rdisk,
+        agent: ragent,
+        machine: active_machine,
+        ..
+    } = active;
+    let (mut rpg, mut rdisk, mut ragent) = (rpg, rdisk, ragent);
 
     // 3. The live resync into the home backup server's base volume.
     // Meanwhile the home backup server's status must say that the journal
@@ -730,6 +838,7 @@ pub fn run(
     r.live_inserts = acked(&seen) - before;
     r.unprotected_ms = unprotected_ms;
     r.reverse_ms = reverse_ms;
+    r.attach_gap_ms = service_gap.as_secs_f64() * 1e3;
     if r.live_inserts == 0 {
         bail!("no insert was acknowledged during the resync: it was not live");
     }
@@ -826,6 +935,7 @@ pub fn run(
         &names.host(0),
         &site.topo_file,
         &site.topo.hosts[0].name,
+        &[],
         &site.work.join("h0"),
         disk,
         &hwork,
@@ -836,7 +946,7 @@ pub fn run(
     site.disks.push(hdisk);
     let home_dir = work.join("home-mnt").join("pgdata");
     let hpg = start_pg("home", &names.machine(0), machine.ip, &home_dir, work)?;
-    active.machine.unroute();
+    active_machine.unroute();
     route_clients(site, machine.ip, false)?;
     let stop = Arc::new(AtomicBool::new(false));
     let client = start_client(

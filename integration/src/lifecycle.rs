@@ -12,10 +12,17 @@
 //!
 //! The disaster kills the primary site (WAN cut, agents, PostgreSQL, its etcd
 //! member). The controller wins the next generation when the primary's lease
-//! lapses, fences the group, fails over to the causal cut; then the harness
-//! does what a deployment's activation hook and BGP would: it mounts the
-//! failed-over volume at the backup, starts PostgreSQL there on the machine's
-//! address, and moves the client's route to the backup site.
+//! lapses, fences the group, fails over to the causal cut, hands the lease on
+//! and runs its activation hook. The hook ([`hook`]) is the harness's
+//! stand-in for a deployment's orchestrator: it hands the request to the
+//! (root) harness and waits for its answer; the harness activates
+//! ([`crate::failback::activate`]: a detached `pipecloud agent` at the backup
+//! site serves the failed-over volume, PostgreSQL starts on its NBD volume on
+//! the machine's address) and moves the client's route to the backup site
+//! (BGP's stand-in), answers, and waits for the controller's marker, which
+//! the controller writes only after the hook succeeded. A failed activation
+//! is answered as failed (the hook exits non-zero, the controller logs it and
+//! writes no marker) and fails the run.
 //!
 //! Checked and printed: `rto_s` (disaster → first reply from the backup site),
 //! `lost_acked` (acknowledged inserts missing from the backup's database: must
@@ -48,12 +55,14 @@
 //! resume within [`crate::partition::converge_bound`] of the last heal.
 //!
 //! Not yet: faults during activation or failback, multi-tier topologies.
+//! A partition schedule's takeover is seen at the hook's request
+//! ([`crate::partition::activated`]).
+
+mod hook;
 
 use crate::netns::spawn_in;
 use crate::partition::{schedule, Applied, Schedule};
-use crate::pg::{chown_postgres, Postgres};
 use crate::run::{bin, Site, SiteOptions, PG_PORT};
-use crate::site::MountedImage;
 use crate::sys::{ns_cmd, sh, wait_until, Guarded};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
@@ -117,6 +126,10 @@ struct Checked {
 /// before it may still reach the client.
 pub const STALL_GRACE: Duration = Duration::from_secs(1);
 
+/// How long the clients wait for TCP to acknowledge what they sent before
+/// they drop the connection and reconnect (`TCP_USER_TIMEOUT`).
+pub const CLIENT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A client inserting numbered rows, reconnecting after errors, until `stop`.
 pub fn start_client(
     ns: &str,
@@ -135,6 +148,10 @@ pub fn start_client(
                 None => {
                     let mut cfg: postgres::Config = conninfo.parse()?;
                     cfg.connect_timeout(Duration::from_millis(500));
+                    // A server gone (the disaster) is noticed when sent data
+                    // stays unacknowledged this long, not at the next of TCP's
+                    // backed-off retransmissions (up to 6.4 s apart by then).
+                    cfg.tcp_user_timeout(CLIENT_TCP_USER_TIMEOUT);
                     match cfg.connect(postgres::NoTls) {
                         Ok(c) => conn.insert(c),
                         Err(_) => {
@@ -203,10 +220,12 @@ pub fn run(
     let disk = site.topo.disks_of(&machine.name)[0].name.clone();
     let names = site.net.names.clone();
 
-    // The backup site's controller, unprivileged, in the backup namespace.
+    // The backup site's controller, unprivileged, in the backup namespace,
+    // with the harness's activation hook.
     let out = work.join("controller");
     std::fs::create_dir_all(&out)?;
     sh(&["chown", "nobody:nogroup", &out.to_string_lossy()])?;
+    hook::install(&out, &site.topo_file)?;
     let mut cmd = ns_cmd(&names.backup(), "setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(bin("backup-server"))
@@ -217,7 +236,7 @@ pub fn run(
         .arg("--data-dir")
         .arg(&site.backup_data)
         .env("RUST_LOG", "info");
-    let controller = Guarded::spawn("controller", &mut cmd, &work.join("controller.log"))?;
+    let mut controller = Guarded::spawn("controller", &mut cmd, &work.join("controller.log"))?;
 
     // Load on the primary.
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -283,42 +302,51 @@ pub fn run(
         drop(clients);
         return without_takeover(&mut site, &seen, &primary_dir, applied, schedule);
     };
-    let marker = out.join(format!("activated-{generation}"));
-    wait_until(Duration::from_secs(60), "the controller's takeover", || {
-        marker.exists()
-    })
-    .with_context(|| std::fs::read_to_string(work.join("controller.log")).unwrap_or_default())?;
+    // The controller fenced, failed over and handed the lease on; its hook
+    // asks the harness (the orchestrator's stand-in) to activate the group.
+    let request = hook::wait_request(&out, generation, &mut controller, work)?;
     let takeover = disaster.elapsed();
+    eprintln!(
+        "harness: lifecycle: activation requested after {:.2} s: {}",
+        takeover.as_secs_f64(),
+        request.trim().replace('\n', " ")
+    );
     if !partition {
         site.teardown_primary();
     }
 
-    // Activation (the hook's and BGP's stand-in): the failed-over volume at
-    // the backup, PostgreSQL on the machine's address in a machine namespace
-    // there, the route moved.
+    // Activation (the stand-in for the orchestrator and for BGP): an agent at
+    // the backup site serves the failed-over volume, detached; PostgreSQL on
+    // it in a machine namespace there; the route moved. Then the hook's
+    // answer, and the controller's marker (written only after the hook
+    // succeeded).
     let image = out
         .join(format!("generation-{generation}"))
         .join(format!("{disk}.img"));
-    let mnt = work.join(format!("active-{disk}"));
-    let mounted = MountedImage::mount(&image, &mnt)?;
-    let datadir = mnt.join("pgdata");
-    chown_postgres(&datadir)?;
-    let _ = std::fs::remove_file(datadir.join("postmaster.pid"));
-    let bm = crate::failback::BackupMachine::up(&names, machine.ip)?;
-    let pg = Postgres::start(
-        "active",
-        &bm.ns.name,
-        machine.ip,
-        PG_PORT,
-        &datadir,
-        &work.join("pg-active.log"),
-        &[],
-    )
-    .context("PostgreSQL on the failed-over volume")?;
+    let active = match crate::failback::activate(&site, work, &disk, &image, lease_ms) {
+        Ok(a) => a,
+        Err(e) => {
+            hook::answer(&out, generation, Err(&format!("{e:#}")))?;
+            return Err(e.context("activation"));
+        }
+    };
     if !partition {
         crate::failback::route_clients(&site, machine.ip, true)?;
     }
-
+    hook::answer(&out, generation, Ok(()))?;
+    eprintln!(
+        "harness: lifecycle: activated {:.2} s after the disaster ({:.2} s after the request), load {}",
+        disaster.elapsed().as_secs_f64(),
+        (disaster.elapsed() - takeover).as_secs_f64(),
+        crate::switch::loadavg()
+    );
+    let marker = out.join(format!("activated-{generation}"));
+    wait_until(
+        Duration::from_secs(30),
+        "the controller's marker after the hook",
+        || marker.exists(),
+    )
+    .with_context(|| std::fs::read_to_string(work.join("controller.log")).unwrap_or_default())?;
     // Served by the backup site.
     let by_backup = |s: &Seen| {
         s.replies
@@ -359,7 +387,7 @@ pub fn run(
         &s,
         &primary_dir,
         applied.as_ref(),
-        &pg.psql("SELECT id FROM req")?,
+        &active.pg.psql("SELECT id FROM req")?,
     );
     let acked_backup = by_backup(&s);
     let acked_primary = s.replies.len() - acked_backup;
@@ -368,13 +396,12 @@ pub fn run(
     // Failback under reverse protection, and the switch-back (failback.rs).
     // The old primary's fetcher reaches the etcd majority: every cut is
     // healed when a schedule ends (partition.rs).
-    let active = crate::failback::Active {
-        pg,
-        mounted,
-        image,
-        machine: bm,
-        controller,
-    };
+    if !controller.exited() {
+        eprintln!(
+            "harness: lifecycle: the controller still runs after the activation: stopping it"
+        );
+    }
+    controller.stop(Duration::from_secs(5));
     let failback = crate::failback::run(
         &mut site,
         work,

@@ -435,7 +435,7 @@ fn real_main() -> Result<()> {
                     "RESULT rto_s={:.3} takeover_s={:.3} failback_resync_bytes={} disk_bytes={} \
                      split_brain_windows={} lost_acked={} partitions={} replies_primary={} \
                      replies_backup={} resync_blocks={} resync_s={:.2} live_resync_inserts={} \
-                     unprotected_ms={:.1} reverse_ms={:.1} switchback_s={:.2} switchback_lost={} \
+                     unprotected_ms={:.1} reverse_ms={:.1} attach_gap_ms={:.0} switchback_s={:.2} switchback_lost={} \
                      home_ms={:.1} home_generation={} acked_total={} lease_ms={lease_ms} \
                      rtt_ms={rtt_ms} mode={mode} takeover={} failback={} primary_stop_s={:.3} \
                      converge_s={:.3} acked_while_cut={} primary_gap_s={} schedule={label:?}",
@@ -453,6 +453,7 @@ fn real_main() -> Result<()> {
                     r.failback.live_inserts,
                     r.failback.unprotected_ms,
                     r.failback.reverse_ms,
+                    r.failback.attach_gap_ms,
                     r.failback.switchback_s,
                     r.failback.switchback_lost,
                     r.failback.home_ms,

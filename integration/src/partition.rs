@@ -51,16 +51,17 @@ impl Applied {
     }
 }
 
-/// The generation of the controller's completed takeover, if any:
-/// `<out>/activated-<n>` (the highest `n`).
+/// The generation of the controller's takeover, if any: its hook's
+/// `<out>/activation-request-<n>` (the takeover is done, the activation
+/// waits for the harness) or `<out>/activated-<n>` (the highest `n`).
 pub fn activated(out: &Path) -> Option<u64> {
     std::fs::read_dir(out)
         .ok()?
         .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_prefix("activated-")?
+            let name = e.ok()?.file_name();
+            let name = name.to_str()?;
+            name.strip_prefix("activated-")
+                .or_else(|| name.strip_prefix("activation-request-"))?
                 .parse()
                 .ok()
         })

@@ -424,7 +424,7 @@ impl Drop for MountedDisk {
 /// device (held here; it goes when this is dropped and the mount is gone).
 pub struct MountedImage {
     /// Held: dropping it is what detaches the device (autoclear).
-    pub loopdev: LoopDevice,
+    pub _loopdev: LoopDevice,
     pub mountpoint: PathBuf,
 }
 
@@ -434,7 +434,7 @@ impl MountedImage {
         let dev = LoopDevice::attach(image, AttachOptions::default())?;
         let loopdev = dev.path().to_string_lossy().into_owned();
         let m = MountedImage {
-            loopdev: dev,
+            _loopdev: dev,
             mountpoint: mountpoint.to_path_buf(),
         };
         // ext4 journal replay happens at mount.

@@ -71,6 +71,17 @@ pub async fn run(shared: Arc<Shared>) {
     let cfg = &shared.config;
     let mut backoff = cfg.reconnect_min;
     let mut shutdown = shared.shutdown.subscribe();
+    // Detached: no connection until attached (module docs of `replication`).
+    let mut attached = shared.attached.subscribe();
+    while !*attached.borrow_and_update() {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        tokio::select! {
+            r = attached.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
     loop {
         if *shutdown.borrow_and_update() {
             return;
@@ -438,6 +449,10 @@ pub async fn degrade_watch(shared: Arc<Shared>) {
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => return,
+        }
+        // Detached: there is no backup to lose yet.
+        if !*shared.attached.borrow() {
+            continue;
         }
         let change = shared
             .lock()

@@ -483,6 +483,12 @@ impl State {
         }
     }
 
+    /// The backup's silence counts from `now` (a detached client attached:
+    /// it never had a backup to hear from before).
+    pub fn restart_silence(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
     /// A frame was received from the backup (liveness).
     pub fn heard(&mut self, now: Instant) {
         self.last_heard = now;
