@@ -57,7 +57,7 @@ pub struct AgentOptions {
 }
 
 /// Why a detached agent cannot run a group's epoch loop.
-pub const DETACHED_NO_CHECKPOINT: &str = "a detached agent (--detached) replicates nothing until      `ctl attach`; the full-state epoch loop needs the backup from the start";
+pub const DETACHED_NO_CHECKPOINT: &str = "a detached agent (--detached) replicates nothing until `ctl attach`; the full-state epoch loop needs the backup from the start";
 
 /// Why `pipelined` (and `checkpoint`) cannot run without the network path:
 /// their promise rests on holding every client-bound packet until the backup
