@@ -125,6 +125,37 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// The replication stream's congestion control, whatever the host's default
+/// (docs/design.md §8). BBR, the default of some hosts (the test machines'),
+/// cuts the window to 4 packets for 200 ms whenever its minimum RTT is 10 s
+/// old (ProbeRTT); on a stream that never idles, every held reply then waits
+/// ~300 ms instead of one round trip, about every 10 s. CUBIC has no such drain.
+pub const STREAM_CONGESTION: &str = "cubic";
+
+/// Sets `tcp`'s congestion control to `name`; if the kernel refuses (not built
+/// in, or not allowed without `CAP_NET_ADMIN`), says so and keeps the default.
+fn set_congestion(tcp: &TcpStream, name: &str) {
+    use std::os::fd::AsRawFd;
+    let len = libc::socklen_t::try_from(name.len()).unwrap_or(0);
+    // SAFETY: a valid socket descriptor owned by `tcp`, and a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(
+            algorithm = name,
+            error = %std::io::Error::last_os_error(),
+            "cannot set the replication stream's congestion control; the host's default stays"
+        );
+    }
+}
+
 async fn connect(
     shared: &Shared,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SessionError> {
@@ -139,6 +170,7 @@ async fn connect(
                     source,
                 })?;
         tcp.set_nodelay(true)?;
+        set_congestion(&tcp, STREAM_CONGESTION);
         let tls = shared
             .tls
             .connect(shared.server_name.clone(), tcp)
