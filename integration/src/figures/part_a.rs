@@ -132,6 +132,8 @@ pub(super) enum Knob {
     /// namespaces and closes the agents' replication connections (`ss -K`),
     /// which reconnect under it. BBR's ProbeRTT drains the stream to 4 packets
     /// for 200 ms about every 10 s; the tail episodes of ~300 ms (docs/design.md §8).
+    /// Since the agent sets its side of the stream to CUBIC itself, the knob
+    /// moves only the backup's side (the acks).
     TcpReno,
 }
 
