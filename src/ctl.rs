@@ -22,6 +22,9 @@
 //! - `hold`: the hold breakdown's histograms, machine-readable, one line per
 //!   group with a network path: `GROUP name=SUM;BUCKET:COUNT,... ...`
 //!   ([`crate::netpath::HoldSnapshot::to_line`]); the harness diffs two of them.
+//! - `tails`: the last tail episodes of held replies (holds beyond one round
+//!   trip plus 25 ms, `crate::netpath::TailRing`), one line per episode:
+//!   `GROUP name=value ...` ([`crate::netpath::TailEvent::to_line`]).
 //! - `mode MODE [GROUP]`: switches the mode (`async`, `sync`, `pipelined`) of
 //!   `GROUP` (may be omitted when the agent serves a single group) at run time.
 //!   Guest I/O keeps flowing: see [`ModeSwitch`].
@@ -248,8 +251,19 @@ impl Control {
                 }
                 out
             }
+            (Some("tails"), None, ..) => {
+                let mut out = String::from("ok\n");
+                for g in &self.groups {
+                    if let Some(net) = &g.net {
+                        for e in net.hold.tails.events() {
+                            let _ = writeln!(out, "{} {}", g.client.group(), e.to_line());
+                        }
+                    }
+                }
+                out
+            }
             (Some("help"), None, ..) => {
-                "ok\nrequests: status [reset-peaks] | hold | mode async|sync|pipelined [GROUP] | attach [GROUP]\n".into()
+                "ok\nrequests: status [reset-peaks] | hold | tails | mode async|sync|pipelined [GROUP] | attach [GROUP]\n".into()
             }
             _ => format!(
                 "error: unknown request {:?} (expected `status [reset-peaks]`, `mode MODE [GROUP]` or `attach [GROUP]`)\n",
@@ -381,6 +395,12 @@ impl Control {
             if let Some(net) = &g.net {
                 let _ = writeln!(out, "network {}: {}", s.group, net.snapshot());
                 let _ = writeln!(out, "hold {}: {}", s.group, net.hold.snapshot().summary());
+                let (episodes, packets) = net.hold.tails.totals();
+                let _ = writeln!(
+                    out,
+                    "tails {}: episodes={episodes} packets={packets}",
+                    s.group
+                );
             }
         }
         for (group, s) in self.epochs() {
@@ -546,12 +566,21 @@ pub fn status(path: &Path, reset_peaks: bool) -> Result<String, CtlError> {
 
 /// Client: the hold breakdown of each group with a network path (`hold` request).
 pub fn hold(path: &Path) -> Result<Vec<(String, crate::netpath::HoldSnapshot)>, CtlError> {
-    request(path, "hold")?
+    per_group(path, "hold", crate::netpath::HoldSnapshot::parse_line)
+}
+
+/// The `GROUP rest` lines of the answer to `req`, `rest` parsed by `parse`.
+fn per_group<T>(
+    path: &Path,
+    req: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<(String, T)>, CtlError> {
+    request(path, req)?
         .lines()
         .filter_map(|l| l.split_once(' '))
         .map(|(g, rest)| {
-            crate::netpath::HoldSnapshot::parse_line(rest)
-                .map(|h| (g.to_owned(), h))
+            parse(rest)
+                .map(|v| (g.to_owned(), v))
                 .map_err(CtlError::Malformed)
         })
         .collect()
@@ -566,6 +595,11 @@ pub fn attach(path: &Path, group: Option<&str>) -> Result<String, CtlError> {
         Some(g) => request(path, &format!("attach {g}")),
         None => request(path, "attach"),
     }
+}
+
+/// Client: the tail episodes of each group with a network path (`tails` request).
+pub fn tails(path: &Path) -> Result<Vec<(String, crate::netpath::TailEvent)>, CtlError> {
+    per_group(path, "tails", crate::netpath::TailEvent::parse_line)
 }
 
 /// Client: switches the mode of `group` (or of the agent's only group)

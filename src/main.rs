@@ -7,6 +7,7 @@
 //! pipecloud ctl [--socket PATH] mode MODE   switch the group's mode
 //! pipecloud ctl [--socket PATH] attach      end a detached agent's detached state
 //! pipecloud ctl [--socket PATH] hold        the hold breakdown's histograms
+//! pipecloud ctl [--socket PATH] tails       the last tail episodes of held replies
 //! pipecloud vm start --topology F --machine M      boot a QEMU guest of the topology
 //! pipecloud vm restore --topology F --machine M --ram R --device-state S --disk [NAME=]FILE
 //!                                                  resume a guest from a checkpoint
@@ -118,6 +119,8 @@ enum CtlCommand {
     /// Attach a detached agent (`agent --detached`): start replicating to the
     /// topology's backup.
     Attach,
+    /// Print the last tail episodes of held replies, one per line (docs/design.md §8).
+    Tails,
     /// Switch the group's replication mode.
     Mode {
         /// async | sync | pipelined | checkpoint
@@ -195,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 CtlCommand::Status { reset_peaks } => pipecloud::ctl::status(&socket, reset_peaks)?,
                 CtlCommand::Hold => pipecloud::ctl::request(&socket, "hold")?,
                 CtlCommand::Attach => pipecloud::ctl::attach(&socket, None)?,
+                CtlCommand::Tails => pipecloud::ctl::request(&socket, "tails")?,
                 CtlCommand::Mode { mode } => {
                     let m = pipecloud::agent::block_mode(mode)?;
                     pipecloud::ctl::set_mode(&socket, m, None)?

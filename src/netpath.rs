@@ -85,6 +85,7 @@ mod driver;
 mod histogram;
 mod hold;
 mod metrics;
+mod tails;
 pub use breakdown::{HoldBreakdown, HoldSnapshot};
 pub use driver::{
     BypassSwitch, NetPath, NetPathConfig, NetPathError, DEFAULT_BUSY_POLL, LOW_LATENCY_BUSY_POLL,
@@ -92,6 +93,7 @@ pub use driver::{
 pub use histogram::{HistSnapshot, LogHistogram};
 pub use hold::{classify_hold, HoldDecision, HoldEngine, HoldHandle, HoldOutcome};
 pub use metrics::{MetricsSnapshot, NetPathMetrics};
+pub use tails::{TailEvent, TailRing, BURST_WINDOW, EPISODE_GAP, TAIL_EXCESS_US};
 
 // ---------------------------------------------------------------------------
 // Machine directory

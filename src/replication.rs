@@ -68,7 +68,7 @@ mod tls;
 pub use mode::{BackupLossPolicy, Mode, ModeSwitch, UnknownMode};
 pub use runtime::ReplicationRuntime;
 pub use state::{write_cost, Coalesce, Peaks, WRITE_OVERHEAD};
-pub use timeline::{WriteTimeline, WriteTimes};
+pub use timeline::{StreamAt, WriteTimeline, WriteTimes};
 pub use tls::{client_config, TlsError, TlsFiles};
 
 use std::io;

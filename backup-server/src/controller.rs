@@ -113,7 +113,7 @@ pub fn run(
         if crate::planned_stop::requested() {
             // A planned stop, between takeovers (one runs to its end in this
             // loop): give the lease up at once instead of letting it lapse.
-            let done = keeper.resign();
+            let done = keeper.as_ref().is_none_or(|k| k.resign());
             println!(
                 "controller: stopping: lease resigned ({})",
                 if done { "revoked" } else { "left to lapse" }
@@ -159,8 +159,11 @@ pub fn run(
                     || {
                         if let Some(k) = keeper.take() {
                             tracing::warn!(%group, generation,
-                            "handing the lease to the activated site: renewals stop now");
-                            drop(k);
+                            "handing the lease to the activated site: resigning it now");
+                            if !k.resign() {
+                                tracing::warn!(%group, generation,
+                                    "the revoke was not confirmed: the lease lapses instead");
+                            }
                         }
                     },
                 )?;

@@ -99,10 +99,29 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        set_congestion(&tcp);
         let ctx = ctx.clone();
         tokio::spawn(async move {
             handle(ctx, tcp, peer).await;
             drop(permit);
+        });
+    }
+}
+
+/// The backup's side of a replication stream (its acks) gets the first of
+/// [`STREAM_CONGESTION`](pipecloud_core::wire::STREAM_CONGESTION) the kernel
+/// accepts (unprivileged: usually Reno); none accepted, the host's default
+/// stays (said once).
+fn set_congestion(tcp: &tokio::net::TcpStream) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let sock = socket2::SockRef::from(tcp);
+    let set = pipecloud_core::wire::STREAM_CONGESTION
+        .iter()
+        .any(|name| sock.set_tcp_congestion(name.as_bytes()).is_ok());
+    if !set {
+        WARNED.call_once(|| {
+            warn!(wanted = ?pipecloud_core::wire::STREAM_CONGESTION,
+                "cannot set the replication streams' congestion control; the host's default stays")
         });
     }
 }

@@ -28,6 +28,15 @@ pub const FRAME_HEADER_LEN: usize = 8;
 pub const MAX_NAME_LEN: usize = 64;
 /// Most disks one agent may announce in a hello.
 pub const MAX_DISKS_PER_HELLO: usize = 64;
+/// The congestion controls both ends of a replication stream ask for, in
+/// order, whatever the host's default (docs/design.md §8): BBR, the default
+/// of some hosts (the test machines'), cuts the window to 4 packets for
+/// 200 ms whenever its minimum RTT is 10 s old (ProbeRTT); on a stream that
+/// never idles every held reply then waits ~300 ms instead of one round trip,
+/// about every 10 s. CUBIC and Reno have no such drain. An unprivileged
+/// process (the backup server) may pick only what
+/// `net.ipv4.tcp_allowed_congestion_control` lists, Reno on most hosts.
+pub const STREAM_CONGESTION: [&str; 2] = ["cubic", "reno"];
 
 /// Generation of a writer's sequence space. A restarted writer picks a new,
 /// larger generation so that acks for an old incarnation can never be confused

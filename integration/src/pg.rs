@@ -38,6 +38,8 @@ pub struct Postgres {
     pub datadir: PathBuf,
     pub sockdir: PathBuf,
     pub proc: Guarded,
+    /// Its log (stderr): checkpoints are logged with a Unix-epoch ms prefix.
+    pub log: PathBuf,
 }
 
 /// psql flags for scripted use: no psqlrc, quiet, unaligned tuples only, stop on error.
@@ -92,7 +94,8 @@ pub fn initdb(datadir: &Path) -> Result<()> {
         "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n\
          shared_buffers = 32MB\nmax_connections = 300\nwal_level = replica\n\
          max_wal_senders = 4\nlogging_collector = off\ncheckpoint_timeout = 300\n\
-         dynamic_shared_memory_type = mmap\n",
+         dynamic_shared_memory_type = mmap\n\
+         log_checkpoints = on\nlog_line_prefix = '%n [%p] '\n",
     )?;
     std::fs::write(
         datadir.join("pg_hba.conf"),
@@ -148,6 +151,7 @@ impl Postgres {
             datadir: datadir.to_path_buf(),
             sockdir,
             proc,
+            log: log.to_path_buf(),
         };
         let mut died = false;
         let r = wait_until(

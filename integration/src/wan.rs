@@ -25,6 +25,43 @@ use std::time::{Duration, Instant};
 /// NFQUEUE number the WAN router uses (inside its own namespace).
 pub const WAN_QUEUE: u16 = 7;
 
+/// Name of the delay thread (the harness reads its CPU wait by it).
+pub const DELAY_THREAD: &str = "wan-delay";
+
+/// A wake-up of the delay thread later than this is a stall and is kept.
+pub const STALL_MIN: Duration = Duration::from_millis(20);
+/// Stalls kept (the oldest dropped beyond).
+const STALLS_KEPT: usize = 256;
+
+/// The delay thread's stalls (issue 20, the tail of the held replies): each
+/// time it woke up more than [`STALL_MIN`] after it meant to (its `ppoll`
+/// timeout: the next packet's deadline, or 50 ms when idle), `(wall-clock Unix
+/// ms of the wake-up, µs late)`. A packet due meanwhile left that much late,
+/// and one that arrived meanwhile was stamped that much late: either way the
+/// round trips across the stall grew by it.
+#[derive(Default)]
+pub struct Stalls(std::sync::Mutex<VecDeque<(u64, u64)>>);
+
+impl Stalls {
+    fn push(&self, at_ms: u64, late_us: u64) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == STALLS_KEPT {
+            q.pop_front();
+        }
+        q.push_back((at_ms, late_us));
+    }
+
+    /// The stalls kept, oldest first.
+    pub fn list(&self) -> Vec<(u64, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
 /// A running delay router; stops (and the namespace's rule then drops packets) on drop.
 pub struct WanDelay {
     stop: Arc<AtomicBool>,
@@ -34,6 +71,8 @@ pub struct WanDelay {
     one_way_ns: Arc<AtomicU64>,
     /// Whether the delay thread runs at real-time priority ([`WanDelay::set_realtime`]).
     realtime: Arc<AtomicBool>,
+    /// The delay thread's late wake-ups ([`Stalls`]).
+    stalls: Arc<Stalls>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
@@ -48,26 +87,31 @@ impl WanDelay {
         let delay2 = Arc::clone(&one_way_ns);
         let realtime = Arc::new(AtomicBool::new(REALTIME_DEFAULT));
         let realtime2 = Arc::clone(&realtime);
+        let stalls = Arc::new(Stalls::default());
+        let stalls2 = Arc::clone(&stalls);
         let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
         let ns_path = PathBuf::from(format!("/run/netns/{ns}"));
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-                .context("tokio runtime")?;
-            let _g = rt.enter();
-            let mut cfg = QueueConfig::new(vec![WAN_QUEUE]);
-            cfg.netns = Some(ns_path);
-            let sock = match NfqSocket::open(&cfg) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Err(anyhow::anyhow!("opening the WAN queue: {e}")));
-                    return Ok(());
-                }
-            };
-            let _ = tx.send(Ok(()));
-            delay_loop(&sock, &delay2, &stop2, &cut2, &realtime2)
-        });
+        let thread = std::thread::Builder::new()
+            .name(DELAY_THREAD.into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .context("tokio runtime")?;
+                let _g = rt.enter();
+                let mut cfg = QueueConfig::new(vec![WAN_QUEUE]);
+                cfg.netns = Some(ns_path);
+                let sock = match NfqSocket::open(&cfg) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::anyhow!("opening the WAN queue: {e}")));
+                        return Ok(());
+                    }
+                };
+                let _ = tx.send(Ok(()));
+                delay_loop(&sock, &delay2, &stop2, &cut2, &realtime2, &stalls2)
+            })
+            .context("spawning the WAN delay thread")?;
         rx.recv_timeout(Duration::from_secs(10))
             .context("WAN delay thread did not start")??;
         crate::sys::ns_sh(
@@ -87,6 +131,7 @@ impl WanDelay {
             cut,
             one_way_ns,
             realtime,
+            stalls,
             thread: Some(thread),
         })
     }
@@ -97,6 +142,11 @@ impl WanDelay {
     /// grow with the load), for every variant measured across it alike.
     pub fn set_realtime(&self, on: bool) {
         self.realtime.store(on, Ordering::Relaxed);
+    }
+
+    /// The delay thread's stalls so far (wall-clock Unix ms, µs late).
+    pub fn stalls(&self) -> Vec<(u64, u64)> {
+        self.stalls.list()
     }
 
     /// The WAN is lost (part of a disaster): packets in flight never arrive.
@@ -174,8 +224,11 @@ fn delay_loop(
     stop: &AtomicBool,
     cut: &AtomicBool,
     realtime: &AtomicBool,
+    stalls: &Stalls,
 ) -> Result<()> {
     let mut applied = false;
+    // When the thread meant to be awake again at the latest.
+    let mut wake_by: Option<Instant> = None;
     // Wake up on time: the default 50 µs timer slack would add up to 0.1 ms per RTT.
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
     unsafe {
@@ -187,6 +240,14 @@ fn delay_loop(
     let mut held: VecDeque<(Instant, u32)> = VecDeque::new();
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(late) = wake_by.map(|w| Instant::now().saturating_duration_since(w)) {
+            if late > STALL_MIN {
+                let at_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                stalls.push(at_ms, late.as_micros() as u64);
+            }
+        }
         let want = realtime.load(Ordering::Relaxed);
         if want != applied {
             apply_realtime(want);
@@ -242,6 +303,7 @@ fn delay_loop(
             Some(&(d, _)) => d.saturating_duration_since(Instant::now()),
             None => Duration::from_millis(50),
         };
+        wake_by = Some(Instant::now() + timeout);
         let ts = libc::timespec {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_nsec: timeout.subsec_nanos() as libc::c_long,

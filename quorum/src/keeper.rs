@@ -170,25 +170,6 @@ impl LeaseKeeper {
         }
     }
 
-    /// Stops renewing, closes the gate, then gives the lease up at once (etcd
-    /// revokes it): the next holder need not wait for it to lapse. If etcd
-    /// cannot be reached, the lease lapses as after a stop.
-    pub fn resign(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.gate.publish(None);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        if let Err(e) = self
-            .records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .resign()
-        {
-            tracing::warn!("lease: resigning failed ({e}); the lease lapses instead");
-        }
-    }
-
     /// An operator confirmed a takeover (policy `alarm-only`).
     pub fn confirm_takeover(&self) {
         self.confirm.store(true, Ordering::Relaxed);

@@ -31,6 +31,7 @@
 //! an older unacked write of the prefix). Their hold time is in `hold` only.
 
 use super::histogram::{HistSnapshot, LogHistogram};
+use super::tails::TailRing;
 use super::HoldHandle;
 use crate::replication::WriteTimeline;
 use pipecloud_core::WriterId;
@@ -50,6 +51,8 @@ pub struct HoldBreakdown {
     pub dep_age_us: LogHistogram,
     /// Writes needed beyond the committed vector on arrival.
     pub waits_for: LogHistogram,
+    /// The packets held far beyond one round trip, one by one ([`super::tails`]).
+    pub tails: TailRing,
     explained: AtomicU64,
     remote: AtomicU64,
     unexplained: AtomicU64,
@@ -122,6 +125,7 @@ impl HoldBreakdown {
         for h in packets {
             let (hold, e) = split(h, released, timeline);
             self.hold_us.record(hold);
+            self.tails.observe(h.arrived, hold, e, released, timeline);
             self.waits_for.record(h.waits_for);
             let newest = h
                 .tag
@@ -316,9 +320,9 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         let tl = WriteTimeline::new([WriterId(0)], t0);
         // Write 1 sent before the packet arrives, write 2 after it.
-        tl.issued(WriterId(0), 1, ms(1));
+        tl.issued(WriterId(0), 1, ms(1), 8192);
         tl.sent(WriterId(0), 1, ms(2));
-        tl.issued(WriterId(0), 2, ms(3));
+        tl.issued(WriterId(0), 2, ms(3), 8192);
         tl.sent(WriterId(0), 2, ms(14));
         tl.acked(WriterId(0), 1, ms(55));
         tl.acked(WriterId(0), 2, ms(66));

@@ -136,6 +136,22 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// Sets `tcp`'s congestion control to the first of
+/// [`STREAM_CONGESTION`](pipecloud_core::wire::STREAM_CONGESTION) the kernel
+/// accepts; if it accepts none, says so and keeps the host's default.
+fn set_congestion(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let mut last = None;
+    for name in pipecloud_core::wire::STREAM_CONGESTION {
+        match sock.set_tcp_congestion(name.as_bytes()) {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+    }
+    tracing::warn!(wanted = ?pipecloud_core::wire::STREAM_CONGESTION, error = ?last,
+        "cannot set the replication stream's congestion control; the host's default stays");
+}
+
 async fn connect(
     shared: &Shared,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SessionError> {
@@ -150,6 +166,7 @@ async fn connect(
                     source,
                 })?;
         tcp.set_nodelay(true)?;
+        set_congestion(&tcp);
         let tls = shared
             .tls
             .connect(shared.server_name.clone(), tcp)

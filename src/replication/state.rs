@@ -257,8 +257,9 @@ impl State {
                 vector: v,
                 kind: WriteKind::Zeroes { len: 0 },
             };
+            let cost = write_cost(&filler.kind);
             Self::insert(wb, &mut self.disks, s, filler, disk, None, now);
-            self.timeline.issued(writer, s, now);
+            self.timeline.issued(writer, s, now, cost);
             wb.written = s;
             wb.fillers += 1;
         }
@@ -273,8 +274,9 @@ impl State {
             kind,
         };
         debug_assert!(pipecloud_core::codec::validate_frame(&Frame::Write(write.clone())).is_ok());
+        let cost = write_cost(&write.kind);
         Self::insert(wb, &mut self.disks, seq, write, disk, permit, now);
-        self.timeline.issued(writer, seq, now);
+        self.timeline.issued(writer, seq, now, cost);
         wb.written = wb.written.max(seq);
         let lag = wb
             .written
@@ -529,6 +531,7 @@ impl State {
         self.heartbeats.drain(..i);
         let rtt = now.saturating_duration_since(sent);
         self.last_rtt = Some(rtt);
+        self.timeline.set_rtt(rtt);
         Some(rtt)
     }
 

@@ -43,6 +43,14 @@ fn quantile(b: &[(f64, u64)], p: f64) -> Option<f64> {
     b.iter().find(|(_, n)| *n >= want).map(|(le, _)| le * 1e3)
 }
 
+/// The bound (ms) of the highest bucket that holds an observation.
+fn max_bound(b: &[(f64, u64)]) -> Option<f64> {
+    let total = b.last()?.1;
+    (total > 0)
+        .then(|| b.iter().find(|(_, n)| *n >= total).map(|(le, _)| le * 1e3))
+        .flatten()
+}
+
 fn fmt(v: Option<f64>) -> String {
     v.map_or_else(|| "?".into(), |ms| format!("≤{ms}"))
 }
@@ -75,11 +83,13 @@ impl BackupLatency {
     /// `backup queue p50/p99 ≤a/≤b ms, journal+fdatasync ≤c/≤d ms (n batches)`.
     pub(super) fn line(&self) -> String {
         format!(
-            "backup: queue p50/p99 {}/{} ms, journal append+fdatasync p50/p99 {}/{} ms over {} batches",
+            "backup: queue p50/p99/max {}/{}/{} ms, journal append+fdatasync p50/p99/max {}/{}/{} ms over {} batches",
             fmt(quantile(&self.queue, 0.5)),
             fmt(quantile(&self.queue, 0.99)),
+            fmt(max_bound(&self.queue)),
             fmt(quantile(&self.journal, 0.5)),
             fmt(quantile(&self.journal, 0.99)),
+            fmt(max_bound(&self.journal)),
             self.journal.last().map_or(0, |x| x.1)
         )
     }
@@ -103,6 +113,8 @@ pipecloud_backup_queue_latency_seconds_bucket{le=\"+Inf\"} 3
         let after = BackupLatency::parse(TEXT);
         assert_eq!(quantile(&after.journal, 0.5), Some(5.0));
         assert_eq!(quantile(&after.journal, 0.99), Some(50.0));
+        assert_eq!(max_bound(&after.journal), Some(50.0));
+        assert_eq!(max_bound(&BackupLatency::default().journal), None);
         let before = BackupLatency::parse(
             "pipecloud_backup_journal_latency_seconds_bucket{le=\"0.001\"} 10\n\
              pipecloud_backup_journal_latency_seconds_bucket{le=\"0.005\"} 10\n\

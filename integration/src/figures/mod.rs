@@ -30,8 +30,10 @@
 //! it as the table, the CSV files and the `RESULT` line, and `plots` draws it.
 
 mod backup_lat;
+mod cpu_wait;
 mod hold;
 mod latency;
+mod netstat;
 mod part_a;
 mod part_b;
 mod part_c;
@@ -40,6 +42,7 @@ mod part_e;
 mod plots;
 mod report;
 mod rig;
+mod tails;
 
 use crate::netns::cleanup_prefix;
 use crate::pgbench::Workload;

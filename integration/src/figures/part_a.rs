@@ -122,6 +122,23 @@ pub(super) enum Knob {
     /// about 84 MB/s, and `ss -tin` showed the replication stream
     /// `sndbuf_limited` while bursts of page writes queued behind it.
     TcpBigSndbuf,
+    /// Every thread on a held reply's way at `SCHED_FIFO` 1, with `chrt`: the
+    /// agents' replication thread and runtime workers (`pc-replication`,
+    /// `tokio-rt-worker`) and the backup's network and journal threads
+    /// (`backup-net`, `backup-journal`). The tail episodes' rounds of ~300 ms
+    /// came with seconds of run-queue wait of exactly these threads per point
+    /// (docs/design.md §8).
+    PathRealtime,
+    /// The replication stream under Reno instead of the machine's default
+    /// congestion control (BBR on the test machines; CUBIC is not in their
+    /// `tcp_allowed_congestion_control`, so a namespace may not pick it): the knob sets
+    /// `net.ipv4.tcp_congestion_control` in the site's host and backup
+    /// namespaces and closes the agents' replication connections (`ss -K`),
+    /// which reconnect under it. BBR's ProbeRTT drains the stream to 4 packets
+    /// for 200 ms about every 10 s; the tail episodes of ~300 ms (docs/design.md §8).
+    /// Since the agent sets its side of the stream to CUBIC itself, the knob
+    /// moves only the backup's side (the acks).
+    TcpReno,
 }
 
 impl Knob {
@@ -133,6 +150,8 @@ impl Knob {
             Knob::AgentRealtime => "agent-rt",
             Knob::ReplRealtime => "repl-rt",
             Knob::TcpBigSndbuf => "tcp-big-sndbuf",
+            Knob::PathRealtime => "path-rt",
+            Knob::TcpReno => "tcp-reno",
         }
     }
 
@@ -145,6 +164,8 @@ impl Knob {
             Knob::AgentRealtime => true,
             Knob::ReplRealtime => false,
             Knob::TcpBigSndbuf => false,
+            Knob::PathRealtime => false,
+            Knob::TcpReno => false,
         }
     }
 }
@@ -159,8 +180,10 @@ impl std::str::FromStr for Knob {
             "agent-rt" => Ok(Knob::AgentRealtime),
             "repl-rt" => Ok(Knob::ReplRealtime),
             "tcp-big-sndbuf" => Ok(Knob::TcpBigSndbuf),
+            "path-rt" => Ok(Knob::PathRealtime),
+            "tcp-reno" => Ok(Knob::TcpReno),
             _ => Err(format!(
-                "unknown knob {s:?} (expected wan-rt, tcp-keep-window, pgbench-thread-per-client, agent-rt, repl-rt or tcp-big-sndbuf)"
+                "unknown knob {s:?} (expected wan-rt, tcp-keep-window, pgbench-thread-per-client, agent-rt, repl-rt, tcp-big-sndbuf, path-rt or tcp-reno)"
             )),
         }
     }
@@ -188,6 +211,16 @@ fn noisy<T>(
             spread * 100.0
         )
     })
+}
+
+/// Tail episodes printed one by one per pipelined point (the worst first).
+const TAIL_DETAIL: usize = 8;
+
+/// Wall-clock Unix ms (the agent stamps its tail episodes so).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One pgbench run and, for pipelined, its hold breakdown.
@@ -317,10 +350,16 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                             };
                             let mut held = None;
                             let mut backup_before = None;
+                            let mut started_ms = 0;
+                            let mut path_before = None;
+                            let mut cpu_before = None;
                             let mut at_start = || {
                                 if v == Variant::Pipelined {
                                     held = rig.hold();
                                     backup_before = rig.backup_latency();
+                                    path_before = rig.path_counters();
+                                    cpu_before = rig.cpu_wait();
+                                    started_ms = unix_ms();
                                 }
                             };
                             let outcome = pgbench::run_point(&ep, point, &dir, &mut at_start);
@@ -368,6 +407,34 @@ pub(super) fn part_a(plan: &Plan, work: &Path, prefix: &str, fig: &mut Figures) 
                                             .map(|(b, a)| a.since(&b))
                                         {
                                             eprintln!("figures: (a)   {}", d.line());
+                                        }
+                                        if let Some(l) = path_before
+                                            .zip(rig.path_counters())
+                                            .map(|(b, a)| a.line_since(&b))
+                                        {
+                                            eprintln!("figures: (a)   {l}");
+                                        }
+                                        if let Some(l) =
+                                            cpu_before.zip(rig.cpu_wait()).map(|(b, a)| {
+                                                a.line_since(
+                                                    &b,
+                                                    unix_ms().saturating_sub(started_ms) as f64
+                                                        / 1e3,
+                                                )
+                                            })
+                                        {
+                                            eprintln!("figures: (a)   {l}");
+                                        }
+                                        let (events, cps) = rig.tails();
+                                        for l in super::tails::lines(
+                                            &events,
+                                            &cps,
+                                            &rig.wan_stalls(),
+                                            started_ms,
+                                            unix_ms(),
+                                            TAIL_DETAIL,
+                                        ) {
+                                            eprintln!("figures: (a)   {l}");
                                         }
                                     }
                                     runs.entry((v, label)).or_default().push((r, hold));
@@ -421,6 +488,8 @@ mod tests {
         assert_eq!("wan-rt".parse::<Knob>(), Ok(Knob::WanRealtime));
         assert_eq!("tcp-keep-window".parse::<Knob>(), Ok(Knob::TcpKeepWindow));
         assert!("nagle".parse::<Knob>().is_err());
+        assert_eq!("path-rt".parse::<Knob>(), Ok(Knob::PathRealtime));
+        assert_eq!("tcp-reno".parse::<Knob>(), Ok(Knob::TcpReno));
         assert_eq!(
             "pgbench-thread-per-client".parse::<Knob>(),
             Ok(Knob::PgbenchThreadPerClient)

@@ -220,6 +220,76 @@ impl Rig {
         })
     }
 
+    /// The TCP counters of the site's host and backup namespaces and the WAN
+    /// queue's drops (`None` without the agent's site).
+    pub(super) fn path_counters(&self) -> Option<super::netstat::PathCounters> {
+        let Rig::Site(_) = self else { return None };
+        let names = self.names();
+        let mut nss: Vec<(String, String)> = (0..self.topo().hosts.len())
+            .map(|i| ("host".to_string(), names.host(i)))
+            .collect();
+        nss.push(("backup".into(), names.backup()));
+        Some(super::netstat::PathCounters::read(&nss, &names.wan()))
+    }
+
+    /// The agents' tail episodes kept so far (empty without the agent or when
+    /// they cannot be read: said) and the database's checkpoints from its log.
+    pub(super) fn tails(
+        &self,
+    ) -> (
+        Vec<pipecloud::netpath::TailEvent>,
+        Vec<super::tails::Checkpoint>,
+    ) {
+        let Rig::Site(s) = self else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut events = Vec::new();
+        for p in s.ctl_sockets() {
+            match pipecloud::ctl::tails(&p) {
+                Ok(v) => events.extend(v.into_iter().map(|(_, e)| e)),
+                Err(e) => eprintln!("figures: reading the tails of {}: {e}", p.display()),
+            }
+        }
+        let cps = match self.db().and_then(|db| {
+            std::fs::read_to_string(&db.log)
+                .with_context(|| format!("reading {}", db.log.display()))
+        }) {
+            Ok(text) => super::tails::checkpoints(&text),
+            Err(e) => {
+                eprintln!("figures: the database's checkpoints: {e:#}");
+                Vec::new()
+            }
+        };
+        (events, cps)
+    }
+
+    /// The run-queue waits of the agents', the backup's and the WAN delay
+    /// thread's threads, and the machine's steal (`None` without the site).
+    pub(super) fn cpu_wait(&self) -> Option<super::cpu_wait::CpuWait> {
+        let Rig::Site(s) = self else { return None };
+        let mut procs: Vec<(String, u32)> = s
+            .agents
+            .iter()
+            .filter_map(|a| a.pid())
+            .map(|p| ("agent".to_string(), p))
+            .collect();
+        if let Some(p) = s.backup.as_ref().and_then(|b| b.pid()) {
+            procs.push(("backup".into(), p));
+        }
+        Some(super::cpu_wait::CpuWait::read(
+            &procs,
+            crate::wan::DELAY_THREAD,
+        ))
+    }
+
+    /// The WAN emulator's stalls so far ([`crate::wan::Stalls`]).
+    pub(super) fn wan_stalls(&self) -> Vec<(u64, u64)> {
+        match self {
+            Rig::Site(s) => s.wan.as_ref().map(|w| w.stalls()).unwrap_or_default(),
+            Rig::Bare(b) => b._wan.stalls(),
+        }
+    }
+
     /// Sets a knob of a same-run A/B (no-op without the agent's site).
     pub(super) fn set_knob(&self, k: super::part_a::Knob, on: bool) {
         use super::part_a::Knob;
@@ -244,7 +314,23 @@ impl Rig {
                     }
                 }
             }
-            (Rig::Bare(_), Knob::AgentRealtime | Knob::ReplRealtime) => {}
+            (Rig::Bare(_), Knob::AgentRealtime | Knob::ReplRealtime | Knob::PathRealtime) => {}
+            (Rig::Site(s), Knob::PathRealtime) => {
+                let agents = s.agents.iter().filter_map(|a| a.pid());
+                let backup = s.backup.as_ref().and_then(|b| b.pid());
+                let threads = agents
+                    .flat_map(|p| [(p, "pc-replication"), (p, "tokio-rt-worker")])
+                    .chain(
+                        backup
+                            .into_iter()
+                            .flat_map(|p| [(p, "backup-net"), (p, "backup-journal")]),
+                    );
+                for (pid, prefix) in threads {
+                    if let Err(e) = crate::sys::set_thread_realtime(pid, prefix, on) {
+                        eprintln!("figures: {pid}'s {prefix} threads: {e:#}");
+                    }
+                }
+            }
             (_, Knob::TcpBigSndbuf) => {
                 let names = self.names();
                 let v = if on {
@@ -256,6 +342,42 @@ impl Rig {
                     if let Err(e) = crate::sys::ns_sh(&ns, &["sysctl", "-qw", v]) {
                         eprintln!("figures: setting {v} in {ns}: {e:#}");
                     }
+                }
+            }
+            (_, Knob::TcpReno) => {
+                // Off: the machine's default (the root namespace's setting).
+                let cc = if on {
+                    "reno".to_string()
+                } else {
+                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+                        .map_or_else(|_| "bbr".to_string(), |s| s.trim().to_string())
+                };
+                let v = format!("net.ipv4.tcp_congestion_control={cc}");
+                let names = self.names();
+                let hosts: Vec<String> = (0..self.topo().hosts.len())
+                    .map(|i| names.host(i))
+                    .collect();
+                for ns in hosts.iter().chain(std::iter::once(&names.backup())) {
+                    if let Err(e) = crate::sys::ns_sh(ns, &["sysctl", "-qw", &v]) {
+                        eprintln!("figures: setting {v} in {ns}: {e:#}");
+                    }
+                }
+                // The agents reconnect under the new setting.
+                let port = format!(":{}", crate::site::BACKUP_PORT);
+                for ns in &hosts {
+                    if let Err(e) = crate::sys::ns_sh(ns, &["ss", "-K", "dport", "=", &port]) {
+                        eprintln!("figures: closing the replication connections in {ns}: {e:#}");
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(2));
+                for ns in &hosts {
+                    let ss = crate::sys::ns_sh(ns, &["ss", "-tin", "dport", "=", &port])
+                        .unwrap_or_default();
+                    let algos: Vec<&str> = ss
+                        .split_whitespace()
+                        .filter(|w| ["cubic", "bbr", "reno"].contains(w))
+                        .collect();
+                    eprintln!("figures: replication connections in {ns} now run {algos:?}");
                 }
             }
             (_, Knob::TcpKeepWindow) => {
