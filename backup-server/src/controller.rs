@@ -149,8 +149,8 @@ pub fn run(
                     || {
                         if let Some(k) = keeper.take() {
                             tracing::warn!(%group, generation,
-                            "handing the lease to the activated site: renewals stop now");
-                            drop(k);
+                            "handing the lease to the activated site: resigning it");
+                            k.resign();
                         }
                     },
                 )?;
