@@ -54,6 +54,22 @@ impl Controller {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits for the process to exit; returns whether it exited 0.
+    fn exit_success(&mut self, limit: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st.success();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the controller did not exit within {limit:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Controller {
@@ -240,13 +256,17 @@ async fn controller_takes_over_once_when_the_home_lease_lapses() {
         out,
     } = scene("ctl", "automatic").await;
     let lapsed_from = Instant::now();
-    let ctl = Controller::start(&env, &topo, &out, 1);
+    let mut ctl = Controller::start(&env, &topo, &out, 1);
     wait_until(
         "takeover",
         Duration::from_secs(30),
         || out.join("activated-2").exists(),
         || ctl.log(),
     );
+    // The lease went to the activated site: the controller resigned it
+    // before the hook and exits once the marker is written.
+    assert!(ctl.exit_success(Duration::from_secs(10)), "{}", ctl.log());
+    assert!(ctl.log().contains("resigning"), "{}", ctl.log());
     println!(
         "takeover complete {:.3} s after the home site's last renewal (lease {LEASE_MS} ms)",
         lapsed_from.elapsed().as_secs_f64()
@@ -314,6 +334,39 @@ async fn controller_takes_over_once_when_the_home_lease_lapses() {
         "the lease key outlived the controller's resign"
     );
     assert_eq!(obs.generation.map(|g| g.number), Some(3));
+    drop(ctl);
+    server.kill();
+}
+
+/// A failing activation hook is visible: the controller logs it, writes no
+/// marker and exits with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_hook_leaves_no_marker_and_fails_the_controller() {
+    let Scene {
+        env,
+        server,
+        _cluster,
+        topo,
+        out,
+        ..
+    } = scene("hookfail", "automatic").await;
+    std::fs::write(
+        env.dir.join("activate.sh"),
+        "#!/bin/sh\necho 'orchestrator unreachable' >&2\nexit 3\n",
+    )
+    .unwrap();
+    let mut ctl = Controller::start(&env, &topo, &out, 1);
+    assert!(
+        !ctl.exit_success(Duration::from_secs(30)),
+        "the controller succeeded with a failing hook: {}",
+        ctl.log()
+    );
+    let log = ctl.log();
+    assert!(
+        log.contains("ACTIVATION FAILED") && log.contains("orchestrator unreachable"),
+        "{log}"
+    );
+    assert!(!out.join("activated-2").exists(), "marker written: {log}");
     drop(ctl);
     server.kill();
 }
