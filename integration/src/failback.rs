@@ -220,7 +220,8 @@ fn diverge(image: &Path, seed: u64, fraction_pct: u64) -> Result<()> {
         .open(image)
         .with_context(|| format!("opening {}", image.display()))?;
     let blocks = f.metadata()?.len() / BLOCK;
-    let mut next = splitmix(seed);
+    let mut rng = crate::disaster::Rng(seed);
+    let mut next = move || rng.next();
     for _ in 0..blocks * fraction_pct / 100 {
         let at = next() % blocks * BLOCK;
         let data: Vec<u8> = (0..BLOCK / 8).flat_map(|_| next().to_le_bytes()).collect();
@@ -230,25 +231,14 @@ fn diverge(image: &Path, seed: u64, fraction_pct: u64) -> Result<()> {
     Ok(())
 }
 
-/// A seeded splitmix64 stream.
-fn splitmix(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed;
-    move || {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// Writes `bytes` of seeded random data into a new file `path` (through a
 /// mounted file system) and syncs it: the active site's own writes.
 fn write_file(path: &Path, seed: u64, bytes: u64) -> Result<()> {
     use std::io::Write;
     let mut f =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut next = splitmix(seed);
+    let mut rng = crate::disaster::Rng(seed);
+    let mut next = move || rng.next();
     let mut left = bytes;
     while left > 0 {
         let n = left.min(1 << 20);

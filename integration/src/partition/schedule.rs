@@ -8,6 +8,7 @@
 //! merge, so the driver gets a plain sequence of cut and heal transitions
 //! ([`Schedule::events`]), every cut healed by the end.
 
+use crate::disaster::Rng;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
@@ -117,23 +118,23 @@ impl Schedule {
     /// quorum or the replication link) is 2–4 cuts of 0.5–1.5 × lease with
     /// 0.5–1.5 × lease between.
     pub fn generate(seed: u64, lease: Duration) -> Schedule {
-        let mut rng = SplitMix(seed);
-        let scaled = |rng: &mut SplitMix, lo_tenths: u64, hi_tenths: u64| {
-            lease * (lo_tenths + rng.below(hi_tenths - lo_tenths + 1)) as u32 / 10
+        let mut rng = Rng(seed);
+        let scaled = |rng: &mut Rng, lo_tenths: u64, hi_tenths: u64| {
+            lease * (lo_tenths + rng.range(0, hi_tenths - lo_tenths)) as u32 / 10
         };
-        let n = 1 + rng.below(3);
+        let n = 1 + rng.range(0, 2);
         let faults = (0..n)
             .map(|_| {
-                let kind = rng.below(5) as usize;
+                let kind = rng.range(0, 4) as usize;
                 let start = scaled(&mut rng, 0, 20);
                 if kind == 4 {
-                    let link = if rng.below(2) == 0 {
+                    let link = if rng.range(0, 1) == 0 {
                         Link::PrimaryQuorum
                     } else {
                         Link::PrimaryBackup
                     };
                     let mut at = start;
-                    let cuts = (0..2 + rng.below(3))
+                    let cuts = (0..2 + rng.range(0, 2))
                         .map(|_| {
                             let len = scaled(&mut rng, 5, 15);
                             let cut = (at, len);
@@ -343,23 +344,6 @@ pub fn longest_gap(replies: &[Duration], from: Duration, to: Duration) -> Durati
         prev = t;
     }
     gap
-}
-
-/// splitmix64: seeded, portable, no dependency.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform enough in `0..n` (n ≥ 1) for schedules.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[cfg(test)]
